@@ -1,0 +1,289 @@
+"""Gaussian diffusion (Ho et al. 2020) with learned-range variance (Nichol & Dhariwal 2021).
+
+Notation: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s. All schedule tables are
+float64 (kept on the CPU) and cast once per (device, dtype) to the sample's dtype; the
+per-step arithmetic runs in that dtype (float32 for the reference fixtures). Indices ``t``
+passed to the methods are *respaced* indices 0..num_timesteps-1; the network is always
+called with the original timesteps ``timestep_map[t]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import DiffusionConfig
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .respace import respace_betas, space_timesteps
+from .schedules import get_named_beta_schedule
+
+__all__ = ["GaussianDiffusion", "create_diffusion", "Net"]
+
+Net = Callable[..., torch.Tensor]
+"""A network ``net(x, t, **model_kwargs) -> out`` called with original integer timesteps."""
+
+_VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
+
+
+class GaussianDiffusion:
+    """A (possibly respaced) diffusion process.
+
+    Args:
+        betas: (T,) float64 betas of this process.
+        timestep_map: (T,) original timestep of each index (identity when not respaced).
+        variance: "learned_range", "fixed_small" or "fixed_large".
+        original_num_steps: T of the base process the network was trained on.
+    """
+
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        *,
+        timestep_map: list[int] | None = None,
+        variance: str = "learned_range",
+        use_kl: bool = False,
+        rescale_learned_sigmas: bool = False,
+        p2_gamma: float = 0.0,
+        p2_k: float = 1.0,
+        original_num_steps: int | None = None,
+    ) -> None:
+        if variance not in _VARIANCE_TYPES:
+            raise ValueError(f"variance must be one of {_VARIANCE_TYPES}, got {variance!r}")
+        self.betas = betas.to(torch.float64)
+        self.num_timesteps = int(self.betas.shape[0])
+        self.timestep_map = torch.tensor(
+            list(range(self.num_timesteps)) if timestep_map is None else list(timestep_map), dtype=torch.long
+        )
+        self.variance = variance
+        self.use_kl, self.rescale_learned_sigmas = use_kl, rescale_learned_sigmas
+        self.p2_gamma, self.p2_k = p2_gamma, p2_k
+        self.original_num_steps = original_num_steps or self.num_timesteps
+        self._tables = self._build_tables(self.betas)
+        self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    # ----- schedule tables -------------------------------------------------------------
+    @staticmethod
+    def _build_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+        alphas = 1.0 - betas
+        alpha_bar = torch.cumprod(alphas, dim=0)
+        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+        # The posterior variance is 0 at t = 0: clip its log to the value at t = 1.
+        clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        fixed_large = torch.cat([posterior_variance[1:2], betas[1:]])
+        snr = alpha_bar / (1.0 - alpha_bar)
+        return {
+            "betas": betas,
+            "alphas_cumprod": alpha_bar,
+            "alphas_cumprod_prev": alpha_bar_prev,
+            "sqrt_alphas_cumprod": alpha_bar.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alpha_bar).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alpha_bar).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alpha_bar - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": clipped.log(),
+            "posterior_mean_coef1": betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar),
+            "posterior_mean_coef2": (1.0 - alpha_bar_prev) * alphas.sqrt() / (1.0 - alpha_bar),
+            "log_betas": betas.log(),
+            "fixed_large_variance": fixed_large,
+            "fixed_large_log_variance": fixed_large.log(),
+            "snr": snr,
+        }
+
+    def table(self, name: str) -> torch.Tensor:
+        """The (T,) float64 table ``name`` (e.g. "alphas_cumprod", "posterior_log_variance_clipped")."""
+        return self._tables[name]
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        tables = self.__dict__.get("_tables", {})
+        if name in tables:
+            return tables[name]
+        raise AttributeError(name)
+
+    def _coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """table[name][t] as (B, 1, 1, 1) in ``like``'s dtype and device (cast cached)."""
+        key = (name, like.device, like.dtype)
+        values = self._cache.get(key)
+        if values is None:
+            values = self._tables[name].to(device=like.device).to(like.dtype)
+            self._cache[key] = values
+        return values[t].view(-1, *([1] * (like.ndim - 1)))
+
+    def _timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """Original timesteps (B,) long for respaced indices t (B,)."""
+        key = ("timestep_map", t.device, torch.long)
+        table = self._cache.get(key)
+        if table is None:
+            table = self._cache[key] = self.timestep_map.to(t.device)
+        return table[t]
+
+    # ----- forward process -------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4)."""
+        return (
+            self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
+        )
+
+    def q_posterior_mean_variance(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eq. 6-7)."""
+        mean = (
+            self._coef("posterior_mean_coef1", t, x_t) * x_start
+            + self._coef("posterior_mean_coef2", t, x_t) * x_t
+        )
+        return (
+            mean,
+            self._coef("posterior_variance", t, x_t),
+            self._coef("posterior_log_variance_clipped", t, x_t),
+        )
+
+    def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
+
+    def predict_eps_from_xstart(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
+    ) -> torch.Tensor:
+        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
+        return (
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
+        ) / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
+
+    # ----- reverse process -------------------------------------------------------------
+    def _split_output(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        channels = x.shape[1]
+        if self.variance == "learned_range":
+            if out.shape[1] != 2 * channels:
+                raise ValueError(
+                    f"learned-range variance needs {2 * channels} output channels, the network gave "
+                    f"{out.shape[1]} (learn_sigma mismatch between model and diffusion config?)"
+                )
+            return out[:, :channels], out[:, channels:]
+        if out.shape[1] != channels:
+            raise ValueError(
+                f"fixed variance needs {channels} output channels, the network gave {out.shape[1]} "
+                "(set learn_sigma: true in the diffusion config for this model)"
+            )
+        return out, None
+
+    def _log_variance(self, v: torch.Tensor | None, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.variance == "learned_range":
+            assert v is not None
+            min_log = self._coef("posterior_log_variance_clipped", t, x)
+            max_log = self._coef("log_betas", t, x)
+            frac = (v + 1) / 2  # v in [-1, 1] interpolates log beta~_t .. log beta_t
+            return frac * max_log + (1 - frac) * min_log
+        name = "posterior_log_variance_clipped" if self.variance == "fixed_small" else "fixed_large_log_variance"
+        return self._coef(name, t, x).expand_as(x)
+
+    def p_mean_variance_from_output(
+        self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """p(x_{t-1} | x_t) from a network output (B, C or 2C, H, W) for x = x_t (B, C, H, W).
+
+        Returns mean, variance, log_variance, pred_xstart and eps, each (B, C, H, W).
+        """
+        eps, v = self._split_output(out.to(x.dtype), x)
+        log_variance = self._log_variance(v, t, x)
+        pred_xstart = self.predict_xstart_from_eps(x, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {
+            "mean": mean,
+            "variance": torch.exp(log_variance),
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+            "eps": eps,
+        }
+
+    def p_mean_variance(
+        self,
+        net: Net,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Call ``net(x, timestep_map[t])`` and return p(x_{t-1} | x_t) as above."""
+        out = net(x, self._timesteps(t), **(model_kwargs or {}))
+        return self.p_mean_variance_from_output(out, x, t, clip_denoised)
+
+    # ----- training ----------------------------------------------------------------------
+    def _vb_terms_bpd(
+        self, out: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """L_{t} in bits per dim (B,): KL to the true posterior, decoder NLL at t = 0."""
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+        p = self.p_mean_variance_from_output(out, x_t, t, clip_denoised=False)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"])
+        return torch.where(t == 0, mean_flat(nll) / math.log(2.0), kl)
+
+    def training_losses(
+        self,
+        net: Net,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-example losses (B,) for x_0 (B, C, H, W) at indices t (B,).
+
+        Returns "loss" and, as applicable, "mse" (eps-MSE, P2-weighted when p2_gamma > 0) and
+        "vb" (the variational term with the mean's gradient stopped, so it only trains the
+        variance; Nichol & Dhariwal's hybrid objective ``loss = mse + vb``).
+        """
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_t = self.q_sample(x_start, t, noise)
+        out = net(x_t, self._timesteps(t), **(model_kwargs or {})).to(x_start.dtype)
+        if self.use_kl:
+            vb = self._vb_terms_bpd(out, x_start, x_t, t) * self.num_timesteps
+            return {"loss": vb, "vb": vb}
+        terms: dict[str, torch.Tensor] = {}
+        eps = out
+        if self.variance == "learned_range":
+            channels = x_start.shape[1]
+            eps, v = out[:, :channels], out[:, channels:]
+            frozen = torch.cat([eps.detach(), v], dim=1)
+            terms["vb"] = self._vb_terms_bpd(frozen, x_start, x_t, t)
+            if self.rescale_learned_sigmas:
+                terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
+        squared = (noise - eps) ** 2
+        if self.p2_gamma != 0.0:
+            weight = (self.p2_k + self._coef("snr", t, x_start)) ** (-self.p2_gamma)
+            squared = weight * squared
+        terms["mse"] = mean_flat(squared)
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        return terms
+
+
+def create_diffusion(config: DiffusionConfig, respacing: str | None = None) -> GaussianDiffusion:
+    """The diffusion described by ``config``, respaced by ``respacing`` (default: the config's)."""
+    betas = get_named_beta_schedule(config.noise_schedule, config.steps)
+    spec = config.timestep_respacing if respacing is None else respacing
+    kept = space_timesteps(config.steps, spec)
+    if len(kept) != config.steps:
+        betas = respace_betas(torch.cumprod(1.0 - betas, dim=0), kept)
+    if config.learn_sigma:
+        variance = "learned_range"
+    else:
+        variance = "fixed_small" if config.sigma_small else "fixed_large"
+    return GaussianDiffusion(
+        betas,
+        timestep_map=kept,
+        variance=variance,
+        use_kl=config.use_kl,
+        rescale_learned_sigmas=config.rescale_learned_sigmas,
+        p2_gamma=config.p2_gamma,
+        p2_k=config.p2_k,
+        original_num_steps=config.steps,
+    )

@@ -1,0 +1,72 @@
+"""Explicit sources of Gaussian noise for the samplers.
+
+A sampler never calls ``torch.randn`` itself: every draw (x_T, the noise of each step, the
+noise a hook uses to diffuse its reference) comes from a ``NoiseSource``, so a run can be
+replayed draw for draw, or seeded per image so that an image does not depend on the batch
+it was computed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["NoiseSource", "GeneratorNoise", "PerImageNoise", "ReplayNoise"]
+
+
+@runtime_checkable
+class NoiseSource(Protocol):
+    def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise of ``shape`` (B, ...) on ``device``."""
+        ...
+
+
+class GeneratorNoise:
+    """Batch-shaped draws from one generator (the official code's global-RNG order)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        noise = torch.randn(tuple(shape), generator=self.generator, device=self.generator.device)
+        return noise.to(device=device, dtype=dtype)
+
+
+class PerImageNoise:
+    """One generator per image: row b of every draw comes from ``generators[b]`` alone.
+
+    An image then receives the same noise whatever else is in its batch (batch size, number
+    of processes, resumed runs). Generators may live on the sampling device.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+
+    def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"asked for {shape[0]} images of noise, have {len(self.generators)} generators")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in self.generators]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+class ReplayNoise:
+    """Feeds recorded tensors back in the order they were drawn (for fixture tests)."""
+
+    def __init__(self, draws: Sequence[torch.Tensor]) -> None:
+        self.draws = list(draws)
+        self.position = 0
+
+    def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self.position >= len(self.draws):
+            raise RuntimeError(f"replay exhausted after {len(self.draws)} draws")
+        draw = self.draws[self.position]
+        if tuple(draw.shape) != tuple(shape):
+            raise ValueError(f"replay draw {self.position} has shape {tuple(draw.shape)}, asked {tuple(shape)}")
+        self.position += 1
+        return draw.to(device=device, dtype=dtype)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.draws) - self.position

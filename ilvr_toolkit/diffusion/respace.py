@@ -1,0 +1,65 @@
+"""Timestep respacing with guided-diffusion's section syntax.
+
+``"100"`` keeps 100 evenly strided steps, ``"10,10,5"`` splits the process into three equal
+sections keeping 10, 10 and 5 steps of each, ``"ddim50"`` keeps 50 steps with the integer
+stride DDIM uses. The respaced process keeps alpha_bar at the kept steps and re-derives
+beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}; the network always receives the original
+timesteps (``timestep_map``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["space_timesteps", "respace_betas"]
+
+
+def _ddim_stride_steps(num_steps: int, desired: int) -> list[int]:
+    for stride in range(1, num_steps):
+        steps = list(range(0, num_steps, stride))
+        if len(steps) == desired:
+            return steps
+    raise ValueError(f"cannot keep exactly {desired} of {num_steps} steps with an integer stride")
+
+
+def _section_steps(start: int, size: int, count: int) -> list[int]:
+    if count > size:
+        raise ValueError(f"cannot keep {count} steps from a section of {size}")
+    stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+    # Python's round (half to even) on the accumulated float stride, as guided-diffusion does.
+    steps, position = [], 0.0
+    for _ in range(count):
+        steps.append(start + round(position))
+        position += stride
+    return steps
+
+
+def space_timesteps(num_steps: int, section_counts: str | list[int] | int) -> list[int]:
+    """Sorted original timesteps kept by ``section_counts`` (see module docstring).
+
+    An empty string keeps every step.
+    """
+    if isinstance(section_counts, int):
+        section_counts = [section_counts]
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec == "":
+            return list(range(num_steps))
+        if spec.startswith("ddim"):
+            return _ddim_stride_steps(num_steps, int(spec[len("ddim"):]))
+        section_counts = [int(part) for part in spec.split(",")]
+    size_per, extra = divmod(num_steps, len(section_counts))
+    kept: set[int] = set()
+    start = 0
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        kept.update(_section_steps(start, size, count))
+        start += size
+    return sorted(kept)
+
+
+def respace_betas(alphas_cumprod: torch.Tensor, kept: list[int]) -> torch.Tensor:
+    """Betas (len(kept),) float64 of the process that keeps alpha_bar at the ``kept`` steps."""
+    kept_bar = alphas_cumprod[torch.tensor(kept, dtype=torch.long)]
+    previous = torch.cat([kept_bar.new_ones(1), kept_bar[:-1]])
+    return 1.0 - kept_bar / previous

@@ -1,0 +1,150 @@
+"""Sampling loops as plain functions: ancestral DDPM and DDIM, with per-step hooks.
+
+Both loops share one calling convention ``loop(diffusion, net, x_T, *, noise, hooks)``.
+After each reverse step they build a :class:`Step` and pass it to every hook in order; a
+hook returns ``None`` (observe only) or a new ``x_prev`` that replaces the step's result.
+ILVR is such a hook, so it works unchanged under both loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .gaussian_diffusion import GaussianDiffusion, Net
+from .noise import NoiseSource
+
+__all__ = ["Step", "StepHook", "ddpm_sample", "ddim_sample", "draw_x_T"]
+
+
+@dataclass
+class Step:
+    """What a hook sees after the reverse step x_t -> x_{t-1}.
+
+    Attributes:
+        index: respaced index i of the step's input x_t (num_timesteps-1 .. 0).
+        t: original timestep of x_t, ``timestep_map[i]``.
+        t_prev: original timestep of x_prev (``timestep_map[i-1]``), or -1 when x_prev is
+            the final sample x_0.
+        x_t: (B, C, H, W) the step's input.
+        x_prev: (B, C, H, W) the sample the step produced (after earlier hooks).
+        pred_xstart: (B, C, H, W) the step's (clipped) x_0 prediction.
+        diffusion: the process being sampled.
+        noise: the run's noise source (hooks draw from it so replays stay in order).
+    """
+
+    index: int
+    t: int
+    t_prev: int
+    x_t: torch.Tensor
+    x_prev: torch.Tensor
+    pred_xstart: torch.Tensor
+    diffusion: GaussianDiffusion
+    noise: NoiseSource
+
+
+StepHook = Callable[[Step], "torch.Tensor | None"]
+
+
+def draw_x_T(noise: NoiseSource, shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_T ~ N(0, I) of ``shape`` (B, C, H, W), float32, from ``noise``."""
+    return noise(shape, torch.device(device), torch.float32)
+
+
+def _run_hooks(step: Step, hooks: Sequence[StepHook]) -> torch.Tensor:
+    for hook in hooks:
+        changed = hook(step)
+        if changed is not None:
+            step.x_prev = changed
+    return step.x_prev
+
+
+def _loop(
+    diffusion: GaussianDiffusion,
+    x_T: torch.Tensor,
+    hooks: Sequence[StepHook],
+    noise: NoiseSource,
+    step_fn: Callable[[torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    x = x_T
+    timesteps = diffusion.timestep_map.tolist()
+    for i in reversed(range(diffusion.num_timesteps)):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        x_prev, pred_xstart = step_fn(x, i, t)
+        step = Step(
+            index=i,
+            t=timesteps[i],
+            t_prev=timesteps[i - 1] if i > 0 else -1,
+            x_t=x,
+            x_prev=x_prev,
+            pred_xstart=pred_xstart,
+            diffusion=diffusion,
+            noise=noise,
+        )
+        x = _run_hooks(step, hooks)
+    return x
+
+
+@torch.no_grad()
+def ddpm_sample(
+    diffusion: GaussianDiffusion,
+    net: Net,
+    x_T: torch.Tensor,
+    *,
+    noise: NoiseSource,
+    hooks: Sequence[StepHook] = (),
+    clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z (Ho et al. Alg. 2).
+
+    One noise draw z per step, including the last one where it is unused (the official
+    order, so recorded runs replay exactly). Returns x_0 (B, C, H, W).
+    """
+
+    def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
+        z = noise(x.shape, x.device, x.dtype)
+        if i == 0:
+            return out["mean"], out["pred_xstart"]
+        return out["mean"] + torch.exp(0.5 * out["log_variance"]) * z, out["pred_xstart"]
+
+    return _loop(diffusion, x_T, hooks, noise, step_fn)
+
+
+@torch.no_grad()
+def ddim_sample(
+    diffusion: GaussianDiffusion,
+    net: Net,
+    x_T: torch.Tensor,
+    *,
+    noise: NoiseSource,
+    hooks: Sequence[StepHook] = (),
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 has the DDPM
+    posterior variance. Noise is drawn only when eta > 0. Returns x_0 (B, C, H, W)."""
+
+    def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
+        eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = diffusion._coef("alphas_cumprod", t, x)
+        alpha_bar_prev = diffusion._coef("alphas_cumprod_prev", t, x)
+        sigma = (
+            eta
+            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        if eta > 0:
+            z = noise(x.shape, x.device, x.dtype)
+            if i > 0:
+                mean = mean + sigma * z
+        return mean, out["pred_xstart"]
+
+    return _loop(diffusion, x_T, hooks, noise, step_fn)
