@@ -1,0 +1,308 @@
+"""Architecture settings of the ADM UNet (guided-diffusion lineage) and named presets.
+
+A :class:`UNetConfig` holds everything needed to rebuild a network whose state dict has
+guided-diffusion's key names and shapes, so a checkpoint that stores the config (ours) or a
+preset name (the official plain state dicts) loads without re-typing flags.
+
+Settings that never change the state dict (``use_checkpoint``, ``attention_backend``,
+``dropout``) are *runtime* settings: two configs that differ only there describe the same
+weights (see :meth:`UNetConfig.architecture`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DEFAULT_CHANNEL_MULT",
+    "GUIDED_DIFFUSION_DEFAULTS",
+    "PRESETS",
+    "RELEASED_CHECKPOINTS",
+    "UNetConfig",
+    "get_preset",
+    "preset_for_filename",
+]
+
+#: guided-diffusion's channel multipliers when ``channel_mult`` is left empty.
+DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+
+#: Model flags of guided-diffusion's scripts, used for flags a dict leaves out.
+GUIDED_DIFFUSION_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "num_head_channels": -1,
+    "attention_resolutions": "16,8",
+    "channel_mult": "",
+    "dropout": 0.0,
+    "class_cond": False,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+    "resblock_updown": False,
+    "use_new_attention_order": False,
+    "learn_sigma": False,
+}
+
+#: ImageNet class count that guided-diffusion's scripts use for ``class_cond=True``.
+_GUIDED_DIFFUSION_NUM_CLASSES = 1000
+
+ATTENTION_BACKENDS = ("sdpa", "math")
+
+
+def _runtime() -> dict[str, bool]:
+    return {"runtime": True}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of an ADM UNet, named as in guided-diffusion's ``create_model``.
+
+    ``channel_mult`` left empty resolves to guided-diffusion's default for ``image_size``.
+    ``attention_resolutions`` are feature-map sizes in pixels (e.g. ``(16,)``); the network
+    places attention where ``image_size // ds`` is one of them (``ds`` = downsample rate).
+    Tuple fields also accept lists or guided-diffusion strings such as ``"1,2,2,2"``.
+    """
+
+    image_size: int
+    num_channels: int
+    num_res_blocks: int
+    in_channels: int = 3
+    channel_mult: tuple[float, ...] = ()
+    attention_resolutions: tuple[int, ...] = ()
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    learn_sigma: bool = False
+    use_new_attention_order: bool = False
+    num_classes: int | None = None
+    dropout: float = field(default=0.0, metadata=_runtime())
+    use_checkpoint: bool = field(default=False, metadata=_runtime())
+    attention_backend: str = field(default="sdpa", metadata=_runtime())
+
+    def __post_init__(self) -> None:
+        mult = _parse_numbers(self.channel_mult, "channel_mult")
+        if not mult:
+            if self.image_size not in DEFAULT_CHANNEL_MULT:
+                raise ValueError(
+                    f"no default channel_mult for image_size {self.image_size} "
+                    f"(defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}); set channel_mult"
+                )
+            mult = DEFAULT_CHANNEL_MULT[self.image_size]
+        object.__setattr__(self, "channel_mult", mult)
+        attn = tuple(int(r) for r in _parse_numbers(self.attention_resolutions, "attention_resolutions"))
+        object.__setattr__(self, "attention_resolutions", attn)
+        self._validate()
+
+    def _validate(self) -> None:
+        levels = len(self.channel_mult)
+        if self.image_size % 2 ** (levels - 1):
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**{levels - 1} (channel_mult has {levels} levels)"
+            )
+        for res in self.attention_resolutions:
+            if res <= 0 or self.image_size % res:
+                raise ValueError(f"attention resolution {res} does not divide image_size {self.image_size}")
+        if self.num_head_channels == -1 and self.num_heads < 1:
+            raise ValueError("num_heads must be >= 1 when num_head_channels is -1")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError("num_classes must be a positive int or None")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def out_channels(self) -> int:
+        """3 (eps) or 6 (eps, then the variance interpolation value v) with ``learn_sigma``."""
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def attention_ds(self) -> tuple[int, ...]:
+        """Downsample rates at which attention sits: ``image_size // resolution``."""
+        return tuple(self.image_size // res for res in self.attention_resolutions)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.num_channels
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (JSON/YAML friendly) dict; :meth:`from_dict` inverts it."""
+        out = dataclasses.asdict(self)
+        out["channel_mult"] = list(self.channel_mult)
+        out["attention_resolutions"] = list(self.attention_resolutions)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_guided_diffusion_flags(cls, flags: Mapping[str, Any]) -> UNetConfig:
+        """Build from guided-diffusion script flags (``image_size``, ``channel_mult="1,2,2,2"``...).
+
+        Flags left out take the scripts' defaults; diffusion flags and ``use_fp16`` are ignored
+        (use autocast instead). ``class_cond=True`` means 1000 classes as in the scripts.
+        """
+        f = {**GUIDED_DIFFUSION_DEFAULTS, **flags}
+        return cls(
+            image_size=int(f["image_size"]),
+            num_channels=int(f["num_channels"]),
+            num_res_blocks=int(f["num_res_blocks"]),
+            channel_mult=f["channel_mult"],
+            attention_resolutions=f["attention_resolutions"],
+            num_heads=int(f["num_heads"]),
+            num_head_channels=int(f["num_head_channels"]),
+            num_heads_upsample=int(f["num_heads_upsample"]),
+            use_scale_shift_norm=_to_bool(f["use_scale_shift_norm"]),
+            resblock_updown=_to_bool(f["resblock_updown"]),
+            learn_sigma=_to_bool(f["learn_sigma"]),
+            use_new_attention_order=_to_bool(f["use_new_attention_order"]),
+            num_classes=_GUIDED_DIFFUSION_NUM_CLASSES if _to_bool(f["class_cond"]) else None,
+            dropout=float(f["dropout"]),
+            use_checkpoint=_to_bool(f["use_checkpoint"]),
+        )
+
+    def architecture(self) -> dict[str, Any]:
+        """The settings that shape the weights (runtime settings left out)."""
+        return {k: v for k, v in self.to_dict().items() if not _is_runtime(k)}
+
+    def replace(self, **changes: Any) -> UNetConfig:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _is_runtime(name: str) -> bool:
+    return bool(UNetConfig.__dataclass_fields__[name].metadata.get("runtime", False))
+
+
+def _parse_numbers(value: Any, name: str) -> tuple[float, ...]:
+    """``"1,2,2,2"`` / ``[1, 2]`` / ``16`` / ``""`` -> tuple of ints (floats where fractional)."""
+    if isinstance(value, str):
+        items: list[Any] = [s for s in value.replace(" ", "").split(",") if s]
+    elif isinstance(value, int | float):
+        items = [value]
+    else:
+        items = list(value)
+    out = []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: cannot read {item!r} as a number (from {value!r})") from None
+        out.append(int(number) if number.is_integer() else number)
+    return tuple(out)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "y", "t"):
+            return True
+        if lowered in ("0", "false", "no", "n", "f", ""):
+            return False
+        raise ValueError(f"cannot read {value!r} as a boolean")
+    return bool(value)
+
+
+# --------------------------------------------------------------------------- presets
+_ADM256 = UNetConfig(
+    image_size=256,
+    num_channels=128,
+    num_res_blocks=1,
+    channel_mult=(1, 1, 2, 2, 4, 4),
+    attention_resolutions=(16,),
+    num_heads=4,
+    num_head_channels=64,
+    use_scale_shift_norm=True,
+    resblock_updown=True,
+    learn_sigma=True,
+)
+
+PRESETS: dict[str, UNetConfig] = {
+    # The released ILVR / P2-weighting 256x256 checkpoints all share this architecture.
+    "adm256": _ADM256,
+    "ffhq": _ADM256,
+    "afhq_dog": _ADM256,
+    "metfaces": _ADM256,
+    "celebahq": _ADM256,
+    "cub": _ADM256,
+    "flowers": _ADM256,
+    # The reference fixture (tests/fixtures/reference/manifest_tiny32.json).
+    "tiny32": UNetConfig(
+        image_size=32,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2, 2, 2),
+        attention_resolutions=(16,),
+        num_heads=4,
+        use_scale_shift_norm=True,
+        learn_sigma=True,
+    ),
+    # Small configs for tests and smoke runs (a CPU forward takes milliseconds).
+    "tiny": UNetConfig(
+        image_size=32,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        attention_resolutions=(16,),
+        num_heads=2,
+        use_scale_shift_norm=True,
+        learn_sigma=True,
+    ),
+    "tiny16": UNetConfig(
+        image_size=16,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2),
+        attention_resolutions=(8,),
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        learn_sigma=True,
+    ),
+}
+
+#: Released checkpoint filenames -> preset (for hints when a plain state dict is loaded).
+RELEASED_CHECKPOINTS: dict[str, str] = {
+    "ffhq_10m.pt": "ffhq",
+    "afhq_dog_4m.pt": "afhq_dog",
+    **{
+        f"{name}_{kind}.pt": name
+        for name in ("ffhq", "afhq_dog", "metfaces", "celebahq", "cub", "flowers")
+        for kind in ("p2", "baseline")
+    },
+    "afhqdog_p2.pt": "afhq_dog",
+    "afhqdog_baseline.pt": "afhq_dog",
+}
+
+
+def get_preset(name: str) -> UNetConfig:
+    """The preset config called ``name`` (configs are frozen, so sharing is safe)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown UNet preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def preset_for_filename(path: str | os.PathLike[str]) -> str | None:
+    """The preset of a released checkpoint, judged by its file name (None if unknown)."""
+    return RELEASED_CHECKPOINTS.get(os.path.basename(os.fspath(path)).lower())

@@ -1,0 +1,418 @@
+"""The ADM UNet (Dhariwal & Nichol 2021) with guided-diffusion's state-dict layout.
+
+Module names and their order mirror guided-diffusion's ``UNetModel`` so that the official
+plain state dicts (ILVR, P2-weighting) load with ``strict=True`` and no key conversion:
+``time_embed.{0,2}``, ``label_emb``, ``input_blocks.i.j``, ``middle_block.j``,
+``output_blocks.i.j``, ``out.{0,2}``; inside a residual block ``in_layers``, ``emb_layers``,
+``out_layers``, ``skip_connection``; inside an attention block ``norm``, ``qkv``,
+``proj_out``; resamplers ``op`` (down) and ``conv`` (up).
+
+Numerics follow guided-diffusion: GroupNorm (32 groups) is computed in float32, the
+timestep embedding and its MLP run in float32, and so does the final ``out`` head; under
+``torch.autocast`` everything else runs in the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ATTENTION_BACKENDS, UNetConfig, get_preset
+
+__all__ = ["UNetModel", "build_unet", "timestep_embedding", "qkv_attention"]
+
+
+# --------------------------------------------------------------------------- helpers
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast on ``device`` if it is active there (meta and friends: no-op)."""
+    try:
+        active = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # device type without autocast support
+        active = False
+    return torch.autocast(device.type, enabled=False) if active else contextlib.nullcontext()
+
+
+def _zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters (guided-diffusion's init of every residual branch's last layer)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first then sin, in float32.
+
+    timesteps: (B,) original (unrespaced) timesteps, integer or float.
+    Returns (B, dim): ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period^(-i / (dim // 2))``.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps[:, None].float() * torch.exp(exponent)[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 (also under autocast), returned in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        with _no_autocast(x.device):
+            y = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
+        return y.to(x.dtype)
+
+
+def _norm(channels: int) -> GroupNorm32:
+    return GroupNorm32(32, channels)
+
+
+# --------------------------------------------------------------------------- blocks
+class TimestepBlock(nn.Module):
+    """A block whose forward also takes the timestep embedding ``emb`` (B, D)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Sequential that passes ``emb`` to the children that take it."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling, then an optional 3x3 conv (key ``conv``). (B, C, H, W) -> (B, C', 2H, 2W)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        elif out_channels != channels:
+            raise ValueError("Upsample without a conv cannot change the channel count")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if hasattr(self, "conv") else x
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv or 2x2 average pool (key ``op``). (B, C, H, W) -> (B, C', H/2, W/2)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        if use_conv:
+            self.op: nn.Module = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+        elif out_channels == channels:
+            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
+        else:
+            raise ValueError("Downsample without a conv cannot change the channel count")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding, optionally resampling.
+
+    x: (B, C, H, W), emb: (B, D) -> (B, C_out, H', W') with H' = H, 2H (``up``) or H/2 (``down``).
+    With ``use_scale_shift_norm`` the embedding gives (scale, shift) applied after the second
+    norm as ``norm(h) * (1 + scale) + shift``; otherwise it is added before it.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = False,
+        use_checkpoint: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(
+            _norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd: nn.Module = Upsample(channels, use_conv=False)
+            self.x_upd: nn.Module = Upsample(channels, use_conv=False)
+        elif down:
+            self.h_upd = Downsample(channels, use_conv=False)
+            self.x_upd = Downsample(channels, use_conv=False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        self.out_layers = nn.Sequential(
+            _norm(out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            _zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection: nn.Module = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:  # resample between the first norm/activation and the first conv
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+def qkv_attention(
+    qkv: torch.Tensor, num_heads: int, legacy: bool = True, backend: str = "sdpa"
+) -> torch.Tensor:
+    """Multi-head self-attention on a packed (B, 3*H*C, T) tensor -> (B, H*C, T).
+
+    ``legacy=True`` reads the channels per head as [q_h, k_h, v_h] (guided-diffusion's
+    ``QKVAttentionLegacy``); ``legacy=False`` as [q for all heads, k..., v...]
+    (``QKVAttention``, ``use_new_attention_order``). Scores are scaled by 1/sqrt(C).
+    ``backend="sdpa"`` uses ``F.scaled_dot_product_attention``; ``"math"`` spells the
+    computation out (q and k each scaled by C^(-1/4), softmax in float32) as the reference.
+    """
+    b, width, length = qkv.shape
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv width {width} is not divisible by 3 * num_heads = {3 * num_heads}")
+    ch = width // (3 * num_heads)
+    if legacy:
+        q, k, v = qkv.reshape(b, num_heads, 3 * ch, length).split(ch, dim=2)
+    else:
+        q, k, v = (z.reshape(b, num_heads, ch, length) for z in qkv.chunk(3, dim=1))
+    # q, k, v: (B, H, C, T)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = out.transpose(-1, -2)
+    elif backend == "math":
+        out = _math_attention(q, k, v)
+    else:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    return out.reshape(b, num_heads * ch, length)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Explicit attention on (B, H, C, T) tensors -> (B, H, C, T)."""
+    scale = 1.0 / math.sqrt(math.sqrt(q.shape[2]))
+    weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)  # (B, H, T_query, T_key)
+    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+    return torch.einsum("bhts,bhcs->bhct", weight, v)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection. (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_new_attention_order: bool = False,
+        use_checkpoint: bool = False,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        if num_head_channels != -1:
+            if channels % num_head_channels:
+                raise ValueError(
+                    f"{channels} channels are not divisible by num_head_channels={num_head_channels}"
+                )
+            num_heads = channels // num_head_channels
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels are not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.legacy_order = not use_new_attention_order
+        self.use_checkpoint = use_checkpoint
+        self.backend = backend
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy_order, self.backend)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+# --------------------------------------------------------------------------- the UNet
+class UNetModel(nn.Module):
+    """ADM UNet: ``forward(x, timesteps, y=None) -> (B, out_channels, H, W)``.
+
+    Built from a :class:`UNetConfig`; its state dict has exactly guided-diffusion's keys.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        emb_dim = c.time_embed_dim
+        self.time_embed = nn.Sequential(
+            nn.Linear(c.num_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, emb_dim)
+        ch = int(c.channel_mult[0] * c.num_channels)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))]
+        )
+        skip_chans, ch, ds = self._build_encoder(ch)
+        self.middle_block = TimestepEmbedSequential(
+            self._res(ch, ch), self._attn(ch, c.num_heads), self._res(ch, ch)
+        )
+        self.output_blocks = nn.ModuleList()
+        ch = self._build_decoder(ch, skip_chans, ds)
+        self.out = nn.Sequential(
+            _norm(ch), nn.SiLU(), _zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        )
+
+    # -- construction
+    def _res(self, ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
+        c = self.config
+        return ResBlock(
+            ch, c.time_embed_dim, c.dropout, out_ch, c.use_scale_shift_norm, c.use_checkpoint, up, down
+        )
+
+    def _attn(self, ch: int, num_heads: int) -> AttentionBlock:
+        c = self.config
+        return AttentionBlock(
+            ch,
+            num_heads,
+            c.num_head_channels,
+            c.use_new_attention_order,
+            c.use_checkpoint,
+            c.attention_backend,
+        )
+
+    def _build_encoder(self, ch: int) -> tuple[list[int], int, int]:
+        """Append the down path; returns (channels of every skip, channels, downsample rate)."""
+        c = self.config
+        skip_chans, ds = [ch], 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                out_ch = int(mult * c.num_channels)
+                layers: list[nn.Module] = [self._res(ch, out_ch)]
+                ch = out_ch
+                if ds in c.attention_ds:
+                    layers.append(self._attn(ch, c.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = self._res(ch, ch, down=True) if c.resblock_updown else Downsample(ch, use_conv=True)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+        return skip_chans, ch, ds
+
+    def _build_decoder(self, ch: int, skip_chans: list[int], ds: int) -> int:
+        """Append the up path (consuming ``skip_chans``); returns the final channel count."""
+        c = self.config
+        heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                out_ch = int(mult * c.num_channels)
+                layers: list[nn.Module] = [self._res(ch + skip_chans.pop(), out_ch)]
+                ch = out_ch
+                if ds in c.attention_ds:
+                    layers.append(self._attn(ch, heads_up))
+                if level and i == c.num_res_blocks:
+                    layers.append(
+                        self._res(ch, ch, up=True) if c.resblock_updown else Upsample(ch, use_conv=True)
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        return ch
+
+    # -- runtime settings
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every attention block to ``"sdpa"`` or ``"math"`` (no change to the weights)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        for block in self._attention_blocks():
+            block.backend = backend
+        self.config = self.config.replace(attention_backend=backend)
+
+    def _attention_blocks(self) -> Iterator[AttentionBlock]:
+        return (m for m in self.modules() if isinstance(m, AttentionBlock))
+
+    # -- forward
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, C, H, W); timesteps: (B,) original timesteps; y: (B,) class labels or None.
+
+        Returns (B, out_channels, H, W) in ``x``'s dtype (eps first, then v with learn_sigma).
+        """
+        emb = self._embed(timesteps, y, x)
+        skips = []
+        h = x.to(self.input_blocks[0][0].weight.dtype)
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        with _no_autocast(h.device):
+            return self.out(h.to(self.out[2].weight.dtype)).to(x.dtype)
+
+    def _embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Timestep (+ class) embedding (B, 4 * num_channels), computed without autocast."""
+        if (y is None) != (self.config.num_classes is None):
+            raise ValueError(
+                "pass class labels y if and only if the model is class-conditional (num_classes)"
+            )
+        t = torch.as_tensor(timesteps, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        with _no_autocast(x.device):
+            t_emb = timestep_embedding(t, self.config.num_channels).to(self.time_embed[0].weight.dtype)
+            emb = self.time_embed(t_emb)
+            if y is not None:
+                emb = emb + self.label_emb(y)
+        return emb
+
+
+def build_unet(config: UNetConfig | str, device: torch.device | str | None = None) -> UNetModel:
+    """Build a UNet from a config or a preset name (on ``device``; ``"meta"`` builds no storage)."""
+    if isinstance(config, str):
+        config = get_preset(config)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return UNetModel(config)

@@ -1,0 +1,114 @@
+"""Settings of a translation run (``sample.py``), as nested dataclasses for jsonargparse."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ModelSpec", "ILVRSpec", "SamplerSpec", "OutputSpec", "SampleConfig"]
+
+
+@dataclass
+class ModelSpec:
+    """Which network to sample.
+
+    Attributes:
+        checkpoint: one of our checkpoints (``.ckpt`` from train.py or an exported file; the
+            configuration is read from it) or a released plain state dict (``ffhq_10m.pt``).
+        preset: the architecture preset of a plain state dict (``ffhq``, ``afhq_dog``, ...).
+    """
+
+    checkpoint: str = ""
+    preset: str | None = None
+
+
+@dataclass
+class ILVRSpec:
+    """ILVR conditioning.
+
+    Attributes:
+        factor: the down-sampling factor N of phi_N; a list runs every N (outputs
+            ``<stem>_N<N>_s<k>.png``). Larger N keeps only coarse layout and colour.
+        range_t: steps with respaced index > range_t are conditioned (the official
+            ``range_t``; 0 = all but the last step, -1 = all).
+        fraction: instead of range_t, the share of steps conditioned counted from x_T.
+        stop_timestep: instead of range_t, an original timestep: condition while t > it.
+        mode: ``paper`` (reference at the level of the step's output, y_{t-1}) or
+            ``official`` (level of the step's input, as the released code; ilvr_adm #13).
+    """
+
+    factor: int | list[int] = 4
+    range_t: int | None = None
+    fraction: float | None = None
+    stop_timestep: int | None = None
+    mode: Literal["paper", "official"] = "paper"
+
+    @property
+    def factors(self) -> list[int]:
+        return list(self.factor) if isinstance(self.factor, list) else [int(self.factor)]
+
+
+@dataclass
+class SamplerSpec:
+    """The reverse process: ``ddpm`` (ancestral) or ``ddim`` (+ eta) over ``respacing`` steps."""
+
+    method: Literal["ddpm", "ddim"] = "ddpm"
+    respacing: str = "100"
+    eta: float = 0.0
+
+
+@dataclass
+class OutputSpec:
+    """Where and what to write: PNGs ``<stem>_s<k>.png``, an optional grid, the manifest."""
+
+    dir: str = "outputs/run"
+    grid: bool = True
+    grid_max_rows: int = 16
+
+
+@dataclass
+class SampleConfig:
+    """A whole translation run. See README "Translating your own images".
+
+    Attributes:
+        references: folder of images (recursive, sorted; png/jpg/jpeg/webp) or an LMDB dataset.
+        unconditional: sample without references (``num_samples`` images).
+        num_samples: number of images in unconditional mode.
+        samples_per_reference: outputs per reference (``<stem>_s0.png``, ``<stem>_s1.png``...).
+        batch_size: images per forward pass (a last partial batch is fine).
+        seed: run seed; each image's noise is seeded from (seed, reference index, sample).
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
+        precision: network precision under autocast (the diffusion math stays float32).
+        channels_last: run the UNet in channels-last memory format.
+        compile: ``torch.compile`` the UNet.
+        shard_index: this job's shard of the references (job arrays), 0-based.
+        num_shards: number of shards the references are split into (contiguous ranges).
+        evaluate_against: target-domain images (LMDB or folder) to compute FID/KID against.
+        inception_weights: path of the FID Inception weights (else the torch hub cache).
+        stats_cache_dir: where reference statistics are cached.
+        progress: show a progress bar.
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    references: str | None = None
+    unconditional: bool = False
+    num_samples: int = 8
+    ilvr: ILVRSpec = field(default_factory=ILVRSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    samples_per_reference: int = 1
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    shard_index: int = 0
+    num_shards: int = 1
+    evaluate_against: str | None = None
+    inception_weights: str | None = None
+    stats_cache_dir: str | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,57 @@
+"""The side-by-side grid: per reference, reference | phi_N(reference) | outputs (per N)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from ..conditioning import LowPass
+from ..images import to_float, to_uint8
+from .writer import save_png
+
+__all__ = ["build_grid"]
+
+
+def _load_png(path: Path) -> torch.Tensor | None:
+    if not path.exists():
+        return None
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def build_grid(
+    path: Path,
+    out_dir: Path,
+    references: Sequence[tuple[str, torch.Tensor]],
+    factors: Sequence[int],
+    samples_per_reference: int,
+) -> bool:
+    """Write the grid PNG for ``references`` (name, uint8 (3, H, W)) from the PNGs on disk.
+
+    Columns: reference, then for each N: phi_N(reference) and its samples. Missing outputs
+    are left blank. Returns False when there is nothing to show.
+    """
+    if not references:
+        return False
+    size = references[0][1].shape[-1]
+    lowpasses = {n: LowPass(size, n) for n in factors}
+    several = len(factors) > 1
+    blank = torch.zeros(3, size, size, dtype=torch.uint8)
+    tiles: list[torch.Tensor] = []
+    for name, ref in references:
+        tiles.append(ref)
+        for n in factors:
+            tiles.append(to_uint8(lowpasses[n](to_float(ref)[None]))[0])
+            for k in range(samples_per_reference):
+                middle = f"_N{n}" if several else ""
+                image = _load_png(out_dir / f"{name}{middle}_s{k}.png")
+                tiles.append(blank if image is None else image)
+    columns = 1 + len(factors) * (1 + samples_per_reference)
+    grid = make_grid(torch.stack(tiles), nrow=columns, padding=2, pad_value=255)
+    save_png(path, grid)
+    return True

@@ -1,0 +1,78 @@
+"""The run manifest: what was run (checkpoint hash, full config, versions) and, per image,
+its seed and timing. Each rank keeps its own part (rewritten atomically after every batch, so
+a killed run keeps the timings of what it finished); the main rank merges the parts."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .writer import read_json, write_json
+
+__all__ = ["ManifestPart", "versions", "merge_manifest"]
+
+PARTS_DIR = ".manifest"
+
+
+def versions() -> dict[str, str]:
+    import ilvr_toolkit
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "ilvr_toolkit": ilvr_toolkit.__version__}
+    for module in ("torchvision", "pytorch_lightning", "torchmetrics", "numpy", "PIL"):
+        try:
+            found[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+@dataclass
+class ManifestPart:
+    """One rank's record, stored at ``<out>/.manifest/shard<s>-rank<r>.json``."""
+
+    path: Path
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, out_dir: Path, shard: int, rank: int) -> ManifestPart:
+        path = out_dir / PARTS_DIR / f"shard{shard}-rank{rank}.json"
+        part = cls(path)
+        if path.exists():
+            data = read_json(path)
+            part.images, part.failed = data.get("images", {}), data.get("failed", {})
+        return part
+
+    def record(self, filename: str, entry: dict[str, Any]) -> None:
+        self.images[filename] = entry
+
+    def save(self) -> None:
+        write_json(self.path, {"images": self.images, "failed": self.failed})
+
+
+def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:
+    """Merge every rank's part with ``header`` (run description) into ``<out>/<name>``."""
+    images: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    for part_path in sorted((out_dir / PARTS_DIR).glob("*.json")):
+        data = read_json(part_path)
+        images.update(data.get("images", {}))
+        failed.update(data.get("failed", {}))
+    # Keep only entries whose PNG is really there (a part may predate a deleted output).
+    images = {k: v for k, v in sorted(images.items()) if (out_dir / k).exists()}
+    seconds = [v["seconds"] for v in images.values() if "seconds" in v]
+    manifest = {
+        **header,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "num_images": len(images),
+        "mean_seconds_per_image": (sum(seconds) / len(seconds)) if seconds else None,
+        "failed_references": failed,
+        "images": images,
+    }
+    write_json(out_dir / name, manifest)
+    return manifest

@@ -1,0 +1,239 @@
+"""A translation run over a reference set: load, plan, sample in batches, write, resume."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..conditioning import ILVR, LowPass, resolve_range_t
+from ..diffusion import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    PerImageNoise,
+    create_diffusion,
+    ddim_sample,
+    ddpm_sample,
+    draw_x_T,
+)
+from ..images import to_float, to_uint8
+from ..models import LoadedModel, load_model
+from .config import SampleConfig
+from .distributed import Ranks, barrier, finish, init_ranks
+from .grid import build_grid
+from .manifest import ManifestPart, merge_manifest, versions
+from .plan import WorkItem, batches, pending_items, plan_items, shard_range
+from .seeds import image_generators
+from .writer import remove_stale_temps, save_png
+
+__all__ = ["RunResult", "run", "resolve_device", "make_net"]
+
+log = logging.getLogger("ilvr_toolkit.sampling")
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    written: list[str] = field(default_factory=list)
+    skipped_existing: int = 0
+    failed_references: dict[str, str] = field(default_factory=dict)
+    manifest: Path | None = None
+    grid: Path | None = None
+    metrics: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_net(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool) -> Callable:
+    """``net(x, t)`` running ``model`` under the requested autocast; returns float32."""
+    dtype = _AUTOCAST[precision]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x.contiguous(memory_format=memory_format), t).float()
+
+    return net
+
+
+def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
+    base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
+    base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
+    return create_diffusion(base, respacing=config.sampler.respacing)
+
+
+def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
+    if not config.model.checkpoint:
+        raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
+    loaded = load_model(config.model.checkpoint, preset=config.model.preset)
+    model = loaded.model.to(device).eval().requires_grad_(False)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.compile:
+        model = torch.compile(model)
+    return loaded, make_net(model, device, config.precision, config.channels_last)
+
+
+class _References:
+    """Reference images by index, loaded once, with unreadable ones recorded, not raised."""
+
+    def __init__(self, config: SampleConfig, image_size: int) -> None:
+        self.unconditional = config.unconditional or not config.references
+        if self.unconditional:
+            self.names = [f"{i:06d}" for i in range(config.num_samples)]
+            self.source = None
+        else:
+            from ..data.references import ReferenceSet
+
+            self.source = ReferenceSet(config.references, image_size)
+            self.names = list(self.source.names)
+        self.cache: dict[int, torch.Tensor] = {}
+        self.failed: dict[str, str] = {}
+
+    def get(self, index: int) -> torch.Tensor | None:
+        """uint8 (3, H, W), or None when unreadable (the error is kept in ``failed``)."""
+        if index not in self.cache and self.names[index] not in self.failed:
+            item, error = self.source.try_get(index)
+            if item is None:
+                self.failed[self.names[index]] = error or "unreadable"
+                log.warning("skipping reference %s: %s", self.names[index], error)
+                return None
+            self.cache[index] = item["image"]
+        return self.cache.get(index)
+
+
+def _sample_batch(
+    batch: list[WorkItem],
+    refs: _References,
+    diffusion: GaussianDiffusion,
+    net: Callable,
+    config: SampleConfig,
+    image_size: int,
+    lowpasses: dict[int, LowPass],
+    device: torch.device,
+) -> tuple[list[WorkItem], torch.Tensor | None]:
+    """Sample one batch; returns the items actually sampled and their uint8 images (B, 3, H, W)."""
+    hooks = []
+    if not refs.unconditional:
+        batch = [item for item in batch if refs.get(item.reference) is not None]
+        if not batch:
+            return [], None
+        reference = to_float(torch.stack([refs.cache[item.reference] for item in batch])).to(device)
+        range_t = resolve_range_t(
+            diffusion.timestep_map.tolist(),
+            range_t=config.ilvr.range_t,
+            fraction=config.ilvr.fraction,
+            stop_timestep=config.ilvr.stop_timestep,
+        )
+        factor = batch[0].factor
+        hooks.append(ILVR(reference, factor, range_t, config.ilvr.mode, lowpass=lowpasses[factor]))
+    noise = PerImageNoise(image_generators([item.seed for item in batch], device))
+    x_T = draw_x_T(noise, (len(batch), 3, image_size, image_size), device)
+    if config.sampler.method == "ddim":
+        x0 = ddim_sample(diffusion, net, x_T, noise=noise, hooks=hooks, eta=config.sampler.eta)
+    else:
+        x0 = ddpm_sample(diffusion, net, x_T, noise=noise, hooks=hooks)
+    return batch, to_uint8(x0).cpu()
+
+
+def _header(config: SampleConfig, loaded: LoadedModel, diffusion: GaussianDiffusion) -> dict[str, Any]:
+    return {
+        "checkpoint": {
+            "path": str(config.model.checkpoint),
+            "sha256": loaded.sha256,
+            "kind": loaded.source_kind,
+            "preset": config.model.preset,
+        },
+        "unet": loaded.unet_config.to_dict(),
+        "diffusion": loaded.diffusion,
+        "timestep_map": diffusion.timestep_map.tolist(),
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
+
+
+def run(config: SampleConfig) -> RunResult:
+    """Run a whole translation (see README); resumable: finished PNGs are never recomputed."""
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    ranks = init_ranks(device)
+    if device.type == "cuda" and ranks.world_size > 1:
+        device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+    out_dir = Path(config.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded, net = _load(config, device)
+    image_size = loaded.unet_config.image_size
+    diffusion = _diffusion_for(loaded, config)
+    refs = _References(config, image_size)
+    factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
+    lowpasses = {n: LowPass(image_size, n, device) for n in factors if n is not None}
+    indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
+    items = plan_items(
+        refs.names,
+        samples_per_reference=1 if refs.unconditional else config.samples_per_reference,
+        factors=factors,
+        run_seed=config.seed,
+        indices=indices,
+    )
+    mine = items[ranks.rank :: ranks.world_size]
+    remove_stale_temps(out_dir, [item.filename for item in mine])
+    todo = pending_items(mine, out_dir)
+    result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
+    part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
+    bar = tqdm(total=len(todo), unit="img", desc=f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR",
+               disable=not config.progress, dynamic_ncols=True)
+    for batch in batches(todo, config.batch_size):
+        tic = time.perf_counter()
+        done, images = _sample_batch(batch, refs, diffusion, net, config, image_size, lowpasses, device)
+        seconds = (time.perf_counter() - tic) / max(len(batch), 1)
+        for item, image in zip(done, images if images is not None else [], strict=True):
+            save_png(out_dir / item.filename, image)
+            part.record(item.filename, {
+                "reference": refs.names[item.reference], "reference_index": item.reference,
+                "sample": item.sample, "factor": item.factor, "seed": item.seed,
+                "seconds": round(seconds, 4), "batch_size": len(batch), "rank": ranks.rank,
+            })
+            result.written.append(item.filename)
+        part.failed.update(refs.failed)
+        part.save()
+        bar.update(len(batch))
+    bar.close()
+    part.failed.update(refs.failed)
+    part.save()
+    barrier(ranks)
+    if ranks.is_main:
+        _finish_main(config, loaded, diffusion, refs, factors, indices, out_dir, result)
+    barrier(ranks)
+    finish(ranks)
+    result.failed_references = dict(refs.failed)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _finish_main(config, loaded, diffusion, refs, factors, indices, out_dir, result) -> None:
+    suffix = "" if config.num_shards == 1 else f"-shard{config.shard_index}"
+    result.manifest = out_dir / f"manifest{suffix}.json"
+    merge_manifest(out_dir, _header(config, loaded, diffusion), result.manifest.name)
+    if config.output.grid and not refs.unconditional:
+        rows = [(refs.names[i], refs.get(i)) for i in list(indices)[: config.output.grid_max_rows]]
+        rows = [(name, image) for name, image in rows if image is not None]
+        grid_path = out_dir / f"grid{suffix}.png"
+        if build_grid(grid_path, out_dir, rows, [n for n in factors if n], config.samples_per_reference):
+            result.grid = grid_path
+    if config.evaluate_against:
+        from .evaluate import evaluate_run
+
+        result.metrics = evaluate_run(config, out_dir, refs, result.manifest)

@@ -1,0 +1,61 @@
+"""Atomic file output: a killed run never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+__all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json", "remove_stale_temps"]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(path: str | Path, image: torch.Tensor) -> None:
+    """Save a uint8 (3, H, W) image as PNG, atomically."""
+    if image.dtype != torch.uint8 or image.ndim != 3:
+        raise ValueError(f"save_png expects uint8 (3, H, W), got {image.dtype} {tuple(image.shape)}")
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def remove_stale_temps(directory: Path, names: list[str]) -> int:
+    """Delete temp files a killed writer left for ``names`` (only those: other processes may
+    be writing their own files in the same directory). Returns how many were removed."""
+    removed = 0
+    for name in names:
+        for stale in directory.glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,0 +1,188 @@
+"""sample.py end to end on the fixture model: outputs, batch/process invariance, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ilvr_toolkit.sampling import SampleConfig, plan_items, run, shard_range
+from ilvr_toolkit.sampling.cli import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = [(40, 32), (64, 64), (100, 37), (32, 90), (300, 200)]
+
+
+def _make_refs(folder: Path, count: int = 5) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        w, h = SIZES[i % len(SIZES)]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"ref{i:02d}.png")
+    return folder
+
+
+def _args(checkpoint: Path, refs: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model.checkpoint", str(checkpoint), "--model.preset", "tiny32",
+        "--references", str(refs), "--sampler.respacing", "8", "--device", "cpu",
+        "--output.dir", str(out), "--progress", "false", *extra,
+    ]
+
+
+def _pngs(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("ref*_s*.png"))}
+
+
+def _assert_same_images(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Identical, or (batch-size-dependent kernels) at most 1 grey level on <= 0.1% of pixels."""
+    assert a.keys() == b.keys()
+    for name in a:
+        diff = np.abs(a[name].astype(int) - b[name].astype(int))
+        assert diff.max() <= 1, name
+        assert (diff > 0).mean() <= 1e-3, name
+
+
+@pytest.fixture()
+def refs(tmp_path):
+    return _make_refs(tmp_path / "refs")
+
+
+@pytest.fixture()
+def tiny32_path(reference_dir):
+    return reference_dir / "tiny32.pt"
+
+
+def test_sample_py_end_to_end(tmp_path, refs, tiny32_path):
+    (refs / "broken.jpg").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    args = _args(tiny32_path, refs, out, "--samples_per_reference", "2", "--ilvr.factor", "4", "--batch_size", "4")
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.glob("ref*_s*.png"))) == 10
+    assert {p.name for p in out.glob("ref00_s*.png")} == {"ref00_s0.png", "ref00_s1.png"}
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] > 4 * 32 and grid.size[1] > 5 * 32
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_images"] == 10
+    assert manifest["checkpoint"]["sha256"] and manifest["config"]["ilvr"]["factor"] == 4
+    assert "broken" in manifest["failed_references"]
+    assert all("seed" in v and "seconds" in v for v in manifest["images"].values())
+    assert "broken" in proc.stdout and "grid" in proc.stdout
+
+
+def test_same_noise_and_images_for_batch_size_1_and_3(tmp_path, refs, tiny32_path, monkeypatch):
+    import ilvr_toolkit.sampling.runner as runner
+
+    draws: dict[int, list[torch.Tensor]] = {}
+
+    class Recording(runner.PerImageNoise):
+        def __call__(self, shape, device, dtype):
+            noise = super().__call__(shape, device, dtype)
+            for g, row in zip(self.generators, noise, strict=True):
+                draws.setdefault(g.initial_seed(), []).append(row.clone())
+            return noise
+
+    monkeypatch.setattr(runner, "PerImageNoise", Recording)
+    results = {}
+    for batch in (1, 3):
+        draws.clear()
+        run(parse_config(_args(tiny32_path, refs, tmp_path / f"b{batch}", "--batch_size", str(batch))))
+        results[batch] = ({k: torch.stack(v) for k, v in draws.items()}, _pngs(tmp_path / f"b{batch}"))
+    noise1, noise3 = results[1][0], results[3][0]
+    assert noise1.keys() == noise3.keys() and len(noise1) == 5
+    for seed in noise1:
+        assert torch.equal(noise1[seed], noise3[seed])
+    _assert_same_images(results[1][1], results[3][1])
+
+
+def test_two_processes_equal_one(tmp_path, refs, tiny32_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    run(parse_config(_args(tiny32_path, refs, single, "--batch_size", "2")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "sample.py"), *_args(tiny32_path, refs, double, "--batch_size", "2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _pngs(single), _pngs(double)
+    identical = sum(np.array_equal(a[k], b[k]) for k in a)
+    print(f"1 vs 2 processes: {identical}/{len(a)} PNGs bit-identical")
+    _assert_same_images(a, b)
+    manifest = json.loads((double / "manifest.json").read_text())
+    assert {v["rank"] for v in manifest["images"].values()} == {0, 1}
+
+
+def test_kill_and_resume(tmp_path, tiny32_path):
+    refs = _make_refs(tmp_path / "refs", count=12)
+    out, full = tmp_path / "out", tmp_path / "full"
+    args = _args(tiny32_path, refs, out, "--batch_size", "1", "--sampler.respacing", "25", "--output.grid", "false")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(list(out.glob("ref*_s*.png"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("ref*_s*.png")}
+    assert 3 <= len(before) < 12, "the run must be killed mid-way"
+    result = run(parse_config(args))
+    assert sorted(result.written) == sorted(f"ref{i:02d}_s0.png" for i in range(12) if f"ref{i:02d}_s0.png" not in before)
+    assert result.skipped_existing == len(before)
+    for name, mtime in before.items():
+        assert (out / name).stat().st_mtime_ns == mtime, f"{name} was computed again"
+    assert not list(out.glob(".*.tmp"))
+    for png in out.glob("ref*_s*.png"):
+        Image.open(png).load()  # none truncated
+    run(parse_config(_args(tiny32_path, refs, full, "--batch_size", "4", "--sampler.respacing", "25",
+                           "--output.grid", "false")))
+    _assert_same_images(_pngs(out), _pngs(full))
+
+
+def test_fewer_references_than_batch_unconditional_and_lmdb(tmp_path, refs, tiny32_path):
+    out = tmp_path / "few"
+    result = run(parse_config(_args(tiny32_path, refs, out, "--batch_size", "16", "--ilvr.factor", "[4, 8]")))
+    assert len(result.written) == 10 and (out / "ref00_N8_s0.png").exists()
+    uncond = run(parse_config([
+        "--model.checkpoint", str(tiny32_path), "--model.preset", "tiny32", "--unconditional", "true",
+        "--num_samples", "3", "--sampler.method", "ddim", "--sampler.respacing", "5",
+        "--output.dir", str(tmp_path / "uncond"), "--progress", "false", "--device", "cpu"]))
+    assert sorted(uncond.written) == ["000000_s0.png", "000001_s0.png", "000002_s0.png"]
+
+
+def test_errors_are_named(tmp_path, refs, tiny32_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        run(parse_config(_args(tmp_path / "missing.pt", refs, tmp_path / "o")))
+    with pytest.raises(ValueError, match="learn_sigma"):
+        cfg = parse_config(_args(tiny32_path, refs, tmp_path / "o"))
+        cfg.model.preset = None
+        from ilvr_toolkit.models import get_preset, save_model_file
+        from ilvr_toolkit.models.checkpoint import load_state_dict_file
+
+        wrong = get_preset("tiny32").replace(learn_sigma=False)
+        sd = load_state_dict_file(tiny32_path)
+        save_model_file(tmp_path / "wrong.pt", wrong, sd)  # refused: the weights have 6 channels
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception, match="(?i)no .*image|empty"):
+        run(parse_config(_args(tiny32_path, empty, tmp_path / "o2")))
+
+
+def test_shards_partition_references():
+    covered = [i for s in range(3) for i in shard_range(10, s, 3)]
+    assert covered == list(range(10))
+    items = plan_items(["a", "b"], samples_per_reference=2, factors=[4], run_seed=0)
+    assert [i.filename for i in items] == ["a_s0.png", "a_s1.png", "b_s0.png", "b_s1.png"]
+    assert items[0].seed != items[1].seed != items[2].seed
+
+
+def test_default_config_is_sane():
+    assert SampleConfig().ilvr.mode == "paper"
