@@ -22,7 +22,6 @@ def ref_record(reference_dir: Path) -> dict:
     return torch.load(reference_dir / "tiny32_ilvr_ref.pt", map_location="cpu", weights_only=True)
 
 
-
 # --------------------------------------------------------------------------- data fixtures
 # A small image folder for the converter / reader / reference tests: good images in several
 # formats, modes and aspect ratios (some in sub-folders), plus exactly three bad files.

@@ -73,4 +73,9 @@ def _report(result) -> None:
     if result.metrics:
         from ..evaluation import format_table
 
-        print(format_table(result.metrics))
+        for label, block in result.metrics.items():
+            if isinstance(block, dict):
+                print(f"\nmetrics, {label}:\n{format_table(block)}")
+        if "fid_skipped" in result.metrics:
+            print("\nFID/KID skipped: the Inception weights are missing (see the warning above).")
+        print(f"metrics: {result.metrics['path']}")

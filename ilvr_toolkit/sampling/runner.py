@@ -25,7 +25,7 @@ from ..diffusion import (
 from ..images import to_float, to_uint8
 from ..models import LoadedModel, load_model
 from .config import SampleConfig
-from .distributed import Ranks, barrier, finish, init_ranks
+from .distributed import barrier, finish, init_ranks
 from .grid import build_grid
 from .manifest import ManifestPart, merge_manifest, versions
 from .plan import WorkItem, batches, pending_items, plan_items, shard_range
@@ -179,7 +179,6 @@ def run(config: SampleConfig) -> RunResult:
     diffusion = _diffusion_for(loaded, config)
     refs = _References(config, image_size)
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
-    lowpasses = {n: LowPass(image_size, n, device) for n in factors if n is not None}
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
     items = plan_items(
         refs.names,
@@ -193,14 +192,31 @@ def run(config: SampleConfig) -> RunResult:
     todo = pending_items(mine, out_dir)
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
-    bar = tqdm(total=len(todo), unit="img", desc=f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR",
-               disable=not config.progress, dynamic_ncols=True)
+    _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, part, result)
+    barrier(ranks)
+    if ranks.is_main:
+        _write_summary(config, loaded, diffusion, refs, factors, indices, out_dir, result)
+    finish(ranks)  # evaluation below is single-process: leave the process group first
+    if ranks.is_main and config.evaluate_against:
+        from .evaluate import evaluate_run
+
+        result.metrics = evaluate_run(config, out_dir, refs, result.manifest)
+    result.failed_references = dict(refs.failed)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, part, result) -> None:
+    """Sample ``todo`` in batches; write each PNG atomically and the manifest part per batch."""
+    lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
+    desc = f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR"
+    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not config.progress, dynamic_ncols=True)
     for batch in batches(todo, config.batch_size):
         tic = time.perf_counter()
         done, images = _sample_batch(batch, refs, diffusion, net, config, image_size, lowpasses, device)
         seconds = (time.perf_counter() - tic) / max(len(batch), 1)
         for item, image in zip(done, images if images is not None else [], strict=True):
-            save_png(out_dir / item.filename, image)
+            save_png(result.out_dir / item.filename, image)
             part.record(item.filename, {
                 "reference": refs.names[item.reference], "reference_index": item.reference,
                 "sample": item.sample, "factor": item.factor, "seed": item.seed,
@@ -213,17 +229,10 @@ def run(config: SampleConfig) -> RunResult:
     bar.close()
     part.failed.update(refs.failed)
     part.save()
-    barrier(ranks)
-    if ranks.is_main:
-        _finish_main(config, loaded, diffusion, refs, factors, indices, out_dir, result)
-    barrier(ranks)
-    finish(ranks)
-    result.failed_references = dict(refs.failed)
-    result.seconds = time.perf_counter() - start
-    return result
 
 
-def _finish_main(config, loaded, diffusion, refs, factors, indices, out_dir, result) -> None:
+def _write_summary(config, loaded, diffusion, refs, factors, indices, out_dir, result) -> None:
+    """Main rank: merge the manifest parts and draw the grid from the PNGs on disk."""
     suffix = "" if config.num_shards == 1 else f"-shard{config.shard_index}"
     result.manifest = out_dir / f"manifest{suffix}.json"
     merge_manifest(out_dir, _header(config, loaded, diffusion), result.manifest.name)
@@ -233,7 +242,3 @@ def _finish_main(config, loaded, diffusion, refs, factors, indices, out_dir, res
         grid_path = out_dir / f"grid{suffix}.png"
         if build_grid(grid_path, out_dir, rows, [n for n in factors if n], config.samples_per_reference):
             result.grid = grid_path
-    if config.evaluate_against:
-        from .evaluate import evaluate_run
-
-        result.metrics = evaluate_run(config, out_dir, refs, result.manifest)

@@ -1,0 +1,86 @@
+"""Listing image files: the one traversal order used by the converter and the reference sets.
+
+The order is guided-diffusion's ``_list_image_files_recursively``: the entries of each folder
+sorted by name (plain string order), depth first, so a folder's sub-folder is visited where its
+name sorts. Hidden entries (a leading ``.``: ``.ipynb_checkpoints``, macOS ``._x.jpg``) are
+skipped; the official loader would try to open them and fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["IMAGE_EXTENSIONS", "has_image_extension", "list_image_files", "unique_names"]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def has_image_extension(name: str, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> bool:
+    """Whether ``name`` ends with one of ``extensions`` (case-insensitive, with the dot)."""
+    return name.lower().endswith(tuple(e.lower() for e in extensions))
+
+
+def list_image_files(root: str | Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """All image files under ``root`` (recursive, sorted per folder, hidden entries skipped).
+
+    Returns absolute-or-as-given paths (``root / relative``). Symlinked folders are followed,
+    once: a link cycle is not walked twice.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    extensions = tuple(e.lower() for e in extensions)
+    found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def walk(folder: Path) -> None:
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            return
+        seen_dirs.add((st.st_dev, st.st_ino))
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("."):
+                continue
+            path = folder / name
+            if path.is_dir():
+                walk(path)
+            elif has_image_extension(name, extensions) and path.is_file():
+                found.append(path)
+
+    walk(root)
+    return found
+
+
+def unique_names(relative_paths: list[str | Path]) -> list[str]:
+    """One output stem per file, unique even on case-insensitive filesystems.
+
+    A file keeps its stem (``a/b/cat.png`` -> ``cat``) unless another file has the same
+    stem (compared case-insensitively); those files are named by their relative path
+    joined with ``__`` (``a__b__cat``), then with their extension too (``a__b__cat_png``)
+    if that still clashes, and finally a numeric suffix. The order of the input is kept.
+    """
+    parts = [Path(p).parts for p in relative_paths]
+
+    def candidate(i: int, level: int) -> str:
+        path = Path(*parts[i])
+        if level == 0:
+            return path.stem
+        joined = "__".join((*parts[i][:-1], path.stem))
+        if level == 1:
+            return joined
+        suffixed = f"{joined}_{path.suffix.lstrip('.')}" if path.suffix else joined
+        return suffixed if level == 2 else f"{suffixed}-{i}"
+
+    levels = [0] * len(parts)
+    while True:
+        names = [candidate(i, lv) for i, lv in enumerate(levels)]
+        owners: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            owners.setdefault(name.casefold(), []).append(i)
+        clashes = [i for group in owners.values() if len(group) > 1 for i in group if levels[i] < 3]
+        if not clashes:
+            return names
+        for i in clashes:
+            levels[i] += 1

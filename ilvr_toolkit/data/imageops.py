@@ -1,0 +1,93 @@
+"""PIL helpers shared by the converter and the reference loader: mode conversion and cropping.
+
+Kept free of torch so the converter's worker processes stay light.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "WIDE_MODES",
+    "BadImage",
+    "center_crop_square",
+    "exif_upright",
+    "open_image",
+    "to_rgb",
+    "wide_to_8bit",
+]
+
+# Integer modes whose samples span 16 bits. Pillow opens 16-bit grayscale PNG/TIFF as
+# "I;16*" (recent versions) or "I" (older ones), so "I" is read as 16-bit too.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class BadImage(ValueError):
+    """An input that is not a usable image (corrupt, truncated, not an image, too small)."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode ``data`` fully (a truncated file fails here, not later); ``BadImage`` if unusable."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too many pixels: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (no known format)") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise BadImage(f"cannot decode: {type(e).__name__}: {e}") from None
+    return img
+
+
+def wide_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale -> 8-bit "L" by rounding v / 257 (65535 -> 255, 257 -> 1).
+
+    ``Image.convert("L")`` would clip every value above 255 to white instead.
+    """
+    arr = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> "RGB".
+
+    - transparency (an alpha band, or a palette / grayscale / RGB ``transparency`` key) is
+      composited over ``background`` (white): the colour under a fully transparent pixel is
+      arbitrary and often black or garbage, so dropping alpha would leak it into the image;
+    - 16-bit grayscale is scaled to 8 bits (``wide_to_8bit``), not clipped;
+    - CMYK, YCbCr, LAB, HSV, 1, L, P use Pillow's own conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in WIDE_MODES:
+        img = wide_to_8bit(img)
+    if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    if img.mode == "F":  # float samples: Pillow's rule, clip to 0..255
+        img = img.convert("L")
+    return img.convert("RGB")
+
+
+def exif_upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (phone photos), ignoring a broken EXIF block."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block should not cost the image
+        return img
+
+
+def center_crop_square(img: Image.Image) -> Image.Image:
+    """The largest centred square; an odd excess leaves the extra pixel on the right/bottom."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    if (w, h) == (side, side):
+        return img
+    return img.crop((left, top, left + side, top + side))

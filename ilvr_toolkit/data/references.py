@@ -1,0 +1,144 @@
+"""Reference images for ILVR: loaded exactly like the official ILVR / guided-diffusion loader.
+
+``load_reference`` reproduces guided-diffusion's ``center_crop_arr`` (as used by ilvr_adm):
+the image is converted to RGB, halved with ``Image.BOX`` while its short side is at least
+twice the target, resized with ``Image.BICUBIC`` so the short side equals the target, and
+centre-cropped (``(h - res) // 2``, ``(w - res) // 2``). The only deviation: 16-bit
+grayscale is scaled to 8 bits (``convert("RGB")`` would clip it to white). Unlike the
+converter, alpha is dropped (not composited) and EXIF orientation is ignored, as upstream.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, list_image_files, unique_names
+from ilvr_toolkit.data.imageops import WIDE_MODES, BadImage, open_image, wide_to_8bit
+from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
+from ilvr_toolkit.data.lmdb_format import read_info
+
+__all__ = ["ReferenceSet", "center_crop_arr", "collate_references", "load_reference"]
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """guided-diffusion's rule: BOX halvings, BICUBIC to the short side, centre crop -> HWC uint8."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def load_reference(source: str | Path | bytes | bytearray | Image.Image, image_size: int) -> torch.Tensor:
+    """A reference image (path, encoded bytes or PIL image) -> uint8 (3, image_size, image_size).
+
+    Raises ``BadImage`` (a ValueError) if the file cannot be decoded.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+        img = open_image(data)
+    if img.mode in WIDE_MODES:
+        img = wide_to_8bit(img)
+    arr = center_crop_arr(img.convert("RGB"), image_size)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # copy: PIL arrays are read-only
+
+
+class ReferenceSet(Dataset):
+    """The reference images of a translation run, from a folder or an LMDB dataset.
+
+    - folder: image files found recursively (``files.list_image_files`` order: sorted per
+      folder, case-insensitive extensions png/jpg/jpeg/webp/bmp, hidden entries skipped);
+      ``names`` are the file stems, made unique (``files.unique_names``) when they clash;
+    - LMDB (a folder holding ``data.mdb``): every index, named ``f"{index:05d}"``; the
+      stored size closest above ``image_size`` is read and passed through the same
+      preprocessing (a no-op when it already matches).
+
+    ``ds[i]`` is ``{"index": i, "name": str, "image": uint8 (3, H, W)}`` and raises on an
+    unreadable image; ``try_get(i)`` returns ``(item, None)`` or ``(None, message)`` instead.
+    """
+
+    def __init__(self, source: str | Path, image_size: int):
+        self.source = Path(source)
+        self.image_size = int(image_size)
+        self._lmdb: LMDBImageDataset | None = None
+        self.files: list[Path] = []
+        if self.source.is_dir() and (self.source / "data.mdb").is_file():
+            sizes = read_info(self.source).sizes
+            if not sizes:
+                raise ValueError(f"LMDB {self.source} holds no images")
+            larger = [s for s in sizes if s >= self.image_size]
+            self._lmdb = LMDBImageDataset(self.source, min(larger) if larger else max(sizes))
+            self.names = [f"{i:05d}" for i in range(len(self._lmdb))]
+        elif self.source.is_dir():
+            self.files = list_image_files(self.source, IMAGE_EXTENSIONS)
+            self.names = unique_names([f.relative_to(self.source) for f in self.files])
+        elif self.source.is_file():
+            self.files = [self.source]
+            self.names = [self.source.stem]
+        else:
+            raise FileNotFoundError(f"reference source not found: {self.source}")
+        if not self.names:
+            raise ValueError(f"no reference images ({', '.join(IMAGE_EXTENSIONS)}) in {self.source}")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def origin(self, index: int) -> str:
+        """Where item ``index`` comes from: the file path, or ``LMDB[key]``."""
+        if self._lmdb is not None:
+            return f"{self.source}[{self._lmdb.size}-{index:05d}]"
+        return os.fspath(self.files[index])
+
+    def _check(self, index: int) -> int:
+        if not 0 <= index < len(self):
+            raise IndexError(f"reference index {index} out of range for {len(self)} images")
+        return index
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check(int(index))
+        try:
+            data = self._lmdb.read_bytes(index) if self._lmdb is not None else self.files[index]
+            image = load_reference(data, self.image_size)
+        except (BadImage, OSError, KeyError) as e:
+            raise BadImage(f"{self.origin(index)}: {e}") from None
+        return {"index": index, "name": self.names[index], "image": image}
+
+    def try_get(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
+        """``(item, None)``, or ``(None, reason)`` for an unreadable image; never raises for one."""
+        index = self._check(int(index))
+        try:
+            return self[index], None
+        except Exception as e:  # any decode failure is reported, the run goes on
+            message = str(e) if isinstance(e, BadImage) else f"{self.origin(index)}: {type(e).__name__}: {e}"
+            return None, message
+
+
+def collate_references(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Batch items (``None`` entries, i.e. failed ``try_get``, are dropped).
+
+    -> ``{"index": int64 (B,), "name": list[str], "image": uint8 (B, 3, H, W)}``.
+    """
+    items = [item for item in items if item is not None]
+    if not items:
+        return {
+            "index": torch.empty(0, dtype=torch.int64),
+            "name": [],
+            "image": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+        }
+    return {
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
+        "name": [item["name"] for item in items],
+        "image": torch.stack([item["image"] for item in items]),
+    }

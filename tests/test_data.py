@@ -1,0 +1,422 @@
+"""LMDB converter, reader and DataModule (issue 4). Tiny images; the whole file runs in well under 2 min."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import DATA_BAD_FILES, DATA_SIZES, smooth_rgb
+from PIL import Image, JpegImagePlugin
+from torch.utils.data import DataLoader
+
+from ilvr_toolkit.data import (
+    BadImage,
+    ImageDataModule,
+    LMDBImageDataset,
+    build_lmdb,
+    image_key,
+    list_image_files,
+    open_lmdb,
+    read_info,
+    read_names,
+    unique_names,
+)
+from ilvr_toolkit.data.imageops import to_rgb
+from ilvr_toolkit.data.prepare import main as prepare_main
+from ilvr_toolkit.data.prepare import process_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pil_decode(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name))
+
+
+def _write_rosinality_lmdb(path: Path, images: list[Image.Image], sizes: tuple[int, ...]) -> None:
+    """The key scheme of rosinality/stylegan2-pytorch prepare_data.py (JPEG, no metadata)."""
+    env = lmdb.open(str(path), map_size=1 << 24, readahead=False)
+    with env.begin(write=True) as txn:
+        for i, img in enumerate(images):
+            for size in sizes:
+                buf = io.BytesIO()
+                img.resize((size, size), Image.Resampling.LANCZOS).save(buf, format="jpeg", quality=100)
+                txn.put(f"{size}-{str(i).zfill(5)}".encode("utf-8"), buf.getvalue())  # noqa: UP012 (as theirs)
+        txn.put("length".encode("utf-8"), str(len(images)).encode("utf-8"))  # noqa: UP012
+    env.close()
+
+
+# --------------------------------------------------------------------------- files and modes
+def test_list_image_files_order_extensions_hidden(data_folder):
+    root, good = data_folder
+    listed = [p.relative_to(root).as_posix() for p in list_image_files(root)]
+    assert sorted(listed) == sorted(good + list(DATA_BAD_FILES))  # .hidden.png and notes.txt skipped
+    assert "formats/b.JPEG" in listed  # case-insensitive extension
+    assert listed.index("modes/rgba.png") < listed.index("rgb/00.png") < listed.index("sub/deeper/rgb.png")
+
+
+def test_unique_names():
+    rel = [
+        "a/cat.png",
+        "b/cat.jpg",
+        "dog.png",
+        "x/Dog.png",
+        "y/z/bird.png",
+        "y/z/bird.webp",
+        "y__z__bird.png",
+    ]
+    names = unique_names(rel)
+    assert names[:2] == ["a__cat", "b__cat"]
+    assert names[2:4] == ["dog", "x__Dog"]  # clash only case-insensitively
+    assert len({n.casefold() for n in names}) == len(names)
+    assert unique_names(["p/q.png", "r.png"]) == ["q", "r"]
+
+
+def test_to_rgb_modes():
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(10, 20, 30, 0), (10, 20, 30, 255), (0, 0, 0, 128)])
+    px = list(to_rgb(rgba).getdata())
+    assert px[0] == (255, 255, 255) and px[1] == (10, 20, 30)  # alpha composited over white
+    assert all(abs(c - 127) <= 1 for c in px[2])
+    wide = Image.fromarray(np.array([[0, 257, 32896, 65535, 128]], dtype=np.uint16))
+    assert wide.mode == "I;16"
+    assert [p[0] for p in to_rgb(wide).getdata()] == [0, 1, 128, 255, 0]  # scaled by 1/257, not clipped
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    pal.putdata([0, 1])
+    pal.info["transparency"] = 0
+    assert list(to_rgb(pal).getdata()) == [(255, 255, 255), (200, 100, 50)]
+    assert to_rgb(Image.new("L", (1, 1), 77)).getpixel((0, 0)) == (77, 77, 77)
+    assert to_rgb(Image.new("CMYK", (1, 1), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("CMYK", (1, 1), (0, 0, 0, 255))).getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_process_image_crop_resize_exif():
+    rng = np.random.default_rng(1)
+    img = smooth_rgb(rng, 40, 64)  # w=64, h=40: the centre 40x40 square, from x=12
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    out = process_image(buf.getvalue(), [16, 40])
+    assert set(out) == {16, 40}
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(out[40]))), np.asarray(img.crop((12, 0, 52, 40))))
+    expected16 = img.crop((12, 0, 52, 40)).resize((16, 16), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(out[16]))), np.asarray(expected16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif)
+    upright = Image.open(io.BytesIO(process_image(buf.getvalue(), [40])[40]))
+    assert np.array_equal(
+        np.asarray(upright), np.asarray(img.transpose(Image.Transpose.ROTATE_270).crop((0, 12, 40, 52)))
+    )
+
+
+# --------------------------------------------------------------------------- converter
+def test_build_reports_exactly_the_bad_files(data_folder, data_lmdb):
+    root, good = data_folder
+    info = read_info(data_lmdb)
+    assert info.length == len(good) and info.sizes == DATA_SIZES
+    meta = info.meta
+    assert meta["format"] == "png" and meta["source_kind"] == "folder" and "LANCZOS" in meta["filter"]
+    assert sorted(name for name, _ in meta["skipped"]) == sorted(DATA_BAD_FILES)
+    assert sorted(read_names(data_lmdb)) == sorted(good)
+    assert _leftovers(data_lmdb) == [data_lmdb.name]  # no .partial-* left behind
+    with open_lmdb(data_lmdb).begin() as txn:
+        assert txn.get(b"length") == str(len(good)).encode()
+        keys = [k for k, _ in txn.cursor() if k[:1].isdigit()]
+    assert sorted(keys) == sorted(image_key(s, i) for s in DATA_SIZES for i in range(len(good)))
+    assert image_key(256, 7) == b"256-00007" and image_key(256, 123456) == b"256-123456"
+
+
+def test_reader_matches_processing(data_folder, data_lmdb):
+    root, _ = data_folder
+    names = read_names(data_lmdb)
+    for size in DATA_SIZES:
+        ds = LMDBImageDataset(data_lmdb, size, return_index=True)
+        assert len(ds) == len(names)
+        for i, name in enumerate(names):
+            image, index = ds[i]
+            assert index == i and image.dtype == torch.uint8 and image.shape == (3, size, size)
+            expected = _pil_decode(process_image((root / name).read_bytes(), list(DATA_SIZES))[size])
+            assert torch.equal(image, expected), name
+    gray = names.index("modes/gray.png")
+    image = LMDBImageDataset(data_lmdb, 16)[gray]
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_reader_flip_and_errors(data_lmdb, tmp_path):
+    plain = LMDBImageDataset(data_lmdb, 16)
+    flipping = LMDBImageDataset(data_lmdb, 16, flip=True)
+    torch.manual_seed(0)
+    flipped = [not torch.equal(flipping[i], plain[i]) for i in range(len(plain)) for _ in range(2)]
+    assert any(flipped) and not all(flipped)
+    for _ in range(4):
+        image = flipping[0]
+        assert torch.equal(image, plain[0]) or torch.equal(image, plain[0].flip(-1))
+    with pytest.raises(ValueError, match="sizes available: 16, 32"):
+        LMDBImageDataset(data_lmdb, 64)
+    with pytest.raises(IndexError):
+        plain[len(plain)]
+    # a stored image whose size differs from the key's size
+    bad = tmp_path / "wrong.lmdb"
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="PNG")
+    env = lmdb.open(str(bad), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"32-00000", buf.getvalue())
+        txn.put(b"length", b"1")
+    env.close()
+    with pytest.raises(ValueError, match="is 16x16, expected 32x32"):
+        LMDBImageDataset(bad, 32)[0]
+
+
+def test_rosinality_lmdb_both_ways(data_lmdb, tmp_path):
+    rng = np.random.default_rng(3)
+    images = [smooth_rgb(rng, 128, 128) for _ in range(3)]
+    theirs = tmp_path / "theirs.lmdb"
+    _write_rosinality_lmdb(theirs, images, (8, 16, 128))
+    info = read_info(theirs)
+    assert info.meta is None and info.sizes == (8, 16, 128) and info.length == 3  # sizes found by key scan
+    ds = LMDBImageDataset(theirs, 16)
+    with open_lmdb(theirs).begin() as txn:
+        assert torch.equal(ds[2], _pil_decode(txn.get(b"16-00002")))
+    with pytest.raises(ValueError, match="sizes available: 8, 16, 128"):
+        LMDBImageDataset(theirs, 32)
+    # their LMDB as a converter source: the largest size is re-cropped/resized
+    ours = tmp_path / "from_theirs.lmdb"
+    report = build_lmdb(theirs, ours, 32, workers=0, progress=False)
+    assert report.length == 3 and read_names(ours) == ["00000", "00001", "00002"]
+    assert read_info(ours).meta["source_kind"] == "lmdb"
+    # ours opened by their reader (a fresh process: lmdb refuses a second open in this one)
+    script = textwrap.dedent(
+        """
+        import io, sys, lmdb
+        from PIL import Image
+        env = lmdb.open(sys.argv[1], max_readers=32, readonly=True, lock=False, readahead=False, meminit=False)
+        with env.begin(write=False) as txn:
+            length = int(txn.get("length".encode("utf-8")).decode("utf-8"))
+            for index in range(length):
+                img = Image.open(io.BytesIO(txn.get(f"32-{str(index).zfill(5)}".encode("utf-8"))))
+                assert img.size == (32, 32) and img.mode == "RGB", img
+        print(length)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(data_lmdb)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == read_info(data_lmdb).length
+
+
+def test_strict_fails_and_leaves_nothing(data_folder, tmp_path):
+    out = tmp_path / "strict.lmdb"
+    with pytest.raises(BadImage, match="--strict"):
+        build_lmdb(data_folder[0], out, 16, workers=0, strict=True, progress=False)
+    assert _leftovers(out) == []
+    code = prepare_main(
+        [
+            str(data_folder[0]),
+            "--out",
+            str(out),
+            "--size",
+            "16",
+            "--strict",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
+    assert code == 1 and _leftovers(out) == []
+
+
+def test_cli_report_existing_out_and_overwrite(data_folder, tmp_path, capsys):
+    out, report_file = tmp_path / "cli.lmdb", tmp_path / "report.json"
+    args = [str(data_folder[0]), "--out", str(out), "--size", "32", "--workers", "0", "--no-progress"]
+    assert prepare_main([*args, "--report", str(report_file)]) == 0
+    assert "skipped 3" in capsys.readouterr().out
+    report = json.loads(report_file.read_text())
+    assert sorted(name for name, _ in report["skipped"]) == sorted(DATA_BAD_FILES)
+    assert prepare_main(args) == 1 and "--overwrite" in capsys.readouterr().err  # refused
+    with pytest.raises(FileExistsError):
+        build_lmdb(data_folder[0], out, 16, workers=0, progress=False)
+    build_lmdb(data_folder[0], out, [8, 16], workers=0, progress=False, overwrite=True)
+    assert read_info(out).sizes == (8, 16) and LMDBImageDataset(out, 8)[0].shape == (3, 8, 8)
+    assert _leftovers(out) == [out.name]
+
+
+def test_empty_and_all_bad_sources(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        build_lmdb(tmp_path / "empty", tmp_path / "e.lmdb", 16, workers=0, progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="no usable images"):
+        build_lmdb(tmp_path / "bad", tmp_path / "b.lmdb", 16, workers=0, progress=False)
+    assert not (tmp_path / "e.lmdb").exists() and _leftovers(tmp_path / "b.lmdb") == []
+
+
+def test_zip_source_jpeg_format_and_map_growth(data_folder, data_lmdb, tmp_path):
+    root, good = data_folder
+    archive = tmp_path / "src.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in list_image_files(root):
+            zf.write(path, path.relative_to(root).as_posix())
+    out = tmp_path / "zip.lmdb"
+    report = build_lmdb(  # spawn workers (the zip reopens in each), a map that must grow
+        archive, out, list(DATA_SIZES), workers=2, start_method="spawn", progress=False, map_size=1 << 14
+    )
+    assert report.length == len(good) and sorted(n for n, _ in report.skipped) == sorted(DATA_BAD_FILES)
+    assert (out / "data.mdb").stat().st_size > 1 << 14
+    by_name = dict(zip(read_names(out), range(len(good)), strict=True))
+    ref = LMDBImageDataset(data_lmdb, 32)
+    zipped = LMDBImageDataset(out, 32)
+    for i, name in enumerate(read_names(data_lmdb)):
+        assert torch.equal(ref[i], zipped[by_name[name]])
+    jpeg = tmp_path / "jpeg.lmdb"
+    build_lmdb(root, jpeg, 32, fmt="jpeg", quality=95, workers=0, progress=False)
+    meta = read_info(jpeg).meta
+    assert meta["format"] == "jpeg" and meta["quality"] == 95
+    stored = Image.open(io.BytesIO(LMDBImageDataset(jpeg, 32).read_bytes(0)))
+    assert stored.format == "JPEG" and JpegImagePlugin.get_sampling(stored) == 0  # 4:4:4
+    diff = (LMDBImageDataset(jpeg, 32)[0].float() - ref[0].float()).abs().mean()
+    assert diff < 3
+
+
+def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
+    out = tmp_path / "killed.lmdb"
+    env = {**os.environ, "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.5", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "ilvr_toolkit.data.prepare",
+        str(data_folder[0]),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    partial = out.with_name(f"{out.name}.partial-{proc.pid}")
+    deadline = time.monotonic() + 60
+    while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # a few images into the build
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists() and partial.exists()
+    # a rerun removes the dead build's folder and starts clean
+    report = build_lmdb(data_folder[0], out, 32, workers=0, progress=False)
+    assert report.length == len(data_folder[1]) and _leftovers(out) == [out.name]
+
+
+# --------------------------------------------------------------------------- workers, DataModule, DDP
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_each_index_once_per_epoch(data_lmdb, context):
+    ds = LMDBImageDataset(data_lmdb, 16, return_index=True)
+    first = ds[0][0]  # the parent opens the LMDB first: forked workers must not reuse its handle
+    loader = DataLoader(
+        ds,
+        batch_size=3,
+        shuffle=True,
+        num_workers=2,
+        multiprocessing_context=context,
+        persistent_workers=True,
+    )
+    for _ in range(2):
+        seen, images = [], {}
+        for batch, index in loader:
+            assert batch.dtype == torch.uint8 and batch.shape[1:] == (3, 16, 16)
+            seen += index.tolist()
+            images.update(zip(index.tolist(), batch, strict=True))
+        assert sorted(seen) == list(range(len(ds)))
+        assert torch.equal(images[0], first)
+
+
+def test_pickle_drops_environment(data_lmdb):
+    ds = LMDBImageDataset(data_lmdb, 32)
+    before = ds[3]
+    assert ds._env is not None
+    state = pickle.dumps(ds)
+    clone = pickle.loads(state)
+    assert clone._env is None and torch.equal(clone[3], before)
+
+
+def test_datamodule_batches(data_lmdb):
+    n = read_info(data_lmdb).length
+    dm = ImageDataModule(data_lmdb, 16, batch_size=4, num_workers=0, flip=True, drop_last=True)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == n // 4 and all(
+        b.dtype == torch.uint8 and b.shape == (4, 3, 16, 16) for b in batches
+    )
+    ordered = torch.cat(list(dm.eval_dataloader(batch_size=6)))
+    plain = LMDBImageDataset(data_lmdb, 16)
+    assert ordered.shape[0] == n and all(torch.equal(ordered[i], plain[i]) for i in range(n))
+
+
+class _IndexRecorder(pl.LightningModule):
+    """Records the dataset indices each rank trains on and gathers them to a JSON file."""
+
+    def __init__(self, out_file: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.out_file = out_file
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        images, index = batch
+        self.seen.append(index)
+        return self.weight * images.float().mean()
+
+    def on_train_epoch_end(self):
+        gathered = self.all_gather(torch.cat(self.seen))
+        if self.global_rank == 0:
+            Path(self.out_file).write_text(json.dumps(gathered.tolist()))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_ddp_two_processes_shard_every_index_once(data_lmdb, tmp_path):
+    n = read_info(data_lmdb).length
+    assert n % 2 == 0
+    dm = ImageDataModule(
+        data_lmdb, 16, batch_size=2, num_workers=0, flip=False, drop_last=False, return_index=True
+    )
+    out_file = tmp_path / "seen.json"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_IndexRecorder(str(out_file)), datamodule=dm)
+    per_rank = json.loads(out_file.read_text())
+    assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1]) == n // 2
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
