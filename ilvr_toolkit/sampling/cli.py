@@ -32,8 +32,20 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _underscore_options(argv: list[str]) -> list[str]:
+    """Accept ``--evaluate-against`` for ``--evaluate_against`` (every option uses underscores)."""
+    out = []
+    for token in argv:
+        if token.startswith("--") and "-" in token[2:].split("=", 1)[0]:
+            name, sep, value = token[2:].partition("=")
+            token = "--" + name.replace("-", "_") + sep + value
+        out.append(token)
+    return out
+
+
 def parse_config(argv: list[str] | None = None) -> SampleConfig:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The run's settings from ``argv`` (default ``sys.argv[1:]``); none -> the demo config."""
+    argv = _underscore_options(list(sys.argv[1:] if argv is None else argv))
     if not argv and DEMO_CONFIG.exists():
         argv = ["--config", str(DEMO_CONFIG)]
     parser = build_parser()
@@ -56,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run
 
     result = run(config)
-    _report(result)
+    _report(result, config.published)
     return 0
 
 
-def _report(result) -> None:
+def _report(result, published: dict | None = None) -> None:
     print(f"\nwrote {len(result.written)} images ({result.skipped_existing} already there) "
           f"in {result.seconds:.1f} s to {result.out_dir}")
     if result.failed_references:
@@ -75,7 +87,7 @@ def _report(result) -> None:
 
         for label, block in result.metrics.items():
             if isinstance(block, dict):
-                print(f"\nmetrics, {label}:\n{format_table(block)}")
+                print(f"\nmetrics, {label}:\n{format_table(block, published)}")
         if "fid_skipped" in result.metrics:
             print("\nFID/KID skipped: the Inception weights are missing (see the warning above).")
         print(f"metrics: {result.metrics['path']}")

@@ -87,6 +87,8 @@ class SampleConfig:
         inception_weights: path of the FID Inception weights (else the torch hub cache).
         stats_cache_dir: where reference statistics are cached.
         progress: show a progress bar.
+        published: published numbers (e.g. ``{fid: 74.37}``) printed next to ours; set by the
+            protocol configs in ``configs/protocols/``.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -109,6 +111,7 @@ class SampleConfig:
     inception_weights: str | None = None
     stats_cache_dir: str | None = None
     progress: bool = True
+    published: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

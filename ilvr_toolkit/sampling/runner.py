@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,9 +89,10 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
 
 
 class _References:
-    """Reference images by index, loaded once, with unreadable ones recorded, not raised."""
+    """Reference images by index, loaded on demand (a small LRU cache, so a 70k-image set is
+    never held in memory), with unreadable ones recorded, not raised."""
 
-    def __init__(self, config: SampleConfig, image_size: int) -> None:
+    def __init__(self, config: SampleConfig, image_size: int, cache_size: int = 256) -> None:
         self.unconditional = config.unconditional or not config.references
         if self.unconditional:
             self.names = [f"{i:06d}" for i in range(config.num_samples)]
@@ -100,19 +102,26 @@ class _References:
 
             self.source = ReferenceSet(config.references, image_size)
             self.names = list(self.source.names)
-        self.cache: dict[int, torch.Tensor] = {}
+        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size
         self.failed: dict[str, str] = {}
 
     def get(self, index: int) -> torch.Tensor | None:
         """uint8 (3, H, W), or None when unreadable (the error is kept in ``failed``)."""
-        if index not in self.cache and self.names[index] not in self.failed:
-            item, error = self.source.try_get(index)
-            if item is None:
-                self.failed[self.names[index]] = error or "unreadable"
-                log.warning("skipping reference %s: %s", self.names[index], error)
-                return None
-            self.cache[index] = item["image"]
-        return self.cache.get(index)
+        if index in self.cache:
+            self.cache.move_to_end(index)
+            return self.cache[index]
+        if self.names[index] in self.failed:
+            return None
+        item, error = self.source.try_get(index)
+        if item is None:
+            self.failed[self.names[index]] = error or "unreadable"
+            log.warning("skipping reference %s: %s", self.names[index], error)
+            return None
+        self.cache[index] = item["image"]
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return item["image"]
 
 
 def _sample_batch(
@@ -128,10 +137,11 @@ def _sample_batch(
     """Sample one batch; returns the items actually sampled and their uint8 images (B, 3, H, W)."""
     hooks = []
     if not refs.unconditional:
-        batch = [item for item in batch if refs.get(item.reference) is not None]
+        images = {item.reference: refs.get(item.reference) for item in batch}
+        batch = [item for item in batch if images[item.reference] is not None]
         if not batch:
             return [], None
-        reference = to_float(torch.stack([refs.cache[item.reference] for item in batch])).to(device)
+        reference = to_float(torch.stack([images[item.reference] for item in batch])).to(device)
         range_t = resolve_range_t(
             diffusion.timestep_map.tolist(),
             range_t=config.ilvr.range_t,
