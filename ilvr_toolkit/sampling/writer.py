@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 __all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json", "remove_stale_temps"]
 
 
@@ -22,6 +25,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -1,0 +1,29 @@
+"""Training of domain DDPMs: LightningModule, callbacks, checkpoint policy and the CLI."""
+
+from .callbacks import ILVRPreview, SampleGrid, TrainingSpeed, generate, sampling_network
+from .checkpointing import (
+    EMA,
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    SlurmRequeue,
+    atomic_torch_save,
+    find_resume_checkpoint,
+)
+from .module import DiffusionModule, resolve_diffusion_config, resolve_unet_config
+
+__all__ = [
+    "EMA",
+    "AtomicCheckpointIO",
+    "DiffusionModule",
+    "ILVRPreview",
+    "RunCheckpoint",
+    "SampleGrid",
+    "SlurmRequeue",
+    "TrainingSpeed",
+    "atomic_torch_save",
+    "find_resume_checkpoint",
+    "generate",
+    "resolve_diffusion_config",
+    "resolve_unet_config",
+    "sampling_network",
+]

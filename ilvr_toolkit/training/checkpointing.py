@@ -1,0 +1,421 @@
+"""Checkpoint policy of a training run: atomic writes, ``last.ckpt`` cadence, EMA, resume,
+and SLURM requeue.
+
+Layout of a run directory (``trainer.default_root_dir``, fixed per run)::
+
+    RUN/config.yaml                 resolved config (rewritten on every (re)start)
+    RUN/checkpoints/last.ckpt       newest state (every ``last_every_n_steps`` / minutes, at the end)
+    RUN/checkpoints/step=N.ckpt     numbered snapshots (every ``every_n_train_steps``)
+    RUN/hpc_ckpt_K.ckpt             written on SLURM's pre-emption signal (Lightning's name)
+    RUN/tb/                         TensorBoard events
+    RUN/samples/                    sample grids and ILVR previews (PNG)
+
+Rerunning the same command resumes from the newest of ``last.ckpt`` and ``hpc_ckpt_*.ckpt``
+(:func:`find_resume_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+__all__ = [
+    "EMA",
+    "AtomicCheckpointIO",
+    "RunCheckpoint",
+    "SlurmRequeue",
+    "atomic_open",
+    "atomic_torch_save",
+    "find_resume_checkpoint",
+    "next_hpc_checkpoint_path",
+]
+
+log = logging.getLogger(__name__)
+
+_HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+_TMP_PATTERN = re.compile(r"^\..+\.ckpt\.[0-9a-f]{8}\.tmp$")
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write ``path`` through a temp file in the same folder, fsync, then ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one. The temp file is created
+    with mode 0o666 minus the umask, like a plain ``open``. A write killed midway leaves a
+    ``.NAME.<random>.tmp`` file (see :func:`remove_stale_temp_files`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through :func:`atomic_open`.
+
+    Lightning's own writer serialises to memory and commits through fsspec, whose temp file
+    lives in ``/tmp``: on a cluster that is usually another file system, so the final step
+    is a copy, not a rename, and a job killed during it leaves a truncated checkpoint.
+    """
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete ``.<name>.ckpt.<random>.tmp`` leftovers of writes killed midway."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.is_file() and _TMP_PATTERN.match(entry.name):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO whose local writes are atomic (temp file in place + rename)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        target = os.fspath(path)
+        if storage_options is not None or "://" in target:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, target)
+        return None
+
+
+# --------------------------------------------------------------------------- resume
+def hpc_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """``hpc_ckpt_K.ckpt`` files in ``run_dir``, sorted by K."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _HPC_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def next_hpc_checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
+    """``RUN/hpc_ckpt_{K+1}.ckpt`` (Lightning's naming, so ``ckpt_path="hpc"`` finds it too)."""
+    existing = hpc_checkpoints(run_dir)
+    number = int(_HPC_PATTERN.match(existing[-1].name).group(1)) + 1 if existing else 1
+    return Path(run_dir) / f"hpc_ckpt_{number}.ckpt"
+
+
+def find_resume_checkpoint(
+    run_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """The newest (by modification time) of ``CHECKPOINT_DIR/last.ckpt`` and ``RUN/hpc_ckpt_*.ckpt``."""
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
+    candidates = [p for p in [checkpoint_dir / "last.ckpt", *hpc_checkpoints(run_dir)] if p.is_file()]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc")))
+
+
+# --------------------------------------------------------------------------- EMA
+class EMA(EMAWeightAveraging):
+    """Lightning's EMAWeightAveraging with the settings of guided-diffusion's EMA.
+
+    The checkpoint's ``state_dict`` then holds the EMA weights (``model.*``, for sampling
+    and export) and ``current_model_state`` the raw weights (for resuming); the EMA
+    bookkeeping is in ``averaging_state`` and the callback state.
+
+    Args:
+        decay: EMA rate (0.9999 for the released models).
+        start_step: optimizer step from which the EMA is updated; before it the EMA stays at
+            the initial weights, at it the EMA is set to the current weights.
+        update_every_n_steps: update the EMA every this many optimizer steps.
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` at the n-th update, so that the EMA of
+            a short run is not dominated by its first steps (off for the released recipe).
+        device: where the EMA copy lives; default: the training device of each rank
+            (``"cpu"`` saves accelerator memory at the cost of a copy per update).
+
+    Differences from the parent: the update is one fused ``_foreach_lerp_`` per device and
+    dtype (the parent loops over the tensors), the copy is placed on each rank's own device
+    (the parent would use the module's device at setup time, the CPU), and the raw weights
+    stay in the module after ``fit`` (the parent swaps the EMA in), so a save after training
+    still records the true training state.
+    """
+
+    ilvr_toolkit_key = "ema"
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        start_step: int = 0,
+        update_every_n_steps: int = 1,
+        warmup: bool = False,
+        device: str | None = None,
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        super().__init__(
+            device=device,
+            use_buffers=True,
+            decay=decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=start_step,
+        )
+        self._kwargs.pop("avg_fn", None)
+        self._kwargs["multi_avg_fn"] = self._ema_update
+        self.decay = decay
+        self.start_step = start_step
+        self.warmup = warmup
+
+    def decay_at(self, num_averaged: int) -> float:
+        """The decay of the update that follows ``num_averaged`` earlier ones (copy included)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + num_averaged) / (10.0 + num_averaged))
+
+    @torch.no_grad()
+    def _ema_update(
+        self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
+    ) -> None:
+        decay = self.decay_at(int(num_averaged)) if self.warmup else self.decay
+        torch._foreach_lerp_(averaged, current, 1.0 - decay)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._device is None:
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the raw weights in the module (the EMA is in every checkpoint's state_dict)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "start_step": self.start_step,
+            "update_every_n_steps": self.update_every_n_steps,
+            "warmup": self.warmup,
+        }
+
+    def averaged_unet(self) -> nn.Module | None:
+        """The EMA copy of the module's UNet (``None`` outside fit)."""
+        if self._average_model is None:
+            return None
+        return self._average_model.module.model
+
+
+# --------------------------------------------------------------------------- checkpoints
+class RunCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` on a step and/or time cadence, numbered snapshots, and a final save.
+
+    Args:
+        dirpath: the run's checkpoint folder (the CLI links it to ``RUN/checkpoints``).
+        last_every_n_steps: rewrite ``last.ckpt`` every this many optimizer steps (0: off).
+        last_every_minutes: also rewrite it when this much wall time passed since the last
+            save (None: off); the decision is rank 0's, broadcast to all ranks.
+        every_n_train_steps: keep a numbered snapshot ``step=N.ckpt`` every this many steps
+            (0: none); ``last.ckpt`` is written along with it.
+        save_top_k: how many snapshots to keep: -1 all, 1 only the newest.
+        filename: snapshot name pattern.
+
+    ``last.ckpt`` is also written when training ends (``max_steps`` reached), unless that
+    step was saved already. Nothing is saved after an exception, so a NaN stop leaves the
+    previous, finite checkpoints as they were.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        last_every_n_steps: int = 1000,
+        last_every_minutes: float | None = None,
+        every_n_train_steps: int = 0,
+        save_top_k: int = -1,
+        filename: str = "{step:08d}",
+    ) -> None:
+        if last_every_n_steps < 0 or every_n_train_steps < 0:
+            raise ValueError("last_every_n_steps and every_n_train_steps must be >= 0")
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None,
+            save_last=True,
+            save_top_k=save_top_k if every_n_train_steps > 0 else 0,
+            every_n_train_steps=every_n_train_steps,
+            enable_version_counter=False,
+        )
+        self.last_every_n_steps = last_every_n_steps
+        self.last_every_minutes = last_every_minutes
+        self._last_save_time = time.monotonic()
+
+    @property
+    def state_key(self) -> str:
+        return "RunCheckpoint"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            for folder in {self.dirpath, trainer.default_root_dir}:
+                for path in remove_stale_temp_files(folder) if folder else []:
+                    rank_zero_info(f"removed the leftover of an interrupted checkpoint write: {path}")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_save_time = time.monotonic()
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._last_save_time = time.monotonic()
+
+    def _last_due(self, trainer: pl.Trainer) -> bool:
+        step_due = self.last_every_n_steps > 0 and trainer.global_step % self.last_every_n_steps == 0
+        if step_due or self.last_every_minutes is None:
+            return step_due
+        time_due = time.monotonic() - self._last_save_time >= 60.0 * self.last_every_minutes
+        return bool(trainer.strategy.broadcast(time_due))  # rank 0 decides for all
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # snapshots
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        if self._last_due(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# --------------------------------------------------------------------------- SLURM
+class SlurmRequeue(Callback):
+    """On SLURM's warning signal: save ``RUN/hpc_ckpt_K.ckpt`` and ``scontrol requeue`` the job.
+
+    Lightning's own handler saves *inside* the signal handler, i.e. at an arbitrary point of
+    a training step (on one rank perhaps in the middle of a gradient all-reduce, which its
+    barrier then crosses). Here the handler only raises a flag; at the next step boundary
+    the ranks agree (one tiny all-reduce per step, only under SLURM) and save together.
+    The CLI turns Lightning's handler off (``SLURMEnvironment(auto_requeue=False)``).
+
+    The job id is ``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID`` for array jobs, else
+    ``SLURM_JOB_ID``. After requeueing, training stops at that step; older ``hpc_ckpt_*``
+    files are deleted once the new one is written.
+    """
+
+    def __init__(self, enabled: bool = True, signal_name: str = "SIGUSR1") -> None:
+        self.enabled = enabled
+        self.signal_name = signal_name
+        self._signal = getattr(signal, signal_name)
+        self._requested = False
+        self._active = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self._requested = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or not SLURMEnvironment.detect():
+            return
+        self._previous = signal.signal(self._signal, self._handler)
+        self._active = True
+        rank_zero_info(f"SLURM requeue: {self.signal_name} saves hpc_ckpt_*.ckpt and requeues the job")
+
+    def _restore(self) -> None:
+        if self._active:
+            signal.signal(self._signal, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._active = False
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        requested = self._requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self._requested = False
+            self.save_and_requeue(trainer)
+
+    def save_and_requeue(self, trainer: pl.Trainer) -> Path:
+        path = trainer.strategy.broadcast(str(next_hpc_checkpoint_path(trainer.default_root_dir)))
+        trainer.save_checkpoint(path, weights_only=False)
+        for cb in trainer.checkpoint_callbacks:  # this step is saved: no extra last.ckpt at the end
+            if isinstance(cb, ModelCheckpoint):
+                cb._last_global_step_saved = trainer.global_step
+        if trainer.is_global_zero:
+            for old in hpc_checkpoints(trainer.default_root_dir):
+                if old.name != Path(path).name:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+            self._requeue()
+        trainer.strategy.barrier("SlurmRequeue")
+        trainer.should_stop = True
+        return Path(path)
+
+    @staticmethod
+    def _job_id() -> str:
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if array_job is not None:
+            return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        return os.environ["SLURM_JOB_ID"]
+
+    def _requeue(self) -> None:
+        job_id = self._job_id()
+        if not re.fullmatch(r"[0-9_]+", job_id):
+            rank_zero_warn(f"SLURM requeue: unexpected job id {job_id!r}; not requeueing")
+            return
+        rank_zero_info(f"SLURM requeue: scontrol requeue {job_id}")
+        try:
+            result = subprocess.call(["scontrol", "requeue", job_id])
+        except FileNotFoundError:
+            rank_zero_warn("SLURM requeue: scontrol not found on PATH; the job was not requeued")
+            return
+        if result != 0:
+            rank_zero_warn(f"SLURM requeue: scontrol requeue {job_id} failed with exit code {result}")

@@ -1,0 +1,128 @@
+"""Export a training checkpoint's weights for sampling.
+
+    python train.py export RUN/checkpoints/last.ckpt [--out-dir DIR] [--name NAME] [--weights ema|raw]
+    python -m ilvr_toolkit.training.export RUN/checkpoints/last.ckpt
+
+writes two files (atomically):
+
+- ``DIR/NAME.pt``: a plain guided-diffusion state dict, loadable by the official ilvr_adm
+  code with the matching flags, and by ``sample.py`` with the matching preset;
+- ``DIR/NAME.model.pt``: our self-describing model file (UNet config + diffusion settings +
+  weights + provenance), loadable with no flags (``ilvr_toolkit.models.load_model``).
+
+Defaults: ``DIR`` = ``RUN/export`` (next to the ``checkpoints`` folder), ``NAME`` =
+``{weights}_step{global_step:08d}``, weights = ``ema`` (the checkpoint's ``state_dict``
+holds the EMA weights; ``raw`` takes ``current_model_state``, the weights being trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ilvr_toolkit.models import (
+    UNetConfig,
+    check_state_dict,
+    load_state_dict_file,
+    save_model_file,
+    save_plain_state_dict,
+)
+
+__all__ = ["ExportResult", "export_checkpoint", "checkpoint_unet_weights", "main"]
+
+_PREFIX = "model."
+
+
+class ExportResult(dict):
+    """``{"plain": Path, "model_file": Path, "weights": "ema"|"raw", "global_step": int}``."""
+
+
+def checkpoint_unet_weights(
+    checkpoint: dict[str, Any], weights: str = "ema"
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The UNet's weights in a Lightning checkpoint of :class:`DiffusionModule`.
+
+    Returns ``(state_dict without the "model." prefix, which)``, ``which`` being ``"ema"``
+    or ``"raw"``. A checkpoint trained without EMA has only raw weights; asking for ``ema``
+    then raises.
+    """
+    has_ema = "current_model_state" in checkpoint
+    if weights == "ema":
+        if not has_ema:
+            raise ValueError(
+                "this checkpoint has no EMA weights (trained without the EMA callback); use --weights raw"
+            )
+        source = checkpoint["state_dict"]
+    elif weights == "raw":
+        source = checkpoint["current_model_state"] if has_ema else checkpoint["state_dict"]
+    else:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    unet = {k[len(_PREFIX) :]: v for k, v in source.items() if k.startswith(_PREFIX)}
+    if not unet:
+        raise ValueError(f"no UNet weights under the prefix {_PREFIX!r} in the checkpoint")
+    return unet, weights
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path | None = None,
+    name: str | None = None,
+    weights: str = "ema",
+) -> ExportResult:
+    """Write ``NAME.pt`` (plain) and ``NAME.model.pt`` (self-describing); see the module doc."""
+    ckpt_path = Path(ckpt_path)
+    checkpoint = load_state_dict_file(ckpt_path)  # weights_only=True
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "unet" not in hparams:
+        raise ValueError(f"{ckpt_path}: not a DiffusionModule checkpoint (no hyper_parameters['unet'])")
+    unet_config = UNetConfig.from_dict(hparams["unet"])
+    state, which = checkpoint_unet_weights(checkpoint, weights)
+    state = check_state_dict(state, unet_config, source=ckpt_path)
+    step = int(checkpoint.get("global_step", 0))
+    if out_dir is None:
+        run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+        out_dir = run_dir / "export"
+    out_dir = Path(out_dir)
+    name = name or f"{which}_step{step:08d}"
+    info = dict(checkpoint.get("ilvr_toolkit") or {})
+    extra = {
+        "weights": which,
+        "global_step": step,
+        "epoch": int(checkpoint.get("epoch", 0)),
+        "source_checkpoint": str(ckpt_path),
+        "ema": info.get("ema"),
+        "init_from": info.get("init_from"),
+        "trained_with": info.get("version"),
+    }
+    plain = out_dir / f"{name}.pt"
+    model_file = out_dir / f"{name}.model.pt"
+    save_plain_state_dict(plain, state)
+    save_model_file(
+        model_file, unet_config, state, diffusion=dict(hparams.get("diffusion") or {}), extra=extra
+    )
+    return ExportResult(plain=plain, model_file=model_file, weights=which, global_step=step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train.py export", description="Export a training checkpoint's EMA (or raw) UNet weights."
+    )
+    parser.add_argument(
+        "checkpoint", help="a .ckpt written by train.py (last.ckpt, step=N.ckpt, hpc_ckpt_K.ckpt)"
+    )
+    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None, help="default: RUN/export")
+    parser.add_argument("--name", default=None, help="file stem (default: {weights}_step{N})")
+    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    args = parser.parse_args(argv)
+    result = export_checkpoint(args.checkpoint, args.out_dir, args.name, args.weights)
+    print(f"{result['weights']} weights of step {result['global_step']}:")
+    print(f"  plain state dict : {result['plain']}")
+    print(f"  model file       : {result['model_file']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""The LightningModule that trains a domain DDPM: a thin wrapper around the UNet and
+``GaussianDiffusion.training_losses``.
+
+Everything needed to rebuild the network and its diffusion lives in the module's
+hyperparameters as plain values (``hparams["unet"]`` = ``UNetConfig.to_dict()``,
+``hparams["diffusion"]`` = ``DiffusionConfig.to_dict()``), and the UNet is the attribute
+``model``, so a checkpoint's ``state_dict`` holds the UNet's weights under ``"model."``.
+``ilvr_toolkit.models.load_model`` and ``DiffusionModule.load_from_checkpoint`` read such a
+checkpoint with nothing else; with the EMA callback that ``state_dict`` is the EMA weights.
+
+What is *not* here: EMA, sample grids, ILVR previews, throughput and checkpoint policy are
+callbacks (``ilvr_toolkit.training.callbacks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+from ilvr_toolkit import __version__
+from ilvr_toolkit.diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
+from ilvr_toolkit.images import to_float
+from ilvr_toolkit.models import UNetConfig, build_unet, get_preset, load_model
+
+__all__ = ["DiffusionModule", "resolve_unet_config", "resolve_diffusion_config"]
+
+log = logging.getLogger(__name__)
+
+NanPolicy = Literal["raise", "skip"]
+
+
+def resolve_unet_config(unet: str | Mapping[str, Any] | UNetConfig) -> UNetConfig:
+    """A UNetConfig from a preset name, a dict of UNetConfig fields, or a dict with a
+    ``preset`` key whose other keys override that preset (e.g. ``{"preset": "ffhq",
+    "dropout": 0.1}``)."""
+    if isinstance(unet, UNetConfig):
+        return unet
+    if isinstance(unet, str):
+        return get_preset(unet)
+    if not isinstance(unet, Mapping):
+        raise TypeError(
+            f"model.unet must be a preset name or a dict of UNetConfig fields, got {type(unet).__name__}"
+        )
+    fields = dict(unet)
+    preset = fields.pop("preset", None)
+    if preset is None:
+        return UNetConfig.from_dict(fields)
+    base = get_preset(str(preset)).to_dict()
+    unknown = sorted(set(fields) - set(base))
+    if unknown:
+        raise ValueError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(base)}")
+    return UNetConfig.from_dict({**base, **fields})
+
+
+def resolve_diffusion_config(diffusion: DiffusionConfig | Mapping[str, Any] | None) -> DiffusionConfig:
+    """A DiffusionConfig from itself, a dict (unknown keys refused) or None (defaults)."""
+    if diffusion is None:
+        return DiffusionConfig()
+    if isinstance(diffusion, DiffusionConfig):
+        return diffusion
+    known = set(DiffusionConfig().to_dict())
+    unknown = sorted(set(diffusion) - known)
+    if unknown:
+        raise ValueError(f"unknown diffusion settings {unknown}; known: {sorted(known)}")
+    return DiffusionConfig.from_dict(dict(diffusion))
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains an ADM UNet on uint8 image batches with the hybrid (eps-MSE + vb) loss.
+
+    Args:
+        unet: UNet preset name (``"ffhq"``, ``"tiny"``...) or a dict of UNetConfig fields,
+            optionally with ``preset`` as the base.
+        diffusion: the diffusion process (guided-diffusion names; see DiffusionConfig).
+            ``learn_sigma`` must match the UNet's.
+        lr, betas, eps, weight_decay: AdamW settings.
+        warmup_steps: linear learning-rate warmup over this many optimizer steps (0: none),
+            constant afterwards.
+        nan_policy: what a non-finite loss or gradient does. ``"raise"`` (default) stops the
+            run with ``FloatingPointError`` before the optimizer touches the weights, so the
+            EMA and every checkpoint on disk stay finite. ``"skip"`` drops the update (all
+            gradients discarded, weights and AdamW moments unchanged; global_step still
+            advances) and logs ``train/skipped_steps``. Under ``16-mixed`` the GradScaler
+            already skips overflowing steps; there only a non-finite *loss* counts.
+        compile: ``torch.compile`` the UNet's forward (in place; state-dict keys unchanged).
+        init_from: fine-tune from this checkpoint: a released plain state dict (checked
+            against ``unet``, e.g. ``checkpoints/ffhq_10m.pt`` with ``unet: ffhq``), one of our
+            Lightning checkpoints (its EMA weights) or an exported model file. Only the
+            weights are taken; optimizer and schedule start fresh. Not stored in
+            hyperparameters (it is recorded in the checkpoint's ``ilvr_toolkit`` entry).
+    """
+
+    def __init__(
+        self,
+        unet: str | dict[str, Any] = "tiny",
+        diffusion: DiffusionConfig | None = None,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        nan_policy: NanPolicy = "raise",
+        compile: bool = False,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.unet_config = resolve_unet_config(unet)
+        self.diffusion_config = resolve_diffusion_config(diffusion)
+        if self.diffusion_config.learn_sigma != self.unet_config.learn_sigma:
+            raise ValueError(
+                f"diffusion.learn_sigma={self.diffusion_config.learn_sigma} but the UNet has "
+                f"learn_sigma={self.unet_config.learn_sigma}; they must agree"
+            )
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
+        if warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        # Plain values only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "unet": self.unet_config.to_dict(),
+                "diffusion": self.diffusion_config.to_dict(),
+                "lr": float(lr),
+                "betas": [float(b) for b in betas],
+                "eps": float(eps),
+                "weight_decay": float(weight_decay),
+                "warmup_steps": int(warmup_steps),
+                "nan_policy": nan_policy,
+                "compile": bool(compile),
+            }
+        )
+        self.model = build_unet(self.unet_config)
+        # Training uses the base process; sampling callbacks build respaced ones.
+        self.diffusion: GaussianDiffusion = create_diffusion(self.diffusion_config, respacing="")
+        self.init_from = init_from
+        if init_from:
+            self._load_initial_weights(init_from)
+        self._generator: torch.Generator | None = None
+        self._skipped_steps = 0
+        # Loss of the micro-batches since the last optimizer step: last value, all finite?
+        self._last_loss: torch.Tensor | None = None
+        self._loss_finite: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ fine-tuning
+    def _load_initial_weights(self, path: str) -> None:
+        """Copy the weights of ``path`` into ``self.model`` (strict, architecture-checked)."""
+        loaded = load_model(path, preset=self.unet_config)
+        self.model.load_state_dict(loaded.model.state_dict(), strict=True)
+        theirs = loaded.diffusion
+        for key in ("steps", "noise_schedule", "learn_sigma"):
+            if key in theirs and theirs[key] != getattr(self.diffusion_config, key):
+                warnings.warn(
+                    f"init_from {path}: it was trained with diffusion {key}={theirs[key]!r}, this run uses "
+                    f"{getattr(self.diffusion_config, key)!r}",
+                    stacklevel=2,
+                )
+        log.info("initialised the UNet from %s (%s, sha256 %s)", path, loaded.source_kind, loaded.sha256[:12])
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self._trainer is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(datamodule, "image_size", None)
+        if size is not None and int(size) != self.unet_config.image_size:
+            raise ValueError(
+                f"the data module serves {size}x{size} images but the UNet is built for "
+                f"{self.unet_config.image_size}x{self.unet_config.image_size}"
+            )
+
+    def on_fit_start(self) -> None:
+        # After the EMA callback copied the module (its setup), so the EMA copy stays eager.
+        if self.hparams.compile:
+            self.model.compile()
+
+    def on_train_start(self) -> None:
+        # Seed the timestep/noise generator per rank and per (re)start: seed_everything gives
+        # every rank the same global RNG, which would draw the same t and noise on all ranks.
+        base = torch.initial_seed()
+        seed = (base + 1_000_003 * self.global_rank + 7_919 * self.global_step) % (2**63 - 1)
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(seed)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.model(x, timesteps)
+
+    def _draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform timesteps t (B,) and noise like x0, from this rank's generator."""
+        gen = self._generator
+        if gen is None or gen.device != x0.device:  # outside fit (tests, manual calls)
+            gen = self._generator = torch.Generator(device=x0.device)
+            gen.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
+        return t, noise
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        size = self.unet_config.image_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"batch of {tuple(images.shape[-2:])} images, the UNet expects {size}x{size}")
+        x0 = to_float(images)
+        t, noise = self._draw(x0)
+        terms = self.diffusion.training_losses(self.model, x0, t, noise=noise)
+        loss = terms["loss"].mean()
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss = loss.detach()
+        self._log_terms(terms, t, batch_size=x0.shape[0])
+        return loss
+
+    def _log_terms(self, terms: dict[str, torch.Tensor], t: torch.Tensor, batch_size: int) -> None:
+        """loss / mse / vb means and, on logging steps, their means by t-quartile (as
+        guided-diffusion's ``log_loss_dict``). Values are this rank's batch (no collective)."""
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach().mean(), prog_bar=name == "loss", batch_size=batch_size)
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if not getattr(connector, "should_update_logs", True):  # only on steps that get logged
+            return
+        quartile = (4 * t // self.diffusion.num_timesteps).clamp_(max=3)
+        counts = torch.bincount(quartile, minlength=4).tolist()
+        for name, value in terms.items():
+            sums = torch.zeros(4, device=value.device, dtype=torch.float32)
+            sums.index_add_(0, quartile, value.detach().float())
+            for q in range(4):
+                if counts[q]:
+                    self.log(f"train/{name}_q{q}", sums[q] / counts[q], batch_size=counts[q])
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
+        )
+        warmup = int(hp.warmup_steps)
+        if warmup <= 0:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _uses_grad_scaler(self) -> bool:
+        plugin = self.trainer.precision_plugin
+        return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Grad norm and lr logging, and the NaN/inf guard (after backward and unscaling,
+        before clipping and the optimizer step, so a bad update never reaches the weights)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = (
+            torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            if grads
+            else torch.zeros((), device=self.device)
+        )
+        self.log("train/grad_norm", norm, batch_size=1)
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), batch_size=1)
+        loss, loss_finite = self._last_loss, self._loss_finite
+        self._last_loss = self._loss_finite = None
+        if self._uses_grad_scaler():
+            # Overflowing fp16 gradients are the scaler's business (it skips the step); only a
+            # non-finite loss counts, decided together so that every rank acts alike.
+            loss_bad = loss_finite is not None and not bool(loss_finite)
+            bad = self.trainer.strategy.reduce_boolean_decision(loss_bad, all=False)
+        else:
+            # Gradients are all-reduced already, so every rank reaches the same decision (a
+            # NaN loss on one rank makes every rank's gradient NaN). One host sync per step.
+            bad_t = ~torch.isfinite(norm)
+            if loss_finite is not None and self.trainer.world_size == 1:
+                bad_t = bad_t | ~loss_finite.to(bad_t.device)
+            bad = bool(bad_t)
+        if not bad:
+            return
+        where = f"global step {self.global_step} (epoch {self.current_epoch})"
+        if self.hparams.nan_policy == "skip":
+            for p in self.model.parameters():
+                p.grad = None
+            self._skipped_steps += 1
+            self.log("train/skipped_steps", float(self._skipped_steps), batch_size=1)
+            log.warning(
+                "non-finite loss/gradient at %s: update skipped (%d so far)", where, self._skipped_steps
+            )
+            return
+        raise FloatingPointError(
+            f"non-finite training loss or gradient at {where}: loss={float(loss) if loss is not None else 'n/a'}, "
+            f"grad_norm={float(norm)}. The update was not applied and no checkpoint was written for this step; "
+            "the newest checkpoint on disk is from before it. Try a lower lr, warmup_steps, "
+            "gradient_clip_val, or precision 32-true / bf16-mixed; nan_policy=skip drops such steps instead."
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info: dict[str, Any] = {"version": __version__, "init_from": self.init_from}
+        trainer = self._trainer
+        if trainer is not None:
+            for cb in trainer.callbacks:
+                describe = getattr(cb, "describe", None)
+                if callable(describe) and getattr(cb, "ilvr_toolkit_key", None):
+                    info[cb.ilvr_toolkit_key] = describe()
+        checkpoint["ilvr_toolkit"] = info

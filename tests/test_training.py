@@ -1,0 +1,503 @@
+"""Training: the tiny config fits (1 process and 2-process DDP on CPU), resume after SIGKILL
+and after a SLURM requeue restores exactly what was saved, fine-tuning starts from the given
+weights, export round-trips, every shipped config builds, failures are refused cleanly.
+
+Runs that must be killed or use DDP go through ``python train.py`` in a subprocess; the
+others run the CLI in-process (faster). The model is a 16x16 UNet with one level (0.18M
+parameters) so that a step takes a fraction of a second on a loaded 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from PIL import Image
+
+from ilvr_toolkit.data.prepare import build_lmdb
+from ilvr_toolkit.models import CheckpointError, build_unet, get_preset, load_model
+from ilvr_toolkit.models.config import UNetConfig
+from ilvr_toolkit.training import EMA, find_resume_checkpoint
+from ilvr_toolkit.training.checkpointing import atomic_torch_save, remove_stale_temp_files
+from ilvr_toolkit.training.cli import TrainCLI
+from ilvr_toolkit.training.export import export_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TINY32 = REPO / "tests" / "fixtures" / "reference" / "tiny32.pt"
+SMALL_UNET = json.dumps({"preset": "tiny16", "channel_mult": [1]})
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """One intra-op thread: on a shared, loaded CPU, OpenMP threads that wait on each other
+    make these tiny convolutions tens of times slower than a single thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lmdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 smooth random images (gradients + blobs) stored at 16 and 32 px."""
+    root = tmp_path_factory.mktemp("train_data")
+    folder = root / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:48] / 47.0
+    for i in range(24):
+        a, b, c = rng.uniform(-1, 1, 3)
+        base = np.stack([a * xx + b * yy, b * xx - c * yy, c * xx + a * yy], -1)
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)[..., None] * rng.uniform(-1, 1, 3)
+        img = np.clip((base + blob + 1) * 127.5, 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    out = root / "tiny.lmdb"
+    build_lmdb(folder, out, [16, 32], workers=0, progress=False)
+    return out
+
+
+def common_args(lmdb: Path, run_dir: Path, **overrides: Any) -> list[str]:
+    settings = {
+        "--config": str(CONFIGS / "tiny.yaml"),
+        "--data.path": str(lmdb),
+        "--trainer.default_root_dir": str(run_dir),
+        "--model.unet": SMALL_UNET,
+        "--data.batch_size": "4",
+        "--data.num_workers": "0",
+        "--trainer.accelerator": "cpu",
+        "--trainer.log_every_n_steps": "1",
+        "--trainer.enable_progress_bar": "false",
+        "--samples.every_n_steps": "0",
+        "--ilvr_preview.every_n_steps": "0",
+        "--ema.decay": "0.9",
+        "--model.warmup_steps": "2",
+        "--checkpoint.last_every_n_steps": "2",
+    }
+    settings.update({f"--{k}": str(v) for k, v in overrides.items()})
+    return [x for kv in settings.items() for x in kv]
+
+
+class Probe(pl.Callback):
+    """Records, at the start of training (after any restore), what the run starts from."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+        self.ckpt_path = trainer.ckpt_path
+        self.global_step = trainer.global_step
+        self.raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.ema = {k: v.detach().clone() for k, v in ema._average_model.module.state_dict().items()}
+        self.n_averaged = int(ema._average_model.n_averaged)
+        self.ema_latest_update_step = ema._latest_update_step
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors otherwise
+        self.lr_schedulers = [
+            copy.deepcopy(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs
+        ]
+
+
+def run_inprocess(args: list[str], probe: Probe | None = None) -> TrainCLI:
+    defaults = {"callbacks": [probe]} if probe is not None else None
+    return TrainCLI(args=["fit", *args], trainer_defaults=defaults)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_subprocess(args: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "fit", *args],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def load_ckpt(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def wait_for_step(path: Path, min_step: int, proc: subprocess.Popen, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        if path.is_file():
+            ckpt = load_ckpt(path)  # atomic writes: never a partial file
+            if ckpt["global_step"] >= min_step:
+                return ckpt
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout}s")
+
+
+def assert_same_tensors(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), f"{what}: keys differ"
+    for key in want:
+        assert torch.equal(got[key].cpu(), want[key].cpu()), f"{what}: {key} differs"
+
+
+def assert_restored(probe: Probe, ckpt: dict, path: Path) -> None:
+    """The resumed run starts from exactly what ``ckpt`` holds."""
+    assert Path(probe.ckpt_path) == path
+    assert probe.global_step == ckpt["global_step"] > 0
+    assert_same_tensors(probe.raw, ckpt["current_model_state"], "raw weights")
+    assert_same_tensors(probe.ema, ckpt["state_dict"], "EMA weights")
+    assert probe.n_averaged == int(ckpt["averaging_state"]["n_averaged"])
+    assert probe.ema_latest_update_step == ckpt["callbacks"]["EMA"]["latest_update_step"]
+    saved_opt = ckpt["optimizer_states"][0]
+    assert probe.optimizer["param_groups"] == saved_opt["param_groups"]
+    assert set(probe.optimizer["state"]) == set(saved_opt["state"])
+    for index, state in saved_opt["state"].items():
+        for name, value in state.items():
+            assert torch.equal(probe.optimizer["state"][index][name], value), f"optimizer {index}.{name}"
+    assert probe.lr_schedulers == ckpt["lr_schedulers"]
+    # The raw and EMA weights are distinct states (the test would be vacuous otherwise).
+    assert any(not torch.equal(probe.raw[k], probe.ema[k]) for k in probe.raw)
+
+
+# --------------------------------------------------------------------------- single process
+@pytest.fixture(scope="module")
+def tiny_run(lmdb_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    args = common_args(
+        lmdb_path,
+        run_dir,
+        **{
+            "trainer.max_steps": 5,
+            "samples.every_n_steps": 4,
+            "samples.num_images": 2,
+            "samples.respacing": "ddim3",
+            "ilvr_preview.every_n_steps": 4,
+            "ilvr_preview.num_images": 2,
+            "ilvr_preview.respacing": "3",
+        },
+    )
+    run_inprocess(args)
+    return run_dir
+
+
+def test_tiny_fit_single_process(tiny_run: Path) -> None:
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    ckpt = load_ckpt(last)  # weights_only=True: hyperparameters are plain
+    assert ckpt["global_step"] == 5  # max_steps is not a multiple of the cadence: saved at the end
+    hp = ckpt["hyper_parameters"]
+    assert UNetConfig.from_dict(hp["unet"]).channel_mult == (1,)
+    assert hp["diffusion"]["learn_sigma"] is True and hp["diffusion"]["steps"] == 1000
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    assert ckpt["ilvr_toolkit"]["ema"]["decay"] == 0.9
+    assert (tiny_run / "config.yaml").is_file()
+    saved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 5 and json.loads(
+        json.dumps(saved["model"]["unet"])
+    ) == json.loads(SMALL_UNET)
+    assert (tiny_run / "samples" / "samples_00000004.png").is_file()
+    assert (tiny_run / "samples" / "ilvr_00000004.png").is_file()
+    assert not list(tiny_run.glob("version_*")) and not list((tiny_run / "tb").glob("version_*"))
+
+    loaded = load_model(last)  # the sampling-side loader reads our checkpoint with no flags
+    assert loaded.source_kind == "lightning" and loaded.unet_config.image_size == 16
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/mse", "train/vb", "train/grad_norm", "train/lr", "perf/images_per_sec"):
+        assert tag in tags, (tag, sorted(tags))
+    assert any(t.startswith("train/loss_q") for t in tags)
+    assert {"samples/ema", "ilvr/preview_ema"} <= set(events.Tags()["images"])
+
+
+def test_export_round_trip_and_rerun_after_finish(tiny_run: Path, lmdb_path: Path) -> None:
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    ckpt = load_ckpt(last)
+    result = export_checkpoint(last)
+    assert result["plain"].parent == tiny_run / "export"
+    config = UNetConfig.from_dict(ckpt["hyper_parameters"]["unet"])
+    plain = torch.load(result["plain"], weights_only=True)
+    net = build_unet(config)
+    net.load_state_dict(plain, strict=True)
+    ema = build_unet(config)
+    ema.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items()}, strict=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x, t), ema.eval()(x, t))
+    described = load_model(result["model_file"])
+    assert described.source_kind == "ilvr_toolkit" and described.diffusion["steps"] == 1000
+    assert_same_tensors(described.model.state_dict(), plain, "self-describing file")
+
+    # Rerunning a finished run resumes at max_steps and does nothing.
+    probe = Probe()
+    run_inprocess(common_args(lmdb_path, tiny_run, **{"trainer.max_steps": 6}), probe)
+    assert probe.global_step == 5 and Path(probe.ckpt_path) == last
+    assert load_ckpt(last)["global_step"] == 6
+
+
+# --------------------------------------------------------------------------- DDP
+def test_tiny_fit_ddp_two_processes(lmdb_path: Path, tmp_path: Path) -> None:
+    args = common_args(
+        lmdb_path, tmp_path, **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 3}
+    )
+    proc = train_subprocess(args)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Starting with 2 processes" in out or "MEMBER: 2/2" in out
+    ckpt = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+
+
+# --------------------------------------------------------------------------- resume
+def test_sigkill_then_rerun_resumes_exactly(lmdb_path: Path, tmp_path: Path) -> None:
+    args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 1000})
+    proc = train_subprocess(args)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    wait_for_step(last, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    saved = load_ckpt(last)
+    step = saved["global_step"]
+
+    probe = Probe()
+    run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": step + 1}), probe)
+    assert_restored(probe, saved, last)
+    assert load_ckpt(last)["global_step"] == step + 1
+    # The restart changed the command (max_steps): the earlier config is kept aside.
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["trainer"]["max_steps"] == step + 1
+    assert [
+        yaml.safe_load(p.read_text())["trainer"]["max_steps"] for p in tmp_path.glob("config.*.yaml")
+    ] == [1000]
+
+
+def test_slurm_sigusr1_saves_hpc_checkpoint_requeues_and_resumes(lmdb_path: Path, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol_calls.txt"
+    fake = bin_dir / "scontrol"
+    # Records its arguments, then ends the job as SLURM's requeue would.
+    fake.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_RECORD"\nkill -9 $PPID\n')
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SCONTROL_RECORD": str(record),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ilvr-train",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    run_dir = tmp_path / "run"
+    proc = train_subprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": 1000}), env=env)
+    wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2, proc)  # training (and the handler) is live
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert record.read_text().split() == ["requeue", "4242"]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    saved = load_ckpt(hpc)
+    assert find_resume_checkpoint(run_dir) == hpc
+
+    probe = Probe()
+    run_inprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": saved["global_step"] + 1}), probe)
+    assert_restored(probe, saved, hpc)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def test_finetune_starts_from_released_weights_and_exports_to_preset(lmdb_path: Path, tmp_path: Path) -> None:
+    released = torch.load(TINY32, weights_only=True)
+    probe = Probe()
+    args = common_args(
+        lmdb_path,
+        tmp_path,
+        **{"model.unet": "tiny32", "init_from": str(TINY32), "trainer.max_steps": 1, "data.batch_size": 2},
+    )
+    run_inprocess(args, probe)
+    assert probe.global_step == 0 and probe.ckpt_path is None
+    assert_same_tensors({k[6:]: v for k, v in probe.raw.items()}, released, "initial raw weights")
+    assert_same_tensors({k[6:]: v for k, v in probe.ema.items()}, released, "initial EMA weights")
+    assert probe.optimizer["state"] == {}  # optimizer starts fresh
+
+    ckpt = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["ilvr_toolkit"]["init_from"] == str(TINY32)
+    result = export_checkpoint(tmp_path / "checkpoints" / "last.ckpt", out_dir=tmp_path / "export")
+    net = build_unet(get_preset("tiny32"))
+    net.load_state_dict(torch.load(result["plain"], weights_only=True), strict=True)
+    ema = build_unet(get_preset("tiny32"))
+    ema.load_state_dict({k[6:]: v for k, v in ckpt["state_dict"].items()}, strict=True)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 500])
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x, t), ema.eval()(x, t))
+    assert load_model(result["plain"], preset="tiny32").source_kind == "plain"
+
+
+def test_finetune_refuses_a_checkpoint_of_another_architecture(lmdb_path: Path, tmp_path: Path) -> None:
+    args = common_args(lmdb_path, tmp_path, **{"model.unet": "tiny", "init_from": str(TINY32)})
+    with pytest.raises(CheckpointError, match="channel_mult"):
+        TrainCLI(args=args, run=False)
+
+
+# --------------------------------------------------------------------------- failures
+def test_dataset_of_the_wrong_size_is_refused_before_training(lmdb_path: Path, tmp_path: Path) -> None:
+    args = common_args(lmdb_path, tmp_path, **{"model.unet": "tiny32", "trainer.max_steps": 1})
+    args[args.index("--model.unet") + 1] = json.dumps(
+        {"preset": "tiny16", "image_size": 64, "channel_mult": [1]}
+    )
+    with pytest.raises(ValueError, match="no images of size 64"):
+        run_inprocess(args)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+class _NaNAt:
+    """Wraps training_losses: the loss becomes NaN from step ``step`` on."""
+
+    def __init__(self, module: Any, step: int) -> None:
+        self.module, self.step, self.inner = module, step, module.diffusion.training_losses
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        terms = self.inner(*args, **kwargs)
+        if self.module.global_step >= self.step:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+def _nan_cli(lmdb: Path, run_dir: Path, policy: str) -> TrainCLI:
+    args = common_args(lmdb, run_dir, **{"trainer.max_steps": 4, "model.nan_policy": policy})
+    args += ["--checkpoint.last_every_n_steps", "1"]
+    cli = TrainCLI(args=args, run=False)
+    cli.model.diffusion.training_losses = _NaNAt(cli.model, 2)
+    return cli
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints_finite(
+    lmdb_path: Path, tmp_path: Path
+) -> None:
+    cli = _nan_cli(lmdb_path, tmp_path, "raise")
+    with pytest.raises(FloatingPointError, match="non-finite training loss or gradient at global step 2"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
+    for states in (ckpt["state_dict"], ckpt["current_model_state"]):
+        assert all(torch.isfinite(v).all() for v in states.values())
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+def test_nan_policy_skip_drops_the_update(lmdb_path: Path, tmp_path: Path) -> None:
+    cli = _nan_cli(lmdb_path, tmp_path, "skip")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 4 and cli.model._skipped_steps == 2
+    at_2 = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    assert at_2["global_step"] == 4
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+# --------------------------------------------------------------------------- configs
+def _train_configs() -> list[Path]:
+    found = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("protocols/*.yaml"))
+    return [p for p in found if {"model", "trainer"} <= set(yaml.safe_load(p.read_text()) or {})]
+
+
+@pytest.mark.parametrize("config", _train_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_train_config_instantiates(config: Path, lmdb_path: Path, tmp_path: Path) -> None:
+    args = [
+        "--config",
+        str(config),
+        "--data.path",
+        str(lmdb_path),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    cli = TrainCLI(args=args, run=False)
+    unet = cli.model.unet_config
+    assert cli.datamodule.image_size == unet.image_size
+    assert sum(p.numel() for p in cli.model.model.parameters()) > 0
+    if unet.image_size == 256:  # the released recipe: the reference layout exactly
+        manifest = json.loads(
+            (REPO / "tests" / "fixtures" / "reference" / "manifest_ffhq256.json").read_text()
+        )
+        shapes = {k: list(v.shape) for k, v in cli.model.model.state_dict().items()}
+        assert shapes == {k: list(v) for k, v in manifest["state_dict"].items()}
+        hp = cli.model.hparams
+        assert hp.lr == 2e-5 and hp.diffusion["p2_gamma"] == 1.0 and hp.diffusion["p2_k"] == 1.0
+        assert cli.datamodule.batch_size == 8
+        ema = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EMA))
+        assert ema.decay == 0.9999
+
+
+class _LastStepProbe(pl.Callback):
+    """Before each step: the global step recorded in last.ckpt (None if absent)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.seen.append(load_ckpt(self.path)["global_step"] if self.path.is_file() else None)
+
+
+def test_time_based_last_checkpoint(lmdb_path: Path, tmp_path: Path) -> None:
+    probe = _LastStepProbe(tmp_path / "checkpoints" / "last.ckpt")
+    args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 4, "checkpoint.last_every_n_steps": 0})
+    args += ["--checkpoint.last_every_minutes", "1e-6"]
+    TrainCLI(args=["fit", *args], trainer_defaults={"callbacks": [probe]})
+    assert probe.seen == [None, 1, 2, 3]
+    assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+# --------------------------------------------------------------------------- small units
+def test_ema_update_rule() -> None:
+    plain, warm = EMA(decay=0.9), EMA(decay=0.9, warmup=True)
+    for ema, n, want in [
+        (plain, 1, 0.1),
+        (plain, 50, 0.1),
+        (warm, 1, 1 - 2 / 11),
+        (warm, 50, 1 - 51 / 60),
+        (warm, 100, 0.1),
+    ]:
+        averaged = [torch.zeros(3)]
+        ema._ema_update(averaged, [torch.ones(3)], torch.tensor(n))
+        assert torch.allclose(averaged[0], torch.full((3,), want)), (ema.warmup, n)
+    assert warm.decay_at(1000) == 0.9 and plain.describe()["decay"] == 0.9
+
+
+def test_resume_picks_the_newest_and_stale_temp_files_are_removed(tmp_path: Path) -> None:
+    assert find_resume_checkpoint(tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"global_step": 1}, last)
+    hpc = tmp_path / "hpc_ckpt_3.ckpt"
+    atomic_torch_save({"global_step": 2}, hpc)
+    os.utime(last, ns=(time.time_ns(), time.time_ns() - 10**9))
+    assert find_resume_checkpoint(tmp_path) == hpc
+    os.utime(last, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert find_resume_checkpoint(tmp_path) == last
+    stale = tmp_path / "checkpoints" / ".last.ckpt.0123abcd.tmp"
+    stale.write_bytes(b"partial")
+    assert remove_stale_temp_files(tmp_path / "checkpoints") == [stale] and not stale.exists()
+    assert last.is_file()
