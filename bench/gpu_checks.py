@@ -360,7 +360,7 @@ def check_ddp_lightning(args) -> None:
     device = _cuda()
     module, kind = _training_module()
     before = [p.detach().clone() for p in module.model.parameters()]
-    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
+    images = torch.randint(0, 256, (args.steps * args.batch, 3, 32, 32), dtype=torch.uint8)  # one epoch
     loader = DataLoader(TensorDataset(images), batch_size=args.batch, shuffle=True, num_workers=2, drop_last=True)
     seen = {}
 
