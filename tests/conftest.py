@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# One intra-op thread per process (set before torch is imported, inherited by the CLI
+# subprocesses the tests start): the tests use small tensors, and on a 2-core CI box several
+# processes (DDP, torchrun, converter workers) each spinning 2 OpenMP threads slowed
+# convolutions by over 10x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..fileio import atomic_write_bytes
 from .faithfulness import FaithfulnessMetrics
 from .fid import KID_SUBSET_SIZE, KID_SUBSETS, InceptionMetrics
 from .inception import InceptionFeatureExtractor, as_uint8
@@ -266,10 +267,7 @@ def _json_ready(value: Any) -> Any:
 def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write ``metrics`` as JSON atomically (temp file + rename); non-finite numbers become null."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_json_ready(metrics), indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(_json_ready(metrics), indent=2) + "\n").encode())
     return path
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from ..fileio import atomic_open
 from .fid import FeatureStats, InceptionMetrics
 from .inception import InceptionFeatureExtractor
 from .sources import ImageSet, identity_digest, iterate_images, open_image_set, shard_indices
@@ -73,11 +74,8 @@ def stats_cache_path(
 
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: dict[str, Any]) -> Path:

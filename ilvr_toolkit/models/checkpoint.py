@@ -15,11 +15,9 @@ Every load uses ``torch.load(..., weights_only=True)``; every save is atomic.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import atomic_open
 from .config import DEFAULT_CHANNEL_MULT, PRESETS, UNetConfig, get_preset, preset_for_filename
 from .unet import UNetModel, build_unet
 
@@ -111,25 +110,8 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
 
 def _atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temp file next to ``path``, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def _plain_tensors(state_dict: StateDict | nn.Module) -> dict[str, torch.Tensor]:

@@ -20,13 +20,11 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -36,6 +34,8 @@ from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+
+from ..fileio import atomic_open
 
 __all__ = [
     "EMA",
@@ -55,41 +55,6 @@ _TMP_PATTERN = re.compile(r"^\..+\.ckpt\.[0-9a-f]{8}\.tmp$")
 
 
 # --------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write ``path`` through a temp file in the same folder, fsync, then ``os.replace``.
-
-    Readers see the old file or the new one, never a partial one. The temp file is created
-    with mode 0o666 minus the umask, like a plain ``open``. A write killed midway leaves a
-    ``.NAME.<random>.tmp`` file (see :func:`remove_stale_temp_files`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` through :func:`atomic_open`.
 
