@@ -188,3 +188,21 @@ def test_shards_partition_references():
 
 def test_default_config_is_sane():
     assert SampleConfig().ilvr.mode == "paper"
+
+
+def _sampling_configs() -> list[Path]:
+    import yaml
+
+    found = sorted((ROOT / "configs").rglob("*.yaml"))
+    return [p for p in found if "trainer" not in (yaml.safe_load(p.read_text()) or {})]
+
+
+@pytest.mark.parametrize("path", _sampling_configs(), ids=lambda p: p.name)
+def test_every_sampling_config_parses(path):
+    from ilvr_toolkit.models import get_preset
+
+    config = parse_config(["--config", str(path)])
+    assert config.model.checkpoint
+    if config.model.preset:
+        get_preset(config.model.preset)
+    assert all(isinstance(n, int) and n >= 1 for n in config.ilvr.factors)
