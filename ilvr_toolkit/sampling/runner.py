@@ -132,6 +132,7 @@ def _sample_batch(
     config: SampleConfig,
     image_size: int,
     lowpasses: dict[int, LowPass],
+    range_t: int,
     device: torch.device,
 ) -> tuple[list[WorkItem], torch.Tensor | None]:
     """Sample one batch; returns the items actually sampled and their uint8 images (B, 3, H, W)."""
@@ -142,12 +143,6 @@ def _sample_batch(
         if not batch:
             return [], None
         reference = to_float(torch.stack([images[item.reference] for item in batch])).to(device)
-        range_t = resolve_range_t(
-            diffusion.timestep_map.tolist(),
-            range_t=config.ilvr.range_t,
-            fraction=config.ilvr.fraction,
-            stop_timestep=config.ilvr.stop_timestep,
-        )
         factor = batch[0].factor
         hooks.append(ILVR(reference, factor, range_t, config.ilvr.mode, lowpass=lowpasses[factor]))
     noise = PerImageNoise(image_generators([item.seed for item in batch], device))
@@ -219,11 +214,17 @@ def run(config: SampleConfig) -> RunResult:
 def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, part, result) -> None:
     """Sample ``todo`` in batches; write each PNG atomically and the manifest part per batch."""
     lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
+    range_t = resolve_range_t(  # once per run: which respaced steps ILVR conditions
+        diffusion.timestep_map.tolist(),
+        range_t=config.ilvr.range_t,
+        fraction=config.ilvr.fraction,
+        stop_timestep=config.ilvr.stop_timestep,
+    )
     desc = f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR"
     bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not config.progress, dynamic_ncols=True)
     for batch in batches(todo, config.batch_size):
         tic = time.perf_counter()
-        done, images = _sample_batch(batch, refs, diffusion, net, config, image_size, lowpasses, device)
+        done, images = _sample_batch(batch, refs, diffusion, net, config, image_size, lowpasses, range_t, device)
         seconds = (time.perf_counter() - tic) / max(len(batch), 1)
         for item, image in zip(done, images if images is not None else [], strict=True):
             save_png(result.out_dir / item.filename, image)
