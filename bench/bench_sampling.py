@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=list(common.PRECISIONS), default=None,
                         help="UNet autocast precision (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--channels-last", choices=["on", "off"], default="on")
+    parser.add_argument("--native-groupnorm", choices=["on", "off"], default="off",
+                        help="GroupNorm in the autocast dtype (sample.py's native_groupnorm)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
                         help="CPU: glibc allocator as is or tuned (common.set_cpu_malloc)")
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_net(preset: str, device: torch.device, args):
     model = common.randomize_parameters_(build_unet(preset), seed=args.seed).eval().requires_grad_(False)
     model = model.to(device)
+    model.set_native_groupnorm(args.native_groupnorm == "on")
     channels_last = args.channels_last == "on"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["case", "uncond img/s", "ILVR img/s", "A/B overhead %", "A/B spread %", "hook ms", "step ms",
                "hook/step %", "lowpass static", "no syncs"]
     title = (f"Sampling, {device}, precision {args.precision}, channels_last {args.channels_last}, "
-             f"compile {args.compile}, ILVR N={args.factor} on every step, {torch.get_num_threads()} CPU threads")
+             f"native GroupNorm {args.native_groupnorm}, compile {args.compile}, ILVR N={args.factor} on every step, {torch.get_num_threads()} CPU threads")
     common.print_table(rows, columns, title=title)
     path = common.write_json(f"sampling{args.tag}", {"env": common.environment(device), "args": vars(args),
                                                      "rows": rows}, args.out_dir)

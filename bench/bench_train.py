@@ -24,6 +24,7 @@ Prints a table and writes bench/results/train<tag>.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import resource
 import statistics
@@ -43,7 +44,7 @@ common.add_repo_to_path()
 import pytorch_lightning as pl  # noqa: E402
 
 from ilvr_toolkit.diffusion import DiffusionConfig  # noqa: E402
-from ilvr_toolkit.training import EMA, DiffusionModule  # noqa: E402
+from ilvr_toolkit.training import EMA, DiffusionModule, resolve_unet_config  # noqa: E402
 
 CONFIG_FILES = {"tiny": "tiny.yaml", "ffhq": "ffhq256.yaml"}
 CPU_BATCHES = {"tiny": [32], "ffhq": [1, 2]}
@@ -104,10 +105,14 @@ def run_case(
     warmup: int,
     compile: bool,
     seed: int,
+    channels_last: bool = False,
+    native_groupnorm: bool = False,
 ) -> dict[str, Any]:
     settings = model_settings(name)
     settings["diffusion"] = DiffusionConfig(**settings.get("diffusion", {}))
+    settings["unet"] = resolve_unet_config(settings.get("unet", "tiny")).replace(native_groupnorm=native_groupnorm)
     settings["compile"] = compile
+    settings["channels_last"] = channels_last
     settings.pop("init_from", None)
     module = DiffusionModule(**settings)
     size = module.unet_config.image_size
@@ -140,6 +145,8 @@ def run_case(
         "batch": batch,
         "precision": precision,
         "compile": compile,
+        "channels_last": channels_last,
+        "native_gn": native_groupnorm,
         "step_s": step_s,
         "step_min_s": min(timer.seconds),
         "step_max_s": max(timer.seconds),
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", default=None, help="32-true, bf16-mixed, 16-mixed")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="also time with torch.compile")
+    parser.add_argument("--channels-last", choices=["on", "off", "both"], default="off",
+                        help="DiffusionModule(channels_last=...)")
+    parser.add_argument("--native-groupnorm", choices=["on", "off", "both"], default="off",
+                        help="UNetConfig.native_groupnorm (only differs under bf16/16-mixed)")
     args = parser.parse_args(argv)
     device = common.setup(args)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -181,28 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     batches = parse_batches(args.batch_sizes, device)
     compiles = [False, True] if args.compile else [False]
+    switch = {"on": [True], "off": [False], "both": [False, True]}
+    variants = [(cl, gn) for cl in switch[args.channels_last] for gn in switch[args.native_groupnorm]]
 
     rows = []
     for name in args.configs:
         for batch in batches[name]:
-            for precision in precisions:
-                for compiled in compiles:
-                    try:
-                        row = run_case(name, batch, precision, device, steps, warmup, compiled, args.seed)
-                    except torch.cuda.OutOfMemoryError:
-                        row = {
-                            "config": name,
-                            "batch": batch,
-                            "precision": precision,
-                            "compile": compiled,
-                            "error": "OOM",
-                        }
-                        torch.cuda.empty_cache()
-                    rows.append(row)
-                    common.print_table(
-                        [row],
-                        ["config", "batch", "precision", "compile", "step_s", "images_per_s", "peak_mem_gib"],
-                    )
+            for precision, compiled, (cl, gn) in itertools.product(precisions, compiles, variants):
+                try:
+                    row = run_case(name, batch, precision, device, steps, warmup, compiled, args.seed, cl, gn)
+                except torch.cuda.OutOfMemoryError:
+                    row = {"config": name, "batch": batch, "precision": precision, "compile": compiled,
+                           "channels_last": cl, "native_gn": gn, "error": "OOM"}
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                common.print_table([row], ["config", "batch", "precision", "compile", "channels_last", "native_gn",
+                                           "step_s", "images_per_s", "peak_mem_gib"])
 
     columns = [
         "config",
@@ -211,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch",
         "precision",
         "compile",
+        "channels_last",
+        "native_gn",
         "step_s",
         "step_min_s",
         "step_max_s",

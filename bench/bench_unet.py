@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU only: glibc allocator as is, or tuned to keep freed memory "
                         "(common.set_cpu_malloc); default: both (the untuned rows at the first batch size only)")
     parser.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
+    parser.add_argument("--native-groupnorm", choices=["on", "off"], default="off",
+                        help="GroupNorm in the autocast dtype (UNetConfig.native_groupnorm); "
+                        "bench/proposals.py times it interleaved against the stock path")
     parser.add_argument("--matmul-size", type=int, default=None, help="reference matmul n (CPU 2048, CUDA 8192)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 matmuls/convs on CUDA")
     parser.add_argument("--profile", action="store_true", help="profile one forward per profiled config")
@@ -102,7 +105,8 @@ def _switch_list(value: str) -> list[bool]:
 
 def make_models(args, device: torch.device, layouts: list[bool]) -> dict[bool, torch.nn.Module]:
     """One model per memory layout (channels_last False/True), same random weights."""
-    base = build_unet(get_preset(args.preset).replace(attention_backend=args.attention))
+    base = build_unet(get_preset(args.preset).replace(attention_backend=args.attention,
+                                                      native_groupnorm=args.native_groupnorm == "on"))
     common.randomize_parameters_(base, seed=args.seed)
     base = base.eval().requires_grad_(False)
     models = {}
@@ -329,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     records = run_rounds(configs, reference, ref_dtypes, flops, device, warmup, repeats)
     rows, columns = summarize(configs, records, flops, cuda)
     title = (f"UNet forward, {args.preset} ({flops / 1e9:.1f} GFLOP/img), {device}, "
-             f"{torch.get_num_threads()} CPU threads, attention={args.attention}; ratio = UNet FLOP/s / "
+             f"{torch.get_num_threads()} CPU threads, attention={args.attention}, "
+             f"native GroupNorm {args.native_groupnorm}; ratio = UNet FLOP/s / "
              f"{matmul_n}^3 matmul FLOP/s (same dtype, measured around each forward), median of {repeats} rounds")
     common.print_table(rows, columns, title=title)
     path = common.write_json(f"unet{args.tag}", {
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "gflop_per_image": flops / 1e9,
         "matmul_size": matmul_n,
         "attention": args.attention,
+        "native_groupnorm": args.native_groupnorm,
         "warmup": warmup,
         "repeats": repeats,
         "rows": rows,

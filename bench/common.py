@@ -95,52 +95,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 # --------------------------------------------------------------------------- CPU allocator
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-# Any mallopt call freezes glibc's dynamic mmap threshold, so "untuned" cannot go back to
-# the dynamic default; it is set to what the dynamic rule converges to once blocks of up to
-# 32 MiB have been freed (mmap threshold 32 MiB, trim threshold twice that).
-_GLIBC_UNTUNED = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20, _M_MMAP_MAX: 65536}
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
 def set_cpu_malloc(tuned: bool) -> bool:
-    """Keep freed CPU tensor memory in the process instead of returning it to the OS.
+    """``ilvr_toolkit.runtime.set_cpu_malloc`` (tuned glibc allocator; see there)."""
+    add_repo_to_path()
+    from ilvr_toolkit.runtime import set_cpu_malloc as _set
 
-    PyTorch's CPU allocator calls malloc/free directly. glibc serves every block above
-    its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it on free, so
-    each large activation (a 128 x 256 x 256 fp32 map is 32 MiB) is page-faulted in and
-    zeroed by the kernel again on every forward: measured 4.4e5-5.4e5 minor faults and
-    ~0.7 s of system time per ffhq forward at batch 1. ``tuned=True`` sets
-    ``M_MMAP_MAX=0`` (serve large blocks from the heap) and a huge ``M_TRIM_THRESHOLD``
-    (never shrink it), the runtime equivalent of ``MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=<big>``; the price is that the process keeps its peak heap.
-    ``tuned=False`` sets glibc's converged defaults back (see ``_GLIBC_UNTUNED``; only a
-    fresh process has the truly dynamic ones). Returns False where this is not glibc.
-    Numerics are untouched (same kernels, same order).
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    if tuned:
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30 - 1)
-    else:
-        ok = all(libc.mallopt(k, v) for k, v in _GLIBC_UNTUNED.items())
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    return bool(ok)
+    return _set(tuned)
 
 
 # --------------------------------------------------------------------------- timing

@@ -146,15 +146,19 @@ FIXTURE_BOUNDS = {  # precision label -> (metric, bound)
     "fp32+tf32": ("rel", 3e-3),
     "bf16": ("rel", 3e-2),
     "fp16": ("rel", 5e-3),
+    "bf16+native-gn": ("rel", 3e-2),
+    "fp16+native-gn": ("rel", 5e-3),
 }
 
 
-def replay_fixture(model, device: torch.device, precision: str, channels_last: bool = False) -> tuple:
+def replay_fixture(model, device: torch.device, precision: str, channels_last: bool = False,
+                   native_groupnorm: bool = False) -> tuple:
     from ilvr_toolkit.conditioning import ILVR
     from ilvr_toolkit.diffusion import DiffusionConfig, ReplayNoise, create_diffusion, ddpm_sample
     from ilvr_toolkit.sampling.runner import make_net
 
     rec = torch.load(FIXTURES / "tiny32_ilvr_ref.pt", map_location="cpu", weights_only=True)
+    model.set_native_groupnorm(native_groupnorm)
     net = make_net(model, device, precision, channels_last)
     diffusion = create_diffusion(DiffusionConfig(timestep_respacing="10"))
     noise = ReplayNoise(rec["rng_draws"])
@@ -173,9 +177,11 @@ def check_fixture(args) -> None:
     device = _cuda()
     model = load_model(FIXTURES / "tiny32.pt", preset="tiny32").model.eval().requires_grad_(False).to(device)
     for label, precision, allow_tf32 in [("fp32", "fp32", False), ("fp32+tf32", "fp32", True),
-                                         ("bf16", "bf16", False), ("fp16", "fp16", False)]:
+                                         ("bf16", "bf16", False), ("fp16", "fp16", False),
+                                         ("bf16+native-gn", "bf16", False), ("fp16+native-gn", "fp16", False)]:
         with tf32(allow_tf32):
-            out, ref, step_diff, remaining = replay_fixture(model, device, precision)
+            out, ref, step_diff, remaining = replay_fixture(model, device, precision,
+                                                            native_groupnorm=label.endswith("native-gn"))
         numbers = {"max_abs": (out - ref).abs().max().item(), "rel": rel_err(out, ref), "max_step_diff": step_diff}
         metric, bound = FIXTURE_BOUNDS[label]
         ok = numbers[metric] <= bound and remaining == 0

@@ -1,5 +1,5 @@
-"""Measured proposals for ilvr_toolkit/models (not applied there): fewer passes over the
-activations around GroupNorm.
+"""Fewer passes over the activations around GroupNorm: one applied fast path and one
+proposal for ilvr_toolkit/models, timed against the stock model.
 
     python bench/proposals.py --threads 1                         # ffhq, batch 1, fp32, channels_last
     python bench/proposals.py --precision bf16 --batch 2          # where native-gn can pay
@@ -15,12 +15,12 @@ b * (1 + s) + t)`` exactly; for B > 1 the same with h viewed as one sample of B*
 and B*G groups when h is NCHW-contiguous, else GN + one ``addcmul``), then SiLU in place
 on that fresh tensor when no gradient is recorded (inference only). Same for ``in_layers``.
 
-``native-gn``: under bf16/fp16 autocast GroupNorm32 casts its input to float32 and its
-output back (two extra full passes per norm, 65 norms per ffhq forward). PyTorch's
-group_norm already accumulates the statistics of reduced-precision inputs in float32 and
-takes float32 weights with a bf16 input (CPU), so the proposal calls it on the bf16 tensor
-directly: the output is the same bf16 rounding of the same float32 computation (measured
-bit-identical on the CPU). No change in fp32.
+``native-gn`` (applied: ``UNetConfig.native_groupnorm``, sample.py ``--native_groupnorm``):
+under bf16/fp16 autocast the stock GroupNorm32 casts its input to float32 and its output
+back (two extra full passes per norm, 65 norms per ffhq forward). PyTorch's group_norm
+already accumulates the statistics of reduced-precision inputs in float32, so the setting
+calls it on the bf16 tensor directly: the same float32 computation rounded once (within one
+rounding step of the stock output, ``tests/test_fast_paths.py``). No change in fp32.
 
 ``both``: the two together. Reported: the speed-up (median over rounds of stock time /
 variant time) and the relative error against the stock output and against plain fp32.
@@ -92,36 +92,23 @@ def _resblock_forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     return self.skip_connection(x) + conv(dropout(h))
 
 
-def _native_group_norm(self, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm32 without the float32 round trip for bf16/fp16 inputs (fp32: unchanged)."""
-    if x.dtype == torch.float32:
-        return _STOCK_GROUPNORM(self, x)
-    weight, bias = self.weight.float(), self.bias.float()
-    with unet._no_autocast(x.device):
-        try:
-            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
-        except RuntimeError:  # a backend without mixed-dtype group_norm: weights in x's dtype
-            return F.group_norm(x, self.num_groups, weight.to(x.dtype), bias.to(x.dtype), self.eps)
-
-
-_STOCK_GROUPNORM = unet.GroupNorm32.forward
 VARIANTS = ("epilogue", "native-gn", "both")
 
 
 @contextlib.contextmanager
-def proposal(variant: str):
-    """Run the UNet with ``variant``'s patches inside this block (class-level patches)."""
+def proposal(variant: str, model: torch.nn.Module):
+    """Run ``model`` with ``variant`` inside this block (epilogue: a class-level patch)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}")
-    original_res, original_gn = unet.ResBlock._forward, unet.GroupNorm32.forward
+    original_res = unet.ResBlock._forward
     if variant in ("epilogue", "both"):
         unet.ResBlock._forward = _resblock_forward
-    if variant in ("native-gn", "both"):
-        unet.GroupNorm32.forward = _native_group_norm
+    model.set_native_groupnorm(variant in ("native-gn", "both"))
     try:
         yield
     finally:
-        unet.ResBlock._forward, unet.GroupNorm32.forward = original_res, original_gn
+        unet.ResBlock._forward = original_res
+        model.set_native_groupnorm(False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def forward(variant: str | None):
         def run() -> torch.Tensor:
-            patches = proposal(variant) if variant else contextlib.nullcontext()
+            patches = proposal(variant, model) if variant else contextlib.nullcontext()
             with torch.no_grad(), common.autocast(device, args.precision), patches:
                 return model(x, t)
 

@@ -12,8 +12,13 @@ stated next to what was measured on the CPU (torch 2.14, Xeon with AVX-512/AMX):
 | fp16 autocast, UNet forward      | fp32                     | rel 5e-3  | 1.5e-3 / 1.3e-3 |
 | fp16 autocast, fixture replay    | official output          | rel 5e-3  | 1.6e-3          |
 | SDPA attention, UNet forward     | spelled-out math         | rel 1e-5  | 0 on this CPU   |
+| native GroupNorm, one norm, bf16 | float32 round trip       | 1 ulp     | <= 1 ulp        |
+| native GroupNorm, forward, bf16  | fp32                     | 1.25x the round trip's error | 0.99x / 1.01x |
+| native GroupNorm, fixture, bf16  | official output          | rel 3e-2  | 1.0e-2          |
+| native GroupNorm, fp32           | without it               | identical | identical       |
+| channels_last training step      | NCHW: loss / gradients   | rel 1e-5 / 1e-4 | 0 / 1.2e-5     |
 | tuned glibc malloc               | default malloc           | identical | identical       |
-| torch.compile (opt-in, see below)| eager                    | rel 1e-4  | 1.3e-6          |
+| torch.compile (ILVR_TEST_COMPILE=0 skips) | eager   | rel 1e-4  | 1.3e-6          |
 
 (UNet forward pairs: tiny32 at 32x32 / the ffhq architecture at 64x64, random weights.)
 Plus two structural properties the GPU path relies on: the low-pass matrices are built once,
@@ -45,12 +50,14 @@ from ilvr_toolkit.diffusion import (
     ddpm_sample,
     draw_x_T,
 )
-from ilvr_toolkit.models import build_unet, load_model
+from ilvr_toolkit.models import build_unet, get_preset, load_model
+from ilvr_toolkit.models import unet as unet_module
 from ilvr_toolkit.sampling.runner import make_net
+from ilvr_toolkit.training import DiffusionModule
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-import common  # noqa: E402  (bench/common.py: randomize_parameters_, set_cpu_malloc)
+import common  # noqa: E402  (bench/common.py: randomize_parameters_)
 
 CHANNELS_LAST_REL = 1e-5
 BF16_REL = 3e-2
@@ -87,8 +94,11 @@ def random_model_and_input(request):
     return model, x, t, ref
 
 
-def _replay(model, record, precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+def _replay(
+    model, record, precision: str = "fp32", channels_last: bool = False, native_groupnorm: bool = False
+) -> torch.Tensor:
     """The fixture's ILVR run (official mode, recorded noise) through make_net's fast paths."""
+    model.set_native_groupnorm(native_groupnorm)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = make_net(model, torch.device("cpu"), precision, channels_last)
@@ -99,6 +109,7 @@ def _replay(model, record, precision: str = "fp32", channels_last: bool = False)
     out = ddpm_sample(diffusion, net, x_T, noise=noise, hooks=hooks)
     assert noise.remaining == 0
     model.to(memory_format=torch.contiguous_format)
+    model.set_native_groupnorm(False)
     return out
 
 
@@ -148,6 +159,126 @@ def test_math_attention_equals_sdpa(random_model_and_input):
     finally:
         model.set_attention_backend("sdpa")
     assert rel_err(out, ref) <= 1e-5
+
+
+# --------------------------------------------------------------------------- native GroupNorm
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_native_groupnorm_one_norm_within_one_rounding_step(dtype, memory_format):
+    """One GroupNorm32 on a reduced-precision tensor: native output = the float32 round
+    trip's output up to one rounding step of ``dtype``; gradients close; fp32 unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    norm = unet_module.GroupNorm32(32, 64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=gen))
+        norm.bias.copy_(torch.randn(64, generator=gen))
+    x = (torch.randn(2, 64, 16, 16, generator=gen) * 3 + 1).to(dtype).contiguous(memory_format=memory_format)
+    outs, grads = {}, {}
+    for native in (False, True):
+        norm.native = native
+        xg = x.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            y = norm(xg)
+        assert y.dtype == dtype
+        y.float().square().sum().backward()
+        outs[native], grads[native] = y.detach().float(), (xg.grad.float(), norm.weight.grad.clone())
+        norm.weight.grad = norm.bias.grad = None
+    up, nat = outs[False], outs[True]
+    step = torch.finfo(dtype).eps * up.abs() + 1e-5  # >= one rounding step of |up|
+    assert ((nat - up).abs() <= step).all(), float((nat - up).abs().max())
+    assert rel_err(grads[True][0], grads[False][0]) <= 2 * torch.finfo(dtype).eps
+    assert rel_err(grads[True][1], grads[False][1]) <= 2 * torch.finfo(dtype).eps
+    x32 = x.float()
+    norm.native = True
+    native32 = norm(x32)
+    norm.native = False
+    assert torch.equal(native32, norm(x32))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_native_groupnorm_forward_as_close_to_fp32_as_the_round_trip(random_model_and_input, precision):
+    """Whole UNet under autocast: the native path's error against fp32 is at most 1.25x the
+    error of guided-diffusion's float32 round trip (measured 0.99-1.01x)."""
+    model, x, t, ref = random_model_and_input
+    net = make_net(model, torch.device("cpu"), precision, channels_last=False)
+    upcast = net(x, t)
+    model.set_native_groupnorm(True)
+    try:
+        native = net(x, t)
+        with torch.no_grad():
+            native_fp32 = model(x, t)
+    finally:
+        model.set_native_groupnorm(False)
+    assert not torch.equal(native, upcast), "the setting changed nothing under autocast"
+    assert rel_err(native, ref) <= 1.25 * rel_err(upcast, ref)
+    assert torch.equal(native_fp32, ref)  # no effect in fp32
+
+
+def test_native_groupnorm_fixture_replay(tiny32, ref_record):
+    out = _replay(tiny32, ref_record, "bf16", channels_last=True, native_groupnorm=True)
+    err = rel_err(out, ref_record["output"])
+    print(f"fixture replay bf16 + native GroupNorm: rel {err:.2e}")
+    assert err <= BF16_REL
+
+
+def test_native_groupnorm_is_a_runtime_setting():
+    """Same weights and state-dict keys; the config records it; the runner's option sets it."""
+    model = build_unet(get_preset("tiny").replace(native_groupnorm=True))
+    assert all(m.native for m in model.modules() if isinstance(m, unet_module.GroupNorm32))
+    assert model.config.architecture() == get_preset("tiny").architecture()
+    model.set_native_groupnorm(False)
+    assert not model.config.native_groupnorm
+    assert not any(m.native for m in model.modules() if isinstance(m, unet_module.GroupNorm32))
+
+
+# --------------------------------------------------------------------------- training
+def _grads(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_channels_last_training_step_matches_nchw():
+    """DiffusionModule(channels_last=True): same loss (rel 1e-5) and gradients (rel 1e-4) as NCHW."""
+    ref = DiffusionModule(unet="tiny")
+    common.randomize_parameters_(ref.model, seed=0)
+    fast = DiffusionModule(unet="tiny", channels_last=True)
+    fast.model.load_state_dict(ref.model.state_dict())
+    conv = fast.model.input_blocks[1][0].in_layers[2].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
+    t, noise = torch.tensor([0, 10, 500, 999]), torch.randn(4, 3, 32, 32, generator=gen)
+    losses = {}
+    for name, module in (("nchw", ref), ("channels_last", fast)):
+        x = x0.contiguous(memory_format=module._memory_format)
+        loss = module.diffusion.training_losses(module.model, x, t, noise=noise)["loss"].mean()
+        loss.backward()
+        losses[name] = loss.detach()
+    assert rel_err(losses["channels_last"], losses["nchw"]) <= 1e-5
+    assert rel_err(_grads(fast.model), _grads(ref.model)) <= 1e-4  # summed over the batch: measured 1.2e-5
+
+
+def test_fast_training_settings_fit_end_to_end(tmp_path):
+    """channels_last + native GroupNorm + bf16-mixed + EMA through Trainer.fit: finite
+    weights, the layout kept by the model and its EMA copy, and the settings in hparams."""
+    import pytorch_lightning as pl
+
+    from ilvr_toolkit.training import EMA
+
+    module = DiffusionModule(unet={"preset": "tiny", "native_groupnorm": True}, channels_last=True)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4)
+    ema = EMA(decay=0.9)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ema], default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 3
+    assert module.hparams.channels_last and module.hparams.unet["native_groupnorm"]
+    for net in (module.model, ema._average_model.module.model):
+        weights = [p for p in net.parameters() if p.ndim == 4]
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+        assert all(m.native for m in net.modules() if isinstance(m, unet_module.GroupNorm32))
 
 
 # --------------------------------------------------------------------------- low-pass
@@ -221,6 +352,7 @@ _MALLOC_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {bench!r})
     import common
     from ilvr_toolkit.models import build_unet
+    from ilvr_toolkit.runtime import set_cpu_malloc
     torch.manual_seed(0)
     model = common.randomize_parameters_(build_unet("tiny")).eval().requires_grad_(False)
     x, t = torch.randn(8, 3, 32, 32), torch.tensor([5] * 8)
@@ -237,10 +369,10 @@ _MALLOC_SCRIPT = textwrap.dedent(
 
     forward_faults()
     ref, faults_default = forward_faults()
-    assert common.set_cpu_malloc(True)
+    assert set_cpu_malloc(True)
     forward_faults()
     out, faults_tuned = forward_faults()
-    assert common.set_cpu_malloc(False)
+    assert set_cpu_malloc(False)
     print(faults_default, faults_tuned, torch.equal(out, ref))
     """
 )
@@ -248,7 +380,7 @@ _MALLOC_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tuned_malloc_same_numbers_fewer_page_faults():
-    """bench/common.set_cpu_malloc(True): identical outputs, freed blocks reused (in a
+    """ilvr_toolkit.runtime.set_cpu_malloc(True): identical outputs, freed blocks reused (in a
     subprocess: the setting is process-wide)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT.format(bench=str(BENCH))], capture_output=True,

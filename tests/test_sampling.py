@@ -107,6 +107,35 @@ def test_same_noise_and_images_for_batch_size_1_and_3(tmp_path, refs, tiny32_pat
     _assert_same_images(a, b)
 
 
+def test_fast_settings_close_to_fp32(tmp_path, refs, tiny32_path, monkeypatch):
+    """bf16 + channels_last + native GroupNorm (+ the tuned CPU allocator, on by default)
+    through sample.py's options: every GroupNorm runs natively, and the PNGs stay within a
+    few grey levels of the fp32 run (bf16 keeps 8 bits of mantissa)."""
+    import ilvr_toolkit.models.unet as unet_module
+
+    native_calls = []
+    original = unet_module.GroupNorm32.forward
+
+    def spy(self, x):
+        native_calls.append(self.native)
+        return original(self, x)
+
+    run(parse_config(_args(tiny32_path, refs, tmp_path / "fp32", "--cpu_malloc", "default")))
+    monkeypatch.setattr(unet_module.GroupNorm32, "forward", spy)
+    fast = _args(tiny32_path, refs, tmp_path / "fast", "--precision", "bf16", "--channels_last", "true",
+                 "--native_groupnorm", "true")
+    run(parse_config(fast))
+    assert native_calls and all(native_calls)
+    manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
+    assert manifest["config"]["native_groupnorm"] and manifest["config"]["cpu_malloc"] == "tuned"
+    a, b = _pngs(tmp_path / "fp32"), _pngs(tmp_path / "fast")
+    assert a.keys() == b.keys() and len(a) == 5
+    diffs = [np.abs(a[k].astype(int) - b[k].astype(int)) for k in a]
+    mean, worst = float(np.mean([d.mean() for d in diffs])), max(int(d.max()) for d in diffs)
+    print(f"bf16 fast settings vs fp32: mean |diff| {mean:.3f} grey levels, max {worst}")
+    assert mean <= 2.0
+
+
 def test_two_processes_equal_one(tmp_path, refs, tiny32_path):
     single, double = tmp_path / "single", tmp_path / "double"
     run(parse_config(_args(tiny32_path, refs, single, "--batch_size", "2")))

@@ -5,7 +5,7 @@ guided-diffusion's key names and shapes, so a checkpoint that stores the config 
 preset name (the official plain state dicts) loads without re-typing flags.
 
 Settings that never change the state dict (``use_checkpoint``, ``attention_backend``,
-``dropout``) are *runtime* settings: two configs that differ only there describe the same
+``native_groupnorm``, ``dropout``) are *runtime* settings: two configs that differ only there describe the same
 weights (see :meth:`UNetConfig.architecture`).
 """
 
@@ -91,6 +91,7 @@ class UNetConfig:
     dropout: float = field(default=0.0, metadata=_runtime())
     use_checkpoint: bool = field(default=False, metadata=_runtime())
     attention_backend: str = field(default="sdpa", metadata=_runtime())
+    native_groupnorm: bool = field(default=False, metadata=_runtime())
 
     def __post_init__(self) -> None:
         mult = _parse_numbers(self.channel_mult, "channel_mult")

@@ -9,7 +9,10 @@ plain state dicts (ILVR, P2-weighting) load with ``strict=True`` and no key conv
 
 Numerics follow guided-diffusion: GroupNorm (32 groups) is computed in float32, the
 timestep embedding and its MLP run in float32, and so does the final ``out`` head; under
-``torch.autocast`` everything else runs in the autocast dtype.
+``torch.autocast`` everything else runs in the autocast dtype. The runtime setting
+``native_groupnorm`` lets GroupNorm read and write the autocast dtype directly (statistics
+still accumulated in float32 by PyTorch's kernels), which skips two full passes over every
+normalised activation (see :class:`GroupNorm32`).
 """
 
 from __future__ import annotations
@@ -61,11 +64,33 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 (also under autocast), returned in the input's dtype."""
+    """GroupNorm (B, C, *) -> (B, C, *) in float32 (also under autocast), returned in the input's dtype.
+
+    ``native = False`` (default, guided-diffusion's numerics): a bf16/fp16 input is copied to
+    float32, normalised, and the result cast back: two extra full passes over the tensor.
+    ``native = True``: the kernel reads and writes the input's dtype itself. PyTorch's
+    group_norm accumulates the mean and variance of bf16/fp16 inputs in float32 and applies
+    the affine in float32, so the result is the same float32 computation rounded once to
+    the input's dtype (differences of at most one rounding step, measured in
+    ``tests/test_fast_paths.py``). On the CPU the float32 weights are used as they are; other
+    devices take them in the input's dtype (their kernels want one dtype), which rounds
+    gamma and beta to bf16/fp16 as well. float32 / float64 inputs: no difference.
+    Speed (CPU, torch 2.14): 1.13-1.18x per bf16 ffhq forward, but PyTorch's channels-last
+    bf16 kernel is slower than the round trip in backward and with < 4 channels per group
+    (docs/benchmarks.md), so for CPU training use it with NCHW.
+    """
+
+    native: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
+        if self.native and x.dtype in (torch.bfloat16, torch.float16):
+            if x.device.type != "cpu":
+                weight = None if weight is None else weight.to(x.dtype)
+                bias = None if bias is None else bias.to(x.dtype)
+            with _no_autocast(x.device):
+                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         with _no_autocast(x.device):
             y = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
         return y.to(x.dtype)
@@ -303,6 +328,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             _norm(ch), nn.SiLU(), _zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1))
         )
+        self.set_native_groupnorm(c.native_groupnorm)
 
     # -- construction
     def _res(self, ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
@@ -369,6 +395,16 @@ class UNetModel(nn.Module):
         for block in self._attention_blocks():
             block.backend = backend
         self.config = self.config.replace(attention_backend=backend)
+
+    def set_native_groupnorm(self, native: bool) -> None:
+        """GroupNorm in the autocast dtype (True) or on float32 copies (False; guided-diffusion).
+
+        No change to the weights, and none in float32; see :class:`GroupNorm32`.
+        """
+        for module in self.modules():
+            if isinstance(module, GroupNorm32):
+                module.native = bool(native)
+        self.config = self.config.replace(native_groupnorm=bool(native))
 
     def _attention_blocks(self) -> Iterator[AttentionBlock]:
         return (m for m in self.modules() if isinstance(m, AttentionBlock))

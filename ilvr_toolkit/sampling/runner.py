@@ -25,6 +25,7 @@ from ..diffusion import (
 )
 from ..images import to_float, to_uint8
 from ..models import LoadedModel, load_model
+from ..runtime import set_cpu_malloc
 from .config import SampleConfig
 from .distributed import barrier, finish, init_ranks
 from .grid import build_grid
@@ -81,6 +82,9 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
         raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
     loaded = load_model(config.model.checkpoint, preset=config.model.preset)
     model = loaded.model.to(device).eval().requires_grad_(False)
+    model.set_native_groupnorm(config.native_groupnorm)
+    if device.type == "cpu" and config.cpu_malloc == "tuned":
+        set_cpu_malloc(True)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
