@@ -5,14 +5,11 @@
 #   BUDGET=300 bash bench/gpu_check.sh       # total seconds for the steps (default 450)
 #
 # Needs torch with CUDA (2.4+), pytorch_lightning, numpy, PIL. Nothing is installed or
-# downloaded: the repository goes on PYTHONPATH. Packages the machine lacks (lmdb and
-# jsonargparse are not in the lent H200 image) can travel as wheels in .whl/ (git-ignored):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     --platform manylinux_2_28_x86_64 \
-#     -d .whl lmdb==3.0.0 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
-# (then carry ".whl"); they are installed into /tmp/ilvr_site. Steps that need a missing
-# package report SKIP, never a crash of the whole script.
+# downloaded: the repository goes on PYTHONPATH. Packages the machine lacks (lmdb,
+# jsonargparse and torch-fidelity are not in the lent H200 image) can travel as wheels in
+# .whl/ (git-ignored): `bash bench/fetch_gpu_wheels.sh` downloads them here; carry ".whl";
+# they are installed into /tmp/ilvr_site. Steps that need a missing package report SKIP,
+# never a crash of the whole script.
 #
 # Steps, most important first; each has its own timeout, clipped to what is left of BUDGET,
 # and a step that no longer fits is skipped:
