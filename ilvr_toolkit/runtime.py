@@ -1,16 +1,19 @@
 """Process-wide runtime settings that make CPU inference faster without touching numerics.
 
-Only one so far: :func:`set_cpu_malloc`, used by ``sample.py`` on the CPU (setting
-``cpu_malloc``) and by the benchmarks in ``bench/``.
+Only one so far: the glibc allocator tuning of :func:`set_cpu_malloc` (scoped:
+:func:`tuned_cpu_malloc`), used by ``sampling.run`` on the CPU (setting ``cpu_malloc``) and
+by the benchmarks in ``bench/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
 
-__all__ = ["set_cpu_malloc"]
+__all__ = ["set_cpu_malloc", "tuned_cpu_malloc"]
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
@@ -58,3 +61,15 @@ def set_cpu_malloc(tuned: bool) -> bool:
         if hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
     return bool(ok)
+
+
+@contextlib.contextmanager
+def tuned_cpu_malloc(enabled: bool = True) -> Iterator[bool]:
+    """:func:`set_cpu_malloc` ``(True)`` inside the block, glibc's defaults (and a heap trim)
+    after it; yields whether the tuning is in effect. ``enabled=False``: does nothing."""
+    applied = enabled and set_cpu_malloc(True)
+    try:
+        yield applied
+    finally:
+        if applied:
+            set_cpu_malloc(False)

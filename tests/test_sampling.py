@@ -128,6 +128,7 @@ def test_fast_settings_close_to_fp32(tmp_path, refs, tiny32_path, monkeypatch):
     assert native_calls and all(native_calls)
     manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
     assert manifest["config"]["native_groupnorm"] and manifest["config"]["cpu_malloc"] == "tuned"
+    assert manifest["unet"]["native_groupnorm"]  # the model as it ran
     a, b = _pngs(tmp_path / "fp32"), _pngs(tmp_path / "fast")
     assert a.keys() == b.keys() and len(a) == 5
     diffs = [np.abs(a[k].astype(int) - b[k].astype(int)) for k in a]

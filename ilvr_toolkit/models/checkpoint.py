@@ -479,7 +479,8 @@ def load_model(
     kind = _classify(obj, path)
     config, weights, diffusion = _unpack(obj, kind, preset, path)
     weights = check_state_dict(weights, config, source=path)
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    # float32 and contiguous: a checkpoint of a channels_last training run stores that layout
+    weights = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
     model = build_unet(config, device="meta")  # no init: every tensor comes from the file
     model.load_state_dict(weights, strict=True, assign=True)
     return LoadedModel(model.eval(), config, diffusion, sha256_file(path), kind)

@@ -74,7 +74,8 @@ class GroupNorm32(nn.GroupNorm):
     the input's dtype (differences of at most one rounding step, measured in
     ``tests/test_fast_paths.py``). On the CPU the float32 weights are used as they are; other
     devices take them in the input's dtype (their kernels want one dtype), which rounds
-    gamma and beta to bf16/fp16 as well. float32 / float64 inputs: no difference.
+    gamma and beta to bf16/fp16 as well; there fp16 training keeps the round trip (see
+    ``_native_for``). float32 / float64 inputs: no difference.
     Speed (CPU, torch 2.14): 1.13-1.18x per bf16 ffhq forward, but PyTorch's channels-last
     bf16 kernel is slower than the round trip in backward and with < 4 channels per group
     (docs/benchmarks.md), so for CPU training use it with NCHW.
@@ -82,10 +83,18 @@ class GroupNorm32(nn.GroupNorm):
 
     native: bool = False
 
+    def _native_for(self, x: torch.Tensor) -> bool:
+        """Native for bf16/fp16 inputs; off devices other than the CPU not for fp16 with
+        gradients (fp16 gamma/beta gradients, summed over N*H*W and GradScaler-scaled,
+        would overflow)."""
+        if not self.native or x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        return x.device.type == "cpu" or x.dtype == torch.bfloat16 or not torch.is_grad_enabled()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        if self.native and x.dtype in (torch.bfloat16, torch.float16):
+        if self._native_for(x):
             if x.device.type != "cpu":
                 weight = None if weight is None else weight.to(x.dtype)
                 bias = None if bias is None else bias.to(x.dtype)

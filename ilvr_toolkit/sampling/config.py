@@ -81,12 +81,16 @@ class SampleConfig:
         precision: network precision under autocast (the diffusion math stays float32).
         channels_last: run the UNet in channels-last memory format.
         native_groupnorm: under bf16/fp16, run GroupNorm in that dtype (float32 statistics)
-            instead of on float32 copies: 1.4x faster bf16 forward on the CPU, differences
-            of one rounding step (see ``docs/benchmarks.md``). No effect in fp32.
+            instead of on float32 copies: 1.13-1.18x per bf16 ffhq forward on the CPU, where
+            each norm stays within one rounding step of the float32 round trip (other
+            devices also round gamma and beta to the dtype; see ``docs/benchmarks.md``).
+            No effect in fp32.
         compile: ``torch.compile`` the UNet.
-        cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process (no page
-            faults per step; 10-20% faster there, same numbers); ``default`` leaves glibc
-            as it is. Ignored on other devices.
+        cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process during
+            the run (no page faults per step: 2-20% per ffhq forward in bench/bench_unet.py, same
+            numbers; glibc's
+            defaults are set back afterwards); ``default`` leaves glibc as it is. Ignored
+            on other devices.
         shard_index: this job's shard of the references (job arrays), 0-based.
         num_shards: number of shards the references are split into (contiguous ranges).
         evaluate_against: target-domain images (LMDB or folder) to compute FID/KID against.

@@ -25,7 +25,7 @@ from ..diffusion import (
 )
 from ..images import to_float, to_uint8
 from ..models import LoadedModel, load_model
-from ..runtime import set_cpu_malloc
+from ..runtime import tuned_cpu_malloc
 from .config import SampleConfig
 from .distributed import barrier, finish, init_ranks
 from .grid import build_grid
@@ -83,8 +83,6 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
     loaded = load_model(config.model.checkpoint, preset=config.model.preset)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
-    if device.type == "cpu" and config.cpu_malloc == "tuned":
-        set_cpu_malloc(True)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
@@ -166,7 +164,7 @@ def _header(config: SampleConfig, loaded: LoadedModel, diffusion: GaussianDiffus
             "kind": loaded.source_kind,
             "preset": config.model.preset,
         },
-        "unet": loaded.unet_config.to_dict(),
+        "unet": loaded.model.config.to_dict(),  # as run: runtime settings of this config applied
         "diffusion": loaded.diffusion,
         "timestep_map": diffusion.timestep_map.tolist(),
         "config": config.to_dict(),
@@ -175,9 +173,18 @@ def _header(config: SampleConfig, loaded: LoadedModel, diffusion: GaussianDiffus
 
 
 def run(config: SampleConfig) -> RunResult:
-    """Run a whole translation (see README); resumable: finished PNGs are never recomputed."""
+    """Run a whole translation (see README); resumable: finished PNGs are never recomputed.
+
+    On the CPU with ``cpu_malloc="tuned"`` the process's allocator is tuned for the run and
+    set back to glibc's defaults afterwards (``ilvr_toolkit.runtime.tuned_cpu_malloc``).
+    """
     start = time.perf_counter()
     device = resolve_device(config.device)
+    with tuned_cpu_malloc(device.type == "cpu" and config.cpu_malloc == "tuned"):
+        return _run(config, device, start)
+
+
+def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     ranks = init_ranks(device)
     if device.type == "cuda" and ranks.world_size > 1:
         device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())

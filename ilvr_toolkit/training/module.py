@@ -91,7 +91,7 @@ class DiffusionModule(pl.LightningModule):
         compile: ``torch.compile`` the UNet's forward (in place; state-dict keys unchanged).
         channels_last: keep the UNet's weights and the batches in channels-last memory
             format (convolutions without layout conversions; pays most under bf16-mixed).
-            Same numbers up to float rounding (``tests/test_training.py``). For GroupNorm in
+            Same numbers up to float rounding (``tests/test_fast_paths.py``). For GroupNorm in
             the autocast dtype as well, put ``native_groupnorm: true`` in ``unet``.
         init_from: fine-tune from this checkpoint: a released plain state dict (checked
             against ``unet``, e.g. ``checkpoints/ffhq_10m.pt`` with ``unet: ffhq``), one of our
