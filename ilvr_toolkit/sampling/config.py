@@ -91,6 +91,8 @@ class SampleConfig:
             numbers; glibc's
             defaults are set back afterwards); ``default`` leaves glibc as it is. Ignored
             on other devices.
+        io_workers: threads that decode the next batch's references and write the last
+            batch's PNGs while a batch samples (0: one after another in the main thread).
         shard_index: this job's shard of the references (job arrays), 0-based.
         num_shards: number of shards the references are split into (contiguous ranges).
         evaluate_against: target-domain images (LMDB or folder) to compute FID/KID against.
@@ -117,6 +119,7 @@ class SampleConfig:
     native_groupnorm: bool = False
     compile: bool = False
     cpu_malloc: Literal["tuned", "default"] = "tuned"
+    io_workers: int = 4
     shard_index: int = 0
     num_shards: int = 1
     evaluate_against: str | None = None

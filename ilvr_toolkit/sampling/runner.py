@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from ..diffusion import (
 from ..images import to_float, to_uint8
 from ..models import LoadedModel, load_model
 from ..runtime import tuned_cpu_malloc
+from .background import BackgroundIO
 from .config import SampleConfig
 from .distributed import barrier, finish, init_ranks
 from .grid import build_grid
@@ -92,7 +94,8 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
 
 class _References:
     """Reference images by index, loaded on demand (a small LRU cache, so a 70k-image set is
-    never held in memory), with unreadable ones recorded, not raised."""
+    never held in memory), with unreadable ones recorded, not raised. Thread-safe: the
+    background workers decode the next batch's references while a batch samples."""
 
     def __init__(self, config: SampleConfig, image_size: int, cache_size: int = 256) -> None:
         self.unconditional = config.unconditional or not config.references
@@ -106,29 +109,39 @@ class _References:
             self.names = list(self.source.names)
         self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.cache_size = cache_size
-        self.failed: dict[str, str] = {}
+        self._failed: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """A copy of {reference name: why it could not be read}."""
+        with self._lock:
+            return dict(self._failed)
 
     def get(self, index: int) -> torch.Tensor | None:
         """uint8 (3, H, W), or None when unreadable (the error is kept in ``failed``)."""
-        if index in self.cache:
-            self.cache.move_to_end(index)
-            return self.cache[index]
-        if self.names[index] in self.failed:
-            return None
-        item, error = self.source.try_get(index)
-        if item is None:
-            self.failed[self.names[index]] = error or "unreadable"
-            log.warning("skipping reference %s: %s", self.names[index], error)
-            return None
-        self.cache[index] = item["image"]
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        name = self.names[index]
+        with self._lock:
+            if index in self.cache:
+                self.cache.move_to_end(index)
+                return self.cache[index]
+            if name in self._failed:
+                return None
+        item, error = self.source.try_get(index)  # decoded outside the lock
+        with self._lock:
+            if item is None:
+                self._failed[name] = error or "unreadable"
+                log.warning("skipping reference %s: %s", name, error)
+                return None
+            self.cache[index] = item["image"]
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
         return item["image"]
 
 
 def _sample_batch(
     batch: list[WorkItem],
-    refs: _References,
+    images: dict[int, torch.Tensor | None],
     diffusion: GaussianDiffusion,
     net: Callable,
     config: SampleConfig,
@@ -137,10 +150,12 @@ def _sample_batch(
     range_t: int,
     device: torch.device,
 ) -> tuple[list[WorkItem], torch.Tensor | None]:
-    """Sample one batch; returns the items actually sampled and their uint8 images (B, 3, H, W)."""
+    """Sample one batch; returns the items actually sampled and their uint8 images (B, 3, H, W).
+
+    ``images``: the batch's references by index (None: unreadable); empty when unconditional.
+    """
     hooks = []
-    if not refs.unconditional:
-        images = {item.reference: refs.get(item.reference) for item in batch}
+    if images:
         batch = [item for item in batch if images[item.reference] is not None]
         if not batch:
             return [], None
@@ -222,8 +237,15 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     return result
 
 
+def _reference_indices(batch: list[WorkItem]) -> list[int]:
+    return list(dict.fromkeys(item.reference for item in batch))
+
+
 def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, part, result) -> None:
-    """Sample ``todo`` in batches; write each PNG atomically and the manifest part per batch."""
+    """Sample ``todo`` in batches. While batch k samples, worker threads decode the references
+    of batch k+1 and write the PNGs of batch k-1 (``config.io_workers``). A batch's manifest
+    entries are saved before its PNGs are written: the merge keeps only entries whose PNG
+    exists, and every PNG is written atomically, so a kill at any point loses nothing."""
     lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
     range_t = resolve_range_t(  # once per run: which respaced steps ILVR conditions
         diffusion.timestep_map.tolist(),
@@ -233,21 +255,35 @@ def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, p
     )
     desc = f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR"
     bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not config.progress, dynamic_ncols=True)
-    for batch in batches(todo, config.batch_size):
-        tic = time.perf_counter()
-        done, images = _sample_batch(batch, refs, diffusion, net, config, image_size, lowpasses, range_t, device)
-        seconds = (time.perf_counter() - tic) / max(len(batch), 1)
-        for item, image in zip(done, images if images is not None else [], strict=True):
-            save_png(result.out_dir / item.filename, image)
-            part.record(item.filename, {
-                "reference": refs.names[item.reference], "reference_index": item.reference,
-                "sample": item.sample, "factor": item.factor, "seed": item.seed,
-                "seconds": round(seconds, 4), "batch_size": len(batch), "rank": ranks.rank,
-            })
-            result.written.append(item.filename)
-        part.failed.update(refs.failed)
-        part.save()
-        bar.update(len(batch))
+    plan = batches(todo, config.batch_size)
+
+    def fetch(k: int) -> Callable[[], dict[int, torch.Tensor | None]]:
+        if refs.unconditional or k >= len(plan):
+            return dict
+        indices = _reference_indices(plan[k])
+        ready = io.prefetch(refs.get, indices)
+        return lambda: dict(zip(indices, ready(), strict=True))
+
+    with BackgroundIO(config.io_workers) as io:
+        pending = fetch(0)
+        for k, batch in enumerate(plan):
+            images, pending = pending(), fetch(k + 1)
+            tic = time.perf_counter()
+            done, out = _sample_batch(batch, images, diffusion, net, config, image_size, lowpasses, range_t, device)
+            seconds = (time.perf_counter() - tic) / max(len(batch), 1)
+            io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
+            for item in done:
+                part.record(item.filename, {
+                    "reference": refs.names[item.reference], "reference_index": item.reference,
+                    "sample": item.sample, "factor": item.factor, "seed": item.seed,
+                    "seconds": round(seconds, 4), "batch_size": len(batch), "rank": ranks.rank,
+                })
+            part.failed.update(refs.failed)
+            part.save()
+            for item, image in zip(done, out if out is not None else [], strict=True):
+                io.write(save_png, result.out_dir / item.filename, image)
+                result.written.append(item.filename)
+            bar.update(len(batch))
     bar.close()
     part.failed.update(refs.failed)
     part.save()
