@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import socket
@@ -235,6 +236,39 @@ def test_tiny_fit_single_process(tiny_run: Path) -> None:
     assert {"samples/ema", "ilvr/preview_ema"} <= set(events.Tags()["images"])
 
 
+def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(lmdb_path: Path, tmp_path: Path) -> None:
+    """--fid.*: reference statistics once (cached), FID of EMA samples every 2 steps to the
+    loggers and RUN/fid.jsonl, the history continued after a resume; a missing Inception
+    file stops the run before its first step, naming the file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ilvr_toolkit.evaluation import InceptionWeightsMissing, write_random_inception_weights
+
+    weights = write_random_inception_weights(tmp_path / "inception_random.pth")
+    run_dir, cache = tmp_path / "run", tmp_path / "stats"
+    fid_args = {"fid.every_n_steps": 2, "fid.num_images": 4, "fid.batch_size": 4, "fid.respacing": "ddim2",
+                "fid.inception_weights": str(weights), "fid.stats_cache_dir": str(cache)}
+    run_inprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": 4, **fid_args}))
+    history = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in history] == [2, 4]
+    assert all(math.isfinite(e["fid"]) and e["fid"] > 0 and e["weights"] == "ema" for e in history)
+    assert len(list(cache.glob("*.npz"))) == 1
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert [s.step for s in events.Scalars("fid/fid")] == [2, 4]
+    assert load_ckpt(run_dir / "checkpoints" / "last.ckpt")["ilvr_toolkit"]["fid"]["history"][-1]["step"] == 4
+
+    run_inprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": 6, **fid_args}))  # resumes
+    history = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in history] == [2, 4, 6]
+
+    missing = tmp_path / "nowhere" / "weights-inception-2015-12-05-6726825d.pth"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(InceptionWeightsMissing, match="6726825d"):
+        run_inprocess(common_args(lmdb_path, fresh, **{"trainer.max_steps": 2, **fid_args,
+                                                       "fid.inception_weights": str(missing)}))
+    assert not list(fresh.rglob("*.ckpt"))
+
+
 def test_export_round_trip_and_rerun_after_finish(tiny_run: Path, lmdb_path: Path) -> None:
     last = tiny_run / "checkpoints" / "last.ckpt"
     ckpt = load_ckpt(last)
@@ -262,15 +296,25 @@ def test_export_round_trip_and_rerun_after_finish(tiny_run: Path, lmdb_path: Pat
 
 # --------------------------------------------------------------------------- DDP
 def test_tiny_fit_ddp_two_processes(lmdb_path: Path, tmp_path: Path) -> None:
+    """2-process DDP (gloo), with the FID monitor on: its reference statistics are sharded
+    over both processes in setup, its evaluation runs on rank 0 alone (no deadlock)."""
+    from ilvr_toolkit.evaluation import write_random_inception_weights
+
+    weights = write_random_inception_weights(tmp_path / "inception_random.pth")
+    run_dir = tmp_path / "run"
     args = common_args(
-        lmdb_path, tmp_path, **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 3}
+        lmdb_path, run_dir, **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 3,
+                               "fid.every_n_steps": 2, "fid.num_images": 2, "fid.respacing": "ddim2",
+                               "fid.inception_weights": str(weights), "fid.stats_cache_dir": str(tmp_path / "stats")}
     )
     proc = train_subprocess(args)
-    out, _ = proc.communicate(timeout=240)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert "Starting with 2 processes" in out or "MEMBER: 2/2" in out
-    ckpt = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")
+    ckpt = load_ckpt(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
+    history = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in history] == [2] and math.isfinite(history[0]["fid"])
 
 
 # --------------------------------------------------------------------------- resume

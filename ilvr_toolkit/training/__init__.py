@@ -9,12 +9,14 @@ from .checkpointing import (
     atomic_torch_save,
     find_resume_checkpoint,
 )
+from .fid_monitor import FIDMonitor
 from .module import DiffusionModule, resolve_diffusion_config, resolve_unet_config
 
 __all__ = [
     "EMA",
     "AtomicCheckpointIO",
     "DiffusionModule",
+    "FIDMonitor",
     "ILVRPreview",
     "RunCheckpoint",
     "SampleGrid",

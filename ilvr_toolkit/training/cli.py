@@ -16,7 +16,8 @@ What the CLI adds to Lightning's:
   ``RUN/hpc_ckpt_*.ckpt`` (``--auto_resume false`` starts over; ``--ckpt_path`` picks one).
 - Always-on callbacks with their own config groups: ``--ema.*`` (EMA), ``--checkpoint.*``
   (last.ckpt / snapshots), ``--samples.*`` (EMA sample grids), ``--ilvr_preview.*``,
-  plus throughput logging and SLURM requeue (``--slurm_requeue``).
+  ``--fid.*`` (FID of EMA samples every N steps; off unless ``--fid.every_n_steps``), plus
+  throughput logging and SLURM requeue (``--slurm_requeue``).
 - ``data.image_size`` is not a setting: it is the UNet's ``image_size``, so a dataset
   without images of that size is refused before training starts.
 - Checkpoint writes are atomic (``AtomicCheckpointIO``).
@@ -48,6 +49,7 @@ from .checkpointing import (
     atomic_open,
     find_resume_checkpoint,
 )
+from .fid_monitor import FIDMonitor
 from .module import DiffusionModule, resolve_unet_config
 
 __all__ = ["RunConfigSaver", "TrainCLI", "main"]
@@ -126,6 +128,7 @@ class TrainCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(ILVRPreview, "ilvr_preview")
+        parser.add_lightning_class_args(FIDMonitor, "fid")
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.link_arguments("model.unet", "data.image_size", compute_fn=unet_image_size)
         parser.add_argument(
