@@ -43,6 +43,10 @@ def _pngs(out: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("ref*_s*.png"))}
 
 
+def _pngs_any(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*_s*.png"))}
+
+
 def _assert_same_images(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     """Identical, or (batch-size-dependent kernels) at most 1 grey level on <= 0.1% of pixels."""
     assert a.keys() == b.keys()
@@ -201,6 +205,21 @@ def test_background_io_same_outputs_as_inline(tmp_path, refs, tiny32_path):
     assert manifests[0]["failed_references"].keys() == manifests[4]["failed_references"].keys() == {"ref99_broken"}
 
 
+def test_background_io_with_lmdb_references(tmp_path, refs, tiny32_path):
+    """References read from an LMDB by worker threads (read-only environment shared by the
+    threads): the same PNGs as reading them in the main thread."""
+    from ilvr_toolkit.data import build_lmdb
+
+    lmdb = tmp_path / "refs.lmdb"
+    build_lmdb(refs, lmdb, [32], workers=0, progress=False)
+    for workers in (0, 4):
+        result = run(parse_config(_args(tiny32_path, lmdb, tmp_path / f"lmdb{workers}", "--batch_size", "2",
+                                        "--io_workers", str(workers), "--output.grid", "false")))
+        assert len(result.written) == 5 and not result.failed_references
+    a, b = (_pngs_any(tmp_path / f"lmdb{w}") for w in (0, 4))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_a_failed_png_write_stops_the_run_and_loses_nothing(tmp_path, refs, tiny32_path, monkeypatch):
     """A write error in a worker thread (disk full, say) ends the run with that error; the
     PNGs written before it stay, the manifest lists only PNGs that exist, and a rerun
@@ -220,7 +239,7 @@ def test_a_failed_png_write_stops_the_run_and_loses_nothing(tmp_path, refs, tiny
     with pytest.raises(OSError, match="No space left"):
         run(parse_config(args))
     written = {p.name for p in out.glob("ref*_s*.png")}
-    assert {"ref00_s0.png", "ref01_s0.png"} <= written and "ref02_s0.png" not in written
+    assert {"ref00_s0.png", "ref01_s0.png"} <= written and not {"ref02_s0.png", "ref04_s0.png"} & written
     assert not list(out.glob(".*.tmp"))
     monkeypatch.setattr(runner, "save_png", original)
     result = run(parse_config(args))
@@ -243,6 +262,12 @@ def test_background_io_unit():
         assert io.prefetch(lambda i: i + 1, [1, 2, 3])() == [2, 3, 4]
     with pytest.raises(ValueError, match="io_workers"):
         BackgroundIO(-1)
+    with BackgroundIO(2) as io:  # check(): a finished failure raises at once, without waiting
+        io.write(lambda: (_ for _ in ()).throw(OSError("disk full")))
+        time.sleep(0.2)
+        with pytest.raises(OSError, match="disk full"):
+            io.check()
+        io.check()  # reported once
 
 
 def test_fewer_references_than_batch_unconditional_and_lmdb(tmp_path, refs, tiny32_path):

@@ -8,11 +8,14 @@ parallel with the sampling loop (64 PNG writes at 256x256 took 1.02 s on one thr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 __all__ = ["BackgroundIO"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,10 +49,19 @@ class BackgroundIO:
         else:
             self._writes.append(self._pool.submit(fn, *args))
 
+    def check(self) -> None:
+        """Raise the first error of the writes finished so far, without waiting for the others."""
+        for future in self._writes:
+            if future.done() and future.exception() is not None:
+                self.drain()
+
     def drain(self) -> None:
-        """Wait for every write submitted so far; raise the first error among them."""
+        """Wait for every write submitted so far; raise the first error among them (the
+        others are logged)."""
         writes, self._writes = self._writes, []
         errors = [error for error in (future.exception() for future in writes) if error is not None]
+        for error in errors[1:]:
+            log.error("another background write failed too: %s", error)
         if errors:
             raise errors[0]
 
@@ -57,12 +69,16 @@ class BackgroundIO:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        failing = exc_type is not None
         try:
-            if exc_type is None:
+            if not failing:
                 self.drain()
-            else:  # already failing: let the writes finish, keep the original error
+            else:  # already failing: drop queued work, let running writes finish, keep the error
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
                 for future in self._writes:
-                    future.exception()
+                    if not future.cancelled() and future.exception() is not None:
+                        log.error("background write failed while the run was stopping: %s", future.exception())
                 self._writes = []
         finally:
             if self._pool is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -264,13 +265,14 @@ def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, p
         ready = io.prefetch(refs.get, indices)
         return lambda: dict(zip(indices, ready(), strict=True))
 
-    with BackgroundIO(config.io_workers) as io:
+    with contextlib.closing(bar), BackgroundIO(config.io_workers) as io:
         pending = fetch(0)
         for k, batch in enumerate(plan):
+            io.check()  # a write of batch k-1 that already failed stops the run before sampling more
             images, pending = pending(), fetch(k + 1)
             tic = time.perf_counter()
             done, out = _sample_batch(batch, images, diffusion, net, config, image_size, lowpasses, range_t, device)
-            seconds = (time.perf_counter() - tic) / max(len(batch), 1)
+            seconds = (time.perf_counter() - tic) / max(len(done), 1)  # sampling only: I/O overlaps it
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
             for item in done:
                 part.record(item.filename, {
@@ -284,7 +286,6 @@ def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, p
                 io.write(save_png, result.out_dir / item.filename, image)
                 result.written.append(item.filename)
             bar.update(len(batch))
-    bar.close()
     part.failed.update(refs.failed)
     part.save()
 

@@ -9,6 +9,7 @@ noise every time, so the curve follows the model), and never talks to the other 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -34,13 +35,19 @@ __all__ = ["FIDMonitor"]
 log = logging.getLogger(__name__)
 
 
+def _on_cpu(stats: FeatureStats) -> FeatureStats:
+    return FeatureStats(stats.mean.cpu(), stats.cov.cpu(), stats.count)
+
+
 class FIDMonitor(_EveryNSteps):
     """FID of ``num_images`` samples (EMA weights) against the training set every ``every_n_steps``.
 
     Logged to every logger as ``fid/fid`` (with ``fid/seconds``) and appended to
     ``RUN/fid.jsonl``; the history is kept in checkpoints, so a resumed run continues it.
     FID is biased upwards for small ``num_images``: compare values of one setting only (the
-    published numbers use 50k samples).
+    published numbers use 50k samples). Sampling runs in float32 on the training device
+    (a copy of the EMA weights when the EMA lives elsewhere); the Frechet distance is
+    computed on the CPU in float64.
 
     Args:
         every_n_steps: optimizer steps between evaluations (0: never; the default, because
@@ -85,7 +92,9 @@ class FIDMonitor(_EveryNSteps):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.every_n_steps or self._real is not None:
+        # Every fit, on every rank (a second fit must not leave rank 0 out of the collectives
+        # in cached_reference_stats); from the second time on, the statistics come from the cache.
+        if stage != "fit" or not self.every_n_steps:
             return
         source = self.reference or getattr(getattr(trainer, "datamodule", None), "path", None)
         if source is None:
@@ -96,8 +105,8 @@ class FIDMonitor(_EveryNSteps):
             source, extractor, image_size=pl_module.unet_config.image_size, cache_dir=self.stats_cache_dir,
             batch_size=self.batch_size, keep_features=False,
         )
-        if trainer.is_global_zero:
-            self._extractor, self._real = extractor, real
+        if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
+            self._extractor, self._real = extractor, _on_cpu(real)
             log.info("FID reference statistics of %s (%d images): %s in %.1fs", source, real.count,
                      "cache hit" if info.hit else f"computed ({info.reason})", info.seconds)
 
@@ -113,11 +122,13 @@ class FIDMonitor(_EveryNSteps):
         if self._extractor is None or self._real is None:
             raise RuntimeError("FIDMonitor.evaluate needs setup() on global rank 0 first")
         net, which = sampling_network(trainer, pl_module)
-        device = next(net.parameters()).device
+        device = trainer.strategy.root_device
+        if next(net.parameters()).device != device:  # e.g. EMA(device="cpu"): sample on the accelerator
+            net = copy.deepcopy(net).to(device)
         tic = time.perf_counter()
         fake = compute_image_set_stats(self._samples(net, pl_module, device), self._extractor,
                                        keep_features=False, distributed=False)
-        fid = float(self._real.frechet_distance(fake))
+        fid = float(self._real.frechet_distance(_on_cpu(fake)))
         entry = {"step": trainer.global_step, "fid": fid, "num_images": self.num_images,
                  "respacing": self.respacing, "weights": which, "seconds": round(time.perf_counter() - tic, 2)}
         self.history.append(entry)
