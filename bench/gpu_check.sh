@@ -22,7 +22,7 @@
 #   compile    torch.compile vs eager: tiny32 fp32 and ffhq bf16 (error bound + speed)
 #   ddp        Lightning DDP on 1 GPU with the training module (bf16-mixed)
 #   proposal   bench/proposals.py: GroupNorm proposals (epilogue fold, native bf16 GN), bf16 batch 32
-#   ddp-cli    train.py fit --trainer.strategy ddp on a made-up LMDB (needs lmdb, jsonargparse)
+#   ddp-cli    train.py fit --trainer.strategy ddp on a made-up LMDB, FID monitor, resumed fit (needs lmdb, jsonargparse, torch-fidelity)
 #   fid        bench_fid.py (if present)
 #   data       bench_data.py (if present; needs lmdb)
 # Output: one log ($OUT/gpu_check.log), one JSON ($OUT/gpu_check_summary.json), and the
@@ -101,7 +101,7 @@ step compile 180 $G compile --batch 32
 step ddp 90 $G ddp-lightning --work "$WORK/ddp" --steps 40 --batch 64
 step proposal 60 "$PY" bench/proposals.py --device "$DEV" --batch 32 --precision bf16 --repeats 10 \
   --out-dir "$WORK/results" --tag _gpu
-step ddp-cli 120 $G ddp-train --work "$WORK/ddp_cli" --steps 30 --timeout 110
+step ddp-cli 150 $G ddp-train --work "$WORK/ddp_cli" --steps 30 --timeout 70
 step fid 60 $G other bench_fid.py --timeout 55 -- --device "$DEV" --n-images 512 --batch-size 128 \
   --out-dir "$WORK/results" --tag _gpu
 step data 60 $G other bench_data.py --timeout 55 -- --device "$DEV" --n-images 256 --workers 4 --batch-size 32 \

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -399,7 +400,10 @@ def check_ddp_lightning(args) -> None:
 
 
 def check_ddp_train(args) -> None:
-    """``train.py fit --config configs/tiny.yaml`` with DDP on one GPU, on a made-up LMDB."""
+    """``train.py fit --config configs/tiny.yaml`` with DDP on one GPU, on a made-up LMDB; with
+    torch-fidelity present also the FID monitor (random Inception weights), then a resumed
+    fit whose reference statistics come from the cache (CPU-loaded statistics vs CUDA
+    features: the case a CPU test cannot reach)."""
     repo = common.REPO
     missing = [m for m in ("lmdb", "jsonargparse") if not _importable(m)]
     if not (repo / "train.py").exists() or not (repo / "configs" / "tiny.yaml").exists():
@@ -425,7 +429,20 @@ def check_ddp_train(args) -> None:
            "--trainer.accelerator", "gpu" if _cuda().type == "cuda" else "cpu", "--trainer.devices", "1", "--trainer.strategy", "ddp",
            "--trainer.max_steps", str(args.steps), "--trainer.default_root_dir", str(work / "run"),
            "--data.num_workers", "2", "--data.persistent_workers", "false"]
-    for cmd in (prep, fit):
+    commands = [prep, fit]
+    with_fid = _importable("torch_fidelity")
+    if with_fid:
+        from ilvr_toolkit.evaluation import write_random_inception_weights
+
+        weights = write_random_inception_weights(work / "inception_random.pth")
+        every = max(1, args.steps // 2)
+        fit += ["--fid.every_n_steps", str(every), "--fid.num_images", "16", "--fid.batch_size", "16",
+                "--fid.respacing", "ddim5", "--fid.inception_weights", str(weights),
+                "--fid.stats_cache_dir", str(work / "stats")]
+        resumed = [*fit[: fit.index("--trainer.max_steps") + 1], str(args.steps + every),
+                   *fit[fit.index("--trainer.max_steps") + 2:]]
+        commands.append(resumed)
+    for cmd in commands:
         print("$ " + " ".join(cmd), flush=True)
         tic = time.perf_counter()
         done = subprocess.run(cmd, cwd=repo, env=env, text=True, capture_output=True, timeout=args.timeout)
@@ -438,6 +455,16 @@ def check_ddp_train(args) -> None:
     ckpts = sorted(str(p.relative_to(work)) for p in (work / "run").rglob("*.ckpt"))
     record("DDP 1 GPU (train.py fit)", "PASS" if ckpts else "FAIL",
            f"{args.steps} steps in {time.perf_counter() - tic:.0f} s; checkpoints: {ckpts[:3]}")
+    if with_fid:
+        history_file = work / "run" / "fid.jsonl"
+        history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
+        steps = [e["step"] for e in history]
+        ok = len(steps) >= 3 and all(math.isfinite(e["fid"]) for e in history)
+        record("FID monitor in DDP fit + resume (cache hit)", "PASS" if ok else "FAIL",
+               f"evaluations at steps {steps}, FID {[round(e['fid'], 2) for e in history]}, "
+               f"seconds {[e['seconds'] for e in history]}")
+    else:
+        record("FID monitor in DDP fit + resume (cache hit)", "SKIP", "torch_fidelity missing (carry wheels in .whl/)")
 
 
 def _importable(name: str) -> bool:
