@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,6 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from conftest import DATA_BAD_FILES, DATA_SIZES, smooth_rgb
 from PIL import Image, JpegImagePlugin
@@ -376,47 +376,63 @@ def test_datamodule_batches(data_lmdb):
     assert ordered.shape[0] == n and all(torch.equal(ordered[i], plain[i]) for i in range(n))
 
 
-class _IndexRecorder(pl.LightningModule):
-    """Records the dataset indices each rank trains on and gathers them to a JSON file."""
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import pytorch_lightning as pl
+    import torch
+    import torch.distributed as dist
+    from ilvr_toolkit.data import ImageDataModule
 
-    def __init__(self, out_file: str):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-        self.out_file = out_file
-        self.seen: list[torch.Tensor] = []
+    lmdb_path, out_file = sys.argv[1], sys.argv[2]
 
-    def training_step(self, batch, batch_idx):
-        images, index = batch
-        self.seen.append(index)
-        return self.weight * images.float().mean()
+    class IndexRecorder(pl.LightningModule):
+        # Records the dataset indices each rank trains on and gathers them on rank 0.
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
 
-    def on_train_epoch_end(self):
-        gathered = self.all_gather(torch.cat(self.seen))
-        if self.global_rank == 0:
-            Path(self.out_file).write_text(json.dumps(gathered.tolist()))
+        def training_step(self, batch, batch_idx):
+            images, index = batch
+            self.seen.append(index)
+            return self.weight * images.float().mean()
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+        def on_train_epoch_end(self):
+            gathered = self.all_gather(torch.cat(self.seen))
+            if self.global_rank == 0:
+                with open(out_file, "w") as f:
+                    json.dump(gathered.tolist(), f)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    dm = ImageDataModule(lmdb_path, 16, batch_size=2, num_workers=0, flip=False, drop_last=False,
+                         return_index=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(IndexRecorder(), datamodule=dm)
+    if dist.is_initialized():
+        dist.destroy_process_group()  # as train.py does: a clean exit of every rank
+    """
+)
 
 
 def test_ddp_two_processes_shard_every_index_once(data_lmdb, tmp_path):
+    """Two DDP processes launched by torchrun (the launch of a cluster job) each train on half
+    of the dataset, and together on every index exactly once."""
     n = read_info(data_lmdb).length
     assert n % 2 == 0
-    dm = ImageDataModule(
-        data_lmdb, 16, batch_size=2, num_workers=0, flip=False, drop_last=False, return_index=True
-    )
-    out_file = tmp_path / "seen.json"
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(_IndexRecorder(str(out_file)), datamodule=dm)
+    script, out_file = tmp_path / "ddp_shards.py", tmp_path / "seen.json"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), str(data_lmdb), str(out_file)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     per_rank = json.loads(out_file.read_text())
     assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1]) == n // 2
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))

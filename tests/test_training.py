@@ -311,6 +311,7 @@ def test_tiny_fit_ddp_two_processes(lmdb_path: Path, tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert "Starting with 2 processes" in out or "MEMBER: 2/2" in out
+    assert "terminate called" not in out  # every rank left the process group and exited cleanly
     ckpt = load_ckpt(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     history = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]

@@ -198,3 +198,14 @@ def main(argv: list[str] | None = None) -> None:
 
         raise SystemExit(export_main(args[1:]))
     TrainCLI(args=argv)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group DDP leaves behind (Lightning does not), so that every rank
+    exits cleanly: gloo/NCCL threads torn down during interpreter exit can abort a process
+    ("terminate called without an active exception"), which a scheduler counts as a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
