@@ -71,6 +71,10 @@ def add_repo_to_path() -> None:
         sys.path.insert(0, str(REPO))
 
 
+add_repo_to_path()
+from ilvr_toolkit.runtime import set_cpu_malloc  # noqa: E402  (the bench scripts' allocator switch)
+
+
 # --------------------------------------------------------------------------- devices
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -92,15 +96,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------- CPU allocator
-def set_cpu_malloc(tuned: bool) -> bool:
-    """``ilvr_toolkit.runtime.set_cpu_malloc`` (tuned glibc allocator; see there)."""
-    add_repo_to_path()
-    from ilvr_toolkit.runtime import set_cpu_malloc as _set
-
-    return _set(tuned)
 
 
 # --------------------------------------------------------------------------- timing
