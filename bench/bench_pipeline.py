@@ -44,7 +44,9 @@ def make_references(folder: Path, count: int, size: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     for i in range(count):
-        image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).resize(
+            (size, size), Image.BICUBIC
+        )
         image.save(folder / f"ref{i:04d}.{'png' if i % 2 else 'jpg'}", quality=95)
 
 
@@ -65,12 +67,32 @@ def stand_in_load(seconds_per_step: float):
 
 def run_once(refs: Path, out: Path, args, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    config = parse_config([
-        "--model.checkpoint", "stand-in", "--references", str(refs), "--output.dir", str(out),
-        "--device", "cpu", "--batch_size", str(args.batch_size), "--sampler.method", "ddim",
-        "--sampler.respacing", f"ddim{args.steps}", "--ilvr.factor", "8", "--progress", "false",
-        "--output.grid", "false", "--io_workers", str(workers),
-    ])
+    config = parse_config(
+        [
+            "--model.checkpoint",
+            "stand-in",
+            "--references",
+            str(refs),
+            "--output.dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch_size",
+            str(args.batch_size),
+            "--sampler.method",
+            "ddim",
+            "--sampler.respacing",
+            f"ddim{args.steps}",
+            "--ilvr.factor",
+            "8",
+            "--progress",
+            "false",
+            "--output.grid",
+            "false",
+            "--io_workers",
+            str(workers),
+        ]
+    )
     tic = time.perf_counter()
     result = runner.run(config)
     wall = time.perf_counter() - tic
@@ -84,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-refs", type=int, default=256)
     parser.add_argument("--ref-size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batch-seconds", type=float, default=1.6, help="simulated accelerator time per batch")
+    parser.add_argument(
+        "--batch-seconds", type=float, default=1.6, help="simulated accelerator time per batch"
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 4])
     args = parser.parse_args(argv)
@@ -104,18 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     for workers, results in runs.items():
         wall = statistics.median(r["wall_s"] for r in results)
         first = results[0]
-        rows.append({
-            "io_workers": workers, "images": first["images"], "wall s": wall, "img/s": first["images"] / wall,
-            "s/batch": wall / first["batches"], "simulated accel. s": first["simulated_s"],
-            "over accel. %": 100 * (wall / first["simulated_s"] - 1), "walls": [r["wall_s"] for r in results],
-        })
-    title = (f"sampling.run with a stand-in accelerator ({args.batch_seconds} s per batch of {args.batch_size}, "
-             f"DDIM {args.steps}), {args.n_refs} references of {args.ref_size}px, output 256px, "
-             f"{torch.get_num_threads()} torch threads; median of {repeats}")
-    common.print_table(rows, ["io_workers", "images", "wall s", "img/s", "s/batch", "simulated accel. s",
-                              "over accel. %"], title=title)
-    path = common.write_json(f"pipeline{args.tag}", {"env": common.environment(), "args": vars(args),
-                                                     "rows": rows}, args.out_dir)
+        rows.append(
+            {
+                "io_workers": workers,
+                "images": first["images"],
+                "wall s": wall,
+                "img/s": first["images"] / wall,
+                "s/batch": wall / first["batches"],
+                "simulated accel. s": first["simulated_s"],
+                "over accel. %": 100 * (wall / first["simulated_s"] - 1),
+                "walls": [r["wall_s"] for r in results],
+            }
+        )
+    title = (
+        f"sampling.run with a stand-in accelerator ({args.batch_seconds} s per batch of {args.batch_size}, "
+        f"DDIM {args.steps}), {args.n_refs} references of {args.ref_size}px, output 256px, "
+        f"{torch.get_num_threads()} torch threads; median of {repeats}"
+    )
+    common.print_table(
+        rows,
+        ["io_workers", "images", "wall s", "img/s", "s/batch", "simulated accel. s", "over accel. %"],
+        title=title,
+    )
+    path = common.write_json(
+        f"pipeline{args.tag}", {"env": common.environment(), "args": vars(args), "rows": rows}, args.out_dir
+    )
     print(f"wrote {path}")
     return 0
 

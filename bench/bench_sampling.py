@@ -80,17 +80,33 @@ class Case:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(parser)
-    parser.add_argument("--cases", nargs="+", default=None, help=f"default: CPU {CPU_CASES}, CUDA {CUDA_CASES}")
-    parser.add_argument("--precision", choices=list(common.PRECISIONS), default=None,
-                        help="UNet autocast precision (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument(
+        "--cases", nargs="+", default=None, help=f"default: CPU {CPU_CASES}, CUDA {CUDA_CASES}"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=list(common.PRECISIONS),
+        default=None,
+        help="UNet autocast precision (default: fp32 on CPU, bf16 on CUDA)",
+    )
     parser.add_argument("--channels-last", choices=["on", "off"], default="on")
-    parser.add_argument("--native-groupnorm", choices=["on", "off"], default="off",
-                        help="GroupNorm in the autocast dtype (sample.py's native_groupnorm)")
+    parser.add_argument(
+        "--native-groupnorm",
+        choices=["on", "off"],
+        default="off",
+        help="GroupNorm in the autocast dtype (sample.py's native_groupnorm)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    parser.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
-                        help="CPU: glibc allocator as is or tuned (common.set_cpu_malloc)")
+    parser.add_argument(
+        "--malloc",
+        choices=["default", "tuned"],
+        default="tuned",
+        help="CPU: glibc allocator as is or tuned (common.set_cpu_malloc)",
+    )
     parser.add_argument("--factor", type=int, default=4, help="ILVR down-sampling factor N")
     parser.add_argument("--hook-calls", type=int, default=50, help="isolated hook timings per case")
     parser.add_argument("--no-sync-check", action="store_true", help="skip the CUDA sync-debug loop")
@@ -109,8 +125,17 @@ def build_net(preset: str, device: torch.device, args):
     return make_net(model, device, args.precision, channels_last), model.config
 
 
-def make_sampler(case: Case, diffusion, net, x_T_seed: int, device: torch.device, image_size: int,
-                 lowpass: LowPass | None, reference: torch.Tensor | None, factor: int):
+def make_sampler(
+    case: Case,
+    diffusion,
+    net,
+    x_T_seed: int,
+    device: torch.device,
+    image_size: int,
+    lowpass: LowPass | None,
+    reference: torch.Tensor | None,
+    factor: int,
+):
     """A closure running one full loop with fresh per-image generators (same seeds each run)."""
     loop = ddim_sample if case.sampler == "ddim" else ddpm_sample
 
@@ -118,21 +143,33 @@ def make_sampler(case: Case, diffusion, net, x_T_seed: int, device: torch.device
         gens = [torch.Generator(device=device).manual_seed(x_T_seed + i) for i in range(case.batch)]
         noise = PerImageNoise(gens)
         x_T = draw_x_T(noise, (case.batch, 3, image_size, image_size), device)
-        hooks = [] if lowpass is None else [ILVR(reference, factor, range_t=-1, mode="paper", lowpass=lowpass)]
+        hooks = (
+            [] if lowpass is None else [ILVR(reference, factor, range_t=-1, mode="paper", lowpass=lowpass)]
+        )
         return loop(diffusion, net, x_T, noise=noise, hooks=hooks)
 
     return run
 
 
-def time_hook(case: Case, diffusion, reference: torch.Tensor, lowpass: LowPass, device, calls: int) -> common.Timing:
+def time_hook(
+    case: Case, diffusion, reference: torch.Tensor, lowpass: LowPass, device, calls: int
+) -> common.Timing:
     """The ILVR hook alone on a mid-loop step (its noise draw, q_sample and low-pass)."""
     gens = [torch.Generator(device=device).manual_seed(100 + i) for i in range(case.batch)]
     noise = PerImageNoise(gens)
     hook = ILVR(reference, lowpass.factor, range_t=-1, mode="paper", lowpass=lowpass)
     x = torch.randn_like(reference)
     i = diffusion.num_timesteps // 2
-    step = Step(i, int(diffusion.timestep_map[i]), int(diffusion.timestep_map[max(i - 1, 0)]), x, x, x,
-                diffusion, noise)
+    step = Step(
+        i,
+        int(diffusion.timestep_map[i]),
+        int(diffusion.timestep_map[max(i - 1, 0)]),
+        x,
+        x,
+        x,
+        diffusion,
+        noise,
+    )
     return common.time_fn(lambda: hook(step), device, warmup=3, repeats=calls)
 
 
@@ -178,8 +215,12 @@ class LowPassWatch:
     def result(self) -> dict:
         no_cast = self.lowpass.down_matrix.to(torch.float32) is self.lowpass.down_matrix
         unchanged = self.before == self.after
-        return {"resize_matrix_calls_in_loops": self.calls, "buffers_unchanged": unchanged,
-                "fp32_use_without_copy": no_cast, "ok": self.calls == 0 and unchanged and no_cast}
+        return {
+            "resize_matrix_calls_in_loops": self.calls,
+            "buffers_unchanged": unchanged,
+            "fp32_use_without_copy": no_cast,
+            "ok": self.calls == 0 and unchanged and no_cast,
+        }
 
 
 def sync_check(run_ilvr, device: torch.device) -> dict:
@@ -256,16 +297,34 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         print(f"{case.label} ...", flush=True)
         rows.append(run_case(case, args, device, nets))
-        print(f"  uncond {rows[-1]['uncond img/s']:.3g} img/s, ILVR {rows[-1]['ILVR img/s']:.3g} img/s, "
-              f"A/B {rows[-1]['A/B overhead %']:+.2f}%, hook/step {rows[-1]['hook/step %']:.3f}% "
-              f"(load average {common.load_average()})", flush=True)
-    columns = ["case", "uncond img/s", "ILVR img/s", "A/B overhead %", "A/B spread %", "hook ms", "step ms",
-               "hook/step %", "lowpass static", "no syncs"]
-    title = (f"Sampling, {device}, precision {args.precision}, channels_last {args.channels_last}, "
-             f"native GroupNorm {args.native_groupnorm}, compile {args.compile}, ILVR N={args.factor} on every step, {torch.get_num_threads()} CPU threads")
+        print(
+            f"  uncond {rows[-1]['uncond img/s']:.3g} img/s, ILVR {rows[-1]['ILVR img/s']:.3g} img/s, "
+            f"A/B {rows[-1]['A/B overhead %']:+.2f}%, hook/step {rows[-1]['hook/step %']:.3f}% "
+            f"(load average {common.load_average()})",
+            flush=True,
+        )
+    columns = [
+        "case",
+        "uncond img/s",
+        "ILVR img/s",
+        "A/B overhead %",
+        "A/B spread %",
+        "hook ms",
+        "step ms",
+        "hook/step %",
+        "lowpass static",
+        "no syncs",
+    ]
+    title = (
+        f"Sampling, {device}, precision {args.precision}, channels_last {args.channels_last}, "
+        f"native GroupNorm {args.native_groupnorm}, compile {args.compile}, ILVR N={args.factor} on every step, {torch.get_num_threads()} CPU threads"
+    )
     common.print_table(rows, columns, title=title)
-    path = common.write_json(f"sampling{args.tag}", {"env": common.environment(device), "args": vars(args),
-                                                     "rows": rows}, args.out_dir)
+    path = common.write_json(
+        f"sampling{args.tag}",
+        {"env": common.environment(device), "args": vars(args), "rows": rows},
+        args.out_dir,
+    )
     print(f"wrote {path}")
     failed = [r["case"] for r in rows if "FAIL" in (r["lowpass static"], r["no syncs"])]
     if failed:

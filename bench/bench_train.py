@@ -110,7 +110,9 @@ def run_case(
 ) -> dict[str, Any]:
     settings = model_settings(name)
     settings["diffusion"] = DiffusionConfig(**settings.get("diffusion", {}))
-    settings["unet"] = resolve_unet_config(settings.get("unet", "tiny")).replace(native_groupnorm=native_groupnorm)
+    settings["unet"] = resolve_unet_config(settings.get("unet", "tiny")).replace(
+        native_groupnorm=native_groupnorm
+    )
     settings["compile"] = compile
     settings["channels_last"] = channels_last
     settings.pop("init_from", None)
@@ -176,10 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", default=None, help="32-true, bf16-mixed, 16-mixed")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="also time with torch.compile")
-    parser.add_argument("--channels-last", choices=["on", "off", "both"], default="off",
-                        help="DiffusionModule(channels_last=...)")
-    parser.add_argument("--native-groupnorm", choices=["on", "off", "both"], default="off",
-                        help="UNetConfig.native_groupnorm (only differs under bf16/16-mixed)")
+    parser.add_argument(
+        "--channels-last",
+        choices=["on", "off", "both"],
+        default="off",
+        help="DiffusionModule(channels_last=...)",
+    )
+    parser.add_argument(
+        "--native-groupnorm",
+        choices=["on", "off", "both"],
+        default="off",
+        help="UNetConfig.native_groupnorm (only differs under bf16/16-mixed)",
+    )
     args = parser.parse_args(argv)
     device = common.setup(args)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -202,12 +212,31 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row = run_case(name, batch, precision, device, steps, warmup, compiled, args.seed, cl, gn)
                 except torch.cuda.OutOfMemoryError:
-                    row = {"config": name, "batch": batch, "precision": precision, "compile": compiled,
-                           "channels_last": cl, "native_gn": gn, "error": "OOM"}
+                    row = {
+                        "config": name,
+                        "batch": batch,
+                        "precision": precision,
+                        "compile": compiled,
+                        "channels_last": cl,
+                        "native_gn": gn,
+                        "error": "OOM",
+                    }
                     torch.cuda.empty_cache()
                 rows.append(row)
-                common.print_table([row], ["config", "batch", "precision", "compile", "channels_last", "native_gn",
-                                           "step_s", "images_per_s", "peak_mem_gib"])
+                common.print_table(
+                    [row],
+                    [
+                        "config",
+                        "batch",
+                        "precision",
+                        "compile",
+                        "channels_last",
+                        "native_gn",
+                        "step_s",
+                        "images_per_s",
+                        "peak_mem_gib",
+                    ],
+                )
 
     columns = [
         "config",

@@ -64,25 +64,47 @@ CATEGORIES = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(parser)
     parser.add_argument("--preset", default="ffhq")
-    parser.add_argument("--batch-sizes", nargs="+", default=None, help=f"default: CPU {CPU_BATCHES}, CUDA {CUDA_BATCHES}")
+    parser.add_argument(
+        "--batch-sizes", nargs="+", default=None, help=f"default: CPU {CPU_BATCHES}, CUDA {CUDA_BATCHES}"
+    )
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(common.PRECISIONS))
     parser.add_argument("--channels-last", choices=["on", "off", "both"], default="both")
-    parser.add_argument("--compile", choices=["on", "off", "both"], default=None,
-                        help="torch.compile the UNet (default: off on CPU, both on CUDA)")
-    parser.add_argument("--compile-batch-sizes", nargs="+", default=None,
-                        help="batch sizes to compile for (default: all; each is its own graph)")
+    parser.add_argument(
+        "--compile",
+        choices=["on", "off", "both"],
+        default=None,
+        help="torch.compile the UNet (default: off on CPU, both on CUDA)",
+    )
+    parser.add_argument(
+        "--compile-batch-sizes",
+        nargs="+",
+        default=None,
+        help="batch sizes to compile for (default: all; each is its own graph)",
+    )
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's)")
-    parser.add_argument("--malloc", choices=["default", "tuned", "both"], default=None,
-                        help="CPU only: glibc allocator as is, or tuned to keep freed memory "
-                        "(common.set_cpu_malloc); default: both (the untuned rows at the first batch size only)")
+    parser.add_argument(
+        "--malloc",
+        choices=["default", "tuned", "both"],
+        default=None,
+        help="CPU only: glibc allocator as is, or tuned to keep freed memory "
+        "(common.set_cpu_malloc); default: both (the untuned rows at the first batch size only)",
+    )
     parser.add_argument("--attention", choices=["sdpa", "math"], default="sdpa")
-    parser.add_argument("--native-groupnorm", choices=["on", "off"], default="off",
-                        help="GroupNorm in the autocast dtype (UNetConfig.native_groupnorm); "
-                        "bench/proposals.py times it interleaved against the stock path")
-    parser.add_argument("--matmul-size", type=int, default=None, help="reference matmul n (CPU 2048, CUDA 8192)")
+    parser.add_argument(
+        "--native-groupnorm",
+        choices=["on", "off"],
+        default="off",
+        help="GroupNorm in the autocast dtype (UNetConfig.native_groupnorm); "
+        "bench/proposals.py times it interleaved against the stock path",
+    )
+    parser.add_argument(
+        "--matmul-size", type=int, default=None, help="reference matmul n (CPU 2048, CUDA 8192)"
+    )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 matmuls/convs on CUDA")
     parser.add_argument("--profile", action="store_true", help="profile one forward per profiled config")
     parser.add_argument("--profile-only", action="store_true", help="only the profile, no timing table")
@@ -105,8 +127,11 @@ def _switch_list(value: str) -> list[bool]:
 
 def make_models(args, device: torch.device, layouts: list[bool]) -> dict[bool, torch.nn.Module]:
     """One model per memory layout (channels_last False/True), same random weights."""
-    base = build_unet(get_preset(args.preset).replace(attention_backend=args.attention,
-                                                      native_groupnorm=args.native_groupnorm == "on"))
+    base = build_unet(
+        get_preset(args.preset).replace(
+            attention_backend=args.attention, native_groupnorm=args.native_groupnorm == "on"
+        )
+    )
     common.randomize_parameters_(base, seed=args.seed)
     base = base.eval().requires_grad_(False)
     models = {}
@@ -161,8 +186,13 @@ def profile_forward(fn, device: torch.device, label: str) -> dict[str, float]:
         {"category": k, "ms": v, "share": v / total}
         for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])
     ]
-    common.print_table(rows, title=f"profile ({'device' if device.type == 'cuda' else 'CPU'} self time) {label}: {total:.0f} ms")
-    top = [{"op": k, "ms": v, "share": v / total} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]]
+    common.print_table(
+        rows,
+        title=f"profile ({'device' if device.type == 'cuda' else 'CPU'} self time) {label}: {total:.0f} ms",
+    )
+    top = [
+        {"op": k, "ms": v, "share": v / total} for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
+    ]
     common.print_table(top)
     return {"total_ms": total, **{r["category"]: r["ms"] for r in rows}}
 
@@ -172,8 +202,10 @@ def _key(cfg: dict) -> tuple:
 
 
 def _label(cfg: dict) -> str:
-    return (f"batch {cfg['batch']} {cfg['precision']} channels_last={cfg['channels_last']} "
-            f"compile={cfg['compile']} malloc={cfg['malloc']}")
+    return (
+        f"batch {cfg['batch']} {cfg['precision']} channels_last={cfg['channels_last']} "
+        f"compile={cfg['compile']} malloc={cfg['malloc']}"
+    )
 
 
 def build_configs(args, device: torch.device, settings: dict) -> list[dict]:
@@ -189,24 +221,36 @@ def build_configs(args, device: torch.device, settings: dict) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     configs = []
     batches, mallocs = settings["batches"], settings["mallocs"]
-    grid = itertools.product(batches, settings["precisions"], settings["layouts"], settings["compile"], mallocs)
+    grid = itertools.product(
+        batches, settings["precisions"], settings["layouts"], settings["compile"], mallocs
+    )
     for batch, precision, channels_last, use_compile, malloc in grid:
         if use_compile and settings["compile_batches"] and batch not in settings["compile_batches"]:
             continue
         untuned = len(mallocs) > 1 and malloc == "default"
         if untuned and (batch != batches[0] or precision != settings["precisions"][0]):
             continue  # CPU: the allocator is compared at the first batch size and precision only
-        if batch != batches[0] and settings["compare_first_batch_only"] and len(settings["layouts"]) > 1 \
-                and not channels_last:
+        if (
+            batch != batches[0]
+            and settings["compare_first_batch_only"]
+            and len(settings["layouts"]) > 1
+            and not channels_last
+        ):
             continue  # CPU: NCHW is compared at the first batch size only
         x = torch.randn(batch, 3, size, size, generator=gen).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        configs.append({
-            "batch": batch, "precision": precision, "channels_last": channels_last, "compile": use_compile,
-            "malloc": malloc, "fn": forward_fn(nets[channels_last, use_compile], x, t, device, precision),
-        })
+        configs.append(
+            {
+                "batch": batch,
+                "precision": precision,
+                "channels_last": channels_last,
+                "compile": use_compile,
+                "malloc": malloc,
+                "fn": forward_fn(nets[channels_last, use_compile], x, t, device, precision),
+            }
+        )
     return configs
 
 
@@ -216,18 +260,33 @@ class MatmulReference:
     def __init__(self, device: torch.device, n: int, dtypes: set[torch.dtype]) -> None:
         gen = torch.Generator(device="cpu").manual_seed(1)
         self.device, self.flops = device, 2.0 * n**3
-        self.mats = {dt: [torch.randn(n, n, generator=gen).to(device=device, dtype=dt) for _ in range(2)] for dt in dtypes}
+        self.mats = {
+            dt: [torch.randn(n, n, generator=gen).to(device=device, dtype=dt) for _ in range(2)]
+            for dt in dtypes
+        }
 
     def rate(self, dtype: torch.dtype, repeats: int = 3) -> float:
         a, b = self.mats[dtype]
-        return self.flops / common.time_fn(lambda: torch.mm(a, b), self.device, warmup=1, repeats=repeats).median
+        return (
+            self.flops / common.time_fn(lambda: torch.mm(a, b), self.device, warmup=1, repeats=repeats).median
+        )
 
 
-def run_rounds(configs: list[dict], reference: MatmulReference, ref_dtypes: dict, flops: int,
-               device: torch.device, warmup: int, repeats: int) -> dict:
+def run_rounds(
+    configs: list[dict],
+    reference: MatmulReference,
+    ref_dtypes: dict,
+    flops: int,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> dict:
     """Warm every config up, then ``repeats`` round-robin rounds of (matmul, forward) pairs."""
-    prepare = (lambda cfg: None) if device.type == "cuda" else (
-        lambda cfg: common.set_cpu_malloc(cfg["malloc"] == "tuned"))
+    prepare = (
+        (lambda cfg: None)
+        if device.type == "cuda"
+        else (lambda cfg: common.set_cpu_malloc(cfg["malloc"] == "tuned"))
+    )
     print(f"warm-up ({warmup} per config, {len(configs)} configs; compilation happens here)", flush=True)
     for cfg in configs:
         prepare(cfg)
@@ -270,24 +329,38 @@ def summarize(configs: list[dict], records: dict, flops: int, cuda: bool) -> tup
     for cfg in configs:
         rec = records[_key(cfg)]
         seconds = statistics.median(rec["seconds"])
-        rows.append({
-            "batch": cfg["batch"],
-            "precision": cfg["precision"],
-            "channels_last": "on" if cfg["channels_last"] else "off",
-            "compile": "on" if cfg["compile"] else "off",
-            "malloc": cfg["malloc"],
-            "ms/forward": seconds * 1e3,
-            "spread": (max(rec["seconds"]) - min(rec["seconds"])) / seconds,
-            "img/s": cfg["batch"] / seconds,
-            f"UNet {unit}": cfg["batch"] * flops / seconds / scale,
-            f"matmul {unit}": statistics.median(rec["matmul"]) / scale,
-            "ratio": statistics.median(rec["ratio"]),
-            "faults/forward": statistics.median(rec["faults"]),
-            "seconds": rec["seconds"],
-            "ratios": rec["ratio"],
-        })
-    columns = ["batch", "precision", "channels_last", "compile", *([] if cuda else ["malloc"]), "ms/forward",
-               "spread", "img/s", f"UNet {unit}", f"matmul {unit}", "ratio", *([] if cuda else ["faults/forward"])]
+        rows.append(
+            {
+                "batch": cfg["batch"],
+                "precision": cfg["precision"],
+                "channels_last": "on" if cfg["channels_last"] else "off",
+                "compile": "on" if cfg["compile"] else "off",
+                "malloc": cfg["malloc"],
+                "ms/forward": seconds * 1e3,
+                "spread": (max(rec["seconds"]) - min(rec["seconds"])) / seconds,
+                "img/s": cfg["batch"] / seconds,
+                f"UNet {unit}": cfg["batch"] * flops / seconds / scale,
+                f"matmul {unit}": statistics.median(rec["matmul"]) / scale,
+                "ratio": statistics.median(rec["ratio"]),
+                "faults/forward": statistics.median(rec["faults"]),
+                "seconds": rec["seconds"],
+                "ratios": rec["ratio"],
+            }
+        )
+    columns = [
+        "batch",
+        "precision",
+        "channels_last",
+        "compile",
+        *([] if cuda else ["malloc"]),
+        "ms/forward",
+        "spread",
+        "img/s",
+        f"UNet {unit}",
+        f"matmul {unit}",
+        "ratio",
+        *([] if cuda else ["faults/forward"]),
+    ]
     return rows, columns
 
 
@@ -306,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         "compile": _switch_list(args.compile or ("both" if cuda else "off")),
         "compile_batches": common.parse_list(args.compile_batch_sizes, int),
         "compare_first_batch_only": not cuda,
-        "mallocs": ["default"] if cuda else {"both": ["default", "tuned"]}.get(args.malloc or "both", [args.malloc]),
+        "mallocs": ["default"]
+        if cuda
+        else {"both": ["default", "tuned"]}.get(args.malloc or "both", [args.malloc]),
     }
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
@@ -324,31 +399,40 @@ def main(argv: list[str] | None = None) -> int:
                     common.set_cpu_malloc(cfg["malloc"] == "tuned")
                 profiles[_label(cfg)] = profile_forward(cfg["fn"], device, _label(cfg))
         if args.profile_only:
-            common.write_json(f"unet_profile{args.tag}", {"env": common.environment(device), "profiles": profiles},
-                              args.out_dir)
+            common.write_json(
+                f"unet_profile{args.tag}",
+                {"env": common.environment(device), "profiles": profiles},
+                args.out_dir,
+            )
             return 0
 
     ref_dtypes = {p: (common.PRECISIONS[p] or torch.float32) for p in settings["precisions"]}
     reference = MatmulReference(device, matmul_n, set(ref_dtypes.values()))
     records = run_rounds(configs, reference, ref_dtypes, flops, device, warmup, repeats)
     rows, columns = summarize(configs, records, flops, cuda)
-    title = (f"UNet forward, {args.preset} ({flops / 1e9:.1f} GFLOP/img), {device}, "
-             f"{torch.get_num_threads()} CPU threads, attention={args.attention}, "
-             f"native GroupNorm {args.native_groupnorm}; ratio = UNet FLOP/s / "
-             f"{matmul_n}^3 matmul FLOP/s (same dtype, measured around each forward), median of {repeats} rounds")
+    title = (
+        f"UNet forward, {args.preset} ({flops / 1e9:.1f} GFLOP/img), {device}, "
+        f"{torch.get_num_threads()} CPU threads, attention={args.attention}, "
+        f"native GroupNorm {args.native_groupnorm}; ratio = UNet FLOP/s / "
+        f"{matmul_n}^3 matmul FLOP/s (same dtype, measured around each forward), median of {repeats} rounds"
+    )
     common.print_table(rows, columns, title=title)
-    path = common.write_json(f"unet{args.tag}", {
-        "env": common.environment(device),
-        "preset": args.preset,
-        "gflop_per_image": flops / 1e9,
-        "matmul_size": matmul_n,
-        "attention": args.attention,
-        "native_groupnorm": args.native_groupnorm,
-        "warmup": warmup,
-        "repeats": repeats,
-        "rows": rows,
-        **({"profiles": profiles} if args.profile else {}),
-    }, args.out_dir)
+    path = common.write_json(
+        f"unet{args.tag}",
+        {
+            "env": common.environment(device),
+            "preset": args.preset,
+            "gflop_per_image": flops / 1e9,
+            "matmul_size": matmul_n,
+            "attention": args.attention,
+            "native_groupnorm": args.native_groupnorm,
+            "warmup": warmup,
+            "repeats": repeats,
+            "rows": rows,
+            **({"profiles": profiles} if args.profile else {}),
+        },
+        args.out_dir,
+    )
     print(f"wrote {path}")
     return 0
 

@@ -147,9 +147,7 @@ def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - tic
 
 
-def time_fn(
-    fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, repeats: int = 5
-) -> Timing:
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, repeats: int = 5) -> Timing:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed."""
     for _ in range(warmup):
         fn()
@@ -251,7 +249,10 @@ def _git_commit() -> str | None:
     with contextlib.suppress(Exception):
         out = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip()
     return None
@@ -308,15 +309,21 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
         "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
         "| " + " | ".join("-" * w for w in widths) + " |",
     ]
-    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
+    numeric = [
+        all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns
+    ]
     lines += [
-        "| " + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric, strict=True)) + " |"
+        "| "
+        + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric, strict=True))
+        + " |"
         for r in cells
     ]
     return "\n".join(lines)
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, title: str | None = None) -> None:
+def print_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, title: str | None = None
+) -> None:
     if title:
         print(f"\n{title}")
     print(format_table(rows, columns), flush=True)

@@ -109,8 +109,20 @@ def check_env(args) -> None:
     device = _cuda()
     env = common.environment(device)
     packages = {}
-    for name in ("pytorch_lightning", "lightning", "torchmetrics", "torchvision", "lmdb", "jsonargparse",
-                 "docstring_parser", "typeshed_client", "tensorboard", "scipy", "PIL", "triton"):
+    for name in (
+        "pytorch_lightning",
+        "lightning",
+        "torchmetrics",
+        "torchvision",
+        "lmdb",
+        "jsonargparse",
+        "docstring_parser",
+        "typeshed_client",
+        "tensorboard",
+        "scipy",
+        "PIL",
+        "triton",
+    ):
         try:
             module = __import__(name)
             packages[name] = getattr(module, "__version__", "yes")
@@ -119,8 +131,12 @@ def check_env(args) -> None:
     print(json.dumps({"env": env, "packages": packages}, indent=1))
     missing = [k for k, v in packages.items() if str(v).startswith("MISSING")]
     if device.type != "cuda":
-        record("env", "INFO", f"CPU dry run, torch {torch.__version__}; missing: {', '.join(missing) or 'none'}",
-               packages=packages)
+        record(
+            "env",
+            "INFO",
+            f"CPU dry run, torch {torch.__version__}; missing: {', '.join(missing) or 'none'}",
+            packages=packages,
+        )
         return
     # Ceilings on this card (METHOD.md): a big copy and big matmuls, random data.
     n = 1 << 28  # 1 GiB of fp32
@@ -129,10 +145,18 @@ def check_env(args) -> None:
     fp32, _ = common.matmul_gflops(device, 8192, torch.float32, repeats=5, warmup=2)
     with tf32(True):
         tf32_rate, _ = common.matmul_gflops(device, 8192, torch.float32, repeats=5, warmup=2)
-    record("env", "INFO", f"{env.get('gpu')} torch {torch.__version__} cuda {torch.version.cuda}; missing: "
-           f"{', '.join(missing) or 'none'}",
-           copy_tb_s=2 * 4 * n / copy.median / 1e12, bf16_matmul_tflops=bf16 / 1e3, fp32_matmul_tflops=fp32 / 1e3,
-           tf32_matmul_tflops=tf32_rate / 1e3, packages=packages, gpu=env.get("gpu"))
+    record(
+        "env",
+        "INFO",
+        f"{env.get('gpu')} torch {torch.__version__} cuda {torch.version.cuda}; missing: "
+        f"{', '.join(missing) or 'none'}",
+        copy_tb_s=2 * 4 * n / copy.median / 1e12,
+        bf16_matmul_tflops=bf16 / 1e3,
+        fp32_matmul_tflops=fp32 / 1e3,
+        tf32_matmul_tflops=tf32_rate / 1e3,
+        packages=packages,
+        gpu=env.get("gpu"),
+    )
 
 
 def _copy_timing(device: torch.device, n: int) -> common.Timing:
@@ -152,8 +176,9 @@ FIXTURE_BOUNDS = {  # precision label -> (metric, bound)
 }
 
 
-def replay_fixture(model, device: torch.device, precision: str, channels_last: bool = False,
-                   native_groupnorm: bool = False) -> tuple:
+def replay_fixture(
+    model, device: torch.device, precision: str, channels_last: bool = False, native_groupnorm: bool = False
+) -> tuple:
     from ilvr_toolkit.conditioning import ILVR
     from ilvr_toolkit.diffusion import DiffusionConfig, ReplayNoise, create_diffusion, ddpm_sample
     from ilvr_toolkit.sampling.runner import make_net
@@ -165,10 +190,14 @@ def replay_fixture(model, device: torch.device, precision: str, channels_last: b
     noise = ReplayNoise(rec["rng_draws"])
     x_T = noise((2, 3, 32, 32), device, torch.float32)
     steps: list[torch.Tensor] = []
-    hooks = [ILVR(rec["ref_img"].to(device), rec["down_N"], rec["range_t"], "official"),
-             lambda s: steps.append(s.x_prev)]
+    hooks = [
+        ILVR(rec["ref_img"].to(device), rec["down_N"], rec["range_t"], "official"),
+        lambda s: steps.append(s.x_prev),
+    ]
     out = ddpm_sample(diffusion, net, x_T, noise=noise, hooks=hooks).cpu()
-    step_diff = max((got.cpu() - want["sample"]).abs().max().item() for got, want in zip(steps, rec["steps"], strict=True))
+    step_diff = max(
+        (got.cpu() - want["sample"]).abs().max().item() for got, want in zip(steps, rec["steps"], strict=True)
+    )
     return out, rec["output"], step_diff, noise.remaining
 
 
@@ -177,18 +206,33 @@ def check_fixture(args) -> None:
 
     device = _cuda()
     model = load_model(FIXTURES / "tiny32.pt", preset="tiny32").model.eval().requires_grad_(False).to(device)
-    for label, precision, allow_tf32 in [("fp32", "fp32", False), ("fp32+tf32", "fp32", True),
-                                         ("bf16", "bf16", False), ("fp16", "fp16", False),
-                                         ("bf16+native-gn", "bf16", False), ("fp16+native-gn", "fp16", False)]:
+    for label, precision, allow_tf32 in [
+        ("fp32", "fp32", False),
+        ("fp32+tf32", "fp32", True),
+        ("bf16", "bf16", False),
+        ("fp16", "fp16", False),
+        ("bf16+native-gn", "bf16", False),
+        ("fp16+native-gn", "fp16", False),
+    ]:
         with tf32(allow_tf32):
-            out, ref, step_diff, remaining = replay_fixture(model, device, precision,
-                                                            native_groupnorm=label.endswith("native-gn"))
-        numbers = {"max_abs": (out - ref).abs().max().item(), "rel": rel_err(out, ref), "max_step_diff": step_diff}
+            out, ref, step_diff, remaining = replay_fixture(
+                model, device, precision, native_groupnorm=label.endswith("native-gn")
+            )
+        numbers = {
+            "max_abs": (out - ref).abs().max().item(),
+            "rel": rel_err(out, ref),
+            "max_step_diff": step_diff,
+        }
         metric, bound = FIXTURE_BOUNDS[label]
         ok = numbers[metric] <= bound and remaining == 0
-        record(f"fixture {label}", "PASS" if ok else "FAIL",
-               f"max|diff| {numbers['max_abs']:.2e}, rel {numbers['rel']:.2e} (bound {metric} <= {bound:g})",
-               **numbers, bound=bound, metric=metric)
+        record(
+            f"fixture {label}",
+            "PASS" if ok else "FAIL",
+            f"max|diff| {numbers['max_abs']:.2e}, rel {numbers['rel']:.2e} (bound {metric} <= {bound:g})",
+            **numbers,
+            bound=bound,
+            metric=metric,
+        )
 
 
 # --------------------------------------------------------------------------- sync + graphs
@@ -215,7 +259,9 @@ def check_sync(args) -> None:
         try:
             check_cuda_graph(model, device)
         except Exception as error:  # noqa: BLE001 (optional fast path: report, go on)
-            record("CUDA graph tiny32 forward == eager", "FAIL", f"{type(error).__name__}: {str(error)[:200]}")
+            record(
+                "CUDA graph tiny32 forward == eager", "FAIL", f"{type(error).__name__}: {str(error)[:200]}"
+            )
 
 
 def _expect_no_syncs(name: str, fn, device: torch.device) -> None:
@@ -270,9 +316,14 @@ def check_cuda_graph(model, device: torch.device) -> None:
             err = rel_err(static_out, eager)
             t_eager = common.time_fn(lambda: model(x, t), device, warmup=3, repeats=20).median
             t_graph = common.time_fn(graph.replay, device, warmup=3, repeats=20).median
-    record("CUDA graph tiny32 forward == eager", "PASS" if err <= 1e-6 else "FAIL",
-           f"rel {err:.1e}; eager {t_eager * 1e3:.2f} ms, graph {t_graph * 1e3:.2f} ms ({t_eager / t_graph:.1f}x)",
-           rel=err, eager_ms=t_eager * 1e3, graph_ms=t_graph * 1e3)
+    record(
+        "CUDA graph tiny32 forward == eager",
+        "PASS" if err <= 1e-6 else "FAIL",
+        f"rel {err:.1e}; eager {t_eager * 1e3:.2f} ms, graph {t_graph * 1e3:.2f} ms ({t_eager / t_graph:.1f}x)",
+        rel=err,
+        eager_ms=t_eager * 1e3,
+        graph_ms=t_graph * 1e3,
+    )
 
 
 # --------------------------------------------------------------------------- compile
@@ -288,8 +339,13 @@ def check_compile(args) -> None:
             compiled = torch.compile(tiny, dynamic=False)(x, t)
             seconds = time.perf_counter() - tic
         err = rel_err(compiled, eager)
-        record("compile tiny32 fp32 == eager", "PASS" if err <= 1e-4 else "FAIL",
-               f"rel {err:.1e} (bound 1e-4), compiled in {seconds:.0f} s", rel=err, compile_s=seconds)
+        record(
+            "compile tiny32 fp32 == eager",
+            "PASS" if err <= 1e-4 else "FAIL",
+            f"rel {err:.1e} (bound 1e-4), compiled in {seconds:.0f} s",
+            rel=err,
+            compile_s=seconds,
+        )
 
         batch = args.batch
         size = 256 if device.type == "cuda" else 64  # the CPU dry run only tests this code
@@ -312,18 +368,31 @@ def check_compile(args) -> None:
                 def run_compiled():
                     return net(x, t)
 
-                timings = common.interleave({"eager": run_eager, "compiled": run_compiled}, device, rounds=6, warmup=2)
+                timings = common.interleave(
+                    {"eager": run_eager, "compiled": run_compiled}, device, rounds=6, warmup=2
+                )
     e_err, c_err = rel_err(eager_bf16, ref), rel_err(comp_bf16, ref)
     bound = max(1.5 * e_err, e_err + 2e-3)
     speed = {k: batch / v.median for k, v in timings.items()}
-    record(f"compile ffhq bf16 batch {batch} close to eager", "PASS" if c_err <= bound else "FAIL",
-           f"rel vs fp32: eager bf16 {e_err:.2e}, compiled {c_err:.2e} (bound {bound:.2e}); compiled in {seconds:.0f} s",
-           eager_rel=e_err, compiled_rel=c_err, bound=bound, compile_s=seconds)
-    record(f"compile ffhq bf16 batch {batch} speed", "INFO",
-           f"eager {speed['eager']:.1f} img/s, compiled {speed['compiled']:.1f} img/s "
-           f"({speed['compiled'] / speed['eager']:.2f}x)",
-           eager_img_s=speed["eager"], compiled_img_s=speed["compiled"],
-           eager_tflops=speed["eager"] * 387.9e9 / 1e12, compiled_tflops=speed["compiled"] * 387.9e9 / 1e12)
+    record(
+        f"compile ffhq bf16 batch {batch} close to eager",
+        "PASS" if c_err <= bound else "FAIL",
+        f"rel vs fp32: eager bf16 {e_err:.2e}, compiled {c_err:.2e} (bound {bound:.2e}); compiled in {seconds:.0f} s",
+        eager_rel=e_err,
+        compiled_rel=c_err,
+        bound=bound,
+        compile_s=seconds,
+    )
+    record(
+        f"compile ffhq bf16 batch {batch} speed",
+        "INFO",
+        f"eager {speed['eager']:.1f} img/s, compiled {speed['compiled']:.1f} img/s "
+        f"({speed['compiled'] / speed['eager']:.2f}x)",
+        eager_img_s=speed["eager"],
+        compiled_img_s=speed["compiled"],
+        eager_tflops=speed["eager"] * 387.9e9 / 1e12,
+        compiled_tflops=speed["compiled"] * 387.9e9 / 1e12,
+    )
 
 
 # --------------------------------------------------------------------------- DDP
@@ -368,7 +437,9 @@ def check_ddp_lightning(args) -> None:
     module, kind = _training_module()
     before = [p.detach().clone() for p in module.model.parameters()]
     images = torch.randint(0, 256, (args.steps * args.batch, 3, 32, 32), dtype=torch.uint8)  # one epoch
-    loader = DataLoader(TensorDataset(images), batch_size=args.batch, shuffle=True, num_workers=2, drop_last=True)
+    loader = DataLoader(
+        TensorDataset(images), batch_size=args.batch, shuffle=True, num_workers=2, drop_last=True
+    )
     seen = {}
 
     class Probe(pl.Callback):
@@ -382,9 +453,19 @@ def check_ddp_lightning(args) -> None:
                 seen["t0"] = time.perf_counter()
             seen["last"] = batch_idx
 
-    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, strategy="ddp", max_steps=args.steps, precision="bf16-mixed",
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=args.work, callbacks=[Probe()])
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        strategy="ddp",
+        max_steps=args.steps,
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.work,
+        callbacks=[Probe()],
+    )
     trainer.fit(module, loader)
     common.synchronize(device)
     rate = (seen["last"] - 4) * args.batch / (time.perf_counter() - seen["t0"])
@@ -392,11 +473,14 @@ def check_ddp_lightning(args) -> None:
     loss = trainer.callback_metrics.get("train/loss")
     finite = loss is not None and bool(torch.isfinite(loss))
     ok = seen.get("dist") and "DistributedDataParallel" in seen.get("wrapped", "") and changed and finite
-    record(f"DDP 1 {'GPU' if device.type == 'cuda' else 'CPU process'} (Lightning, bf16-mixed, tiny)",
-           "PASS" if ok else "FAIL",
-           f"{kind}: strategy {type(trainer.strategy).__name__}, wrapped in {seen.get('wrapped')}, "
-           f"process group {seen.get('dist')}, weights changed {changed}, loss {float(loss) if loss is not None else None:.4g}, "
-           f"{rate:.0f} img/s (32x32)", img_s=rate)
+    record(
+        f"DDP 1 {'GPU' if device.type == 'cuda' else 'CPU process'} (Lightning, bf16-mixed, tiny)",
+        "PASS" if ok else "FAIL",
+        f"{kind}: strategy {type(trainer.strategy).__name__}, wrapped in {seen.get('wrapped')}, "
+        f"process group {seen.get('dist')}, weights changed {changed}, loss {float(loss) if loss is not None else None:.4g}, "
+        f"{rate:.0f} img/s (32x32)",
+        img_s=rate,
+    )
 
 
 def check_ddp_train(args) -> None:
@@ -424,11 +508,39 @@ def check_ddp_train(args) -> None:
         Image.fromarray(small).resize((48, 48), Image.Resampling.BICUBIC).save(images / f"{i:03d}.png")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     lmdb_path = work / "tiny.lmdb"
-    prep = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(images), "--out", str(lmdb_path), "--size", "16"]
-    fit = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--data.path", str(lmdb_path),
-           "--trainer.accelerator", "gpu" if _cuda().type == "cuda" else "cpu", "--trainer.devices", "1", "--trainer.strategy", "ddp",
-           "--trainer.max_steps", str(args.steps), "--trainer.default_root_dir", str(work / "run"),
-           "--data.num_workers", "2", "--data.persistent_workers", "false"]
+    prep = [
+        sys.executable,
+        "-m",
+        "ilvr_toolkit.data.prepare",
+        str(images),
+        "--out",
+        str(lmdb_path),
+        "--size",
+        "16",
+    ]
+    fit = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--data.path",
+        str(lmdb_path),
+        "--trainer.accelerator",
+        "gpu" if _cuda().type == "cuda" else "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        str(args.steps),
+        "--trainer.default_root_dir",
+        str(work / "run"),
+        "--data.num_workers",
+        "2",
+        "--data.persistent_workers",
+        "false",
+    ]
     commands = [prep, fit]
     with_fid = _importable("torch_fidelity")
     if with_fid:
@@ -436,11 +548,25 @@ def check_ddp_train(args) -> None:
 
         weights = write_random_inception_weights(work / "inception_random.pth")
         every = max(1, args.steps // 2)
-        fit += ["--fid.every_n_steps", str(every), "--fid.num_images", "16", "--fid.batch_size", "16",
-                "--fid.respacing", "ddim5", "--fid.inception_weights", str(weights),
-                "--fid.stats_cache_dir", str(work / "stats")]
-        resumed = [*fit[: fit.index("--trainer.max_steps") + 1], str(args.steps + every),
-                   *fit[fit.index("--trainer.max_steps") + 2:]]
+        fit += [
+            "--fid.every_n_steps",
+            str(every),
+            "--fid.num_images",
+            "16",
+            "--fid.batch_size",
+            "16",
+            "--fid.respacing",
+            "ddim5",
+            "--fid.inception_weights",
+            str(weights),
+            "--fid.stats_cache_dir",
+            str(work / "stats"),
+        ]
+        resumed = [
+            *fit[: fit.index("--trainer.max_steps") + 1],
+            str(args.steps + every),
+            *fit[fit.index("--trainer.max_steps") + 2 :],
+        ]
         commands.append(resumed)
     for cmd in commands:
         print("$ " + " ".join(cmd), flush=True)
@@ -449,22 +575,39 @@ def check_ddp_train(args) -> None:
         print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", flush=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
-            record("DDP 1 GPU (train.py fit)", "FAIL", f"{Path(cmd[1]).name if cmd is fit else 'prepare'} rc "
-                   f"{done.returncode}: {tail}")
+            record(
+                "DDP 1 GPU (train.py fit)",
+                "FAIL",
+                f"{Path(cmd[1]).name if cmd is fit else 'prepare'} rc {done.returncode}: {tail}",
+            )
             return
     ckpts = sorted(str(p.relative_to(work)) for p in (work / "run").rglob("*.ckpt"))
-    record("DDP 1 GPU (train.py fit)", "PASS" if ckpts else "FAIL",
-           f"{args.steps} steps in {time.perf_counter() - tic:.0f} s; checkpoints: {ckpts[:3]}")
+    record(
+        "DDP 1 GPU (train.py fit)",
+        "PASS" if ckpts else "FAIL",
+        f"{args.steps} steps in {time.perf_counter() - tic:.0f} s; checkpoints: {ckpts[:3]}",
+    )
     if with_fid:
         history_file = work / "run" / "fid.jsonl"
-        history = [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
+        history = (
+            [json.loads(line) for line in history_file.read_text().splitlines()]
+            if history_file.exists()
+            else []
+        )
         steps = [e["step"] for e in history]
         ok = len(steps) >= 3 and all(math.isfinite(e["fid"]) for e in history)
-        record("FID monitor in DDP fit + resume (cache hit)", "PASS" if ok else "FAIL",
-               f"evaluations at steps {steps}, FID {[round(e['fid'], 2) for e in history]}, "
-               f"seconds {[e['seconds'] for e in history]}")
+        record(
+            "FID monitor in DDP fit + resume (cache hit)",
+            "PASS" if ok else "FAIL",
+            f"evaluations at steps {steps}, FID {[round(e['fid'], 2) for e in history]}, "
+            f"seconds {[e['seconds'] for e in history]}",
+        )
     else:
-        record("FID monitor in DDP fit + resume (cache hit)", "SKIP", "torch_fidelity missing (carry wheels in .whl/)")
+        record(
+            "FID monitor in DDP fit + resume (cache hit)",
+            "SKIP",
+            "torch_fidelity missing (carry wheels in .whl/)",
+        )
 
 
 def _importable(name: str) -> bool:
@@ -478,8 +621,9 @@ def _importable(name: str) -> bool:
 # --------------------------------------------------------------------------- other scripts
 def known_args(script: Path, wanted: list[str]) -> list[str]:
     """The part of ``wanted`` (``--flag value...`` groups) that ``script --help`` mentions."""
-    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120,
-                          cwd=common.REPO)
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120, cwd=common.REPO
+    )
     known = set(re.findall(r"--[A-Za-z0-9][\w.-]*", done.stdout))
     groups, current = [], []
     for token in wanted:
@@ -521,8 +665,13 @@ def run_other(args) -> None:
     table = [line for line in done.stdout.splitlines() if line.startswith("|")]
     status = "PASS" if done.returncode == 0 else "FAIL"
     last = (done.stderr.strip().splitlines() or [""])[-1][:160] if done.returncode else ""
-    record(name, status, f"rc {done.returncode} in {time.perf_counter() - tic:.0f} s {last}", table=table[-12:],
-           argv=argv)
+    record(
+        name,
+        status,
+        f"rc {done.returncode} in {time.perf_counter() - tic:.0f} s {last}",
+        table=table[-12:],
+        argv=argv,
+    )
 
 
 # --------------------------------------------------------------------------- summary
@@ -538,20 +687,34 @@ def summary(args) -> None:
     rows = [{"check": e["name"], "status": e["status"], "detail": e["detail"][:150]} for e in entries]
     for row in benches.get("unet_gpu", {}).get("rows", []):
         if row["precision"] == "bf16" or row["batch"] == 1:
-            rows.append({"check": f"UNet ffhq b{row['batch']} {row['precision']} cl={row['channels_last']}",
-                         "status": "INFO",
-                         "detail": f"{row['img/s']:.1f} img/s, {row['UNet TFLOP/s']:.0f} TFLOP/s "
-                                   f"({row['ratio']:.2f} of matmul {row['matmul TFLOP/s']:.0f})"})
+            rows.append(
+                {
+                    "check": f"UNet ffhq b{row['batch']} {row['precision']} cl={row['channels_last']}",
+                    "status": "INFO",
+                    "detail": f"{row['img/s']:.1f} img/s, {row['UNet TFLOP/s']:.0f} TFLOP/s "
+                    f"({row['ratio']:.2f} of matmul {row['matmul TFLOP/s']:.0f})",
+                }
+            )
     for row in benches.get("sampling_gpu", {}).get("rows", []):
         goal = " (goal >= 10)" if "DDPM 100" in row["case"] else ""
-        rows.append({"check": f"sampling {row['case']}", "status": "INFO",
-                     "detail": f"uncond {row['uncond img/s']:.2f} img/s, ILVR {row['ILVR img/s']:.2f} img/s{goal}, "
-                               f"overhead A/B {row['A/B overhead %']:+.2f}%, hook/step {row['hook/step %']:.3f}%, "
-                               f"lowpass {row['lowpass static']}, syncs {row['no syncs']}"})
+        rows.append(
+            {
+                "check": f"sampling {row['case']}",
+                "status": "INFO",
+                "detail": f"uncond {row['uncond img/s']:.2f} img/s, ILVR {row['ILVR img/s']:.2f} img/s{goal}, "
+                f"overhead A/B {row['A/B overhead %']:+.2f}%, hook/step {row['hook/step %']:.3f}%, "
+                f"lowpass {row['lowpass static']}, syncs {row['no syncs']}",
+            }
+        )
     for row in benches.get("proposals_gpu", {}).get("rows", [])[1:]:
-        rows.append({"check": f"proposal {row['variant']} (ffhq bf16 b32)", "status": "INFO",
-                     "detail": f"{row['speed-up']:.3f}x vs stock; rel err vs stock {row['rel err vs stock']:.1e}, "
-                               f"vs fp32 {row['rel err vs fp32']:.1e}"})
+        rows.append(
+            {
+                "check": f"proposal {row['variant']} (ffhq bf16 b32)",
+                "status": "INFO",
+                "detail": f"{row['speed-up']:.3f}x vs stock; rel err vs stock {row['rel err vs stock']:.1e}, "
+                f"vs fp32 {row['rel err vs fp32']:.1e}",
+            }
+        )
     summary_path = Path(args.out) / "gpu_check_summary.json" if args.out else None
     if summary_path:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
@@ -561,13 +724,17 @@ def summary(args) -> None:
             print(f"\n{entry['name']} (its own table):")
             print("\n".join(entry["table"]))
     counts = {s: sum(1 for e in entries if e["status"] == s) for s in ("PASS", "FAIL", "SKIP")}
-    print(f"\n=== gpu_check summary: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped ===")
+    print(
+        f"\n=== gpu_check summary: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped ==="
+    )
     print(common.format_table(rows, ["check", "status", "detail"]))
 
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env")
     sub.add_parser("fixture")
@@ -591,14 +758,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "other" and "--" in args.rest:  # "other SCRIPT [--timeout N] -- ARGS"
         cut = args.rest.index("--")
-        own, args.rest = args.rest[:cut], args.rest[cut + 1:]
+        own, args.rest = args.rest[:cut], args.rest[cut + 1 :]
         if own[:1] == ["--timeout"] and len(own) == 2:
             args.timeout = int(own[1])
         elif own:
             parser.error(f"other: unexpected {own} before '--'")
-    handlers = {"env": check_env, "fixture": check_fixture, "sync": check_sync, "compile": check_compile,
-                "ddp-lightning": check_ddp_lightning, "ddp-train": check_ddp_train, "other": run_other,
-                "summary": summary}
+    handlers = {
+        "env": check_env,
+        "fixture": check_fixture,
+        "sync": check_sync,
+        "compile": check_compile,
+        "ddp-lightning": check_ddp_lightning,
+        "ddp-train": check_ddp_train,
+        "other": run_other,
+        "summary": summary,
+    }
     try:
         handlers[args.command](args)
     except Exception as error:  # noqa: BLE001 (a crashed check is a FAIL line, then the traceback)

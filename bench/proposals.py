@@ -53,8 +53,9 @@ def norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return _silu(norm(x))
 
 
-def norm_scale_shift(norm: torch.nn.GroupNorm, h: torch.Tensor, scale: torch.Tensor,
-                     shift: torch.Tensor) -> torch.Tensor:
+def norm_scale_shift(
+    norm: torch.nn.GroupNorm, h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
     """``GroupNorm32(h) * (1 + scale) + shift`` in float32, with one pass where possible.
 
     h: (B, C, H, W); scale, shift: (B, C, 1, 1). Returns float32 (B, C, H, W) like
@@ -69,8 +70,13 @@ def norm_scale_shift(norm: torch.nn.GroupNorm, h: torch.Tensor, scale: torch.Ten
         if b == 1:
             return F.group_norm(x, norm.num_groups, weight[0], bias[0], norm.eps)
         if x.is_contiguous():
-            y = F.group_norm(x.reshape(1, b * c, *x.shape[2:]), b * norm.num_groups, weight.reshape(-1),
-                             bias.reshape(-1), norm.eps)
+            y = F.group_norm(
+                x.reshape(1, b * c, *x.shape[2:]),
+                b * norm.num_groups,
+                weight.reshape(-1),
+                bias.reshape(-1),
+                norm.eps,
+            )
             return y.reshape(x.shape)
         y = F.group_norm(x, norm.num_groups, None, None, norm.eps)
         return torch.addcmul(bias[:, :, None, None], y, weight[:, :, None, None])
@@ -112,15 +118,22 @@ def proposal(variant: str, model: torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(parser)
     parser.add_argument("--preset", default="ffhq")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precision", choices=list(common.PRECISIONS), default="fp32")
     parser.add_argument("--channels-last", choices=["on", "off"], default="on")
     parser.add_argument("--malloc", choices=["default", "tuned"], default="tuned")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                        help="default: epilogue in fp32; all three under autocast")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=None,
+        help="default: epilogue in fp32; all three under autocast",
+    )
     args = parser.parse_args(argv)
     device = common.setup(args)
     if device.type == "cpu" and args.malloc == "tuned":
@@ -133,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
     t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
     if args.channels_last == "on":
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
 
     def forward(variant: str | None):
         def run() -> torch.Tensor:
@@ -155,20 +171,40 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, timing in timings.items():
         ratios = sorted(s / v for s, v in zip(timings["stock"].seconds, timing.seconds, strict=True))
-        rows.append({
-            "variant": name, "ms/forward": timing.median * 1e3, "spread": timing.spread,
-            "img/s": args.batch / timing.median, "speed-up": statistics.median(ratios),
-            "rel err vs stock": rel(outputs[name], outputs["stock"]), "rel err vs fp32": rel(outputs[name], ref32),
-            "seconds": timing.seconds,
-        })
+        rows.append(
+            {
+                "variant": name,
+                "ms/forward": timing.median * 1e3,
+                "spread": timing.spread,
+                "img/s": args.batch / timing.median,
+                "speed-up": statistics.median(ratios),
+                "rel err vs stock": rel(outputs[name], outputs["stock"]),
+                "rel err vs fp32": rel(outputs[name], ref32),
+                "seconds": timing.seconds,
+            }
+        )
     columns = ["variant", "ms/forward", "spread", "img/s", "speed-up", "rel err vs stock", "rel err vs fp32"]
-    common.print_table(rows, columns, title=(
-        f"GroupNorm proposals, {args.preset} batch {args.batch} {args.precision} channels_last {args.channels_last}, "
-        f"{device}, {torch.get_num_threads()} threads; speed-up = median over {repeats} rounds of stock/variant"))
+    common.print_table(
+        rows,
+        columns,
+        title=(
+            f"GroupNorm proposals, {args.preset} batch {args.batch} {args.precision} channels_last {args.channels_last}, "
+            f"{device}, {torch.get_num_threads()} threads; speed-up = median over {repeats} rounds of stock/variant"
+        ),
+    )
     best = max(rows[1:], key=lambda r: r["speed-up"])
-    common.write_json(f"proposals{args.tag}", {"env": common.environment(device), "args": vars(args), "rows": rows,
-                                               "best": best["variant"], "speedup": best["speed-up"],
-                                               "rel_error": best["rel err vs stock"]}, args.out_dir)
+    common.write_json(
+        f"proposals{args.tag}",
+        {
+            "env": common.environment(device),
+            "args": vars(args),
+            "rows": rows,
+            "best": best["variant"],
+            "speedup": best["speed-up"],
+            "rel_error": best["rel err vs stock"],
+        },
+        args.out_dir,
+    )
     return 0
 
 

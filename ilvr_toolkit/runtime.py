@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 from collections.abc import Iterator
 
-__all__ = ["set_cpu_malloc", "tuned_cpu_malloc"]
+__all__ = ["configure_threads", "set_cpu_malloc", "tuned_cpu_malloc"]
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
@@ -73,3 +74,20 @@ def tuned_cpu_malloc(enabled: bool = True) -> Iterator[bool]:
     finally:
         if applied:
             set_cpu_malloc(False)
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads and return the count in effect.
+
+    ``threads`` None or 0: ``SLURM_CPUS_PER_TASK`` when the job runs under SLURM (a task
+    bound to k CPUs runs k threads, not one per core of the node), else torch's default.
+    """
+    import torch
+
+    if not threads:
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) or None
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

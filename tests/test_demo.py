@@ -26,9 +26,20 @@ def test_demo_runs_and_small_n_stays_closer_to_the_reference(tmp_path):
     assert (ROOT / "checkpoints" / "demo.pt").exists(), "the bundled demo model is missing"
     out = tmp_path / "demo"
     cmd = [
-        sys.executable, str(ROOT / "sample.py"), "--config", str(ROOT / "configs" / "sample_demo.yaml"),
-        "--ilvr.factor", "[2, 16]", "--samples_per_reference", "1", "--sampler.respacing", "25",
-        "--output.dir", str(out), "--progress", "false",
+        sys.executable,
+        str(ROOT / "sample.py"),
+        "--config",
+        str(ROOT / "configs" / "sample_demo.yaml"),
+        "--ilvr.factor",
+        "[2, 16]",
+        "--samples_per_reference",
+        "1",
+        "--sampler.respacing",
+        "25",
+        "--output.dir",
+        str(out),
+        "--progress",
+        "false",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -216,8 +216,9 @@ class _GroupNormInputs:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_native_groupnorm_forward_as_close_to_fp32_as_the_round_trip(random_model_and_input, precision,
-                                                                      monkeypatch):
+def test_native_groupnorm_forward_as_close_to_fp32_as_the_round_trip(
+    random_model_and_input, precision, monkeypatch
+):
     """Whole UNet under autocast: every norm but the float32 ``out`` head's reads the
     autocast dtype (the round trip: only float32), and the native path's error against fp32 is at most 1.25x the error of
     guided-diffusion's float32 round trip (measured 0.99-1.01x)."""
@@ -313,9 +314,18 @@ def test_fast_training_settings_fit_end_to_end(tmp_path):
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4)
     ema = EMA(decay=0.9)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[ema], default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ema],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=loader)
     assert trainer.global_step == 3
     assert module.hparams.channels_last and module.hparams.unet["native_groupnorm"]
@@ -433,8 +443,13 @@ def test_tuned_malloc_same_numbers_fewer_page_faults():
     """ilvr_toolkit.runtime.set_cpu_malloc(True): identical outputs, freed blocks reused (in a
     subprocess: the setting is process-wide)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT.format(bench=str(BENCH))], capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _MALLOC_SCRIPT.format(bench=str(BENCH))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     faults_default, faults_tuned, identical = done.stdout.split()[-3:]
     assert identical == "True"

@@ -60,7 +60,10 @@ def _replay(tiny32, record, mode):
     noise = ReplayNoise(record["rng_draws"])
     x_T = noise((2, 3, 32, 32), torch.device("cpu"), torch.float32)
     steps = []
-    hooks = [ILVR(record["ref_img"], record["down_N"], record["range_t"], mode), lambda s: steps.append(s.x_prev)]
+    hooks = [
+        ILVR(record["ref_img"], record["down_N"], record["range_t"], mode),
+        lambda s: steps.append(s.x_prev),
+    ]
     out = ddpm_sample(diffusion, tiny32, x_T, noise=noise, hooks=hooks)
     return out, steps, noise
 
@@ -100,8 +103,16 @@ def test_paper_mode_uses_next_lower_kept_timestep():
     hook = ILVR(ref, 4, range_t=0, mode="paper")
     noise = GeneratorNoise(torch.Generator().manual_seed(0))
     for i in (9, 5, 1):
-        step = Step(i, diffusion.timestep_map[i].item(), diffusion.timestep_map[i - 1].item(),
-                    ref, ref.clone(), ref, Spy(), noise)  # type: ignore[arg-type]
+        step = Step(
+            i,
+            diffusion.timestep_map[i].item(),
+            diffusion.timestep_map[i - 1].item(),
+            ref,
+            ref.clone(),
+            ref,
+            Spy(),
+            noise,
+        )  # type: ignore[arg-type]
         hook(step)
     assert seen == [(8, 888), (4, 444), (0, 0)]
     assert reference_index(9, "official") == 9 and reference_index(9, "paper") == 8
@@ -137,7 +148,9 @@ def test_hook_works_under_ddim_and_pulls_lowpass_to_reference(tiny32):
     conditioned = ddim_sample(diffusion, tiny32, x_T, noise=noise, hooks=[ILVR(ref, 4, range_t=-1)])
     free = ddim_sample(diffusion, tiny32, x_T, noise=GeneratorNoise(torch.Generator().manual_seed(3)))
     lowpass = LowPass(32, 4)
-    assert (lowpass(conditioned) - lowpass(ref)).abs().mean() < 0.5 * (lowpass(free) - lowpass(ref)).abs().mean()
+    assert (lowpass(conditioned) - lowpass(ref)).abs().mean() < 0.5 * (
+        lowpass(free) - lowpass(ref)
+    ).abs().mean()
 
 
 def test_tiny32_preset_builds():

@@ -33,9 +33,21 @@ def _make_refs(folder: Path, count: int = 5) -> Path:
 
 def _args(checkpoint: Path, refs: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--model.checkpoint", str(checkpoint), "--model.preset", "tiny32",
-        "--references", str(refs), "--sampler.respacing", "8", "--device", "cpu",
-        "--output.dir", str(out), "--progress", "false", *extra,
+        "--model.checkpoint",
+        str(checkpoint),
+        "--model.preset",
+        "tiny32",
+        "--references",
+        str(refs),
+        "--sampler.respacing",
+        "8",
+        "--device",
+        "cpu",
+        "--output.dir",
+        str(out),
+        "--progress",
+        "false",
+        *extra,
     ]
 
 
@@ -69,8 +81,12 @@ def tiny32_path(reference_dir):
 def test_sample_py_end_to_end(tmp_path, refs, tiny32_path):
     (refs / "broken.jpg").write_bytes(b"not an image at all")
     out = tmp_path / "out"
-    args = _args(tiny32_path, refs, out, "--samples_per_reference", "2", "--ilvr.factor", "4", "--batch_size", "4")
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    args = _args(
+        tiny32_path, refs, out, "--samples_per_reference", "2", "--ilvr.factor", "4", "--batch_size", "4"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *args], capture_output=True, text=True, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(list(out.glob("ref*_s*.png"))) == 10
     assert {p.name for p in out.glob("ref00_s*.png")} == {"ref00_s0.png", "ref00_s1.png"}
@@ -126,8 +142,17 @@ def test_fast_settings_close_to_fp32(tmp_path, refs, tiny32_path, monkeypatch):
 
     run(parse_config(_args(tiny32_path, refs, tmp_path / "fp32", "--cpu_malloc", "default")))
     monkeypatch.setattr(unet_module.GroupNorm32, "forward", spy)
-    fast = _args(tiny32_path, refs, tmp_path / "fast", "--precision", "bf16", "--channels_last", "true",
-                 "--native_groupnorm", "true")
+    fast = _args(
+        tiny32_path,
+        refs,
+        tmp_path / "fast",
+        "--precision",
+        "bf16",
+        "--channels_last",
+        "true",
+        "--native_groupnorm",
+        "true",
+    )
     run(parse_config(fast))
     assert native_calls and all(native_calls)
     manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())
@@ -145,8 +170,17 @@ def test_two_processes_equal_one(tmp_path, refs, tiny32_path):
     single, double = tmp_path / "single", tmp_path / "double"
     run(parse_config(_args(tiny32_path, refs, single, "--batch_size", "2")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "sample.py"), *_args(tiny32_path, refs, double, "--batch_size", "2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(ROOT / "sample.py"),
+        *_args(tiny32_path, refs, double, "--batch_size", "2"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _pngs(single), _pngs(double)
@@ -160,9 +194,15 @@ def test_two_processes_equal_one(tmp_path, refs, tiny32_path):
 def test_kill_and_resume(tmp_path, tiny32_path):
     refs = _make_refs(tmp_path / "refs", count=12)
     out, full = tmp_path / "out", tmp_path / "full"
-    args = _args(tiny32_path, refs, out, "--batch_size", "1", "--sampler.respacing", "25", "--output.grid", "false")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = _args(
+        tiny32_path, refs, out, "--batch_size", "1", "--sampler.respacing", "25", "--output.grid", "false"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "sample.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while len(list(out.glob("ref*_s*.png"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -171,15 +211,30 @@ def test_kill_and_resume(tmp_path, tiny32_path):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("ref*_s*.png")}
     assert 3 <= len(before) < 12, "the run must be killed mid-way"
     result = run(parse_config(args))
-    assert sorted(result.written) == sorted(f"ref{i:02d}_s0.png" for i in range(12) if f"ref{i:02d}_s0.png" not in before)
+    assert sorted(result.written) == sorted(
+        f"ref{i:02d}_s0.png" for i in range(12) if f"ref{i:02d}_s0.png" not in before
+    )
     assert result.skipped_existing == len(before)
     for name, mtime in before.items():
         assert (out / name).stat().st_mtime_ns == mtime, f"{name} was computed again"
     assert not list(out.glob(".*.tmp"))
     for png in out.glob("ref*_s*.png"):
         Image.open(png).load()  # none truncated
-    run(parse_config(_args(tiny32_path, refs, full, "--batch_size", "4", "--sampler.respacing", "25",
-                           "--output.grid", "false")))
+    run(
+        parse_config(
+            _args(
+                tiny32_path,
+                refs,
+                full,
+                "--batch_size",
+                "4",
+                "--sampler.respacing",
+                "25",
+                "--output.grid",
+                "false",
+            )
+        )
+    )
     _assert_same_images(_pngs(out), _pngs(full))
 
 
@@ -191,8 +246,9 @@ def test_background_io_same_outputs_as_inline(tmp_path, refs, tiny32_path):
     results, manifests = {}, {}
     for workers in (0, 4):
         out = tmp_path / f"io{workers}"
-        results[workers] = run(parse_config(_args(tiny32_path, refs, out, "--batch_size", "2",
-                                                  "--io_workers", str(workers))))
+        results[workers] = run(
+            parse_config(_args(tiny32_path, refs, out, "--batch_size", "2", "--io_workers", str(workers)))
+        )
         manifests[workers] = json.loads((out / "manifest.json").read_text())
     assert sorted(results[0].written) == sorted(results[4].written) and len(results[0].written) == 5
     a, b = _pngs(tmp_path / "io0"), _pngs(tmp_path / "io4")
@@ -202,7 +258,11 @@ def test_background_io_same_outputs_as_inline(tmp_path, refs, tiny32_path):
         return {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in manifest["images"].items()}
 
     assert entries(manifests[0]) == entries(manifests[4])
-    assert manifests[0]["failed_references"].keys() == manifests[4]["failed_references"].keys() == {"ref99_broken"}
+    assert (
+        manifests[0]["failed_references"].keys()
+        == manifests[4]["failed_references"].keys()
+        == {"ref99_broken"}
+    )
 
 
 def test_background_io_with_lmdb_references(tmp_path, refs, tiny32_path):
@@ -213,8 +273,21 @@ def test_background_io_with_lmdb_references(tmp_path, refs, tiny32_path):
     lmdb = tmp_path / "refs.lmdb"
     build_lmdb(refs, lmdb, [32], workers=0, progress=False)
     for workers in (0, 4):
-        result = run(parse_config(_args(tiny32_path, lmdb, tmp_path / f"lmdb{workers}", "--batch_size", "2",
-                                        "--io_workers", str(workers), "--output.grid", "false")))
+        result = run(
+            parse_config(
+                _args(
+                    tiny32_path,
+                    lmdb,
+                    tmp_path / f"lmdb{workers}",
+                    "--batch_size",
+                    "2",
+                    "--io_workers",
+                    str(workers),
+                    "--output.grid",
+                    "false",
+                )
+            )
+        )
         assert len(result.written) == 5 and not result.failed_references
     a, b = (_pngs_any(tmp_path / f"lmdb{w}") for w in (0, 4))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -274,10 +347,30 @@ def test_fewer_references_than_batch_unconditional_and_lmdb(tmp_path, refs, tiny
     out = tmp_path / "few"
     result = run(parse_config(_args(tiny32_path, refs, out, "--batch_size", "16", "--ilvr.factor", "[4, 8]")))
     assert len(result.written) == 10 and (out / "ref00_N8_s0.png").exists()
-    uncond = run(parse_config([
-        "--model.checkpoint", str(tiny32_path), "--model.preset", "tiny32", "--unconditional", "true",
-        "--num_samples", "3", "--sampler.method", "ddim", "--sampler.respacing", "5",
-        "--output.dir", str(tmp_path / "uncond"), "--progress", "false", "--device", "cpu"]))
+    uncond = run(
+        parse_config(
+            [
+                "--model.checkpoint",
+                str(tiny32_path),
+                "--model.preset",
+                "tiny32",
+                "--unconditional",
+                "true",
+                "--num_samples",
+                "3",
+                "--sampler.method",
+                "ddim",
+                "--sampler.respacing",
+                "5",
+                "--output.dir",
+                str(tmp_path / "uncond"),
+                "--progress",
+                "false",
+                "--device",
+                "cpu",
+            ]
+        )
+    )
     assert sorted(uncond.written) == ["000000_s0.png", "000001_s0.png", "000002_s0.png"]
 
 

@@ -236,7 +236,9 @@ def test_tiny_fit_single_process(tiny_run: Path) -> None:
     assert {"samples/ema", "ilvr/preview_ema"} <= set(events.Tags()["images"])
 
 
-def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(lmdb_path: Path, tmp_path: Path) -> None:
+def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(
+    lmdb_path: Path, tmp_path: Path
+) -> None:
     """--fid.*: reference statistics once (cached), FID of EMA samples every 2 steps to the
     loggers and RUN/fid.jsonl, the history continued after a resume; a missing Inception
     file stops the run before its first step, naming the file."""
@@ -246,8 +248,14 @@ def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(lmdb_p
 
     weights = write_random_inception_weights(tmp_path / "inception_random.pth")
     run_dir, cache = tmp_path / "run", tmp_path / "stats"
-    fid_args = {"fid.every_n_steps": 2, "fid.num_images": 4, "fid.batch_size": 4, "fid.respacing": "ddim2",
-                "fid.inception_weights": str(weights), "fid.stats_cache_dir": str(cache)}
+    fid_args = {
+        "fid.every_n_steps": 2,
+        "fid.num_images": 4,
+        "fid.batch_size": 4,
+        "fid.respacing": "ddim2",
+        "fid.inception_weights": str(weights),
+        "fid.stats_cache_dir": str(cache),
+    }
     run_inprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": 4, **fid_args}))
     history = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]
     assert [e["step"] for e in history] == [2, 4]
@@ -264,8 +272,13 @@ def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(lmdb_p
     missing = tmp_path / "nowhere" / "weights-inception-2015-12-05-6726825d.pth"
     fresh = tmp_path / "fresh"
     with pytest.raises(InceptionWeightsMissing, match="6726825d"):
-        run_inprocess(common_args(lmdb_path, fresh, **{"trainer.max_steps": 2, **fid_args,
-                                                       "fid.inception_weights": str(missing)}))
+        run_inprocess(
+            common_args(
+                lmdb_path,
+                fresh,
+                **{"trainer.max_steps": 2, **fid_args, "fid.inception_weights": str(missing)},
+            )
+        )
     assert not list(fresh.rglob("*.ckpt"))
 
 
@@ -303,9 +316,18 @@ def test_tiny_fit_ddp_two_processes(lmdb_path: Path, tmp_path: Path) -> None:
     weights = write_random_inception_weights(tmp_path / "inception_random.pth")
     run_dir = tmp_path / "run"
     args = common_args(
-        lmdb_path, run_dir, **{"trainer.devices": 2, "trainer.strategy": "ddp", "trainer.max_steps": 3,
-                               "fid.every_n_steps": 2, "fid.num_images": 2, "fid.respacing": "ddim2",
-                               "fid.inception_weights": str(weights), "fid.stats_cache_dir": str(tmp_path / "stats")}
+        lmdb_path,
+        run_dir,
+        **{
+            "trainer.devices": 2,
+            "trainer.strategy": "ddp",
+            "trainer.max_steps": 3,
+            "fid.every_n_steps": 2,
+            "fid.num_images": 2,
+            "fid.respacing": "ddim2",
+            "fid.inception_weights": str(weights),
+            "fid.stats_cache_dir": str(tmp_path / "stats"),
+        },
     )
     proc = train_subprocess(args)
     out, _ = proc.communicate(timeout=300)

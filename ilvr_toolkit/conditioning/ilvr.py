@@ -93,7 +93,9 @@ class ILVR:
         self.reference = reference
         self.range_t = range_t
         self.mode: Mode = mode
-        self.lowpass = lowpass if lowpass is not None else LowPass(reference.shape[-1], factor, reference.device)
+        self.lowpass = (
+            lowpass if lowpass is not None else LowPass(reference.shape[-1], factor, reference.device)
+        )
         if self.lowpass.factor != factor or self.lowpass.image_size != reference.shape[-1]:
             raise ValueError("the shared low-pass operator does not match the factor or image size")
         self.lowpass = self.lowpass.to(reference.device)

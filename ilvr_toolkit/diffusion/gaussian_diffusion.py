@@ -153,9 +153,9 @@ class GaussianDiffusion:
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
         """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
-        return (
-            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
-        ) / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
+        return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
 
     # ----- reverse process -------------------------------------------------------------
     def _split_output(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,7 +181,9 @@ class GaussianDiffusion:
             max_log = self._coef("log_betas", t, x)
             frac = (v + 1) / 2  # v in [-1, 1] interpolates log beta~_t .. log beta_t
             return frac * max_log + (1 - frac) * min_log
-        name = "posterior_log_variance_clipped" if self.variance == "fixed_small" else "fixed_large_log_variance"
+        name = (
+            "posterior_log_variance_clipped" if self.variance == "fixed_small" else "fixed_large_log_variance"
+        )
         return self._coef(name, t, x).expand_as(x)
 
     def p_mean_variance_from_output(

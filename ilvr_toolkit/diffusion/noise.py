@@ -63,7 +63,9 @@ class ReplayNoise:
             raise RuntimeError(f"replay exhausted after {len(self.draws)} draws")
         draw = self.draws[self.position]
         if tuple(draw.shape) != tuple(shape):
-            raise ValueError(f"replay draw {self.position} has shape {tuple(draw.shape)}, asked {tuple(shape)}")
+            raise ValueError(
+                f"replay draw {self.position} has shape {tuple(draw.shape)}, asked {tuple(shape)}"
+            )
         self.position += 1
         return draw.to(device=device, dtype=dtype)
 

@@ -46,7 +46,7 @@ def space_timesteps(num_steps: int, section_counts: str | list[int] | int) -> li
         if spec == "":
             return list(range(num_steps))
         if spec.startswith("ddim"):
-            return _ddim_stride_steps(num_steps, int(spec[len("ddim"):]))
+            return _ddim_stride_steps(num_steps, int(spec[len("ddim") :]))
         section_counts = [int(part) for part in spec.split(",")]
     size_per, extra = divmod(num_steps, len(section_counts))
     kept: set[int] = set()

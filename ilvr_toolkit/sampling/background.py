@@ -78,7 +78,9 @@ class BackgroundIO:
                     self._pool.shutdown(wait=False, cancel_futures=True)
                 for future in self._writes:
                     if not future.cancelled() and future.exception() is not None:
-                        log.error("background write failed while the run was stopping: %s", future.exception())
+                        log.error(
+                            "background write failed while the run was stopping: %s", future.exception()
+                        )
                 self._writes = []
         finally:
             if self._pool is not None:

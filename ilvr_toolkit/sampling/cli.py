@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
+from ..cli import make_parser, normalize_options, run_command, setup_logging
 from .config import ILVRSpec, ModelSpec, OutputSpec, SampleConfig, SamplerSpec
 
 __all__ = ["build_parser", "parse_config", "main"]
@@ -18,34 +18,18 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sample_demo.yam
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="sample.py",
-        description=(
-            "Translate reference images into the domain of a trained DDPM with ILVR. "
-            "With no arguments, runs the bundled demo (configs/sample_demo.yaml)."
-        ),
-        env_prefix="ILVR",
-        default_env=False,
+    parser = make_parser(
+        "sample.py",
+        "Translate reference images into the domain of a trained DDPM with ILVR. "
+        "With no arguments, runs the bundled demo (configs/sample_demo.yaml).",
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(SampleConfig, nested_key=None, as_group=False)
     return parser
 
 
-def _underscore_options(argv: list[str]) -> list[str]:
-    """Accept ``--evaluate-against`` for ``--evaluate_against`` (every option uses underscores)."""
-    out = []
-    for token in argv:
-        if token.startswith("--") and "-" in token[2:].split("=", 1)[0]:
-            name, sep, value = token[2:].partition("=")
-            token = "--" + name.replace("-", "_") + sep + value
-        out.append(token)
-    return out
-
-
 def parse_config(argv: list[str] | None = None) -> SampleConfig:
     """The run's settings from ``argv`` (default ``sys.argv[1:]``); none -> the demo config."""
-    argv = _underscore_options(list(sys.argv[1:] if argv is None else argv))
+    argv = normalize_options(sys.argv[1:] if argv is None else argv)
     if not argv and DEMO_CONFIG.exists():
         argv = ["--config", str(DEMO_CONFIG)]
     parser = build_parser()
@@ -63,7 +47,12 @@ def _nested(key: str, value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Entry point of ``sample.py``: user errors end in one line (see ``ilvr_toolkit.cli``)."""
+    return run_command("sample.py", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    setup_logging()
     config = parse_config(argv)
     from .runner import run
 
@@ -73,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(result, published: dict | None = None) -> None:
-    print(f"\nwrote {len(result.written)} images ({result.skipped_existing} already there) "
-          f"in {result.seconds:.1f} s to {result.out_dir}")
+    print(
+        f"\nwrote {len(result.written)} images ({result.skipped_existing} already there) "
+        f"in {result.seconds:.1f} s to {result.out_dir}"
+    )
     if result.failed_references:
         print(f"skipped {len(result.failed_references)} unreadable references:")
         for name, error in result.failed_references.items():

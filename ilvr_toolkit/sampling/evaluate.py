@@ -60,8 +60,13 @@ def evaluate_run(config: SampleConfig, out_dir: Path, refs: Any, manifest_path: 
             pairs = [(path, refs.get(index)) for path, (_, index) in zip(files, outputs, strict=True)]
             pairs = [(path, image) for path, image in pairs if image is not None]
         block = evaluate_translation(
-            files, target=target, pairs=pairs, factor=factor, extractor=extractor,
-            cache_dir=config.stats_cache_dir, device=device,
+            files,
+            target=target,
+            pairs=pairs,
+            factor=factor,
+            extractor=extractor,
+            cache_dir=config.stats_cache_dir,
+            device=device,
         )
         metrics[f"N{factor}" if factor is not None else "unconditional"] = block
     metrics["path"] = str(write_metrics(out_dir / "metrics.json", metrics))

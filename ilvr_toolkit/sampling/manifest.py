@@ -22,7 +22,11 @@ PARTS_DIR = ".manifest"
 def versions() -> dict[str, str]:
     import ilvr_toolkit
 
-    found = {"python": platform.python_version(), "torch": torch.__version__, "ilvr_toolkit": ilvr_toolkit.__version__}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ilvr_toolkit": ilvr_toolkit.__version__,
+    }
     for module in ("torchvision", "pytorch_lightning", "torchmetrics", "numpy", "PIL"):
         try:
             found[module] = __import__(module).__version__

@@ -271,15 +271,25 @@ def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, p
             io.check()  # a write of batch k-1 that already failed stops the run before sampling more
             images, pending = pending(), fetch(k + 1)
             tic = time.perf_counter()
-            done, out = _sample_batch(batch, images, diffusion, net, config, image_size, lowpasses, range_t, device)
+            done, out = _sample_batch(
+                batch, images, diffusion, net, config, image_size, lowpasses, range_t, device
+            )
             seconds = (time.perf_counter() - tic) / max(len(done), 1)  # sampling only: I/O overlaps it
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
             for item in done:
-                part.record(item.filename, {
-                    "reference": refs.names[item.reference], "reference_index": item.reference,
-                    "sample": item.sample, "factor": item.factor, "seed": item.seed,
-                    "seconds": round(seconds, 4), "batch_size": len(batch), "rank": ranks.rank,
-                })
+                part.record(
+                    item.filename,
+                    {
+                        "reference": refs.names[item.reference],
+                        "reference_index": item.reference,
+                        "sample": item.sample,
+                        "factor": item.factor,
+                        "seed": item.seed,
+                        "seconds": round(seconds, 4),
+                        "batch_size": len(batch),
+                        "rank": ranks.rank,
+                    },
+                )
             part.failed.update(refs.failed)
             part.save()
             for item, image in zip(done, out if out is not None else [], strict=True):

@@ -102,20 +102,37 @@ class FIDMonitor(_EveryNSteps):
         device = trainer.strategy.root_device
         extractor = InceptionFeatureExtractor(self.inception_weights).to(device)  # every rank: same error
         real, info = cached_reference_stats(  # all ranks take part (sharded), rank 0 gets the result
-            source, extractor, image_size=pl_module.unet_config.image_size, cache_dir=self.stats_cache_dir,
-            batch_size=self.batch_size, keep_features=False,
+            source,
+            extractor,
+            image_size=pl_module.unet_config.image_size,
+            cache_dir=self.stats_cache_dir,
+            batch_size=self.batch_size,
+            keep_features=False,
         )
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
             self._extractor, self._real = extractor, _on_cpu(real)
-            log.info("FID reference statistics of %s (%d images): %s in %.1fs", source, real.count,
-                     "cache hit" if info.hit else f"computed ({info.reason})", info.seconds)
+            log.info(
+                "FID reference statistics of %s (%d images): %s in %.1fs",
+                source,
+                real.count,
+                "cache hit" if info.hit else f"computed ({info.reason})",
+                info.seconds,
+            )
 
     # ------------------------------------------------------------------ evaluation
     def _samples(self, net: torch.nn.Module, pl_module: pl.LightningModule, device: torch.device) -> Iterator:
         for start in range(0, self.num_images, self.batch_size):
             count = min(self.batch_size, self.num_images - start)
-            yield generate(net, pl_module.diffusion_config, count, pl_module.unet_config.image_size,
-                           seed=self.seed, respacing=self.respacing, device=device, first_index=start)
+            yield generate(
+                net,
+                pl_module.diffusion_config,
+                count,
+                pl_module.unet_config.image_size,
+                seed=self.seed,
+                respacing=self.respacing,
+                device=device,
+                first_index=start,
+            )
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """Sample, extract, compare; returns the FID (global rank 0 after ``setup``)."""
@@ -126,18 +143,27 @@ class FIDMonitor(_EveryNSteps):
         if next(net.parameters()).device != device:  # e.g. EMA(device="cpu"): sample on the accelerator
             net = copy.deepcopy(net).to(device)
         tic = time.perf_counter()
-        fake = compute_image_set_stats(self._samples(net, pl_module, device), self._extractor,
-                                       keep_features=False, distributed=False)
+        fake = compute_image_set_stats(
+            self._samples(net, pl_module, device), self._extractor, keep_features=False, distributed=False
+        )
         fid = float(self._real.frechet_distance(_on_cpu(fake)))
-        entry = {"step": trainer.global_step, "fid": fid, "num_images": self.num_images,
-                 "respacing": self.respacing, "weights": which, "seconds": round(time.perf_counter() - tic, 2)}
+        entry = {
+            "step": trainer.global_step,
+            "fid": fid,
+            "num_images": self.num_images,
+            "respacing": self.respacing,
+            "weights": which,
+            "seconds": round(time.perf_counter() - tic, 2),
+        }
         self.history.append(entry)
         self._publish(trainer, entry)
         return fid
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fid = self.evaluate(trainer, pl_module)
-        log.info("step %d: FID %.3f (%d samples, %s)", trainer.global_step, fid, self.num_images, self.respacing)
+        log.info(
+            "step %d: FID %.3f (%d samples, %s)", trainer.global_step, fid, self.num_images, self.respacing
+        )
 
     def _publish(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
         for logger in trainer.loggers:

@@ -60,13 +60,24 @@ def write_references(folder: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--overwrite", action="store_true", help="rebuild the LMDB if it exists")
     args = parser.parse_args()
     write_references(REFERENCES)
     with tempfile.TemporaryDirectory() as tmp:
         count = write_faces(Path(tmp))
-        cmd = [sys.executable, "-m", "ilvr_toolkit.data.prepare", tmp, "--out", str(FACES_LMDB), "--size", "32"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ilvr_toolkit.data.prepare",
+            tmp,
+            "--out",
+            str(FACES_LMDB),
+            "--size",
+            "32",
+        ]
         if args.overwrite:
             cmd.append("--overwrite")
         subprocess.run(cmd, check=True)
