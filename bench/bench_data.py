@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         lmdb_path = workdir / "data.lmdb"
         level = {} if args.compress_level is None else {"compress_level": args.compress_level}
         report = build_lmdb(
-            folder, lmdb_path, SIZE, workers=args.workers, fmt=args.format, quality=args.quality,
+            folder, lmdb_path, SIZE, workers=args.workers, format=args.format, quality=args.quality,
             overwrite=True, progress=False, **level,
         )  # fmt: skip
         print(report.summary(), file=sys.stderr)

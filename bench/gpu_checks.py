@@ -536,9 +536,9 @@ def check_ddp_train(args) -> None:
         str(args.steps),
         "--trainer.default_root_dir",
         str(work / "run"),
-        "--data.num_workers",
+        "--data.workers",
         "2",
-        "--data.persistent_workers",
+        "--data.loader.persistent_workers",
         "false",
     ]
     commands = [prep, fit]

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "--config", str(common.REPO / "configs" / "tiny.yaml"),
             "--data.path", str(lmdb),
             "--data.batch_size", str(args.batch_size),
-            "--data.num_workers", "0",
+            "--data.workers", "0",
             "--trainer.default_root_dir", str(run_dir),
             "--trainer.max_steps", str(args.steps),
             "--trainer.accelerator", "cpu",

@@ -6,19 +6,36 @@ Every command (``train.py``, ``sample.py``, ``python -m ilvr_toolkit.data.prepar
 defaults) and runs under :func:`run_command`, which turns a user's mistake into one line on
 stderr and a non-zero exit (2 for usage errors) instead of a traceback. ``--debug`` or
 ``ILVR_DEBUG=1`` shows the traceback.
+
+jsonargparse is imported on first use, so ``UsageError`` costs nothing to import (the
+converter's worker processes import it).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser, Namespace
 
-__all__ = ["UsageError", "make_parser", "normalize_options", "run_command", "setup_logging"]
+__all__ = [
+    "UsageError",
+    "check_range",
+    "check_yaml_file",
+    "make_parser",
+    "normalize_options",
+    "parse_options",
+    "run_command",
+    "setup_logging",
+]
 
 #: exit status of a usage error (bad flag or value), as argparse uses.
 EXIT_USAGE = 2
@@ -29,22 +46,114 @@ class UsageError(ValueError):
     reported as one line, exit status 2."""
 
 
+def check_range(option: str, value: Any, low: float, high: float | None = None) -> None:
+    """Raise :class:`UsageError` ``--option VALUE: expected ...`` unless ``low <= value <= high``.
+
+    ``low`` an int: ``value`` must be an int too (a count); a float: any number.
+    """
+    integer = isinstance(low, int)
+    kinds = (int,) if integer else (int, float)
+    inside = isinstance(value, kinds) and not isinstance(value, bool) and value >= low
+    if not inside or (high is not None and value > high):
+        kind = "an integer" if integer else "a number"
+        expected = f"{kind} in {low}..{high}" if high is not None else f"{kind} >= {low}"
+        raise UsageError(f"--{option} {value}: expected {expected}")
+
+
 def make_parser(prog: str, description: str) -> ArgumentParser:
-    """A parser in the house style: ``--config`` YAML file plus dotted options."""
-    parser = ArgumentParser(prog=prog, description=description, env_prefix="ILVR", default_env=False)
+    """A parser in the house style: ``--config`` YAML file plus dotted options, ``--debug``.
+
+    Parse errors raise ``argparse.ArgumentError`` (no usage dump); :func:`run_command` turns
+    them into one line and exit status 2.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=prog, description=description, env_prefix="ILVR", default_env=False, exit_on_error=False
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_argument(  # run_command consumes it; listed here so that --help shows it
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, print the traceback too (or set ILVR_DEBUG=1)",
+    )
     return parser
 
 
-def normalize_options(argv: Sequence[str]) -> list[str]:
-    """Accept ``--batch-size`` for ``--batch_size``: every option is spelled with underscores."""
-    out = []
-    for token in argv:
-        if token.startswith("--") and "-" in token[2:].split("=", 1)[0]:
-            name, sep, value = token[2:].partition("=")
-            token = "--" + name.replace("-", "_") + sep + value
+def normalize_options(
+    argv: Sequence[str],
+    parser: ArgumentParser | None = None,
+    aliases: Mapping[str, str] | None = None,
+    repeatable: Collection[str] = (),
+) -> list[str]:
+    """The command line as jsonargparse expects it.
+
+    - ``--batch-size`` -> ``--batch_size``: every option is spelled with underscores;
+    - ``aliases`` renames options (``{"--out": "--output.dir"}``), kept for old spellings;
+    - with ``parser``: a bool option given bare means true (``--strict``), ``--no_X`` false;
+    - an option in ``repeatable`` given again appends (``--size 64 --size 128`` -> [64, 128]).
+    """
+    aliases = aliases or {}
+    flags = _bool_options(parser) if parser is not None else set()
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, token in enumerate(argv):
+        if token.startswith("--") and token != "--":
+            name, sep, value = token.partition("=")
+            name = "--" + name[2:].replace("-", "_")
+            name = aliases.get(name, name)
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if name in flags and not sep and (following or "").lower() not in ("true", "false"):
+                name, sep, value = name, "=", "true"
+            elif name.startswith("--no_") and "--" + name[5:] in flags and not sep:
+                name, sep, value = "--" + name[5:], "=", "false"
+            if name in repeatable:
+                name = name + "+" if name in seen else name
+                seen.add(name.rstrip("+"))
+            token = name + sep + value
         out.append(token)
     return out
+
+
+def _bool_options(parser: ArgumentParser) -> set[str]:
+    return {f"--{key}" for key, value in parser.get_defaults().items() if isinstance(value, bool)}
+
+
+def parse_options(
+    parser: ArgumentParser, argv: Sequence[str], aliases: Mapping[str, str] | None = None, **kwargs
+) -> Namespace:
+    """:func:`normalize_options` then ``parser.parse_args``; every ``--config`` file is read
+    first, so a missing file or invalid YAML is a :class:`UsageError` naming the file."""
+    args = normalize_options(argv, parser, aliases, **kwargs)
+    configs = [args[i + 1] for i, token in enumerate(args[:-1]) if token == "--config"]
+    configs += [token.partition("=")[2] for token in args if token.startswith("--config=")]
+    for path in configs:
+        check_yaml_file(path, "--config")
+    try:
+        return parser.parse_args(args)
+    except argparse.ArgumentError as error:
+        unknown = re.match(r"Option '(.+)' is not accepted", str(error))
+        if unknown is None or not configs:
+            raise
+        raise UsageError(f"--config {' '.join(configs)}: unknown option {unknown.group(1)!r}") from None
+
+
+def check_yaml_file(path: str | Path, option: str) -> None:
+    """Raise :class:`UsageError` naming ``path`` unless it is a readable YAML file."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot read: {error.strerror or error}") from None
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UsageError(f"{option} {path}: invalid YAML{where}: {problem}") from None
 
 
 def setup_logging() -> None:
@@ -59,9 +168,11 @@ def _wants_debug(argv: list[str]) -> bool:
 def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)`` (``--debug`` removed) and return its exit status.
 
-    A :class:`UsageError` prints ``prog: error: ...`` and returns 2; a missing or unreadable
-    file, a bad value or another ``OSError`` prints ``prog: error: ...`` and returns 1;
-    Ctrl-C returns 130. With ``--debug`` / ``ILVR_DEBUG=1`` the traceback is printed too.
+    A :class:`UsageError` or a parse error (``argparse.ArgumentError``: unknown option, a
+    value of the wrong type or out of range) prints ``prog: error: ...`` and returns 2; a
+    missing or unreadable file, a bad value or another ``OSError`` prints
+    ``prog: error: ...`` and returns 1; Ctrl-C returns 130. With ``--debug`` /
+    ``ILVR_DEBUG=1`` the traceback is printed too.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _wants_debug(args)
@@ -71,15 +182,42 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, OSError) as error:
+    except (UsageError, argparse.ArgumentError, ValueError, OSError) as error:
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, UsageError) else 1
+        return EXIT_USAGE if isinstance(error, UsageError | argparse.ArgumentError) else 1
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, argparse.ArgumentError):
+        return _parse_error_line(str(error))
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{error.filename}: {text}"
     return text
+
+
+def _parse_error_line(text: str) -> str:
+    """jsonargparse's multi-line messages as one line: ``--key VALUE: expected ...``."""
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
+    if match is None:
+        return " ".join(text.split())
+    key, body = match.groups()
+    lines = [line.strip() for line in body.splitlines() if line.strip()]
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    got = re.search(r"\.? Got value: (.*)$", lines[0])
+    if got is not None:
+        given, lines[0] = got.group(1), lines[0][: got.start()]
+    errors = [line[2:] for line in lines if line.startswith("- ")] or [" ".join(lines)]
+    expected = " or ".join(dict.fromkeys(_expectation(e) for e in errors)).replace(" or expected ", " or ")
+    return f"--{key}{'' if given is None else ' ' + given}: {expected}"
+
+
+def _expectation(complaint: str) -> str:
+    literal = re.match(r"Expected a typing\.Literal\[(.*)\]", complaint)
+    if literal is not None:
+        return "expected one of " + literal.group(1).replace("'", "")
+    complaint = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", complaint)
+    complaint = complaint.replace("expected NoneType", "expected null")
+    return complaint.replace("does not conform to restriction v", "must be ").replace(" and v", " and ")

@@ -290,7 +290,7 @@ def test_zip_source_jpeg_format_and_map_growth(data_folder, data_lmdb, tmp_path)
     for i, name in enumerate(read_names(data_lmdb)):
         assert torch.equal(ref[i], zipped[by_name[name]])
     jpeg = tmp_path / "jpeg.lmdb"
-    build_lmdb(root, jpeg, 32, fmt="jpeg", quality=95, workers=0, progress=False)
+    build_lmdb(root, jpeg, 32, format="jpeg", quality=95, workers=0, progress=False)
     meta = read_info(jpeg).meta
     assert meta["format"] == "jpeg" and meta["quality"] == 95
     stored = Image.open(io.BytesIO(LMDBImageDataset(jpeg, 32).read_bytes(0)))
@@ -366,7 +366,7 @@ def test_pickle_drops_environment(data_lmdb):
 
 def test_datamodule_batches(data_lmdb):
     n = read_info(data_lmdb).length
-    dm = ImageDataModule(data_lmdb, 16, batch_size=4, num_workers=0, flip=True, drop_last=True)
+    dm = ImageDataModule(data_lmdb, 16, batch_size=4, workers=0, flip=True, drop_last=True)
     batches = list(dm.train_dataloader())
     assert len(batches) == n // 4 and all(
         b.dtype == torch.uint8 and b.shape == (4, 3, 16, 16) for b in batches
@@ -407,7 +407,7 @@ _DDP_SCRIPT = textwrap.dedent(
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    dm = ImageDataModule(lmdb_path, 16, batch_size=2, num_workers=0, flip=False, drop_last=False,
+    dm = ImageDataModule(lmdb_path, 16, batch_size=2, workers=0, flip=False, drop_last=False,
                          return_index=True)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

@@ -80,7 +80,7 @@ def common_args(lmdb: Path, run_dir: Path, **overrides: Any) -> list[str]:
         "--trainer.default_root_dir": str(run_dir),
         "--model.unet": SMALL_UNET,
         "--data.batch_size": "4",
-        "--data.num_workers": "0",
+        "--data.workers": "0",
         "--trainer.accelerator": "cpu",
         "--trainer.log_every_n_steps": "1",
         "--trainer.enable_progress_bar": "false",

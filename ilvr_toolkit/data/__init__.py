@@ -11,21 +11,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ilvr_toolkit.data.datamodule import ImageDataModule
+    from ilvr_toolkit.data.datamodule import ImageDataModule, LoaderOptions
     from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, list_image_files, unique_names
     from ilvr_toolkit.data.imageops import BadImage
     from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset, decode_bytes
     from ilvr_toolkit.data.lmdb_format import LMDBInfo, image_key, open_lmdb, read_info, read_names
-    from ilvr_toolkit.data.prepare import BuildReport, build_lmdb
+    from ilvr_toolkit.data.prepare import BuildReport, BuildSettings, build_lmdb
     from ilvr_toolkit.data.references import ReferenceSet, center_crop_arr, collate_references, load_reference
 
 _SOURCES = {
-    "datamodule": ["ImageDataModule"],
+    "datamodule": ["ImageDataModule", "LoaderOptions"],
     "files": ["IMAGE_EXTENSIONS", "list_image_files", "unique_names"],
     "imageops": ["BadImage"],
     "lmdb_dataset": ["LMDBImageDataset", "decode_bytes"],
     "lmdb_format": ["LMDBInfo", "image_key", "open_lmdb", "read_info", "read_names"],
-    "prepare": ["BuildReport", "build_lmdb"],
+    "prepare": ["BuildReport", "BuildSettings", "build_lmdb"],
     "references": ["ReferenceSet", "center_crop_arr", "collate_references", "load_reference"],
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
@@ -34,9 +34,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "BadImage",
     "BuildReport",
+    "BuildSettings",
     "ImageDataModule",
     "LMDBImageDataset",
     "LMDBInfo",
+    "LoaderOptions",
     "ReferenceSet",
     "build_lmdb",
     "center_crop_arr",

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ilvr_toolkit.cli import check_range
 from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
 
-__all__ = ["ImageDataModule"]
+__all__ = ["ImageDataModule", "LoaderOptions"]
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How the DataLoader runs its workers (``data.loader.*``).
+
+    Attributes:
+        pin_memory: page-locked batches for faster copies to the GPU (ignored without CUDA).
+        persistent_workers: keep the worker processes alive between epochs.
+        multiprocessing_context: how workers start (fork, spawn, forkserver; null: the
+            platform's default). The dataset is safe under each.
+    """
+
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -20,7 +39,16 @@ class ImageDataModule(pl.LightningDataModule):
     Trainer swaps the loader's sampler for a ``DistributedSampler`` (``use_distributed_sampler``,
     on by default), so every rank sees its own shard and the shuffle changes per epoch.
     ``eval_dataloader`` gives the same images unshuffled and unflipped (FID reals, previews).
-    With ``return_index`` batches are ``(images, indices)``.
+
+    Args:
+        path: LMDB dataset folder (``python -m ilvr_toolkit.data.prepare`` writes one).
+        image_size: side of the images read (one of the sizes stored in the LMDB).
+        batch_size: images per batch (per GPU under DDP).
+        workers: DataLoader worker processes (0: load in the training process).
+        flip: random horizontal flips for training batches.
+        drop_last: drop the last incomplete training batch.
+        return_index: batches are ``(images, indices)``.
+        loader: further DataLoader options.
     """
 
     def __init__(
@@ -28,26 +56,26 @@ class ImageDataModule(pl.LightningDataModule):
         path: str | Path,
         image_size: int,
         batch_size: int = 16,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
+        workers: int = 4,
         flip: bool = True,
         drop_last: bool = True,
         return_index: bool = False,
-        multiprocessing_context: str | None = None,
+        loader: LoaderOptions = LoaderOptions(),
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.hparams["path"] = self.path = str(path)  # a plain string in hparams.yaml and checkpoints
+        check_range("data.batch_size", batch_size, 1)
+        check_range("data.workers", workers, 0)
+        self.save_hyperparameters(ignore=["loader"])
+        # plain types in hparams.yaml and checkpoints (loaded with weights_only=True)
+        self.hparams["path"] = self.path = str(path)
+        self.hparams["loader"] = asdict(loader)
         self.image_size = image_size
         self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
+        self.workers = workers
         self.flip = flip
         self.drop_last = drop_last
         self.return_index = return_index
-        self.multiprocessing_context = multiprocessing_context
+        self.loader = loader
         self.train_set: LMDBImageDataset | None = None
         self.eval_set: LMDBImageDataset | None = None
 
@@ -59,16 +87,16 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(
         self, dataset: LMDBImageDataset, shuffle: bool, drop_last: bool, batch_size: int
     ) -> DataLoader:
-        workers = self.num_workers
+        workers, options = self.workers, self.loader
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
             num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
-            multiprocessing_context=self.multiprocessing_context if workers > 0 else None,
+            pin_memory=options.pin_memory and torch.cuda.is_available(),
+            persistent_workers=options.persistent_workers and workers > 0,
+            multiprocessing_context=options.multiprocessing_context if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,7 +1,8 @@
 """Build an LMDB image dataset from a folder, a zip archive or another LMDB.
 
-    python -m ilvr_toolkit.data.prepare SRC --out datasets/NAME.lmdb --size 256 [--size 128 ...]
-        [--format png|jpeg] [--quality 95] [--workers N] [--strict] [--overwrite]
+    python -m ilvr_toolkit.data.prepare SRC --output.dir datasets/NAME.lmdb --size 256
+        [--size 128 ...] [--format png|jpeg] [--quality 95] [--workers N] [--strict]
+        [--overwrite] [--config FILE.yaml] [--print_config] [--help]
 
 Each image: EXIF orientation applied, converted to RGB (``imageops.to_rgb``: alpha over
 white, 16-bit scaled), centre-cropped to a square, resized with PIL's LANCZOS (antialiased)
@@ -16,7 +17,7 @@ A rerun deletes stale ``OUT.partial-*`` folders of dead processes and starts ove
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import glob
 import io
 import json
@@ -26,14 +27,17 @@ import shutil
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import lmdb
 from PIL import Image
 
 from ilvr_toolkit import __version__
+from ilvr_toolkit.cli import UsageError, check_range, make_parser, parse_options, run_command
 from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from ilvr_toolkit.data.imageops import BadImage, center_crop_square, exif_upright, open_image, to_rgb
 from ilvr_toolkit.data.lmdb_format import (
@@ -46,12 +50,67 @@ from ilvr_toolkit.data.lmdb_format import (
     read_names,
 )
 
-__all__ = ["BuildReport", "build_lmdb", "encode_image", "main", "process_image", "verify_lmdb"]
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
+
+__all__ = [
+    "BuildReport",
+    "BuildSettings",
+    "build_lmdb",
+    "check_sizes",
+    "encode_image",
+    "main",
+    "process_image",
+    "verify_lmdb",
+]
 
 FORMATS = ("png", "jpeg")
+#: smallest output side accepted by ``--size``
+MIN_SIZE = 8
 RESAMPLE = Image.Resampling.LANCZOS
 # Test hook: seconds each worker sleeps per image, so a test can kill a build midway.
 _DELAY_ENV = "ILVR_TOOLKIT_PREPARE_DELAY_S"
+_Result = tuple[int, "dict[int, bytes] | None", "str | None"]
+
+
+@dataclass
+class BuildSettings:
+    """How :func:`build_lmdb` encodes and runs; the values are checked when it is made.
+
+    Attributes:
+        format: png (lossless) or jpeg (stored with 4:4:4 chroma).
+        quality: JPEG quality, 1-100.
+        compress_level: PNG zlib level 0-9: 0 stores the pixels uncompressed, decoding ~2.5x
+            faster at ~1.8x the size; 6 or 9 for small files.
+        workers: encoding processes (null: one per CPU; 0: none, encode in the main process).
+        strict: stop at the first bad input instead of skipping it.
+        overwrite: replace an existing output folder (the new one is built and verified first).
+        progress: show a progress bar (--no_progress to hide it).
+        start_method: how worker processes start (null: the platform's default; spawn-safe).
+        map_size: initial LMDB map size in bytes (doubled whenever it is full).
+        commit_bytes: image bytes written per LMDB transaction.
+    """
+
+    format: Literal["png", "jpeg"] = "png"
+    quality: int = 95
+    compress_level: int = 0
+    workers: int | None = None
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    start_method: Literal["fork", "spawn", "forkserver"] | None = None
+    map_size: int = 1 << 30
+    commit_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"--format {self.format}: expected one of {', '.join(FORMATS)}")
+        check_range("quality", self.quality, 1, 100)
+        check_range("compress_level", self.compress_level, 0, 9)
+        if self.workers is not None:
+            check_range("workers", self.workers, 0)
+        check_range("map_size", self.map_size, 1)
+        check_range("commit_bytes", self.commit_bytes, 1)
 
 
 # --------------------------------------------------------------------------- sources
@@ -133,8 +192,8 @@ def _open_source(src: str | Path) -> _Source:
     if src.is_file() and zipfile.is_zipfile(src):
         return _ZipSource(src)
     if not src.exists():
-        raise FileNotFoundError(f"source not found: {src}")
-    raise ValueError(f"{src}: not a folder, a zip archive or an LMDB folder")
+        raise UsageError(f"source {src}: no such file or folder")
+    raise UsageError(f"source {src}: not a folder, a zip archive or an LMDB folder")
 
 
 # --------------------------------------------------------------------------- per image
@@ -268,7 +327,7 @@ def _clean_stale(out: Path) -> None:
         pid_text = leftover.name.rsplit("-", 1)[-1]
         pid = int(pid_text) if pid_text.isdigit() else None
         if pid is not None and pid != os.getpid() and _pid_alive(pid):
-            raise RuntimeError(
+            raise FileExistsError(
                 f"{leftover} belongs to a running build (pid {pid}); wait for it, or delete it if stale"
             )
         print(f"removing leftover of an interrupted build: {leftover}", file=sys.stderr)
@@ -297,111 +356,74 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
+def check_sizes(sizes: int | Sequence[int]) -> list[int]:
+    """``--size`` as a sorted list without repeats; each side at least :data:`MIN_SIZE`."""
+    values = [sizes] if isinstance(sizes, int) else list(sizes)
+    for size in values:
+        check_range("size", size, MIN_SIZE)
+    if not values:
+        raise UsageError("--size: give at least one size")
+    return sorted(set(values))
+
+
 def build_lmdb(
     source: str | Path,
     out: str | Path,
-    sizes: list[int] | int,
-    *,
-    fmt: str = "png",
-    quality: int = 95,
-    compress_level: int = 0,
-    workers: int | None = None,
-    start_method: str | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    map_size: int = 1 << 30,
-    commit_bytes: int = 64 << 20,
+    sizes: int | Sequence[int],
+    settings: BuildSettings | None = None,
+    **options: Any,
 ) -> BuildReport:
     """Convert ``source`` (folder, zip, LMDB) into an LMDB dataset at ``out``; see module doc.
 
-    ``workers``: encoding processes (None: all CPUs, 0: in this process), started with
-    ``start_method`` (None: the platform's default; the workers are spawn-safe). Bad inputs are
-    skipped and listed in the report, or raise ``BadImage`` with ``strict``; in every failure
-    nothing is left at ``out``.
+    ``settings`` (default ``BuildSettings()``) with ``options`` replacing single fields:
+    ``build_lmdb(src, out, [256], workers=8, format="jpeg")``. Bad inputs are skipped and
+    listed in the report, or raise ``BadImage`` with ``strict``; in every failure nothing is
+    left at ``out``.
     """
-    from tqdm.auto import tqdm
-
+    settings = replace(settings or BuildSettings(), **options)  # re-checks the values
     t0 = time.perf_counter()
-    sizes = sorted({int(s) for s in ([sizes] if isinstance(sizes, int) else sizes)})
-    if not sizes or sizes[0] <= 0:
-        raise ValueError(f"sizes must be positive, got {sizes}")
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    sizes = check_sizes(sizes)
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    src = _open_source(source)
-    names = src.names
-    if not names:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
-    if src.kind == "lmdb" and Path(src.location) == out.resolve():
-        raise ValueError("source and --out are the same LMDB")
-
+    src = _check_paths(source, out, settings.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     tmp.mkdir()
-    env = None
-    options = dict(sizes=sizes, fmt=fmt, quality=quality, compress_level=compress_level)
-    workers = (os.cpu_count() or 1) if workers is None else workers
     try:
-        env = lmdb.open(
-            str(tmp), map_size=map_size, readahead=False, meminit=False, sync=False, metasync=False
-        )
-        kept: list[str] = []
-        skipped: list[tuple[str, str]] = []
-        pending: list[tuple[bytes, bytes]] = []
-        pending_bytes = 0
-        bar = tqdm(total=len(names), unit="img", desc=f"prepare {out.name}", disable=not progress)
-        pool = None
-        try:
-            if workers > 0:
-                pool = multiprocessing.get_context(start_method).Pool(workers, _init_worker, (src, options))
-                chunk = max(1, min(16, len(names) // (workers * 8)))
-                results = pool.imap(_work, range(len(names)), chunksize=chunk)
-            else:
-                _init_worker(src, options)
-                results = map(_work, range(len(names)))
-            for index, encoded, error in results:
-                bar.update(1)
-                if encoded is None:
-                    if strict:
-                        raise BadImage(f"{names[index]}: {error} (--strict)")
-                    skipped.append((names[index], error))
-                    continue
-                pending += [(image_key(size, len(kept)), data) for size, data in encoded.items()]
-                pending_bytes += sum(len(data) for data in encoded.values())
-                kept.append(names[index])
-                if pending_bytes >= commit_bytes:  # bounded memory, few transactions
-                    _put_all(env, pending)
-                    pending, pending_bytes = [], 0
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+        kept, skipped = _write_dataset(tmp, src, sizes, settings, f"prepare {out.name}")
+        verify_lmdb(tmp, sizes, len(kept))
+        _publish(tmp, out, settings.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildReport(str(out), len(kept), sizes, settings.format, time.perf_counter() - t0, skipped)
+
+
+def _check_paths(source: str | Path, out: Path, overwrite: bool) -> _Source:
+    """The opened source, once it is known that the build may start."""
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    src = _open_source(source)
+    if not src.names:
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+    if src.kind == "lmdb" and Path(src.location) == out.resolve():
+        raise UsageError(f"source and --output.dir are the same LMDB: {out}")
+    return src
+
+
+def _write_dataset(
+    path: Path, src: _Source, sizes: list[int], settings: BuildSettings, desc: str
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Encode every source image into a new LMDB at ``path``: (kept names, skipped pairs)."""
+    env = lmdb.open(
+        str(path), map_size=settings.map_size, readahead=False, meminit=False, sync=False, metasync=False
+    )
+    try:
+        with _encoded(src, sizes, settings) as results:
+            kept, skipped, pending = _store_images(env, results, src.names, settings, desc)
         if not kept:
-            raise ValueError(f"no usable images in {source} ({len(skipped)} skipped)")
-        meta = {
-            "tool": "ilvr_toolkit",
-            "tool_version": __version__,
-            "length": len(kept),
-            "sizes": sizes,
-            "format": fmt,
-            **(
-                {"quality": quality, "subsampling": "4:4:4"}
-                if fmt == "jpeg"
-                else {"compress_level": compress_level}
-            ),
-            "crop": "centre square",
-            "filter": "PIL LANCZOS (antialiased), each size from the crop",
-            "color": "RGB; EXIF orientation applied; alpha over white; 16-bit scaled by 1/257",
-            "source": src.location,
-            "source_kind": src.kind,
-            "skipped": skipped,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+            raise ValueError(f"no usable images in {src.location} ({len(skipped)} skipped)")
+        meta = _metadata(src, kept, skipped, sizes, settings)
         pending += [
             (LENGTH_KEY, str(len(kept)).encode()),
             (META_KEY, json.dumps(meta).encode()),
@@ -409,64 +431,137 @@ def build_lmdb(
         ]
         _put_all(env, pending)
         env.sync(True)
+    finally:
         env.close()
-        verify_lmdb(tmp, sizes, len(kept))
-        _publish(tmp, out, overwrite)
-    except BaseException:
-        if env is not None:
-            env.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return BuildReport(str(out), len(kept), sizes, fmt, time.perf_counter() - t0, skipped)
+    return kept, skipped
+
+
+@contextlib.contextmanager
+def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterator[Iterator[_Result]]:
+    """``(index, {size: bytes} or None, reason)`` for every source index, in order."""
+    options = dict(
+        sizes=sizes, fmt=settings.format, quality=settings.quality, compress_level=settings.compress_level
+    )
+    count = len(src.names)
+    workers = (os.cpu_count() or 1) if settings.workers is None else settings.workers
+    if workers == 0:
+        _init_worker(src, options)
+        yield map(_work, range(count))
+        return
+    pool = multiprocessing.get_context(settings.start_method).Pool(workers, _init_worker, (src, options))
+    try:
+        yield pool.imap(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _store_images(
+    env: lmdb.Environment, results: Iterator[_Result], names: list[str], settings: BuildSettings, desc: str
+) -> tuple[list[str], list[tuple[str, str]], list[tuple[bytes, bytes]]]:
+    """Write the encoded images under consecutive indices: (kept, skipped, items not yet written)."""
+    from tqdm.auto import tqdm
+
+    kept: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    pending: list[tuple[bytes, bytes]] = []
+    pending_bytes = 0
+    with tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress) as bar:
+        for index, encoded, error in results:
+            bar.update(1)
+            if encoded is None:
+                if settings.strict:
+                    raise BadImage(f"{names[index]}: {error} (--strict)")
+                skipped.append((names[index], error))
+                continue
+            pending += [(image_key(size, len(kept)), data) for size, data in encoded.items()]
+            pending_bytes += sum(len(data) for data in encoded.values())
+            kept.append(names[index])
+            if pending_bytes >= settings.commit_bytes:  # bounded memory, few transactions
+                _put_all(env, pending)
+                pending, pending_bytes = [], 0
+    return kept, skipped, pending
+
+
+def _metadata(
+    src: _Source, kept: list[str], skipped: list[tuple[str, str]], sizes: list[int], settings: BuildSettings
+) -> dict[str, Any]:
+    encoding = (
+        {"quality": settings.quality, "subsampling": "4:4:4"}
+        if settings.format == "jpeg"
+        else {"compress_level": settings.compress_level}
+    )
+    return {
+        "tool": "ilvr_toolkit",
+        "tool_version": __version__,
+        "length": len(kept),
+        "sizes": sizes,
+        "format": settings.format,
+        **encoding,
+        "crop": "centre square",
+        "filter": "PIL LANCZOS (antialiased), each size from the crop",
+        "color": "RGB; EXIF orientation applied; alpha over white; 16-bit scaled by 1/257",
+        "source": src.location,
+        "source_kind": src.kind,
+        "skipped": skipped,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 # --------------------------------------------------------------------------- CLI
+PROG = "python -m ilvr_toolkit.data.prepare"
+#: old spellings kept working
+ALIASES = {"--out": "--output.dir", "--report": "--output.report"}
+
+
+@dataclass
+class OutputSpec:
+    """Where the converter writes.
+
+    Attributes:
+        dir: the LMDB folder to write, e.g. datasets/ffhq.lmdb (alias: --out).
+        report: also write the build report (count, sizes, skipped files and why) as JSON
+            here (alias: --report).
+    """
+
+    dir: str
+    report: str | None = None
+
+
+def build_parser() -> ArgumentParser:
+    parser = make_parser(
+        PROG, "Build an LMDB image dataset (rosinality key layout) from a folder, a zip archive or an LMDB."
+    )
+    parser.add_argument("source", type=str, help="image folder (recursive), .zip archive, or LMDB folder")
+    parser.add_class_arguments(OutputSpec, "output")
+    parser.add_argument(
+        "--size",
+        type=int | list[int],
+        required=True,
+        help=f"output side length(s) in pixels, >= {MIN_SIZE}: --size 256, --size [128,256] "
+        "or --size repeated; every size is resized from the same crop",
+    )
+    parser.add_class_arguments(
+        BuildSettings, nested_key=None, as_group=False, skip={"start_method", "map_size", "commit_bytes"}
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ilvr_toolkit.data.prepare",
-        description="Build an LMDB image dataset (rosinality key layout) from a folder, zip or LMDB.",
-    )
-    parser.add_argument("source", help="image folder (recursive), .zip archive, or LMDB folder")
-    parser.add_argument("--out", required=True, help="output LMDB folder, e.g. datasets/ffhq.lmdb")
-    parser.add_argument("--size", type=int, action="append", required=True, help="output size (repeatable)")
-    parser.add_argument("--format", choices=FORMATS, default="png", dest="fmt")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (stored 4:4:4)")
-    parser.add_argument(
-        "--compress-level",
-        type=int,
-        default=0,
-        choices=range(10),
-        metavar="0-9",
-        help="PNG zlib level: 0 (default) stores pixels uncompressed, decoding ~2.5x "
-        "faster at ~1.8x the size; 6 or 9 for small files",
-    )
-    parser.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
-    parser.add_argument(
-        "--strict", action="store_true", help="fail on the first bad input instead of skipping"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--report", type=Path, help="also write the report as JSON here")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        report = build_lmdb(
-            args.source,
-            args.out,
-            args.size,
-            fmt=args.fmt,
-            quality=args.quality,
-            compress_level=args.compress_level,
-            workers=args.workers,
-            strict=args.strict,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except (BadImage, OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """``python -m ilvr_toolkit.data.prepare``; user errors end in one line (``ilvr_toolkit.cli``)."""
+    return run_command(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_options(build_parser(), argv, ALIASES, repeatable=("--size",))
+    known = {f.name for f in fields(BuildSettings)}
+    settings = BuildSettings(**{k: v for k, v in args.as_dict().items() if k in known})
+    report = build_lmdb(args.source, args.output.dir, args.size, settings)
     print(report.summary())
-    if args.report:
-        args.report.write_text(json.dumps(asdict(report), indent=2))
+    if args.output.report:
+        path = Path(args.output.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(report), indent=2))
     return 0
 
 

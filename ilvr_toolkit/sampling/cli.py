@@ -7,14 +7,19 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 
-from ..cli import make_parser, normalize_options, run_command, setup_logging
+from ..cli import check_range, make_parser, parse_options, run_command, setup_logging
+from ..runtime import configure_threads
 from .config import ILVRSpec, ModelSpec, OutputSpec, SampleConfig, SamplerSpec
 
 __all__ = ["build_parser", "parse_config", "main"]
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sample_demo.yaml"
+
+
+#: old spellings kept working
+ALIASES = {"--io_workers": "--workers"}
 
 
 def build_parser() -> ArgumentParser:
@@ -24,19 +29,31 @@ def build_parser() -> ArgumentParser:
         "With no arguments, runs the bundled demo (configs/sample_demo.yaml).",
     )
     parser.add_class_arguments(SampleConfig, nested_key=None, as_group=False)
+    parser.add_argument(
+        "--threads",
+        type=int | None,
+        default=None,
+        help="torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's "
+        "default); not recorded in the manifest: it does not change the images",
+    )
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> SampleConfig:
     """The run's settings from ``argv`` (default ``sys.argv[1:]``); none -> the demo config."""
-    argv = normalize_options(sys.argv[1:] if argv is None else argv)
+    return _config(_parse(argv))
+
+
+def _parse(argv: list[str] | None) -> Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv and DEMO_CONFIG.exists():
         argv = ["--config", str(DEMO_CONFIG)]
-    parser = build_parser()
-    namespace = parser.parse_args(argv)
-    data = namespace.as_dict()
+    return parse_options(build_parser(), argv, ALIASES)
+
+
+def _config(namespace: Namespace) -> SampleConfig:
     known = {f.name for f in fields(SampleConfig)}
-    return SampleConfig(**{k: _nested(k, v) for k, v in data.items() if k in known})
+    return SampleConfig(**{k: _nested(k, v) for k, v in namespace.as_dict().items() if k in known})
 
 
 _NESTED = {"model": ModelSpec, "ilvr": ILVRSpec, "sampler": SamplerSpec, "output": OutputSpec}
@@ -53,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     setup_logging()
-    config = parse_config(argv)
+    namespace = _parse(argv)
+    config = _config(namespace)
+    if namespace.threads is not None:
+        check_range("threads", namespace.threads, 1)
+    configure_threads(namespace.threads)
     from .runner import run
 
     result = run(config)

@@ -1,9 +1,16 @@
-"""Settings of a translation run (``sample.py``), as nested dataclasses for jsonargparse."""
+"""Settings of a translation run (``sample.py``), as nested dataclasses for jsonargparse.
+
+Each dataclass checks its values when it is made (``__post_init__``): a bad value is a
+``UsageError`` naming the option, before anything is loaded.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from ..cli import UsageError, check_range
 
 __all__ = ["ModelSpec", "ILVRSpec", "SamplerSpec", "OutputSpec", "SampleConfig"]
 
@@ -43,6 +50,19 @@ class ILVRSpec:
     stop_timestep: int | None = None
     mode: Literal["paper", "official"] = "paper"
 
+    def __post_init__(self) -> None:
+        for factor in self.factors:
+            check_range("ilvr.factor", factor, 1)
+        given = [k for k in ("range_t", "fraction", "stop_timestep") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise UsageError(f"--ilvr.{given[0]} and --ilvr.{given[1]}: give at most one of them")
+        if self.range_t is not None:
+            check_range("ilvr.range_t", self.range_t, -1)
+        if self.fraction is not None:
+            check_range("ilvr.fraction", self.fraction, 0.0, 1.0)
+        if self.stop_timestep is not None:
+            check_range("ilvr.stop_timestep", self.stop_timestep, 0)
+
     @property
     def factors(self) -> list[int]:
         return list(self.factor) if isinstance(self.factor, list) else [int(self.factor)]
@@ -50,11 +70,27 @@ class ILVRSpec:
 
 @dataclass
 class SamplerSpec:
-    """The reverse process: ``ddpm`` (ancestral) or ``ddim`` (+ eta) over ``respacing`` steps."""
+    """The reverse process: ``ddpm`` (ancestral) or ``ddim`` (+ eta) over ``respacing`` steps.
+
+    Attributes:
+        method: ddpm (ancestral) or ddim.
+        respacing: the steps kept, as guided-diffusion's timestep_respacing: "100" (100
+            evenly spaced steps), "10,20,30" (counts per section), "ddim50", "" (all).
+        eta: DDIM noise, >= 0 (0: deterministic).
+    """
 
     method: Literal["ddpm", "ddim"] = "ddpm"
     respacing: str = "100"
     eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        spec = str(self.respacing).strip()
+        counts = [int(n) for n in re.findall(r"\d+", spec)]
+        if spec and (not re.fullmatch(r"ddim\d+|\d+(\s*,\s*\d+)*", spec) or not any(counts)):
+            raise UsageError(
+                f"--sampler.respacing {self.respacing!r}: expected step counts such as 100, 10,20,30 or ddim50"
+            )
+        check_range("sampler.eta", self.eta, 0.0)
 
 
 @dataclass
@@ -64,6 +100,9 @@ class OutputSpec:
     dir: str = "outputs/run"
     grid: bool = True
     grid_max_rows: int = 16
+
+    def __post_init__(self) -> None:
+        check_range("output.grid_max_rows", self.grid_max_rows, 1)
 
 
 @dataclass
@@ -91,8 +130,9 @@ class SampleConfig:
             numbers; glibc's
             defaults are set back afterwards); ``default`` leaves glibc as it is. Ignored
             on other devices.
-        io_workers: threads that decode the next batch's references and write the last
-            batch's PNGs while a batch samples (0: one after another in the main thread).
+        workers: threads that decode the next batch's references and write the last
+            batch's PNGs while a batch samples (0: one after another in the main thread;
+            ``--io_workers`` is the old name).
         shard_index: this job's shard of the references (job arrays), 0-based.
         num_shards: number of shards the references are split into (contiguous ranges).
         evaluate_against: target-domain images (LMDB or folder) to compute FID/KID against.
@@ -119,7 +159,7 @@ class SampleConfig:
     native_groupnorm: bool = False
     compile: bool = False
     cpu_malloc: Literal["tuned", "default"] = "tuned"
-    io_workers: int = 4
+    workers: int = 4
     shard_index: int = 0
     num_shards: int = 1
     evaluate_against: str | None = None
@@ -127,6 +167,20 @@ class SampleConfig:
     stats_cache_dir: str | None = None
     progress: bool = True
     published: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_samples", 1), ("samples_per_reference", 1), ("batch_size", 1)):
+            check_range(name, getattr(self, name), low)
+        check_range("workers", self.workers, 0)
+        check_range("num_shards", self.num_shards, 1)
+        check_range("shard_index", self.shard_index, 0, self.num_shards - 1)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UsageError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
+
+    @property
+    def io_workers(self) -> int:
+        """The old name of ``workers``."""
+        return self.workers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,257 @@
+"""One CLI language (issue 12 point 3, issue 13 point 3): the dataset converter and sample.py
+driven as a user drives them. ``--help`` lists every option with its type and default,
+``--print_config`` round-trips through ``--config``, a mistake is ONE line on stderr naming
+the flag, value or file with exit status 2, and ``--debug`` adds the traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ilvr_toolkit.cli import normalize_options
+from ilvr_toolkit.data import read_info, read_names
+from ilvr_toolkit.data.prepare import BuildSettings
+from ilvr_toolkit.data.prepare import build_parser as prepare_parser
+from ilvr_toolkit.sampling.cli import main as sample_main
+
+REPO = Path(__file__).resolve().parents[1]
+PREPARE = [sys.executable, "-m", "ilvr_toolkit.data.prepare"]
+SAMPLE = [sys.executable, str(REPO / "sample.py")]
+DEMO_CONFIG = REPO / "configs" / "sample_demo.yaml"
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "ILVR_DEBUG"}
+    environ.update(PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=environ, timeout=120)
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Three good 24x20 images and one file that is not an image."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+# --------------------------------------------------------------------------- --help
+def test_prepare_help_lists_every_option_with_type_and_default():
+    done = _run([*PREPARE, "--help"])
+    assert done.returncode == 0, done.stderr
+    text = _flat(done.stdout)
+    for option in ("--config", "--print_config", "--debug", "--output.dir", "--output.report", "--size"):
+        assert option in text, option
+    for expected in (
+        "(required, type: str)",  # source, --output.dir
+        "--quality QUALITY JPEG quality, 1-100. (type: int, default: 95)",
+        "(type: Literal['png', 'jpeg'], default: png)",
+        "(type: int, default: 0)",  # --compress_level
+        "(type: int | null, default: null)",  # --workers
+        "--strict {true,false}",
+        "--overwrite {true,false}",
+        "--progress {true,false}",
+        "(alias: --out)",
+    ):
+        assert expected in text, expected
+    hidden = {"start_method", "map_size", "commit_bytes"}  # Python API only
+    for name in sorted({f.name for f in fields(BuildSettings)} - hidden):
+        assert f"--{name} " in text, name
+
+
+def test_sample_help_lists_the_shared_options():
+    done = _run([*SAMPLE, "--help"])
+    assert done.returncode == 0, done.stderr
+    text = _flat(done.stdout)
+    for expected in (
+        "--debug",
+        "--print_config",
+        "--device DEVICE",
+        "(type: str, default: auto)",
+        "--seed SEED",
+        "--batch_size BATCH_SIZE",
+        "--output.dir DIR",
+        "--progress {true,false}",
+        "--workers WORKERS",
+        "--threads THREADS",
+        "(type: int | null, default: null)",
+        "--sampler.respacing RESPACING",
+    ):
+        assert expected in text, expected
+
+
+# --------------------------------------------------------------------------- --print_config
+def test_prepare_print_config_round_trips_through_config(images, tmp_path):
+    out = tmp_path / "data.lmdb"
+    printed = _run(
+        [*PREPARE, str(images), "--out", str(out), "--size", "8", "--size", "16", "--print_config"]
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert not out.exists()  # printing builds nothing
+    config = tmp_path / "prepare.yaml"
+    config.write_text(printed.stdout)
+    again = _run([*PREPARE, "--config", str(config), "--print_config"])
+    assert again.returncode == 0 and again.stdout == printed.stdout
+    assert "size:\n- 8\n- 16\n" in printed.stdout and f"dir: {out}" in printed.stdout
+    built = _run([*PREPARE, "--config", str(config), "--no-progress", "--workers", "0"])
+    assert built.returncode == 0, built.stderr
+    assert read_info(out).sizes == (8, 16) and read_names(out) == ["0.png", "1.png", "2.png"]
+    assert "skipped 1" in built.stdout and "broken.png" in built.stdout
+
+
+def test_sample_print_config_round_trips_through_config(tmp_path):
+    printed = _run([*SAMPLE, "--config", str(DEMO_CONFIG), "--threads", "1", "--print_config"])
+    assert printed.returncode == 0, printed.stderr
+    assert "threads: 1" in printed.stdout and "workers: 4" in printed.stdout
+    config = tmp_path / "sample.yaml"
+    config.write_text(printed.stdout)
+    again = _run([*SAMPLE, "--config", str(config), "--print_config"])
+    assert again.returncode == 0 and again.stdout == printed.stdout
+
+
+# --------------------------------------------------------------------------- user errors
+def _one_error_line(done: subprocess.CompletedProcess, prog: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--quality", "500"], "--quality 500: expected an integer in 1..100"),
+        (["--quality", "-5"], "--quality -5"),
+        (["--workers", "-1"], "--workers -1: expected an integer >= 0"),
+        (["--size", "4"], "--size 4: expected an integer >= 8"),
+        (["--size", "x"], "--size x"),
+        (["--format", "gif"], "--format gif: expected one of png, jpeg"),
+        (["--compress_level", "10"], "--compress_level 10"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    ],
+)
+def test_prepare_bad_value_is_one_line_exit_2(images, tmp_path, extra, named):
+    out = tmp_path / "never.lmdb"
+    done = _run([*PREPARE, str(images), "--out", str(out), "--size", "16", *extra])
+    assert named in _one_error_line(done, "python -m ilvr_toolkit.data.prepare")
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing started
+
+
+def test_prepare_missing_source_and_bad_config_files(tmp_path):
+    prog = "python -m ilvr_toolkit.data.prepare"
+    missing = tmp_path / "no_such_folder"
+    line = _one_error_line(
+        _run([*PREPARE, str(missing), "--out", str(tmp_path / "o.lmdb"), "--size", "16"]), prog
+    )
+    assert str(missing) in line and "no such file or folder" in line
+    bad_yaml = tmp_path / "broken.yaml"
+    bad_yaml.write_text("size: [16\noutput: {dir: x}\n")
+    line = _one_error_line(_run([*PREPARE, "--config", str(bad_yaml)]), prog)
+    assert f"--config {bad_yaml}: invalid YAML at line 2" in line
+    line = _one_error_line(_run([*PREPARE, "--config", str(tmp_path / "absent.yaml")]), prog)
+    assert "absent.yaml: cannot read" in line
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("sizes: 16\n")
+    line = _one_error_line(_run([*PREPARE, "--config", str(unknown)]), prog)
+    assert f"--config {unknown}: unknown option 'sizes'" in line
+    assert "source" in _one_error_line(
+        _run([*PREPARE, "--out", str(tmp_path / "o.lmdb"), "--size", "16"]), prog
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--batch_size", "0"], "--batch_size 0: expected an integer >= 1"),
+        (["--samples_per_reference", "0"], "--samples_per_reference 0"),
+        (["--num_samples", "0"], "--num_samples 0"),
+        (["--sampler.respacing", "0"], "--sampler.respacing '0'"),
+        (["--sampler.eta", "-1"], "--sampler.eta -1.0: expected a number >= 0"),
+        (["--num_shards", "0"], "--num_shards 0"),
+        (["--shard_index", "2", "--num_shards", "2"], "--shard_index 2: expected an integer in 0..1"),
+        (["--ilvr.factor", "0"], "--ilvr.factor 0"),
+        (["--ilvr.range_t", "null", "--ilvr.fraction", "1.5"], "--ilvr.fraction 1.5"),
+        (["--threads", "0"], "--threads 0: expected an integer >= 1"),
+        (["--workers", "-1"], "--workers -1"),
+        (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda or cuda:N"),
+        (["--batch_size", "many"], "--batch_size many: expected int"),
+        (["--sampler.method", "euler"], "--sampler.method euler: expected one of ddpm, ddim"),
+        (["--no_such_option", "1"], "unrecognized arguments: --no_such_option 1"),
+    ],
+)
+def test_sample_bad_value_is_one_line_exit_2(capsys, tmp_path, extra, named):
+    """The real ``sample.py`` entry point, in this process (a subprocess per case would spend
+    most of the time importing torch); the subprocess path is checked just below."""
+    code = sample_main(["--config", str(DEMO_CONFIG), "--output.dir", str(tmp_path / "out"), *extra])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: "), captured.err
+    assert named in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_sample_bad_yaml_names_the_file_and_debug_shows_the_traceback(tmp_path):
+    bad_yaml = tmp_path / "run.yaml"
+    bad_yaml.write_text("model:\n  checkpoint: checkpoints/demo.pt\n references: x\n")
+    line = _one_error_line(_run([*SAMPLE, "--config", str(bad_yaml)]), "sample.py")
+    assert f"--config {bad_yaml}: invalid YAML at line 3" in line
+    debug = _run([*SAMPLE, "--config", str(DEMO_CONFIG), "--batch_size", "0", "--debug"])
+    assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+    assert (
+        debug.stderr.strip().splitlines()[-1] == "sample.py: error: --batch_size 0: expected an integer >= 1"
+    )
+
+
+def test_prepare_debug_and_ilvr_debug_show_the_traceback(images, tmp_path):
+    cmd = [*PREPARE, str(images), "--out", str(tmp_path / "o.lmdb"), "--size", "16", "--quality", "500"]
+    for done in (_run([*cmd, "--debug"]), _run(cmd, env={"ILVR_DEBUG": "1"})):
+        assert done.returncode == 2 and "Traceback (most recent call last)" in done.stderr
+        assert "UsageError" in done.stderr
+        assert done.stderr.strip().splitlines()[-1].endswith("--quality 500: expected an integer in 1..100")
+
+
+def test_normalize_options_spellings():
+    parser = prepare_parser()
+    aliases = {"--out": "--output.dir"}
+    argv = [
+        "src",
+        "--out=o",
+        "--size",
+        "8",
+        "--size",
+        "16",
+        "--no-progress",
+        "--strict",
+        "--overwrite",
+        "false",
+    ]
+    assert normalize_options(argv, parser, aliases, repeatable=("--size",)) == [
+        "src",
+        "--output.dir=o",
+        "--size",
+        "8",
+        "--size+",
+        "16",
+        "--progress=false",
+        "--strict=true",
+        "--overwrite",
+        "false",
+    ]
+    assert normalize_options(["--batch-size", "2", "--output.grid-max-rows=3"]) == [
+        "--batch_size",
+        "2",
+        "--output.grid_max_rows=3",
+    ]
