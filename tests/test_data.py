@@ -332,6 +332,27 @@ def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
     assert report.length == len(data_folder[1]) and _leftovers(out) == [out.name]
 
 
+def test_truncated_lmdb_is_refused_before_it_is_mapped(data_lmdb, tmp_path):
+    """A data.mdb shorter than its meta page says would be a SIGBUS (exit 135, nothing on
+    stderr) at the first read; it is refused with one line naming the file and the fix."""
+    damaged = tmp_path / "damaged.lmdb"
+    damaged.mkdir()
+    data = (data_lmdb / "data.mdb").read_bytes()
+    (damaged / "data.mdb").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="data.mdb: truncated .* rebuild it"):
+        LMDBImageDataset(damaged, 16)
+    (damaged / "data.mdb").write_bytes(data[:100])
+    with pytest.raises(ValueError, match="not an LMDB data file"):
+        read_info(damaged)
+    (damaged / "data.mdb").write_bytes(data[: len(data) // 2])
+    cmd = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(damaged), "--out", str(tmp_path / "o.lmdb")]
+    done = subprocess.run(
+        [*cmd, "--size", "16"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"{damaged / 'data.mdb'}: truncated" in done.stderr and not (tmp_path / "o.lmdb").exists()
+
+
 # --------------------------------------------------------------------------- workers, DataModule, DDP
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_workers_each_index_once_per_epoch(data_lmdb, context):

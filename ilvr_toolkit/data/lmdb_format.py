@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "META_KEY",
     "NAMES_KEY",
     "LMDBInfo",
+    "check_not_truncated",
     "image_key",
     "open_lmdb",
     "read_info",
@@ -69,6 +71,28 @@ def _data_file(path: str) -> str:
     return os.path.join(path, "data.mdb") if os.path.isdir(path) else path
 
 
+def check_not_truncated(data_file: str, size: int) -> None:
+    """Refuse a data file shorter than its newest meta page says (``(last page + 1) * page
+    size``): mapping it would end the process with SIGBUS at the first read past the end."""
+    with open(data_file, "rb") as f:
+        metas = [f.read(152)]  # page header (16 bytes), then MDB_meta up to mm_txnid
+        good = len(metas[0]) == 152 and struct.unpack_from("<I", metas[0], 16)[0] == 0xBEEFC0DE
+        psize = struct.unpack_from("<I", metas[0], 40)[0] if good else 0  # mm_dbs[0].md_pad
+        if psize:
+            f.seek(psize)
+            metas.append(f.read(152))
+    if not 512 <= psize <= 1 << 16:
+        raise ValueError(f"{data_file}: not an LMDB data file ({size} bytes, no valid header)")
+    last_page, _ = max(
+        (struct.unpack_from("<QQ", m, 136) for m in metas if len(m) == 152), key=lambda m: m[1]
+    )
+    if size < (last_page + 1) * psize:
+        raise ValueError(
+            f"{data_file}: truncated ({size} bytes, its metadata needs {(last_page + 1) * psize}); "
+            "rebuild it with python -m ilvr_toolkit.data.prepare"
+        )
+
+
 def open_lmdb(path: str | Path) -> lmdb.Environment:
     """The shared read-only environment of the LMDB at ``path`` for this process.
 
@@ -83,6 +107,8 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
     except FileNotFoundError:
         raise FileNotFoundError(f"no LMDB at {path} (missing {data_file})") from None
     key = (st.st_dev, st.st_ino)
+    if key not in _ENVS:
+        check_not_truncated(data_file, st.st_size)
     pid = os.getpid()
     with _ENVS_LOCK:
         entry = _ENVS.get(key)
