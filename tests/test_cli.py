@@ -191,11 +191,19 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
         (["--batch_size", "many"], "--batch_size many: expected int"),
         (["--sampler.method", "euler"], "--sampler.method euler: expected one of ddpm, ddim"),
         (["--no_such_option", "1"], "unrecognized arguments: --no_such_option 1"),
+        (
+            ["--model.checkpoint", "checkpoints/nope.pt"],
+            "--model.checkpoint checkpoints/nope.pt: no such file",
+        ),
+        (["--references", "no/such/folder"], "--references no/such/folder: no such file or folder"),
+        (["--evaluate_against", "datasets/typo.lmdb"], "--evaluate_against datasets/typo.lmdb: no such"),
+        (["--inception_weights", "nope.pth"], "--inception_weights nope.pth: no such file or folder"),
     ],
 )
-def test_sample_bad_value_is_one_line_exit_2(capsys, tmp_path, extra, named):
+def test_sample_bad_value_is_one_line_exit_2(capsys, monkeypatch, tmp_path, extra, named):
     """The real ``sample.py`` entry point, in this process (a subprocess per case would spend
     most of the time importing torch); the subprocess path is checked just below."""
+    monkeypatch.chdir(REPO)  # the demo config's paths are relative to the repository
     code = sample_main(["--config", str(DEMO_CONFIG), "--output.dir", str(tmp_path / "out"), *extra])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

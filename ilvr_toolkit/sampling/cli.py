@@ -9,7 +9,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
-from ..cli import check_range, make_parser, parse_options, run_command, setup_logging
+from ..cli import UsageError, check_range, make_parser, parse_options, run_command, setup_logging
 from ..runtime import configure_threads
 from .config import ILVRSpec, ModelSpec, OutputSpec, SampleConfig, SamplerSpec
 
@@ -75,11 +75,25 @@ def _main(argv: list[str]) -> int:
     if namespace.threads is not None:
         check_range("threads", namespace.threads, 1)
     configure_threads(namespace.threads)
+    _check_paths(config)
     from .runner import run
 
     result = run(config)
     _report(result, config.published)
     return 0
+
+
+def _check_paths(config: SampleConfig) -> None:
+    """Every file or folder named on the command line exists before any work starts."""
+    named = {
+        "model.checkpoint": config.model.checkpoint,
+        "references": None if config.unconditional else config.references,
+        "evaluate_against": config.evaluate_against,
+        "inception_weights": config.inception_weights,
+    }
+    for option, path in named.items():
+        if path and not Path(path).exists():
+            raise UsageError(f"--{option} {path}: no such file or folder")
 
 
 def _report(result, published: dict | None = None) -> None:
