@@ -105,7 +105,7 @@ def normalize_options(
             name = aliases.get(name, name)
             following = argv[i + 1] if i + 1 < len(argv) else None
             if name in flags and not sep and (following or "").lower() not in ("true", "false"):
-                name, sep, value = name, "=", "true"
+                sep, value = "=", "true"
             elif name.startswith("--no_") and "--" + name[5:] in flags and not sep:
                 name, sep, value = "--" + name[5:], "=", "false"
             if name in repeatable:
@@ -121,11 +121,14 @@ def _bool_options(parser: ArgumentParser) -> set[str]:
 
 
 def parse_options(
-    parser: ArgumentParser, argv: Sequence[str], aliases: Mapping[str, str] | None = None, **kwargs
+    parser: ArgumentParser,
+    argv: Sequence[str],
+    aliases: Mapping[str, str] | None = None,
+    repeatable: Collection[str] = (),
 ) -> Namespace:
     """:func:`normalize_options` then ``parser.parse_args``; every ``--config`` file is read
     first, so a missing file or invalid YAML is a :class:`UsageError` naming the file."""
-    args = normalize_options(argv, parser, aliases, **kwargs)
+    args = normalize_options(argv, parser, aliases, repeatable)
     configs = [args[i + 1] for i, token in enumerate(args[:-1]) if token == "--config"]
     configs += [token.partition("=")[2] for token in args if token.startswith("--config=")]
     for path in configs:
