@@ -514,26 +514,23 @@ PROG = "python -m ilvr_toolkit.data.prepare"
 ALIASES = {"--out": "--output.dir", "--report": "--output.report"}
 
 
-@dataclass
-class OutputSpec:
-    """Where the converter writes.
-
-    Attributes:
-        dir: the LMDB folder to write, e.g. datasets/ffhq.lmdb (alias: --out).
-        report: also write the build report (count, sizes, skipped files and why) as JSON
-            here (alias: --report).
-    """
-
-    dir: str
-    report: str | None = None
-
-
 def build_parser() -> ArgumentParser:
     parser = make_parser(
         PROG, "Build an LMDB image dataset (rosinality key layout) from a folder, a zip archive or an LMDB."
     )
     parser.add_argument("source", type=str, help="image folder (recursive), .zip archive, or LMDB folder")
-    parser.add_class_arguments(OutputSpec, "output")
+    parser.add_argument(
+        "--output.dir",
+        type=str,
+        required=True,
+        help="the LMDB folder to write, e.g. datasets/ffhq.lmdb (alias: --out)",
+    )
+    parser.add_argument(
+        "--output.report",
+        type=str | None,
+        default=None,
+        help="also write the build report (count, sizes, skipped files and why) as JSON here (alias: --report)",
+    )
     parser.add_argument(
         "--size",
         type=int | list[int],
