@@ -279,7 +279,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def write_last(self, trainer: pl.Trainer) -> None:
         """Write ``DIRPATH/last.ckpt`` (every rank calls it; rank 0 writes)."""
-        trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt")
+        trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt", weights_only=False)
         self.last_step = trainer.global_step
 
     def on_train_batch_end(

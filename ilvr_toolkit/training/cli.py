@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(args: list[str]) -> int:
-    TrainCLI(args=args)
+    TrainCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv
     _leave_process_group()
     return 0
 

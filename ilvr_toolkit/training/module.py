@@ -115,6 +115,8 @@ class DiffusionModule(pl.LightningModule):
             hyperparameters (it is recorded in the checkpoint's ``ilvr_toolkit`` entry).
     """
 
+    flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor: not measured
+
     def __init__(
         self,
         unet: str | dict[str, Any] = "tiny",
