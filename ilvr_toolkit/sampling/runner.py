@@ -217,9 +217,12 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     todo = pending_items(mine, out_dir)
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
-    _sample_all(
-        todo, refs, _sampling(config, net, diffusion, image_size, device, todo), config, ranks, part, result
+    lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
+    range_t = ilvr_range_t(config.ilvr, diffusion)  # once per run: which respaced steps ILVR conditions
+    shared = _Sampling(
+        net, diffusion, image_size, device, config.sampler, lowpasses, range_t, config.ilvr.mode
     )
+    _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
     if ranks.is_main:
         _write_summary(config, loaded, diffusion, refs, factors, indices, out_dir, result)
@@ -235,20 +238,6 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
 
 def _reference_indices(batch: list[WorkItem]) -> list[int]:
     return list(dict.fromkeys(item.reference for item in batch))
-
-
-def _sampling(
-    config: SampleConfig,
-    net: Callable,
-    diffusion: GaussianDiffusion,
-    image_size: int,
-    device: torch.device,
-    todo: list[WorkItem],
-) -> _Sampling:
-    factors = {item.factor for item in todo if item.factor is not None}
-    range_t = ilvr_range_t(config.ilvr, diffusion)  # once per run: which respaced steps ILVR conditions
-    lowpasses = {n: LowPass(image_size, n, device) for n in factors}
-    return _Sampling(net, diffusion, image_size, device, config.sampler, lowpasses, range_t, config.ilvr.mode)
 
 
 def _record(
