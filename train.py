@@ -4,7 +4,9 @@ python train.py fit --config configs/tiny.yaml --data.path datasets/tiny.lmdb
 python train.py export runs/tiny/checkpoints/last.ckpt
 """
 
+import sys
+
 from ilvr_toolkit.training.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

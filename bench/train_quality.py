@@ -48,7 +48,9 @@ common.add_repo_to_path()
 from ilvr_toolkit.data import LMDBImageDataset, build_lmdb  # noqa: E402
 from ilvr_toolkit.images import to_float  # noqa: E402
 from ilvr_toolkit.models import build_unet  # noqa: E402
-from ilvr_toolkit.training import generate  # noqa: E402
+from ilvr_toolkit.sampling.config import SamplerSpec  # noqa: E402
+from ilvr_toolkit.sampling.seeds import image_seed  # noqa: E402
+from ilvr_toolkit.training import sample_images  # noqa: E402
 from ilvr_toolkit.training.cli import TrainCLI  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
@@ -126,23 +128,12 @@ def window_mean(curve: list[tuple[int, float]], first: bool, fraction: float = 0
 
 
 def sample(net: torch.nn.Module, cli: TrainCLI, count: int, batch: int, seed: int) -> torch.Tensor:
-    size = cli.model.unet_config.image_size
-    out = []
-    for start in range(0, count, batch):
-        n = min(batch, count - start)
-        out.append(
-            generate(
-                net,
-                cli.model.diffusion_config,
-                n,
-                size,
-                seed=seed,
-                respacing="100",
-                device=torch.device("cpu"),
-                first_index=start,
-            )
-        )
-    return torch.cat(out)
+    """``sample.py --unconditional``'s images 0..count-1 (100 DDPM steps) in batches."""
+    seeds = [image_seed(seed, i, 0) for i in range(count)]
+    parts = [seeds[start : start + batch] for start in range(0, count, batch)]
+    return torch.cat(
+        [sample_images(cli.model, net.eval(), part, SamplerSpec("ddpm", "100")) for part in parts]
+    )
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 16) -> None:

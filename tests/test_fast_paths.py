@@ -329,11 +329,12 @@ def test_fast_training_settings_fit_end_to_end(tmp_path):
     trainer.fit(module, train_dataloaders=loader)
     assert trainer.global_step == 3
     assert module.hparams.channels_last and module.hparams.unet["native_groupnorm"]
-    for net in (module.model, ema._average_model.module.model):
-        weights = [p for p in net.parameters() if p.ndim == 4]
-        assert all(torch.isfinite(p).all() for p in net.parameters())
-        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
-        assert all(m.native for m in net.modules() if isinstance(m, unet_module.GroupNorm32))
+    saved = {"state_dict": module.state_dict()}
+    ema.on_save_checkpoint(trainer, module, saved)  # the stock hook: the EMA copy's own tensors
+    for params in (list(module.state_dict().values()), list(saved["state_dict"].values())):
+        assert all(torch.isfinite(p).all() for p in params)
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in params if p.ndim == 4)
+    assert all(m.native for m in module.model.modules() if isinstance(m, unet_module.GroupNorm32))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     loaded = load_model(tmp_path / "last.ckpt")
     assert all(p.is_contiguous() for p in loaded.model.parameters())

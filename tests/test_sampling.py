@@ -101,18 +101,18 @@ def test_sample_py_end_to_end(tmp_path, refs, tiny32_path):
 
 
 def test_same_noise_and_images_for_batch_size_1_and_3(tmp_path, refs, tiny32_path, monkeypatch):
-    import ilvr_toolkit.sampling.runner as runner
+    import ilvr_toolkit.sampling.generate as generate
 
     draws: dict[int, list[torch.Tensor]] = {}
 
-    class Recording(runner.PerImageNoise):
+    class Recording(generate.PerImageNoise):
         def __call__(self, shape, device, dtype):
             noise = super().__call__(shape, device, dtype)
             for g, row in zip(self.generators, noise, strict=True):
                 draws.setdefault(g.initial_seed(), []).append(row.clone())
             return noise
 
-    monkeypatch.setattr(runner, "PerImageNoise", Recording)
+    monkeypatch.setattr(generate, "PerImageNoise", Recording)
     results = {}
     for batch in (1, 3):
         draws.clear()

@@ -34,7 +34,9 @@ from ilvr_toolkit.models.config import UNetConfig
 from ilvr_toolkit.training import EMA, find_resume_checkpoint
 from ilvr_toolkit.training.checkpointing import atomic_torch_save, remove_stale_temp_files
 from ilvr_toolkit.training.cli import TrainCLI
+from ilvr_toolkit.training.cli import main as train_main
 from ilvr_toolkit.training.export import export_checkpoint
+from ilvr_toolkit.training.export import main as export_main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -87,7 +89,7 @@ def common_args(lmdb: Path, run_dir: Path, **overrides: Any) -> list[str]:
         "--samples.every_n_steps": "0",
         "--ilvr_preview.every_n_steps": "0",
         "--ema.decay": "0.9",
-        "--model.warmup_steps": "2",
+        "--model.optim.warmup_steps": "2",
         "--checkpoint.last_every_n_steps": "2",
     }
     settings.update({f"--{k}": str(v) for k, v in overrides.items()})
@@ -102,9 +104,11 @@ class Probe(pl.Callback):
         self.ckpt_path = trainer.ckpt_path
         self.global_step = trainer.global_step
         self.raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        self.ema = {k: v.detach().clone() for k, v in ema._average_model.module.state_dict().items()}
-        self.n_averaged = int(ema._average_model.n_averaged)
-        self.ema_latest_update_step = ema._latest_update_step
+        saved = {"state_dict": pl_module.state_dict()}
+        ema.on_save_checkpoint(trainer, pl_module, saved)  # the stock hook puts the EMA weights there
+        self.ema = {k: v.detach().clone() for k, v in saved["state_dict"].items()}
+        self.n_averaged = int(saved["averaging_state"]["n_averaged"])
+        self.ema_latest_update_step = ema.state_dict()["latest_update_step"]
         self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors otherwise
         self.lr_schedulers = [
             copy.deepcopy(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs
@@ -195,10 +199,10 @@ def tiny_run(lmdb_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             "trainer.max_steps": 5,
             "samples.every_n_steps": 4,
             "samples.num_images": 2,
-            "samples.respacing": "ddim3",
+            "samples.sampler.respacing": "ddim3",
             "ilvr_preview.every_n_steps": 4,
             "ilvr_preview.num_images": 2,
-            "ilvr_preview.respacing": "3",
+            "ilvr_preview.sampler.respacing": "3",
         },
     )
     run_inprocess(args)
@@ -230,7 +234,7 @@ def test_tiny_fit_single_process(tiny_run: Path) -> None:
 
     events = EventAccumulator(str(tiny_run / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/mse", "train/vb", "train/grad_norm", "train/lr", "perf/images_per_sec"):
+    for tag in ("train/loss", "train/mse", "train/vb", "train/grad_norm", "lr-AdamW", "train/samples"):
         assert tag in tags, (tag, sorted(tags))
     assert any(t.startswith("train/loss_q") for t in tags)
     assert {"samples/ema", "ilvr/preview_ema"} <= set(events.Tags()["images"])
@@ -299,6 +303,12 @@ def test_export_round_trip_and_rerun_after_finish(tiny_run: Path, lmdb_path: Pat
     described = load_model(result["model_file"])
     assert described.source_kind == "ilvr_toolkit" and described.diffusion["steps"] == 1000
     assert_same_tensors(described.model.state_dict(), plain, "self-describing file")
+
+    # The CLI: --output.dir (and the older --out-dir), files as export_checkpoint writes them.
+    for flag in ("--output.dir", "--out-dir"):
+        out = tiny_run / f"cli{flag.count('.')}"
+        assert export_main([str(last), flag, str(out), "--name", "m"]) == 0
+        assert_same_tensors(torch.load(out / "m.pt", weights_only=True), plain, f"export {flag}")
 
     # Rerunning a finished run resumes at max_steps and does nothing.
     probe = Probe()
@@ -443,6 +453,20 @@ def test_dataset_of_the_wrong_size_is_refused_before_training(lmdb_path: Path, t
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_user_errors_end_in_one_line(lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """train.py and train.py export: a mistake found after parsing is one line, no traceback."""
+    assert export_main([str(tmp_path / "missing.ckpt")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"train.py export: error: checkpoint {tmp_path / 'missing.ckpt'}: no such file\n"
+    )
+    args = common_args(lmdb_path, tmp_path / "run", **{"data.path": tmp_path / "nowhere.lmdb"})
+    assert train_main(["fit", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train.py: error: ") and "nowhere.lmdb" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
 class _NaNAt:
     """Wraps training_losses: the loss becomes NaN from step ``step`` on."""
 
@@ -513,7 +537,7 @@ def test_every_train_config_instantiates(config: Path, lmdb_path: Path, tmp_path
         shapes = {k: list(v.shape) for k, v in cli.model.model.state_dict().items()}
         assert shapes == {k: list(v) for k, v in manifest["state_dict"].items()}
         hp = cli.model.hparams
-        assert hp.lr == 2e-5 and hp.diffusion["p2_gamma"] == 1.0 and hp.diffusion["p2_k"] == 1.0
+        assert hp.optim["lr"] == 2e-5 and hp.diffusion["p2_gamma"] == 1.0 and hp.diffusion["p2_k"] == 1.0
         assert cli.datamodule.batch_size == 8
         ema = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EMA))
         assert ema.decay == 0.9999
@@ -549,7 +573,7 @@ def test_ema_update_rule() -> None:
         (warm, 100, 0.1),
     ]:
         averaged = [torch.zeros(3)]
-        ema._ema_update(averaged, [torch.ones(3)], torch.tensor(n))
+        ema.update(averaged, [torch.ones(3)], torch.tensor(n))
         assert torch.allclose(averaged[0], torch.full((3,), want)), (ema.warmup, n)
     assert warm.decay_at(1000) == 0.9 and plain.describe()["decay"] == 0.9
 
@@ -568,3 +592,42 @@ def test_resume_picks_the_newest_and_stale_temp_files_are_removed(tmp_path: Path
     stale.write_bytes(b"partial")
     assert remove_stale_temp_files(tmp_path / "checkpoints") == [stale] and not stale.exists()
     assert last.is_file()
+
+
+# --------------------------------------------------------------------------- one generation path
+def test_ilvr_preview_equals_sample_py_on_the_checkpoint_of_that_step(
+    lmdb_path: Path, tmp_path: Path
+) -> None:
+    """The preview at step S is byte for byte what ``sample.py`` writes for the checkpoint
+    of step S with the same references, N, respacing, range, mode and seed."""
+    from ilvr_toolkit.sampling.cli import main as sample_main
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(refs / f"r{i}.png")
+    settings = {"ilvr.factor": 4, "ilvr.range_t": 1, "ilvr.mode": "official", "sampler.respacing": "5"}
+    preview = {f"ilvr_preview.{k}": v for k, v in settings.items()}
+    preview.update({"ilvr_preview.references": refs, "ilvr_preview.num_images": 3, "ilvr_preview.seed": 7})
+    run_dir = tmp_path / "run"
+    run_inprocess(
+        common_args(
+            lmdb_path, run_dir, **{"trainer.max_steps": 2, "ilvr_preview.every_n_steps": 2, **preview}
+        )
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert load_ckpt(last)["global_step"] == 2
+    out = tmp_path / "sampled"
+    args = [f"--{k}={v}" for k, v in settings.items()] + ["--seed=7", "--batch_size=3", "--device=cpu"]
+    args += [f"--model.checkpoint={last}", f"--references={refs}", f"--output.dir={out}", "--progress=false"]
+    assert sample_main(args) == 0
+    grid = torch.from_numpy(np.array(Image.open(run_dir / "samples" / "ilvr_00000002.png"))).permute(2, 0, 1)
+    row = 2  # rows: references, phi_N(references), translations; make_grid pads by 2 px
+    for i in range(3):
+        cell = grid[:, 2 + row * 18 : 18 + row * 18, 2 + i * 18 : 18 + i * 18]
+        png = torch.from_numpy(np.array(Image.open(out / f"r{i}_s0.png"))).permute(2, 0, 1)
+        assert torch.equal(cell, png), f"reference {i}: preview and sample.py differ"
+    source = torch.from_numpy(np.array(Image.open(refs / "r0.png"))).permute(2, 0, 1)
+    assert torch.equal(grid[:, 2:18, 2:18], source)  # the crop is where the test thinks it is
+    assert not torch.equal(grid[:, 38:54, 2:18], grid[:, 38:54, 20:36])  # distinct translations

@@ -15,26 +15,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..conditioning import ILVR, LowPass, resolve_range_t
-from ..diffusion import (
-    DiffusionConfig,
-    GaussianDiffusion,
-    PerImageNoise,
-    create_diffusion,
-    ddim_sample,
-    ddpm_sample,
-    draw_x_T,
-)
-from ..images import to_float, to_uint8
+from ..conditioning import LowPass
+from ..diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
 from ..models import LoadedModel, load_model
 from ..runtime import tuned_cpu_malloc
 from .background import BackgroundIO
-from .config import SampleConfig
+from .config import SampleConfig, SamplerSpec
 from .distributed import barrier, finish, init_ranks
+from .generate import Condition, generate, ilvr_range_t
 from .grid import build_grid
 from .manifest import ManifestPart, merge_manifest, versions
 from .plan import WorkItem, batches, pending_items, plan_items, shard_range
-from .seeds import image_generators
 from .writer import remove_stale_temps, save_png
 
 __all__ = ["RunResult", "run", "resolve_device", "make_net"]
@@ -140,36 +131,38 @@ class _References:
         return item["image"]
 
 
+@dataclass
+class _Sampling:
+    """What every batch of a run shares: the network, its respaced diffusion, phi_N per
+    factor N, the resolved ILVR range and the sampler."""
+
+    net: Callable
+    diffusion: GaussianDiffusion
+    image_size: int
+    device: torch.device
+    sampler: SamplerSpec
+    lowpasses: dict[int, LowPass]
+    range_t: int
+    mode: str
+
+
 def _sample_batch(
-    batch: list[WorkItem],
-    images: dict[int, torch.Tensor | None],
-    diffusion: GaussianDiffusion,
-    net: Callable,
-    config: SampleConfig,
-    image_size: int,
-    lowpasses: dict[int, LowPass],
-    range_t: int,
-    device: torch.device,
+    batch: list[WorkItem], images: dict[int, torch.Tensor | None], run: _Sampling
 ) -> tuple[list[WorkItem], torch.Tensor | None]:
     """Sample one batch; returns the items actually sampled and their uint8 images (B, 3, H, W).
 
     ``images``: the batch's references by index (None: unreadable); empty when unconditional.
     """
-    hooks = []
+    condition = None
     if images:
         batch = [item for item in batch if images[item.reference] is not None]
         if not batch:
             return [], None
-        reference = to_float(torch.stack([images[item.reference] for item in batch])).to(device)
-        factor = batch[0].factor
-        hooks.append(ILVR(reference, factor, range_t, config.ilvr.mode, lowpass=lowpasses[factor]))
-    noise = PerImageNoise(image_generators([item.seed for item in batch], device))
-    x_T = draw_x_T(noise, (len(batch), 3, image_size, image_size), device)
-    if config.sampler.method == "ddim":
-        x0 = ddim_sample(diffusion, net, x_T, noise=noise, hooks=hooks, eta=config.sampler.eta)
-    else:
-        x0 = ddpm_sample(diffusion, net, x_T, noise=noise, hooks=hooks)
-    return batch, to_uint8(x0).cpu()
+        reference = torch.stack([images[item.reference] for item in batch])
+        condition = Condition(reference, run.lowpasses[batch[0].factor], run.range_t, run.mode)
+    seeds = [item.seed for item in batch]
+    out = generate(run.net, run.diffusion, seeds, run.image_size, run.device, run.sampler, condition)
+    return batch, out
 
 
 def _header(config: SampleConfig, loaded: LoadedModel, diffusion: GaussianDiffusion) -> dict[str, Any]:
@@ -224,7 +217,12 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     todo = pending_items(mine, out_dir)
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
-    _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, part, result)
+    lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
+    range_t = ilvr_range_t(config.ilvr, diffusion)  # once per run: which respaced steps ILVR conditions
+    shared = _Sampling(
+        net, diffusion, image_size, device, config.sampler, lowpasses, range_t, config.ilvr.mode
+    )
+    _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
     if ranks.is_main:
         _write_summary(config, loaded, diffusion, refs, factors, indices, out_dir, result)
@@ -242,18 +240,30 @@ def _reference_indices(batch: list[WorkItem]) -> list[int]:
     return list(dict.fromkeys(item.reference for item in batch))
 
 
-def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, part, result) -> None:
+def _record(
+    part: ManifestPart, refs: _References, done: list[WorkItem], seconds: float, batch_size: int, rank: int
+) -> None:
+    for item in done:
+        entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
+        entry.update(sample=item.sample, factor=item.factor, seed=item.seed, seconds=round(seconds, 4))
+        part.record(item.filename, {**entry, "batch_size": batch_size, "rank": rank})
+    part.failed.update(refs.failed)
+    part.save()
+
+
+def _sample_all(
+    todo: list[WorkItem],
+    refs: _References,
+    run: _Sampling,
+    config: SampleConfig,
+    ranks: Any,
+    part: ManifestPart,
+    result: RunResult,
+) -> None:
     """Sample ``todo`` in batches. While batch k samples, worker threads decode the references
     of batch k+1 and write the PNGs of batch k-1 (``config.io_workers``). A batch's manifest
     entries are saved before its PNGs are written: the merge keeps only entries whose PNG
     exists, and every PNG is written atomically, so a kill at any point loses nothing."""
-    lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
-    range_t = resolve_range_t(  # once per run: which respaced steps ILVR conditions
-        diffusion.timestep_map.tolist(),
-        range_t=config.ilvr.range_t,
-        fraction=config.ilvr.fraction,
-        stop_timestep=config.ilvr.stop_timestep,
-    )
     desc = f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR"
     bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not config.progress, dynamic_ncols=True)
     plan = batches(todo, config.batch_size)
@@ -271,27 +281,10 @@ def _sample_all(todo, refs, diffusion, net, config, image_size, device, ranks, p
             io.check()  # a write of batch k-1 that already failed stops the run before sampling more
             images, pending = pending(), fetch(k + 1)
             tic = time.perf_counter()
-            done, out = _sample_batch(
-                batch, images, diffusion, net, config, image_size, lowpasses, range_t, device
-            )
+            done, out = _sample_batch(batch, images, run)
             seconds = (time.perf_counter() - tic) / max(len(done), 1)  # sampling only: I/O overlaps it
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
-            for item in done:
-                part.record(
-                    item.filename,
-                    {
-                        "reference": refs.names[item.reference],
-                        "reference_index": item.reference,
-                        "sample": item.sample,
-                        "factor": item.factor,
-                        "seed": item.seed,
-                        "seconds": round(seconds, 4),
-                        "batch_size": len(batch),
-                        "rank": ranks.rank,
-                    },
-                )
-            part.failed.update(refs.failed)
-            part.save()
+            _record(part, refs, done, seconds, len(batch), ranks.rank)
             for item, image in zip(done, out if out is not None else [], strict=True):
                 io.write(save_png, result.out_dir / item.filename, image)
                 result.written.append(item.filename)

@@ -1,6 +1,6 @@
 """Training of domain DDPMs: LightningModule, callbacks, checkpoint policy and the CLI."""
 
-from .callbacks import ILVRPreview, SampleGrid, TrainingSpeed, generate, sampling_network
+from .callbacks import ILVRPreview, SampleGrid, sample_images, sampling_weights
 from .checkpointing import (
     EMA,
     AtomicCheckpointIO,
@@ -10,7 +10,7 @@ from .checkpointing import (
     find_resume_checkpoint,
 )
 from .fid_monitor import FIDMonitor
-from .module import DiffusionModule, resolve_diffusion_config, resolve_unet_config
+from .module import DiffusionModule, OptimConfig, resolve_diffusion_config, resolve_unet_config
 
 __all__ = [
     "EMA",
@@ -18,14 +18,14 @@ __all__ = [
     "DiffusionModule",
     "FIDMonitor",
     "ILVRPreview",
+    "OptimConfig",
     "RunCheckpoint",
     "SampleGrid",
     "SlurmRequeue",
-    "TrainingSpeed",
     "atomic_torch_save",
     "find_resume_checkpoint",
-    "generate",
     "resolve_diffusion_config",
     "resolve_unet_config",
-    "sampling_network",
+    "sample_images",
+    "sampling_weights",
 ]

@@ -29,11 +29,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
 from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..fileio import atomic_open
 
@@ -122,8 +122,8 @@ def find_resume_checkpoint(
 
 
 # --------------------------------------------------------------------------- EMA
-class EMA(EMAWeightAveraging):
-    """Lightning's EMAWeightAveraging with the settings of guided-diffusion's EMA.
+class EMA(WeightAveraging):
+    """Lightning's weight averaging as guided-diffusion's EMA.
 
     The checkpoint's ``state_dict`` then holds the EMA weights (``model.*``, for sampling
     and export) and ``current_model_state`` the raw weights (for resuming); the EMA
@@ -139,11 +139,13 @@ class EMA(EMAWeightAveraging):
         device: where the EMA copy lives; default: the training device of each rank
             (``"cpu"`` saves accelerator memory at the cost of a copy per update).
 
-    Differences from the parent: the update is one fused ``_foreach_lerp_`` per device and
-    dtype (the parent loops over the tensors), the copy is placed on each rank's own device
-    (the parent would use the module's device at setup time, the CPU), and the raw weights
-    stay in the module after ``fit`` (the parent swaps the EMA in), so a save after training
-    still records the true training state.
+    Why a subclass of the stock ``WeightAveraging`` (public arguments and hooks only): the
+    update is one fused ``get_ema_multi_avg_fn`` call per device and dtype, with the warmup
+    decay; ``EMAWeightAveraging``'s per-tensor ``avg_fn`` takes 2.15 s per update of the
+    93.6M-parameter ffhq UNet against 0.29 s here (CPU, 1 thread, median of 5). The copy is
+    made on each rank's training device (the stock one copies the module where it is at
+    setup, the CPU), and the raw weights stay in the module after ``fit`` (the stock one
+    copies the EMA in), so a save after training still records the true training state.
     """
 
     ilvr_toolkit_key = "ema"
@@ -156,20 +158,16 @@ class EMA(EMAWeightAveraging):
         warmup: bool = False,
         device: str | None = None,
     ) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        super().__init__(
-            device=device,
-            use_buffers=True,
-            decay=decay,
-            update_every_n_steps=update_every_n_steps,
-            update_starting_at_step=start_step,
-        )
-        self._kwargs.pop("avg_fn", None)
-        self._kwargs["multi_avg_fn"] = self._ema_update
+        if not 0.0 <= decay < 1.0 or update_every_n_steps < 1:
+            raise ValueError(
+                f"EMA decay must be in [0, 1) and update_every_n_steps >= 1, got {decay}, {update_every_n_steps}"
+            )
+        super().__init__(device=device, use_buffers=True, multi_avg_fn=self.update)
         self.decay = decay
         self.start_step = start_step
+        self.update_every_n_steps = update_every_n_steps
         self.warmup = warmup
+        self.on_own_device = device is None
 
     def decay_at(self, num_averaged: int) -> float:
         """The decay of the update that follows ``num_averaged`` earlier ones (copy included)."""
@@ -177,16 +175,15 @@ class EMA(EMAWeightAveraging):
             return self.decay
         return min(self.decay, (1.0 + num_averaged) / (10.0 + num_averaged))
 
-    @torch.no_grad()
-    def _ema_update(
+    def update(
         self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
     ) -> None:
-        decay = self.decay_at(int(num_averaged)) if self.warmup else self.decay
-        torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        """``averaged <- decay * averaged + (1 - decay) * current`` (AveragedModel's ``multi_avg_fn``)."""
+        get_ema_multi_avg_fn(self.decay_at(int(num_averaged)))(averaged, current, num_averaged)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._device is None:
-            self._device = trainer.strategy.root_device
+        if stage == "fit" and self.on_own_device:
+            pl_module.to(trainer.strategy.root_device)  # where the strategy puts it next anyway
         super().setup(trainer, pl_module, stage)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -200,16 +197,11 @@ class EMA(EMAWeightAveraging):
             "warmup": self.warmup,
         }
 
-    def averaged_unet(self) -> nn.Module | None:
-        """The EMA copy of the module's UNet (``None`` outside fit)."""
-        if self._average_model is None:
-            return None
-        return self._average_model.module.model
-
 
 # --------------------------------------------------------------------------- checkpoints
 class RunCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` on a step and/or time cadence, numbered snapshots, and a final save.
+    """Numbered snapshots (the stock ModelCheckpoint), plus ``last.ckpt`` on a step and/or
+    time cadence and at the end of training.
 
     Args:
         dirpath: the run's checkpoint folder (the CLI links it to ``RUN/checkpoints``).
@@ -221,9 +213,14 @@ class RunCheckpoint(ModelCheckpoint):
         save_top_k: how many snapshots to keep: -1 all, 1 only the newest.
         filename: snapshot name pattern.
 
-    ``last.ckpt`` is also written when training ends (``max_steps`` reached), unless that
-    step was saved already. Nothing is saved after an exception, so a NaN stop leaves the
-    previous, finite checkpoints as they were.
+    Why a subclass: the stock callback takes one trigger (steps *or* time, not both) and
+    writes ``last.ckpt`` only along with a snapshot: ``ModelCheckpoint(every_n_train_steps=2,
+    save_last=True)`` with ``max_steps=5`` ends with ``last.ckpt`` at step 4 (measured, with
+    ``save_top_k`` 0 and -1), so a rerun repeats step 5 instead of finding the run done. Here
+    ``last.ckpt`` is written through ``trainer.save_checkpoint`` on either cadence and when
+    training ends, unless that step was saved already (any save, ``hpc_ckpt_*`` included,
+    passes through :meth:`on_save_checkpoint`). Nothing is saved after an exception, so a
+    NaN stop leaves the previous, finite checkpoints as they were.
     """
 
     def __init__(
@@ -240,15 +237,15 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(
             dirpath=dirpath,
             filename=filename,
-            monitor=None,
-            save_last=True,
             save_top_k=save_top_k if every_n_train_steps > 0 else 0,
             every_n_train_steps=every_n_train_steps,
             enable_version_counter=False,
         )
         self.last_every_n_steps = last_every_n_steps
         self.last_every_minutes = last_every_minutes
-        self._last_save_time = time.monotonic()
+        self.snapshot_every = every_n_train_steps
+        self.saved_step = self.last_step = -1
+        self.saved_time = time.monotonic()
 
     @property
     def state_key(self) -> str:
@@ -263,31 +260,38 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._last_save_time = time.monotonic()
+        self.saved_step = self.last_step = trainer.global_step  # restored or initial: on disk already
+        self.saved_time = time.monotonic()
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        self._last_save_time = time.monotonic()
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        self.saved_step, self.saved_time = trainer.global_step, time.monotonic()
 
     def _last_due(self, trainer: pl.Trainer) -> bool:
-        step_due = self.last_every_n_steps > 0 and trainer.global_step % self.last_every_n_steps == 0
-        if step_due or self.last_every_minutes is None:
-            return step_due
-        time_due = time.monotonic() - self._last_save_time >= 60.0 * self.last_every_minutes
+        every = [n for n in (self.last_every_n_steps, self.snapshot_every) if n > 0]
+        if any(trainer.global_step % n == 0 for n in every):
+            return True
+        if self.last_every_minutes is None:
+            return False
+        time_due = time.monotonic() - self.saved_time >= 60.0 * self.last_every_minutes
         return bool(trainer.strategy.broadcast(time_due))  # rank 0 decides for all
+
+    def write_last(self, trainer: pl.Trainer) -> None:
+        """Write ``DIRPATH/last.ckpt`` (every rank calls it; rank 0 writes)."""
+        trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt", weights_only=False)
+        self.last_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # snapshots
-        if self._should_skip_saving_checkpoint(trainer):
-            return
-        if self._last_due(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not trainer.fast_dev_run and trainer.global_step != self.last_step and self._last_due(trainer):
+            self.write_last(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not trainer.fast_dev_run and trainer.global_step != self.saved_step:
+            self.write_last(trainer)
 
 
 # --------------------------------------------------------------------------- SLURM

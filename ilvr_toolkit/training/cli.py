@@ -17,7 +17,8 @@ What the CLI adds to Lightning's:
 - Always-on callbacks with their own config groups: ``--ema.*`` (EMA), ``--checkpoint.*``
   (last.ckpt / snapshots), ``--samples.*`` (EMA sample grids), ``--ilvr_preview.*``,
   ``--fid.*`` (FID of EMA samples every N steps; off unless ``--fid.every_n_steps``), plus
-  throughput logging and SLURM requeue (``--slurm_requeue``).
+  Lightning's ``LearningRateMonitor`` and ``ThroughputMonitor``, and SLURM requeue
+  (``--slurm_requeue``).
 - ``data.image_size`` is not a setting: it is the UNet's ``image_size``, so a dataset
   without images of that size is refused before training starts.
 - Checkpoint writes are atomic (``AtomicCheckpointIO``).
@@ -32,15 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from ilvr_toolkit.cli import run_command
 from ilvr_toolkit.data import ImageDataModule
 
-from .callbacks import ILVRPreview, SampleGrid, TrainingSpeed
+from .callbacks import ILVRPreview, SampleGrid
 from .checkpointing import (
     EMA,
     AtomicCheckpointIO,
@@ -55,6 +58,11 @@ from .module import DiffusionModule, resolve_unet_config
 __all__ = ["RunConfigSaver", "TrainCLI", "main"]
 
 DEFAULT_RUN_DIR = "runs/default"
+
+
+def _batch_size(batch: Any) -> int:
+    """Images in a training batch (ThroughputMonitor's ``batch_size_fn``)."""
+    return int((batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0])
 
 
 def unet_image_size(unet: Any) -> int:
@@ -109,7 +117,8 @@ class TrainCLI(LightningCLI):
     ):
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
         extra_callbacks = list(defaults.pop("callbacks", []) or [])
-        defaults["callbacks"] = [TrainingSpeed(), *extra_callbacks]
+        monitors = [LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=_batch_size, window_size=20)]
+        defaults["callbacks"] = [*monitors, *extra_callbacks]
         super().__init__(
             DiffusionModule,
             ImageDataModule,
@@ -155,8 +164,12 @@ class TrainCLI(LightningCLI):
         )
 
     # ------------------------------------------------------------------ trainer
+    def _setting(self, key: str, default: Any = None) -> Any:
+        config = self.config_init
+        return config.get(str(self.subcommand), config).get(key, default)
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        config = self._get(self.config_init, "trainer", default={})
+        config = self._setting("trainer", {})
         run_dir = config.get("default_root_dir") or DEFAULT_RUN_DIR
         logger = config.get("logger")
         if logger is None or logger is True:
@@ -167,7 +180,7 @@ class TrainCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        requeue = bool(self._get(self.config_init, "slurm_requeue", default=True))
+        requeue = bool(self._setting("slurm_requeue", True))
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
             plugins.append(SLURMEnvironment(auto_requeue=False))  # SlurmRequeue does it, at a step boundary
         kwargs["plugins"] = plugins
@@ -190,15 +203,21 @@ class TrainCLI(LightningCLI):
             fit["ckpt_path"] = str(found)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``train.py``: ``export`` is handled here, the rest by :class:`TrainCLI`."""
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``train.py``: ``export`` (``training/export.py``) or :class:`TrainCLI`,
+    both under :func:`ilvr_toolkit.cli.run_command` (a user's mistake is one line)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "export":
         from .export import main as export_main
 
-        raise SystemExit(export_main(args[1:]))
-    TrainCLI(args=argv)
+        return export_main(args[1:])
+    return run_command("train.py", _fit, args)
+
+
+def _fit(args: list[str]) -> int:
+    TrainCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv
     _leave_process_group()
+    return 0
 
 
 def _leave_process_group() -> None:

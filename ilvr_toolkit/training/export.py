@@ -1,6 +1,6 @@
 """Export a training checkpoint's weights for sampling.
 
-    python train.py export RUN/checkpoints/last.ckpt [--out-dir DIR] [--name NAME] [--weights ema|raw]
+    python train.py export RUN/checkpoints/last.ckpt [--output.dir DIR] [--name NAME] [--weights ema|raw]
     python -m ilvr_toolkit.training.export RUN/checkpoints/last.ckpt
 
 writes two files (atomically):
@@ -17,12 +17,13 @@ holds the EMA weights; ``raw`` takes ``current_model_state``, the weights being 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from jsonargparse import ArgumentParser
 
+from ilvr_toolkit.cli import UsageError, make_parser, normalize_options, run_command
 from ilvr_toolkit.models import (
     UNetConfig,
     check_state_dict,
@@ -107,18 +108,33 @@ def export_checkpoint(
     return ExportResult(plain=plain, model_file=model_file, weights=which, global_step=step)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="train.py export", description="Export a training checkpoint's EMA (or raw) UNet weights."
+def build_parser() -> ArgumentParser:
+    parser = make_parser("train.py export", "Export a training checkpoint's EMA (or raw) UNet weights.")
+    parser.add_argument(
+        "checkpoint", type=str, help="a .ckpt of train.py (last.ckpt, step=N.ckpt, hpc_ckpt_K.ckpt)"
     )
     parser.add_argument(
-        "checkpoint", help="a .ckpt written by train.py (last.ckpt, step=N.ckpt, hpc_ckpt_K.ckpt)"
+        "--output.dir", type=str | None, default=None, help="export folder (default: RUN/export)"
     )
-    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default=None, help="default: RUN/export")
-    parser.add_argument("--name", default=None, help="file stem (default: {weights}_step{N})")
-    parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    args = parser.parse_args(argv)
-    result = export_checkpoint(args.checkpoint, args.out_dir, args.name, args.weights)
+    parser.add_argument(
+        "--name", type=str | None, default=None, help="file stem (default: {weights}_step{N})"
+    )
+    parser.add_argument("--weights", type=Literal["ema", "raw"], default="ema", help="which weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``train.py export`` (``--out_dir`` is the old spelling of ``--output.dir``)."""
+    return run_command("train.py export", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    old = "--out_dir"  # the earlier spelling of --output.dir
+    argv = ["--output.dir" + a[len(old) :] if a.split("=")[0] == old else a for a in normalize_options(argv)]
+    args = build_parser().parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        raise UsageError(f"checkpoint {args.checkpoint}: no such file")
+    result = export_checkpoint(args.checkpoint, args.output.dir, args.name, args.weights)
     print(f"{result['weights']} weights of step {result['global_step']}:")
     print(f"  plain state dict : {result['plain']}")
     print(f"  model file       : {result['model_file']}")

@@ -9,7 +9,6 @@ noise every time, so the curve follows the model), and never talks to the other 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -27,8 +26,10 @@ from ilvr_toolkit.evaluation import (
     compute_image_set_stats,
 )
 from ilvr_toolkit.fileio import atomic_write_bytes
+from ilvr_toolkit.sampling.config import SamplerSpec
+from ilvr_toolkit.sampling.seeds import image_seed
 
-from .callbacks import _EveryNSteps, generate, sampling_network
+from .callbacks import _EveryNSteps, sample_images, sampling_weights
 
 __all__ = ["FIDMonitor"]
 
@@ -120,32 +121,24 @@ class FIDMonitor(_EveryNSteps):
             )
 
     # ------------------------------------------------------------------ evaluation
-    def _samples(self, net: torch.nn.Module, pl_module: pl.LightningModule, device: torch.device) -> Iterator:
+    def _samples(self, net: torch.nn.Module, pl_module: pl.LightningModule) -> Iterator:
+        """Batches of ``sample.py --unconditional --seed SEED``'s images 0 .. num_images-1."""
+        sampler = SamplerSpec("ddim" if self.respacing.startswith("ddim") else "ddpm", self.respacing)
         for start in range(0, self.num_images, self.batch_size):
-            count = min(self.batch_size, self.num_images - start)
-            yield generate(
-                net,
-                pl_module.diffusion_config,
-                count,
-                pl_module.unet_config.image_size,
-                seed=self.seed,
-                respacing=self.respacing,
-                device=device,
-                first_index=start,
+            stop = min(start + self.batch_size, self.num_images)
+            yield sample_images(
+                pl_module, net, [image_seed(self.seed, i, 0) for i in range(start, stop)], sampler
             )
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """Sample, extract, compare; returns the FID (global rank 0 after ``setup``)."""
         if self._extractor is None or self._real is None:
             raise RuntimeError("FIDMonitor.evaluate needs setup() on global rank 0 first")
-        net, which = sampling_network(trainer, pl_module)
-        device = trainer.strategy.root_device
-        if next(net.parameters()).device != device:  # e.g. EMA(device="cpu"): sample on the accelerator
-            net = copy.deepcopy(net).to(device)
         tic = time.perf_counter()
-        fake = compute_image_set_stats(
-            self._samples(net, pl_module, device), self._extractor, keep_features=False, distributed=False
-        )
+        with sampling_weights(trainer, pl_module) as (net, which):  # on the training device
+            fake = compute_image_set_stats(
+                self._samples(net, pl_module), self._extractor, keep_features=False, distributed=False
+            )
         fid = float(self._real.frechet_distance(_on_cpu(fake)))
         entry = {
             "step": trainer.global_step,

@@ -8,8 +8,9 @@ hyperparameters as plain values (``hparams["unet"]`` = ``UNetConfig.to_dict()``,
 ``ilvr_toolkit.models.load_model`` and ``DiffusionModule.load_from_checkpoint`` read such a
 checkpoint with nothing else; with the EMA callback that ``state_dict`` is the EMA weights.
 
-What is *not* here: EMA, sample grids, ILVR previews, throughput and checkpoint policy are
-callbacks (``ilvr_toolkit.training.callbacks``).
+What is *not* here: EMA and checkpoint policy (``training.checkpointing``), sample grids
+and ILVR previews (``training.callbacks``), learning-rate and throughput logging
+(Lightning's monitors) are callbacks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -28,11 +30,26 @@ from ilvr_toolkit.diffusion import DiffusionConfig, GaussianDiffusion, create_di
 from ilvr_toolkit.images import to_float
 from ilvr_toolkit.models import UNetConfig, build_unet, get_preset, load_model
 
-__all__ = ["DiffusionModule", "resolve_unet_config", "resolve_diffusion_config"]
+__all__ = ["DiffusionModule", "OptimConfig", "resolve_unet_config", "resolve_diffusion_config"]
 
 log = logging.getLogger(__name__)
 
 NanPolicy = Literal["raise", "skip"]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule.
+
+    Attributes:
+        optim: AdamW settings and warmup (``model.optim.lr`` ...; see OptimConfig).
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
 
 
 def resolve_unet_config(unet: str | Mapping[str, Any] | UNetConfig) -> UNetConfig:
@@ -79,9 +96,7 @@ class DiffusionModule(pl.LightningModule):
             optionally with ``preset`` as the base.
         diffusion: the diffusion process (guided-diffusion names; see DiffusionConfig).
             ``learn_sigma`` must match the UNet's.
-        lr, betas, eps, weight_decay: AdamW settings.
-        warmup_steps: linear learning-rate warmup over this many optimizer steps (0: none),
-            constant afterwards.
+        optim: AdamW settings and warmup (``model.optim.lr`` ...; see OptimConfig).
         nan_policy: what a non-finite loss or gradient does. ``"raise"`` (default) stops the
             run with ``FloatingPointError`` before the optimizer touches the weights, so the
             EMA and every checkpoint on disk stay finite. ``"skip"`` drops the update (all
@@ -100,15 +115,13 @@ class DiffusionModule(pl.LightningModule):
             hyperparameters (it is recorded in the checkpoint's ``ilvr_toolkit`` entry).
     """
 
+    flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor: not measured
+
     def __init__(
         self,
         unet: str | dict[str, Any] = "tiny",
         diffusion: DiffusionConfig | None = None,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
+        optim: OptimConfig = OptimConfig(),
         nan_policy: NanPolicy = "raise",
         compile: bool = False,
         channels_last: bool = False,
@@ -124,18 +137,15 @@ class DiffusionModule(pl.LightningModule):
             )
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
-        if warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+        optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim  # from hparams
+        if optim.warmup_steps < 0:
+            raise ValueError("optim.warmup_steps must be >= 0")
         # Plain values only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
                 "unet": self.unet_config.to_dict(),
                 "diffusion": self.diffusion_config.to_dict(),
-                "lr": float(lr),
-                "betas": [float(b) for b in betas],
-                "eps": float(eps),
-                "weight_decay": float(weight_decay),
-                "warmup_steps": int(warmup_steps),
+                "optim": {**asdict(optim), "betas": [float(b) for b in optim.betas]},
                 "nan_policy": nan_policy,
                 "compile": bool(compile),
                 "channels_last": bool(channels_last),
@@ -172,7 +182,7 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, stage: str) -> None:
-        if stage != "fit" or self._trainer is None:
+        if stage != "fit":  # called by the trainer: attached
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         size = getattr(datamodule, "image_size", None)
@@ -229,8 +239,7 @@ class DiffusionModule(pl.LightningModule):
         guided-diffusion's ``log_loss_dict``). Values are this rank's batch (no collective)."""
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach().mean(), prog_bar=name == "loss", batch_size=batch_size)
-        connector = getattr(self.trainer, "_logger_connector", None)
-        if not getattr(connector, "should_update_logs", True):  # only on steps that get logged
+        if (self.global_step + 1) % self.trainer.log_every_n_steps:  # only on steps that get logged
             return
         quartile = (4 * t // self.diffusion.num_timesteps).clamp_(max=3)
         counts = torch.bincount(quartile, minlength=4).tolist()
@@ -243,11 +252,15 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp = self.hparams.optim
         optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
+            self.model.parameters(),
+            lr=hp["lr"],
+            betas=tuple(hp["betas"]),
+            eps=hp["eps"],
+            weight_decay=hp["weight_decay"],
         )
-        warmup = int(hp.warmup_steps)
+        warmup = int(hp["warmup_steps"])
         if warmup <= 0:
             return optimizer
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
@@ -304,10 +317,8 @@ class DiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info: dict[str, Any] = {"version": __version__, "init_from": self.init_from}
-        trainer = self._trainer
-        if trainer is not None:
-            for cb in trainer.callbacks:
-                describe = getattr(cb, "describe", None)
-                if callable(describe) and getattr(cb, "ilvr_toolkit_key", None):
-                    info[cb.ilvr_toolkit_key] = describe()
+        for cb in self.trainer.callbacks:  # called by the trainer: attached
+            describe = getattr(cb, "describe", None)
+            if callable(describe) and getattr(cb, "ilvr_toolkit_key", None):
+                info[cb.ilvr_toolkit_key] = describe()
         checkpoint["ilvr_toolkit"] = info
