@@ -1,8 +1,6 @@
 """``python -m ilvr_toolkit.evaluation --outputs OUT --target TARGET --references REFS --factor 32``:
 FID/KID against the target domain, SSIM/PSNR/L2 against the references (docs/evaluation.md)."""
 
-from __future__ import annotations
-
 from dataclasses import fields
 
 from jsonargparse import ArgumentParser

@@ -1,15 +1,13 @@
 """``evaluate_translation``: FID/KID against the target domain, faithfulness to the references; what
 ``sample.py --evaluate_against`` and ``python -m ilvr_toolkit.evaluation`` call."""
 
-from __future__ import annotations
-
 import json
 import math
 import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,40 +18,9 @@ from ..runtime import resolve_device
 from .faithfulness import FaithfulnessMetrics
 from .fid import InceptionMetrics
 from .inception import InceptionFeatureExtractor, as_uint8
-from .stats import ImageSet, Source, batches_of, cached_reference_stats, rank_world
+from .stats import EvalSettings, ImageSet, Source, batches_of, cached_reference_stats, rank_world
 
 PairSource = tuple["str | os.PathLike | torch.Tensor", torch.Tensor]  # (output, reference (3, H, W))
-
-
-@dataclass
-class EvalSettings:
-    """How to evaluate (the evaluation command's options).
-
-    Args:
-        factor: ILVR's low-pass N: adds SSIM/PSNR after phi_N (None: full resolution only).
-        image_size: evaluation size (default: the first output's); every set is brought to it.
-        inception_weights: the FID Inception file (default: the torch hub cache).
-        cache_dir: where reference statistics are cached (default ``~/.cache/ilvr_toolkit/fid_stats``).
-        batch_size: images per Inception / metric batch.
-        device: auto|cpu|cuda|cuda:N.
-        kid: also compute KID (keeps every feature in memory and in the cache).
-        kid_subsets: KID's number of subsets (torch-fidelity's 100).
-        kid_subset_size: images per KID subset (torch-fidelity's 1000; shrunk to the smaller set).
-        workers: DataLoader processes decoding the images.
-        seed: seed of KID's subset draws.
-    """
-
-    factor: int | None = None
-    image_size: int | None = None
-    inception_weights: str | None = None
-    cache_dir: str | None = None
-    batch_size: int = 50
-    device: str = "auto"
-    kid: bool = True
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    workers: int = 0
-    seed: int = 0
 
 
 def pair_by_name(output_names: Sequence[str], reference_names: Sequence[str]) -> list[tuple[int, int]]:
@@ -63,8 +30,7 @@ def pair_by_name(output_names: Sequence[str], reference_names: Sequence[str]) ->
     found = [index.get(name, index.get(re.sub(r"(_N\d+)?_s\d+$", "", name))) for name in output_names]
     missing = [name for name, j in zip(output_names, found, strict=True) if j is None]
     if missing:
-        more = f", ... ({len(missing)} in all)" if len(missing) > 5 else ""
-        raise ValueError(f"no reference found for outputs: {', '.join(missing[:5])}{more}")
+        raise ValueError(f"no reference found for {len(missing)} outputs: {', '.join(missing[:5])}")
     return list(enumerate(found))
 
 
@@ -131,8 +97,7 @@ def _faithfulness(
 def _inception_metrics(outputs: ImageSet, target: str, extractor: InceptionFeatureExtractor, s: EvalSettings,
                        seconds: dict) -> dict[str, Any]:  # fmt: skip
     start, kid = time.perf_counter(), s.kid
-    stats, info = cached_reference_stats(target, extractor, image_size=s.image_size, cache_dir=s.cache_dir,
-                                         batch_size=s.batch_size, keep_features=kid, workers=s.workers)  # fmt: skip
+    stats, info = cached_reference_stats(target, extractor, s)
     result = {"target": os.fspath(target), "target_stats": info.path, "target_stats_cache_hit": info.hit}
     result.update({} if info.hit else {"target_stats_reason": info.reason})
     seconds["target_stats"], start = time.perf_counter() - start, time.perf_counter()

@@ -5,8 +5,6 @@ what torchmetrics lacks: ``ssim_lowpass`` / ``psnr_lowpass`` after the sampler's
 low-pass phi_N (``conditioning.LowPass``) on both images: what ILVR promises to keep.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import torch

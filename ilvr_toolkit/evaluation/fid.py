@@ -12,8 +12,6 @@ Each subclass replaces ``compute`` only, because (measured, 2 CPU cores):
 :class:`InceptionMetrics` is a plain object: keep it out of a LightningModule's children.
 """
 
-from __future__ import annotations
-
 import warnings
 from dataclasses import dataclass
 
@@ -62,7 +60,7 @@ class FeatureStats:  # one image set's mean (D,), covariance (D, D), count; floa
     count: int
     features: torch.Tensor | None = None
 
-    def frechet_distance(self, other: FeatureStats) -> float:
+    def frechet_distance(self, other: "FeatureStats") -> float:
         a, b = (self, other) if self.count <= other.count else (other, self)
         return frechet_distance(a.mean, a.cov, b.mean, b.cov)
 
@@ -155,9 +153,7 @@ class InceptionMetrics:
     def load_real(self, stats: FeatureStats) -> None:
         """Cached real statistics (on one process only under DDP); KID needs their features."""
         self.fid.load_real(stats)
-        if self.kid is not None:
-            if stats.features is None:
-                raise ValueError("the cached statistics have no features: KID needs them (kid=False)")
+        if self.kid is not None:  # the cache keeps the features whenever KID is wanted
             self.kid.real_features = [stats.features.to(self.device, torch.float64)]
 
     def compute(self) -> dict[str, float]:

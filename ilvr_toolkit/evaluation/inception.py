@@ -6,8 +6,6 @@ Ours adds the named error for a missing file, its sha256 (in every statistics ca
 ``weights_only`` check of its bytes, float64 features outside autocast.
 """
 
-from __future__ import annotations
-
 import hashlib
 import io
 import os
@@ -50,8 +48,6 @@ class InceptionFeatureExtractor(nn.Module):
     """uint8 images (B, 3, H, W) (or float in [-1, 1]) -> pool3 features (B, 2048), float64.
 
     ``sha256``: the weights file's; ``official``: it is the released file (FIDs comparable with papers)."""
-
-    num_features = NUM_FEATURES
 
     def __init__(self, weights_path: str | os.PathLike | None = None):
         super().__init__()

@@ -3,14 +3,12 @@ statistics, cached on disk (what torchmetrics lacks): an ``.npz`` like NVlabs/ed
 ``sigma`` (D, D) float64, ``count``, ``features`` (n, D) float32 for KID (lossless: Inception is
 float32), ``meta``; named by a hash of the set's content key, the image size and the weights."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,37 @@ from .inception import InceptionFeatureExtractor
 
 Source = str | os.PathLike | Sequence[str | os.PathLike]
 CACHE_VERSION = 2
+
+
+@dataclass
+class EvalSettings:
+    """How to evaluate (the evaluation command's options).
+
+    Args:
+        factor: ILVR's low-pass N: adds SSIM/PSNR after phi_N (None: full resolution only).
+        image_size: evaluation size (default: the first output's); every set is brought to it.
+        inception_weights: the FID Inception file (default: the torch hub cache).
+        cache_dir: where reference statistics are cached (default ``~/.cache/ilvr_toolkit/fid_stats``).
+        batch_size: images per Inception / metric batch.
+        device: auto|cpu|cuda|cuda:N.
+        kid: also compute KID (keeps every feature in memory and in the cache).
+        kid_subsets: KID's number of subsets (torch-fidelity's 100).
+        kid_subset_size: images per KID subset (torch-fidelity's 1000; shrunk to the smaller set).
+        workers: DataLoader processes decoding the images.
+        seed: seed of KID's subset draws.
+    """
+
+    factor: int | None = None
+    image_size: int | None = None
+    inception_weights: str | None = None
+    cache_dir: str | None = None
+    batch_size: int = 50
+    device: str = "auto"
+    kid: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    workers: int = 0
+    seed: int = 0
 
 
 def _native_size(path: Path) -> int:
@@ -64,14 +93,10 @@ class ImageSet(Dataset):
         return self.references[index]["image"]
 
     def identity(self) -> dict[str, Any]:
-        """The cache's content key: relative names, sizes, mtimes of the files (of an LMDB's data.mdb,
-        not lock.mdb which readers touch); cheap, yet any added, removed or rewritten file changes it."""
+        """The cache's content key: relative names, sizes, mtimes of the folder's images (an LMDB's
+        data.mdb, not lock.mdb which readers touch): cheap, yet any added or rewritten file changes it."""
         root = self.source.resolve()
-        if self.files is not None:
-            files = [p.resolve() for p in self.files]
-            root = Path(os.path.commonpath([root, *files]))
-        else:
-            files = [root / "data.mdb"] if (root / "data.mdb").is_file() else list_image_files(root)
+        files = [root / "data.mdb"] if (root / "data.mdb").is_file() else list_image_files(root)
         digest = hashlib.sha256()
         for f in files:
             stat = f.stat()
@@ -162,30 +187,27 @@ def _try_load(path: Path, keep_features: bool) -> tuple[FeatureStats | None, str
 def cached_reference_stats(
     source: Source | ImageSet,
     extractor: InceptionFeatureExtractor,
-    *,
-    image_size: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 50,
-    keep_features: bool = True,
-    workers: int = 0,
+    s: EvalSettings | None = None,
+    **options: Any,
 ) -> tuple[FeatureStats | None, StatsCacheInfo]:
     """Statistics of a reference set, from the cache when its content key matches. Under
     torch.distributed every process calls: rank 0 decides hit or miss, on a miss all compute a
-    shard and rank 0 writes the file; the statistics are returned on rank 0 (else ``None``)."""
-    start, (rank, world) = time.perf_counter(), rank_world()
-    images = source if isinstance(source, ImageSet) else ImageSet(source, image_size)
+    shard and rank 0 writes the file; the statistics are returned on rank 0 (else ``None``).
+    Uses ``image_size``, ``cache_dir``, ``batch_size``, ``workers``, ``kid`` (keep the features)."""
+    s, (rank, world), start = replace(s or EvalSettings(), **options), rank_world(), time.perf_counter()
+    images = source if isinstance(source, ImageSet) else ImageSet(source, s.image_size)
     identity = images.identity()
     key = hashlib.sha256(json.dumps([identity, images.image_size, extractor.sha256]).encode()).hexdigest()
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(identity["path"]).name)[:48]
-    path = Path(cache_dir or default_cache_dir()) / f"{name}-{key[:16]}.npz"
+    path = Path(s.cache_dir or default_cache_dir()) / f"{name}-{key[:16]}.npz"
     meta = {"version": CACHE_VERSION, "identity": identity, "image_size": images.image_size}
     meta.update(inception_sha256=extractor.sha256, count=len(images))
-    stats, reason = _try_load(path, keep_features) if rank == 0 else (None, "")
+    stats, reason = _try_load(path, s.kid) if rank == 0 else (None, "")
     hit = [stats is not None]
     if world > 1:
         dist.broadcast_object_list(hit, src=0)
     if not hit[0]:
-        stats = compute_image_set_stats(batches_of(images, batch_size, workers), extractor, keep_features)
+        stats = compute_image_set_stats(batches_of(images, s.batch_size, s.workers), extractor, s.kid)
         if rank == 0:
             save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if world > 1:

@@ -107,7 +107,7 @@ class FIDMonitor(_EveryNSteps):
             image_size=pl_module.unet_config.image_size,
             cache_dir=self.stats_cache_dir,
             batch_size=self.batch_size,
-            keep_features=False,
+            kid=False,
         )
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
             self._extractor, self._real = extractor, _on_cpu(real)
