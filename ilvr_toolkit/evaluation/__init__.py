@@ -1,6 +1,5 @@
-"""Evaluation: FID/KID as the reference TensorFlow FID computes them (torchmetrics' metrics and
-Inception, weights from a file only), cached reference statistics, and faithfulness metrics
-(SSIM / PSNR / L2, full and after ILVR's phi_N). CLI: ``python -m ilvr_toolkit.evaluation --help``."""
+"""FID/KID as the reference TF FID computes them (torchmetrics, weights from a file), cached reference
+statistics, faithfulness (SSIM/PSNR/L2, full and after phi_N). CLI: python -m ilvr_toolkit.evaluation"""
 
 from .api import EvalSettings, evaluate_translation, format_table, pair_by_name, write_metrics
 from .faithfulness import PSNR_CAP_DB, FaithfulnessMetrics

@@ -9,18 +9,15 @@ from ..cli import UsageError, make_parser, normalize_options, run_command, setup
 from .api import EvalSettings, evaluate_translation, format_table, write_metrics
 
 PROG = "python -m ilvr_toolkit.evaluation"
+_PATHS = {"outputs": "the translated images: a folder", "target": "FID/KID against: a folder or an LMDB",
+          "references": "SSIM/PSNR/L2 against these sources (output <stem>_s<k> pairs with <stem>)",
+          "metrics_json": "where to write the metrics (JSON)"}  # fmt: skip
 
 
 def build_parser() -> ArgumentParser:
     parser = make_parser(PROG, "FID/KID (reference TF-FID settings, offline) and SSIM/PSNR/L2 of image sets.")
-    parser.add_argument("--outputs", type=str | None, default=None, help="translated images: folder or LMDB")
-    parser.add_argument("--target", type=str | None, default=None, help="FID/KID against: folder or LMDB")
-    parser.add_argument(
-        "--references", type=str | None, default=None, help="sources, paired by name (<stem>_s<k>)"
-    )
-    parser.add_argument(
-        "--metrics_json", type=str | None, default=None, help="write the metrics there (JSON)"
-    )
+    for name, what in _PATHS.items():
+        parser.add_argument(f"--{name}", type=str | None, default=None, help=what)
     parser.add_class_arguments(EvalSettings, nested_key=None, as_group=False)
     return parser
 

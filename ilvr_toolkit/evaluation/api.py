@@ -1,8 +1,6 @@
-"""``evaluate_translation``: FID/KID against the target domain, faithfulness to the references; what
-``sample.py --evaluate_against`` and ``python -m ilvr_toolkit.evaluation`` call."""
+"""``evaluate_translation`` (what sample.py and the CLI call), its metrics file and its table."""
 
 import json
-import math
 import os
 import re
 import time
@@ -44,22 +42,21 @@ def evaluate_translation(
     settings: EvalSettings | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Metrics of the ``outputs`` (folder or list of image files): ``fid``, ``kid_mean``, ``kid_std``
-    against ``target`` (folder or LMDB); ``ssim``, ``psnr``, ``l2`` (and ``*_lowpass`` with
-    ``factor``) against ``references`` (output ``<stem>_s<k>`` pairs with ``<stem>``) or explicit
-    ``pairs`` (output path or image, reference image); counts, timings. ``options`` override
-    ``settings``' fields; ``extractor`` replaces ``inception_weights``. Under torch.distributed
-    every process calls it (each reads its shard) and gets the result.
-    """
+    """Metrics of the ``outputs`` (folder or image files): ``fid``, ``kid_mean``, ``kid_std`` against
+    ``target`` (folder or LMDB); ``ssim``, ``psnr``, ``l2`` (``*_lowpass`` with ``factor``) against
+    ``references`` (output ``<stem>_s<k>`` pairs with ``<stem>``) or ``pairs`` (output path or image,
+    reference image); counts, timings. ``options`` override fields of ``settings``. Under
+    torch.distributed every process calls it (each reads a shard) and gets the result."""
     s = replace(settings or EvalSettings(), **options)
     if outputs is None and (pairs is None or target is not None or references is not None):
         raise ValueError("give outputs (a folder or a list of files), or pairs alone")
     if target is None and references is None and pairs is None:
         raise ValueError("give a target (FID/KID) and/or references or pairs (SSIM/PSNR/L2)")
     output_set = ImageSet(outputs, s.image_size) if outputs is not None else None
-    size = output_set.image_size if output_set else s.image_size or _image(pairs[0][0], None).shape[-1]
+    first = _image(pairs[0][0], None) if output_set is None else None  # pairs alone: the first one's size
+    size = output_set.image_size if output_set is not None else s.image_size or first.shape[-1]
     s = replace(s, image_size=int(size), device=str(resolve_device(s.device)))
-    result, seconds = {"image_size": s.image_size, "num_outputs": len(output_set) if output_set else None}, {}
+    result, seconds = {"image_size": s.image_size, "num_outputs": output_set and len(output_set)}, {}
     if target is not None:
         start = time.perf_counter()
         extractor = extractor or InceptionFeatureExtractor(s.inception_weights).to(s.device)
@@ -77,7 +74,7 @@ def _image(image: str | os.PathLike | torch.Tensor, image_size: int | None) -> t
 
 
 def _faithfulness(
-    outputs: ImageSet | None, references: str | None, pairs: Sequence | None, s: EvalSettings
+    outputs: ImageSet | None, references: str | None, pairs: list | None, s: EvalSettings
 ) -> dict:
     if pairs is None:
         reference_set = ImageSet(references, s.image_size)
@@ -116,17 +113,12 @@ def _inception_metrics(outputs: ImageSet, target: str, extractor: InceptionFeatu
     return {**result, "inception_sha256": extractor.sha256, "inception_official": extractor.official}
 
 
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write ``metrics`` as JSON atomically (temp file + rename); non-finite numbers become null."""
-    atomic_write_bytes(path, (json.dumps(_json_ready(metrics), indent=2, default=os.fspath) + "\n").encode())
+    finite = json.loads(
+        json.dumps(metrics, default=os.fspath), parse_constant=lambda _: None
+    )  # inf, nan -> null
+    atomic_write_bytes(path, (json.dumps(finite, indent=2) + "\n").encode())
     return Path(path)
 
 
@@ -136,10 +128,8 @@ _ROWS = {"fid": "FID", "kid_mean": "KID x 1e3", "ssim": "SSIM", "psnr": "PSNR (d
 
 def format_table(metrics: dict[str, Any], published: dict[str, Any] | None = None) -> str:
     """A Markdown table of the metrics present (with a 'published' column if given), then notes."""
-    lines = [
-        "| metric | value |" + (" published |" if published else ""),
-        "|---|---|" + ("---|" if published else ""),
-    ]
+    extra = (" published |", "---|") if published else ("", "")
+    lines = ["| metric | value |" + extra[0], "|---|---|" + extra[1]]
     for key, label in _ROWS.items():
         if metrics.get(key) is not None:
             value = f"{metrics[key]:.4f}" if key.startswith("ssim") else f"{metrics[key]:.2f}"

@@ -1,16 +1,11 @@
-"""FID and KID: torchmetrics' metrics (states, DDP sync), fed features extracted once per batch
-(an identity ``feature=Module``: one Inception pass for both, no 95 MB network inside them).
-Each subclass replaces ``compute`` only, because (measured, 2 CPU cores):
-
-- FID: torchmetrics sums sqrt(eigvals(sigma1 @ sigma2)) over all 2048 eigenvalues; with n < 2048
-  images the zero ones come back as round-off: FID(x, x) of 8 images = -4.5e-4 in 81 s, ours
-  (:func:`frechet_distance`) 1.7e-13 in 0.2 s.
-- KID: torchmetrics draws subsets from the global RNG in gather order (the value changes with
-  the number of processes) and refuses sets smaller than ``subset_size``; ours is seeded,
-  order-free, shrinks the subset to the smaller set, evaluates the kernel once for all subsets.
-
-:class:`InceptionMetrics` is a plain object: keep it out of a LightningModule's children.
-"""
+"""FID and KID: torchmetrics' metrics (states, DDP sync) fed features extracted once per batch (an
+identity ``feature=Module``: one Inception pass for both, no 95 MB network inside). Each subclass
+replaces ``compute`` only. FID: torchmetrics sums sqrt(eigvals(sigma1 @ sigma2)) over all 2048
+eigenvalues; with n < 2048 images the zero ones come back as round-off: measured on 2 CPU cores,
+FID(x, x) of 8 images = -4.5e-4 in 81 s, ours 1.7e-13 in 0.2 s. KID: torchmetrics draws subsets
+from the global RNG in gather order (the value changes with the number of processes) and refuses
+sets smaller than ``subset_size``; ours is seeded, order-free, shrinks the subset, and evaluates
+the kernel once. :class:`InceptionMetrics` is a plain object: keep it out of a LightningModule."""
 
 import warnings
 from dataclasses import dataclass
@@ -106,8 +101,7 @@ class KernelDistance(KernelInceptionDistance):
             super().__init__(_Given(), subsets, subset_size, reset_real_features=False)
         self.seed, self.last_subset_size = seed, 0
 
-    def features(self, real: bool) -> torch.Tensor:
-        """(n, D) float64, in a canonical order (by feature sum), whatever the gather order."""
+    def features(self, real: bool) -> torch.Tensor:  # (n, D) float64 sorted by sum: not in gather order
         parts = self.real_features if real else self.fake_features
         x = torch.cat(list(parts)) if len(parts) else torch.zeros(0, NUM_FEATURES, device=self.device)
         return x.double()[torch.argsort(x.sum(dim=1), stable=True)]
@@ -117,9 +111,7 @@ class KernelDistance(KernelInceptionDistance):
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         real, fake = self.features(True), self.features(False)
-        m = self.last_subset_size = min(self.subset_size, len(real), len(fake))
-        if m < 2:
-            raise RuntimeError(f"KID needs at least 2 real and 2 fake images, got {len(real)}, {len(fake)}")
+        m = self.last_subset_size = min(self.subset_size, len(real), len(fake))  # FID checked n >= 2
         kernel = lambda a, b: poly_kernel(a, b, self.degree, self.gamma, self.coef)  # noqa: E731
         full = max(len(real), len(fake)) <= 8192  # the kernels of all pairs once; else per subset (memory)
         if full:
@@ -150,8 +142,7 @@ class InceptionMetrics:
         for metric in [self.fid] + ([self.kid] if self.kid is not None else []):
             metric.update(features.to(self.device, torch.float64), real=real)
 
-    def load_real(self, stats: FeatureStats) -> None:
-        """Cached real statistics (on one process only under DDP); KID needs their features."""
+    def load_real(self, stats: FeatureStats) -> None:  # cached statistics: on one process only under DDP
         self.fid.load_real(stats)
         if self.kid is not None:  # the cache keeps the features whenever KID is wanted
             self.kid.real_features = [stats.features.to(self.device, torch.float64)]

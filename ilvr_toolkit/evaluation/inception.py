@@ -1,10 +1,7 @@
-"""The Inception-v3 of the reference TensorFlow FID, from a file, never from the network.
-
-torchmetrics gives the network (``NoTrainInceptionV3``: torch-fidelity's port of the TF graph;
-``antialias=False`` is TF1's resize, as the reference FID) and takes the weights as a file.
-Ours adds the named error for a missing file, its sha256 (in every statistics cache key), a
-``weights_only`` check of its bytes, float64 features outside autocast.
-"""
+"""The Inception-v3 of the reference TensorFlow FID, from a file, never from the network: torchmetrics
+gives the network (``NoTrainInceptionV3``, ``antialias=False``: TF1's resize, as the reference FID)
+and takes the weights file; ours adds the named error for a missing file, its sha256 (in every
+cache key), a ``weights_only`` check of its bytes, float64 features outside autocast."""
 
 import hashlib
 import io
@@ -32,10 +29,9 @@ class InceptionWeightsMissing(FileNotFoundError):
 
     def __init__(self, searched: Path):
         super().__init__(
-            f"FID Inception weights not found at {searched}. Get {WEIGHTS_FILENAME} (sha256 "
-            f"{WEIGHTS_SHA256_PREFIX}...) from {WEIGHTS_URL} on a machine with internet access and "
-            f"put it at {default_weights_path()} (the torch hub cache) or pass its path with "
-            "--inception_weights. Nothing is downloaded at run time."
+            f"FID Inception weights not found at {searched}. Get {WEIGHTS_FILENAME} (sha256 {WEIGHTS_SHA256_PREFIX}"
+            f"...) from {WEIGHTS_URL} on a machine with internet access and put it at {default_weights_path()} "
+            "(the torch hub cache) or pass its path with --inception_weights. Nothing is downloaded at run time."
         )
 
 

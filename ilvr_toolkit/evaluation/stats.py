@@ -1,7 +1,6 @@
-"""Image sets (folder, LMDB, list of files; read like ILVR's references) and their Inception
-statistics, cached on disk (what torchmetrics lacks): an ``.npz`` like NVlabs/edm's, ``mu`` (D,),
-``sigma`` (D, D) float64, ``count``, ``features`` (n, D) float32 for KID (lossless: Inception is
-float32), ``meta``; named by a hash of the set's content key, the image size and the weights."""
+"""Image sets (folder, LMDB, files; read like ILVR's references) and their Inception statistics,
+cached (what torchmetrics lacks) in an ``.npz`` like NVlabs/edm's: ``mu`` (D,), ``sigma`` (D, D)
+float64, ``count``, ``features`` (n, D) float32 for KID, ``meta``; named by a content hash."""
 
 import hashlib
 import json
@@ -60,8 +59,7 @@ class EvalSettings:
     seed: int = 0
 
 
-def _native_size(path: Path) -> int:
-    """Side of a set's first image (the evaluation size when none is given)."""
+def _native_size(path: Path) -> int:  # the side of a set's first image: the size when none is given
     if (path / "data.mdb").is_file():  # an LMDB
         return max(read_info(path).sizes)
     files = list_image_files(path) if path.is_dir() else [path]
@@ -118,17 +116,15 @@ def batches_of(images: Dataset, batch_size: int, workers: int = 0) -> Iterator[t
 
 def default_cache_dir() -> Path:
     """``$ILVR_TOOLKIT_CACHE/fid_stats``, else ``$XDG_CACHE_HOME/ilvr_toolkit/fid_stats`` (``~/.cache``)."""
-    if os.environ.get("ILVR_TOOLKIT_CACHE"):
-        return Path(os.environ["ILVR_TOOLKIT_CACHE"]) / "fid_stats"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ilvr_toolkit" / "fid_stats"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ilvr_toolkit"
+    return Path(os.environ.get("ILVR_TOOLKIT_CACHE") or base) / "fid_stats"
 
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: dict[str, Any]) -> Path:
     """Write statistics atomically (temp file + rename)."""
     arrays = {"mu": stats.mean.cpu().double().numpy(), "sigma": stats.cov.cpu().double().numpy()}
     arrays.update(count=np.asarray(stats.count), meta=np.asarray(json.dumps(meta, sort_keys=True)))
-    if stats.features is not None:
-        arrays["features"] = stats.features.cpu().float().numpy()
+    arrays.update({} if stats.features is None else {"features": stats.features.cpu().float().numpy()})
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
     return Path(path)
@@ -144,16 +140,12 @@ def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict[str, Any]]:
         return stats, json.loads(str(z["meta"]))
 
 
-def compute_image_set_stats(
-    batches: Iterable[torch.Tensor],
-    extractor: InceptionFeatureExtractor,
-    keep_features: bool = True,
-    distributed: bool = True,
-) -> FeatureStats:
+def compute_image_set_stats(batches: Iterable[torch.Tensor], extractor: InceptionFeatureExtractor, kid: bool = True,
+                            distributed: bool = True) -> FeatureStats:  # fmt: skip
     """Statistics of image batches (B, 3, H, W), uint8 or float in [-1, 1]; under torch.distributed
     (and ``distributed``), of every process's batches: gathered by torchmetrics' sync, all must call."""
     sync = distributed and rank_world()[1] > 1
-    metrics = InceptionMetrics(keep_features, next(extractor.parameters()).device)
+    metrics = InceptionMetrics(kid, next(extractor.parameters()).device)
     for batch in batches:
         metrics.update(extractor(batch), real=True)
     with metrics.fid.sync_context(should_sync=sync, distributed_available=lambda: sync):
@@ -174,12 +166,12 @@ class StatsCacheInfo:  # how the reference statistics were obtained (reported in
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _try_load(path: Path, keep_features: bool) -> tuple[FeatureStats | None, str]:
+def _try_load(path: Path, kid: bool) -> tuple[FeatureStats | None, str]:
     try:  # a missing, truncated or foreign file is recomputed
         stats, meta = load_stats(path)
     except Exception as error:  # noqa: BLE001 (np.load raises many kinds)
         return None, "no cache file" if not path.is_file() else f"unreadable cache file ({error})"
-    if meta.get("version") != CACHE_VERSION or (keep_features and stats.features is None):
+    if meta.get("version") != CACHE_VERSION or (kid and stats.features is None):
         return None, "cache of another version, or without the features KID needs"
     return stats, ""
 

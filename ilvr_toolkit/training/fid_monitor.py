@@ -144,7 +144,7 @@ class FIDMonitor(_EveryNSteps):
             net = copy.deepcopy(net).to(device)
         tic = time.perf_counter()
         fake = compute_image_set_stats(
-            self._samples(net, pl_module, device), self._extractor, keep_features=False, distributed=False
+            self._samples(net, pl_module, device), self._extractor, kid=False, distributed=False
         )
         fid = float(self._real.frechet_distance(_on_cpu(fake)))
         entry = {
