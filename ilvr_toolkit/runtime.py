@@ -103,4 +103,9 @@ def resolve_device(name: str) -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as error:  # a user's value: one line, exit status 2
+        from .cli import UsageError
+
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from error

@@ -56,7 +56,7 @@ def evaluate_translation(
     first = _image(pairs[0][0], None) if output_set is None else None  # pairs alone: the first one's size
     size = output_set.image_size if output_set is not None else s.image_size or first.shape[-1]
     s = replace(s, image_size=int(size), device=str(resolve_device(s.device)))
-    result, seconds = {"image_size": s.image_size, "num_outputs": output_set and len(output_set)}, {}
+    result, seconds = {"image_size": s.image_size, "num_outputs": len(output_set or [])}, {}
     if target is not None:
         start = time.perf_counter()
         extractor = extractor or InceptionFeatureExtractor(s.inception_weights).to(s.device)
@@ -115,9 +115,8 @@ def _inception_metrics(outputs: ImageSet, target: str, extractor: InceptionFeatu
 
 def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write ``metrics`` as JSON atomically (temp file + rename); non-finite numbers become null."""
-    finite = json.loads(
-        json.dumps(metrics, default=os.fspath), parse_constant=lambda _: None
-    )  # inf, nan -> null
+    # json writes inf/nan as Infinity/NaN tokens: read back as null
+    finite = json.loads(json.dumps(metrics, default=os.fspath), parse_constant=lambda _: None)
     atomic_write_bytes(path, (json.dumps(finite, indent=2) + "\n").encode())
     return Path(path)
 
