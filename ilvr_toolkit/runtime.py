@@ -13,8 +13,12 @@ import ctypes.util
 import os
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-__all__ = ["configure_threads", "set_cpu_malloc", "tuned_cpu_malloc"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["configure_threads", "resolve_device", "set_cpu_malloc", "tuned_cpu_malloc"]
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
@@ -91,3 +95,17 @@ def configure_threads(threads: int | None = None) -> int:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; anything else as ``torch.device`` reads it."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:  # a user's value: one line, exit status 2
+        from .cli import UsageError
+
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from error

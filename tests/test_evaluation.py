@@ -16,8 +16,6 @@ from PIL import Image
 from ilvr_toolkit.conditioning.lowpass import LowPass
 from ilvr_toolkit.evaluation import (
     PSNR_CAP_DB,
-    WEIGHTS_FILENAME,
-    WEIGHTS_SHA256_PREFIX,
     FaithfulnessMetrics,
     InceptionFeatureExtractor,
     InceptionMetrics,
@@ -31,6 +29,7 @@ from ilvr_toolkit.evaluation import (
     write_random_inception_weights,
 )
 from ilvr_toolkit.evaluation.__main__ import main as cli_main
+from ilvr_toolkit.evaluation.inception import WEIGHTS_FILENAME, WEIGHTS_SHA256_PREFIX
 from ilvr_toolkit.images import to_float
 
 SIZE = 32
@@ -87,9 +86,9 @@ def features(extractor, base_images) -> dict:
 
 
 def fid_of(real: torch.Tensor, fake: torch.Tensor, kid: bool = True) -> dict:
-    metrics = InceptionMetrics(None, kid=kid)
-    metrics.update_features(real, real=True)
-    metrics.update_features(fake, real=False)
+    metrics = InceptionMetrics(kid=kid)
+    metrics.update(real, real=True)
+    metrics.update(fake, real=False)
     return metrics.compute()
 
 
@@ -109,13 +108,15 @@ def test_missing_weights_named_error(tmp_path, monkeypatch, capsys):
     message = str(err.value)
     expected_place = tmp_path / "torch_home" / "hub" / "checkpoints" / WEIGHTS_FILENAME
     assert WEIGHTS_FILENAME in message and WEIGHTS_SHA256_PREFIX in message
-    assert str(expected_place) in message and "--inception-weights" in message
+    assert str(expected_place) in message and "--inception_weights" in message
     with pytest.raises(InceptionWeightsMissing, match=WEIGHTS_SHA256_PREFIX):
         InceptionFeatureExtractor(tmp_path / "nowhere.pth")
-    # the CLI reports it as one line and a non-zero exit, before reading any image
+    # the CLI reports it as one line (a missing file: exit 1), before reading any image
     save_folder(tmp_path / "a", smooth_images(2, seed=0))
-    assert cli_main([str(tmp_path / "a"), str(tmp_path / "a")]) == 2
-    assert WEIGHTS_FILENAME in capsys.readouterr().err
+    assert cli_main(["--outputs", str(tmp_path / "a"), "--target", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m ilvr_toolkit.evaluation: error: ") and err.count("\n") == 1
+    assert WEIGHTS_FILENAME in err
 
 
 def test_extractor_loads_from_file_without_network(weights_file, monkeypatch):
@@ -207,7 +208,7 @@ def test_fid_and_kid_match_direct_numpy_scipy(features, fids):
 
 
 def test_cached_statistics_give_the_direct_fid_and_are_invalidated(
-    tmp_path, extractor, base_images, features, fids, capsys
+    tmp_path, extractor, base_images, features, fids
 ):
     target = save_folder(tmp_path / "target", base_images)
     cache = tmp_path / "cache"
@@ -221,41 +222,29 @@ def test_cached_statistics_give_the_direct_fid_and_are_invalidated(
     assert torch.equal(loaded.features, built.features)
 
     # the direct FID: real features fed to the metric (fids fixture) vs the same from the cache file
-    metrics = InceptionMetrics(None)
+    metrics = InceptionMetrics()
     metrics.load_real(loaded)
-    metrics.update_features(features[NOISE_LEVELS[1]], real=False)
+    metrics.update(features[NOISE_LEVELS[1]], real=False)
     cached = metrics.compute()
     direct = fids[NOISE_LEVELS[1]]
     assert cached["fid"] == pytest.approx(direct["fid"], rel=1e-6)
     assert cached["kid_mean"] == pytest.approx(direct["kid_mean"], rel=1e-6)
 
-    # the dataset changes (one image rewritten, one added): the cache is stale, not reused
+    # the dataset changes (one image rewritten, four removed): its content key changes, so the
+    # cache is not reused; the new statistics are computed, then found
     save_folder(target, add_noise(base_images[:1], 30.0, seed=6), names=["img000"])
     os.utime(target / "img000.png", ns=(1, 1))  # a different mtime even on a coarse clock
     for i in range(4, len(base_images)):
         (target / f"img{i:03d}.png").unlink()
-    assert (
-        cli_main(
-            [
-                "--stats",
-                "show",
-                str(target),
-                "--image-size",
-                str(SIZE),
-                "--cache-dir",
-                str(cache),
-                "--inception-weights",
-                str(extractor.weights_path),
-            ]
-        )
-        == 0
-    )
-    assert "STALE" in capsys.readouterr().out
     rebuilt, info3 = cached_reference_stats(target, extractor, **kw)
-    assert not info3.hit and "stale" in info3.reason and rebuilt.count == 4
-    assert info3.path == info.path  # replaced in place
-    _, info4 = cached_reference_stats(target, extractor, **kw)
-    assert info4.hit
+    assert not info3.hit and info3.reason == "no cache file" and rebuilt.count == 4
+    assert info3.path != info.path and not torch.equal(rebuilt.mean, built.mean)
+    again, info4 = cached_reference_stats(target, extractor, **kw)
+    assert info4.hit and info4.path == info3.path and torch.equal(again.cov, rebuilt.cov)
+    # a truncated cache file is recomputed, not fatal
+    Path(info4.path).write_bytes(Path(info4.path).read_bytes()[:100])
+    _, info5 = cached_reference_stats(target, extractor, **kw)
+    assert not info5.hit and "unreadable" in info5.reason
 
 
 # --- distributed: 2 processes give the 1-process result ------------------------------------------
@@ -320,31 +309,10 @@ def test_two_processes_equal_one_process(tmp_path, weights_file):
         nprocs=2,
     )
     # the one-process reference, through the CLI
-    assert (
-        cli_main(
-            [
-                str(outputs),
-                str(target),
-                "--references",
-                str(references),
-                "--factor",
-                "4",
-                "--image-size",
-                str(SIZE),
-                "--batch-size",
-                "2",
-                "--device",
-                "cpu",
-                "--cache-dir",
-                str(tmp_path / "c1"),
-                "--inception-weights",
-                str(weights_file),
-                "--json",
-                str(tmp_path / "single.json"),
-            ]
-        )
-        == 0
-    )
+    argv = ["--outputs", str(outputs), "--target", str(target), "--references", str(references)]
+    argv += ["--factor", "4", "--image_size", str(SIZE), "--batch_size", "2", "--device", "cpu"]
+    argv += ["--cache_dir", str(tmp_path / "c1"), "--inception_weights", str(weights_file)]
+    assert cli_main([*argv, "--metrics_json", str(tmp_path / "single.json")]) == 0
     single = json.loads((tmp_path / "single.json").read_text())
     assert single["num_outputs"] == 4 and single["num_target"] == 5 and single["num_pairs"] == 4
     multi = json.loads((tmp_path / "rank0.json").read_text())

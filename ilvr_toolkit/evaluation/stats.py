@@ -1,113 +1,164 @@
-"""Reference statistics: computed once per (dataset, image size, Inception weights), cached on disk.
-
-A cache file is an ``.npz`` (no pickle) holding ``mu`` (D,) and ``sigma`` (D, D) in float64 --
-the names pytorch-fid uses -- plus ``count``, optionally ``features`` (n, D) float32 for KID
-(the Inception outputs are float32, so this is lossless), and ``meta``: a JSON string with
-the dataset identity (see :func:`~.sources.dataset_identity`), image size and the weights'
-sha256. The file name depends on the dataset *path*, size and weights only; its identity is
-checked on load, so a dataset that changed (files added, removed, rewritten) is recomputed
-and its cache file replaced, never silently reused.
-
-Distributed: :func:`compute_image_set_stats` shards the images over the processes and
-gathers the statistics with torchmetrics' own state sync, so every process returns the same
-statistics; only rank 0 writes the cache.
-"""
-
-from __future__ import annotations
+"""Image sets (folder, LMDB, files; read like ILVR's references) and their Inception statistics,
+cached (what torchmetrics lacks) in an ``.npz`` like NVlabs/edm's: ``mu`` (D,), ``sigma`` (D, D)
+float64, ``count``, ``features`` (n, D) float32 for KID, ``meta``; named by a content hash."""
 
 import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.files import list_image_files
+from ..data.lmdb_format import read_info
+from ..data.references import ReferenceSet, load_reference
 from ..fileio import atomic_open
 from .fid import FeatureStats, InceptionMetrics
 from .inception import InceptionFeatureExtractor
-from .sources import ImageSet, identity_digest, iterate_images, open_image_set, shard_indices
 
-__all__ = [
-    "CACHE_VERSION",
-    "StatsCacheInfo",
-    "default_cache_dir",
-    "stats_cache_path",
-    "save_stats",
-    "load_stats",
-    "compute_image_set_stats",
-    "cached_reference_stats",
-    "dist_rank_world",
-]
-
-CACHE_VERSION = 1
+Source = str | os.PathLike | Sequence[str | os.PathLike]
+CACHE_VERSION = 2
 
 
-def dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+@dataclass
+class EvalSettings:
+    """How to evaluate (the evaluation command's options).
+
+    Args:
+        factor: ILVR's low-pass N: adds SSIM/PSNR after phi_N (None: full resolution only).
+        image_size: evaluation size (default: the first output's); every set is brought to it.
+        inception_weights: the FID Inception file (default: the torch hub cache).
+        cache_dir: where reference statistics are cached (default ``~/.cache/ilvr_toolkit/fid_stats``).
+        batch_size: images per Inception / metric batch.
+        device: auto|cpu|cuda|cuda:N.
+        kid: also compute KID (keeps every feature in memory and in the cache).
+        kid_subsets: KID's number of subsets (torch-fidelity's 100).
+        kid_subset_size: images per KID subset (torch-fidelity's 1000; shrunk to the smaller set).
+        workers: DataLoader processes decoding the images.
+        seed: seed of KID's subset draws.
+    """
+
+    factor: int | None = None
+    image_size: int | None = None
+    inception_weights: str | None = None
+    cache_dir: str | None = None
+    batch_size: int = 50
+    device: str = "auto"
+    kid: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    workers: int = 0
+    seed: int = 0
+
+
+def _native_size(path: Path) -> int:  # the side of a set's first image: the size when none is given
+    if (path / "data.mdb").is_file():  # an LMDB
+        return max(read_info(path).sizes)
+    files = list_image_files(path) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"no images in {path}")
+    with Image.open(files[0]) as image:
+        return min(image.size)
+
+
+class ImageSet(Dataset):
+    """``images[i]`` -> uint8 (3, S, S); ``names[i]``: the file stem (or the LMDB's name)."""
+
+    def __init__(self, source: Source, image_size: int | None = None):
+        single = isinstance(source, (str, os.PathLike))
+        self.files = None if single else [Path(p) for p in source]
+        if self.files == []:
+            raise ValueError("empty list of image files")
+        self.source = Path(source) if single else self.files[0].parent
+        self.image_size = int(image_size or _native_size(self.source if single else self.files[0]))
+        self.references = ReferenceSet(source, self.image_size) if single else None
+        self.names = list(self.references.names) if single else [p.stem for p in self.files]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.references is None:
+            return load_reference(self.files[index], self.image_size)
+        return self.references[index]["image"]
+
+    def identity(self) -> dict[str, Any]:
+        """The cache's content key: relative names, sizes, mtimes of the folder's images (an LMDB's
+        data.mdb, not lock.mdb which readers touch): cheap, yet any added or rewritten file changes it."""
+        root = self.source.resolve()
+        files = [root / "data.mdb"] if (root / "data.mdb").is_file() else list_image_files(root)
+        digest = hashlib.sha256()
+        for f in files:
+            stat = f.stat()
+            digest.update(f"{f.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        return {"path": str(root), "count": len(files), "listing_sha256": digest.hexdigest()}
+
+
+def rank_world() -> tuple[int, int]:
+    ready = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+
+
+def batches_of(images: Dataset, batch_size: int, workers: int = 0) -> Iterator[torch.Tensor]:
+    """uint8 batches (B, 3, S, S) of this process's shard (images rank, rank + W, ...), in order."""
+    rank, world = rank_world()
+    shard = Subset(images, range(rank, len(images), world))
+    yield from DataLoader(shard, batch_size, num_workers=workers) if len(shard) else []
 
 
 def default_cache_dir() -> Path:
-    """``$ILVR_TOOLKIT_CACHE`` or ``$XDG_CACHE_HOME/ilvr_toolkit/fid_stats`` (``~/.cache/...``)."""
-    if os.environ.get("ILVR_TOOLKIT_CACHE"):
-        return Path(os.environ["ILVR_TOOLKIT_CACHE"]) / "fid_stats"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ilvr_toolkit" / "fid_stats"
-
-
-def stats_cache_path(
-    identity: dict[str, Any], image_size: int, extractor_sha256: str, cache_dir: str | os.PathLike
-) -> Path:
-    """``<cache_dir>/<dataset name>-<hash of path>-<size>px-inception<sha[:8]>.npz``."""
-    path = str(identity.get("path", "set"))
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).name)[:48] or "set"
-    where = hashlib.sha256(f"{identity.get('kind')}:{path}".encode()).hexdigest()[:10]
-    return Path(cache_dir) / f"{name}-{where}-{image_size}px-inception{extractor_sha256[:8]}.npz"
-
-
-def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
+    """``$ILVR_TOOLKIT_CACHE/fid_stats``, else ``$XDG_CACHE_HOME/ilvr_toolkit/fid_stats`` (``~/.cache``)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ilvr_toolkit"
+    return Path(os.environ.get("ILVR_TOOLKIT_CACHE") or base) / "fid_stats"
 
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: dict[str, Any]) -> Path:
     """Write statistics atomically (temp file + rename)."""
-    arrays = {
-        "mu": stats.mean.detach().cpu().double().numpy(),
-        "sigma": stats.cov.detach().cpu().double().numpy(),
-        "count": np.asarray(stats.count, dtype=np.int64),
-        "meta": np.asarray(json.dumps(meta, sort_keys=True)),
-    }
-    if stats.features is not None:
-        arrays["features"] = stats.features.detach().cpu().float().numpy()
-    path = Path(path)
-    _atomic_npz(path, arrays)
-    return path
+    arrays = {"mu": stats.mean.cpu().double().numpy(), "sigma": stats.cov.cpu().double().numpy()}
+    arrays.update(count=np.asarray(stats.count), meta=np.asarray(json.dumps(meta, sort_keys=True)))
+    arrays.update({} if stats.features is None else {"features": stats.features.cpu().float().numpy()})
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict[str, Any]]:
-    """Read a statistics file (ours, or a pytorch-fid style ``mu``/``sigma`` npz)."""
+    """Read a statistics file written by :func:`save_stats`."""
     with np.load(path, allow_pickle=False) as z:
-        mean = torch.from_numpy(z["mu"].astype(np.float64))
-        cov = torch.from_numpy(z["sigma"].astype(np.float64))
-        count = int(z["count"]) if "count" in z else 0
         features = torch.from_numpy(z["features"]).double() if "features" in z else None
-        meta = json.loads(str(z["meta"])) if "meta" in z else {}
-    return FeatureStats(mean=mean, cov=cov, count=count, features=features), meta
+        stats = FeatureStats(
+            torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["count"]), features
+        )
+        return stats, json.loads(str(z["meta"]))
+
+
+def compute_image_set_stats(batches: Iterable[torch.Tensor], extractor: InceptionFeatureExtractor, kid: bool = True,
+                            distributed: bool = True) -> FeatureStats:  # fmt: skip
+    """Statistics of image batches (B, 3, H, W), uint8 or float in [-1, 1]; under torch.distributed
+    (and ``distributed``), of every process's batches: gathered by torchmetrics' sync, all must call."""
+    sync = distributed and rank_world()[1] > 1
+    metrics = InceptionMetrics(kid, next(extractor.parameters()).device)
+    for batch in batches:
+        metrics.update(extractor(batch), real=True)
+    with metrics.fid.sync_context(should_sync=sync, distributed_available=lambda: sync):
+        stats = metrics.fid.stats(real=True)
+    if metrics.kid is not None:
+        metrics.kid.one_state_per_process()
+        with metrics.kid.sync_context(should_sync=sync, distributed_available=lambda: sync):
+            stats.features = metrics.kid.features(real=True)
+    return stats
 
 
 @dataclass
-class StatsCacheInfo:
-    """How the reference statistics were obtained (reported in metrics.json)."""
-
+class StatsCacheInfo:  # how the reference statistics were obtained (reported in metrics.json)
     path: str
     hit: bool
     seconds: float
@@ -115,114 +166,43 @@ class StatsCacheInfo:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def compute_image_set_stats(
-    images: ImageSet | Dataset | Iterable[torch.Tensor],
-    extractor: InceptionFeatureExtractor,
-    *,
-    batch_size: int = 50,
-    keep_features: bool = True,
-    num_workers: int = 0,
-    distributed: bool | None = None,
-) -> FeatureStats:
-    """Inception statistics of an image set (mean, covariance, count; features if ``keep_features``).
-
-    ``images``: a map-style dataset of uint8 (3, H, W) images (an :class:`ImageSet`), or any
-    iterable of batches (B, 3, H, W), uint8 or float in [-1, 1] (a DataLoader, a generator).
-    Under torch.distributed (``distributed`` defaults to "initialised") a dataset is sharded
-    over the processes (an iterable of batches is taken to be this process's shard already)
-    and the result, gathered by torchmetrics' state sync, is the same on every process.
-    """
-    rank, world = dist_rank_world()
-    if distributed is False:
-        rank, world = 0, 1
-    metrics = InceptionMetrics(extractor, kid=keep_features)
-    if isinstance(images, Dataset) and hasattr(images, "__len__"):
-        batches: Iterable[torch.Tensor] = iterate_images(
-            images, batch_size, shard_indices(len(images), rank, world), num_workers
-        )
-    else:
-        batches = images
-    for batch in batches:
-        metrics.update(batch, real=True)
-    should_sync = world > 1
-    with metrics.fid.sync_context(should_sync=should_sync, distributed_available=lambda: should_sync):
-        stats = metrics.fid._stats(real=True)
-        stats = FeatureStats(stats.mean.clone(), stats.cov.clone(), stats.count)
-    if metrics.kid is not None:
-        with metrics.kid.sync_context(should_sync=should_sync, distributed_available=lambda: should_sync):
-            stats.features = metrics.kid._concatenated(metrics.kid.real_features).clone()
-    return stats
+def _try_load(path: Path, kid: bool) -> tuple[FeatureStats | None, str]:
+    try:  # a missing, truncated or foreign file is recomputed
+        stats, meta = load_stats(path)
+    except Exception as error:  # noqa: BLE001 (np.load raises many kinds)
+        return None, "no cache file" if not path.is_file() else f"unreadable cache file ({error})"
+    if meta.get("version") != CACHE_VERSION or (kid and stats.features is None):
+        return None, "cache of another version, or without the features KID needs"
+    return stats, ""
 
 
 def cached_reference_stats(
-    source: str | os.PathLike | ImageSet,
+    source: Source | ImageSet,
     extractor: InceptionFeatureExtractor,
-    *,
-    image_size: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 50,
-    keep_features: bool = True,
-    num_workers: int = 0,
-    rebuild: bool = False,
+    s: EvalSettings | None = None,
+    **options: Any,
 ) -> tuple[FeatureStats | None, StatsCacheInfo]:
-    """Statistics of a reference set (folder or LMDB), from the cache when it is still valid.
-
-    Under torch.distributed, rank 0 decides hit or miss; on a miss every process computes its
-    shard and rank 0 writes the file. The statistics are returned on rank 0 only (``None``
-    elsewhere): load them into the metric on that one process.
-    """
-    start = time.perf_counter()
-    rank, world = dist_rank_world()
-    images = open_image_set(source, image_size)
+    """Statistics of a reference set, from the cache when its content key matches. Under
+    torch.distributed every process calls: rank 0 decides hit or miss, on a miss all compute a
+    shard and rank 0 writes the file; the statistics are returned on rank 0 (else ``None``).
+    Uses ``image_size``, ``cache_dir``, ``batch_size``, ``workers``, ``kid`` (keep the features)."""
+    s, (rank, world), start = replace(s or EvalSettings(), **options), rank_world(), time.perf_counter()
+    images = source if isinstance(source, ImageSet) else ImageSet(source, s.image_size)
     identity = images.identity()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = stats_cache_path(identity, images.image_size, extractor.sha256, cache_dir)
-    meta = {
-        "version": CACHE_VERSION,
-        "identity": identity,
-        "identity_sha256": identity_digest(identity),
-        "image_size": images.image_size,
-        "inception_sha256": extractor.sha256,
-        "with_features": keep_features,
-    }
-
-    stats, reason = None, "rebuild requested" if rebuild else ""
-    if rank == 0 and not rebuild:
-        stats, reason = _try_load(path, meta, keep_features)
+    key = hashlib.sha256(json.dumps([identity, images.image_size, extractor.sha256]).encode()).hexdigest()
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(identity["path"]).name)[:48]
+    path = Path(s.cache_dir or default_cache_dir()) / f"{name}-{key[:16]}.npz"
+    meta = {"version": CACHE_VERSION, "identity": identity, "image_size": images.image_size}
+    meta.update(inception_sha256=extractor.sha256, count=len(images))
+    stats, reason = _try_load(path, s.kid) if rank == 0 else (None, "")
+    hit = [stats is not None]
     if world > 1:
-        flag = [stats is not None]
-        dist.broadcast_object_list(flag, src=0)
-        hit = flag[0]
-    else:
-        hit = stats is not None
-    if hit:
-        return (stats if rank == 0 else None), StatsCacheInfo(
-            str(path), True, time.perf_counter() - start, "", meta
-        )
-
-    stats = compute_image_set_stats(
-        images, extractor, batch_size=batch_size, keep_features=keep_features, num_workers=num_workers
-    )
-    if rank == 0:
-        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        meta["count"] = stats.count
-        save_stats(path, stats, meta)
-    if world > 1:
-        dist.barrier()
-    info = StatsCacheInfo(str(path), False, time.perf_counter() - start, reason or "no cache file", meta)
+        dist.broadcast_object_list(hit, src=0)
+    if not hit[0]:
+        stats = compute_image_set_stats(batches_of(images, s.batch_size, s.workers), extractor, s.kid)
+        if rank == 0:
+            save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if world > 1:
+            dist.barrier()
+    info = StatsCacheInfo(str(path), hit[0], time.perf_counter() - start, reason, meta)
     return (stats if rank == 0 else None), info
-
-
-def _try_load(path: Path, expected: dict[str, Any], need_features: bool) -> tuple[FeatureStats | None, str]:
-    if not path.is_file():
-        return None, "no cache file"
-    try:
-        stats, meta = load_stats(path)
-    except Exception as e:  # a truncated or foreign file is recomputed, not fatal
-        return None, f"unreadable cache file ({type(e).__name__}: {e})"
-    for key in ("version", "identity_sha256", "image_size", "inception_sha256"):
-        if meta.get(key) != expected[key]:
-            return None, f"stale cache ({key} changed)"
-    if need_features and stats.features is None:
-        return None, "cache has no features (needed for KID)"
-    return stats, ""

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..runtime import resolve_device
 from .config import SampleConfig
-from .runner import resolve_device
 
 __all__ = ["evaluate_run"]
 

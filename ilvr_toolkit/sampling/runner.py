@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..conditioning import LowPass
 from ..diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
 from ..models import LoadedModel, load_model
-from ..runtime import tuned_cpu_malloc
+from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
 from .distributed import barrier, finish, init_ranks
@@ -45,12 +45,6 @@ class RunResult:
     grid: Path | None = None
     metrics: dict[str, Any] | None = None
     seconds: float = 0.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_net(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool) -> Callable:

@@ -108,7 +108,7 @@ class FIDMonitor(_EveryNSteps):
             image_size=pl_module.unet_config.image_size,
             cache_dir=self.stats_cache_dir,
             batch_size=self.batch_size,
-            keep_features=False,
+            kid=False,
         )
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
             self._extractor, self._real = extractor, _on_cpu(real)
@@ -137,7 +137,7 @@ class FIDMonitor(_EveryNSteps):
         tic = time.perf_counter()
         with sampling_weights(trainer, pl_module) as (net, which):  # on the training device
             fake = compute_image_set_stats(
-                self._samples(net, pl_module), self._extractor, keep_features=False, distributed=False
+                self._samples(net, pl_module), self._extractor, kid=False, distributed=False
             )
         fid = float(self._real.frechet_distance(_on_cpu(fake)))
         entry = {
