@@ -15,11 +15,14 @@ class ModelSpec:
     Attributes:
         checkpoint: one of our checkpoints (``.ckpt`` from train.py or an exported file; the
             configuration is read from it) or a released plain state dict (``ffhq_10m.pt``).
-        preset: the architecture preset of a plain state dict (``ffhq``, ``afhq_dog``, ...).
+        preset: the preset of a plain state dict (``ffhq``, ``imagenet64_cond``, ...).
+        flags: instead of preset, the guided-diffusion flags of its README (``"--image_size
+            64 --class_cond True ..."``); the network and the diffusion follow them.
     """
 
     checkpoint: str = ""
     preset: str | None = None
+    flags: str | None = None
 
 
 @dataclass
@@ -50,10 +53,11 @@ class ILVRSpec:
 
 @dataclass
 class SamplerSpec:
-    """The reverse process: ``ddpm`` (ancestral) or ``ddim`` (+ eta) over ``respacing`` steps."""
+    """The reverse process: ``ddpm`` (ancestral) or ``ddim`` (+ eta) over ``respacing`` steps
+    (None: the model's ``timestep_respacing`` flag if it has one, else ``"100"``)."""
 
     method: Literal["ddpm", "ddim"] = "ddpm"
-    respacing: str = "100"
+    respacing: str | None = None
     eta: float = 0.0
 
 
@@ -74,6 +78,8 @@ class SampleConfig:
         references: folder of images (recursive, sorted; png/jpg/jpeg/webp) or an LMDB dataset.
         unconditional: sample without references (``num_samples`` images).
         num_samples: number of images in unconditional mode.
+        class_labels: class-conditional models only: one label for every image, a list (one
+            per reference, in order) or a file of ``<reference name> <label>`` lines.
         samples_per_reference: outputs per reference (``<stem>_s0.png``, ``<stem>_s1.png``...).
         batch_size: images per forward pass (a last partial batch is fine).
         seed: run seed; each image's noise is seeded from (seed, reference index, sample).
@@ -110,6 +116,7 @@ class SampleConfig:
     ilvr: ILVRSpec = field(default_factory=ILVRSpec)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    class_labels: int | list[int] | str | None = None
     samples_per_reference: int = 1
     batch_size: int = 8
     seed: int = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..conditioning import ILVR, LowPass, resolve_range_t
 from ..diffusion import (
     DiffusionConfig,
@@ -26,12 +29,13 @@ from ..diffusion import (
     draw_x_T,
 )
 from ..images import to_float, to_uint8
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_model, parse_flags
 from ..runtime import tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig
 from .distributed import barrier, finish, init_ranks
 from .grid import build_grid
+from .labels import resolve_class_labels
 from .manifest import ManifestPart, merge_manifest, versions
 from .plan import WorkItem, batches, pending_items, plan_items, shard_range
 from .seeds import image_generators
@@ -63,13 +67,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_net(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool) -> Callable:
-    """``net(x, t)`` running ``model`` under the requested autocast; returns float32."""
+    """``net(x, t, y=None)`` running ``model`` under the requested autocast; returns float32.
+    A class-conditional model's labels ``y`` (B,) are bound per batch (``functools.partial``)."""
     dtype = _AUTOCAST[precision]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(x.contiguous(memory_format=memory_format), t).float()
+            return model(x.contiguous(memory_format=memory_format), t, y).float()
 
     return net
 
@@ -77,13 +82,17 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
     base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
-    return create_diffusion(base, respacing=config.sampler.respacing)
+    return create_diffusion(base, respacing=config.sampler.respacing or base.timestep_respacing or "100")
 
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
     if not config.model.checkpoint:
         raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
-    loaded = load_model(config.model.checkpoint, preset=config.model.preset)
+    try:  # a mistake in the flag string is the user's: name the option
+        parse_flags(config.model.flags or "")
+    except ValueError as err:
+        raise UsageError(f"--model.flags: {err}") from None
+    loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
     if config.channels_last:
@@ -163,6 +172,10 @@ def _sample_batch(
         reference = to_float(torch.stack([images[item.reference] for item in batch])).to(device)
         factor = batch[0].factor
         hooks.append(ILVR(reference, factor, range_t, config.ilvr.mode, lowpass=lowpasses[factor]))
+    if config.class_labels is not None:  # resolved in _run: one label per reference
+        net = functools.partial(
+            net, y=torch.tensor([config.class_labels[i.reference] for i in batch], device=device)
+        )
     noise = PerImageNoise(image_generators([item.seed for item in batch], device))
     x_T = draw_x_T(noise, (len(batch), 3, image_size, image_size), device)
     if config.sampler.method == "ddim":
@@ -210,6 +223,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     image_size = loaded.unet_config.image_size
     diffusion = _diffusion_for(loaded, config)
     refs = _References(config, image_size)
+    labels = resolve_class_labels(config.class_labels, refs.names, loaded.unet_config.num_classes)
+    config = dataclasses.replace(config, class_labels=labels)
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
     items = plan_items(
