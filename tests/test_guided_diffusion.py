@@ -96,6 +96,35 @@ def test_script_defaults_are_guided_diffusions():
         UNetConfig.from_guided_diffusion_flags({"learn_sigmas": True})
 
 
+@pytest.mark.parametrize(
+    ("flags", "variance", "use_kl", "rescale_learned_sigmas"),
+    [
+        ("", "fixed_large", False, False),
+        ("--sigma_small True", "fixed_small", False, False),
+        ("--learn_sigma True --use_kl True", "learned_range", True, False),
+        ("--learn_sigma True --rescale_learned_sigmas True", "learned_range", False, True),
+    ],
+)
+def test_variance_and_loss_flags(flags, variance, use_kl, rescale_learned_sigmas):
+    diffusion = create_diffusion(DiffusionConfig.from_guided_diffusion_flags(flags + " --diffusion_steps 40"))
+    assert diffusion.variance == variance and diffusion.num_timesteps == 40
+    assert (diffusion.use_kl, diffusion.rescale_learned_sigmas) == (use_kl, rescale_learned_sigmas)
+    x0, t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([5, 30])
+    channels = 6 if variance == "learned_range" else 3
+    losses = diffusion.training_losses(
+        lambda x, t: torch.zeros(2, channels, 4, 4), x0, t, noise=torch.ones_like(x0)
+    )
+    if variance == "learned_range":  # the bound of the plain hybrid loss, per example
+        plain = create_diffusion(DiffusionConfig(steps=40, learn_sigma=True))
+        vb = plain.training_losses(lambda x, t: torch.zeros(2, 6, 4, 4), x0, t, noise=torch.ones_like(x0))[
+            "vb"
+        ]
+        if use_kl:  # guided-diffusion's RESCALED_KL: the bound times T
+            torch.testing.assert_close(losses["loss"], vb * 40)
+        else:  # RESCALED_MSE: the bound times T / 1000
+            torch.testing.assert_close(losses["vb"], vb * 40 / 1000)
+
+
 def test_diffusion_config_from_dict_refuses_unknown_keys():
     with pytest.raises(ValueError, match="'diffusion_steps'"):
         DiffusionConfig.from_dict({"diffusion_steps": 50})
@@ -267,6 +296,8 @@ def test_class_conditional_translation(tmp_path, capsys):
         "--model.flags: unknown guided-diffusion flag --image_sise; did you mean --image_size?"
         in capsys.readouterr().err
     )
+    assert _sample(tmp_path, tmp_path / "tiny.pt", "bad", *flags, "--model.preset", "tiny16") == 2
+    assert "--model.flags: give either it or --model.preset" in capsys.readouterr().err
     save_plain_state_dict(tmp_path / "uncond.pt", build_unet("tiny16"))
     assert (
         _sample(tmp_path, tmp_path / "uncond.pt", "bad", "--model.preset", "tiny16", "--class_labels", "3")

@@ -82,12 +82,15 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
     base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
-    return create_diffusion(base, respacing=config.sampler.respacing or base.timestep_respacing or "100")
+    spec = config.sampler.respacing  # None: the model's own (flags / checkpoint), else 100 steps
+    return create_diffusion(base, respacing=base.timestep_respacing or "100" if spec is None else spec)
 
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
     if not config.model.checkpoint:
         raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
+    if config.model.flags and config.model.preset:
+        raise UsageError("--model.flags: give either it or --model.preset, not both")
     try:  # a mistake in the flag string is the user's: name the option
         parse_flags(config.model.flags or "")
     except ValueError as err:
