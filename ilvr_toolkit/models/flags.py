@@ -20,13 +20,11 @@ __all__ = ["GUIDED_DIFFUSION_DEFAULTS", "parse_flags", "resolve_flags", "diffusi
 #: ``model_and_diffusion_defaults()`` of guided-diffusion's ``script_util.py``.
 GUIDED_DIFFUSION_DEFAULTS: dict[str, Any] = {
     **dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1),
-    **dict(
-        num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False
-    ),
-    **dict(use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False, use_fp16=False),
-    **dict(use_new_attention_order=False, learn_sigma=False, diffusion_steps=1000, noise_schedule="linear"),
-    **dict(timestep_respacing="", use_kl=False, predict_xstart=False, rescale_timesteps=False),
-    **dict(rescale_learned_sigmas=False),
+    **dict(num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0),
+    **dict(class_cond=False, use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False),
+    **dict(use_fp16=False, use_new_attention_order=False, learn_sigma=False, diffusion_steps=1000),
+    **dict(noise_schedule="linear", timestep_respacing="", use_kl=False, predict_xstart=False),
+    **dict(rescale_timesteps=False, rescale_learned_sigmas=False),
 }
 
 #: Other flags their READMEs print: ``create_gaussian_diffusion``'s ``sigma_small``, P2
