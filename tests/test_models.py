@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ilvr_toolkit.diffusion import DiffusionConfig
 from ilvr_toolkit.models import (
     PRESETS,
     RELEASED_CHECKPOINTS,
@@ -329,7 +330,8 @@ def test_plain_file_needs_a_preset(tiny32_path, tmp_path):
 
 def test_plain_file_loads_with_preset(tiny32_path, forward_check):
     loaded = load_model(tiny32_path, preset="tiny32")
-    assert loaded.source_kind == "plain" and loaded.diffusion == {}
+    assert loaded.source_kind == "plain"  # the diffusion comes from the preset's flags
+    assert loaded.diffusion == DiffusionConfig(learn_sigma=True).to_dict()
     assert loaded.sha256 == sha256_file(tiny32_path) and len(loaded.sha256) == 64
     assert not loaded.model.training
     with torch.no_grad():

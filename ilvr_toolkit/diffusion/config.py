@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -20,6 +21,9 @@ class DiffusionConfig:
         sigma_small: with fixed variance, use the posterior variance (fixed-small) instead of
             beta_t (fixed-large).
         use_kl: train on the variational bound alone (``loss = vb * T``).
+        predict_xstart: the network predicts x_0 instead of eps.
+        rescale_timesteps: the network is fed t * 1000 / T (float) instead of t, with T the
+            steps of the base process (also when respaced).
         rescale_learned_sigmas: scale the vb term of the hybrid loss by T / 1000.
         timestep_respacing: sampling steps kept (``"100"``, ``"10,10,5"``, ``"ddim50"``;
             empty keeps all).
@@ -33,6 +37,8 @@ class DiffusionConfig:
     learn_sigma: bool = True
     sigma_small: bool = False
     use_kl: bool = False
+    predict_xstart: bool = False
+    rescale_timesteps: bool = False
     rescale_learned_sigmas: bool = False
     timestep_respacing: str = ""
     p2_gamma: float = 0.0
@@ -43,10 +49,23 @@ class DiffusionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
-        """Build from a dict, ignoring keys this version does not know (forward compatible)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Mapping[str, Any]) -> DiffusionConfig:
+        """Build from a dict of these fields; an unknown key is a ValueError naming it."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"unknown diffusion settings {unknown}; known: {sorted(f.name for f in fields(cls))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> DiffusionConfig:
+        """The diffusion that guided-diffusion's ``create_gaussian_diffusion`` builds from
+        ``flags`` (a README string or a dict; flags left out take its scripts' defaults,
+        e.g. ``learn_sigma False``); see :func:`ilvr_toolkit.models.parse_flags`."""
+        from ..models.flags import diffusion_settings  # the flag table lives beside the presets
+
+        return cls.from_dict(diffusion_settings(flags))
 
     def replace(self, **changes: Any) -> DiffusionConfig:
         return DiffusionConfig(**{**self.to_dict(), **changes})

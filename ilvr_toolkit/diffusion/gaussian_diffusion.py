@@ -4,7 +4,8 @@ Notation: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s. All schedule 
 float64 (kept on the CPU) and cast once per (device, dtype) to the sample's dtype; the
 per-step arithmetic runs in that dtype (float32 for the reference fixtures). Indices ``t``
 passed to the methods are *respaced* indices 0..num_timesteps-1; the network is always
-called with the original timesteps ``timestep_map[t]``.
+called with the original timesteps ``timestep_map[t]`` (with ``rescale_timesteps``:
+``timestep_map[t] * 1000 / original_num_steps`` as float32, guided-diffusion's respace.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .schedules import get_named_beta_schedule
 __all__ = ["GaussianDiffusion", "create_diffusion", "Net"]
 
 Net = Callable[..., torch.Tensor]
-"""A network ``net(x, t, **model_kwargs) -> out`` called with original integer timesteps."""
+"""A network ``net(x, t, **model_kwargs) -> out`` called with original timesteps."""
 
 _VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
 
@@ -36,7 +37,14 @@ class GaussianDiffusion:
         timestep_map: (T,) original timestep of each index (identity when not respaced).
         variance: "learned_range", "fixed_small" or "fixed_large".
         original_num_steps: T of the base process the network was trained on.
+
+    Attributes set after construction (``create_diffusion`` does, from the config):
+        predict_xstart: the network's output (first C channels) is x_0, not eps.
+        rescale_timesteps: the network gets ``t * 1000 / original_num_steps`` (float32).
     """
+
+    predict_xstart: bool = False
+    rescale_timesteps: bool = False
 
     def __init__(
         self,
@@ -113,11 +121,14 @@ class GaussianDiffusion:
         return values[t].view(-1, *([1] * (like.ndim - 1)))
 
     def _timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """Original timesteps (B,) long for respaced indices t (B,)."""
+        """The network's timesteps (B,) for respaced indices t (B,): original ones (long), or
+        with ``rescale_timesteps`` those times 1000 / original_num_steps (float32)."""
         key = ("timestep_map", t.device, torch.long)
         table = self._cache.get(key)
         if table is None:
             table = self._cache[key] = self.timestep_map.to(t.device)
+        if self.rescale_timesteps:
+            return table[t].float() * (1000.0 / self.original_num_steps)
         return table[t]
 
     # ----- forward process -------------------------------------------------------------
@@ -193,11 +204,12 @@ class GaussianDiffusion:
 
         Returns mean, variance, log_variance, pred_xstart and eps, each (B, C, H, W).
         """
-        eps, v = self._split_output(out.to(x.dtype), x)
+        head, v = self._split_output(out.to(x.dtype), x)  # head: eps, or x_0 (predict_xstart)
         log_variance = self._log_variance(v, t, x)
-        pred_xstart = self.predict_xstart_from_eps(x, t, eps)
+        pred_xstart = head if self.predict_xstart else self.predict_xstart_from_eps(x, t, head)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
+        eps = self.predict_eps_from_xstart(x, t, pred_xstart) if self.predict_xstart else head
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {
             "mean": mean,
@@ -240,7 +252,8 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """Per-example losses (B,) for x_0 (B, C, H, W) at indices t (B,).
 
-        Returns "loss" and, as applicable, "mse" (eps-MSE, P2-weighted when p2_gamma > 0) and
+        Returns "loss" and, as applicable, "mse" (eps-MSE, or x_0-MSE with predict_xstart;
+        P2-weighted when p2_gamma > 0) and
         "vb" (the variational term with the mean's gradient stopped, so it only trains the
         variance; Nichol & Dhariwal's hybrid objective ``loss = mse + vb``).
         """
@@ -251,15 +264,15 @@ class GaussianDiffusion:
             vb = self._vb_terms_bpd(out, x_start, x_t, t) * self.num_timesteps
             return {"loss": vb, "vb": vb}
         terms: dict[str, torch.Tensor] = {}
-        eps = out
+        head = out  # eps, or x_0 with predict_xstart
         if self.variance == "learned_range":
             channels = x_start.shape[1]
-            eps, v = out[:, :channels], out[:, channels:]
-            frozen = torch.cat([eps.detach(), v], dim=1)
+            head, v = out[:, :channels], out[:, channels:]
+            frozen = torch.cat([head.detach(), v], dim=1)
             terms["vb"] = self._vb_terms_bpd(frozen, x_start, x_t, t)
             if self.rescale_learned_sigmas:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
-        squared = (noise - eps) ** 2
+        squared = ((x_start if self.predict_xstart else noise) - head) ** 2
         if self.p2_gamma != 0.0:
             weight = (self.p2_k + self._coef("snr", t, x_start)) ** (-self.p2_gamma)
             squared = weight * squared
@@ -279,7 +292,7 @@ def create_diffusion(config: DiffusionConfig, respacing: str | None = None) -> G
         variance = "learned_range"
     else:
         variance = "fixed_small" if config.sigma_small else "fixed_large"
-    return GaussianDiffusion(
+    diffusion = GaussianDiffusion(
         betas,
         timestep_map=kept,
         variance=variance,
@@ -289,3 +302,5 @@ def create_diffusion(config: DiffusionConfig, respacing: str | None = None) -> G
         p2_k=config.p2_k,
         original_num_steps=config.steps,
     )
+    diffusion.predict_xstart, diffusion.rescale_timesteps = config.predict_xstart, config.rescale_timesteps
+    return diffusion

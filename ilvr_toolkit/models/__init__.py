@@ -1,4 +1,4 @@
-"""ADM UNet with guided-diffusion state-dict names, its configs/presets and checkpoint I/O."""
+"""ADM UNet with guided-diffusion state-dict names, its configs/presets and checkpoint I/O, guided-diffusion flags."""
 
 from .checkpoint import (
     CheckpointError,
@@ -10,10 +10,12 @@ from .checkpoint import (
     save_plain_state_dict,
     sha256_file,
 )
-from .config import PRESETS, RELEASED_CHECKPOINTS, UNetConfig, get_preset
+from .config import PRESET_FLAGS, PRESETS, RELEASED_CHECKPOINTS, UNetConfig, get_preset
+from .flags import diffusion_settings, parse_flags
 from .unet import UNetModel, build_unet
 
 __all__ = [
+    "PRESET_FLAGS",
     "PRESETS",
     "RELEASED_CHECKPOINTS",
     "CheckpointError",
@@ -22,9 +24,11 @@ __all__ = [
     "UNetModel",
     "build_unet",
     "check_state_dict",
+    "diffusion_settings",
     "get_preset",
     "load_model",
     "load_state_dict_file",
+    "parse_flags",
     "save_model_file",
     "save_plain_state_dict",
     "sha256_file",

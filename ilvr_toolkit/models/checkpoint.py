@@ -2,8 +2,9 @@
 
 Three kinds of file load through :func:`load_model`:
 
-- ``"plain"``: a guided-diffusion state dict (the released ILVR / P2 ``.pt`` files). It does
-  not describe its architecture, so a preset name (or a :class:`UNetConfig`) is needed.
+- ``"plain"``: a guided-diffusion state dict (the released guided-diffusion / ILVR / P2 ``.pt``
+  files). It does not describe itself, so a preset name or the README's flag string is
+  needed (either gives the UNet and the diffusion; a bare :class:`UNetConfig` the UNet only).
 - ``"ilvr_toolkit"``: ``{"format": "ilvr_toolkit.model/1", "unet": {...}, "diffusion": {...},
   "state_dict": {...}, "extra": {...}}`` written by :func:`save_model_file`.
 - ``"lightning"``: a Lightning checkpoint whose ``hyper_parameters`` hold ``unet`` (a
@@ -27,7 +28,8 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_open
-from .config import DEFAULT_CHANNEL_MULT, PRESETS, UNetConfig, get_preset, preset_for_filename
+from .config import PRESET_FLAGS, PRESETS, UNetConfig, get_preset, preset_for_filename
+from .flags import diffusion_settings
 from .unet import UNetModel, build_unet
 
 __all__ = [
@@ -253,77 +255,29 @@ def infer_architecture(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     return info
 
 
+#: What the weights reveal (``infer_architecture``) -> the setting a user would change.
+_SETTINGS = {
+    "out_channels": "learn_sigma (6 output channels: learn_sigma True, 3: False)",
+    "in_channels": "in_channels",
+    "num_classes": "num_classes (class_cond: a label_emb table)",
+    "num_channels": "num_channels",
+    "num_res_blocks": "num_res_blocks",
+    "channel_mult": "channel_mult (an empty one follows image_size, so check image_size too)",
+    "attention_ds": "attention_resolutions (attention sits where image_size // resolution is the downsample rate)",
+    "use_scale_shift_norm": "use_scale_shift_norm",
+    "resblock_updown": "resblock_updown",
+}
+
+
 def _diagnose(found: dict[str, Any], config: UNetConfig) -> list[str]:
     """Name the settings that explain a mismatch between weights (``found``) and ``config``."""
-    notes: list[str] = []
-    if "out_channels" in found and found["out_channels"] != config.out_channels:
-        want = found["out_channels"] == 2 * config.in_channels
-        notes.append(
-            f"learn_sigma: the checkpoint's out.2.weight has {found['out_channels']} output channels, "
-            f"the config gives {config.out_channels} (learn_sigma={config.learn_sigma}); set learn_sigma={want}"
-        )
-    if found.get("in_channels") not in (None, config.in_channels):
-        notes.append(
-            f"in_channels: the checkpoint takes {found['in_channels']} input channels, the config {config.in_channels}"
-        )
-    if found.get("num_classes") != config.num_classes:
-        has = f"label_emb for {found['num_classes']} classes" if found.get("num_classes") else "no label_emb"
-        notes.append(
-            f"num_classes (class conditioning): the checkpoint has {has}, the config num_classes={config.num_classes}"
-        )
-    notes += _diagnose_levels(found, config)
-    if found.get("use_scale_shift_norm") not in (None, config.use_scale_shift_norm):
-        notes.append(
-            f"use_scale_shift_norm: the checkpoint's emb_layers imply {found['use_scale_shift_norm']}"
-        )
-    if found.get("resblock_updown") not in (None, config.resblock_updown):
-        notes.append(
-            f"resblock_updown: the checkpoint resamples with {'ResBlocks' if found['resblock_updown'] else 'convs'}; set resblock_updown={found['resblock_updown']}"
-        )
+    notes = []
+    for key, setting in _SETTINGS.items():
+        theirs, mine = found.get(key), getattr(config, key)
+        mine = tuple(sorted(mine)) if key == "attention_ds" else mine
+        if key in found and (tuple(theirs) != mine if isinstance(mine, tuple) else theirs != mine):
+            notes.append(f"{setting}: the checkpoint has {key} {theirs!r}, the config {mine!r}")
     return notes
-
-
-def _diagnose_levels(found: dict[str, Any], config: UNetConfig) -> list[str]:
-    """Widths, depth, levels and attention placement (the image-size dependent part)."""
-    notes: list[str] = []
-    if found.get("num_channels") not in (None, config.num_channels):
-        notes.append(
-            f"num_channels: the checkpoint has {found['num_channels']}, the config {config.num_channels}"
-        )
-    if found.get("num_res_blocks") not in (None, config.num_res_blocks):
-        notes.append(
-            f"num_res_blocks: the checkpoint has {found['num_res_blocks']}, the config {config.num_res_blocks}"
-        )
-    mult = found.get("channel_mult")
-    if mult is not None and tuple(mult) != tuple(config.channel_mult):
-        note = (
-            f"channel_mult: the checkpoint has {tuple(mult)} ({len(mult) - 1} downsamplings), the config "
-            f"{tuple(config.channel_mult)}; an empty channel_mult is resolved from image_size, so check image_size too"
-        )
-        sizes = [s for s, m in DEFAULT_CHANNEL_MULT.items() if len(m) == len(mult) and s != config.image_size]
-        if len(mult) != len(config.channel_mult) and sizes:
-            note += f" ({len(mult)} levels is guided-diffusion's default for image_size {sizes[0]})"
-        notes.append(note)
-    ds = found.get("attention_ds")
-    if ds is not None and set(ds) != set(config.attention_ds):
-        notes.append(_attention_note(tuple(ds), config))
-    return notes
-
-
-def _attention_note(ds: tuple[int, ...], config: UNetConfig) -> str:
-    """Attention at other downsample rates: a wrong image_size or attention_resolutions."""
-    note = (
-        f"attention_resolutions: the checkpoint has attention at downsample rates {list(ds)}, the config at "
-        f"{list(config.attention_ds)} (attention_resolutions={list(config.attention_resolutions)} at image_size {config.image_size})"
-    )
-    res = config.attention_resolutions
-    if len(ds) == len(res) and ds:
-        implied = {r * d for r, d in zip(sorted(res, reverse=True), sorted(ds), strict=True)}
-        if len(implied) == 1 and implied != {config.image_size}:
-            note += f"; with these attention_resolutions that means image_size {implied.pop()}, so check image_size"
-    if ds:
-        note += f"; to keep image_size {config.image_size} use attention_resolutions={[config.image_size // d for d in ds]}"
-    return note
 
 
 def _mismatch_summary(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:
@@ -462,24 +416,34 @@ def _unpack(
         )
         raise CheckpointError(
             f"{path} is a plain guided-diffusion state dict, which does not record its architecture; "
-            f"pass preset=<name> or a UNetConfig ({suggestion})"
+            f"pass preset=<name>, flags=<its README flags> or a UNetConfig ({suggestion})"
         )
     return _resolve_preset(preset), obj, {}
 
 
 def load_model(
-    path: PathLike, preset: str | UNetConfig | None = None, map_location: str | torch.device = "cpu"
+    path: PathLike,
+    preset: str | UNetConfig | None = None,
+    map_location: str | torch.device = "cpu",
+    flags: str | Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load any supported checkpoint into a UNet in eval mode.
+    """Load any supported checkpoint into a UNet (float32) in eval mode.
 
-    ``preset`` (a preset name or a UNetConfig) is required for plain state dicts and, when
-    given for a self-describing file, must agree with the stored architecture.
+    A plain state dict needs ``preset`` (a preset name or a UNetConfig) or ``flags`` (the
+    guided-diffusion flags of its README, a string or dict); a self-describing file must
+    agree with them when given. ``.diffusion`` comes from ``flags``, else from the file,
+    else from the preset's flags.
     """
+    if flags is not None and preset is not None:
+        raise CheckpointError("give either a preset or guided-diffusion flags, not both")
     obj = load_state_dict_file(path, map_location=map_location)
     kind = _classify(obj, path)
-    config, weights, diffusion = _unpack(obj, kind, preset, path)
+    wanted = UNetConfig.from_guided_diffusion_flags(flags) if flags is not None else preset
+    config, weights, diffusion = _unpack(obj, kind, wanted, path)
+    if flags is not None or (kind == "plain" and isinstance(preset, str)):
+        diffusion = diffusion_settings(flags if flags is not None else PRESET_FLAGS[preset])
     weights = check_state_dict(weights, config, source=path)
-    # float32 and contiguous: a checkpoint of a channels_last training run stores that layout
+    # float32 (released use_fp16 files are float32 too) and contiguous (channels_last runs)
     weights = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}
     model = build_unet(config, device="meta")  # no init: every tensor comes from the file
     model.load_state_dict(weights, strict=True, assign=True)

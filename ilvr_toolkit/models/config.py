@@ -17,9 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .flags import parse_numbers, resolve_flags
+
 __all__ = [
     "DEFAULT_CHANNEL_MULT",
-    "GUIDED_DIFFUSION_DEFAULTS",
+    "PRESET_FLAGS",
     "PRESETS",
     "RELEASED_CHECKPOINTS",
     "UNetConfig",
@@ -33,25 +35,6 @@ DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     256: (1, 1, 2, 2, 4, 4),
     128: (1, 1, 2, 3, 4),
     64: (1, 2, 3, 4),
-}
-
-#: Model flags of guided-diffusion's scripts, used for flags a dict leaves out.
-GUIDED_DIFFUSION_DEFAULTS: dict[str, Any] = {
-    "image_size": 64,
-    "num_channels": 128,
-    "num_res_blocks": 2,
-    "num_heads": 4,
-    "num_heads_upsample": -1,
-    "num_head_channels": -1,
-    "attention_resolutions": "16,8",
-    "channel_mult": "",
-    "dropout": 0.0,
-    "class_cond": False,
-    "use_checkpoint": False,
-    "use_scale_shift_norm": True,
-    "resblock_updown": False,
-    "use_new_attention_order": False,
-    "learn_sigma": False,
 }
 
 #: ImageNet class count that guided-diffusion's scripts use for ``class_cond=True``.
@@ -94,7 +77,7 @@ class UNetConfig:
     native_groupnorm: bool = field(default=False, metadata=_runtime())
 
     def __post_init__(self) -> None:
-        mult = _parse_numbers(self.channel_mult, "channel_mult")
+        mult = parse_numbers(self.channel_mult, "channel_mult")
         if not mult:
             if self.image_size not in DEFAULT_CHANNEL_MULT:
                 raise ValueError(
@@ -103,7 +86,7 @@ class UNetConfig:
                 )
             mult = DEFAULT_CHANNEL_MULT[self.image_size]
         object.__setattr__(self, "channel_mult", mult)
-        attn = tuple(int(r) for r in _parse_numbers(self.attention_resolutions, "attention_resolutions"))
+        attn = tuple(int(r) for r in parse_numbers(self.attention_resolutions, "attention_resolutions"))
         object.__setattr__(self, "attention_resolutions", attn)
         self._validate()
 
@@ -157,29 +140,22 @@ class UNetConfig:
         return cls(**dict(d))
 
     @classmethod
-    def from_guided_diffusion_flags(cls, flags: Mapping[str, Any]) -> UNetConfig:
-        """Build from guided-diffusion script flags (``image_size``, ``channel_mult="1,2,2,2"``...).
+    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> UNetConfig:
+        """Build from guided-diffusion flags: a README string (``"--image_size 64 ..."``, see
+        :func:`~ilvr_toolkit.models.parse_flags`) or a dict of them.
 
-        Flags left out take the scripts' defaults; diffusion flags and ``use_fp16`` are ignored
-        (use autocast instead). ``class_cond=True`` means 1000 classes as in the scripts.
+        Flags left out take the scripts' defaults; diffusion and sampling flags are ignored.
+        ``class_cond True`` means 1000 classes as in the scripts. ``use_fp16`` is ignored too:
+        the released files store float32 weights (the official scripts make their fp16 copy
+        in memory only), so the network is built in float32 and runs under the precision
+        chosen at sampling time (``--precision``).
         """
-        f = {**GUIDED_DIFFUSION_DEFAULTS, **flags}
+        f = resolve_flags(flags)
+        same = ("image_size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions")
+        same += ("num_heads", "num_head_channels", "num_heads_upsample", "use_scale_shift_norm")
+        same += ("resblock_updown", "learn_sigma", "use_new_attention_order", "dropout", "use_checkpoint")
         return cls(
-            image_size=int(f["image_size"]),
-            num_channels=int(f["num_channels"]),
-            num_res_blocks=int(f["num_res_blocks"]),
-            channel_mult=f["channel_mult"],
-            attention_resolutions=f["attention_resolutions"],
-            num_heads=int(f["num_heads"]),
-            num_head_channels=int(f["num_head_channels"]),
-            num_heads_upsample=int(f["num_heads_upsample"]),
-            use_scale_shift_norm=_to_bool(f["use_scale_shift_norm"]),
-            resblock_updown=_to_bool(f["resblock_updown"]),
-            learn_sigma=_to_bool(f["learn_sigma"]),
-            use_new_attention_order=_to_bool(f["use_new_attention_order"]),
-            num_classes=_GUIDED_DIFFUSION_NUM_CLASSES if _to_bool(f["class_cond"]) else None,
-            dropout=float(f["dropout"]),
-            use_checkpoint=_to_bool(f["use_checkpoint"]),
+            **{k: f[k] for k in same}, num_classes=_GUIDED_DIFFUSION_NUM_CLASSES if f["class_cond"] else None
         )
 
     def architecture(self) -> dict[str, Any]:
@@ -195,91 +171,50 @@ def _is_runtime(name: str) -> bool:
     return bool(UNetConfig.__dataclass_fields__[name].metadata.get("runtime", False))
 
 
-def _parse_numbers(value: Any, name: str) -> tuple[float, ...]:
-    """``"1,2,2,2"`` / ``[1, 2]`` / ``16`` / ``""`` -> tuple of ints (floats where fractional)."""
-    if isinstance(value, str):
-        items: list[Any] = [s for s in value.replace(" ", "").split(",") if s]
-    elif isinstance(value, int | float):
-        items = [value]
-    else:
-        items = list(value)
-    out = []
-    for item in items:
-        try:
-            number = float(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: cannot read {item!r} as a number (from {value!r})") from None
-        out.append(int(number) if number.is_integer() else number)
-    return tuple(out)
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "y", "t"):
-            return True
-        if lowered in ("0", "false", "no", "n", "f", ""):
-            return False
-        raise ValueError(f"cannot read {value!r} as a boolean")
-    return bool(value)
-
-
 # --------------------------------------------------------------------------- presets
-_ADM256 = UNetConfig(
-    image_size=256,
-    num_channels=128,
-    num_res_blocks=1,
-    channel_mult=(1, 1, 2, 2, 4, 4),
-    attention_resolutions=(16,),
-    num_heads=4,
-    num_head_channels=64,
-    use_scale_shift_norm=True,
-    resblock_updown=True,
-    learn_sigma=True,
+# Every preset is the flag string of its README, so nobody re-types flags; the diffusion of a
+# plain released file comes from the same string (checkpoint.load_model).
+_ADM256 = (  # the released ILVR / P2-weighting 256x256 checkpoints (ilvr_adm and P2 READMEs)
+    "--attention_resolutions 16 --class_cond False --diffusion_steps 1000 --dropout 0.0 --image_size 256 "
+    "--learn_sigma True --noise_schedule linear --num_channels 128 --num_head_channels 64 "
+    "--num_res_blocks 1 --resblock_updown True --use_fp16 False --use_scale_shift_norm True"
 )
+_LSUN = (  # guided-diffusion's README, as every string below (shared/reference/guided_diffusion)
+    "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 "
+    "--image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 "
+    "--num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True"
+)
+_IMAGENET256 = (
+    "--attention_resolutions 32,16,8 --class_cond {} --diffusion_steps 1000 --image_size {} --learn_sigma True "
+    "--noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 "
+    "--resblock_updown True --use_fp16 {} --use_scale_shift_norm True"
+)
+_TINY = "--learn_sigma True --num_res_blocks 1 --num_channels 32 --image_size "
+
+PRESET_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("adm256", "ffhq", "afhq_dog", "metfaces", "celebahq", "cub", "flowers"), _ADM256),
+    "imagenet64_cond": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
+    "--image_size 64 --learn_sigma True --noise_schedule cosine --num_channels 192 --num_head_channels 64 "
+    "--num_res_blocks 3 --resblock_updown True --use_new_attention_order True --use_fp16 True "
+    "--use_scale_shift_norm True",
+    "imagenet128_cond": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
+    "--image_size 128 --learn_sigma True --noise_schedule linear --num_channels 256 --num_heads 4 "
+    "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+    "imagenet256_cond": _IMAGENET256.format("True", 256, "True"),
+    "imagenet256_uncond": _IMAGENET256.format("False", 256, "True"),
+    "imagenet512_cond": _IMAGENET256.format("True", 512, "False"),
+    **dict.fromkeys(("lsun_bedroom", "lsun_cat", "lsun_horse"), _LSUN),
+    "lsun_horse_nodropout": _LSUN.replace("--dropout 0.1", "--dropout 0.0"),
+    # the reference fixture (tests/fixtures/reference/manifest_tiny32.json)
+    "tiny32": _TINY + "32 --channel_mult 1,2,2,2 --attention_resolutions 16 --num_heads 4",
+    # small configs for tests and smoke runs (a CPU forward takes milliseconds)
+    "tiny": _TINY + "32 --channel_mult 1,2 --attention_resolutions 16 --num_heads 2",
+    "tiny16": _TINY + "16 --channel_mult 1,2 --attention_resolutions 8 --num_heads 1 --num_head_channels 32 "
+    "--resblock_updown True",
+}
 
 PRESETS: dict[str, UNetConfig] = {
-    # The released ILVR / P2-weighting 256x256 checkpoints all share this architecture.
-    "adm256": _ADM256,
-    "ffhq": _ADM256,
-    "afhq_dog": _ADM256,
-    "metfaces": _ADM256,
-    "celebahq": _ADM256,
-    "cub": _ADM256,
-    "flowers": _ADM256,
-    # The reference fixture (tests/fixtures/reference/manifest_tiny32.json).
-    "tiny32": UNetConfig(
-        image_size=32,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult=(1, 2, 2, 2),
-        attention_resolutions=(16,),
-        num_heads=4,
-        use_scale_shift_norm=True,
-        learn_sigma=True,
-    ),
-    # Small configs for tests and smoke runs (a CPU forward takes milliseconds).
-    "tiny": UNetConfig(
-        image_size=32,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult=(1, 2),
-        attention_resolutions=(16,),
-        num_heads=2,
-        use_scale_shift_norm=True,
-        learn_sigma=True,
-    ),
-    "tiny16": UNetConfig(
-        image_size=16,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult=(1, 2),
-        attention_resolutions=(8,),
-        num_head_channels=32,
-        use_scale_shift_norm=True,
-        resblock_updown=True,
-        learn_sigma=True,
-    ),
+    name: UNetConfig.from_guided_diffusion_flags(f) for name, f in PRESET_FLAGS.items()
 }
 
 #: Released checkpoint filenames -> preset (for hints when a plain state dict is loaded).
@@ -293,6 +228,9 @@ RELEASED_CHECKPOINTS: dict[str, str] = {
     },
     "afhqdog_p2.pt": "afhq_dog",
     "afhqdog_baseline.pt": "afhq_dog",
+    **{f"{s}x{s}_diffusion.pt": f"imagenet{s}_cond" for s in (64, 128, 256, 512)},
+    "256x256_diffusion_uncond.pt": "imagenet256_uncond",
+    **{f"{name}.pt": name for name in ("lsun_bedroom", "lsun_cat", "lsun_horse", "lsun_horse_nodropout")},
 }
 
 

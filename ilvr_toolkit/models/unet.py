@@ -66,19 +66,12 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm (B, C, *) -> (B, C, *) in float32 (also under autocast), returned in the input's dtype.
 
-    ``native = False`` (default, guided-diffusion's numerics): a bf16/fp16 input is copied to
-    float32, normalised, and the result cast back: two extra full passes over the tensor.
-    ``native = True``: the kernel reads and writes the input's dtype itself. PyTorch's
-    group_norm accumulates the mean and variance of bf16/fp16 inputs in float32 and applies
-    the affine in float32, so the result is the same float32 computation rounded once to
-    the input's dtype (differences of at most one rounding step, measured in
-    ``tests/test_fast_paths.py``). On the CPU the float32 weights are used as they are; other
-    devices take them in the input's dtype (their kernels want one dtype), which rounds
-    gamma and beta to bf16/fp16 as well; there fp16 training keeps the round trip (see
-    ``_native_for``). float32 / float64 inputs: no difference.
-    Speed (CPU, torch 2.14): 1.13-1.18x per bf16 ffhq forward, but PyTorch's channels-last
-    bf16 kernel is slower than the round trip in backward and with < 4 channels per group
-    (docs/benchmarks.md), so for CPU training use it with NCHW.
+    ``native = False`` (default, guided-diffusion's numerics): a bf16/fp16 input is normalised
+    on a float32 copy. ``native = True``: the kernel reads and writes the input's dtype (its
+    statistics and affine still in float32: at most one rounding step away, tested in
+    ``tests/test_fast_paths.py``); off the CPU gamma/beta are rounded to that dtype too and
+    fp16 training keeps the copy (``_native_for``). 1.13-1.18x per bf16 ffhq CPU forward;
+    slower in channels-last backward (docs/benchmarks.md).
     """
 
     native: bool = False
@@ -127,15 +120,12 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class Upsample(nn.Module):
-    """Nearest 2x upsampling, then an optional 3x3 conv (key ``conv``). (B, C, H, W) -> (B, C', 2H, 2W)."""
+    """Nearest 2x upsampling, then an optional 3x3 conv (key ``conv``). (B, C, H, W) -> (B, C, 2H, 2W)."""
 
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        out_channels = out_channels or channels
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-        elif out_channels != channels:
-            raise ValueError("Upsample without a conv cannot change the channel count")
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -143,17 +133,12 @@ class Upsample(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Strided 3x3 conv or 2x2 average pool (key ``op``). (B, C, H, W) -> (B, C', H/2, W/2)."""
+    """Strided 3x3 conv or 2x2 average pool (key ``op``). (B, C, H, W) -> (B, C, H/2, W/2)."""
 
-    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+    def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        out_channels = out_channels or channels
-        if use_conv:
-            self.op: nn.Module = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
-        elif out_channels == channels:
-            self.op = nn.AvgPool2d(kernel_size=2, stride=2)
-        else:
-            raise ValueError("Downsample without a conv cannot change the channel count")
+        conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else None
+        self.op: nn.Module = conv or nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)

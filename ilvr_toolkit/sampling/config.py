@@ -22,11 +22,14 @@ class ModelSpec:
     Attributes:
         checkpoint: one of our checkpoints (``.ckpt`` from train.py or an exported file; the
             configuration is read from it) or a released plain state dict (``ffhq_10m.pt``).
-        preset: the architecture preset of a plain state dict (``ffhq``, ``afhq_dog``, ...).
+        preset: the preset of a plain state dict (``ffhq``, ``imagenet64_cond``, ...).
+        flags: instead of preset, the guided-diffusion flags of its README (``"--image_size
+            64 --class_cond True ..."``); the network and the diffusion follow them.
     """
 
     checkpoint: str = ""
     preset: str | None = None
+    flags: str | None = None
 
 
 @dataclass
@@ -75,16 +78,17 @@ class SamplerSpec:
     Attributes:
         method: ddpm (ancestral) or ddim.
         respacing: the steps kept, as guided-diffusion's timestep_respacing: "100" (100
-            evenly spaced steps), "10,20,30" (counts per section), "ddim50", "" (all).
+            evenly spaced steps), "10,20,30" (counts per section), "ddim50", "" (all);
+            None: the model's ``timestep_respacing`` flag if it has one, else "100".
         eta: DDIM noise, >= 0 (0: deterministic).
     """
 
     method: Literal["ddpm", "ddim"] = "ddpm"
-    respacing: str = "100"
+    respacing: str | None = None
     eta: float = 0.0
 
     def __post_init__(self) -> None:
-        spec = str(self.respacing).strip()
+        spec = "" if self.respacing is None else str(self.respacing).strip()
         counts = [int(n) for n in re.findall(r"\d+", spec)]
         if spec and (not re.fullmatch(r"ddim\d+|\d+(\s*,\s*\d+)*", spec) or not any(counts)):
             raise UsageError(
@@ -113,6 +117,8 @@ class SampleConfig:
         references: folder of images (recursive, sorted; png/jpg/jpeg/webp) or an LMDB dataset.
         unconditional: sample without references (``num_samples`` images).
         num_samples: number of images in unconditional mode.
+        class_labels: class-conditional models only: one label for every image, a list (one
+            per reference, in order) or a file of ``<reference name> <label>`` lines.
         samples_per_reference: outputs per reference (``<stem>_s0.png``, ``<stem>_s1.png``...).
         batch_size: images per forward pass (a last partial batch is fine).
         seed: run seed; each image's noise is seeded from (seed, reference index, sample).
@@ -150,6 +156,7 @@ class SampleConfig:
     ilvr: ILVRSpec = field(default_factory=ILVRSpec)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    class_labels: int | list[int] | str | None = None
     samples_per_reference: int = 1
     batch_size: int = 8
     seed: int = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -15,15 +17,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..cli import UsageError
 from ..conditioning import LowPass
 from ..diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, load_model, parse_flags
 from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
 from .distributed import barrier, finish, init_ranks
 from .generate import Condition, generate, ilvr_range_t
 from .grid import build_grid
+from .labels import resolve_class_labels
 from .manifest import ManifestPart, merge_manifest, versions
 from .plan import WorkItem, batches, pending_items, plan_items, shard_range
 from .writer import remove_stale_temps, save_png
@@ -48,13 +52,14 @@ class RunResult:
 
 
 def make_net(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool) -> Callable:
-    """``net(x, t)`` running ``model`` under the requested autocast; returns float32."""
+    """``net(x, t, y=None)`` running ``model`` under the requested autocast; returns float32.
+    A class-conditional model's labels ``y`` (B,) are bound per batch (``functools.partial``)."""
     dtype = _AUTOCAST[precision]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(x.contiguous(memory_format=memory_format), t).float()
+            return model(x.contiguous(memory_format=memory_format), t, y).float()
 
     return net
 
@@ -62,13 +67,20 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
     base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
-    return create_diffusion(base, respacing=config.sampler.respacing)
+    spec = config.sampler.respacing  # None: the model's own (flags / checkpoint), else 100 steps
+    return create_diffusion(base, respacing=base.timestep_respacing or "100" if spec is None else spec)
 
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
     if not config.model.checkpoint:
         raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
-    loaded = load_model(config.model.checkpoint, preset=config.model.preset)
+    if config.model.flags and config.model.preset:
+        raise UsageError("--model.flags: give either it or --model.preset, not both")
+    try:  # a mistake in the flag string is the user's: name the option
+        parse_flags(config.model.flags or "")
+    except ValueError as err:
+        raise UsageError(f"--model.flags: {err}") from None
+    loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
     if config.channels_last:
@@ -138,6 +150,7 @@ class _Sampling:
     lowpasses: dict[int, LowPass]
     range_t: int
     mode: str
+    class_labels: list[int] | None = None
 
 
 def _sample_batch(
@@ -154,8 +167,12 @@ def _sample_batch(
             return [], None
         reference = torch.stack([images[item.reference] for item in batch])
         condition = Condition(reference, run.lowpasses[batch[0].factor], run.range_t, run.mode)
+    net = run.net
+    if run.class_labels is not None:  # resolved in _run: one label per reference
+        labels = [run.class_labels[item.reference] for item in batch]
+        net = functools.partial(net, y=torch.tensor(labels, device=run.device))
     seeds = [item.seed for item in batch]
-    out = generate(run.net, run.diffusion, seeds, run.image_size, run.device, run.sampler, condition)
+    out = generate(net, run.diffusion, seeds, run.image_size, run.device, run.sampler, condition)
     return batch, out
 
 
@@ -197,6 +214,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     image_size = loaded.unet_config.image_size
     diffusion = _diffusion_for(loaded, config)
     refs = _References(config, image_size)
+    labels = resolve_class_labels(config.class_labels, refs.names, loaded.unet_config.num_classes)
+    config = dataclasses.replace(config, class_labels=labels)
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
     items = plan_items(
@@ -214,7 +233,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
     range_t = ilvr_range_t(config.ilvr, diffusion)  # once per run: which respaced steps ILVR conditions
     shared = _Sampling(
-        net, diffusion, image_size, device, config.sampler, lowpasses, range_t, config.ilvr.mode
+        net, diffusion, image_size, device, config.sampler, lowpasses, range_t, config.ilvr.mode, labels
     )
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)

@@ -181,7 +181,7 @@ class ILVRPreview(_EveryNSteps):
         references: str | None = None,
         num_images: int = 4,
         ilvr: ILVRSpec = ILVRSpec(),
-        sampler: SamplerSpec = SamplerSpec(),
+        sampler: SamplerSpec = SamplerSpec("ddpm", "100"),
         seed: int = 0,
         at_start: bool = False,
         save_png: bool = True,
