@@ -5,12 +5,12 @@ from .checkpointing import (
     EMA,
     AtomicCheckpointIO,
     RunCheckpoint,
-    SlurmRequeue,
     atomic_torch_save,
     find_resume_checkpoint,
 )
 from .fid_monitor import FIDMonitor
 from .module import DiffusionModule, resolve_diffusion_config, resolve_unet_config
+from .preemption import Preemption
 
 __all__ = [
     "EMA",
@@ -20,7 +20,7 @@ __all__ = [
     "ILVRPreview",
     "RunCheckpoint",
     "SampleGrid",
-    "SlurmRequeue",
+    "Preemption",
     "TrainingSpeed",
     "atomic_torch_save",
     "find_resume_checkpoint",
