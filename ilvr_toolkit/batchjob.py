@@ -55,11 +55,12 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._mask: set[int] = set()
 
     def start(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread() and not self._previous:
             self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         return self
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -75,9 +76,9 @@ class StopSignals:
     def stop(self) -> None:
         if not self._previous:
             return
-        while signal.sigpending() & STOP_SIGNALS:
-            signal.sigtimedwait(STOP_SIGNALS, 0)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        while signal.sigpending() & STOP_SIGNALS - self._mask:
+            signal.sigtimedwait(STOP_SIGNALS - self._mask, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}

@@ -214,16 +214,16 @@ def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp
 
 
 # --------------------------------------------------------------------------- sampling arrays
-def _sample_config(tmp_path: Path, out: Path) -> Path:
+def _sample_config(tmp_path: Path, out: Path, count: int = 4, steps: int = 8, batch: int = 2) -> Path:
     refs = tmp_path / "refs"
     refs.mkdir(exist_ok=True)
     rng = np.random.default_rng(1)
-    for i in range(4):
+    for i in range(count):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(refs / f"ref{i}.png")
     config = tmp_path / f"{out.name}.yaml"
     config.write_text(
-        f"model: {{checkpoint: {TINY32}, preset: tiny32}}\nreferences: {refs}\nsampler: {{respacing: '8'}}\n"
-        f"ilvr: {{factor: 4}}\nbatch_size: 2\ndevice: cpu\noutput: {{dir: {out}}}\n"
+        f"model: {{checkpoint: {TINY32}, preset: tiny32}}\nreferences: {refs}\nsampler: {{respacing: '{steps}'}}\n"
+        f"ilvr: {{factor: 4}}\nbatch_size: {batch}\ndevice: cpu\noutput: {{dir: {out}}}\n"
     )
     return config
 
@@ -279,3 +279,26 @@ def test_array_rerun_and_merge_equal_one_process(cluster: None, tmp_path: Path) 
     merge = [sys.executable, "-m", "ilvr_toolkit.sampling.merge", str(out)]
     subprocess.run(merge, cwd=REPO, check=True, capture_output=True)
     assert _entries(out) == first_manifest
+
+
+def test_preempted_sampling_finishes_its_batch_requeues_and_resumes(cluster: None, tmp_path: Path) -> None:
+    """``scancel --signal=USR1`` during a translation: the task writes the batch it is
+    sampling, exits, is requeued, and the requeued task writes only the rest."""
+    out, log = tmp_path / "out", tmp_path / "sample.out"
+    config = _sample_config(tmp_path, out, count=6, steps=50, batch=1)
+    job = sbatch(f"--output={log}", "scripts/slurm/sample_array.sbatch", str(config))
+    wait_for_line(log, r"ILVR 1/6 ", job)  # the first batch is written
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    info = wait_job(job)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
+    first = re.search(
+        r"^wrote (\d+) images \(0 already there\).*\nstopped after a batch, \1 images written; requeued$",
+        text,
+        re.MULTILINE,
+    )
+    assert first is not None and 1 <= int(first.group(1)) < 6, text
+    written = int(first.group(1))
+    assert f"wrote {6 - written} images ({written} already there)" in text, text
+    assert json.loads((out / "manifest.json").read_text())["num_images"] == 6
+    assert not TRACEBACK.search(text), text
