@@ -165,6 +165,32 @@ def test_sigterm_saves_at_a_step_boundary_leaves_the_note_and_resumes(lmdb: Path
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == step + 2
 
 
+def test_shard_count_is_fixed_and_the_merge_waits_for_every_shard(tmp_path: Path) -> None:
+    """Outside SLURM: the first shard fixes the count; another count is refused (exit 2, one
+    line); the merge command refuses while a shard is missing; the last shard merges."""
+    out = tmp_path / "out"
+    config = _sample_config(tmp_path, out)
+
+    def sample(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "sample.py", "--config", str(config), "--progress", "false", *args]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+    assert sample("--shard_index", "0", "--num_shards", "2").returncode == 0
+    assert json.loads((out / ".shards.json").read_text())["num_shards"] == 2
+    assert not (out / "manifest.json").exists()
+    refused = sample("--shard_index", "0", "--num_shards", "3")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: --num_shards 3: {out} holds a run of 2 shards ({out}/.shards.json); "
+        "pass --num_shards 2, or another --output.dir"
+    )
+    merge = [sys.executable, "-m", "ilvr_toolkit.sampling.merge", str(out)]
+    waiting = subprocess.run(merge, cwd=REPO, capture_output=True, text=True)
+    assert waiting.returncode == 2 and "shards [1] of 2 have not finished" in waiting.stderr
+    assert sample("--shard_index", "1", "--num_shards", "2").returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["num_images"] == 4
+
+
 # --------------------------------------------------------------------------- training jobs
 def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_path: Path) -> None:
     """The command of docs/cluster.md, no other sbatch option: COMPLETED, a log of plain

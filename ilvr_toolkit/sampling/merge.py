@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from ..cli import UsageError, make_parser, run_command, setup_logging
 from .cli import _nested
 from .config import SampleConfig
-from .runner import STOP, RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
+from .runner import RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
 from .shards import COUNT_FILE, missing_shards, run_summary
 from .writer import read_json
 
@@ -46,7 +44,7 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     refs = _References(config, loaded.unet_config.image_size)
     factors = [None] if refs.unconditional else list(config.ilvr.factors)
     result = RunResult(out_dir)
-    with STOP, torch.no_grad(), run_summary(config, force=True) as whole:
+    with run_summary(config, force=True) as whole:
         if whole is None:
             raise UsageError(f"{out_dir / '.shards' / 'merge.lock'} exists: another process is merging")
         _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, factors, result)
