@@ -59,6 +59,7 @@ class StopSignals:
 
     def start(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread() and not self._previous:
+            self.signum = None
             self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
             self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         return self
