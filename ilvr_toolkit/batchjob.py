@@ -1,12 +1,6 @@
-"""What a job without a terminal needs: stop signals answered at a safe point, a note for the
-batch script, and plain progress lines instead of progress-bar frames.
-
-A scheduler asks a job to stop with SIGUSR1 (``--signal=B:USR1@90`` forwarded by
-``scripts/slurm/*.sbatch``, ``scancel --signal=USR1``) or SIGTERM (pre-emption, ``scancel``,
-the time limit). :class:`StopSignals` turns both into a flag that training reads at a step
-boundary and sampling after a batch; the job then saves its state, leaves a one-line note in
-the file named by ``ILVR_REQUEUE_NOTE`` (set by the batch script, which requeues the job
-after its tasks ended) and exits 0. See docs/cluster.md.
+"""What a job without a terminal needs (docs/cluster.md): SIGUSR1/SIGTERM turned into a flag
+read at a step or batch boundary (:class:`StopSignals`), a one-line note for the batch script,
+which requeues the job after its tasks ended (``ILVR_REQUEUE_NOTE``), and plain progress lines.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
     python -m ilvr_toolkit.sampling.merge OUT            # every shard must have finished
     python -m ilvr_toolkit.sampling.merge OUT --force    # merge what is there
 
-The last shard to finish does this by itself (``sampling/shards.py``); this command is for a
-merge that was interrupted, or a run whose missing shards you gave up on (``--force``). It
-reads the run's config from ``OUT/.shards.json`` and loads its model for the manifest header.
+The last shard to finish does this by itself (``sampling/shards.py``). The run's config is
+read from ``OUT/.shards.json``; its model is loaded for the manifest header.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Training as a scheduled job: stop cleanly on pre-emption, plain progress lines in logs.
 
-Under SLURM, SIGUSR1 (``--signal=B:USR1@90``, ``scancel --signal=USR1``) and SIGTERM
-(pre-emption, ``scancel --signal=TERM``) make :class:`Preemption` save ``RUN/hpc_ckpt_K.ckpt``
-at the next step boundary and stop training; the process exits 0 and leaves the note
-"saved checkpoint at step S" for ``scripts/slurm/train.sbatch``, which requeues the job once
-the tasks have ended (never from inside a running task). The requeued job resumes from the
-newest checkpoint (``TrainCLI``'s auto-resume). Lightning's own handler (``auto_requeue``)
+Under SLURM, SIGUSR1 and SIGTERM make :class:`Preemption` save ``RUN/hpc_ckpt_K.ckpt`` at the
+next step boundary and stop; the process exits 0 and leaves the note "saved checkpoint at step
+S" for ``scripts/slurm/train.sbatch``, which requeues the job once the tasks have ended. The
+requeued job resumes (``TrainCLI``'s auto-resume). Lightning's own handler (``auto_requeue``)
 is off: it saves inside the signal handler, at any point of a step.
 """
 
