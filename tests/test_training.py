@@ -372,43 +372,6 @@ def test_sigkill_then_rerun_resumes_exactly(lmdb_path: Path, tmp_path: Path) -> 
     ] == [1000]
 
 
-def test_slurm_sigusr1_saves_hpc_checkpoint_requeues_and_resumes(lmdb_path: Path, tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "scontrol_calls.txt"
-    fake = bin_dir / "scontrol"
-    # Records its arguments, then ends the job as SLURM's requeue would.
-    fake.write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_RECORD"\nkill -9 $PPID\n')
-    fake.chmod(0o755)
-    env = {
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SCONTROL_RECORD": str(record),
-        "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "ilvr-train",
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_NNODES": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-    }
-    run_dir = tmp_path / "run"
-    proc = train_subprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": 1000}), env=env)
-    wait_for_step(run_dir / "checkpoints" / "last.ckpt", 2, proc)  # training (and the handler) is live
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, out[-3000:]
-    assert record.read_text().split() == ["requeue", "4242"]
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    saved = load_ckpt(hpc)
-    assert find_resume_checkpoint(run_dir) == hpc
-
-    probe = Probe()
-    run_inprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": saved["global_step"] + 1}), probe)
-    assert_restored(probe, saved, hpc)
-
-
-# --------------------------------------------------------------------------- fine-tuning
 def test_finetune_starts_from_released_weights_and_exports_to_preset(lmdb_path: Path, tmp_path: Path) -> None:
     released = torch.load(TINY32, weights_only=True)
     probe = Probe()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..batchjob import LineProgress, StopSignals, interactive, leave_note
 from ..cli import UsageError
 from ..conditioning import LowPass
 from ..diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
@@ -30,6 +31,7 @@ from .grid import build_grid
 from .labels import resolve_class_labels
 from .manifest import ManifestPart, merge_manifest, versions
 from .plan import WorkItem, batches, pending_items, plan_items, shard_range
+from .shards import fixed_shard_count, run_summary
 from .writer import remove_stale_temps, save_png
 
 __all__ = ["RunResult", "run", "resolve_device", "make_net"]
@@ -37,6 +39,8 @@ __all__ = ["RunResult", "run", "resolve_device", "make_net"]
 log = logging.getLogger("ilvr_toolkit.sampling")
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: SIGUSR1/SIGTERM during a run: finish the batch, stop (the batch script requeues; see batchjob)
+STOP = StopSignals()
 
 
 @dataclass
@@ -200,7 +204,7 @@ def run(config: SampleConfig) -> RunResult:
     """
     start = time.perf_counter()
     device = resolve_device(config.device)
-    with tuned_cpu_malloc(device.type == "cpu" and config.cpu_malloc == "tuned"):
+    with tuned_cpu_malloc(device.type == "cpu" and config.cpu_malloc == "tuned"), STOP:
         return _run(config, device, start)
 
 
@@ -210,6 +214,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
         device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
     out_dir = Path(config.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # array reruns
     loaded, net = _load(config, device)
     image_size = loaded.unet_config.image_size
     diffusion = _diffusion_for(loaded, config)
@@ -237,13 +242,13 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     )
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
-    if ranks.is_main:
-        _write_summary(config, loaded, diffusion, refs, factors, indices, out_dir, result)
-    finish(ranks)  # evaluation below is single-process: leave the process group first
-    if ranks.is_main and config.evaluate_against:
-        from .evaluate import evaluate_run
-
-        result.metrics = evaluate_run(config, out_dir, refs, result.manifest)
+    finish(ranks)  # the summary and evaluation are single-process: leave the process group first
+    if ranks.is_main and STOP.requested:
+        leave_note(f"stopped after a batch, {len(result.written)} images written")
+    elif ranks.is_main:
+        with run_summary(config) as whole:  # None: other shards still to finish, or merging
+            if whole is not None:
+                _summarize(whole, loaded, diffusion, refs, factors, result)
     result.failed_references = dict(refs.failed)
     result.seconds = time.perf_counter() - start
     return result
@@ -278,7 +283,14 @@ def _sample_all(
     entries are saved before its PNGs are written: the merge keeps only entries whose PNG
     exists, and every PNG is written atomically, so a kill at any point loses nothing."""
     desc = f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR"
-    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(todo),
+        unit="img",
+        desc=desc,
+        disable=not config.progress or not interactive(),
+        dynamic_ncols=True,
+    )
+    lines = LineProgress(len(todo), desc) if config.progress and bar.disable else None
     plan = batches(todo, config.batch_size)
 
     def fetch(k: int) -> Callable[[], dict[int, torch.Tensor | None]]:
@@ -302,18 +314,27 @@ def _sample_all(
                 io.write(save_png, result.out_dir / item.filename, image)
                 result.written.append(item.filename)
             bar.update(len(batch))
+            if lines is not None:
+                lines.update(len(batch))
+            if STOP.requested:
+                break
     part.failed.update(refs.failed)
     part.save()
 
 
-def _write_summary(config, loaded, diffusion, refs, factors, indices, out_dir, result) -> None:
-    """Main rank: merge the manifest parts and draw the grid from the PNGs on disk."""
-    suffix = "" if config.num_shards == 1 else f"-shard{config.shard_index}"
-    result.manifest = out_dir / f"manifest{suffix}.json"
+def _summarize(config, loaded, diffusion, refs, factors, result) -> None:
+    """Main rank of a whole run (or of its last shard): merge the manifest parts, draw the grid
+    from the PNGs on disk, evaluate."""
+    out_dir = result.out_dir
+    result.manifest = out_dir / "manifest.json"
     merge_manifest(out_dir, _header(config, loaded, diffusion), result.manifest.name)
     if config.output.grid and not refs.unconditional:
-        rows = [(refs.names[i], refs.get(i)) for i in list(indices)[: config.output.grid_max_rows]]
+        rows = [(refs.names[i], refs.get(i)) for i in range(len(refs.names))[: config.output.grid_max_rows]]
         rows = [(name, image) for name, image in rows if image is not None]
-        grid_path = out_dir / f"grid{suffix}.png"
+        grid_path = out_dir / "grid.png"
         if build_grid(grid_path, out_dir, rows, [n for n in factors if n], config.samples_per_reference):
             result.grid = grid_path
+    if config.evaluate_against:
+        from .evaluate import evaluate_run
+
+        result.metrics = evaluate_run(config, out_dir, refs, result.manifest)

@@ -5,12 +5,12 @@ from .checkpointing import (
     EMA,
     AtomicCheckpointIO,
     RunCheckpoint,
-    SlurmRequeue,
     atomic_torch_save,
     find_resume_checkpoint,
 )
 from .fid_monitor import FIDMonitor
 from .module import DiffusionModule, OptimConfig, resolve_diffusion_config, resolve_unet_config
+from .preemption import Preemption
 
 __all__ = [
     "EMA",
@@ -21,7 +21,7 @@ __all__ = [
     "OptimConfig",
     "RunCheckpoint",
     "SampleGrid",
-    "SlurmRequeue",
+    "Preemption",
     "atomic_torch_save",
     "find_resume_checkpoint",
     "resolve_diffusion_config",

@@ -1,5 +1,5 @@
 """Checkpoint policy of a training run: atomic writes, ``last.ckpt`` cadence, EMA, resume,
-and SLURM requeue.
+and the files of a SLURM requeue (``training/preemption.py``).
 
 Layout of a run directory (``trainer.default_root_dir``, fixed per run)::
 
@@ -20,19 +20,15 @@ import contextlib
 import logging
 import os
 import re
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
-from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..fileio import atomic_open
@@ -41,7 +37,6 @@ __all__ = [
     "EMA",
     "AtomicCheckpointIO",
     "RunCheckpoint",
-    "SlurmRequeue",
     "atomic_open",
     "atomic_torch_save",
     "find_resume_checkpoint",
@@ -293,98 +288,3 @@ class RunCheckpoint(ModelCheckpoint):
         if not trainer.fast_dev_run and trainer.global_step != self.saved_step:
             self.write_last(trainer)
 
-
-# --------------------------------------------------------------------------- SLURM
-class SlurmRequeue(Callback):
-    """On SLURM's warning signal: save ``RUN/hpc_ckpt_K.ckpt`` and ``scontrol requeue`` the job.
-
-    Lightning's own handler saves *inside* the signal handler, i.e. at an arbitrary point of
-    a training step (on one rank perhaps in the middle of a gradient all-reduce, which its
-    barrier then crosses). Here the handler only raises a flag; at the next step boundary
-    the ranks agree (one tiny all-reduce per step, only under SLURM) and save together.
-    The CLI turns Lightning's handler off (``SLURMEnvironment(auto_requeue=False)``).
-
-    The job id is ``SLURM_ARRAY_JOB_ID_SLURM_ARRAY_TASK_ID`` for array jobs, else
-    ``SLURM_JOB_ID``. After requeueing, training stops at that step; older ``hpc_ckpt_*``
-    files are deleted once the new one is written.
-    """
-
-    def __init__(self, enabled: bool = True, signal_name: str = "SIGUSR1") -> None:
-        self.enabled = enabled
-        self.signal_name = signal_name
-        self._signal = getattr(signal, signal_name)
-        self._requested = False
-        self._active = False
-        self._previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self._requested = True
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or not SLURMEnvironment.detect():
-            return
-        self._previous = signal.signal(self._signal, self._handler)
-        self._active = True
-        rank_zero_info(f"SLURM requeue: {self.signal_name} saves hpc_ckpt_*.ckpt and requeues the job")
-
-    def _restore(self) -> None:
-        if self._active:
-            signal.signal(self._signal, self._previous if self._previous is not None else signal.SIG_DFL)
-            self._active = False
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._active:
-            return
-        requested = self._requested
-        if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if requested:
-            self._requested = False
-            self.save_and_requeue(trainer)
-
-    def save_and_requeue(self, trainer: pl.Trainer) -> Path:
-        path = trainer.strategy.broadcast(str(next_hpc_checkpoint_path(trainer.default_root_dir)))
-        trainer.save_checkpoint(path, weights_only=False)
-        for cb in trainer.checkpoint_callbacks:  # this step is saved: no extra last.ckpt at the end
-            if isinstance(cb, ModelCheckpoint):
-                cb._last_global_step_saved = trainer.global_step
-        if trainer.is_global_zero:
-            for old in hpc_checkpoints(trainer.default_root_dir):
-                if old.name != Path(path).name:
-                    with contextlib.suppress(OSError):
-                        old.unlink()
-            self._requeue()
-        trainer.strategy.barrier("SlurmRequeue")
-        trainer.should_stop = True
-        return Path(path)
-
-    @staticmethod
-    def _job_id() -> str:
-        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-        if array_job is not None:
-            return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        return os.environ["SLURM_JOB_ID"]
-
-    def _requeue(self) -> None:
-        job_id = self._job_id()
-        if not re.fullmatch(r"[0-9_]+", job_id):
-            rank_zero_warn(f"SLURM requeue: unexpected job id {job_id!r}; not requeueing")
-            return
-        rank_zero_info(f"SLURM requeue: scontrol requeue {job_id}")
-        try:
-            result = subprocess.call(["scontrol", "requeue", job_id])
-        except FileNotFoundError:
-            rank_zero_warn("SLURM requeue: scontrol not found on PATH; the job was not requeued")
-            return
-        if result != 0:
-            rank_zero_warn(f"SLURM requeue: scontrol requeue {job_id} failed with exit code {result}")

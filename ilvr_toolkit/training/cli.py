@@ -17,8 +17,10 @@ What the CLI adds to Lightning's:
 - Always-on callbacks with their own config groups: ``--ema.*`` (EMA), ``--checkpoint.*``
   (last.ckpt / snapshots), ``--samples.*`` (EMA sample grids), ``--ilvr_preview.*``,
   ``--fid.*`` (FID of EMA samples every N steps; off unless ``--fid.every_n_steps``), plus
-  Lightning's ``LearningRateMonitor`` and ``ThroughputMonitor``, and SLURM requeue
-  (``--slurm_requeue``).
+  Lightning's ``LearningRateMonitor`` and ``ThroughputMonitor``, and pre-emption
+  (``--slurm_requeue``: under SLURM, SIGUSR1/SIGTERM save a checkpoint at the next step and
+  stop; ``training/preemption.py``). Without a terminal the progress bar is replaced by plain
+  ``step S/MAX ...`` lines.
 - ``data.image_size`` is not a setting: it is the UNet's ``image_size``, so a dataset
   without images of that size is refused before training starts.
 - Checkpoint writes are atomic (``AtomicCheckpointIO``).
@@ -48,12 +50,12 @@ from .checkpointing import (
     EMA,
     AtomicCheckpointIO,
     RunCheckpoint,
-    SlurmRequeue,
     atomic_open,
     find_resume_checkpoint,
 )
 from .fid_monitor import FIDMonitor
 from .module import DiffusionModule, resolve_unet_config
+from .preemption import Preemption, StepLines
 
 __all__ = ["RunConfigSaver", "TrainCLI", "main"]
 
@@ -160,7 +162,8 @@ class TrainCLI(LightningCLI):
             "--slurm_requeue",
             type=bool,
             default=True,
-            help="under SLURM: on SIGUSR1 save RUN/hpc_ckpt_K.ckpt at the next step and `scontrol requeue`",
+            help="under SLURM: on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop "
+            "(scripts/slurm/train.sbatch then requeues the job)",
         )
 
     # ------------------------------------------------------------------ trainer
@@ -182,11 +185,13 @@ class TrainCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         requeue = bool(self._setting("slurm_requeue", True))
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
-            plugins.append(SLURMEnvironment(auto_requeue=False))  # SlurmRequeue does it, at a step boundary
+            plugins.append(SLURMEnvironment(auto_requeue=False))  # Preemption does it, at a step boundary
         kwargs["plugins"] = plugins
         callbacks = config.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        kwargs["callbacks"] = [*callbacks, SlurmRequeue(enabled=requeue)]
+        kwargs["callbacks"] = [*callbacks, Preemption(enabled=requeue)]
+        if not sys.stdout.isatty() and config.get("enable_progress_bar") is not False:
+            kwargs["callbacks"].append(StepLines())  # log files get lines, not bar frames
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ resume

@@ -1,0 +1,101 @@
+"""What a job without a terminal needs (docs/cluster.md): SIGUSR1/SIGTERM turned into a flag
+read at a step or batch boundary (:class:`StopSignals`), a one-line note for the batch script,
+which requeues the job after its tasks ended (``ILVR_REQUEUE_NOTE``), and plain progress lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from .fileio import atomic_write_bytes
+
+__all__ = ["NOTE_ENV", "StopSignals", "LineProgress", "interactive", "leave_note"]
+
+#: the environment variable naming the file a stopped task writes its note to.
+NOTE_ENV = "ILVR_REQUEUE_NOTE"
+STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
+
+log = logging.getLogger("ilvr_toolkit")
+
+
+def interactive() -> bool:
+    """Whether stderr is a terminal (progress bars) or a log file (plain lines)."""
+    return sys.stderr.isatty()
+
+
+def leave_note(text: str) -> None:
+    """Write ``text`` to ``$ILVR_REQUEUE_NOTE`` (the batch script prints it and requeues)."""
+    path = os.environ.get(NOTE_ENV)
+    if path:
+        atomic_write_bytes(path, (text + "\n").encode())
+
+
+class StopSignals:
+    """While started, SIGUSR1 and SIGTERM set :attr:`requested` instead of ending the process.
+
+    The main thread also blocks both signals (``pthread_sigmask``), so that processes forked
+    meanwhile (DataLoader workers) inherit them blocked: slurmstepd signals every process of
+    a step, and a worker ended by SIGTERM makes the DataLoader fail the training with "worker
+    killed by signal". A signal that no thread accepts stays pending; :attr:`requested` sees
+    it. ``stop()`` drops what is pending (already answered) and restores everything.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._mask: set[int] = set()
+
+    def start(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self.signum = None
+            self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    @property
+    def requested(self) -> bool:
+        if self.signum is None and self._previous:
+            pending = signal.sigpending() & STOP_SIGNALS
+            self.signum = min(pending) if pending else None
+        return self.signum is not None
+
+    def stop(self) -> None:
+        if not self._previous:
+            return
+        while signal.sigpending() & STOP_SIGNALS - self._mask:
+            signal.sigtimedwait(STOP_SIGNALS - self._mask, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class LineProgress:
+    """``desc done/total`` log lines: at the first update, every ``every_seconds``, at the end."""
+
+    def __init__(self, total: int, desc: str, every_seconds: float = 30.0) -> None:
+        self.total, self.desc, self.every_seconds = total, desc, every_seconds
+        self.done, self._start, self._last = 0, time.monotonic(), None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self._last is None or now - self._last >= self.every_seconds or self.done >= self.total:
+            rate = self.done / max(now - self._start, 1e-9)
+            log.info("%s %d/%d (%.2f/s)", self.desc, self.done, self.total, rate)
+            self._last = now

@@ -1,0 +1,71 @@
+"""Merge the shards of a job-array run by hand: the run's manifest.json, grid and metrics.
+
+    python -m ilvr_toolkit.sampling.merge OUT            # every shard must have finished
+    python -m ilvr_toolkit.sampling.merge OUT --force    # merge what is there
+
+The last shard to finish does this by itself (``sampling/shards.py``). The run's config is
+read from ``OUT/.shards.json``; its model is loaded for the manifest header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..cli import UsageError, make_parser, run_command, setup_logging
+from .cli import _nested
+from .config import SampleConfig
+from .runner import RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
+from .shards import COUNT_FILE, missing_shards, run_summary
+from .writer import read_json
+
+__all__ = ["merge", "main"]
+
+
+def merge(out_dir: str | Path, force: bool = False) -> RunResult:
+    """Write ``OUT/manifest.json`` (+ grid, metrics) of the sharded run in ``out_dir``."""
+    out_dir = Path(out_dir)
+    count_file = out_dir / COUNT_FILE
+    if not count_file.is_file():
+        raise UsageError(f"{out_dir}: no {COUNT_FILE}; not the output folder of a sharded run")
+    stored = read_json(count_file)
+    data = {**stored["config"], "num_shards": int(stored["num_shards"])}
+    config = SampleConfig(**{k: _nested(k, v) for k, v in data.items()})
+    config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out_dir)))
+    missing = missing_shards(out_dir, config.num_shards)
+    if missing and not force:
+        raise UsageError(
+            f"{out_dir}: shards {missing} of {config.num_shards} have not finished; rerun them "
+            "(sbatch --array=<those> with the same command) or pass --force to merge what is there"
+        )
+    device = resolve_device(config.device)
+    loaded, _ = _load(config, device)
+    refs = _References(config, loaded.unet_config.image_size)
+    factors = [None] if refs.unconditional else list(config.ilvr.factors)
+    result = RunResult(out_dir)
+    with run_summary(config, force=True) as whole:
+        if whole is None:
+            raise UsageError(f"{out_dir / '.shards' / 'merge.lock'} exists: another process is merging")
+        _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, factors, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("python -m ilvr_toolkit.sampling.merge", __doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=str, help="the run's output.dir")
+    parser.add_argument(
+        "--force", type=bool, default=False, help="merge even if some shards have not finished"
+    )
+
+    def _main(args: list[str]) -> int:
+        setup_logging()
+        options = parser.parse_args(args)
+        result = merge(options.out_dir, options.force)
+        print(f"manifest: {result.manifest}" + (f"\ngrid: {result.grid}" if result.grid else ""))
+        return 0
+
+    return run_command("python -m ilvr_toolkit.sampling.merge", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Job-array shards of one translation run: a fixed shard count, completion, one merge.
+
+``sbatch --array=0-K scripts/slurm/sample_array.sbatch CONFIG`` runs shard k of K+1 in array
+task k. The first shard to start stores the count (and the run's config) in
+``OUT/.shards.json``; a rerun of some tasks (``sbatch --array=k ...``, whose array is smaller)
+keeps that count. A shard that finished its range leaves ``OUT/.shards/<k>.done``; the shard
+that finds every shard done writes the run's ``manifest.json``, grid and metrics, exactly as
+one process would have (``python -m ilvr_toolkit.sampling.merge OUT`` does the same by hand).
+Per-shard manifests and grids are not written: the per-process parts in ``OUT/.manifest/``
+are the record of a shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..cli import UsageError
+from .config import SampleConfig
+from .writer import read_json, write_json
+
+__all__ = ["COUNT_FILE", "fixed_shard_count", "missing_shards", "run_summary"]
+
+COUNT_FILE = ".shards.json"
+DONE_DIR = ".shards"
+
+log = logging.getLogger("ilvr_toolkit.sampling")
+
+
+def _create_once(path: Path, data: dict) -> None:
+    """Write ``path`` unless it exists (atomic: the file appears complete or not at all)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write_json(tmp, data)
+    with contextlib.suppress(FileExistsError):
+        os.link(tmp, path)
+    tmp.unlink()
+
+
+def fixed_shard_count(config: SampleConfig) -> int:
+    """The run's shard count: ``config.num_shards`` at the first submission, stored with the
+    outputs, then the stored count for every later task (array reruns included).
+
+    Raises UsageError when a shard outside the stored count is asked for, or when a run outside
+    a job array names another count for a sharded output folder.
+    """
+    out_dir = Path(config.output.dir)
+    path = out_dir / COUNT_FILE
+    if config.num_shards > 1:
+        _create_once(path, {"num_shards": config.num_shards, "config": config.to_dict()})
+    elif "SLURM_ARRAY_TASK_ID" not in os.environ or not path.is_file():
+        return config.num_shards  # one process: the whole run
+    stored = int(read_json(path)["num_shards"])
+    if stored != config.num_shards and "SLURM_ARRAY_TASK_ID" not in os.environ:
+        raise UsageError(
+            f"--num_shards {config.num_shards}: {out_dir} holds a run of {stored} shards ({path}); "
+            f"pass --num_shards {stored}, or another --output.dir"
+        )
+    if not 0 <= config.shard_index < stored:
+        raise UsageError(
+            f"--shard_index {config.shard_index}: the run in {out_dir} has shards 0..{stored - 1}"
+        )
+    if stored != config.num_shards:
+        log.info("shard %d of the run's %d shards (fixed in %s)", config.shard_index, stored, path)
+    return stored
+
+
+def missing_shards(out_dir: Path, num_shards: int) -> list[int]:
+    """Shards that have not finished their range yet."""
+    return [k for k in range(num_shards) if not (out_dir / DONE_DIR / f"{k}.done").exists()]
+
+
+@contextlib.contextmanager
+def run_summary(config: SampleConfig, force: bool = False) -> Iterator[SampleConfig | None]:
+    """The config to write the run's manifest, grid and metrics under, or None (not this
+    process's turn). Unsharded: ``config``. Shard k of K (finished): marks k done; when every
+    shard is done and no other process is merging, the whole run's config (one shard) while
+    holding ``OUT/.shards/merge.lock``. ``force``: merge whatever is done."""
+    if config.num_shards <= 1:
+        yield config
+        return
+    out_dir = Path(config.output.dir)
+    (out_dir / DONE_DIR).mkdir(exist_ok=True)
+    if not force:
+        (out_dir / DONE_DIR / f"{config.shard_index}.done").touch()
+    missing = missing_shards(out_dir, config.num_shards)
+    if missing and not force:
+        log.info("shard %d done; waiting for shards %s before the merge", config.shard_index, missing)
+        yield None
+        return
+    lock = out_dir / DONE_DIR / "merge.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        log.info("another shard is merging the run (%s)", lock)
+        yield None
+        return
+    try:
+        yield dataclasses.replace(config, shard_index=0, num_shards=1)
+    finally:
+        lock.unlink(missing_ok=True)

@@ -1,0 +1,115 @@
+"""Training as a scheduled job: stop cleanly on pre-emption, plain progress lines in logs.
+
+Under SLURM, SIGUSR1 and SIGTERM make :class:`Preemption` save ``RUN/hpc_ckpt_K.ckpt`` at the
+next step boundary and stop; the process exits 0 and leaves the note "saved checkpoint at step
+S" for ``scripts/slurm/train.sbatch``, which requeues the job once the tasks have ended. The
+requeued job resumes (``TrainCLI``'s auto-resume). Lightning's own handler (``auto_requeue``)
+is off: it saves inside the signal handler, at any point of a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import Callback, ProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from ..batchjob import StopSignals, leave_note
+from .checkpointing import hpc_checkpoints, next_hpc_checkpoint_path
+
+__all__ = ["Preemption", "StepLines"]
+
+
+class Preemption(Callback):
+    """SIGUSR1 / SIGTERM under SLURM -> ``RUN/hpc_ckpt_K.ckpt`` at the next step boundary, stop.
+
+    The ranks agree at every step boundary (one tiny all-reduce, only under SLURM with several
+    ranks), so all of them save the same step. Lightning raises its ``SIGTERMException`` at a
+    step boundary when it saw SIGTERM too; the checkpoint is then saved from ``on_exception``.
+    Older ``hpc_ckpt_*`` files are deleted once the new one is written.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.signals: StopSignals | None = None
+        self.saved_step: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # before the DataLoader workers are forked: they inherit the blocked signals
+        if stage == "fit" and self.enabled and self.signals is None and SLURMEnvironment.detect():
+            self.signals = StopSignals().start()
+            rank_zero_info("pre-emption: SIGUSR1/SIGTERM save a checkpoint at the next step and stop")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.signals is not None:
+            self.signals.stop()
+            self.signals = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.signals is None or self.saved_step is not None:
+            return
+        requested = self.signals.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self.save(trainer)
+            trainer.should_stop = True
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException) and self.signals is not None and self.saved_step is None:
+            self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        """Save ``RUN/hpc_ckpt_K.ckpt`` on every rank; rank 0 leaves the note for the batch script."""
+        path = Path(trainer.strategy.broadcast(str(next_hpc_checkpoint_path(trainer.default_root_dir))))
+        trainer.save_checkpoint(path, weights_only=False)
+        self.saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            for old in hpc_checkpoints(trainer.default_root_dir):
+                if old.name != path.name:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+            leave_note(f"saved checkpoint at step {trainer.global_step}")
+        rank_zero_info(f"pre-emption: saved {path} at step {trainer.global_step}; stopping")
+        return path
+
+
+class StepLines(ProgressBar):
+    """Progress as plain lines (``step S/MAX loss ...``) for logs written without a terminal:
+    at the first step, every ``every_seconds`` and at the last step; rank 0 only."""
+
+    def __init__(self, every_seconds: float = 30.0) -> None:
+        super().__init__()
+        self.every_seconds = every_seconds
+        self.enabled = True
+        self._last: float | None = None
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.monotonic()
+        last = trainer.global_step >= trainer.max_steps > 0
+        due = self._last is None or now - self._last >= self.every_seconds or last
+        if not (self.enabled and trainer.is_global_zero and due):
+            return
+        self._last = now
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        total = trainer.max_steps if trainer.max_steps > 0 else "?"
+        print(f"step {trainer.global_step}/{total} epoch {trainer.current_epoch} {text}".rstrip(), flush=True)

@@ -1,0 +1,330 @@
+"""Scheduled jobs on a real SLURM (``.ci/slurm_up.sh`` starts a single-node cluster): the
+journey of docs/cluster.md through ``sbatch``. Training at the first submission; pre-emption by
+SIGUSR1 and by SIGTERM (checkpoint, one note line, requeue, resume to the same max_steps);
+a job array, a rerun of one task and the merge, equal to one process file for file.
+
+Without ``sbatch`` these tests are skipped (outside CI only; with ``CI=true`` they fail). The
+pre-emption handling itself is also tested without SLURM (first test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ilvr_toolkit.data.prepare import build_lmdb
+
+REPO = Path(__file__).resolve().parents[1]
+TINY32 = REPO / "tests" / "fixtures" / "reference" / "tiny32.pt"
+SMALL_UNET = json.dumps({"preset": "tiny16", "channel_mult": [1]})
+FAST = ["--model.unet", SMALL_UNET, "--data.batch_size", "4", "--samples.every_n_steps", "0"]
+TRACEBACK = re.compile(r"Traceback|killed by signal|exited unexpectedly")
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch is not installed (CI starts a cluster with .ci/slurm_up.sh)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    if probe.returncode != 0 or not probe.stdout.strip():
+        return f"no SLURM cluster answers (sinfo: {probe.stderr.strip() or probe.stdout.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    problem = _cluster_problem()
+    if problem is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the SLURM tests: {problem}")
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def lmdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 random 16 px images: one batch of configs/tiny.yaml's 32 per epoch."""
+    root = tmp_path_factory.mktemp("slurm_data")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for i in range(40):
+        image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(image).resize((32, 32), Image.Resampling.BICUBIC).save(
+            root / "images" / f"{i:03d}.png"
+        )
+    build_lmdb(root / "images", root / "tiny.lmdb", [16], workers=0, progress=False)
+    return root / "tiny.lmdb"
+
+
+# --------------------------------------------------------------------------- helpers
+def sbatch(*args: str) -> str:
+    """Submit from the repository root (the scripts find their helpers there); the job id."""
+    done = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
+    """Poll until the job has ended (not requeued, not pending); its final scontrol fields."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in {
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        }:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    pytest.fail(f"job {job} did not end within {timeout} s: {job_info(job)}")
+
+
+def wait_for_line(log: Path, pattern: str, job: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.is_file() and re.search(pattern, log.read_text(errors="replace"), re.MULTILINE):
+            return
+        if job_info(job).get("JobState") not in {"PENDING", "RUNNING", "CONFIGURING"}:
+            break
+        time.sleep(0.3)
+    pytest.fail(f"no line {pattern!r} in {log}: {log.read_text() if log.is_file() else '(no log)'}")
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+# --------------------------------------------------------------------------- without SLURM
+def test_sigterm_saves_at_a_step_boundary_leaves_the_note_and_resumes(lmdb: Path, tmp_path: Path) -> None:
+    """Preemption under SLURM's environment, without the scheduler: SIGTERM during training
+    (one DataLoader worker, which receives it too) -> hpc_ckpt at the next step, the note,
+    exit 0 without a traceback; the rerun resumes from it and stops at max_steps."""
+    run_dir, note = tmp_path / "run", tmp_path / "note"
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "ILVR_REQUEUE_NOTE": str(note),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ilvr-train",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    args = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--data.path", str(lmdb)]
+    args += [*FAST, "--data.num_workers", "1", "--trainer.default_root_dir", str(run_dir)]
+    proc = subprocess.Popen(
+        [*args, "--trainer.max_steps", "400"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:  # the first plain progress line: training (and the handler) is live
+        lines.append(line)
+        if line.startswith("step 1/"):
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [proc.pid, *map(int, workers)]:  # as slurmstepd does: every process of the step
+        os.kill(pid, signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert not TRACEBACK.search(out), out[-3000:]
+    step = ckpt_step(run_dir / "hpc_ckpt_1.ckpt")
+    assert 1 <= step < 400
+    assert note.read_text() == f"saved checkpoint at step {step}\n"
+
+    done = subprocess.run(
+        [*args, "--trainer.max_steps", str(step + 2)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming from {run_dir / 'hpc_ckpt_1.ckpt'}" in done.stdout + done.stderr
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == step + 2
+
+
+def test_shard_count_is_fixed_and_the_merge_waits_for_every_shard(tmp_path: Path) -> None:
+    """Outside SLURM: the first shard fixes the count; another count is refused (exit 2, one
+    line); the merge command refuses while a shard is missing; the last shard merges."""
+    out = tmp_path / "out"
+    config = _sample_config(tmp_path, out)
+
+    def sample(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "sample.py", "--config", str(config), "--progress", "false", *args]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+    assert sample("--shard_index", "0", "--num_shards", "2").returncode == 0
+    assert json.loads((out / ".shards.json").read_text())["num_shards"] == 2
+    assert not (out / "manifest.json").exists()
+    refused = sample("--shard_index", "0", "--num_shards", "3")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: --num_shards 3: {out} holds a run of 2 shards ({out}/.shards.json); "
+        "pass --num_shards 2, or another --output.dir"
+    )
+    merge = [sys.executable, "-m", "ilvr_toolkit.sampling.merge", str(out)]
+    waiting = subprocess.run(merge, cwd=REPO, capture_output=True, text=True)
+    assert waiting.returncode == 2 and "shards [1] of 2 have not finished" in waiting.stderr
+    assert sample("--shard_index", "1", "--num_shards", "2").returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["num_images"] == 4
+
+
+# --------------------------------------------------------------------------- training jobs
+def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_path: Path) -> None:
+    """The command of docs/cluster.md, no other sbatch option: COMPLETED, a log of plain
+    progress lines, a checkpoint at max_steps."""
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        "scripts/slurm/train.sbatch", "configs/tiny.yaml", "--trainer.max_steps", "30",
+        "--trainer.default_root_dir", str(run_dir), "--data.path", str(lmdb),
+    )  # fmt: skip
+    info = wait_job(job)
+    log = REPO / f"slurm-ilvr-train-{job}.out"
+    text = log.read_text()
+    shutil.move(log, tmp_path / log.name)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), text
+    assert "cpu x 1 per node, 1 node(s), 1 threads, 0 workers" in text
+    assert re.search(r"^step 30/30 ", text, re.MULTILINE), text
+    assert "\r" not in text and not TRACEBACK.search(text), text
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 30
+
+
+def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp_path: Path) -> None:
+    """One job pre-empted twice: ``scancel --signal=USR1 --batch`` (to the batch shell, which
+    forwards it, as ``--signal=B:USR1@120`` near the time limit), then, once resumed,
+    ``scancel --signal=TERM`` (to every task and DataLoader worker, as a pre-emption with grace
+    time). Each time: a checkpoint, one note line, a requeue; the job ends at max_steps."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    job = sbatch(
+        f"--output={log}", "--cpus-per-task=2", "scripts/slurm/train.sbatch", "configs/tiny.yaml",
+        "--data.path", str(lmdb), *FAST, "--trainer.max_steps", "40", "--trainer.default_root_dir", str(run_dir),
+    )  # fmt: skip
+    wait_for_line(log, r"^step 1/40 ", job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_for_line(log, r"; requeued\n(.*\n)*step \d+/40 ", job)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    info = wait_job(job)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), text
+    notes = [int(s) for s in re.findall(r"^saved checkpoint at step (\d+); requeued$", text, re.MULTILINE)]
+    assert len(notes) == 2 and notes[0] < notes[1] < 40, text
+    for step, after in zip(notes, text.split("; requeued")[1:], strict=True):
+        # resumed from hpc_ckpt_K.ckpt or last.ckpt (same step); the next line is step S+1
+        assert f"resuming from {run_dir}/" in after and f"\nstep {step + 1}/40 " in after, text
+    assert "2 threads, 1 workers" in text and not TRACEBACK.search(text), text
+    assert ckpt_step(run_dir / "hpc_ckpt_2.ckpt") == notes[1]
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 40
+    assert re.search(r"^step 40/40 ", text, re.MULTILINE), text
+
+
+# --------------------------------------------------------------------------- sampling arrays
+def _sample_config(tmp_path: Path, out: Path, count: int = 4, steps: int = 8, batch: int = 2) -> Path:
+    refs = tmp_path / "refs"
+    refs.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(refs / f"ref{i}.png")
+    config = tmp_path / f"{out.name}.yaml"
+    config.write_text(
+        f"model: {{checkpoint: {TINY32}, preset: tiny32}}\nreferences: {refs}\nsampler: {{respacing: '{steps}'}}\n"
+        f"ilvr: {{factor: 4}}\nbatch_size: {batch}\ndevice: cpu\noutput: {{dir: {out}}}\n"
+    )
+    return config
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def _entries(out: Path) -> dict[str, dict]:
+    images = json.loads((out / "manifest.json").read_text())["images"]
+    return {name: {k: v for k, v in entry.items() if k != "seconds"} for name, entry in images.items()}
+
+
+def test_array_rerun_and_merge_equal_one_process(cluster: None, tmp_path: Path) -> None:
+    """``--array=0-1``, then a rerun of task 0 (after losing its images) and of task 1
+    (nothing to do); the last to finish writes the run's manifest and grid; the merge command
+    writes the same; all equal to ``python sample.py`` of the same config."""
+    out = tmp_path / "array"
+    config = _sample_config(tmp_path, out)
+    logs = f"--output={tmp_path}/%x-%A_%a.out"
+    array = sbatch("--array=0-1", logs, "scripts/slurm/sample_array.sbatch", str(config))
+    infos = [wait_job(f"{array}_{k}") for k in range(2)]
+    assert [(i["JobState"], i["ExitCode"]) for i in infos] == [("COMPLETED", "0:0")] * 2
+    assert json.loads((out / ".shards.json").read_text())["num_shards"] == 2
+    assert sorted(p.name for p in out.glob("*.png")) == ["grid.png", *(f"ref{i}_s0.png" for i in range(4))]
+    first_manifest = _entries(out)
+
+    for name in ["ref0_s0.png", "ref1_s0.png", "manifest.json"]:  # shard 0 lost (same batches on rerun)
+        (out / name).unlink()
+    rerun = sbatch("--array=0", logs, "scripts/slurm/sample_array.sbatch", str(config))  # an array of 1
+    assert wait_job(f"{rerun}_0")["JobState"] == "COMPLETED"
+    rerun_log = (tmp_path / f"ilvr-sample-{rerun}_0.out").read_text()
+    assert "shard 0 of the run's 2 shards" in rerun_log and "wrote 2 images (0 already there)" in rerun_log
+    assert _entries(out) == first_manifest  # merged again by the rerun
+    again = sbatch("--array=1", logs, "scripts/slurm/sample_array.sbatch", str(config))
+    assert wait_job(f"{again}_1")["JobState"] == "COMPLETED"
+    assert "wrote 0 images (2 already there)" in (tmp_path / f"ilvr-sample-{again}_1.out").read_text()
+
+    single = tmp_path / "single"
+    run = [
+        sys.executable,
+        "sample.py",
+        "--config",
+        str(_sample_config(tmp_path, single)),
+        "--progress",
+        "false",
+    ]
+    subprocess.run(run, cwd=REPO, check=True, capture_output=True)
+    assert _files(out) == _files(single)
+    assert _entries(out) == _entries(single)
+
+    (out / "manifest.json").unlink()
+    merge = [sys.executable, "-m", "ilvr_toolkit.sampling.merge", str(out)]
+    subprocess.run(merge, cwd=REPO, check=True, capture_output=True)
+    assert _entries(out) == first_manifest
+
+
+def test_preempted_sampling_finishes_its_batch_requeues_and_resumes(cluster: None, tmp_path: Path) -> None:
+    """``scancel --signal=USR1`` during a translation: the task writes the batch it is
+    sampling, exits, is requeued, and the requeued task writes only the rest."""
+    out, log = tmp_path / "out", tmp_path / "sample.out"
+    config = _sample_config(tmp_path, out, count=6, steps=50, batch=1)
+    job = sbatch(f"--output={log}", "scripts/slurm/sample_array.sbatch", str(config))
+    wait_for_line(log, r"ILVR 1/6 ", job)  # the first batch is written
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    info = wait_job(job)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
+    first = re.search(
+        r"^wrote (\d+) images \(0 already there\).*\nstopped after a batch, \1 images written; requeued$",
+        text,
+        re.MULTILINE,
+    )
+    assert first is not None and 1 <= int(first.group(1)) < 6, text
+    written = int(first.group(1))
+    assert f"wrote {6 - written} images ({written} already there)" in text, text
+    assert json.loads((out / "manifest.json").read_text())["num_images"] == 6
+    assert not TRACEBACK.search(text), text
