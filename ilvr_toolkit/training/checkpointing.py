@@ -287,4 +287,3 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.fast_dev_run and trainer.global_step != self.saved_step:
             self.write_last(trainer)
-
