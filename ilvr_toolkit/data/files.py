@@ -63,13 +63,9 @@ def unique_names(relative_paths: list[str | Path]) -> list[str]:
 
     def candidate(i: int, level: int) -> str:
         path = Path(*parts[i])
-        if level == 0:
-            return path.stem
         joined = "__".join((*parts[i][:-1], path.stem))
-        if level == 1:
-            return joined
         suffixed = f"{joined}_{path.suffix.lstrip('.')}" if path.suffix else joined
-        return suffixed if level == 2 else f"{suffixed}-{i}"
+        return (path.stem, joined, suffixed, f"{suffixed}-{i}")[level]
 
     levels = [0] * len(parts)
     while True:

@@ -332,7 +332,13 @@ def build_lmdb(
     t0 = time.perf_counter()
     sizes = check_sizes(sizes)
     out = Path(out)
-    src = _check_paths(source, out, settings.overwrite)
+    if (out.exists() or out.is_symlink()) and not settings.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    src = _open_source(source)
+    if not src.names:
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+    if src.kind == "lmdb" and Path(src.location) == out.resolve():
+        raise UsageError(f"source and --output.dir are the same LMDB: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -345,18 +351,6 @@ def build_lmdb(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildReport(str(out), len(kept), sizes, settings.format, time.perf_counter() - t0, skipped)
-
-
-def _check_paths(source: str | Path, out: Path, overwrite: bool) -> _Source:
-    """The opened source, once it is known that the build may start."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    src = _open_source(source)
-    if not src.names:
-        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
-    if src.kind == "lmdb" and Path(src.location) == out.resolve():
-        raise UsageError(f"source and --output.dir are the same LMDB: {out}")
-    return src
 
 
 def _write_dataset(
