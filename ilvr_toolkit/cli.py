@@ -105,9 +105,9 @@ def normalize_options(
                 sep, value = "=", "true"
             elif name.startswith("--no_") and "--" + name[5:] in flags and not sep:
                 name, sep, value = "--" + name[5:], "=", "false"
-            if name in repeatable:
-                name = name + "+" if name in seen else name
-                seen.add(name.rstrip("+"))
+            if name in repeatable and name in seen:
+                name += "+"  # given again: append
+            seen.add(name)
             token = name + sep + value
         out.append(token)
     return out
