@@ -403,7 +403,10 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
     workers = (os.cpu_count() or 1) if settings.workers is None else settings.workers
     if workers == 0:
         _init_worker(src, sizes, settings)
-        yield map(_work, range(count))
+        try:
+            yield map(_work, range(count))
+        finally:
+            _open_zip.cache_clear()  # closes a zip source's archive
         return
     pool = multiprocessing.get_context(settings.start_method).Pool(
         workers, _init_worker, (src, sizes, settings)
