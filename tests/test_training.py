@@ -598,3 +598,24 @@ def test_ilvr_preview_equals_sample_py_on_the_checkpoint_of_that_step(
     source = torch.from_numpy(np.array(Image.open(refs / "r0.png"))).permute(2, 0, 1)
     assert torch.equal(grid[:, 2:18, 2:18], source)  # the crop is where the test thinks it is
     assert not torch.equal(grid[:, 38:54, 2:18], grid[:, 38:54, 20:36])  # distinct translations
+
+
+class _Payload:
+    """Unpickling this runs ``Path(marker).touch()``: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_auto_resume_never_runs_code_from_a_planted_checkpoint(lmdb_path: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "checkpoints" / "last.ckpt")
+    args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2})
+    proc = train_subprocess(args, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]  # refused, not trained over
+    assert not marker.exists(), "the planted checkpoint's code ran on resume"
