@@ -19,16 +19,6 @@ from typing import Any
 
 from .flags import parse_numbers, resolve_flags
 
-__all__ = [
-    "DEFAULT_CHANNEL_MULT",
-    "PRESET_FLAGS",
-    "PRESETS",
-    "RELEASED_CHECKPOINTS",
-    "UNetConfig",
-    "get_preset",
-    "preset_for_filename",
-]
-
 #: guided-diffusion's channel multipliers when ``channel_mult`` is left empty.
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
@@ -37,14 +27,8 @@ DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     64: (1, 2, 3, 4),
 }
 
-#: ImageNet class count that guided-diffusion's scripts use for ``class_cond=True``.
-_GUIDED_DIFFUSION_NUM_CLASSES = 1000
-
 ATTENTION_BACKENDS = ("sdpa", "math")
-
-
-def _runtime() -> dict[str, bool]:
-    return {"runtime": True}
+_RUNTIME = {"runtime": True}  # field metadata of the runtime settings
 
 
 @dataclass(frozen=True)
@@ -71,10 +55,10 @@ class UNetConfig:
     learn_sigma: bool = False
     use_new_attention_order: bool = False
     num_classes: int | None = None
-    dropout: float = field(default=0.0, metadata=_runtime())
-    use_checkpoint: bool = field(default=False, metadata=_runtime())
-    attention_backend: str = field(default="sdpa", metadata=_runtime())
-    native_groupnorm: bool = field(default=False, metadata=_runtime())
+    dropout: float = field(default=0.0, metadata=_RUNTIME)
+    use_checkpoint: bool = field(default=False, metadata=_RUNTIME)
+    attention_backend: str = field(default="sdpa", metadata=_RUNTIME)
+    native_groupnorm: bool = field(default=False, metadata=_RUNTIME)
 
     def __post_init__(self) -> None:
         mult = parse_numbers(self.channel_mult, "channel_mult")
@@ -88,9 +72,6 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", mult)
         attn = tuple(int(r) for r in parse_numbers(self.attention_resolutions, "attention_resolutions"))
         object.__setattr__(self, "attention_resolutions", attn)
-        self._validate()
-
-    def _validate(self) -> None:
         levels = len(self.channel_mult)
         if self.image_size % 2 ** (levels - 1):
             raise ValueError(
@@ -126,10 +107,7 @@ class UNetConfig:
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON/YAML friendly) dict; :meth:`from_dict` inverts it."""
-        out = dataclasses.asdict(self)
-        out["channel_mult"] = list(self.channel_mult)
-        out["attention_resolutions"] = list(self.attention_resolutions)
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
@@ -150,30 +128,24 @@ class UNetConfig:
         in memory only), so the network is built in float32 and runs under the precision
         chosen at sampling time (``--precision``).
         """
-        f = resolve_flags(flags)
-        same = ("image_size", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions")
-        same += ("num_heads", "num_head_channels", "num_heads_upsample", "use_scale_shift_norm")
-        same += ("resblock_updown", "learn_sigma", "use_new_attention_order", "dropout", "use_checkpoint")
-        return cls(
-            **{k: f[k] for k in same}, num_classes=_GUIDED_DIFFUSION_NUM_CLASSES if f["class_cond"] else None
-        )
+        given = resolve_flags(flags)  # every flag; those named like a field set that field
+        same = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
+        return cls(**same, num_classes=1000 if given["class_cond"] else None)
 
     def architecture(self) -> dict[str, Any]:
         """The settings that shape the weights (runtime settings left out)."""
-        return {k: v for k, v in self.to_dict().items() if not _is_runtime(k)}
+        runtime = {f.name for f in dataclasses.fields(self) if f.metadata.get("runtime")}
+        return {k: v for k, v in self.to_dict().items() if k not in runtime}
 
     def replace(self, **changes: Any) -> UNetConfig:
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
 
-def _is_runtime(name: str) -> bool:
-    return bool(UNetConfig.__dataclass_fields__[name].metadata.get("runtime", False))
-
-
 # --------------------------------------------------------------------------- presets
 # Every preset is the flag string of its README, so nobody re-types flags; the diffusion of a
 # plain released file comes from the same string (checkpoint.load_model).
+_ADM256_NAMES = ("ffhq", "afhq_dog", "metfaces", "celebahq", "cub", "flowers")
 _ADM256 = (  # the released ILVR / P2-weighting 256x256 checkpoints (ilvr_adm and P2 READMEs)
     "--attention_resolutions 16 --class_cond False --diffusion_steps 1000 --dropout 0.0 --image_size 256 "
     "--learn_sigma True --noise_schedule linear --num_channels 128 --num_head_channels 64 "
@@ -192,7 +164,7 @@ _IMAGENET256 = (
 _TINY = "--learn_sigma True --num_res_blocks 1 --num_channels 32 --image_size "
 
 PRESET_FLAGS: dict[str, str] = {
-    **dict.fromkeys(("adm256", "ffhq", "afhq_dog", "metfaces", "celebahq", "cub", "flowers"), _ADM256),
+    **dict.fromkeys(("adm256", *_ADM256_NAMES), _ADM256),
     "imagenet64_cond": "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
     "--image_size 64 --learn_sigma True --noise_schedule cosine --num_channels 192 --num_head_channels 64 "
     "--num_res_blocks 3 --resblock_updown True --use_new_attention_order True --use_fp16 True "
@@ -219,15 +191,9 @@ PRESETS: dict[str, UNetConfig] = {
 
 #: Released checkpoint filenames -> preset (for hints when a plain state dict is loaded).
 RELEASED_CHECKPOINTS: dict[str, str] = {
+    **{f"{name}_{kind}.pt": name for name in _ADM256_NAMES for kind in ("p2", "baseline")},
+    **dict.fromkeys(("afhq_dog_4m.pt", "afhqdog_p2.pt", "afhqdog_baseline.pt"), "afhq_dog"),
     "ffhq_10m.pt": "ffhq",
-    "afhq_dog_4m.pt": "afhq_dog",
-    **{
-        f"{name}_{kind}.pt": name
-        for name in ("ffhq", "afhq_dog", "metfaces", "celebahq", "cub", "flowers")
-        for kind in ("p2", "baseline")
-    },
-    "afhqdog_p2.pt": "afhq_dog",
-    "afhqdog_baseline.pt": "afhq_dog",
     **{f"{s}x{s}_diffusion.pt": f"imagenet{s}_cond" for s in (64, 128, 256, 512)},
     "256x256_diffusion_uncond.pt": "imagenet256_uncond",
     **{f"{name}.pt": name for name in ("lsun_bedroom", "lsun_cat", "lsun_horse", "lsun_horse_nodropout")},
@@ -236,10 +202,9 @@ RELEASED_CHECKPOINTS: dict[str, str] = {
 
 def get_preset(name: str) -> UNetConfig:
     """The preset config called ``name`` (configs are frozen, so sharing is safe)."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown UNet preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+    if name not in PRESETS:
+        raise KeyError(f"unknown UNet preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
 
 
 def preset_for_filename(path: str | os.PathLike[str]) -> str | None:

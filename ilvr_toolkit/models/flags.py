@@ -93,11 +93,9 @@ def parse_flags(text: str) -> dict[str, Any]:
     """
     tokens: list[str] = []
     for token in shlex.split(text):
-        assignment = re.fullmatch(r"[A-Za-z_]\w*=(.*)", token, re.S)
-        tokens += shlex.split(assignment.group(1)) if assignment else [token]
-    tokens = [
-        part for token in tokens for part in (token.split("=", 1) if token.startswith("--") else [token])
-    ]
+        assignment = re.fullmatch(r"[A-Za-z_]\w*=(.*)", token, re.S)  # NAME="--flag value ..."
+        for part in shlex.split(assignment.group(1)) if assignment else [token]:
+            tokens += part.split("=", 1) if part.startswith("--") else [part]
     flags: dict[str, Any] = {}
     for i in range(0, len(tokens), 2):
         if not tokens[i].startswith("--"):

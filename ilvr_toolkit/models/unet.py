@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -85,17 +85,13 @@ class GroupNorm32(nn.GroupNorm):
         return x.device.type == "cpu" or x.dtype == torch.bfloat16 or not torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        if self._native_for(x):
-            if x.device.type != "cpu":
-                weight = None if weight is None else weight.to(x.dtype)
-                bias = None if bias is None else bias.to(x.dtype)
-            with _no_autocast(x.device):
-                return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        weight, bias = self.weight.float(), self.bias.float()  # always affine here
+        native = self._native_for(x)
+        if native and x.device.type != "cpu":
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         with _no_autocast(x.device):
-            y = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
-        return y.to(x.dtype)
+            y = F.group_norm(x if native else x.float(), self.num_groups, weight, bias, self.eps)
+        return y.to(x.dtype)  # a no-op when native
 
 
 def _norm(channels: int) -> GroupNorm32:
@@ -103,98 +99,70 @@ def _norm(channels: int) -> GroupNorm32:
 
 
 # --------------------------------------------------------------------------- blocks
-class TimestepBlock(nn.Module):
-    """A block whose forward also takes the timestep embedding ``emb`` (B, D)."""
+class _Checkpointed(nn.Module):
+    """A block whose ``_forward`` is recomputed in backward when ``use_checkpoint`` is set."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    use_checkpoint: bool = False
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Sequential that passes ``emb`` to the children that take it."""
+    """Sequential that passes the timestep embedding ``emb`` (B, D) to its ResBlocks."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
 
 
-class Upsample(nn.Module):
-    """Nearest 2x upsampling, then an optional 3x3 conv (key ``conv``). (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int, use_conv: bool):
-        super().__init__()
-        if use_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(x) if hasattr(self, "conv") else x
+def _upsample(channels: int) -> nn.Sequential:
+    """Nearest 2x upsampling, then a 3x3 conv (key ``conv``). (B, C, H, W) -> (B, C, 2H, 2W)."""
+    conv = nn.Conv2d(channels, channels, 3, padding=1)
+    return nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2), conv=conv))
 
 
-class Downsample(nn.Module):
-    """Strided 3x3 conv or 2x2 average pool (key ``op``). (B, C, H, W) -> (B, C, H/2, W/2)."""
-
-    def __init__(self, channels: int, use_conv: bool):
-        super().__init__()
-        conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else None
-        self.op: nn.Module = conv or nn.AvgPool2d(kernel_size=2, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+def _downsample(channels: int) -> nn.Sequential:
+    """Strided 3x3 conv (key ``op``). (B, C, H, W) -> (B, C, H/2, W/2)."""
+    return nn.Sequential(OrderedDict(op=nn.Conv2d(channels, channels, 3, stride=2, padding=1)))
 
 
-class ResBlock(TimestepBlock):
+class ResBlock(_Checkpointed):
     """Residual block conditioned on the timestep embedding, optionally resampling.
 
     x: (B, C, H, W), emb: (B, D) -> (B, C_out, H', W') with H' = H, 2H (``up``) or H/2 (``down``).
     With ``use_scale_shift_norm`` the embedding gives (scale, shift) applied after the second
-    norm as ``norm(h) * (1 + scale) + shift``; otherwise it is added before it.
+    norm as ``norm(h) * (1 + scale) + shift``; otherwise it is added before it. ``config``
+    gives D (``time_embed_dim``), dropout, use_scale_shift_norm and use_checkpoint.
     """
 
     def __init__(
-        self,
-        channels: int,
-        emb_channels: int,
-        dropout: float,
-        out_channels: int | None = None,
-        use_scale_shift_norm: bool = False,
-        use_checkpoint: bool = False,
-        up: bool = False,
-        down: bool = False,
+        self, channels: int, out_channels: int, config: UNetConfig, up: bool = False, down: bool = False
     ):
         super().__init__()
-        out_channels = out_channels or channels
-        self.use_scale_shift_norm = use_scale_shift_norm
-        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = config.use_scale_shift_norm
+        self.use_checkpoint = config.use_checkpoint
         self.in_layers = nn.Sequential(
             _norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.updown = up or down
-        if up:
-            self.h_upd: nn.Module = Upsample(channels, use_conv=False)
-            self.x_upd: nn.Module = Upsample(channels, use_conv=False)
-        elif down:
-            self.h_upd = Downsample(channels, use_conv=False)
-            self.x_upd = Downsample(channels, use_conv=False)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
-        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        # parameter-free resamplers (nearest 2x up, 2x2 average pool down), shared by h and x
+        resample = nn.Upsample(scale_factor=2) if up else nn.AvgPool2d(2) if down else nn.Identity()
+        self.h_upd = self.x_upd = resample
+        emb_out = 2 * out_channels if self.use_scale_shift_norm else out_channels
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(config.time_embed_dim, emb_out))
         self.out_layers = nn.Sequential(
             _norm(out_channels),
             nn.SiLU(),
-            nn.Dropout(p=dropout),
+            nn.Dropout(p=config.dropout),
             _zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection: nn.Module = (
+        self.skip_connection = (
             nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
         )
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:  # resample between the first norm/activation and the first conv
@@ -237,33 +205,25 @@ def qkv_attention(
         out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         out = out.transpose(-1, -2)
     elif backend == "math":
-        out = _math_attention(q, k, v)
+        scale = 1.0 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)  # (B, H, T_query, T_key)
+        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+        out = torch.einsum("bhts,bhcs->bhct", weight, v)
     else:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     return out.reshape(b, num_heads * ch, length)
 
 
-def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Explicit attention on (B, H, C, T) tensors -> (B, H, C, T)."""
-    scale = 1.0 / math.sqrt(math.sqrt(q.shape[2]))
-    weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)  # (B, H, T_query, T_key)
-    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-    return torch.einsum("bhts,bhcs->bhct", weight, v)
+class AttentionBlock(_Checkpointed):
+    """Spatial self-attention with a residual connection. (B, C, H, W) -> (B, C, H, W).
 
+    ``config`` gives num_head_channels (which overrides ``num_heads``), use_new_attention_order,
+    use_checkpoint and attention_backend.
+    """
 
-class AttentionBlock(nn.Module):
-    """Spatial self-attention with a residual connection. (B, C, H, W) -> (B, C, H, W)."""
-
-    def __init__(
-        self,
-        channels: int,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_new_attention_order: bool = False,
-        use_checkpoint: bool = False,
-        backend: str = "sdpa",
-    ):
+    def __init__(self, channels: int, num_heads: int, config: UNetConfig):
         super().__init__()
+        num_head_channels = config.num_head_channels
         if num_head_channels != -1:
             if channels % num_head_channels:
                 raise ValueError(
@@ -273,17 +233,12 @@ class AttentionBlock(nn.Module):
         if channels % num_heads:
             raise ValueError(f"{channels} channels are not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
-        self.legacy_order = not use_new_attention_order
-        self.use_checkpoint = use_checkpoint
-        self.backend = backend
+        self.legacy_order = not config.use_new_attention_order
+        self.use_checkpoint = config.use_checkpoint
+        self.backend = config.attention_backend
         self.norm = _norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zero_module(nn.Conv1d(channels, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
@@ -301,8 +256,7 @@ class UNetModel(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = c = config
         emb_dim = c.time_embed_dim
         self.time_embed = nn.Sequential(
             nn.Linear(c.num_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -313,82 +267,49 @@ class UNetModel(nn.Module):
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))]
         )
-        skip_chans, ch, ds = self._build_encoder(ch)
+        skip_chans, ds = [ch], 1  # channels of every skip connection, downsample rate
+        for level, mult in enumerate(c.channel_mult):  # the down path
+            for _ in range(c.num_res_blocks):
+                out_ch = int(mult * c.num_channels)
+                layers: list[nn.Module] = [ResBlock(ch, out_ch, c)]
+                ch = out_ch
+                if ds in c.attention_ds:
+                    layers.append(AttentionBlock(ch, c.num_heads, c))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = ResBlock(ch, ch, c, down=True) if c.resblock_updown else _downsample(ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            self._res(ch, ch), self._attn(ch, c.num_heads), self._res(ch, ch)
+            ResBlock(ch, ch, c), AttentionBlock(ch, c.num_heads, c), ResBlock(ch, ch, c)
         )
         self.output_blocks = nn.ModuleList()
-        ch = self._build_decoder(ch, skip_chans, ds)
+        heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
+        for level, mult in reversed(list(enumerate(c.channel_mult))):  # the up path, consuming the skips
+            for i in range(c.num_res_blocks + 1):
+                out_ch = int(mult * c.num_channels)
+                layers = [ResBlock(ch + skip_chans.pop(), out_ch, c)]
+                ch = out_ch
+                if ds in c.attention_ds:
+                    layers.append(AttentionBlock(ch, heads_up, c))
+                if level and i == c.num_res_blocks:
+                    layers.append(ResBlock(ch, ch, c, up=True) if c.resblock_updown else _upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(
             _norm(ch), nn.SiLU(), _zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1))
         )
         self.set_native_groupnorm(c.native_groupnorm)
 
-    # -- construction
-    def _res(self, ch: int, out_ch: int, up: bool = False, down: bool = False) -> ResBlock:
-        c = self.config
-        return ResBlock(
-            ch, c.time_embed_dim, c.dropout, out_ch, c.use_scale_shift_norm, c.use_checkpoint, up, down
-        )
-
-    def _attn(self, ch: int, num_heads: int) -> AttentionBlock:
-        c = self.config
-        return AttentionBlock(
-            ch,
-            num_heads,
-            c.num_head_channels,
-            c.use_new_attention_order,
-            c.use_checkpoint,
-            c.attention_backend,
-        )
-
-    def _build_encoder(self, ch: int) -> tuple[list[int], int, int]:
-        """Append the down path; returns (channels of every skip, channels, downsample rate)."""
-        c = self.config
-        skip_chans, ds = [ch], 1
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                out_ch = int(mult * c.num_channels)
-                layers: list[nn.Module] = [self._res(ch, out_ch)]
-                ch = out_ch
-                if ds in c.attention_ds:
-                    layers.append(self._attn(ch, c.num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(c.channel_mult) - 1:
-                down = self._res(ch, ch, down=True) if c.resblock_updown else Downsample(ch, use_conv=True)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_chans.append(ch)
-                ds *= 2
-        return skip_chans, ch, ds
-
-    def _build_decoder(self, ch: int, skip_chans: list[int], ds: int) -> int:
-        """Append the up path (consuming ``skip_chans``); returns the final channel count."""
-        c = self.config
-        heads_up = c.num_heads if c.num_heads_upsample == -1 else c.num_heads_upsample
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
-                out_ch = int(mult * c.num_channels)
-                layers: list[nn.Module] = [self._res(ch + skip_chans.pop(), out_ch)]
-                ch = out_ch
-                if ds in c.attention_ds:
-                    layers.append(self._attn(ch, heads_up))
-                if level and i == c.num_res_blocks:
-                    layers.append(
-                        self._res(ch, ch, up=True) if c.resblock_updown else Upsample(ch, use_conv=True)
-                    )
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-        return ch
-
     # -- runtime settings
     def set_attention_backend(self, backend: str) -> None:
         """Switch every attention block to ``"sdpa"`` or ``"math"`` (no change to the weights)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-        for block in self._attention_blocks():
-            block.backend = backend
-        self.config = self.config.replace(attention_backend=backend)
+        self.config = self.config.replace(attention_backend=backend)  # which checks the name
+        for module in self.modules():
+            if isinstance(module, AttentionBlock):
+                module.backend = backend
 
     def set_native_groupnorm(self, native: bool) -> None:
         """GroupNorm in the autocast dtype (True) or on float32 copies (False; guided-diffusion).
@@ -399,9 +320,6 @@ class UNetModel(nn.Module):
             if isinstance(module, GroupNorm32):
                 module.native = bool(native)
         self.config = self.config.replace(native_groupnorm=bool(native))
-
-    def _attention_blocks(self) -> Iterator[AttentionBlock]:
-        return (m for m in self.modules() if isinstance(m, AttentionBlock))
 
     # -- forward
     def forward(
@@ -426,9 +344,7 @@ class UNetModel(nn.Module):
     def _embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """Timestep (+ class) embedding (B, 4 * num_channels), computed without autocast."""
         if (y is None) != (self.config.num_classes is None):
-            raise ValueError(
-                "pass class labels y if and only if the model is class-conditional (num_classes)"
-            )
+            raise ValueError("pass class labels y if and only if the model is class-conditional")
         t = torch.as_tensor(timesteps, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
