@@ -5,7 +5,7 @@ from dataclasses import fields
 
 from jsonargparse import ArgumentParser
 
-from ..cli import UsageError, make_parser, normalize_options, run_command, setup_logging
+from ..cli import UsageError, make_parser, parse_options, run_command, setup_logging
 from .api import EvalSettings, evaluate_translation, format_table, write_metrics
 
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -24,7 +24,7 @@ def build_parser() -> ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     setup_logging()
-    config = build_parser().parse_args(normalize_options(argv))
+    config = parse_options(build_parser(), argv, aliases={"--json": "--metrics_json"})  # the 0.1 name
     if config.outputs is None or (config.target is None and config.references is None):
         raise UsageError("give --outputs, and --target (FID/KID) and/or --references (SSIM/PSNR/L2)")
     settings = EvalSettings(**{f.name: config[f.name] for f in fields(EvalSettings)})
