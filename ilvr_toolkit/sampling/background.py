@@ -70,18 +70,11 @@ class BackgroundIO:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         failing = exc_type is not None
-        try:
-            if not failing:
-                self.drain()
-            else:  # already failing: drop queued work, let running writes finish, keep the error
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                for future in self._writes:
-                    if not future.cancelled() and future.exception() is not None:
-                        log.error(
-                            "background write failed while the run was stopping: %s", future.exception()
-                        )
-                self._writes = []
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+        if self._pool is not None:  # already failing: drop queued work, let running writes finish
+            self._pool.shutdown(wait=True, cancel_futures=failing)
+        if not failing:
+            self.drain()
+        for future in self._writes:  # failing: keep the run's error, log the writes' own
+            if not future.cancelled() and future.exception() is not None:
+                log.error("background write failed while the run was stopping: %s", future.exception())
+        self._writes = []

@@ -7,7 +7,7 @@ Each dataclass checks its values when it is made (``__post_init__``): a bad valu
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ..cli import UsageError, check_range
@@ -133,9 +133,8 @@ class SampleConfig:
         compile: ``torch.compile`` the UNet.
         cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process during
             the run (no page faults per step: 2-20% per ffhq forward in bench/bench_unet.py, same
-            numbers; glibc's
-            defaults are set back afterwards); ``default`` leaves glibc as it is. Ignored
-            on other devices.
+            numbers; glibc's defaults are set back afterwards); ``default`` leaves glibc as it
+            is. Ignored on other devices.
         workers: threads that decode the next batch's references and write the last
             batch's PNGs while a batch samples (0: one after another in the main thread;
             ``--io_workers`` is the old name).
@@ -184,10 +183,12 @@ class SampleConfig:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UsageError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
 
-    @property
-    def io_workers(self) -> int:
-        """The old name of ``workers``."""
-        return self.workers
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleConfig:
+        """The inverse of :meth:`to_dict` (nested sections as dicts); unknown keys are ignored."""
+        nested = {"model": ModelSpec, "ilvr": ILVRSpec, "sampler": SamplerSpec, "output": OutputSpec}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: nested[k](**v) if k in nested else v for k, v in data.items() if k in known})

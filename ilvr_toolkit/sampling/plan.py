@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from .seeds import image_seed
 
-__all__ = ["WorkItem", "plan_items", "shard_range", "pending_items", "batches"]
+__all__ = ["WorkItem", "plan_items", "shard_range", "batches"]
 
 
 @dataclass(frozen=True)
@@ -61,11 +60,6 @@ def plan_items(
                 filename = f"{names[ref]}{middle}_s{k}.png"
                 items.append(WorkItem(ref, k, factor, filename, image_seed(run_seed, ref, k)))
     return items
-
-
-def pending_items(items: Sequence[WorkItem], out_dir: Path) -> list[WorkItem]:
-    """Items whose PNG is not there yet (PNGs are written atomically, so present = complete)."""
-    return [item for item in items if not (out_dir / item.filename).exists()]
 
 
 def batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
