@@ -11,14 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 __all__ = ["BackgroundIO"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class BackgroundIO:
@@ -34,7 +31,7 @@ class BackgroundIO:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ilvr-io") if workers else None
         self._writes: list[Future] = []
 
-    def prefetch(self, fn: Callable[[T], R], items: Sequence[T]) -> Callable[[], list[R]]:
+    def prefetch(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Callable[[], list[Any]]:
         """Start ``fn`` over ``items`` now; the returned callable waits for the results (in
         order). Inline mode computes them when the callable is called."""
         if self._pool is None:

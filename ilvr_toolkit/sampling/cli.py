@@ -23,6 +23,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sample_demo.yam
 
 #: old spellings kept working
 ALIASES = {"--io_workers": "--workers"}
+#: the metrics step of a finished run: ``evaluate(config, result)`` (see :func:`main`)
+Evaluate = Callable[[SampleConfig, "RunResult"], Any]
 
 
 def build_parser() -> ArgumentParser:
@@ -54,9 +56,7 @@ def _parse(argv: list[str] | None) -> Namespace:
     return parse_options(build_parser(), argv, ALIASES)
 
 
-def main(
-    argv: list[str] | None = None, evaluate: Callable[[SampleConfig, RunResult], Any] | None = None
-) -> int:
+def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> int:
     """Entry point of ``sample.py``: user errors end in one line (see ``ilvr_toolkit.cli``).
 
     ``evaluate(config, result)``: the metrics step for ``--evaluate_against``, run by the process
@@ -66,7 +66,7 @@ def main(
     return run_command("sample.py", lambda args: _main(args, evaluate), argv)
 
 
-def _main(argv: list[str], evaluate: Callable[[SampleConfig, RunResult], Any] | None) -> int:
+def _main(argv: list[str], evaluate: Evaluate | None) -> int:
     setup_logging()
     namespace = _parse(argv)
     config = SampleConfig.from_dict(namespace.as_dict())

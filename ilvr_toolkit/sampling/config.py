@@ -59,12 +59,9 @@ class ILVRSpec:
         given = [k for k in ("range_t", "fraction", "stop_timestep") if getattr(self, k) is not None]
         if len(given) > 1:
             raise UsageError(f"--ilvr.{given[0]} and --ilvr.{given[1]}: give at most one of them")
-        if self.range_t is not None:
-            check_range("ilvr.range_t", self.range_t, -1)
-        if self.fraction is not None:
-            check_range("ilvr.fraction", self.fraction, 0.0, 1.0)
-        if self.stop_timestep is not None:
-            check_range("ilvr.stop_timestep", self.stop_timestep, 0)
+        for name, low, high in (("range_t", -1, None), ("fraction", 0.0, 1.0), ("stop_timestep", 0, None)):
+            if getattr(self, name) is not None:
+                check_range(f"ilvr.{name}", getattr(self, name), low, high)
 
     @property
     def factors(self) -> list[int]:

@@ -11,6 +11,7 @@ from torchvision.utils import make_grid
 
 from ..conditioning import LowPass
 from ..images import to_float, to_uint8
+from .plan import output_name
 from .writer import save_png
 
 __all__ = ["build_grid"]
@@ -40,8 +41,7 @@ def build_grid(
         for n in factors:
             tiles.append(to_uint8(lowpasses[n](to_float(ref)[None]))[0])
             for k in range(samples_per_reference):
-                middle = f"_N{n}" if several else ""
-                png = out_dir / f"{name}{middle}_s{k}.png"
+                png = out_dir / output_name(name, n if several else None, k)
                 tiles.append(read_image(str(png), ImageReadMode.RGB) if png.exists() else blank)
     columns = 1 + len(factors) * (1 + samples_per_reference)
     grid = make_grid(torch.stack(tiles), nrow=columns, padding=2, pad_value=255)

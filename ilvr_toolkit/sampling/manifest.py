@@ -45,11 +45,8 @@ class ManifestPart:
     @classmethod
     def open(cls, out_dir: Path, shard: int, rank: int) -> ManifestPart:
         path = out_dir / PARTS_DIR / f"shard{shard}-rank{rank}.json"
-        part = cls(path)
-        if path.exists():
-            data = read_json(path)
-            part.images, part.failed = data.get("images", {}), data.get("failed", {})
-        return part
+        data = read_json(path) if path.exists() else {}
+        return cls(path, data.get("images", {}), data.get("failed", {}))
 
     def save(self) -> None:
         write_json(self.path, {"images": self.images, "failed": self.failed})

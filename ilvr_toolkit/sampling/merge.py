@@ -26,7 +26,7 @@ log = logging.getLogger("ilvr_toolkit.sampling")
 
 
 def merge(out_dir: str | Path, force: bool = False) -> RunResult:
-    """Write ``OUT/manifest.json`` (+ grid, metrics) of the sharded run in ``out_dir``."""
+    """Write ``OUT/manifest.json`` (+ grid) of the sharded run in ``out_dir`` (no metrics)."""
     out_dir = Path(out_dir)
     count_file = out_dir / COUNT_FILE
     if not count_file.is_file():
@@ -49,7 +49,7 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
             raise UsageError(f"{out_dir / '.shards' / 'merge.lock'} exists: another process is merging")
         _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, result)
     if config.evaluate_against:
-        log.warning("no metrics: for them, run sample.py again with the run's options (nothing is resampled)")
+        log.warning("no metrics.json: for it, rerun any task of the run (docs/cluster.md)")
     return result
 
 

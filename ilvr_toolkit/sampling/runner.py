@@ -161,22 +161,6 @@ def _sample_batch(
     return batch, out
 
 
-def _header(config: SampleConfig, loaded: LoadedModel, diffusion: GaussianDiffusion) -> dict[str, Any]:
-    return {
-        "checkpoint": {
-            "path": str(config.model.checkpoint),
-            "sha256": loaded.sha256,
-            "kind": loaded.source_kind,
-            "preset": config.model.preset,
-        },
-        "unet": loaded.model.config.to_dict(),  # as run: runtime settings of this config applied
-        "diffusion": loaded.diffusion,
-        "timestep_map": diffusion.timestep_map.tolist(),
-        "config": config.to_dict(),
-        "versions": versions(),
-    }
-
-
 def run(config: SampleConfig) -> RunResult:
     """Run a whole translation (see README); resumable: finished PNGs are never recomputed.
 
@@ -235,17 +219,6 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     return result
 
 
-def _record(
-    part: ManifestPart, refs: _References, done: list[WorkItem], seconds: float, batch_size: int, rank: int
-) -> None:
-    for item in done:
-        entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
-        entry.update(sample=item.sample, factor=item.factor, seed=item.seed, seconds=round(seconds, 4))
-        part.images[item.filename] = {**entry, "batch_size": batch_size, "rank": rank}
-    part.failed.update(refs.failed)
-    part.save()
-
-
 def _sample_all(
     todo: list[WorkItem],
     refs: _References,
@@ -282,7 +255,14 @@ def _sample_all(
             done, out = _sample_batch(batch, images, run)
             seconds = (time.perf_counter() - tic) / max(len(done), 1)  # sampling only: I/O overlaps it
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
-            _record(part, refs, done, seconds, len(batch), ranks.rank)
+            for item in done:
+                entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
+                entry.update(
+                    sample=item.sample, factor=item.factor, seed=item.seed, seconds=round(seconds, 4)
+                )
+                part.images[item.filename] = {**entry, "batch_size": len(batch), "rank": ranks.rank}
+            part.failed.update(refs.failed)
+            part.save()
             for item, image in zip(done, out if out is not None else [], strict=True):
                 io.write(save_png, result.out_dir / item.filename, image)
                 result.written.append(item.filename)
@@ -298,7 +278,20 @@ def _summarize(config, loaded, diffusion, refs, result) -> None:
     from the PNGs on disk (the metrics are the evaluation's: ``sample.py`` runs it after)."""
     out_dir = result.out_dir
     result.manifest = out_dir / "manifest.json"
-    merge_manifest(out_dir, _header(config, loaded, diffusion), result.manifest.name)
+    header = {
+        "checkpoint": {
+            "path": str(config.model.checkpoint),
+            "sha256": loaded.sha256,
+            "kind": loaded.source_kind,
+            "preset": config.model.preset,
+        },
+        "unet": loaded.model.config.to_dict(),  # as run: runtime settings of this config applied
+        "diffusion": loaded.diffusion,
+        "timestep_map": diffusion.timestep_map.tolist(),
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
+    merge_manifest(out_dir, header, result.manifest.name)
     if config.output.grid and not refs.unconditional:
         rows = [(refs.names[i], refs.get(i)) for i in range(len(refs.names))[: config.output.grid_max_rows]]
         rows = [(name, image) for name, image in rows if image is not None]
