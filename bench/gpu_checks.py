@@ -555,11 +555,11 @@ def check_ddp_train(args) -> None:
             "16",
             "--fid.batch_size",
             "16",
-            "--fid.respacing",
+            "--fid.sampler.respacing",
             "ddim5",
-            "--fid.inception_weights",
+            "--fid.reference.inception_weights",
             str(weights),
-            "--fid.stats_cache_dir",
+            "--fid.reference.stats_cache_dir",
             str(work / "stats"),
         ]
         resumed = [

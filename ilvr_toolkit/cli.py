@@ -29,16 +29,12 @@ if TYPE_CHECKING:
 __all__ = [
     "UsageError",
     "check_range",
-    "check_yaml_file",
     "make_parser",
     "normalize_options",
     "parse_options",
     "run_command",
     "setup_logging",
 ]
-
-#: exit status of a usage error (bad flag or value), as argparse uses.
-EXIT_USAGE = 2
 
 
 class UsageError(ValueError):
@@ -95,7 +91,8 @@ def normalize_options(
     - an option in ``repeatable`` given again appends (``--size 64 --size 128`` -> [64, 128]).
     """
     aliases = aliases or {}
-    flags = _bool_options(parser) if parser is not None else set()
+    defaults = parser.get_defaults() if parser is not None else {}
+    flags = {f"--{key}" for key, value in defaults.items() if isinstance(value, bool)}
     out: list[str] = []
     seen: set[str] = set()
     for i, token in enumerate(argv):
@@ -108,16 +105,12 @@ def normalize_options(
                 sep, value = "=", "true"
             elif name.startswith("--no_") and "--" + name[5:] in flags and not sep:
                 name, sep, value = "--" + name[5:], "=", "false"
-            if name in repeatable:
-                name = name + "+" if name in seen else name
-                seen.add(name.rstrip("+"))
+            if name in repeatable and name in seen:
+                name += "+"  # given again: append
+            seen.add(name)
             token = name + sep + value
         out.append(token)
     return out
-
-
-def _bool_options(parser: ArgumentParser) -> set[str]:
-    return {f"--{key}" for key, value in parser.get_defaults().items() if isinstance(value, bool)}
 
 
 def parse_options(
@@ -132,7 +125,7 @@ def parse_options(
     configs = [args[i + 1] for i, token in enumerate(args[:-1]) if token == "--config"]
     configs += [token.partition("=")[2] for token in args if token.startswith("--config=")]
     for path in configs:
-        check_yaml_file(path, "--config")
+        _check_yaml_file(path)
     try:
         return parser.parse_args(args)
     except argparse.ArgumentError as error:
@@ -142,30 +135,24 @@ def parse_options(
         raise UsageError(f"--config {' '.join(configs)}: unknown option {unknown.group(1)!r}") from None
 
 
-def check_yaml_file(path: str | Path, option: str) -> None:
-    """Raise :class:`UsageError` naming ``path`` unless it is a readable YAML file."""
+def _check_yaml_file(path: str) -> None:
+    """Raise :class:`UsageError` ``--config PATH: ...`` unless it is a readable YAML file."""
     import yaml
 
     try:
-        text = Path(path).read_text()
+        yaml.safe_load(Path(path).read_text())
     except OSError as error:
-        raise UsageError(f"{option} {path}: cannot read: {error.strerror or error}") from None
-    try:
-        yaml.safe_load(text)
+        raise UsageError(f"--config {path}: cannot read: {error.strerror or error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error)
-        raise UsageError(f"{option} {path}: invalid YAML{where}: {problem}") from None
+        raise UsageError(f"--config {path}: invalid YAML{where}: {problem}") from None
 
 
 def setup_logging() -> None:
     """INFO lines ``LEVEL name: message`` on stderr, once per process."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
-def _wants_debug(argv: list[str]) -> bool:
-    return "--debug" in argv or os.environ.get("ILVR_DEBUG", "") not in ("", "0")
 
 
 def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -178,7 +165,7 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
     ``ILVR_DEBUG=1`` the traceback is printed too.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = _wants_debug(args)
+    debug = "--debug" in args or os.environ.get("ILVR_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
         return int(main(args) or 0)
@@ -189,32 +176,23 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, UsageError | argparse.ArgumentError) else 1
+        return 2 if isinstance(error, UsageError | argparse.ArgumentError) else 1
 
 
 def _one_line(error: BaseException) -> str:
-    if isinstance(error, argparse.ArgumentError):
-        return _parse_error_line(str(error))
+    """The error as one line; jsonargparse's parse errors as ``--key VALUE: expected ...``."""
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
-        text = f"{error.filename}: {text}"
-    return text
-
-
-def _parse_error_line(text: str) -> str:
-    """jsonargparse's multi-line messages as one line: ``--key VALUE: expected ...``."""
-    match = re.match(r'Parser key "([^"]+)":\s*(.*)', text, re.S)
-    if match is None:
-        return " ".join(text.split())
+        return f"{error.filename}: {text}"
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', str(error), re.S)
+    if match is None or not isinstance(error, argparse.ArgumentError):
+        return text
     key, body = match.groups()
-    lines = [line.strip() for line in body.splitlines() if line.strip()]
-    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
-    got = re.search(r"\.? Got value: (.*)$", lines[0])
-    if got is not None:
-        given, lines[0] = got.group(1), lines[0][: got.start()]
-    errors = [line[2:] for line in lines if line.startswith("- ")] or [" ".join(lines)]
+    given = re.search(r"Given value: (.*)", body) or re.search(r"\. Got value: (.*)", body)
+    body = re.sub(r"\.? Got value: .*", "", body)
+    errors = re.findall(r"^\s*- (.*)", body, re.M) or [" ".join(body.split())]
     expected = " or ".join(dict.fromkeys(_expectation(e) for e in errors)).replace(" or expected ", " or ")
-    return f"--{key}{'' if given is None else ' ' + given}: {expected}"
+    return f"--{key}{'' if given is None else ' ' + given.group(1).strip()}: {expected}"
 
 
 def _expectation(complaint: str) -> str:

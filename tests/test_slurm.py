@@ -133,7 +133,7 @@ def test_sigterm_saves_at_a_step_boundary_leaves_the_note_and_resumes(lmdb: Path
         "SLURM_NODEID": "0",
     }
     args = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--data.path", str(lmdb)]
-    args += [*FAST, "--data.num_workers", "1", "--trainer.default_root_dir", str(run_dir)]
+    args += [*FAST, "--data.workers", "1", "--trainer.default_root_dir", str(run_dir)]
     proc = subprocess.Popen(
         [*args, "--trainer.max_steps", "400"],
         cwd=REPO,

@@ -256,9 +256,9 @@ def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(
         "fid.every_n_steps": 2,
         "fid.num_images": 4,
         "fid.batch_size": 4,
-        "fid.respacing": "ddim2",
-        "fid.inception_weights": str(weights),
-        "fid.stats_cache_dir": str(cache),
+        "fid.sampler.respacing": "ddim2",
+        "fid.reference.inception_weights": str(weights),
+        "fid.reference.stats_cache_dir": str(cache),
     }
     run_inprocess(common_args(lmdb_path, run_dir, **{"trainer.max_steps": 4, **fid_args}))
     history = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]
@@ -280,7 +280,7 @@ def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(
             common_args(
                 lmdb_path,
                 fresh,
-                **{"trainer.max_steps": 2, **fid_args, "fid.inception_weights": str(missing)},
+                **{"trainer.max_steps": 2, **fid_args, "fid.reference.inception_weights": str(missing)},
             )
         )
     assert not list(fresh.rglob("*.ckpt"))
@@ -334,9 +334,9 @@ def test_tiny_fit_ddp_two_processes(lmdb_path: Path, tmp_path: Path) -> None:
             "trainer.max_steps": 3,
             "fid.every_n_steps": 2,
             "fid.num_images": 2,
-            "fid.respacing": "ddim2",
-            "fid.inception_weights": str(weights),
-            "fid.stats_cache_dir": str(tmp_path / "stats"),
+            "fid.sampler.respacing": "ddim2",
+            "fid.reference.inception_weights": str(weights),
+            "fid.reference.stats_cache_dir": str(tmp_path / "stats"),
         },
     )
     proc = train_subprocess(args)
@@ -539,6 +539,10 @@ def test_ema_update_rule() -> None:
         ema.update(averaged, [torch.ones(3)], torch.tensor(n))
         assert torch.allclose(averaged[0], torch.full((3,), want)), (ema.warmup, n)
     assert warm.decay_at(1000) == 0.9 and plain.describe()["decay"] == 0.9
+    # start_step / update_every_n_steps decide which optimizer steps (0-based) update the EMA
+    late = EMA(start_step=3, update_every_n_steps=2)
+    assert [i for i in range(9) if late.should_update(step_idx=i)] == [3, 5, 7]
+    assert not late.should_update(epoch_idx=0) and plain.should_update(step_idx=0)
 
 
 def test_resume_picks_the_newest_and_stale_temp_files_are_removed(tmp_path: Path) -> None:

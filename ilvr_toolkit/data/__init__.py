@@ -8,16 +8,7 @@ imports torch, and DataLoader workers started with "spawn" do not import Lightni
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ilvr_toolkit.data.datamodule import ImageDataModule, LoaderOptions
-    from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, list_image_files, unique_names
-    from ilvr_toolkit.data.imageops import BadImage
-    from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset, decode_bytes
-    from ilvr_toolkit.data.lmdb_format import LMDBInfo, image_key, open_lmdb, read_info, read_names
-    from ilvr_toolkit.data.prepare import BuildReport, BuildSettings, build_lmdb
-    from ilvr_toolkit.data.references import ReferenceSet, center_crop_arr, collate_references, load_reference
+from typing import Any
 
 _SOURCES = {
     "datamodule": ["ImageDataModule", "LoaderOptions"],
@@ -29,30 +20,7 @@ _SOURCES = {
     "references": ["ReferenceSet", "center_crop_arr", "collate_references", "load_reference"],
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "BadImage",
-    "BuildReport",
-    "BuildSettings",
-    "ImageDataModule",
-    "LMDBImageDataset",
-    "LMDBInfo",
-    "LoaderOptions",
-    "ReferenceSet",
-    "build_lmdb",
-    "center_crop_arr",
-    "collate_references",
-    "decode_bytes",
-    "image_key",
-    "list_image_files",
-    "load_reference",
-    "open_lmdb",
-    "read_info",
-    "read_names",
-    "unique_names",
-]
-assert sorted(__all__) == sorted(_MODULE_OF)
+__all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str) -> Any:

@@ -71,28 +71,23 @@ class ImageDataModule(pl.LightningDataModule):
         self.hparams["loader"] = asdict(loader)
         self.image_size = image_size
         self.batch_size = batch_size
-        self.workers = workers
-        self.flip = flip
-        self.drop_last = drop_last
-        self.return_index = return_index
         self.loader = loader
         self.train_set: LMDBImageDataset | None = None
         self.eval_set: LMDBImageDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = LMDBImageDataset(self.path, self.image_size, self.flip, self.return_index)
-            self.eval_set = LMDBImageDataset(self.path, self.image_size, False, self.return_index)
+            hp = self.hparams
+            self.train_set = LMDBImageDataset(self.path, self.image_size, hp.flip, hp.return_index)
+            self.eval_set = LMDBImageDataset(self.path, self.image_size, False, hp.return_index)
 
-    def _loader(
-        self, dataset: LMDBImageDataset, shuffle: bool, drop_last: bool, batch_size: int
-    ) -> DataLoader:
-        workers, options = self.workers, self.loader
+    def _loader(self, dataset: LMDBImageDataset, batch_size: int, train: bool) -> DataLoader:
+        workers, options = self.hparams.workers, self.loader
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            shuffle=train,
+            drop_last=train and self.hparams.drop_last,
             num_workers=workers,
             pin_memory=options.pin_memory and torch.cuda.is_available(),
             persistent_workers=options.persistent_workers and workers > 0,
@@ -101,16 +96,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(
-            self.train_set, shuffle=True, drop_last=self.drop_last, batch_size=self.batch_size
-        )
+        return self._loader(self.train_set, self.batch_size, train=True)
 
     def eval_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Every image once, in index order, no flip (for FID statistics, sampling inputs)."""
         self.setup("predict")
-        return self._loader(
-            self.eval_set, shuffle=False, drop_last=False, batch_size=batch_size or self.batch_size
-        )
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.eval_dataloader()
+        return self._loader(self.eval_set, batch_size or self.batch_size, train=False)

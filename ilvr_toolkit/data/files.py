@@ -9,7 +9,6 @@ skipped; the official loader would try to open them and fail.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["IMAGE_EXTENSIONS", "has_image_extension", "list_image_files", "unique_names"]
@@ -17,12 +16,12 @@ __all__ = ["IMAGE_EXTENSIONS", "has_image_extension", "list_image_files", "uniqu
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def has_image_extension(name: str, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> bool:
-    """Whether ``name`` ends with one of ``extensions`` (case-insensitive, with the dot)."""
-    return name.lower().endswith(tuple(e.lower() for e in extensions))
+def has_image_extension(name: str) -> bool:
+    """Whether ``name`` ends with one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_files(root: str | Path, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
+def list_image_files(root: str | Path) -> list[Path]:
     """All image files under ``root`` (recursive, sorted per folder, hidden entries skipped).
 
     Returns absolute-or-as-given paths (``root / relative``). Symlinked folders are followed,
@@ -31,7 +30,6 @@ def list_image_files(root: str | Path, extensions: Iterable[str] = IMAGE_EXTENSI
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
-    extensions = tuple(e.lower() for e in extensions)
     found: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
 
@@ -46,7 +44,7 @@ def list_image_files(root: str | Path, extensions: Iterable[str] = IMAGE_EXTENSI
             path = folder / name
             if path.is_dir():
                 walk(path)
-            elif has_image_extension(name, extensions) and path.is_file():
+            elif has_image_extension(name) and path.is_file():
                 found.append(path)
 
     walk(root)
@@ -65,13 +63,9 @@ def unique_names(relative_paths: list[str | Path]) -> list[str]:
 
     def candidate(i: int, level: int) -> str:
         path = Path(*parts[i])
-        if level == 0:
-            return path.stem
         joined = "__".join((*parts[i][:-1], path.stem))
-        if level == 1:
-            return joined
         suffixed = f"{joined}_{path.suffix.lstrip('.')}" if path.suffix else joined
-        return suffixed if level == 2 else f"{suffixed}-{i}"
+        return (path.stem, joined, suffixed, f"{suffixed}-{i}")[level]
 
     levels = [0] * len(parts)
     while True:

@@ -79,6 +79,3 @@ class LMDBImageDataset(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return (image, index) if self.return_index else image
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path!r}, size={self.size}, n={len(self)}, flip={self.flip})"

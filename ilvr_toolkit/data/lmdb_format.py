@@ -32,7 +32,6 @@ __all__ = [
     "META_KEY",
     "NAMES_KEY",
     "LMDBInfo",
-    "check_not_truncated",
     "image_key",
     "open_lmdb",
     "read_info",
@@ -67,10 +66,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
-def _data_file(path: str) -> str:
-    return os.path.join(path, "data.mdb") if os.path.isdir(path) else path
-
-
 def check_not_truncated(data_file: str, size: int) -> None:
     """Refuse a data file shorter than its newest meta page says (``(last page + 1) * page
     size``): mapping it would end the process with SIGBUS at the first read past the end."""
@@ -101,7 +96,7 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
     already handed out keep reading the old files until dropped).
     """
     path = os.fspath(path)
-    data_file = _data_file(path)
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
     try:
         st = os.stat(data_file)
     except FileNotFoundError:

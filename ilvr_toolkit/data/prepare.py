@@ -18,6 +18,7 @@ A rerun deletes stale ``OUT.partial-*`` folders of dead processes and starts ove
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import io
 import json
@@ -36,33 +37,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import lmdb
 from PIL import Image
 
-from ilvr_toolkit import __version__
-from ilvr_toolkit.cli import UsageError, check_range, make_parser, parse_options, run_command
-from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
-from ilvr_toolkit.data.imageops import BadImage, center_crop_square, exif_upright, open_image, to_rgb
-from ilvr_toolkit.data.lmdb_format import (
-    LENGTH_KEY,
-    META_KEY,
-    NAMES_KEY,
-    image_key,
-    open_lmdb,
-    read_info,
-    read_names,
-)
+from .. import __version__
+from ..cli import UsageError, check_range, make_parser, parse_options, run_command
+from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
+from .imageops import BadImage, center_crop_square, exif_upright, open_image, to_rgb
+from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key, open_lmdb, read_info, read_names
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
 
-__all__ = [
-    "BuildReport",
-    "BuildSettings",
-    "build_lmdb",
-    "check_sizes",
-    "encode_image",
-    "main",
-    "process_image",
-    "verify_lmdb",
-]
+__all__ = ["BuildReport", "BuildSettings", "build_lmdb", "encode_image", "main", "process_image"]
 
 FORMATS = ("png", "jpeg")
 #: smallest output side accepted by ``--size``
@@ -114,68 +98,24 @@ class BuildSettings:
 
 
 # --------------------------------------------------------------------------- sources
+@dataclass
 class _Source:
-    """Ordered, picklable list of named inputs; handles open lazily in each process."""
+    """Ordered, picklable list of named inputs; :meth:`read` opens handles lazily per process.
 
-    kind: str
+    ``location`` is the resolved path; ``size`` is the stored size read from an LMDB source
+    (its largest).
+    """
+
+    kind: Literal["folder", "zip", "lmdb"]
     location: str
     names: list[str]
+    size: int = 0
 
     def read(self, index: int) -> bytes:
-        raise NotImplementedError
-
-
-class _FolderSource(_Source):
-    kind = "folder"
-
-    def __init__(self, root: Path):
-        self.location = str(root.resolve())
-        self.names = [p.relative_to(root).as_posix() for p in list_image_files(root)]
-
-    def read(self, index: int) -> bytes:
-        return Path(self.location, self.names[index]).read_bytes()
-
-
-class _ZipSource(_Source):
-    kind = "zip"
-
-    def __init__(self, path: Path):
-        self.location = str(path.resolve())
-        with zipfile.ZipFile(path) as zf:
-            members = [
-                info.filename
-                for info in zf.infolist()
-                if not info.is_dir()
-                and has_image_extension(info.filename)
-                and not any(part.startswith(".") or part == "__MACOSX" for part in info.filename.split("/"))
-            ]
-        self.names = sorted(members)
-        self._zip: tuple[int, zipfile.ZipFile] | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_zip": None}
-
-    def read(self, index: int) -> bytes:
-        if self._zip is None or self._zip[0] != os.getpid():
-            self._zip = (os.getpid(), zipfile.ZipFile(self.location))
-        return self._zip[1].read(self.names[index])
-
-
-class _LMDBSource(_Source):
-    """Another LMDB image dataset (ours or rosinality's); its largest size is the input."""
-
-    kind = "lmdb"
-
-    def __init__(self, path: Path):
-        self.location = str(path.resolve())
-        info = read_info(path)
-        if not info.sizes:
-            raise ValueError(f"{path}: LMDB holds no '{{size}}-{{index}}' images")
-        self.size = max(info.sizes)
-        names = read_names(path)
-        self.names = names if names is not None else [f"{i:05d}" for i in range(info.length)]
-
-    def read(self, index: int) -> bytes:
+        if self.kind == "folder":
+            return Path(self.location, self.names[index]).read_bytes()
+        if self.kind == "zip":
+            return _open_zip(self.location, os.getpid()).read(self.names[index])
         with open_lmdb(self.location).begin() as txn:
             data = txn.get(image_key(self.size, index))
         if data is None:
@@ -183,14 +123,28 @@ class _LMDBSource(_Source):
         return data
 
 
+@functools.lru_cache(maxsize=1)
+def _open_zip(path: str, pid: int) -> zipfile.ZipFile:
+    """One handle per archive and process: a forked worker must not share its parent's file offset."""
+    return zipfile.ZipFile(path)
+
+
 def _open_source(src: str | Path) -> _Source:
     src = Path(src)
+    location = str(src.resolve())
     if src.is_dir() and (src / "data.mdb").is_file():
-        return _LMDBSource(src)
+        info = read_info(src)
+        if not info.sizes:
+            raise ValueError(f"{src}: LMDB holds no '{{size}}-{{index}}' images")
+        names = read_names(src) or [f"{i:05d}" for i in range(info.length)]
+        return _Source("lmdb", location, names, max(info.sizes))
     if src.is_dir():
-        return _FolderSource(src)
+        return _Source("folder", location, [p.relative_to(src).as_posix() for p in list_image_files(src)])
     if src.is_file() and zipfile.is_zipfile(src):
-        return _ZipSource(src)
+        with zipfile.ZipFile(src) as zf:  # image members; folders, hidden entries and __MACOSX skipped
+            names = [m.filename for m in zf.infolist() if not m.is_dir() and has_image_extension(m.filename)]
+        hidden = {n for n in names if any(p.startswith(".") or p == "__MACOSX" for p in n.split("/"))}
+        return _Source("zip", location, sorted(n for n in names if n not in hidden))
     if not src.exists():
         raise UsageError(f"source {src}: no such file or folder")
     raise UsageError(f"source {src}: not a folder, a zip archive or an LMDB folder")
@@ -236,9 +190,9 @@ def process_image(
 _WORKER: dict = {}
 
 
-def _init_worker(source: _Source, options: dict) -> None:
-    _WORKER.clear()
-    _WORKER.update(source=source, options=options, delay=float(os.environ.get(_DELAY_ENV, "0") or 0))
+def _init_worker(source: _Source, sizes: list[int], settings: BuildSettings) -> None:
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    _WORKER.update(source=source, sizes=sizes, settings=settings, delay=delay)
 
 
 def _work(index: int) -> tuple[int, dict[int, bytes] | None, str | None]:
@@ -249,7 +203,8 @@ def _work(index: int) -> tuple[int, dict[int, bytes] | None, str | None]:
     except OSError as e:
         return index, None, f"cannot read: {e}"
     try:
-        return index, process_image(data, **_WORKER["options"]), None
+        s = _WORKER["settings"]
+        return index, process_image(data, _WORKER["sizes"], s.format, s.quality, s.compress_level), None
     except BadImage as e:
         return index, None, str(e)
 
@@ -288,24 +243,20 @@ def _put_all(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def verify_lmdb(path: str | Path, sizes: list[int], length: int, n_decode: int = 3) -> None:
-    """Raise unless ``path`` holds ``length`` images at every size and a few decode correctly."""
+def verify_lmdb(path: str | Path, sizes: list[int], length: int) -> None:
+    """Raise unless ``path`` holds ``length`` images at every size; the first, middle and last decode."""
     info = read_info(path)
     if info.length != length or sorted(info.sizes) != sorted(sizes):
         raise RuntimeError(f"verify {path}: length/sizes {info.length}/{info.sizes} != {length}/{sizes}")
-    probe = sorted({0, length // 2, length - 1})[:n_decode] if length else []
     with open_lmdb(path).begin() as txn:
         for size in sizes:
             for index in range(length):
-                value = txn.get(image_key(size, index))
-                if not value:
+                if not txn.get(image_key(size, index)):
                     raise RuntimeError(f"verify {path}: key {image_key(size, index)!r} missing")
-                if index in probe:
-                    img = open_image(value)
-                    if img.size != (size, size) or img.mode != "RGB":
-                        raise RuntimeError(
-                            f"verify {path}: {image_key(size, index)!r} is {img.mode} {img.size}"
-                        )
+            for index in {0, length // 2, length - 1} if length else ():
+                img = open_image(txn.get(image_key(size, index)))
+                if img.size != (size, size) or img.mode != "RGB":
+                    raise RuntimeError(f"verify {path}: {image_key(size, index)!r} is {img.mode} {img.size}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -313,20 +264,17 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True
+    except OSError:  # e.g. PermissionError: it exists
+        pass
     return True
 
 
 def _clean_stale(out: Path) -> None:
     """Delete leftovers of interrupted builds of ``out``; refuse if their builder still runs."""
-    pattern = glob.escape(out.name)
-    for leftover in sorted(out.parent.glob(f"{pattern}.partial-*")) + sorted(
-        out.parent.glob(f"{pattern}.old-*")
-    ):
-        pid_text = leftover.name.rsplit("-", 1)[-1]
-        pid = int(pid_text) if pid_text.isdigit() else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+    leftovers = [sorted(out.parent.glob(f"{glob.escape(out.name)}.{kind}-*")) for kind in ("partial", "old")]
+    for leftover in leftovers[0] + leftovers[1]:
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             raise FileExistsError(
                 f"{leftover} belongs to a running build (pid {pid}); wait for it, or delete it if stale"
             )
@@ -384,7 +332,13 @@ def build_lmdb(
     t0 = time.perf_counter()
     sizes = check_sizes(sizes)
     out = Path(out)
-    src = _check_paths(source, out, settings.overwrite)
+    if (out.exists() or out.is_symlink()) and not settings.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    src = _open_source(source)
+    if not src.names:
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+    if src.kind == "lmdb" and Path(src.location) == out.resolve():
+        raise UsageError(f"source and --output.dir are the same LMDB: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -399,18 +353,6 @@ def build_lmdb(
     return BuildReport(str(out), len(kept), sizes, settings.format, time.perf_counter() - t0, skipped)
 
 
-def _check_paths(source: str | Path, out: Path, overwrite: bool) -> _Source:
-    """The opened source, once it is known that the build may start."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    src = _open_source(source)
-    if not src.names:
-        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
-    if src.kind == "lmdb" and Path(src.location) == out.resolve():
-        raise UsageError(f"source and --output.dir are the same LMDB: {out}")
-    return src
-
-
 def _write_dataset(
     path: Path, src: _Source, sizes: list[int], settings: BuildSettings, desc: str
 ) -> tuple[list[str], list[tuple[str, str]]]:
@@ -423,7 +365,25 @@ def _write_dataset(
             kept, skipped, pending = _store_images(env, results, src.names, settings, desc)
         if not kept:
             raise ValueError(f"no usable images in {src.location} ({len(skipped)} skipped)")
-        meta = _metadata(src, kept, skipped, sizes, settings)
+        if settings.format == "jpeg":
+            encoding = {"quality": settings.quality, "subsampling": "4:4:4"}
+        else:
+            encoding = {"compress_level": settings.compress_level}
+        meta = {
+            "tool": "ilvr_toolkit",
+            "tool_version": __version__,
+            "length": len(kept),
+            "sizes": sizes,
+            "format": settings.format,
+            **encoding,
+            "crop": "centre square",
+            "filter": "PIL LANCZOS (antialiased), each size from the crop",
+            "color": "RGB; EXIF orientation applied; alpha over white; 16-bit scaled by 1/257",
+            "source": src.location,
+            "source_kind": src.kind,
+            "skipped": skipped,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         pending += [
             (LENGTH_KEY, str(len(kept)).encode()),
             (META_KEY, json.dumps(meta).encode()),
@@ -439,16 +399,18 @@ def _write_dataset(
 @contextlib.contextmanager
 def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterator[Iterator[_Result]]:
     """``(index, {size: bytes} or None, reason)`` for every source index, in order."""
-    options = dict(
-        sizes=sizes, fmt=settings.format, quality=settings.quality, compress_level=settings.compress_level
-    )
     count = len(src.names)
     workers = (os.cpu_count() or 1) if settings.workers is None else settings.workers
     if workers == 0:
-        _init_worker(src, options)
-        yield map(_work, range(count))
+        _init_worker(src, sizes, settings)
+        try:
+            yield map(_work, range(count))
+        finally:
+            _open_zip.cache_clear()  # closes a zip source's archive
         return
-    pool = multiprocessing.get_context(settings.start_method).Pool(workers, _init_worker, (src, options))
+    pool = multiprocessing.get_context(settings.start_method).Pool(
+        workers, _init_worker, (src, sizes, settings)
+    )
     try:
         yield pool.imap(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
     finally:
@@ -481,31 +443,6 @@ def _store_images(
                 _put_all(env, pending)
                 pending, pending_bytes = [], 0
     return kept, skipped, pending
-
-
-def _metadata(
-    src: _Source, kept: list[str], skipped: list[tuple[str, str]], sizes: list[int], settings: BuildSettings
-) -> dict[str, Any]:
-    encoding = (
-        {"quality": settings.quality, "subsampling": "4:4:4"}
-        if settings.format == "jpeg"
-        else {"compress_level": settings.compress_level}
-    )
-    return {
-        "tool": "ilvr_toolkit",
-        "tool_version": __version__,
-        "length": len(kept),
-        "sizes": sizes,
-        "format": settings.format,
-        **encoding,
-        "crop": "centre square",
-        "filter": "PIL LANCZOS (antialiased), each size from the crop",
-        "color": "RGB; EXIF orientation applied; alpha over white; 16-bit scaled by 1/257",
-        "source": src.location,
-        "source_kind": src.kind,
-        "skipped": skipped,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # --------------------------------------------------------------------------- CLI

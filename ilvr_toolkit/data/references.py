@@ -82,7 +82,7 @@ class ReferenceSet(Dataset):
             self._lmdb = LMDBImageDataset(self.source, min(larger) if larger else max(sizes))
             self.names = [f"{i:05d}" for i in range(len(self._lmdb))]
         elif self.source.is_dir():
-            self.files = list_image_files(self.source, IMAGE_EXTENSIONS)
+            self.files = list_image_files(self.source)
             self.names = unique_names([f.relative_to(self.source) for f in self.files])
         elif self.source.is_file():
             self.files = [self.source]

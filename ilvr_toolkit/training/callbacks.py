@@ -84,14 +84,23 @@ def _publish(trainer: pl.Trainer, tag: str, grid: torch.Tensor, filename: str | 
 
 
 class _EveryNSteps(Callback):
-    """Runs ``_run`` on global rank 0 after every ``every_n_steps``-th optimizer step."""
+    """Runs the subclass's ``_run(trainer, pl_module)`` on global rank 0 after every
+    ``every_n_steps``-th optimizer step (once per step under gradient accumulation); the
+    settings every such sampler has (see the subclasses)."""
 
-    def __init__(self, every_n_steps: int, at_start: bool) -> None:
+    def __init__(self, every_n_steps: int, num_images: int, sampler: SamplerSpec, seed: int, at_start: bool):
         if every_n_steps < 0:
             raise ValueError("every_n_steps must be >= 0 (0 disables)")
         self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.sampler = sampler
+        self.seed = seed
         self.at_start = at_start
         self.last_step = -1
+
+    def seeds(self, start: int, stop: int) -> list[int]:
+        """``sample.py``'s seeds of images start .. stop-1 (sample 0 of reference i)."""
+        return [image_seed(self.seed, i, 0) for i in range(start, stop)]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps and self.at_start and trainer.global_step == 0:
@@ -105,13 +114,9 @@ class _EveryNSteps(Callback):
             self._maybe_run(trainer, pl_module)
 
     def _maybe_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == self.last_step or not trainer.is_global_zero or trainer.sanity_checking:
-            return
-        self.last_step = trainer.global_step
-        self._run(trainer, pl_module)
-
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        raise NotImplementedError
+        if trainer.global_step != self.last_step and trainer.is_global_zero:
+            self.last_step = trainer.global_step
+            self._run(trainer, pl_module)
 
 
 class SampleGrid(_EveryNSteps):
@@ -137,23 +142,17 @@ class SampleGrid(_EveryNSteps):
         nrow: int | None = None,
         save_png: bool = True,
     ) -> None:
-        super().__init__(every_n_steps, at_start)
-        self.num_images = num_images
-        self.sampler = sampler
-        self.seed = seed
+        super().__init__(every_n_steps, num_images, sampler, seed, at_start)
         self.nrow = nrow or max(1, round(num_images**0.5))
         self.save_png = save_png
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
-        seeds = [image_seed(self.seed, i, 0) for i in range(self.num_images)]
         with sampling_weights(trainer, pl_module) as (net, which):
-            images = sample_images(pl_module, net, seeds, self.sampler)
-        grid = make_grid(images, nrow=self.nrow, padding=2, pad_value=0)
+            images = sample_images(pl_module, net, self.seeds(0, self.num_images), self.sampler)
         name = f"samples_{trainer.global_step:08d}.png" if self.save_png else None
-        _publish(trainer, f"samples/{which}", grid, name)
-        seconds = time.perf_counter() - started
-        log.info("sample grid (%s weights, %s) in %.1fs", which, self.sampler.respacing, seconds)
+        _publish(trainer, f"samples/{which}", make_grid(images, nrow=self.nrow), name)
+        log.info("sample grid (%s weights) in %.1fs", which, time.perf_counter() - started)
 
 
 class ILVRPreview(_EveryNSteps):
@@ -186,12 +185,9 @@ class ILVRPreview(_EveryNSteps):
         at_start: bool = False,
         save_png: bool = True,
     ) -> None:
-        super().__init__(every_n_steps, at_start)
+        super().__init__(every_n_steps, num_images, sampler, seed, at_start)
         self.references = references
-        self.num_images = num_images
         self.ilvr = ilvr
-        self.sampler = sampler
-        self.seed = seed
         self.save_png = save_png
         self.images: torch.Tensor | None = None
 
@@ -219,7 +215,7 @@ class ILVRPreview(_EveryNSteps):
         if self.images is None:
             return
         count, size = self.images.shape[0], self.images.shape[-1]
-        seeds = [image_seed(self.seed, i, 0) for i in range(count)]
+        seeds = self.seeds(0, count)
         rows = [self.images]
         with sampling_weights(trainer, pl_module) as (net, which):
             device = next(net.parameters()).device
@@ -231,6 +227,5 @@ class ILVRPreview(_EveryNSteps):
                 condition = Condition(self.images, lowpass, range_t, self.ilvr.mode)
                 out = sample_images(pl_module, net, seeds, self.sampler, condition)
                 rows += [to_uint8(lowpass(to_float(self.images).to(device))).cpu(), out]
-        grid = make_grid(torch.cat(rows), nrow=count, padding=2, pad_value=0)
         name = f"ilvr_{trainer.global_step:08d}.png" if self.save_png else None
-        _publish(trainer, f"ilvr/preview_{which}", grid, name)
+        _publish(trainer, f"ilvr/preview_{which}", make_grid(torch.cat(rows), nrow=count), name)

@@ -1,23 +1,16 @@
 """Checkpoint policy of a training run: atomic writes, ``last.ckpt`` cadence, EMA, resume,
 and the files of a SLURM requeue (``training/preemption.py``).
 
-Layout of a run directory (``trainer.default_root_dir``, fixed per run)::
-
-    RUN/config.yaml                 resolved config (rewritten on every (re)start)
-    RUN/checkpoints/last.ckpt       newest state (every ``last_every_n_steps`` / minutes, at the end)
-    RUN/checkpoints/step=N.ckpt     numbered snapshots (every ``every_n_train_steps``)
-    RUN/hpc_ckpt_K.ckpt             written on SLURM's pre-emption signal (Lightning's name)
-    RUN/tb/                         TensorBoard events
-    RUN/samples/                    sample grids and ILVR previews (PNG)
-
-Rerunning the same command resumes from the newest of ``last.ckpt`` and ``hpc_ckpt_*.ckpt``
-(:func:`find_resume_checkpoint`).
+A run directory ``RUN`` (``trainer.default_root_dir``; layout in docs/training.md) holds
+``checkpoints/last.ckpt`` (every ``last_every_n_steps`` / minutes and at the end),
+``checkpoints/step=N.ckpt`` snapshots and ``hpc_ckpt_K.ckpt`` (saved on SLURM's pre-emption
+signal, Lightning's name). Rerunning the same command resumes from the newest of
+``last.ckpt`` and ``hpc_ckpt_*.ckpt`` (:func:`find_resume_checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import time
@@ -33,23 +26,12 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..fileio import atomic_open
 
-__all__ = [
-    "EMA",
-    "AtomicCheckpointIO",
-    "RunCheckpoint",
-    "atomic_open",
-    "atomic_torch_save",
-    "find_resume_checkpoint",
-    "next_hpc_checkpoint_path",
-]
-
-log = logging.getLogger(__name__)
+__all__ = ["EMA", "AtomicCheckpointIO", "RunCheckpoint", "atomic_torch_save", "find_resume_checkpoint"]
 
 _HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 _TMP_PATTERN = re.compile(r"^\..+\.ckpt\.[0-9a-f]{8}\.tmp$")
 
 
-# --------------------------------------------------------------------------- atomic writes
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` through :func:`atomic_open`.
 
@@ -65,9 +47,7 @@ def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete ``.<name>.ckpt.<random>.tmp`` leftovers of writes killed midway."""
     removed = []
     folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for entry in folder.iterdir():
+    for entry in folder.iterdir() if folder.is_dir() else []:
         if entry.is_file() and _TMP_PATTERN.match(entry.name):
             with contextlib.suppress(OSError):
                 entry.unlink()
@@ -81,28 +61,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        target = os.fspath(path)
-        if storage_options is not None or "://" in target:
+        if storage_options is not None or "://" in os.fspath(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, target)
-        return None
+        return atomic_torch_save(checkpoint, path)
 
 
-# --------------------------------------------------------------------------- resume
-def hpc_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """``hpc_ckpt_K.ckpt`` files in ``run_dir``, sorted by K."""
+def hpc_checkpoints(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
+    """``{K: RUN/hpc_ckpt_K.ckpt}`` in ascending K (Lightning's naming, so ``ckpt_path="hpc"``
+    finds them too; the next one is ``K = max + 1``)."""
     folder = Path(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _HPC_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def next_hpc_checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
-    """``RUN/hpc_ckpt_{K+1}.ckpt`` (Lightning's naming, so ``ckpt_path="hpc"`` finds it too)."""
-    existing = hpc_checkpoints(run_dir)
-    number = int(_HPC_PATTERN.match(existing[-1].name).group(1)) + 1 if existing else 1
-    return Path(run_dir) / f"hpc_ckpt_{number}.ckpt"
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return dict(sorted((int(m.group(1)), folder / m.group(0)) for m in map(_HPC_PATTERN.match, names) if m))
 
 
 def find_resume_checkpoint(
@@ -110,13 +79,12 @@ def find_resume_checkpoint(
 ) -> Path | None:
     """The newest (by modification time) of ``CHECKPOINT_DIR/last.ckpt`` and ``RUN/hpc_ckpt_*.ckpt``."""
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
-    candidates = [p for p in [checkpoint_dir / "last.ckpt", *hpc_checkpoints(run_dir)] if p.is_file()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc")))
+    candidates = [
+        p for p in [checkpoint_dir / "last.ckpt", *hpc_checkpoints(run_dir).values()] if p.is_file()
+    ]
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc")), default=None)
 
 
-# --------------------------------------------------------------------------- EMA
 class EMA(WeightAveraging):
     """Lightning's weight averaging as guided-diffusion's EMA.
 
@@ -164,6 +132,13 @@ class EMA(WeightAveraging):
         self.warmup = warmup
         self.on_own_device = device is None
 
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """After the optimizer step of 0-based index ``step_idx``: from ``start_step`` on, every
+        ``update_every_n_steps`` steps (the first update copies the weights: AveragedModel's rule)."""
+        if step_idx is None or step_idx < self.start_step:
+            return False
+        return (step_idx - self.start_step) % self.update_every_n_steps == 0
+
     def decay_at(self, num_averaged: int) -> float:
         """The decay of the update that follows ``num_averaged`` earlier ones (copy included)."""
         if not self.warmup:
@@ -185,15 +160,10 @@ class EMA(WeightAveraging):
         """Keep the raw weights in the module (the EMA is in every checkpoint's state_dict)."""
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "start_step": self.start_step,
-            "update_every_n_steps": self.update_every_n_steps,
-            "warmup": self.warmup,
-        }
+        keys = ("decay", "start_step", "update_every_n_steps", "warmup")
+        return {key: getattr(self, key) for key in keys}
 
 
-# --------------------------------------------------------------------------- checkpoints
 class RunCheckpoint(ModelCheckpoint):
     """Numbered snapshots (the stock ModelCheckpoint), plus ``last.ckpt`` on a step and/or
     time cadence and at the end of training.

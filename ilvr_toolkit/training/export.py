@@ -32,23 +32,15 @@ from ilvr_toolkit.models import (
     save_plain_state_dict,
 )
 
-__all__ = ["ExportResult", "export_checkpoint", "checkpoint_unet_weights", "main"]
+__all__ = ["export_checkpoint", "checkpoint_unet_weights", "main"]
 
 _PREFIX = "model."
 
 
-class ExportResult(dict):
-    """``{"plain": Path, "model_file": Path, "weights": "ema"|"raw", "global_step": int}``."""
-
-
-def checkpoint_unet_weights(
-    checkpoint: dict[str, Any], weights: str = "ema"
-) -> tuple[dict[str, torch.Tensor], str]:
-    """The UNet's weights in a Lightning checkpoint of :class:`DiffusionModule`.
-
-    Returns ``(state_dict without the "model." prefix, which)``, ``which`` being ``"ema"``
-    or ``"raw"``. A checkpoint trained without EMA has only raw weights; asking for ``ema``
-    then raises.
+def checkpoint_unet_weights(checkpoint: dict[str, Any], weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The UNet's ``"ema"`` or ``"raw"`` weights in a Lightning checkpoint of
+    :class:`DiffusionModule`, without the ``"model."`` prefix. A checkpoint trained without
+    EMA has only raw weights; asking for ``ema`` then raises.
     """
     has_ema = "current_model_state" in checkpoint
     if weights == "ema":
@@ -64,7 +56,7 @@ def checkpoint_unet_weights(
     unet = {k[len(_PREFIX) :]: v for k, v in source.items() if k.startswith(_PREFIX)}
     if not unet:
         raise ValueError(f"no UNet weights under the prefix {_PREFIX!r} in the checkpoint")
-    return unet, weights
+    return unet
 
 
 def export_checkpoint(
@@ -72,8 +64,11 @@ def export_checkpoint(
     out_dir: str | Path | None = None,
     name: str | None = None,
     weights: str = "ema",
-) -> ExportResult:
-    """Write ``NAME.pt`` (plain) and ``NAME.model.pt`` (self-describing); see the module doc."""
+) -> dict[str, Any]:
+    """Write ``NAME.pt`` (plain) and ``NAME.model.pt`` (self-describing); see the module doc.
+
+    Returns ``{"plain": Path, "model_file": Path, "weights": "ema"|"raw", "global_step": int}``.
+    """
     ckpt_path = Path(ckpt_path)
     checkpoint = load_state_dict_file(ckpt_path)  # weights_only=True
     hparams = checkpoint.get("hyper_parameters") or {}
@@ -81,17 +76,16 @@ def export_checkpoint(
         raise ValueError(f"{ckpt_path}: not a DiffusionModule checkpoint (no hyper_parameters['unet'])")
     # native_groupnorm is a per-run speed choice (sample.py --native_groupnorm), not the model's
     unet_config = UNetConfig.from_dict(hparams["unet"]).replace(native_groupnorm=False)
-    state, which = checkpoint_unet_weights(checkpoint, weights)
-    state = check_state_dict(state, unet_config, source=ckpt_path)
+    state = check_state_dict(checkpoint_unet_weights(checkpoint, weights), unet_config, source=ckpt_path)
     step = int(checkpoint.get("global_step", 0))
     if out_dir is None:
         run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
         out_dir = run_dir / "export"
     out_dir = Path(out_dir)
-    name = name or f"{which}_step{step:08d}"
+    name = name or f"{weights}_step{step:08d}"
     info = dict(checkpoint.get("ilvr_toolkit") or {})
     extra = {
-        "weights": which,
+        "weights": weights,
         "global_step": step,
         "epoch": int(checkpoint.get("epoch", 0)),
         "source_checkpoint": str(ckpt_path),
@@ -105,7 +99,7 @@ def export_checkpoint(
     save_model_file(
         model_file, unet_config, state, diffusion=dict(hparams.get("diffusion") or {}), extra=extra
     )
-    return ExportResult(plain=plain, model_file=model_file, weights=which, global_step=step)
+    return {"plain": plain, "model_file": model_file, "weights": weights, "global_step": step}
 
 
 def build_parser() -> ArgumentParser:
@@ -129,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    old = "--out_dir"  # the earlier spelling of --output.dir
-    argv = ["--output.dir" + a[len(old) :] if a.split("=")[0] == old else a for a in normalize_options(argv)]
+    argv = normalize_options(argv, aliases={"--out_dir": "--output.dir"})  # the earlier spelling
     args = build_parser().parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint {args.checkpoint}: no such file")

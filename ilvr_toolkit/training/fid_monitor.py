@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,27 @@ from ilvr_toolkit.evaluation import (
 )
 from ilvr_toolkit.fileio import atomic_write_bytes
 from ilvr_toolkit.sampling.config import SamplerSpec
-from ilvr_toolkit.sampling.seeds import image_seed
 
 from .callbacks import _EveryNSteps, sample_images, sampling_weights
 
-__all__ = ["FIDMonitor"]
+__all__ = ["FIDMonitor", "FIDReference"]
 
 log = logging.getLogger(__name__)
 
 
-def _on_cpu(stats: FeatureStats) -> FeatureStats:
-    return FeatureStats(stats.mean.cpu(), stats.cov.cpu(), stats.count)
+@dataclass
+class FIDReference:
+    """What the samples are compared to (``--fid.reference.*``).
+
+    Attributes:
+        images: real images (folder or LMDB); None: the training LMDB.
+        inception_weights: the FID Inception file (default: the torch hub cache).
+        stats_cache_dir: where reference statistics are cached (default: the evaluation cache).
+    """
+
+    images: str | None = None
+    inception_weights: str | None = None
+    stats_cache_dir: str | None = None
 
 
 class FIDMonitor(_EveryNSteps):
@@ -54,11 +65,10 @@ class FIDMonitor(_EveryNSteps):
         every_n_steps: optimizer steps between evaluations (0: never; the default, because
             it needs the Inception weights, see README "Evaluation").
         num_images: samples per evaluation.
-        respacing: the sampler (``"ddim50"``; ``"100"`` = 100 DDPM steps).
+        sampler: method, respacing and eta, as ``sample.py --sampler.*`` (default: DDIM over
+            ``ddim50``).
         batch_size: samples per forward pass and Inception batch.
-        reference: real images (folder or LMDB); default: the training LMDB.
-        inception_weights: the FID Inception file (default: the torch hub cache).
-        stats_cache_dir: where reference statistics are cached (default: the evaluation cache).
+        reference: the real images, the Inception file and the statistics cache.
         seed: image i always starts from the generator seeded (seed, i).
         at_start: also evaluate before the first step of a fresh run.
     """
@@ -69,104 +79,92 @@ class FIDMonitor(_EveryNSteps):
         self,
         every_n_steps: int = 0,
         num_images: int = 1000,
-        respacing: str = "ddim50",
+        sampler: SamplerSpec = SamplerSpec("ddim", "ddim50"),
         batch_size: int = 50,
-        reference: str | None = None,
-        inception_weights: str | None = None,
-        stats_cache_dir: str | None = None,
+        reference: FIDReference = FIDReference(),
         seed: int = 0,
         at_start: bool = False,
     ) -> None:
-        super().__init__(every_n_steps, at_start)
+        super().__init__(every_n_steps, num_images, sampler, seed, at_start)
         if num_images < 2 or batch_size < 1:
             raise ValueError("fid.num_images must be >= 2 and fid.batch_size >= 1")
-        self.num_images = num_images
-        self.respacing = respacing
         self.batch_size = batch_size
         self.reference = reference
-        self.inception_weights = inception_weights
-        self.stats_cache_dir = stats_cache_dir
-        self.seed = seed
         self.history: list[dict[str, Any]] = []
-        self._extractor: InceptionFeatureExtractor | None = None
-        self._real: FeatureStats | None = None
+        self.extractor: InceptionFeatureExtractor | None = None
+        self.real: FeatureStats | None = None
 
-    # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Every fit, on every rank (a second fit must not leave rank 0 out of the collectives
         # in cached_reference_stats); from the second time on, the statistics come from the cache.
         if stage != "fit" or not self.every_n_steps:
             return
-        source = self.reference or getattr(getattr(trainer, "datamodule", None), "path", None)
+        source = self.reference.images or getattr(getattr(trainer, "datamodule", None), "path", None)
         if source is None:
-            raise ValueError("fid.every_n_steps is set but there is no fid.reference and no training LMDB")
+            raise ValueError(
+                "fid.every_n_steps is set but there is no fid.reference.images and no training LMDB"
+            )
         device = trainer.strategy.root_device
-        extractor = InceptionFeatureExtractor(self.inception_weights).to(device)  # every rank: same error
+        extractor = InceptionFeatureExtractor(self.reference.inception_weights).to(
+            device
+        )  # every rank: same error
         real, info = cached_reference_stats(  # all ranks take part (sharded), rank 0 gets the result
             source,
             extractor,
             image_size=pl_module.unet_config.image_size,
-            cache_dir=self.stats_cache_dir,
+            cache_dir=self.reference.stats_cache_dir,
             batch_size=self.batch_size,
             kid=False,
         )
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
-            self._extractor, self._real = extractor, _on_cpu(real)
+            self.extractor, self.real = extractor, FeatureStats(real.mean.cpu(), real.cov.cpu(), real.count)
+            how = "cache hit" if info.hit else f"computed ({info.reason})"
             log.info(
                 "FID reference statistics of %s (%d images): %s in %.1fs",
                 source,
                 real.count,
-                "cache hit" if info.hit else f"computed ({info.reason})",
+                how,
                 info.seconds,
             )
 
-    # ------------------------------------------------------------------ evaluation
-    def _samples(self, net: torch.nn.Module, pl_module: pl.LightningModule) -> Iterator:
-        """Batches of ``sample.py --unconditional --seed SEED``'s images 0 .. num_images-1."""
-        sampler = SamplerSpec("ddim" if self.respacing.startswith("ddim") else "ddpm", self.respacing)
+    def _samples(self, net: torch.nn.Module, pl_module: pl.LightningModule) -> Iterator[torch.Tensor]:
+        """uint8 batches (<= batch_size, 3, H, W) of ``sample.py --unconditional --seed SEED``'s
+        images 0 .. num_images-1."""
         for start in range(0, self.num_images, self.batch_size):
-            stop = min(start + self.batch_size, self.num_images)
-            yield sample_images(
-                pl_module, net, [image_seed(self.seed, i, 0) for i in range(start, stop)], sampler
-            )
+            seeds = self.seeds(start, min(start + self.batch_size, self.num_images))
+            yield sample_images(pl_module, net, seeds, self.sampler)
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Sample, extract, compare; returns the FID (global rank 0 after ``setup``)."""
-        if self._extractor is None or self._real is None:
-            raise RuntimeError("FIDMonitor.evaluate needs setup() on global rank 0 first")
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Sample, extract, compare (global rank 0, after ``setup``); log and append the FID."""
         tic = time.perf_counter()
         with sampling_weights(trainer, pl_module) as (net, which):  # on the training device
             fake = compute_image_set_stats(
-                self._samples(net, pl_module), self._extractor, kid=False, distributed=False
+                self._samples(net, pl_module), self.extractor, kid=False, distributed=False
             )
-        fid = float(self._real.frechet_distance(_on_cpu(fake)))
-        entry = {
-            "step": trainer.global_step,
-            "fid": fid,
-            "num_images": self.num_images,
-            "respacing": self.respacing,
-            "weights": which,
-            "seconds": round(time.perf_counter() - tic, 2),
-        }
-        self.history.append(entry)
-        self._publish(trainer, entry)
-        return fid
-
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fid = self.evaluate(trainer, pl_module)
-        log.info(
-            "step %d: FID %.3f (%d samples, %s)", trainer.global_step, fid, self.num_images, self.respacing
+        fid = float(self.real.frechet_distance(FeatureStats(fake.mean.cpu(), fake.cov.cpu(), fake.count)))
+        step, seconds = trainer.global_step, round(time.perf_counter() - tic, 2)
+        self.history.append(
+            {
+                "step": step,
+                "fid": fid,
+                "num_images": self.num_images,
+                "respacing": self.sampler.respacing,
+                "weights": which,
+                "seconds": seconds,
+            }
         )
-
-    def _publish(self, trainer: pl.Trainer, entry: dict[str, Any]) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics({"fid/fid": entry["fid"], "fid/seconds": entry["seconds"]}, step=entry["step"])
+            logger.log_metrics({"fid/fid": fid, "fid/seconds": seconds}, step=step)
         lines = "".join(json.dumps(e) + "\n" for e in self.history)
         atomic_write_bytes(Path(trainer.default_root_dir) / "fid.jsonl", lines.encode())
+        log.info("step %d: FID %.3f (%d samples, %s)", step, fid, self.num_images, self.sampler.respacing)
 
-    # ------------------------------------------------------------------ checkpoints
     def describe(self) -> dict[str, Any]:
-        return {"num_images": self.num_images, "respacing": self.respacing, "history": self.history[-1:]}
+        return {
+            "num_images": self.num_images,
+            "respacing": self.sampler.respacing,
+            "history": self.history[-1:],
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}

@@ -7,10 +7,7 @@ hyperparameters as plain values (``hparams["unet"]`` = ``UNetConfig.to_dict()``,
 ``model``, so a checkpoint's ``state_dict`` holds the UNet's weights under ``"model."``.
 ``ilvr_toolkit.models.load_model`` and ``DiffusionModule.load_from_checkpoint`` read such a
 checkpoint with nothing else; with the EMA callback that ``state_dict`` is the EMA weights.
-
-What is *not* here: EMA and checkpoint policy (``training.checkpointing``), sample grids
-and ILVR previews (``training.callbacks``), learning-rate and throughput logging
-(Lightning's monitors) are callbacks.
+EMA, checkpoint policy, sample grids and ILVR previews are callbacks (``training.*``).
 """
 
 from __future__ import annotations
@@ -39,11 +36,7 @@ NanPolicy = Literal["raise", "skip"]
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedule.
-
-    Attributes:
-        optim: AdamW settings and warmup (``model.optim.lr`` ...; see OptimConfig).
-    """
+    """AdamW settings (``torch.optim.AdamW``'s) and a linear lr warmup over ``warmup_steps``."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -66,26 +59,15 @@ def resolve_unet_config(unet: str | Mapping[str, Any] | UNetConfig) -> UNetConfi
         )
     fields = dict(unet)
     preset = fields.pop("preset", None)
-    if preset is None:
-        return UNetConfig.from_dict(fields)
-    base = get_preset(str(preset)).to_dict()
-    unknown = sorted(set(fields) - set(base))
-    if unknown:
-        raise ValueError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(base)}")
-    return UNetConfig.from_dict({**base, **fields})
+    base = get_preset(str(preset)).to_dict() if preset is not None else {}
+    return UNetConfig.from_dict({**base, **fields})  # an unknown key is a ValueError naming it
 
 
 def resolve_diffusion_config(diffusion: DiffusionConfig | Mapping[str, Any] | None) -> DiffusionConfig:
     """A DiffusionConfig from itself, a dict (unknown keys refused) or None (defaults)."""
-    if diffusion is None:
-        return DiffusionConfig()
     if isinstance(diffusion, DiffusionConfig):
         return diffusion
-    known = set(DiffusionConfig().to_dict())
-    unknown = sorted(set(diffusion) - known)
-    if unknown:
-        raise ValueError(f"unknown diffusion settings {unknown}; known: {sorted(known)}")
-    return DiffusionConfig.from_dict(dict(diffusion))
+    return DiffusionConfig.from_dict(dict(diffusion or {}))
 
 
 class DiffusionModule(pl.LightningModule):
@@ -165,7 +147,6 @@ class DiffusionModule(pl.LightningModule):
         self._last_loss: torch.Tensor | None = None
         self._loss_finite: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ fine-tuning
     def _load_initial_weights(self, path: str) -> None:
         """Copy the weights of ``path`` into ``self.model`` (strict, architecture-checked)."""
         loaded = load_model(path, preset=self.unet_config)
@@ -180,41 +161,25 @@ class DiffusionModule(pl.LightningModule):
                 )
         log.info("initialised the UNet from %s (%s, sha256 %s)", path, loaded.source_kind, loaded.sha256[:12])
 
-    # ------------------------------------------------------------------ lifecycle
-    def setup(self, stage: str) -> None:
-        if stage != "fit":  # called by the trainer: attached
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        size = getattr(datamodule, "image_size", None)
-        if size is not None and int(size) != self.unet_config.image_size:
-            raise ValueError(
-                f"the data module serves {size}x{size} images but the UNet is built for "
-                f"{self.unet_config.image_size}x{self.unet_config.image_size}"
-            )
-
     def on_fit_start(self) -> None:
         # After the EMA callback copied the module (its setup), so the EMA copy stays eager.
         if self.hparams.compile:
             self.model.compile()
 
     def on_train_start(self) -> None:
-        # Seed the timestep/noise generator per rank and per (re)start: seed_everything gives
-        # every rank the same global RNG, which would draw the same t and noise on all ranks.
-        base = torch.initial_seed()
-        seed = (base + 1_000_003 * self.global_rank + 7_919 * self.global_step) % (2**63 - 1)
-        self._generator = torch.Generator(device=self.device)
-        self._generator.manual_seed(seed)
+        self._generator = None  # seeded again by the first _draw of this (re)start
 
-    # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.model(x, timesteps)
 
     def _draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform timesteps t (B,) and noise like x0, from this rank's generator."""
         gen = self._generator
-        if gen is None or gen.device != x0.device:  # outside fit (tests, manual calls)
-            gen = self._generator = torch.Generator(device=x0.device)
-            gen.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank)
+        if gen is None or gen.device != x0.device:
+            # Per rank and per (re)start: seed_everything gives every rank the same global RNG,
+            # which would draw the same t and noise on all ranks.
+            seed = torch.initial_seed() + 1_000_003 * self.global_rank + 7_919 * self.global_step
+            gen = self._generator = torch.Generator(device=x0.device).manual_seed(seed % (2**63 - 1))
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
         return t, noise
@@ -250,40 +215,25 @@ class DiffusionModule(pl.LightningModule):
                 if counts[q]:
                     self.log(f"train/{name}_q{q}", sums[q] / counts[q], batch_size=counts[q])
 
-    # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:
-        hp = self.hparams.optim
-        optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=hp["lr"],
-            betas=tuple(hp["betas"]),
-            eps=hp["eps"],
-            weight_decay=hp["weight_decay"],
-        )
-        warmup = int(hp["warmup_steps"])
+        hp = dict(self.hparams.optim)  # OptimConfig's fields: AdamW's arguments and warmup_steps
+        warmup = int(hp.pop("warmup_steps"))
+        optimizer = torch.optim.AdamW(self.model.parameters(), **{**hp, "betas": tuple(hp["betas"])})
         if warmup <= 0:
             return optimizer
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _uses_grad_scaler(self) -> bool:
-        plugin = self.trainer.precision_plugin
-        return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Grad norm and lr logging, and the NaN/inf guard (after backward and unscaling,
+        """Grad norm logging (the lr is LearningRateMonitor's ``lr-AdamW``) and the NaN/inf guard (after backward and unscaling,
         before clipping and the optimizer step, so a bad update never reaches the weights)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = (
-            torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-            if grads
-            else torch.zeros((), device=self.device)
-        )
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.log("train/grad_norm", norm, batch_size=1)
-        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), batch_size=1)
         loss, loss_finite = self._last_loss, self._loss_finite
         self._last_loss = self._loss_finite = None
-        if self._uses_grad_scaler():
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
             # Overflowing fp16 gradients are the scaler's business (it skips the step); only a
             # non-finite loss counts, decided together so that every rank acts alike.
             loss_bad = loss_finite is not None and not bool(loss_finite)
@@ -299,8 +249,7 @@ class DiffusionModule(pl.LightningModule):
             return
         where = f"global step {self.global_step} (epoch {self.current_epoch})"
         if self.hparams.nan_policy == "skip":
-            for p in self.model.parameters():
-                p.grad = None
+            self.model.zero_grad(set_to_none=True)
             self._skipped_steps += 1
             self.log("train/skipped_steps", float(self._skipped_steps), batch_size=1)
             log.warning(
@@ -314,7 +263,6 @@ class DiffusionModule(pl.LightningModule):
             "gradient_clip_val, or precision 32-true / bf16-mixed; nan_policy=skip drops such steps instead."
         )
 
-    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info: dict[str, Any] = {"version": __version__, "init_from": self.init_from}
         for cb in self.trainer.callbacks:  # called by the trainer: attached

@@ -1,10 +1,9 @@
 """Training as a scheduled job: stop cleanly on pre-emption, plain progress lines in logs.
 
-Under SLURM, SIGUSR1 and SIGTERM make :class:`Preemption` save ``RUN/hpc_ckpt_K.ckpt`` at the
-next step boundary and stop; the process exits 0 and leaves the note "saved checkpoint at step
-S" for ``scripts/slurm/train.sbatch``, which requeues the job once the tasks have ended. The
-requeued job resumes (``TrainCLI``'s auto-resume). Lightning's own handler (``auto_requeue``)
-is off: it saves inside the signal handler, at any point of a step.
+The process saves and exits 0 leaving the note "saved checkpoint at step S" for
+``scripts/slurm/train.sbatch``, which requeues the job once the tasks have ended; the requeued
+job resumes (``TrainCLI``'s auto-resume). Lightning's own handler (``auto_requeue``) is off: it
+saves inside the signal handler, at any point of a step.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ..batchjob import StopSignals, leave_note
-from .checkpointing import hpc_checkpoints, next_hpc_checkpoint_path
+from .checkpointing import hpc_checkpoints
 
 __all__ = ["Preemption", "StepLines"]
 
@@ -71,14 +70,15 @@ class Preemption(Callback):
 
     def save(self, trainer: pl.Trainer) -> Path:
         """Save ``RUN/hpc_ckpt_K.ckpt`` on every rank; rank 0 leaves the note for the batch script."""
-        path = Path(trainer.strategy.broadcast(str(next_hpc_checkpoint_path(trainer.default_root_dir))))
+        older = hpc_checkpoints(trainer.default_root_dir)
+        path = Path(trainer.default_root_dir) / f"hpc_ckpt_{max(older, default=0) + 1}.ckpt"
+        path = Path(trainer.strategy.broadcast(str(path)))
         trainer.save_checkpoint(path, weights_only=False)
         self.saved_step = trainer.global_step
         if trainer.is_global_zero:
-            for old in hpc_checkpoints(trainer.default_root_dir):
-                if old.name != path.name:
-                    with contextlib.suppress(OSError):
-                        old.unlink()
+            for old in older.values():  # the new one is not among them
+                with contextlib.suppress(OSError):
+                    old.unlink()
             leave_note(f"saved checkpoint at step {trainer.global_step}")
         rank_zero_info(f"pre-emption: saved {path} at step {trainer.global_step}; stopping")
         return path
@@ -92,7 +92,7 @@ class StepLines(ProgressBar):
         super().__init__()
         self.every_seconds = every_seconds
         self.enabled = True
-        self._last: float | None = None
+        self.last_line: float | None = None
 
     def disable(self) -> None:
         self.enabled = False
@@ -105,10 +105,10 @@ class StepLines(ProgressBar):
     ) -> None:
         now = time.monotonic()
         last = trainer.global_step >= trainer.max_steps > 0
-        due = self._last is None or now - self._last >= self.every_seconds or last
+        due = self.last_line is None or now - self.last_line >= self.every_seconds or last
         if not (self.enabled and trainer.is_global_zero and due):
             return
-        self._last = now
+        self.last_line = now
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         total = trainer.max_steps if trainer.max_steps > 0 else "?"
