@@ -4,7 +4,8 @@
 
 import sys
 
+from ilvr_toolkit.evaluation.runs import evaluate_run
 from ilvr_toolkit.sampling.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(evaluate=evaluate_run))

@@ -8,31 +8,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["NOTE_ENV", "StopSignals", "LineProgress", "interactive", "leave_note"]
+__all__ = ["StopSignals", "LineProgress", "leave_note"]
 
-#: the environment variable naming the file a stopped task writes its note to.
-NOTE_ENV = "ILVR_REQUEUE_NOTE"
 STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
 
 log = logging.getLogger("ilvr_toolkit")
 
 
-def interactive() -> bool:
-    """Whether stderr is a terminal (progress bars) or a log file (plain lines)."""
-    return sys.stderr.isatty()
-
-
 def leave_note(text: str) -> None:
     """Write ``text`` to ``$ILVR_REQUEUE_NOTE`` (the batch script prints it and requeues)."""
-    path = os.environ.get(NOTE_ENV)
-    if path:
+    if path := os.environ.get("ILVR_REQUEUE_NOTE"):
         atomic_write_bytes(path, (text + "\n").encode())
 
 
@@ -64,8 +55,7 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         if self.signum is None and self._previous:
-            pending = signal.sigpending() & STOP_SIGNALS
-            self.signum = min(pending) if pending else None
+            self.signum = min(signal.sigpending() & STOP_SIGNALS, default=None)
         return self.signum is not None
 
     def stop(self) -> None:
@@ -99,3 +89,6 @@ class LineProgress:
             rate = self.done / max(now - self._start, 1e-9)
             log.info("%s %d/%d (%.2f/s)", self.desc, self.done, self.total, rate)
             self._last = now
+
+    def close(self) -> None:
+        """Nothing to release (the interface of a tqdm bar)."""

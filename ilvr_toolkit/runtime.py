@@ -1,42 +1,26 @@
-"""Process-wide runtime settings that make CPU inference faster without touching numerics.
-
-Only one so far: the glibc allocator tuning of :func:`set_cpu_malloc` (scoped:
-:func:`tuned_cpu_malloc`), used by ``sampling.run`` on the CPU (setting ``cpu_malloc``) and
-by the benchmarks in ``bench/``.
-"""
+"""Process-wide runtime settings: the device, intra-op threads, and the glibc allocator tuning
+of :func:`set_cpu_malloc` (``sampling.run`` on the CPU, ``cpu_malloc``; the benchmarks in ``bench/``)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+from .cli import UsageError
 
 __all__ = ["configure_threads", "resolve_device", "set_cpu_malloc", "tuned_cpu_malloc"]
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 # Any mallopt call freezes glibc's dynamic mmap threshold, so "untuned" cannot go back to
 # the dynamic default; it is set to what the dynamic rule converges to once blocks of up to
 # 32 MiB have been freed (mmap threshold 32 MiB, trim threshold twice that).
 _GLIBC_UNTUNED = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20, _M_MMAP_MAX: 65536}
-
-
-def _libc() -> ctypes.CDLL | None:
-    """glibc with ``mallopt``, or None (not Linux, musl, ...)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") else None
+_GLIBC_TUNED = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**30 - 1}
 
 
 def set_cpu_malloc(tuned: bool) -> bool:
@@ -56,16 +40,13 @@ def set_cpu_malloc(tuned: bool) -> bool:
     Affects the whole process (every thread, CUDA host allocations included); numerics are
     untouched (same kernels, same order). Returns False where this is not glibc.
     """
-    libc = _libc()
-    if libc is None:
-        return False
-    if tuned:
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30 - 1)
-    else:
-        ok = all(libc.mallopt(k, v) for k, v in _GLIBC_UNTUNED.items())
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    return bool(ok)
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the process's C library
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return False  # not glibc (musl, macOS, Windows)
+    ok = all(libc.mallopt(k, v) for k, v in (_GLIBC_TUNED if tuned else _GLIBC_UNTUNED).items())
+    if not tuned:
+        libc.malloc_trim(0)
+    return ok
 
 
 @contextlib.contextmanager
@@ -86,26 +67,19 @@ def configure_threads(threads: int | None = None) -> int:
     ``threads`` None or 0: ``SLURM_CPUS_PER_TASK`` when the job runs under SLURM (a task
     bound to k CPUs runs k threads, not one per core of the node), else torch's default.
     """
-    import torch
-
-    if not threads:
-        threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0) or None
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+    threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available, else cpu; anything else as ``torch.device`` reads it."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(name)
     except RuntimeError as error:  # a user's value: one line, exit status 2
-        from .cli import UsageError
-
         raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from error

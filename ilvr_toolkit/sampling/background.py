@@ -11,14 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 __all__ = ["BackgroundIO"]
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 class BackgroundIO:
@@ -34,7 +31,7 @@ class BackgroundIO:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ilvr-io") if workers else None
         self._writes: list[Future] = []
 
-    def prefetch(self, fn: Callable[[T], R], items: Sequence[T]) -> Callable[[], list[R]]:
+    def prefetch(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Callable[[], list[Any]]:
         """Start ``fn`` over ``items`` now; the returned callable waits for the results (in
         order). Inline mode computes them when the callable is called."""
         if self._pool is None:
@@ -70,18 +67,11 @@ class BackgroundIO:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         failing = exc_type is not None
-        try:
-            if not failing:
-                self.drain()
-            else:  # already failing: drop queued work, let running writes finish, keep the error
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False, cancel_futures=True)
-                for future in self._writes:
-                    if not future.cancelled() and future.exception() is not None:
-                        log.error(
-                            "background write failed while the run was stopping: %s", future.exception()
-                        )
-                self._writes = []
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+        if self._pool is not None:  # already failing: drop queued work, let running writes finish
+            self._pool.shutdown(wait=True, cancel_futures=failing)
+        if not failing:
+            self.drain()
+        for future in self._writes:  # failing: keep the run's error, log the writes' own
+            if not future.cancelled() and future.exception() is not None:
+                log.error("background write failed while the run was stopping: %s", future.exception())
+        self._writes = []

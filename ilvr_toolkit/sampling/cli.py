@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse import ArgumentParser, Namespace
 
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command, setup_logging
 from ..runtime import configure_threads
-from .config import ILVRSpec, ModelSpec, OutputSpec, SampleConfig, SamplerSpec
+from .config import SampleConfig
+
+if TYPE_CHECKING:
+    from .runner import RunResult
 
 __all__ = ["build_parser", "parse_config", "main"]
 
@@ -20,6 +23,8 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sample_demo.yam
 
 #: old spellings kept working
 ALIASES = {"--io_workers": "--workers"}
+#: the metrics step of a finished run: ``evaluate(config, result)`` (see :func:`main`)
+Evaluate = Callable[[SampleConfig, "RunResult"], Any]
 
 
 def build_parser() -> ArgumentParser:
@@ -41,7 +46,7 @@ def build_parser() -> ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> SampleConfig:
     """The run's settings from ``argv`` (default ``sys.argv[1:]``); none -> the demo config."""
-    return _config(_parse(argv))
+    return SampleConfig.from_dict(_parse(argv).as_dict())
 
 
 def _parse(argv: list[str] | None) -> Namespace:
@@ -51,35 +56,32 @@ def _parse(argv: list[str] | None) -> Namespace:
     return parse_options(build_parser(), argv, ALIASES)
 
 
-def _config(namespace: Namespace) -> SampleConfig:
-    known = {f.name for f in fields(SampleConfig)}
-    return SampleConfig(**{k: _nested(k, v) for k, v in namespace.as_dict().items() if k in known})
+def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> int:
+    """Entry point of ``sample.py``: user errors end in one line (see ``ilvr_toolkit.cli``).
+
+    ``evaluate(config, result)``: the metrics step for ``--evaluate_against``, run by the process
+    that wrote the run's manifest. ``sample.py`` passes ``ilvr_toolkit.evaluation.runs.evaluate_run``
+    (sampling does not import evaluation: the evaluation package builds on this one).
+    """
+    return run_command("sample.py", lambda args: _main(args, evaluate), argv)
 
 
-_NESTED = {"model": ModelSpec, "ilvr": ILVRSpec, "sampler": SamplerSpec, "output": OutputSpec}
-
-
-def _nested(key: str, value: Any) -> Any:
-    return _NESTED[key](**value) if key in _NESTED and isinstance(value, dict) else value
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``sample.py``: user errors end in one line (see ``ilvr_toolkit.cli``)."""
-    return run_command("sample.py", _main, argv)
-
-
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], evaluate: Evaluate | None) -> int:
     setup_logging()
     namespace = _parse(argv)
-    config = _config(namespace)
+    config = SampleConfig.from_dict(namespace.as_dict())
     if namespace.threads is not None:
         check_range("threads", namespace.threads, 1)
     configure_threads(namespace.threads)
     _check_paths(config)
+    if config.evaluate_against and evaluate is None:
+        raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
     from .runner import run
 
     result = run(config)
-    _report(result, config.published)
+    _report(result)
+    if config.evaluate_against and result.manifest is not None:
+        evaluate(config, result)
     return 0
 
 
@@ -96,7 +98,7 @@ def _check_paths(config: SampleConfig) -> None:
             raise UsageError(f"--{option} {path}: no such file or folder")
 
 
-def _report(result, published: dict | None = None) -> None:
+def _report(result: RunResult) -> None:
     print(
         f"\nwrote {len(result.written)} images ({result.skipped_existing} already there) "
         f"in {result.seconds:.1f} s to {result.out_dir}"
@@ -108,12 +110,3 @@ def _report(result, published: dict | None = None) -> None:
     for label, path in (("grid", result.grid), ("manifest", result.manifest)):
         if path is not None:
             print(f"{label}: {path}")
-    if result.metrics:
-        from ..evaluation import format_table
-
-        for label, block in result.metrics.items():
-            if isinstance(block, dict):
-                print(f"\nmetrics, {label}:\n{format_table(block, published)}")
-        if "fid_skipped" in result.metrics:
-            print("\nFID/KID skipped: the Inception weights are missing (see the warning above).")
-        print(f"metrics: {result.metrics['path']}")

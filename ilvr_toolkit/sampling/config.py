@@ -7,7 +7,7 @@ Each dataclass checks its values when it is made (``__post_init__``): a bad valu
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ..cli import UsageError, check_range
@@ -59,12 +59,9 @@ class ILVRSpec:
         given = [k for k in ("range_t", "fraction", "stop_timestep") if getattr(self, k) is not None]
         if len(given) > 1:
             raise UsageError(f"--ilvr.{given[0]} and --ilvr.{given[1]}: give at most one of them")
-        if self.range_t is not None:
-            check_range("ilvr.range_t", self.range_t, -1)
-        if self.fraction is not None:
-            check_range("ilvr.fraction", self.fraction, 0.0, 1.0)
-        if self.stop_timestep is not None:
-            check_range("ilvr.stop_timestep", self.stop_timestep, 0)
+        for name, low, high in (("range_t", -1, None), ("fraction", 0.0, 1.0), ("stop_timestep", 0, None)):
+            if getattr(self, name) is not None:
+                check_range(f"ilvr.{name}", getattr(self, name), low, high)
 
     @property
     def factors(self) -> list[int]:
@@ -133,9 +130,8 @@ class SampleConfig:
         compile: ``torch.compile`` the UNet.
         cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process during
             the run (no page faults per step: 2-20% per ffhq forward in bench/bench_unet.py, same
-            numbers; glibc's
-            defaults are set back afterwards); ``default`` leaves glibc as it is. Ignored
-            on other devices.
+            numbers; glibc's defaults are set back afterwards); ``default`` leaves glibc as it
+            is. Ignored on other devices.
         workers: threads that decode the next batch's references and write the last
             batch's PNGs while a batch samples (0: one after another in the main thread;
             ``--io_workers`` is the old name).
@@ -184,10 +180,12 @@ class SampleConfig:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UsageError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
 
-    @property
-    def io_workers(self) -> int:
-        """The old name of ``workers``."""
-        return self.workers
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleConfig:
+        """The inverse of :meth:`to_dict` (nested sections as dicts); unknown keys are ignored."""
+        nested = {"model": ModelSpec, "ilvr": ILVRSpec, "sampler": SamplerSpec, "output": OutputSpec}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: nested[k](**v) if k in nested else v for k, v in data.items() if k in known})

@@ -23,31 +23,21 @@ class Ranks:
         return self.rank == 0
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return default
-
-
 def init_ranks(device: torch.device) -> Ranks:
     """Read the rank layout from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS).
 
     A process group (gloo on CPU, nccl on CUDA) is set up only when there are several ranks
     and a rendezvous address is known; it is used for barriers, never for data.
     """
-    world = _env_int("WORLD_SIZE", default=1)
-    rank = _env_int("RANK", default=0)
-    local = _env_int("LOCAL_RANK", default=0)
-    if world == 1 and "MASTER_ADDR" not in os.environ:
-        world = _env_int("SLURM_NTASKS", default=1) if "SLURM_PROCID" in os.environ else 1
-        rank = _env_int("SLURM_PROCID", default=0) if world > 1 else 0
-        local = _env_int("SLURM_LOCALID", default=0) if world > 1 else 0
-    initialised = False
-    if world > 1 and "MASTER_ADDR" in os.environ and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world)
-        initialised = True
+    env = os.environ
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+    if int(env.get("WORLD_SIZE") or 1) == 1 and "MASTER_ADDR" not in env and "SLURM_PROCID" in env:
+        names = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    world, rank, local = (int(env.get(name) or 0) for name in names)
+    world = max(world, 1)
+    initialised = world > 1 and "MASTER_ADDR" in env and not dist.is_initialized()
+    if initialised:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Ranks(rank, world, local, initialised)
 
 

@@ -5,23 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from torchvision.io import ImageReadMode, read_image
 from torchvision.utils import make_grid
 
 from ..conditioning import LowPass
 from ..images import to_float, to_uint8
+from .plan import output_name
 from .writer import save_png
 
 __all__ = ["build_grid"]
-
-
-def _load_png(path: Path) -> torch.Tensor | None:
-    if not path.exists():
-        return None
-    with Image.open(path) as img:
-        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def build_grid(
@@ -48,9 +41,8 @@ def build_grid(
         for n in factors:
             tiles.append(to_uint8(lowpasses[n](to_float(ref)[None]))[0])
             for k in range(samples_per_reference):
-                middle = f"_N{n}" if several else ""
-                image = _load_png(out_dir / f"{name}{middle}_s{k}.png")
-                tiles.append(blank if image is None else image)
+                png = out_dir / output_name(name, n if several else None, k)
+                tiles.append(read_image(str(png), ImageReadMode.RGB) if png.exists() else blank)
     columns = 1 + len(factors) * (1 + samples_per_reference)
     grid = make_grid(torch.stack(tiles), nrow=columns, padding=2, pad_value=255)
     save_png(path, grid)

@@ -4,6 +4,7 @@ a killed run keeps the timings of what it finished); the main rank merges the pa
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -28,10 +29,8 @@ def versions() -> dict[str, str]:
         "ilvr_toolkit": ilvr_toolkit.__version__,
     }
     for module in ("torchvision", "pytorch_lightning", "torchmetrics", "numpy", "PIL"):
-        try:
+        with contextlib.suppress(ImportError, AttributeError):
             found[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
-            pass
     return found
 
 
@@ -46,14 +45,8 @@ class ManifestPart:
     @classmethod
     def open(cls, out_dir: Path, shard: int, rank: int) -> ManifestPart:
         path = out_dir / PARTS_DIR / f"shard{shard}-rank{rank}.json"
-        part = cls(path)
-        if path.exists():
-            data = read_json(path)
-            part.images, part.failed = data.get("images", {}), data.get("failed", {})
-        return part
-
-    def record(self, filename: str, entry: dict[str, Any]) -> None:
-        self.images[filename] = entry
+        data = read_json(path) if path.exists() else {}
+        return cls(path, data.get("images", {}), data.get("failed", {}))
 
     def save(self) -> None:
         write_json(self.path, {"images": self.images, "failed": self.failed})

@@ -1,19 +1,20 @@
-"""Merge the shards of a job-array run by hand: the run's manifest.json, grid and metrics.
+"""Merge the shards of a job-array run by hand: the run's manifest.json and grid.
 
     python -m ilvr_toolkit.sampling.merge OUT            # every shard must have finished
     python -m ilvr_toolkit.sampling.merge OUT --force    # merge what is there
 
-The last shard to finish does this by itself (``sampling/shards.py``). The run's config is
-read from ``OUT/.shards.json``; its model is loaded for the manifest header.
+The last shard to finish does this by itself (``sampling/shards.py``), and its ``sample.py`` then
+computes the metrics (``--evaluate_against``); this command does not. The run's config is read
+from ``OUT/.shards.json``; its model is loaded for the manifest header.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from ..cli import UsageError, make_parser, run_command, setup_logging
-from .cli import _nested
 from .config import SampleConfig
 from .runner import RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
 from .shards import COUNT_FILE, missing_shards, run_summary
@@ -21,16 +22,17 @@ from .writer import read_json
 
 __all__ = ["merge", "main"]
 
+log = logging.getLogger("ilvr_toolkit.sampling")
+
 
 def merge(out_dir: str | Path, force: bool = False) -> RunResult:
-    """Write ``OUT/manifest.json`` (+ grid, metrics) of the sharded run in ``out_dir``."""
+    """Write ``OUT/manifest.json`` (+ grid) of the sharded run in ``out_dir`` (no metrics)."""
     out_dir = Path(out_dir)
     count_file = out_dir / COUNT_FILE
     if not count_file.is_file():
         raise UsageError(f"{out_dir}: no {COUNT_FILE}; not the output folder of a sharded run")
     stored = read_json(count_file)
-    data = {**stored["config"], "num_shards": int(stored["num_shards"])}
-    config = SampleConfig(**{k: _nested(k, v) for k, v in data.items()})
+    config = SampleConfig.from_dict({**stored["config"], "num_shards": int(stored["num_shards"])})
     config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out_dir)))
     missing = missing_shards(out_dir, config.num_shards)
     if missing and not force:
@@ -41,12 +43,13 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     device = resolve_device(config.device)
     loaded, _ = _load(config, device)
     refs = _References(config, loaded.unet_config.image_size)
-    factors = [None] if refs.unconditional else list(config.ilvr.factors)
     result = RunResult(out_dir)
     with run_summary(config, force=True) as whole:
         if whole is None:
             raise UsageError(f"{out_dir / '.shards' / 'merge.lock'} exists: another process is merging")
-        _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, factors, result)
+        _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, result)
+    if config.evaluate_against:
+        log.warning("no metrics.json: for it, rerun any task of the run (docs/cluster.md)")
     return result
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from .seeds import image_seed
 
-__all__ = ["WorkItem", "plan_items", "shard_range", "pending_items", "batches"]
+__all__ = ["WorkItem", "output_name", "plan_items", "shard_range", "batches"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class WorkItem:
     factor: int | None
     filename: str
     seed: int
+
+
+def output_name(stem: str, factor: int | None, sample: int) -> str:
+    """``<stem>_s<k>.png``, or ``<stem>_N<N>_s<k>.png`` with ``factor`` (a run of several N)."""
+    return f"{stem}_N{factor}_s{sample}.png" if factor is not None else f"{stem}_s{sample}.png"
 
 
 def shard_range(count: int, shard_index: int, num_shards: int) -> range:
@@ -57,23 +62,15 @@ def plan_items(
     for factor in factors:
         for ref in indices:
             for k in range(samples_per_reference):
-                middle = f"_N{factor}" if several else ""
-                filename = f"{names[ref]}{middle}_s{k}.png"
+                filename = output_name(names[ref], factor if several else None, k)
                 items.append(WorkItem(ref, k, factor, filename, image_seed(run_seed, ref, k)))
     return items
-
-
-def pending_items(items: Sequence[WorkItem], out_dir: Path) -> list[WorkItem]:
-    """Items whose PNG is not there yet (PNGs are written atomically, so present = complete)."""
-    return [item for item in items if not (out_dir / item.filename).exists()]
 
 
 def batches(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
     """Consecutive batches of at most ``batch_size`` items, never mixing two factors."""
     out: list[list[WorkItem]] = []
-    for item in items:
-        if out and len(out[-1]) < batch_size and out[-1][0].factor == item.factor:
-            out[-1].append(item)
-        else:
-            out.append([item])
+    for _, group in itertools.groupby(items, key=lambda item: item.factor):
+        group = list(group)
+        out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return out

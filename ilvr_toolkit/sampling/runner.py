@@ -6,9 +6,8 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import threading
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..batchjob import LineProgress, StopSignals, interactive, leave_note
+from ..batchjob import LineProgress, StopSignals, leave_note
 from ..cli import UsageError
 from ..conditioning import LowPass
+from ..data.references import ReferenceSet
 from ..diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
 from ..models import LoadedModel, load_model, parse_flags
 from ..runtime import resolve_device, tuned_cpu_malloc
@@ -30,7 +30,7 @@ from .generate import Condition, generate, ilvr_range_t
 from .grid import build_grid
 from .labels import resolve_class_labels
 from .manifest import ManifestPart, merge_manifest, versions
-from .plan import WorkItem, batches, pending_items, plan_items, shard_range
+from .plan import WorkItem, batches, plan_items, shard_range
 from .shards import fixed_shard_count, run_summary
 from .writer import remove_stale_temps, save_png
 
@@ -45,14 +45,17 @@ STOP = StopSignals()
 
 @dataclass
 class RunResult:
+    """What a run did; ``manifest`` is set when this process wrote the run's manifest.json."""
+
     out_dir: Path
     written: list[str] = field(default_factory=list)
     skipped_existing: int = 0
     failed_references: dict[str, str] = field(default_factory=dict)
     manifest: Path | None = None
     grid: Path | None = None
-    metrics: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None  # set by the evaluation (sample.py --evaluate_against)
     seconds: float = 0.0
+    references: _References | None = None  # the run's reference images (``get(index)``)
 
 
 def make_net(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool) -> Callable:
@@ -96,48 +99,26 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
 
 class _References:
     """Reference images by index, loaded on demand (a small LRU cache, so a 70k-image set is
-    never held in memory), with unreadable ones recorded, not raised. Thread-safe: the
-    background workers decode the next batch's references while a batch samples."""
+    never held in memory), with unreadable ones recorded in ``failed``, not raised. The
+    background workers decode the next batch's references while a batch samples (the cache
+    and ``failed`` are safe to share between threads)."""
 
     def __init__(self, config: SampleConfig, image_size: int, cache_size: int = 256) -> None:
         self.unconditional = config.unconditional or not config.references
-        if self.unconditional:
-            self.names = [f"{i:06d}" for i in range(config.num_samples)]
-            self.source = None
-        else:
-            from ..data.references import ReferenceSet
+        self.source = None if self.unconditional else ReferenceSet(config.references, image_size)
+        self.names = (
+            [f"{i:06d}" for i in range(config.num_samples)] if self.source is None else self.source.names
+        )
+        self.failed: dict[str, str] = {}  # reference name: why it could not be read
+        self.get = functools.lru_cache(cache_size)(self._read)
 
-            self.source = ReferenceSet(config.references, image_size)
-            self.names = list(self.source.names)
-        self.cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self.cache_size = cache_size
-        self._failed: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def failed(self) -> dict[str, str]:
-        """A copy of {reference name: why it could not be read}."""
-        with self._lock:
-            return dict(self._failed)
-
-    def get(self, index: int) -> torch.Tensor | None:
+    def _read(self, index: int) -> torch.Tensor | None:
         """uint8 (3, H, W), or None when unreadable (the error is kept in ``failed``)."""
-        name = self.names[index]
-        with self._lock:
-            if index in self.cache:
-                self.cache.move_to_end(index)
-                return self.cache[index]
-            if name in self._failed:
-                return None
-        item, error = self.source.try_get(index)  # decoded outside the lock
-        with self._lock:
-            if item is None:
-                self._failed[name] = error or "unreadable"
-                log.warning("skipping reference %s: %s", name, error)
-                return None
-            self.cache[index] = item["image"]
-            if len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+        item, error = self.source.try_get(index)
+        if item is None:
+            self.failed[self.names[index]] = error or "unreadable"
+            log.warning("skipping reference %s: %s", self.names[index], error)
+            return None
         return item["image"]
 
 
@@ -180,22 +161,6 @@ def _sample_batch(
     return batch, out
 
 
-def _header(config: SampleConfig, loaded: LoadedModel, diffusion: GaussianDiffusion) -> dict[str, Any]:
-    return {
-        "checkpoint": {
-            "path": str(config.model.checkpoint),
-            "sha256": loaded.sha256,
-            "kind": loaded.source_kind,
-            "preset": config.model.preset,
-        },
-        "unet": loaded.model.config.to_dict(),  # as run: runtime settings of this config applied
-        "diffusion": loaded.diffusion,
-        "timestep_map": diffusion.timestep_map.tolist(),
-        "config": config.to_dict(),
-        "versions": versions(),
-    }
-
-
 def run(config: SampleConfig) -> RunResult:
     """Run a whole translation (see README); resumable: finished PNGs are never recomputed.
 
@@ -232,7 +197,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     )
     mine = items[ranks.rank :: ranks.world_size]
     remove_stale_temps(out_dir, [item.filename for item in mine])
-    todo = pending_items(mine, out_dir)
+    todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
     lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
@@ -248,25 +213,10 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     elif ranks.is_main:
         with run_summary(config) as whole:  # None: other shards still to finish, or merging
             if whole is not None:
-                _summarize(whole, loaded, diffusion, refs, factors, result)
-    result.failed_references = dict(refs.failed)
+                _summarize(whole, loaded, diffusion, refs, result)
+    result.failed_references, result.references = dict(refs.failed), refs
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _reference_indices(batch: list[WorkItem]) -> list[int]:
-    return list(dict.fromkeys(item.reference for item in batch))
-
-
-def _record(
-    part: ManifestPart, refs: _References, done: list[WorkItem], seconds: float, batch_size: int, rank: int
-) -> None:
-    for item in done:
-        entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
-        entry.update(sample=item.sample, factor=item.factor, seed=item.seed, seconds=round(seconds, 4))
-        part.record(item.filename, {**entry, "batch_size": batch_size, "rank": rank})
-    part.failed.update(refs.failed)
-    part.save()
 
 
 def _sample_all(
@@ -279,28 +229,24 @@ def _sample_all(
     result: RunResult,
 ) -> None:
     """Sample ``todo`` in batches. While batch k samples, worker threads decode the references
-    of batch k+1 and write the PNGs of batch k-1 (``config.io_workers``). A batch's manifest
+    of batch k+1 and write the PNGs of batch k-1 (``config.workers``). A batch's manifest
     entries are saved before its PNGs are written: the merge keeps only entries whose PNG
     exists, and every PNG is written atomically, so a kill at any point loses nothing."""
     desc = f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR"
-    bar = tqdm(
-        total=len(todo),
-        unit="img",
-        desc=desc,
-        disable=not config.progress or not interactive(),
-        dynamic_ncols=True,
-    )
-    lines = LineProgress(len(todo), desc) if config.progress and bar.disable else None
+    if config.progress and not sys.stderr.isatty():  # a log file: plain lines
+        bar = LineProgress(len(todo), desc)
+    else:
+        bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not config.progress, dynamic_ncols=True)
     plan = batches(todo, config.batch_size)
 
     def fetch(k: int) -> Callable[[], dict[int, torch.Tensor | None]]:
         if refs.unconditional or k >= len(plan):
             return dict
-        indices = _reference_indices(plan[k])
+        indices = list(dict.fromkeys(item.reference for item in plan[k]))
         ready = io.prefetch(refs.get, indices)
         return lambda: dict(zip(indices, ready(), strict=True))
 
-    with contextlib.closing(bar), BackgroundIO(config.io_workers) as io:
+    with contextlib.closing(bar), BackgroundIO(config.workers) as io:
         pending = fetch(0)
         for k, batch in enumerate(plan):
             io.check()  # a write of batch k-1 that already failed stops the run before sampling more
@@ -309,32 +255,46 @@ def _sample_all(
             done, out = _sample_batch(batch, images, run)
             seconds = (time.perf_counter() - tic) / max(len(done), 1)  # sampling only: I/O overlaps it
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
-            _record(part, refs, done, seconds, len(batch), ranks.rank)
+            for item in done:
+                entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
+                entry.update(
+                    sample=item.sample, factor=item.factor, seed=item.seed, seconds=round(seconds, 4)
+                )
+                part.images[item.filename] = {**entry, "batch_size": len(batch), "rank": ranks.rank}
+            part.failed.update(refs.failed)
+            part.save()
             for item, image in zip(done, out if out is not None else [], strict=True):
                 io.write(save_png, result.out_dir / item.filename, image)
                 result.written.append(item.filename)
             bar.update(len(batch))
-            if lines is not None:
-                lines.update(len(batch))
             if STOP.requested:
                 break
     part.failed.update(refs.failed)
     part.save()
 
 
-def _summarize(config, loaded, diffusion, refs, factors, result) -> None:
+def _summarize(config, loaded, diffusion, refs, result) -> None:
     """Main rank of a whole run (or of its last shard): merge the manifest parts, draw the grid
-    from the PNGs on disk, evaluate."""
+    from the PNGs on disk (the metrics are the evaluation's: ``sample.py`` runs it after)."""
     out_dir = result.out_dir
     result.manifest = out_dir / "manifest.json"
-    merge_manifest(out_dir, _header(config, loaded, diffusion), result.manifest.name)
+    header = {
+        "checkpoint": {
+            "path": str(config.model.checkpoint),
+            "sha256": loaded.sha256,
+            "kind": loaded.source_kind,
+            "preset": config.model.preset,
+        },
+        "unet": loaded.model.config.to_dict(),  # as run: runtime settings of this config applied
+        "diffusion": loaded.diffusion,
+        "timestep_map": diffusion.timestep_map.tolist(),
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
+    merge_manifest(out_dir, header, result.manifest.name)
     if config.output.grid and not refs.unconditional:
         rows = [(refs.names[i], refs.get(i)) for i in range(len(refs.names))[: config.output.grid_max_rows]]
         rows = [(name, image) for name, image in rows if image is not None]
         grid_path = out_dir / "grid.png"
-        if build_grid(grid_path, out_dir, rows, [n for n in factors if n], config.samples_per_reference):
+        if build_grid(grid_path, out_dir, rows, config.ilvr.factors, config.samples_per_reference):
             result.grid = grid_path
-    if config.evaluate_against:
-        from .evaluate import evaluate_run
-
-        result.metrics = evaluate_run(config, out_dir, refs, result.manifest)

@@ -4,8 +4,9 @@
 task k. The first shard to start stores the count (and the run's config) in
 ``OUT/.shards.json``; a rerun of some tasks (``sbatch --array=k ...``, whose array is smaller)
 keeps that count. A shard that finished its range leaves ``OUT/.shards/<k>.done``; the shard
-that finds every shard done writes the run's ``manifest.json``, grid and metrics, exactly as
-one process would have (``python -m ilvr_toolkit.sampling.merge OUT`` does the same by hand).
+that finds every shard done writes the run's ``manifest.json``, grid (and ``sample.py`` then the
+metrics) exactly as one process would have (``python -m ilvr_toolkit.sampling.merge OUT``: the
+manifest and grid by hand).
 Per-shard manifests and grids are not written: the per-process parts in ``OUT/.manifest/``
 are the record of a shard.
 """

@@ -34,12 +34,9 @@ def read_json(path: str | Path) -> Any:
         return json.load(handle)
 
 
-def remove_stale_temps(directory: Path, names: list[str]) -> int:
+def remove_stale_temps(directory: Path, names: list[str]) -> None:
     """Delete temp files a killed writer left for ``names`` (only those: other processes may
-    be writing their own files in the same directory). Returns how many were removed."""
-    removed = 0
+    be writing their own files in the same directory)."""
     for name in names:
         for stale in directory.glob(f".{glob.escape(name)}.*.tmp"):
             stale.unlink(missing_ok=True)
-            removed += 1
-    return removed
