@@ -420,3 +420,17 @@ def test_every_sampling_config_parses(path):
     if config.model.preset:
         get_preset(config.model.preset)
     assert all(isinstance(n, int) and n >= 1 for n in config.ilvr.factors)
+
+
+def test_one_respacing_rule_for_sample_py_and_training_previews() -> None:
+    from ilvr_toolkit.diffusion import DiffusionConfig
+    from ilvr_toolkit.sampling.config import SamplerSpec
+    from ilvr_toolkit.sampling.generate import sampling_diffusion
+
+    plain = DiffusionConfig()  # a training config: no respacing of its own
+    assert sampling_diffusion(plain, SamplerSpec()).num_timesteps == 100  # None: 100 steps, not 1000
+    assert sampling_diffusion(plain, SamplerSpec(respacing="25")).num_timesteps == 25
+    assert sampling_diffusion(plain, SamplerSpec(respacing="")).num_timesteps == 1000
+    flagged = plain.replace(timestep_respacing="ddim50")  # a model whose flags say how it samples
+    assert sampling_diffusion(flagged, SamplerSpec()).num_timesteps == 50
+    assert sampling_diffusion(flagged, SamplerSpec(respacing="10")).num_timesteps == 10

@@ -10,12 +10,20 @@ from dataclasses import dataclass
 import torch
 
 from ..conditioning import ILVR, LowPass, resolve_range_t
-from ..diffusion import GaussianDiffusion, PerImageNoise, ddim_sample, ddpm_sample, draw_x_T
+from ..diffusion import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    PerImageNoise,
+    create_diffusion,
+    ddim_sample,
+    ddpm_sample,
+    draw_x_T,
+)
 from ..images import to_float, to_uint8
 from .config import ILVRSpec, SamplerSpec
 from .seeds import image_generators
 
-__all__ = ["Condition", "generate", "ilvr_range_t"]
+__all__ = ["Condition", "generate", "ilvr_range_t", "sampling_diffusion"]
 
 
 @dataclass
@@ -33,6 +41,14 @@ class Condition:
     lowpass: LowPass
     range_t: int
     mode: str = "paper"
+
+
+def sampling_diffusion(config: DiffusionConfig, sampler: SamplerSpec) -> GaussianDiffusion:
+    """``config`` respaced as ``sampler`` says; ``respacing`` None: the model's own
+    ``timestep_respacing`` (flags / checkpoint) if it has one, else 100 steps. The one rule
+    for sample.py, training previews and the FID monitor."""
+    spec = sampler.respacing
+    return create_diffusion(config, respacing=(config.timestep_respacing or "100") if spec is None else spec)
 
 
 def ilvr_range_t(spec: ILVRSpec, diffusion: GaussianDiffusion) -> int:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from ..cli import UsageError, make_parser, run_command, setup_logging
+from ..cli import UsageError, make_parser, parse_options, run_command, setup_logging
 from .config import SampleConfig
 from .runner import RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
 from .shards import COUNT_FILE, missing_shards, run_summary
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def _main(args: list[str]) -> int:
         setup_logging()
-        options = parser.parse_args(args)
+        options = parse_options(parser, args)  # --force given bare means true
         result = merge(options.out_dir, options.force)
         print(f"manifest: {result.manifest}" + (f"\ngrid: {result.grid}" if result.grid else ""))
         return 0

@@ -20,13 +20,13 @@ from ..batchjob import LineProgress, StopSignals, leave_note
 from ..cli import UsageError
 from ..conditioning import LowPass
 from ..data.references import ReferenceSet
-from ..diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
+from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..models import LoadedModel, load_model, parse_flags
 from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
 from .distributed import barrier, finish, init_ranks
-from .generate import Condition, generate, ilvr_range_t
+from .generate import Condition, generate, ilvr_range_t, sampling_diffusion
 from .grid import build_grid
 from .labels import resolve_class_labels
 from .manifest import ManifestPart, merge_manifest, versions
@@ -74,8 +74,7 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
     base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
-    spec = config.sampler.respacing  # None: the model's own (flags / checkpoint), else 100 steps
-    return create_diffusion(base, respacing=base.timestep_respacing or "100" if spec is None else spec)
+    return sampling_diffusion(base, config.sampler)
 
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:

@@ -27,10 +27,9 @@ from torch import nn
 from torchvision.utils import make_grid
 
 from ilvr_toolkit.conditioning import LowPass
-from ilvr_toolkit.diffusion import create_diffusion
 from ilvr_toolkit.images import to_float, to_uint8
 from ilvr_toolkit.sampling.config import ILVRSpec, SamplerSpec
-from ilvr_toolkit.sampling.generate import Condition, generate, ilvr_range_t
+from ilvr_toolkit.sampling.generate import Condition, generate, ilvr_range_t, sampling_diffusion
 from ilvr_toolkit.sampling.seeds import image_seed
 from ilvr_toolkit.sampling.writer import save_png
 
@@ -70,7 +69,7 @@ def sample_images(
 ) -> torch.Tensor:
     """uint8 (len(seeds), 3, H, W) from ``net`` with the module's diffusion respaced as
     ``sampler.respacing`` (the call ``sample.py`` makes for a batch)."""
-    diffusion = create_diffusion(pl_module.diffusion_config, respacing=sampler.respacing)
+    diffusion = sampling_diffusion(pl_module.diffusion_config, sampler)
     device = next(net.parameters()).device
     return generate(net, diffusion, seeds, pl_module.unet_config.image_size, device, sampler, condition)
 
@@ -180,7 +179,7 @@ class ILVRPreview(_EveryNSteps):
         references: str | None = None,
         num_images: int = 4,
         ilvr: ILVRSpec = ILVRSpec(),
-        sampler: SamplerSpec = SamplerSpec("ddpm", "100"),
+        sampler: SamplerSpec = SamplerSpec(),
         seed: int = 0,
         at_start: bool = False,
         save_png: bool = True,
@@ -219,9 +218,7 @@ class ILVRPreview(_EveryNSteps):
         rows = [self.images]
         with sampling_weights(trainer, pl_module) as (net, which):
             device = next(net.parameters()).device
-            range_t = ilvr_range_t(
-                self.ilvr, create_diffusion(pl_module.diffusion_config, respacing=self.sampler.respacing)
-            )
+            range_t = ilvr_range_t(self.ilvr, sampling_diffusion(pl_module.diffusion_config, self.sampler))
             for factor in self.ilvr.factors:
                 lowpass = LowPass(size, factor, device)
                 condition = Condition(self.images, lowpass, range_t, self.ilvr.mode)
