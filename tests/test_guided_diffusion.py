@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ilvr_toolkit.diffusion import DiffusionConfig, create_diffusion
+from ilvr_toolkit.flags import resolve_flags
 from ilvr_toolkit.models import (
     PRESET_FLAGS,
     UNetConfig,
@@ -23,7 +24,6 @@ from ilvr_toolkit.models import (
     parse_flags,
     save_plain_state_dict,
 )
-from ilvr_toolkit.models.flags import resolve_flags
 from ilvr_toolkit.sampling.cli import main
 
 GD_REFERENCE = Path(__file__).parent / "fixtures" / "guided_diffusion"  # copied from shared/reference

@@ -63,7 +63,7 @@ class DiffusionConfig:
         """The diffusion that guided-diffusion's ``create_gaussian_diffusion`` builds from
         ``flags`` (a README string or a dict; flags left out take its scripts' defaults,
         e.g. ``learn_sigma False``); see :func:`ilvr_toolkit.models.parse_flags`."""
-        from ..models.flags import diffusion_settings  # the flag table lives beside the presets
+        from ..flags import diffusion_settings  # stdlib-only table shared with models
 
         return cls.from_dict(diffusion_settings(flags))
 

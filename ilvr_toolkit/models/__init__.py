@@ -1,5 +1,6 @@
 """ADM UNet with guided-diffusion state-dict names, its configs/presets and checkpoint I/O, guided-diffusion flags."""
 
+from ..flags import diffusion_settings, parse_flags
 from .checkpoint import (
     CheckpointError,
     LoadedModel,
@@ -11,7 +12,6 @@ from .checkpoint import (
     sha256_file,
 )
 from .config import PRESET_FLAGS, PRESETS, RELEASED_CHECKPOINTS, UNetConfig, get_preset
-from .flags import diffusion_settings, parse_flags
 from .unet import UNetModel, build_unet
 
 __all__ = [

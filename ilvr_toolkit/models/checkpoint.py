@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_open
+from ..flags import diffusion_settings
 from .config import PRESET_FLAGS, PRESETS, UNetConfig, get_preset, preset_for_filename
-from .flags import diffusion_settings
 from .unet import UNetModel, build_unet
 
 MODEL_FORMAT = "ilvr_toolkit.model/1"

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .flags import parse_numbers, resolve_flags
+from ..flags import parse_numbers, resolve_flags
 
 #: guided-diffusion's channel multipliers when ``channel_mult`` is left empty.
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
