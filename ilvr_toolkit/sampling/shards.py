@@ -17,6 +17,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +36,8 @@ log = logging.getLogger("ilvr_toolkit.sampling")
 
 def _create_once(path: Path, data: dict) -> None:
     """Write ``path`` unless it exists (atomic: the file appears complete or not at all)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # array tasks on different nodes can share a pid: the temp name is unique across hosts
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     write_json(tmp, data)
     with contextlib.suppress(FileExistsError):
         os.link(tmp, path)
