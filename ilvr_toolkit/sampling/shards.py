@@ -82,7 +82,8 @@ def run_summary(config: SampleConfig, force: bool = False) -> Iterator[SampleCon
     """The config to write the run's manifest, grid and metrics under, or None (not this
     process's turn). Unsharded: ``config``. Shard k of K (finished): marks k done; when every
     shard is done and no other process is merging, the whole run's config (one shard) while
-    holding ``OUT/.shards/merge.lock``. ``force``: merge whatever is done."""
+    holding ``OUT/.shards/merge.lock``. ``force``: merge whatever is done, taking over a lock
+    that a killed merge left behind."""
     if config.num_shards <= 1:
         yield config
         return
@@ -96,6 +97,8 @@ def run_summary(config: SampleConfig, force: bool = False) -> Iterator[SampleCon
         yield None
         return
     lock = out_dir / DONE_DIR / "merge.lock"
+    if force:
+        lock.unlink(missing_ok=True)
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
