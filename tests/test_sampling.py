@@ -434,3 +434,33 @@ def test_one_respacing_rule_for_sample_py_and_training_previews() -> None:
     flagged = plain.replace(timestep_respacing="ddim50")  # a model whose flags say how it samples
     assert sampling_diffusion(flagged, SamplerSpec()).num_timesteps == 50
     assert sampling_diffusion(flagged, SamplerSpec(respacing="10")).num_timesteps == 10
+
+
+def test_sigterm_outside_a_batch_script_finishes_the_batch_and_exits_non_zero(tmp_path: Path) -> None:
+    """A plain ``kill`` (no SLURM batch script to requeue) stops after the current batch, keeps
+    every PNG written, and says the run is incomplete: exit 128 + SIGTERM, not 0."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "ILVR_REQUEUE_NOTE"}
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--config", str(ROOT / "configs" / "sample_demo.yaml")]
+    cmd += [
+        "--output.dir",
+        str(out),
+        "--batch_size",
+        "2",
+        "--evaluate_against",
+        "null",
+        "--progress",
+        "false",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*.png")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal 15 after a batch; rerun to resume" in err
+    written = list(out.glob("*.png"))
+    assert 0 < len(written) < 48 and not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,10 +77,13 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
     _check_paths(config)
     if config.evaluate_against and evaluate is None:
         raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
-    from .runner import run
+    from .runner import STOP, run
 
     result = run(config)
     _report(result)
+    if STOP.signum is not None and not os.environ.get("ILVR_REQUEUE_NOTE"):
+        print(f"sample.py: stopped by signal {STOP.signum} after a batch; rerun to resume", file=sys.stderr)
+        return 128 + STOP.signum  # no batch script to requeue: the run is not complete
     if config.evaluate_against and result.manifest is not None:
         evaluate(config, result)
     return 0
