@@ -169,6 +169,8 @@ class TrainCLI(LightningCLI):
 
     def before_fit(self) -> None:
         fit = self.config_init[self.subcommand]
+        # resume never unpickles code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
+        fit["weights_only"] = True
         if fit.get("ckpt_path") is not None or not fit.get("auto_resume", True):
             return
         run_dir = self.trainer.default_root_dir
