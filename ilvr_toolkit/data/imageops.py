@@ -88,6 +88,4 @@ def center_crop_square(img: Image.Image) -> Image.Image:
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    if (w, h) == (side, side):
-        return img
     return img.crop((left, top, left + side, top + side))

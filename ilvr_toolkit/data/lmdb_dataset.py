@@ -19,8 +19,7 @@ def decode_bytes(data: bytes | bytearray | memoryview) -> torch.Tensor:
     """Encoded PNG/JPEG/WebP/... bytes -> uint8 (3, H, W) RGB tensor (torchvision.io)."""
     if not isinstance(data, bytearray):
         data = bytearray(data)  # writable, so torch.frombuffer shares it without a warning
-    buffer = torch.frombuffer(data, dtype=torch.uint8)
-    return decode_image(buffer, mode=ImageReadMode.RGB)
+    return decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 class LMDBImageDataset(Dataset):

@@ -42,6 +42,7 @@ LENGTH_KEY = b"length"
 META_KEY = b"__ilvr_toolkit_meta__"
 NAMES_KEY = b"__ilvr_toolkit_names__"
 _IMAGE_KEY = re.compile(rb"^(\d+)-\d+$")
+_READ_OPTIONS = {"readonly": True, "lock": False, "readahead": False, "meminit": False, "max_spare_txns": 1}
 
 
 def image_key(size: int, index: int) -> bytes:
@@ -112,15 +113,7 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
             if owner == pid:
                 return env
             env.close()  # inherited through fork: drop the child's mapping only
-        env = lmdb.open(
-            path,
-            subdir=os.path.isdir(path),
-            readonly=True,
-            lock=False,
-            readahead=False,
-            meminit=False,
-            max_spare_txns=1,
-        )
+        env = lmdb.open(path, subdir=os.path.isdir(path), **_READ_OPTIONS)
         _ENVS[key] = (pid, env)
         return env
 
@@ -156,16 +149,14 @@ def _scan_sizes(txn: lmdb.Transaction) -> tuple[int, ...]:
 
 def read_info(path: str | Path) -> LMDBInfo:
     """Length, sizes and (if ours) metadata of the LMDB image dataset at ``path``."""
-    env = open_lmdb(path)
-    with env.begin() as txn:
+    with open_lmdb(path).begin() as txn:
         raw_length = txn.get(LENGTH_KEY)
         raw_meta = txn.get(META_KEY)
         if raw_length is None:
             raise ValueError(f"{path} is not an LMDB image dataset: no {LENGTH_KEY!r} key")
-        length = int(raw_length.decode())
         meta = json.loads(raw_meta) if raw_meta is not None else None
         sizes = tuple(sorted(int(s) for s in meta["sizes"])) if meta else _scan_sizes(txn)
-    return LMDBInfo(path=os.fspath(path), length=length, sizes=sizes, meta=meta)
+    return LMDBInfo(path=os.fspath(path), length=int(raw_length), sizes=sizes, meta=meta)
 
 
 def read_names(path: str | Path) -> list[str] | None:

@@ -488,8 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_options(build_parser(), argv, ALIASES, repeatable=("--size",))
-    known = {f.name for f in fields(BuildSettings)}
-    settings = BuildSettings(**{k: v for k, v in args.as_dict().items() if k in known})
+    settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
     report = build_lmdb(args.source, args.output.dir, args.size, settings)
     print(report.summary())
     if args.output.report:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, list_image_files, unique_names
 from ilvr_toolkit.data.imageops import WIDE_MODES, BadImage, open_image, wide_to_8bit
@@ -137,8 +137,4 @@ def collate_references(items: list[dict[str, Any] | None]) -> dict[str, Any]:
             "name": [],
             "image": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
         }
-    return {
-        "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
-        "name": [item["name"] for item in items],
-        "image": torch.stack([item["image"] for item in items]),
-    }
+    return default_collate(items)  # ints -> int64 tensor, strs -> list, tensors stacked

@@ -54,14 +54,10 @@ class LoadedModel:
     source_kind: str = "plain"  # "plain" | "ilvr_toolkit" | "lightning"
 
 
-# --------------------------------------------------------------------------- files
-def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file (``hashlib.file_digest`` reads it in chunks)."""
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -140,7 +136,6 @@ def save_plain_state_dict(path: PathLike, state_dict: StateDict | nn.Module) -> 
         torch.save(_plain_tensors(state_dict), handle)
 
 
-# --------------------------------------------------------------------------- checking
 def _strip_ddp(state_dict: StateDict) -> dict[str, torch.Tensor]:
     """Drop DDP's ``module.`` prefix when every key has it."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -201,17 +196,13 @@ def _decoder_layout(shapes: Mapping[str, tuple[int, ...]], num_channels: int | N
     return info
 
 
-#: What the weights reveal (``infer_architecture``) -> the setting a user would change.
+#: What the weights reveal (``infer_architecture``) -> the setting a user would change, where
+#: its name differs from the key.
 _SETTINGS = {
     "out_channels": "learn_sigma (6 output channels: learn_sigma True, 3: False)",
-    "in_channels": "in_channels",
     "num_classes": "num_classes (class_cond: a label_emb table)",
-    "num_channels": "num_channels",
-    "num_res_blocks": "num_res_blocks",
     "channel_mult": "channel_mult (an empty one follows image_size, so check image_size too)",
     "attention_ds": "attention_resolutions (attention sits where image_size // resolution is the downsample rate)",
-    "use_scale_shift_norm": "use_scale_shift_norm",
-    "resblock_updown": "resblock_updown",
 }
 
 
@@ -219,9 +210,9 @@ def _diagnose(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int,
     """Name the settings that explain a mismatch between weights (``shapes``) and the config's."""
     found, mine = infer_architecture(shapes), infer_architecture(expected)
     return [
-        f"{setting}: the checkpoint has {key} {found[key]!r}, the config {mine[key]!r}"
-        for key, setting in _SETTINGS.items()
-        if key in found and key in mine and found[key] != mine[key]
+        f"{_SETTINGS.get(key, key)}: the checkpoint has {key} {value!r}, the config {mine[key]!r}"
+        for key, value in found.items()
+        if key in mine and value != mine[key]
     ]
 
 
@@ -242,10 +233,9 @@ def check_state_dict(
     likely wrong setting(s) (learn_sigma, channel_mult, image_size, ...), not every key.
     ``source`` (a file name) adds a hint when it is a known released checkpoint.
     """
-    tensors = isinstance(state_dict, Mapping) and all(
-        isinstance(v, torch.Tensor) for v in state_dict.values()
-    )
-    if not tensors:
+    if not (
+        isinstance(state_dict, Mapping) and all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    ):
         raise CheckpointError(f"{source or 'the object'} is not a state dict (a mapping of names to tensors)")
     cleaned = _strip_ddp(state_dict)
     shapes = {k: tuple(v.shape) for k, v in cleaned.items()}
@@ -255,24 +245,17 @@ def check_state_dict(
     notes = _diagnose(shapes, expected) or ["the layout differs in a way no single setting explains"]
     lines = [f"checkpoint{f' {source}' if source else ''} does not fit the UNet config:"]
     lines += [f"  - {note}" for note in notes] + [f"  ({_mismatch_summary(shapes, expected)})"]
-    lines += [f"  hint: {hint}" for hint in _preset_hint(source, config)]
+    preset = preset_for_filename(source) if source is not None else None  # named like a released file?
+    if preset is not None and get_preset(preset).architecture() == config.architecture():
+        lines.append(
+            f"  hint: {Path(source).name} is named like a released checkpoint (preset {preset!r}) "
+            "but lacks its layout; is it another model?"
+        )
+    elif preset is not None:
+        lines.append(f"  hint: {Path(source).name} is a released checkpoint; load it with preset={preset!r}")
     raise CheckpointError("\n".join(lines))
 
 
-def _preset_hint(source: PathLike | None, config: UNetConfig) -> list[str]:
-    """A hint (or none) when ``source`` is named like a released checkpoint."""
-    preset = preset_for_filename(source) if source is not None else None
-    if preset is None:
-        return []
-    name = Path(source).name
-    if get_preset(preset).architecture() == config.architecture():
-        return [
-            f"{name} is named like a released checkpoint (preset {preset!r}) but lacks its layout; is it another model?"
-        ]
-    return [f"{name} is a released checkpoint; load it with preset={preset!r}"]
-
-
-# --------------------------------------------------------------------------- loading
 def _contents(obj: Any, path: PathLike) -> tuple[str, Any, StateDict, dict[str, Any]]:
     """(kind, stored UNet config dict or None, weights, stored diffusion settings) of a loaded file."""
     if isinstance(obj, Mapping) and "format" in obj:

@@ -14,6 +14,9 @@ from ..cli import UsageError, check_range
 
 __all__ = ["ModelSpec", "ILVRSpec", "SamplerSpec", "OutputSpec", "SampleConfig"]
 
+#: SampleConfig's integer options and their least value (checked in this order).
+_MINIMA = {"num_samples": 1, "samples_per_reference": 1, "batch_size": 1, "workers": 0, "num_shards": 1}
+
 
 @dataclass
 class ModelSpec:
@@ -123,15 +126,12 @@ class SampleConfig:
         precision: network precision under autocast (the diffusion math stays float32).
         channels_last: run the UNet in channels-last memory format.
         native_groupnorm: under bf16/fp16, run GroupNorm in that dtype (float32 statistics)
-            instead of on float32 copies: 1.13-1.18x per bf16 ffhq forward on the CPU, where
-            each norm stays within one rounding step of the float32 round trip (other
-            devices also round gamma and beta to the dtype; see ``docs/benchmarks.md``).
-            No effect in fp32.
+            instead of on float32 copies: 1.13-1.18x per bf16 ffhq forward on the CPU, within
+            one rounding step of the float32 round trip (``docs/benchmarks.md``). No effect in fp32.
         compile: ``torch.compile`` the UNet.
-        cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process during
-            the run (no page faults per step: 2-20% per ffhq forward in bench/bench_unet.py, same
-            numbers; glibc's defaults are set back afterwards); ``default`` leaves glibc as it
-            is. Ignored on other devices.
+        cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process during the
+            run (no page faults per step: 2-20% per ffhq forward, same numbers; glibc's defaults
+            are set back afterwards); ``default`` leaves glibc alone. Ignored on other devices.
         workers: threads that decode the next batch's references and write the last
             batch's PNGs while a batch samples (0: one after another in the main thread;
             ``--io_workers`` is the old name).
@@ -172,10 +172,8 @@ class SampleConfig:
     published: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        for name, low in (("num_samples", 1), ("samples_per_reference", 1), ("batch_size", 1)):
+        for name, low in _MINIMA.items():
             check_range(name, getattr(self, name), low)
-        check_range("workers", self.workers, 0)
-        check_range("num_shards", self.num_shards, 1)
         check_range("shard_index", self.shard_index, 0, self.num_shards - 1)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UsageError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")

@@ -27,7 +27,7 @@ from ilvr_toolkit.diffusion import DiffusionConfig, GaussianDiffusion, create_di
 from ilvr_toolkit.images import to_float
 from ilvr_toolkit.models import UNetConfig, build_unet, get_preset, load_model
 
-__all__ = ["DiffusionModule", "OptimConfig", "resolve_unet_config", "resolve_diffusion_config"]
+__all__ = ["DiffusionModule", "OptimConfig", "resolve_unet_config"]
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,6 @@ def resolve_unet_config(unet: str | Mapping[str, Any] | UNetConfig) -> UNetConfi
     preset = fields.pop("preset", None)
     base = get_preset(str(preset)).to_dict() if preset is not None else {}
     return UNetConfig.from_dict({**base, **fields})  # an unknown key is a ValueError naming it
-
-
-def resolve_diffusion_config(diffusion: DiffusionConfig | Mapping[str, Any] | None) -> DiffusionConfig:
-    """A DiffusionConfig from itself, a dict (unknown keys refused) or None (defaults)."""
-    if isinstance(diffusion, DiffusionConfig):
-        return diffusion
-    return DiffusionConfig.from_dict(dict(diffusion or {}))
 
 
 class DiffusionModule(pl.LightningModule):
@@ -111,7 +104,9 @@ class DiffusionModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.unet_config = resolve_unet_config(unet)
-        self.diffusion_config = resolve_diffusion_config(diffusion)
+        if not isinstance(diffusion, DiffusionConfig):  # a dict from hparams (unknown keys refused), None
+            diffusion = DiffusionConfig.from_dict(dict(diffusion or {}))
+        self.diffusion_config = diffusion
         if self.diffusion_config.learn_sigma != self.unet_config.learn_sigma:
             raise ValueError(
                 f"diffusion.learn_sigma={self.diffusion_config.learn_sigma} but the UNet has "
@@ -209,8 +204,7 @@ class DiffusionModule(pl.LightningModule):
         quartile = (4 * t // self.diffusion.num_timesteps).clamp_(max=3)
         counts = torch.bincount(quartile, minlength=4).tolist()
         for name, value in terms.items():
-            sums = torch.zeros(4, device=value.device, dtype=torch.float32)
-            sums.index_add_(0, quartile, value.detach().float())
+            sums = value.new_zeros(4, dtype=torch.float32).index_add_(0, quartile, value.detach().float())
             for q in range(4):
                 if counts[q]:
                     self.log(f"train/{name}_q{q}", sums[q] / counts[q], batch_size=counts[q])
@@ -266,7 +260,6 @@ class DiffusionModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info: dict[str, Any] = {"version": __version__, "init_from": self.init_from}
         for cb in self.trainer.callbacks:  # called by the trainer: attached
-            describe = getattr(cb, "describe", None)
-            if callable(describe) and getattr(cb, "ilvr_toolkit_key", None):
-                info[cb.ilvr_toolkit_key] = describe()
+            if getattr(cb, "ilvr_toolkit_key", None):  # EMA, FIDMonitor: their describe()
+                info[cb.ilvr_toolkit_key] = cb.describe()
         checkpoint["ilvr_toolkit"] = info
