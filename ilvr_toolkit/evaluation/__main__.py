@@ -9,9 +9,12 @@ from ..cli import UsageError, make_parser, parse_options, run_command, setup_log
 from .api import EvalSettings, evaluate_translation, format_table, write_metrics
 
 PROG = "python -m ilvr_toolkit.evaluation"
-_PATHS = {"outputs": "the translated images: a folder", "target": "FID/KID against: a folder or an LMDB",
-          "references": "SSIM/PSNR/L2 against these sources (output <stem>_s<k> pairs with <stem>)",
-          "metrics_json": "where to write the metrics (JSON)"}  # fmt: skip
+_PATHS = {
+    "outputs": "the translated images: a folder",
+    "target": "FID/KID against: a folder or an LMDB",
+    "references": "SSIM/PSNR/L2 against these sources (output <stem>_s<k> pairs with <stem>)",
+    "metrics_json": "where to write the metrics (JSON)",
+}
 
 
 def build_parser() -> ArgumentParser:

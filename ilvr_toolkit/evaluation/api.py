@@ -91,25 +91,25 @@ def _faithfulness(
     return {**result, **metrics.compute()}
 
 
-def _inception_metrics(outputs: ImageSet, target: str, extractor: InceptionFeatureExtractor, s: EvalSettings,
-                       seconds: dict) -> dict[str, Any]:  # fmt: skip
-    start, kid = time.perf_counter(), s.kid
+def _inception_metrics(
+    outputs: ImageSet, target: str, extractor: InceptionFeatureExtractor, s: EvalSettings, seconds: dict
+) -> dict[str, Any]:
+    start = time.perf_counter()
     stats, info = cached_reference_stats(target, extractor, s)
-    result = {"target": os.fspath(target), "target_stats": info.path, "target_stats_cache_hit": info.hit}
-    result.update({} if info.hit else {"target_stats_reason": info.reason})
     seconds["target_stats"], start = time.perf_counter() - start, time.perf_counter()
-    result["num_target"] = info.meta["count"]
     metrics = InceptionMetrics(
-        kid, s.device, subsets=s.kid_subsets, subset_size=s.kid_subset_size, seed=s.seed
+        s.kid, s.device, subsets=s.kid_subsets, subset_size=s.kid_subset_size, seed=s.seed
     )
     if rank_world()[0] == 0:  # cached real statistics enter the metric once, not once per process
         metrics.load_real(stats)
     for batch in batches_of(outputs, s.batch_size, s.workers):
         metrics.update(extractor(batch), real=False)
     seconds["output_features"], start = time.perf_counter() - start, time.perf_counter()
-    result.update(metrics.compute())
+    result = {"target": os.fspath(target), "target_stats": info.path, "target_stats_cache_hit": info.hit}
+    result.update({} if info.hit else {"target_stats_reason": info.reason})
+    result.update(num_target=info.meta["count"], **metrics.compute())
     seconds["fid_kid"] = time.perf_counter() - start
-    result.update({"kid_subsets": s.kid_subsets} if kid else {})
+    result.update({"kid_subsets": s.kid_subsets} if s.kid else {})
     return {**result, "inception_sha256": extractor.sha256, "inception_official": extractor.official}
 
 

@@ -140,8 +140,12 @@ def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict[str, Any]]:
         return stats, json.loads(str(z["meta"]))
 
 
-def compute_image_set_stats(batches: Iterable[torch.Tensor], extractor: InceptionFeatureExtractor, kid: bool = True,
-                            distributed: bool = True) -> FeatureStats:  # fmt: skip
+def compute_image_set_stats(
+    batches: Iterable[torch.Tensor],
+    extractor: InceptionFeatureExtractor,
+    kid: bool = True,
+    distributed: bool = True,
+) -> FeatureStats:
     """Statistics of image batches (B, 3, H, W), uint8 or float in [-1, 1]; under torch.distributed
     (and ``distributed``), of every process's batches: gathered by torchmetrics' sync, all must call."""
     sync = distributed and rank_world()[1] > 1
