@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 # One intra-op thread per process (set before torch is imported, inherited by the CLI
 # subprocesses the tests start): the tests use small tensors, and on a 2-core CI box several
@@ -108,3 +110,16 @@ def data_lmdb(data_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data_out") / "mixed.lmdb"
     build_lmdb(data_folder[0], out, list(DATA_SIZES), workers=2, progress=False)
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process-group rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` with ``nproc`` local processes on a free port."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*head, "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]

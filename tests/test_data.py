@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_BAD_FILES, DATA_SIZES, smooth_rgb
+from conftest import DATA_BAD_FILES, DATA_SIZES, smooth_rgb, torchrun
 from PIL import Image, JpegImagePlugin
 from torch.utils.data import DataLoader
 
@@ -447,23 +446,7 @@ def test_ddp_two_processes_shard_every_index_once(data_lmdb, tmp_path):
     script, out_file = tmp_path / "ddp_shards.py", tmp_path / "seen.json"
     script.write_text(_DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(script),
-        str(data_lmdb),
-        str(out_file),
-    ]
+    cmd = torchrun(str(script), str(data_lmdb), str(out_file))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     per_rank = json.loads(out_file.read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
 from ilvr_toolkit.conditioning.lowpass import LowPass
@@ -274,12 +275,6 @@ def _ddp_worker(rank: int, world: int, port: int, args: dict, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, weights_file):
     refs = smooth_images(4, seed=20)
@@ -302,7 +297,7 @@ def test_two_processes_equal_one_process(tmp_path, weights_file):
         _ddp_worker,
         args=(
             2,
-            _free_port(),
+            free_port(),
             {**common, "weights": str(weights_file), "cache_dir": str(tmp_path / "c2")},
             str(tmp_path),
         ),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import torchrun
 from PIL import Image
 
 from ilvr_toolkit.sampling import SampleConfig, plan_items, run, shard_range
@@ -170,17 +171,7 @@ def test_two_processes_equal_one(tmp_path, refs, tiny32_path):
     single, double = tmp_path / "single", tmp_path / "double"
     run(parse_config(_args(tiny32_path, refs, single, "--batch_size", "2")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        str(ROOT / "sample.py"),
-        *_args(tiny32_path, refs, double, "--batch_size", "2"),
-    ]
+    cmd = torchrun(str(ROOT / "sample.py"), *_args(tiny32_path, refs, double, "--batch_size", "2"))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _pngs(single), _pngs(double)

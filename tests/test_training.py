@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from conftest import free_port
 from PIL import Image
 
 from ilvr_toolkit.data.prepare import build_lmdb
@@ -118,12 +118,6 @@ class Probe(pl.Callback):
 def run_inprocess(args: list[str], probe: Probe | None = None) -> TrainCLI:
     defaults = {"callbacks": [probe]} if probe is not None else None
     return TrainCLI(args=["fit", *args], trainer_defaults=defaults)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_subprocess(args: list[str], env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
