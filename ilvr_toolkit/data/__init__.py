@@ -13,7 +13,7 @@ from typing import Any
 _SOURCES = {
     "datamodule": ["ImageDataModule", "LoaderOptions"],
     "files": ["IMAGE_EXTENSIONS", "list_image_files", "unique_names"],
-    "imageops": ["BadImage"],
+    "imageops": ["BadImage", "load_rgb"],
     "lmdb_dataset": ["LMDBImageDataset", "decode_bytes"],
     "lmdb_format": ["LMDBInfo", "image_key", "open_lmdb", "read_info", "read_names"],
     "prepare": ["BuildReport", "BuildSettings", "build_lmdb"],

@@ -48,6 +48,8 @@ class ImageDataModule(pl.LightningDataModule):
         flip: random horizontal flips for training batches.
         drop_last: drop the last incomplete training batch.
         return_index: batches are ``(images, indices)``.
+        on_bad_record: a record that does not decode stops training with a one-line error naming
+            its key and index (error), or is replaced by the next good one and logged (skip).
         loader: further DataLoader options.
     """
 
@@ -60,6 +62,7 @@ class ImageDataModule(pl.LightningDataModule):
         flip: bool = True,
         drop_last: bool = True,
         return_index: bool = False,
+        on_bad_record: Literal["error", "skip"] = "error",
         loader: LoaderOptions = LoaderOptions(),
     ):
         super().__init__()
@@ -78,8 +81,9 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             hp = self.hparams
-            self.train_set = LMDBImageDataset(self.path, self.image_size, hp.flip, hp.return_index)
-            self.eval_set = LMDBImageDataset(self.path, self.image_size, False, hp.return_index)
+            args = (self.path, self.image_size)
+            self.train_set = LMDBImageDataset(*args, hp.flip, hp.return_index, hp.on_bad_record)
+            self.eval_set = LMDBImageDataset(*args, False, hp.return_index, hp.on_bad_record)
 
     def _loader(self, dataset: LMDBImageDataset, batch_size: int, train: bool) -> DataLoader:
         workers, options = self.hparams.workers, self.loader

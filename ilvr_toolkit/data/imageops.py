@@ -1,6 +1,5 @@
-"""PIL helpers shared by the converter and the reference loader: mode conversion and cropping.
-
-Kept free of torch so the converter's worker processes stay light.
+"""The one image loader (``load_rgb``) of the converter, the references and the evaluation sets,
+and cropping. Kept free of torch so the converter's worker processes stay light.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ __all__ = [
     "BadImage",
     "center_crop_square",
     "exif_upright",
+    "load_rgb",
     "open_image",
     "to_rgb",
     "wide_to_8bit",
@@ -59,10 +59,11 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     - transparency (an alpha band, or a palette / grayscale / RGB ``transparency`` key) is
       composited over ``background`` (white): the colour under a fully transparent pixel is
       arbitrary and often black or garbage, so dropping alpha would leak it into the image;
-    - 16-bit grayscale is scaled to 8 bits (``wide_to_8bit``), not clipped;
-    - CMYK, YCbCr, LAB, HSV, 1, L, P use Pillow's own conversion.
+    - 16-bit grayscale (``I;16*``, and ``I`` as Pillow may open it) is scaled to 8 bits
+      (``wide_to_8bit``), not clipped; float ``F`` is clipped to 0..255;
+    - CMYK (no colour profile applied), YCbCr, LAB, HSV, 1, L, P use Pillow's own conversion.
     """
-    if img.mode == "RGB":
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in WIDE_MODES:
         img = wide_to_8bit(img)
@@ -81,6 +82,16 @@ def exif_upright(img: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(img)
     except Exception:  # a malformed EXIF block should not cost the image
         return img
+
+
+def load_rgb(source: bytes | bytearray | Image.Image) -> Image.Image:
+    """Encoded bytes (or a PIL image) -> upright RGB: decoded fully (``open_image``), EXIF
+    orientation applied (``exif_upright``), converted by ``to_rgb``; ``BadImage`` if unusable."""
+    img = source if isinstance(source, Image.Image) else open_image(source)
+    try:
+        return to_rgb(exif_upright(img))
+    except Exception as e:  # exotic modes Pillow cannot convert
+        raise BadImage(f"cannot convert mode {img.mode} to RGB: {e}") from None
 
 
 def center_crop_square(img: Image.Image) -> Image.Image:

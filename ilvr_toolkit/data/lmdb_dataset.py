@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import lmdb
+import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
+from ilvr_toolkit.data.imageops import BadImage, load_rgb
 from ilvr_toolkit.data.lmdb_format import LMDBInfo, image_key, open_lmdb, read_info
 
 __all__ = ["LMDBImageDataset", "decode_bytes"]
+_LOG = logging.getLogger(__name__)
 
 
 def decode_bytes(data: bytes | bytearray | memoryview) -> torch.Tensor:
-    """Encoded PNG/JPEG/WebP/... bytes -> uint8 (3, H, W) RGB tensor (torchvision.io)."""
-    if not isinstance(data, bytearray):
-        data = bytearray(data)  # writable, so torch.frombuffer shares it without a warning
-    return decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    """Encoded PNG/JPEG/WebP/... bytes -> uint8 (3, H, W) RGB tensor (``imageops.load_rgb``;
+    ``BadImage`` if damaged). PIL, not torchvision.io: its PNG decoder (0.29) ends the process
+    with SIGSEGV on a corrupt IDAT chunk."""
+    return torch.from_numpy(np.array(load_rgb(data))).permute(2, 0, 1)
 
 
 class LMDBImageDataset(Dataset):
@@ -28,15 +32,31 @@ class LMDBImageDataset(Dataset):
     With ``return_index`` an item is ``(image, i)``. ``flip`` mirrors horizontally with
     probability 1/2 (torch's RNG, which DataLoader seeds per worker).
 
+    A record that does not decode (or has the wrong size) raises a ValueError naming the key
+    and index (``on_bad_record="error"``), or with ``"skip"`` is replaced by the next index
+    that decodes (cyclically): deterministic, batches keep their size, and every process
+    logs each bad record once with the count it has skipped so far (``self.skipped``).
+
     The LMDB is opened lazily and shared per process (``open_lmdb``); pickling drops the
     handle, so the dataset works with fork, spawn and forkserver DataLoader workers.
     """
 
-    def __init__(self, path: str | Path, size: int, flip: bool = False, return_index: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        size: int,
+        flip: bool = False,
+        return_index: bool = False,
+        on_bad_record: Literal["error", "skip"] = "error",
+    ):
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"--data.on_bad_record {on_bad_record}: expected error or skip")
         self.path = os.fspath(path)
         self.size = int(size)
         self.flip = flip
         self.return_index = return_index
+        self.on_bad_record = on_bad_record
+        self.skipped: set[int] = set()  # bad indices this process has met
         self.info: LMDBInfo = read_info(self.path)
         if self.size not in self.info.sizes:
             available = ", ".join(map(str, self.info.sizes)) or "none"
@@ -65,16 +85,40 @@ class LMDBImageDataset(Dataset):
                 raise KeyError(f"{self.path}: key {image_key(self.size, index)!r} missing")
             return bytearray(data)
 
-    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        image = decode_bytes(self.read_bytes(index))
-        if image.shape[1:] != (self.size, self.size):
-            raise ValueError(
-                f"{self.path}: image {index} is {image.shape[2]}x{image.shape[1]}, "
-                f"expected {self.size}x{self.size} (key {image_key(self.size, index)!r})"
+    def decode(self, index: int) -> torch.Tensor:
+        """Image ``index`` as uint8 (3, size, size); ValueError naming key and index if damaged."""
+        try:
+            image = decode_bytes(self.read_bytes(index))
+            problem = (
+                "" if image.shape[1:] == (self.size, self.size) else f"is {image.shape[2]}x{image.shape[1]}"
             )
+        except KeyError:
+            problem = "is missing"
+        except BadImage as error:
+            problem = str(error)
+        if problem:
+            raise ValueError(
+                f"{self.path}: record {image_key(self.size, index)!r} (index {index}) {problem}, expected "
+                f"{self.size}x{self.size}; --data.on_bad_record skip skips such records, "
+                "python -m ilvr_toolkit.data.prepare PATH --verify lists them"
+            )
+        return image
+
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        start = int(index) + (len(self) if int(index) < 0 else 0)
+        for step in range(max(1, len(self))):  # "skip": the next index that decodes, cyclically
+            index = (start + step) % len(self) if step else start
+            try:
+                image = self.decode(index)
+                break
+            except ValueError as error:
+                if self.on_bad_record == "error" or step == len(self) - 1:
+                    raise
+                if index not in self.skipped:
+                    self.skipped.add(index)
+                    _LOG.warning(
+                        "%s; skipped (%d so far)", str(error).split(", expected")[0], len(self.skipped)
+                    )
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return (image, index) if self.return_index else image

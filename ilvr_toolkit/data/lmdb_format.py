@@ -85,7 +85,7 @@ def check_not_truncated(data_file: str, size: int) -> None:
     if size < (last_page + 1) * psize:
         raise ValueError(
             f"{data_file}: truncated ({size} bytes, its metadata needs {(last_page + 1) * psize}); "
-            "rebuild it with python -m ilvr_toolkit.data.prepare"
+            "rebuild it with python -m ilvr_toolkit.data.prepare (--verify checks a dataset)"
         )
 
 
@@ -150,17 +150,26 @@ def _scan_sizes(txn: lmdb.Transaction) -> tuple[int, ...]:
 def read_info(path: str | Path) -> LMDBInfo:
     """Length, sizes and (if ours) metadata of the LMDB image dataset at ``path``."""
     with open_lmdb(path).begin() as txn:
-        raw_length = txn.get(LENGTH_KEY)
-        raw_meta = txn.get(META_KEY)
+        raw_length, raw_meta = txn.get(LENGTH_KEY), txn.get(META_KEY)
         if raw_length is None:
             raise ValueError(f"{path} is not an LMDB image dataset: no {LENGTH_KEY!r} key")
-        meta = json.loads(raw_meta) if raw_meta is not None else None
-        sizes = tuple(sorted(int(s) for s in meta["sizes"])) if meta else _scan_sizes(txn)
-    return LMDBInfo(path=os.fspath(path), length=int(raw_length), sizes=sizes, meta=meta)
+        try:  # JSON text, never pickle
+            length, meta = json.loads(raw_length), None if raw_meta is None else json.loads(raw_meta)
+            sizes = tuple(sorted(meta["sizes"])) if meta else _scan_sizes(txn)
+            if type(length) is not int or length < 0 or not all(type(s) is int and s > 0 for s in sizes):
+                raise TypeError("not a count and sizes")
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(
+                f"{path}: damaged {LENGTH_KEY!r} or {META_KEY!r} ({error}); rebuild it"
+            ) from None
+    return LMDBInfo(path=os.fspath(path), length=length, sizes=sizes, meta=meta)
 
 
 def read_names(path: str | Path) -> list[str] | None:
     """The source file name of every index (datasets written by our converter), else None."""
     with open_lmdb(path).begin() as txn:
         raw = txn.get(NAMES_KEY)
-    return json.loads(raw) if raw is not None else None
+    try:
+        return json.loads(raw) if raw is not None else None
+    except ValueError:
+        raise ValueError(f"{path}: damaged {NAMES_KEY!r} (not JSON); rebuild it") from None

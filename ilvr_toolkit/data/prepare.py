@@ -39,12 +39,15 @@ from PIL import Image
 
 from .. import __version__
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command
+from ..fileio import atomic_write_bytes
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
-from .imageops import BadImage, center_crop_square, exif_upright, open_image, to_rgb
+from .imageops import BadImage, center_crop_square, load_rgb
 from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key, open_lmdb, read_info, read_names
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
+
+    from .lmdb_format import LMDBInfo
 
 __all__ = ["BuildReport", "BuildSettings", "build_lmdb", "encode_image", "main", "process_image"]
 
@@ -172,11 +175,7 @@ def process_image(
     data: bytes, sizes: list[int], fmt: str = "png", quality: int = 95, compress_level: int = 0
 ) -> dict[int, bytes]:
     """Encoded file bytes -> {size: encoded square RGB image}; ``BadImage`` if unusable."""
-    img = open_image(data)
-    try:
-        img = to_rgb(exif_upright(img))
-    except Exception as e:  # exotic modes Pillow cannot convert
-        raise BadImage(f"cannot convert mode {img.mode} to RGB: {e}") from None
+    img = load_rgb(data)
     if min(img.size) < max(sizes):
         raise BadImage(f"too small: {img.size[0]}x{img.size[1]} < {max(sizes)}")
     square = center_crop_square(img)
@@ -243,20 +242,29 @@ def _put_all(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def verify_lmdb(path: str | Path, sizes: list[int], length: int) -> None:
-    """Raise unless ``path`` holds ``length`` images at every size; the first, middle and last decode."""
+def verify_lmdb(
+    path: str | Path, sizes: list[int] | None = None, length: int | None = None, every: bool = False
+) -> LMDBInfo:
+    """Raise a ValueError listing bad records unless ``path`` holds ``length`` images at each of
+    ``sizes`` (default: what it says it holds) that decode to squares of their size (``every``
+    one, else the first, middle and last)."""
     info = read_info(path)
-    if info.length != length or sorted(info.sizes) != sorted(sizes):
-        raise RuntimeError(f"verify {path}: length/sizes {info.length}/{info.sizes} != {length}/{sizes}")
+    if sizes is not None and (info.length, list(info.sizes)) != (length, sorted(sizes)):
+        raise ValueError(f"verify {path}: length/sizes {info.length}/{info.sizes} != {length}/{sizes}")
+    bad, checked = [], range(info.length) if every else {0, info.length // 2, info.length - 1}
     with open_lmdb(path).begin() as txn:
-        for size in sizes:
-            for index in range(length):
-                if not txn.get(image_key(size, index)):
-                    raise RuntimeError(f"verify {path}: key {image_key(size, index)!r} missing")
-            for index in {0, length // 2, length - 1} if length else ():
-                img = open_image(txn.get(image_key(size, index)))
-                if img.size != (size, size) or img.mode != "RGB":
-                    raise RuntimeError(f"verify {path}: {image_key(size, index)!r} is {img.mode} {img.size}")
+        for size in info.sizes:
+            for index in range(info.length):
+                try:
+                    if (data := txn.get(image_key(size, index))) is None:
+                        raise BadImage("missing")
+                    if index in checked and (got := load_rgb(data).size) != (size, size):
+                        raise BadImage(f"is {got[0]}x{got[1]}")
+                except BadImage as error:
+                    bad.append(f"{image_key(size, index).decode()}: {error}")
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} bad records ({'; '.join(bad[:5])}); rebuild it with {PROG}")
+    return info
 
 
 def _pid_alive(pid: int) -> bool:
@@ -364,7 +372,10 @@ def _write_dataset(
         with _encoded(src, sizes, settings) as results:
             kept, skipped, pending = _store_images(env, results, src.names, settings, desc)
         if not kept:
-            raise ValueError(f"no usable images in {src.location} ({len(skipped)} skipped)")
+            why = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+            raise ValueError(
+                f"no usable images in {src.location}, nothing written: {len(skipped)} rejected ({why})"
+            )
         if settings.format == "jpeg":
             encoding = {"quality": settings.quality, "subsampling": "4:4:4"}
         else:
@@ -453,28 +464,24 @@ ALIASES = {"--out": "--output.dir", "--report": "--output.report"}
 
 def build_parser() -> ArgumentParser:
     parser = make_parser(
-        PROG, "Build an LMDB image dataset (rosinality key layout) from a folder, a zip archive or an LMDB."
+        PROG, "Build an LMDB image dataset (rosinality keys) from a folder, a zip or an LMDB."
     )
     parser.add_argument("source", type=str, help="image folder (recursive), .zip archive, or LMDB folder")
-    parser.add_argument(
-        "--output.dir",
-        type=str,
-        required=True,
-        help="the LMDB folder to write, e.g. datasets/ffhq.lmdb (alias: --out)",
-    )
-    parser.add_argument(
-        "--output.report",
-        type=str | None,
-        default=None,
-        help="also write the build report (count, sizes, skipped files and why) as JSON here (alias: --report)",
-    )
-    parser.add_argument(
-        "--size",
-        type=int | list[int],
-        required=True,
-        help=f"output side length(s) in pixels, >= {MIN_SIZE}: --size 256, --size [128,256] "
-        "or --size repeated; every size is resized from the same crop",
-    )
+    for flag, kind, what in (
+        ("--output.dir", str | None, "the LMDB folder to write, e.g. datasets/ffhq.lmdb (alias: --out)"),
+        (
+            "--output.report",
+            str | None,
+            "also write the report (skipped files and why) as JSON (alias: --report)",
+        ),
+        (
+            "--size",
+            int | list[int] | None,
+            f"output side(s) >= {MIN_SIZE}: 256, [128,256] or repeated; one crop",
+        ),
+        ("--verify", bool, "only check the LMDB at SOURCE: every record there, at every size, decodes"),
+    ):
+        parser.add_argument(flag, type=kind, default=False if kind is bool else None, help=what)
     parser.add_class_arguments(
         BuildSettings, nested_key=None, as_group=False, skip={"start_method", "map_size", "commit_bytes"}
     )
@@ -488,13 +495,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_options(build_parser(), argv, ALIASES, repeatable=("--size",))
+    if args.verify:
+        info = verify_lmdb(args.source, every=True)
+        print(f"{args.source}: {info.length} images at sizes {list(info.sizes)}, every record decodes")
+        return 0
+    if args.output.dir is None or args.size is None:
+        raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
     report = build_lmdb(args.source, args.output.dir, args.size, settings)
     print(report.summary())
     if args.output.report:
-        path = Path(args.output.report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(report), indent=2))
+        atomic_write_bytes(args.output.report, json.dumps(asdict(report), indent=2).encode())
     return 0
 
 

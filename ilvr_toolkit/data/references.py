@@ -3,9 +3,10 @@
 ``load_reference`` reproduces guided-diffusion's ``center_crop_arr`` (as used by ilvr_adm):
 the image is converted to RGB, halved with ``Image.BOX`` while its short side is at least
 twice the target, resized with ``Image.BICUBIC`` so the short side equals the target, and
-centre-cropped (``(h - res) // 2``, ``(w - res) // 2``). The only deviation: 16-bit
-grayscale is scaled to 8 bits (``convert("RGB")`` would clip it to white). Unlike the
-converter, alpha is dropped (not composited) and EXIF orientation is ignored, as upstream.
+centre-cropped (``(h - res) // 2``, ``(w - res) // 2``). The image is made RGB exactly as the
+converter does (``imageops.load_rgb``): EXIF orientation applied (a phone photo is translated
+upright, as it trains), alpha over white, 16-bit scaled; upstream ignores EXIF, drops alpha
+and clips 16-bit to white. Plain RGB files load exactly as upstream.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, list_image_files, unique_names
-from ilvr_toolkit.data.imageops import WIDE_MODES, BadImage, open_image, wide_to_8bit
+from ilvr_toolkit.data.imageops import BadImage, load_rgb
 from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
 from ilvr_toolkit.data.lmdb_format import read_info
 
@@ -44,14 +45,9 @@ def load_reference(source: str | Path | bytes | bytearray | Image.Image, image_s
 
     Raises ``BadImage`` (a ValueError) if the file cannot be decoded.
     """
-    if isinstance(source, Image.Image):
-        img = source
-    else:
-        data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-        img = open_image(data)
-    if img.mode in WIDE_MODES:
-        img = wide_to_8bit(img)
-    arr = center_crop_arr(img.convert("RGB"), image_size)
+    if not isinstance(source, (bytes, bytearray, Image.Image)):
+        source = Path(source).read_bytes()
+    arr = center_crop_arr(load_rgb(source), image_size)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # copy: PIL arrays are read-only
 
 
