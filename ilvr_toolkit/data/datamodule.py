@@ -18,18 +18,21 @@ __all__ = ["ImageDataModule", "LoaderOptions"]
 
 @dataclass(frozen=True)
 class LoaderOptions:
-    """How the DataLoader runs its workers (``data.loader.*``).
+    """How the data is read: workers, damaged records (``data.loader.*``).
 
     Attributes:
         pin_memory: page-locked batches for faster copies to the GPU (ignored without CUDA).
         persistent_workers: keep the worker processes alive between epochs.
         multiprocessing_context: how workers start (fork, spawn, forkserver; null: the
             platform's default). The dataset is safe under each.
+        on_bad_record: a record that does not decode stops training with a one-line error naming
+            its key and index (error), or is replaced by the next good one and logged (skip).
     """
 
     pin_memory: bool = True
     persistent_workers: bool = True
     multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None
+    on_bad_record: Literal["error", "skip"] = "error"
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -48,8 +51,6 @@ class ImageDataModule(pl.LightningDataModule):
         flip: random horizontal flips for training batches.
         drop_last: drop the last incomplete training batch.
         return_index: batches are ``(images, indices)``.
-        on_bad_record: a record that does not decode stops training with a one-line error naming
-            its key and index (error), or is replaced by the next good one and logged (skip).
         loader: further DataLoader options.
     """
 
@@ -62,7 +63,6 @@ class ImageDataModule(pl.LightningDataModule):
         flip: bool = True,
         drop_last: bool = True,
         return_index: bool = False,
-        on_bad_record: Literal["error", "skip"] = "error",
         loader: LoaderOptions = LoaderOptions(),
     ):
         super().__init__()
@@ -82,8 +82,8 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is None:
             hp = self.hparams
             args = (self.path, self.image_size)
-            self.train_set = LMDBImageDataset(*args, hp.flip, hp.return_index, hp.on_bad_record)
-            self.eval_set = LMDBImageDataset(*args, False, hp.return_index, hp.on_bad_record)
+            self.train_set = LMDBImageDataset(*args, hp.flip, hp.return_index, self.loader.on_bad_record)
+            self.eval_set = LMDBImageDataset(*args, False, hp.return_index, self.loader.on_bad_record)
 
     def _loader(self, dataset: LMDBImageDataset, batch_size: int, train: bool) -> DataLoader:
         workers, options = self.hparams.workers, self.loader

@@ -49,8 +49,6 @@ class LMDBImageDataset(Dataset):
         return_index: bool = False,
         on_bad_record: Literal["error", "skip"] = "error",
     ):
-        if on_bad_record not in ("error", "skip"):
-            raise ValueError(f"--data.on_bad_record {on_bad_record}: expected error or skip")
         self.path = os.fspath(path)
         self.size = int(size)
         self.flip = flip
@@ -99,7 +97,7 @@ class LMDBImageDataset(Dataset):
         if problem:
             raise ValueError(
                 f"{self.path}: record {image_key(self.size, index)!r} (index {index}) {problem}, expected "
-                f"{self.size}x{self.size}; --data.on_bad_record skip skips such records, "
+                f"{self.size}x{self.size}; --data.loader.on_bad_record skip skips such records, "
                 "python -m ilvr_toolkit.data.prepare PATH --verify lists them"
             )
         return image

@@ -59,8 +59,10 @@ class InceptionFeatureExtractor(nn.Module):
             raise ValueError(
                 f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: fetch it again"
             )
-        # torch-fidelity loads with weights_only=False: check these bytes with the safe loader first
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:  # torch-fidelity loads with weights_only=False: check these bytes with the safe loader first
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError (code or objects), zip errors, EOFError
+            raise ValueError(f"{self.weights_path}: not a weights file ({type(error).__name__})") from None
         self.net = NoTrainInceptionV3(
             "inception-v3-compat", [str(NUM_FEATURES)], io.BytesIO(data), antialias=False
         )

@@ -71,19 +71,14 @@ def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
     except Exception as err:  # UnpicklingError, zip errors (RuntimeError), EOFError, KeyError on garbage ...
+        if isinstance(err, OSError):
+            raise
+        said = f"truncated or corrupted? torch.load said {type(err).__name__}: {' '.join(str(err).split())[:200]}"
         if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
-            raise CheckpointError(
-                f"{path} holds Python objects that weights_only=True refuses to unpickle; "
-                "re-save it with plain containers (dict/list/str/numbers) and tensors only"
-            ) from err
-        said = str(err).splitlines()[0][:200] if str(err) else ""
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?); "
-            f"size {path.stat().st_size} bytes; torch.load said: {type(err).__name__}: {said}"
-        ) from err
+            said = "it holds Python objects, which weights_only=True refuses (no code ran); keep tensors only"
+        size = path.stat().st_size
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({size} bytes): {said}") from err
 
 
 def _plain_tensors(state_dict: StateDict | nn.Module) -> dict[str, torch.Tensor]:
@@ -101,9 +96,7 @@ def _require_plain(obj: Any, where: str) -> None:
                 raise TypeError(f"{where}: key {k!r} is not a str/int")
             _require_plain(v, f"{where}[{k!r}]")
     elif not (obj is None or isinstance(obj, str | int | float | bool | torch.Tensor)):
-        raise TypeError(
-            f"{where} is a {type(obj).__name__}; only plain containers, numbers, str and tensors load with weights_only=True"
-        )
+        raise TypeError(f"{where} is a {type(obj).__name__}, which torch.load(weights_only=True) refuses")
 
 
 def save_model_file(
@@ -248,8 +241,7 @@ def check_state_dict(
     preset = preset_for_filename(source) if source is not None else None  # named like a released file?
     if preset is not None and get_preset(preset).architecture() == config.architecture():
         lines.append(
-            f"  hint: {Path(source).name} is named like a released checkpoint (preset {preset!r}) "
-            "but lacks its layout; is it another model?"
+            f"  hint: named like a released checkpoint (preset {preset!r}) but not its layout: another model?"
         )
     elif preset is not None:
         lines.append(f"  hint: {Path(source).name} is a released checkpoint; load it with preset={preset!r}")
@@ -260,19 +252,15 @@ def _contents(obj: Any, path: PathLike) -> tuple[str, Any, StateDict, dict[str, 
     """(kind, stored UNet config dict or None, weights, stored diffusion settings) of a loaded file."""
     if isinstance(obj, Mapping) and "format" in obj:
         if obj["format"] != MODEL_FORMAT:
-            raise CheckpointError(
-                f"{path}: unsupported model file format {obj['format']!r} (expected {MODEL_FORMAT!r})"
-            )
+            raise CheckpointError(f"{path}: model file format {obj['format']!r}, expected {MODEL_FORMAT!r}")
         return "ilvr_toolkit", obj["unet"], obj["state_dict"], dict(obj.get("diffusion") or {})
     if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
         hp = obj["hyper_parameters"]
         if "unet" not in hp:
             raise CheckpointError(
-                f"{path}: Lightning checkpoint without hyper_parameters['unet'] (keys {sorted(hp)[:8]})"
+                f"{path}: Lightning checkpoint lacks hyper_parameters['unet'] ({sorted(hp)[:8]})"
             )
-        weights = {
-            k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")
-        }
+        weights = {k[6:]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
         if not weights:
             raise CheckpointError(f"{path}: Lightning checkpoint has no weights under the prefix 'model.'")
         return "lightning", hp["unet"], weights, dict(hp.get("diffusion") or {})
