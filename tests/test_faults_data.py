@@ -1,0 +1,115 @@
+"""Damaged data never kills the process (issue 13, point 2): records corrupted inside data.mdb,
+truncated and empty data files, a folder without data.mdb, a source with nothing usable; through
+train.py, sample.py and the converter (its ``--verify`` too), on tiny datasets made here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from faultkit import TINY32, damage_record, error_line, make_images, run, tiny_lmdb
+from test_faults_loads import sample_args, train_args
+
+from ilvr_toolkit.data import LMDBImageDataset
+
+PREPARE = ["-m", "ilvr_toolkit.data.prepare"]
+PREPARE_PROG = "python -m ilvr_toolkit.data.prepare"
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_lmdb(tmp_path_factory.mktemp("data_faults"), sizes=(16, 32))
+
+
+@pytest.fixture(scope="module")
+def corrupt(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``clean`` with record 3 (both sizes) unrecognisable and record 5 failing its PNG checksum."""
+    path = shutil.copytree(clean, tmp_path_factory.mktemp("corrupt") / "corrupt.lmdb")
+    for size in (16, 32):
+        damage_record(path, 3, "header", size)
+        damage_record(path, 5, "middle", size)
+    return path
+
+
+def test_corrupt_records_error_names_key_and_index_or_are_skipped(corrupt, caplog):
+    with pytest.raises(ValueError, match=r"record b'16-00003' \(index 3\) not an image") as info:
+        LMDBImageDataset(corrupt, 16)[3]
+    assert str(info.value).count("\n") == 0 and "on_bad_record skip" in str(info.value)
+    with pytest.raises(ValueError, match=r"record b'16-00005' \(index 5\) cannot decode"):
+        LMDBImageDataset(corrupt, 16)[5]  # a PNG whose IDAT fails its checksum (torchvision.io: SIGSEGV)
+    ds = LMDBImageDataset(corrupt, 16, return_index=True, on_bad_record="skip")
+    with caplog.at_level(logging.WARNING, "ilvr_toolkit.data.lmdb_dataset"):
+        got = [ds[i][1] for i in range(len(ds))] + [ds[i][1] for i in range(len(ds))]
+    assert got == [0, 1, 2, 4, 4, 6, 6, 7] * 2  # the next good index, the same every epoch
+    assert ds.skipped == {3, 5}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and warnings[-1].endswith("skipped (2 so far)"), warnings
+    assert "b'16-00003' (index 3)" in warnings[0]
+
+
+def test_train_py_on_a_corrupt_record_one_line_or_skip(corrupt, tmp_path):
+    line = error_line(run(train_args(corrupt, tmp_path / "a", "--data.batch_size", "8")), "train.py")
+    assert f"{corrupt}: record b'16-0000" in line and "(index " in line and "on_bad_record" in line
+    skip = ["--data.batch_size", "8", "--data.loader.on_bad_record", "skip"]
+    done = run(train_args(corrupt, tmp_path / "b", *skip))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "b'16-00003' (index 3) not an image" in done.stderr and "so far)" in done.stderr
+    assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_verify_lists_every_bad_record(clean, corrupt):
+    done = run([*PREPARE, str(clean), "--verify"])
+    assert done.returncode == 0 and "8 images at sizes [16, 32], every record decodes" in done.stdout
+    line = error_line(run([*PREPARE, str(corrupt), "--verify"]), PREPARE_PROG)
+    assert f"{corrupt}: 4 bad records" in line
+    for key in ("16-00003", "16-00005", "32-00003", "32-00005"):
+        assert key in line
+
+
+def test_converter_skips_corrupt_records_of_an_lmdb_source_saying_why(corrupt, tmp_path):
+    out, report = tmp_path / "o.lmdb", tmp_path / "report.json"
+    done = run([*PREPARE, str(corrupt), "--out", str(out), "--size", "16", "--report", str(report)])
+    assert done.returncode == 0, done.stderr
+    skipped = dict(json.loads(report.read_text())["skipped"])
+    assert sorted(skipped) == ["03.png", "05.png"]
+    assert skipped["03.png"] == "not an image (no known format)" and "cannot decode" in skipped["05.png"]
+    assert "skipped 03.png: not an image" in done.stdout and len(LMDBImageDataset(out, 16)) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "no data.mdb"])
+def test_damaged_lmdb_files_are_one_line_everywhere(clean, tmp_path, damage):
+    """No SIGBUS (exit 135, empty stderr) from mapping past the end of a short file."""
+    bad = tmp_path / "bad.lmdb"
+    bad.mkdir()
+    data = (clean / "data.mdb").read_bytes()
+    if damage != "no data.mdb":
+        (bad / "data.mdb").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    said = {
+        "truncated": f"{bad / 'data.mdb'}: truncated",
+        "empty": f"{bad / 'data.mdb'}: not an LMDB data file (0 bytes",
+        "no data.mdb": f"no LMDB at {bad}",
+    }[damage]
+    assert said in error_line(run(train_args(bad, tmp_path / "run")), "train.py")
+    if damage == "truncated":  # names the fix
+        assert "--verify" in error_line(run([*PREPARE, str(bad), "--verify"]), PREPARE_PROG)
+    if damage != "no data.mdb":  # (an empty folder is a folder of no reference images)
+        assert said in error_line(
+            run(sample_args(TINY32, bad, tmp_path / "out", "--model.preset", "tiny32")), "sample.py"
+        )
+        convert = run([*PREPARE, str(bad), "--out", str(tmp_path / "o.lmdb"), "--size", "16"])
+        assert said in error_line(convert, PREPARE_PROG)
+    assert not list(tmp_path.glob("o.lmdb*"))  # the converter wrote nothing, not even a partial build
+
+
+def test_converter_with_nothing_usable_says_so_and_writes_nothing(tmp_path):
+    src = make_images(tmp_path / "src", count=3, size=12)  # every image smaller than --size
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    line = error_line(
+        run([*PREPARE, str(src), "--out", str(tmp_path / "o.lmdb"), "--size", "16"]), PREPARE_PROG
+    )
+    assert "no usable images" in line and "nothing written: 4 rejected" in line
+    assert "00.png: too small: 12x12 < 16" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build
