@@ -81,9 +81,9 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             hp = self.hparams
-            args = (self.path, self.image_size)
-            self.train_set = LMDBImageDataset(*args, hp.flip, hp.return_index, self.loader.on_bad_record)
-            self.eval_set = LMDBImageDataset(*args, False, hp.return_index, self.loader.on_bad_record)
+            skip = self.loader.on_bad_record
+            self.train_set = LMDBImageDataset(self.path, self.image_size, hp.flip, hp.return_index, skip)
+            self.eval_set = LMDBImageDataset(self.path, self.image_size, False, hp.return_index, skip)
 
     def _loader(self, dataset: LMDBImageDataset, batch_size: int, train: bool) -> DataLoader:
         workers, options = self.hparams.workers, self.loader

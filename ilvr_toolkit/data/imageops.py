@@ -4,21 +4,13 @@ and cropping. Kept free of torch so the converter's worker processes stay light.
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = [
-    "WIDE_MODES",
-    "BadImage",
-    "center_crop_square",
-    "exif_upright",
-    "load_rgb",
-    "open_image",
-    "to_rgb",
-    "wide_to_8bit",
-]
+__all__ = ["WIDE_MODES", "BadImage", "center_crop_square", "load_rgb", "open_image", "to_rgb"]
 
 # Integer modes whose samples span 16 bits. Pillow opens 16-bit grayscale PNG/TIFF as
 # "I;16*" (recent versions) or "I" (older ones), so "I" is read as 16-bit too.
@@ -44,29 +36,21 @@ def open_image(data: bytes) -> Image.Image:
     return img
 
 
-def wide_to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit grayscale -> 8-bit "L" by rounding v / 257 (65535 -> 255, 257 -> 1).
-
-    ``Image.convert("L")`` would clip every value above 255 to white instead.
-    """
-    arr = np.asarray(img).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
-
-
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Any PIL mode -> "RGB".
 
     - transparency (an alpha band, or a palette / grayscale / RGB ``transparency`` key) is
       composited over ``background`` (white): the colour under a fully transparent pixel is
       arbitrary and often black or garbage, so dropping alpha would leak it into the image;
-    - 16-bit grayscale (``I;16*``, and ``I`` as Pillow may open it) is scaled to 8 bits
-      (``wide_to_8bit``), not clipped; float ``F`` is clipped to 0..255;
+    - 16-bit grayscale (``I;16*``, and ``I`` as Pillow may open it) becomes 8 bits by rounding
+      v / 257 (65535 -> 255, 257 -> 1; ``convert("L")`` would clip all above 255 to white);
+      float ``F`` is clipped to 0..255;
     - CMYK (no colour profile applied), YCbCr, LAB, HSV, 1, L, P use Pillow's own conversion.
     """
     if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in WIDE_MODES:
-        img = wide_to_8bit(img)
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img) / 257.0), 0, 255).astype(np.uint8), mode="L")
     if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         base = Image.new("RGBA", rgba.size, (*background, 255))
@@ -76,20 +60,14 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img.convert("RGB")
 
 
-def exif_upright(img: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation tag (phone photos), ignoring a broken EXIF block."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a malformed EXIF block should not cost the image
-        return img
-
-
 def load_rgb(source: bytes | bytearray | Image.Image) -> Image.Image:
     """Encoded bytes (or a PIL image) -> upright RGB: decoded fully (``open_image``), EXIF
-    orientation applied (``exif_upright``), converted by ``to_rgb``; ``BadImage`` if unusable."""
+    orientation applied (phone photos), converted by ``to_rgb``; ``BadImage`` if unusable."""
     img = source if isinstance(source, Image.Image) else open_image(source)
+    with contextlib.suppress(Exception):  # a malformed EXIF block should not cost the image
+        img = ImageOps.exif_transpose(img)
     try:
-        return to_rgb(exif_upright(img))
+        return to_rgb(img)
     except Exception as e:  # exotic modes Pillow cannot convert
         raise BadImage(f"cannot convert mode {img.mode} to RGB: {e}") from None
 

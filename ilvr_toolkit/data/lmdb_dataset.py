@@ -17,6 +17,7 @@ from ilvr_toolkit.data.lmdb_format import LMDBInfo, image_key, open_lmdb, read_i
 
 __all__ = ["LMDBImageDataset", "decode_bytes"]
 _LOG = logging.getLogger(__name__)
+_SKIP_HINT = "--data.loader.on_bad_record skip skips such records; python -m ilvr_toolkit.data.prepare --verify lists them"
 
 
 def decode_bytes(data: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -32,10 +33,9 @@ class LMDBImageDataset(Dataset):
     With ``return_index`` an item is ``(image, i)``. ``flip`` mirrors horizontally with
     probability 1/2 (torch's RNG, which DataLoader seeds per worker).
 
-    A record that does not decode (or has the wrong size) raises a ValueError naming the key
-    and index (``on_bad_record="error"``), or with ``"skip"`` is replaced by the next index
-    that decodes (cyclically): deterministic, batches keep their size, and every process
-    logs each bad record once with the count it has skipped so far (``self.skipped``).
+    A record that does not decode raises a ValueError naming its key and index (``on_bad_record``
+    "error"), or ("skip") is replaced by the next good index (cyclically, so batches keep their
+    size); each process logs every bad record once with its running count (``self.skipped``).
 
     The LMDB is opened lazily and shared per process (``open_lmdb``); pickling drops the
     handle, so the dataset works with fork, spawn and forkserver DataLoader workers.
@@ -87,19 +87,13 @@ class LMDBImageDataset(Dataset):
         """Image ``index`` as uint8 (3, size, size); ValueError naming key and index if damaged."""
         try:
             image = decode_bytes(self.read_bytes(index))
-            problem = (
-                "" if image.shape[1:] == (self.size, self.size) else f"is {image.shape[2]}x{image.shape[1]}"
-            )
-        except KeyError:
-            problem = "is missing"
-        except BadImage as error:
-            problem = str(error)
-        if problem:
+            if image.shape[1:] != (self.size, self.size):
+                raise BadImage(f"is {image.shape[2]}x{image.shape[1]}, expected {self.size}x{self.size}")
+        except (KeyError, BadImage) as error:
+            problem = "is missing" if isinstance(error, KeyError) else error
             raise ValueError(
-                f"{self.path}: record {image_key(self.size, index)!r} (index {index}) {problem}, expected "
-                f"{self.size}x{self.size}; --data.loader.on_bad_record skip skips such records, "
-                "python -m ilvr_toolkit.data.prepare PATH --verify lists them"
-            )
+                f"{self.path}: record {image_key(self.size, index)!r} (index {index}) {problem}"
+            ) from None
         return image
 
     def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
@@ -111,12 +105,10 @@ class LMDBImageDataset(Dataset):
                 break
             except ValueError as error:
                 if self.on_bad_record == "error" or step == len(self) - 1:
-                    raise
+                    raise ValueError(f"{error}; {_SKIP_HINT}") from None
                 if index not in self.skipped:
                     self.skipped.add(index)
-                    _LOG.warning(
-                        "%s; skipped (%d so far)", str(error).split(", expected")[0], len(self.skipped)
-                    )
+                    _LOG.warning("%s: skipped (%d so far)", error, len(self.skipped))
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return (image, index) if self.return_index else image

@@ -153,14 +153,12 @@ def read_info(path: str | Path) -> LMDBInfo:
         raw_length, raw_meta = txn.get(LENGTH_KEY), txn.get(META_KEY)
         if raw_length is None:
             raise ValueError(f"{path} is not an LMDB image dataset: no {LENGTH_KEY!r} key")
-        try:  # JSON text, never pickle
-            length, meta = json.loads(raw_length), None if raw_meta is None else json.loads(raw_meta)
-            sizes = tuple(sorted(meta["sizes"])) if meta else _scan_sizes(txn)
-            if type(length) is not int or length < 0 or not all(type(s) is int and s > 0 for s in sizes):
-                raise TypeError("not a count and sizes")
-        except (ValueError, TypeError, KeyError) as error:
+        try:  # text and JSON, never pickle
+            length, meta = int(raw_length), None if raw_meta is None else json.loads(raw_meta)
+            sizes = tuple(sorted(int(s) for s in meta["sizes"])) if meta else _scan_sizes(txn)
+        except (ValueError, TypeError, KeyError):
             raise ValueError(
-                f"{path}: damaged {LENGTH_KEY!r} or {META_KEY!r} ({error}); rebuild it"
+                f"{path}: damaged {LENGTH_KEY!r} or {META_KEY!r} entry; rebuild the dataset"
             ) from None
     return LMDBInfo(path=os.fspath(path), length=length, sizes=sizes, meta=meta)
 
@@ -172,4 +170,4 @@ def read_names(path: str | Path) -> list[str] | None:
     try:
         return json.loads(raw) if raw is not None else None
     except ValueError:
-        raise ValueError(f"{path}: damaged {NAMES_KEY!r} (not JSON); rebuild it") from None
+        raise ValueError(f"{path}: damaged {NAMES_KEY!r} entry (not JSON); rebuild the dataset") from None

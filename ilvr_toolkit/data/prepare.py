@@ -3,8 +3,9 @@
     python -m ilvr_toolkit.data.prepare SRC --output.dir datasets/NAME.lmdb --size 256
         [--size 128 ...] [--format png|jpeg] [--quality 95] [--workers N] [--strict]
         [--overwrite] [--config FILE.yaml] [--print_config] [--help]
+    python -m ilvr_toolkit.data.prepare DATASET.lmdb --verify     # every record decodes?
 
-Each image: EXIF orientation applied, converted to RGB (``imageops.to_rgb``: alpha over
+Each image: EXIF orientation applied, converted to RGB (``imageops.load_rgb``: alpha over
 white, 16-bit scaled), centre-cropped to a square, resized with PIL's LANCZOS (antialiased)
 to every ``--size`` from the crop, encoded as PNG (default) or JPEG 4:4:4, stored under the
 rosinality keys (``lmdb_format``). Worker processes decode/resize/encode; the main process
@@ -104,10 +105,7 @@ class BuildSettings:
 @dataclass
 class _Source:
     """Ordered, picklable list of named inputs; :meth:`read` opens handles lazily per process.
-
-    ``location`` is the resolved path; ``size`` is the stored size read from an LMDB source
-    (its largest).
-    """
+    ``location``: the resolved path; ``size``: the stored size read from an LMDB source (its largest)."""
 
     kind: Literal["folder", "zip", "lmdb"]
     location: str
@@ -156,11 +154,8 @@ def _open_source(src: str | Path) -> _Source:
 # --------------------------------------------------------------------------- per image
 def encode_image(img: Image.Image, fmt: str, quality: int = 95, compress_level: int = 0) -> bytes:
     """PNG, or JPEG with 4:4:4 chroma (PIL's default 4:2:0 blurs colour even at quality 100).
-
-    PNG ``compress_level=0`` stores the pixels without zlib compression: still a lossless PNG
-    that any reader opens, decoded ~2.5x faster than compressed PNG (inflate dominates the
-    decoding time), for ~1.8x the size. Levels 1-9 all decode at about the same speed.
-    """
+    PNG ``compress_level=0`` (no zlib compression, still a PNG any reader opens) decodes ~2.5x
+    faster than levels 1-9 (inflate dominates the decoding time) for ~1.8x the size."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     buf, jpeg = io.BytesIO(), {"quality": quality, "subsampling": 0}
