@@ -93,6 +93,21 @@ def test_sample_py_never_runs_a_planted_model_file(tmp_path, kind, env):
 
 
 @ENVS
+@pytest.mark.parametrize("command", ["init_from", "export"])
+def test_train_py_never_runs_a_planted_file_to_fine_tune_or_export(lmdb_path, tmp_path, command, env):
+    """``--init_from`` a plain state dict (the released files), and ``train.py export`` of a .ckpt."""
+    marker, planted = tmp_path / "code-ran", tmp_path / "planted.pt"
+    torch.save({"time_embed.0.weight": Payload(marker)}, planted)
+    if command == "export":
+        args = ["train.py", "export", str(planted), "--output.dir", str(tmp_path / "export")]
+    else:
+        args = train_args(lmdb_path, tmp_path / "run", "--model.unet", "tiny32", "--init_from", str(planted))
+    line = error_line(run(args, env=env), "train.py export" if command == "export" else "train.py")
+    assert str(planted) in line and "weights_only" in line
+    assert not marker.exists(), "the planted file's code ran"
+
+
+@ENVS
 def test_evaluation_never_runs_planted_inception_weights(tmp_path, env):
     marker, planted = tmp_path / "code-ran", tmp_path / "inception.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": Payload(marker)}, planted)
