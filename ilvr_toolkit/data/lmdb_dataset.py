@@ -15,15 +15,22 @@ from torch.utils.data import Dataset
 from ilvr_toolkit.data.imageops import BadImage, load_rgb
 from ilvr_toolkit.data.lmdb_format import LMDBInfo, image_key, open_lmdb, read_info
 
-__all__ = ["LMDBImageDataset", "decode_bytes"]
+__all__ = ["BadRecord", "LMDBImageDataset", "decode_bytes"]
 _LOG = logging.getLogger(__name__)
 _SKIP_HINT = "--data.loader.on_bad_record skip skips such records; python -m ilvr_toolkit.data.prepare --verify lists them"
 
 
+class BadRecord(ValueError):
+    """A record that does not decode. Re-raised by a DataLoader from its worker, with the worker's
+    traceback as the message, it keeps only its own last line: the CLI's error stays one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rstrip().splitlines()[-1].split("BadRecord: ", 1)[-1])
+
+
 def decode_bytes(data: bytes | bytearray | memoryview) -> torch.Tensor:
-    """Encoded PNG/JPEG/WebP/... bytes -> uint8 (3, H, W) RGB tensor (``imageops.load_rgb``;
-    ``BadImage`` if damaged). PIL, not torchvision.io: its PNG decoder (0.29) ends the process
-    with SIGSEGV on a corrupt IDAT chunk."""
+    """Encoded PNG/JPEG/WebP/... bytes -> uint8 (3, H, W) RGB (``imageops.load_rgb``; ``BadImage``
+    if damaged). Not torchvision.io: its PNG decoder (0.29) ends the process on a corrupt chunk."""
     return torch.from_numpy(np.array(load_rgb(data))).permute(2, 0, 1)
 
 
@@ -33,7 +40,7 @@ class LMDBImageDataset(Dataset):
     With ``return_index`` an item is ``(image, i)``. ``flip`` mirrors horizontally with
     probability 1/2 (torch's RNG, which DataLoader seeds per worker).
 
-    A record that does not decode raises a ValueError naming its key and index (``on_bad_record``
+    A record that does not decode raises ``BadRecord`` (a ValueError) naming its key and index (``on_bad_record``
     "error"), or ("skip") is replaced by the next good index (cyclically, so batches keep their
     size); each process logs every bad record once with its running count (``self.skipped``).
 
@@ -91,7 +98,7 @@ class LMDBImageDataset(Dataset):
                 raise BadImage(f"is {image.shape[2]}x{image.shape[1]}, expected {self.size}x{self.size}")
         except (KeyError, BadImage) as error:
             problem = "is missing" if isinstance(error, KeyError) else error
-            raise ValueError(
+            raise BadRecord(
                 f"{self.path}: record {image_key(self.size, index)!r} (index {index}) {problem}"
             ) from None
         return image
@@ -103,9 +110,9 @@ class LMDBImageDataset(Dataset):
             try:
                 image = self.decode(index)
                 break
-            except ValueError as error:
+            except BadRecord as error:
                 if self.on_bad_record == "error" or step == len(self) - 1:
-                    raise ValueError(f"{error}; {_SKIP_HINT}") from None
+                    raise BadRecord(f"{error}; {_SKIP_HINT}") from None
                 if index not in self.skipped:
                     self.skipped.add(index)
                     _LOG.warning("%s: skipped (%d so far)", error, len(self.skipped))

@@ -111,13 +111,8 @@ def save_model_file(
     The weights are checked against ``unet_config`` first, so the file never lies.
     """
     weights = check_state_dict(_plain_tensors(state_dict), unet_config)
-    payload = {
-        "format": MODEL_FORMAT,
-        "unet": unet_config.to_dict(),
-        "diffusion": dict(diffusion or {}),
-        "state_dict": weights,
-        "extra": dict(extra or {}),
-    }
+    payload = {"format": MODEL_FORMAT, "unet": unet_config.to_dict(), "diffusion": dict(diffusion or {})}
+    payload.update(state_dict=weights, extra=dict(extra or {}))
     _require_plain(payload, "model file")
     with atomic_open(path, "wb") as handle:
         torch.save(payload, handle)
