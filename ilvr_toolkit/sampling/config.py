@@ -74,12 +74,11 @@ class ILVRSpec:
 
 @dataclass
 class SDEditSpec:
-    """SDEdit start (Meng et al. 2022): begin at respaced index k from the reference diffused
-    to k (its noise is the draw x_T would have used) instead of from x_T.
+    """SDEdit start (Meng et al. 2022): begin at respaced index k from the reference diffused to k
+    (with the draw x_T would have used) instead of from x_T.
 
     Attributes:
-        strength: in (0, 1]: the share of the sampling steps run, k = round(strength * steps) - 1
-            (at least one step); 1 = the full run from x_T.
+        strength: in (0, 1]: k = max(round(strength * steps), 1) - 1; 1 = the full run from x_T.
         start_index: instead of strength, k itself (steps - 1 = the full run).
     """
 
@@ -141,12 +140,10 @@ class SampleConfig:
         references: folder of images (recursive, sorted; png/jpg/jpeg/webp) or an LMDB dataset.
         unconditional: sample without references (``num_samples`` images).
         num_samples: number of images in unconditional mode.
-        task: what the projection step x <- x + P(y - x) keeps of each reference y:
-            ``ilvr`` (P = phi_N), ``inpaint`` (P = mask), ``colorize`` (P = channel mean),
-            ``superres`` (P = phi_N; the references are the low-resolution inputs, read at
-            image_size / N and upsampled by phi_N's up matrix), ``local_edit`` (P = mask o phi_N).
-        mask: inpaint and local_edit: a black-and-white PNG of the model's image size, white =
-            kept (one mask for every image).
+        task: the P of the step x <- x + P(y - x): ``ilvr`` phi_N, ``inpaint`` the mask, ``colorize``
+            the channel mean, ``superres`` phi_N of y = up_N(reference read at image_size / N),
+            ``local_edit`` the mask after phi_N (docs/conditioning.md).
+        mask: inpaint, local_edit: a black-and-white PNG of the model's size, white = kept.
         sdedit: start from the reference diffused to an intermediate step (SDEdit).
         class_labels: class-conditional models only: one label for every image, a list (one
             per reference, in order) or a file of ``<reference name> <label>`` lines.

@@ -90,8 +90,13 @@ def task_setup(
     range_t, mode = ilvr_range_t(config.ilvr, diffusion, config.task), config.ilvr.mode
     start = sdedit_start(config.sdedit, diffusion.num_timesteps)
     mask = hashlib.sha256(Path(config.mask).read_bytes()).hexdigest() if config.mask else None
-    settings = {"task": config.task, "mask": mask, "ilvr.factor": config.ilvr.factor, "range_t": range_t}
-    _check_settings(Path(config.output.dir), {**settings, "ilvr.mode": mode, "sdedit.start": start})
+    settings = {
+        "task": config.task,
+        "mask sha256": mask,
+        "ilvr.factor": config.ilvr.factor,
+        "ilvr.mode": mode,
+    }
+    _check_settings(Path(config.output.dir), {**settings, "range_t": range_t, "sdedit start index": start})
     return lambda reference, n: Condition(reference, operators[n], range_t, mode, start)
 
 
@@ -104,6 +109,6 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     stored = read_json(path)
     if differ := [key for key, value in settings.items() if stored.get(key) != value]:
         raise UsageError(
-            f"--{differ[0]} {settings[differ[0]]}: {out_dir} holds a run with {differ[0]} "
+            f"{differ[0]} {settings[differ[0]]}: {out_dir} holds a run with {differ[0]} "
             f"{stored.get(differ[0])} ({path}); rerun with the same settings, or use another --output.dir"
         )
