@@ -165,6 +165,7 @@ def test_per_task_faithfulness_compares_p_of_output_and_reference(
         (("--task", "inpaint", "--mask", "{big}"), r"--mask .*big.png: expected 32x32 .*got 48x32"),
         (("--task", "inpaint", "--mask", "{grey}"), r"--mask .*grey.png: expected only black .*found 128"),
         (("--task", "inpaint", "--mask", "{missing}"), r"--mask .*missing.png: no such file"),
+        (("--task", "inpaint", "--mask", "{text}"), r"cannot identify image file .*text.png"),
         (("--task", "superres", "--ilvr.factor", "[2, 4]"), "super-resolution takes one factor"),
         (("--task", "paint"), "--task paint: expected"),
         (("--sdedit.strength", "0"), r"--sdedit.strength 0.0: expected a number in \(0, 1\]"),
@@ -176,7 +177,8 @@ def test_per_task_faithfulness_compares_p_of_output_and_reference(
 def test_task_errors_are_one_line(reference_dir, refs, mask_png, tmp_path, capsys, extra, message):
     Image.fromarray(np.zeros((32, 48), dtype=np.uint8)).save(tmp_path / "big.png")
     Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(tmp_path / "grey.png")
-    paths = {"mask": mask_png[0], **{k: tmp_path / f"{k}.png" for k in ("big", "grey", "missing")}}
+    (tmp_path / "text.png").write_text("not a PNG")
+    paths = {"mask": mask_png[0], **{k: tmp_path / f"{k}.png" for k in ("big", "grey", "missing", "text")}}
     extra = [e.format(**paths) for e in extra]
     assert main(_args(reference_dir, refs, tmp_path / "o", *extra)) in (1, 2)
     err = capsys.readouterr().err.strip().splitlines()

@@ -26,14 +26,11 @@ __all__ = ["load_mask", "run_operators", "reference_set", "sdedit_start", "task_
 
 def load_mask(path: str, image_size: int) -> torch.Tensor:
     """The mask PNG at ``path`` as float (1, 1, H, W) in {0, 1}: white (255) = kept, black = 0."""
-    try:
-        with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"))
-    except OSError as err:
-        raise UsageError(f"--mask {path}: not a readable image ({err})") from None
+    with Image.open(path) as image:  # not an image: PIL's OSError names the file
+        gray = np.asarray(image.convert("L"))
     if gray.shape != (image_size, image_size):
-        size = f"{gray.shape[1]}x{gray.shape[0]}"
-        raise UsageError(f"--mask {path}: expected {image_size}x{image_size} (the model's size), got {size}")
+        got = f"{gray.shape[1]}x{gray.shape[0]}"
+        raise UsageError(f"--mask {path}: expected {image_size}x{image_size} (the model's size), got {got}")
     if (grey := np.setdiff1d(gray, [0, 255])).size:
         raise UsageError(f"--mask {path}: expected only black (0) and white (255), found {grey[0]}")
     return torch.from_numpy(gray == 255).float()[None, None]
