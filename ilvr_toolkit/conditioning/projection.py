@@ -84,8 +84,9 @@ class Projection:
     """Step hook x <- x + P(y_level - x) conditioning a batch on ``reference`` (B, C, H, W).
 
     Args:
-        reference: y in [-1, 1], one per image of the batch (or one for all), on the sampling
-            device; its diffused versions use the run's noise source, one draw per step.
+        reference: y in [-1, 1], one per image of the batch, on the sampling device; it is
+            diffused with the run's noise source, one draw per conditioned step (none at the
+            last step in paper mode, which uses the clean y).
         operator: the linear P, a module (B, C, H, W) -> (B, C, H, W); moved to y's device.
         range_t: steps with respaced index > range_t are conditioned (-1: every step).
         mode: "paper" (y_{t-1}) or "official" (y_t); see the module docstring.

@@ -87,10 +87,8 @@ def generate(
     if condition is not None:
         y, start = to_float(condition.reference).to(device), condition.start_index
         hooks.append(Projection(y, condition.operator, range_t=condition.range_t, mode=condition.mode))
-    if start is None:
-        x = draw_x_T(noise, (len(seeds), 3, image_size, image_size), device)
-    else:
-        x = diffuse_to(diffusion, y, start, noise)
+    shape = (len(seeds), 3, image_size, image_size)
+    x = draw_x_T(noise, shape, device) if start is None else diffuse_to(diffusion, y, start, noise)
     if sampler.method == "ddim":
         x0 = ddim_sample(diffusion, net, x, noise=noise, hooks=hooks, eta=sampler.eta, start_index=start)
     else:
