@@ -1,7 +1,7 @@
 """Regenerate the recipe grids of docs/conditioning.md (docs/recipes/*.png) with the bundled demo
 model (checkpoints/demo.pt, 32x32 greyscale faces) on the bundled references.
 
-    python scripts/recipes.py              # every grid: about 2 minutes on 2 idle CPU cores
+    python scripts/recipes.py              # every grid: about a minute on 2 idle CPU cores
     python scripts/recipes.py sdedit inpaint   # some of them
 
 It first derives the recipe inputs from datasets/demo_references into docs/recipes/inputs/
