@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ilvr_toolkit.conditioning import ILVR, Compose, Grayscale, LowPass, Mask, Projection
@@ -135,7 +135,7 @@ def _last_step_input(record: list):
     return lambda step: record.append(step.x_prev.clone()) if step.index == 0 else None
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None)
 @given(
     side=st.sampled_from([8, 16, 32]),
     batch=st.integers(1, 2),
@@ -169,7 +169,7 @@ def _gap(lowpass: LowPass) -> tuple[float, float]:
     return exact, torch.linalg.matrix_norm(a - a @ a, ord=2).item() * (norm + norm**2)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None)
 @given(side=st.sampled_from([16, 32]), factor=st.sampled_from([2, 4, 8]), seed=st.integers(0, 2**31 - 1))
 def test_lowpass_keeps_phi_n_within_the_stated_bound(tiny, side, factor, seed):
     """phi_N is not idempotent: ||phi_N(x_0) - phi_N(y)||_F <= ||phi_N - phi_N^2||_2 ||x' - y||_F
