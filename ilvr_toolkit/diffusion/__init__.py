@@ -5,7 +5,7 @@ from .config import DiffusionConfig
 from .gaussian_diffusion import GaussianDiffusion, Net, create_diffusion
 from .noise import GeneratorNoise, NoiseSource, PerImageNoise, ReplayNoise
 from .respace import respace_betas, space_timesteps
-from .sampling import Step, StepHook, ddim_sample, ddpm_sample, draw_x_T
+from .sampling import Step, StepHook, ddim_sample, ddpm_sample, diffuse_to, draw_x_T
 from .schedules import get_named_beta_schedule
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "StepHook",
     "ddim_sample",
     "ddpm_sample",
+    "diffuse_to",
     "draw_x_T",
     "get_named_beta_schedule",
 ]

@@ -1,23 +1,26 @@
 """Sampling loops as plain functions: ancestral DDPM and DDIM, with per-step hooks.
 
-Both loops share one calling convention ``loop(diffusion, net, x_T, *, noise, hooks)``.
+Both loops share one calling convention ``loop(diffusion, net, x_T, *, noise, hooks)`` (a class
+label is bound to ``net`` with ``functools.partial``).
 After each reverse step they build a :class:`Step` and pass it to every hook in order; a
 hook returns ``None`` (observe only) or a new ``x_prev`` that replaces the step's result.
 ILVR is such a hook, so it works unchanged under both loops.
+
+``start_index=k`` starts the loop at respaced index k from the given x_k (SDEdit, Meng et al.
+2022, with :func:`diffuse_to`). Draw order: x_T (or diffuse_to's), then per step the sampler's, the hooks'.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion, Net
 from .noise import NoiseSource
 
-__all__ = ["Step", "StepHook", "ddpm_sample", "ddim_sample", "draw_x_T"]
+__all__ = ["Step", "StepHook", "ddpm_sample", "ddim_sample", "diffuse_to", "draw_x_T"]
 
 
 @dataclass
@@ -54,6 +57,16 @@ def draw_x_T(noise: NoiseSource, shape: Sequence[int], device: torch.device | st
     return noise(shape, torch.device(device), torch.float32)
 
 
+def diffuse_to(
+    diffusion: GaussianDiffusion, reference: torch.Tensor, index: int, noise: NoiseSource
+) -> torch.Tensor:
+    """A draw of q(x_k | x_0 = reference) (Ho et al. eq. 4) at respaced index k = ``index``
+    (0 <= k < num_timesteps): one draw eps ~ N(0, I) from ``noise``, shape of ``reference`` (B, C, H, W)."""
+    eps = noise(reference.shape, reference.device, reference.dtype)
+    t = torch.full((reference.shape[0],), index, device=reference.device, dtype=torch.long)
+    return diffusion.q_sample(reference, t, eps)
+
+
 def _run_hooks(step: Step, hooks: Sequence[StepHook]) -> torch.Tensor:
     for hook in hooks:
         changed = hook(step)
@@ -68,10 +81,13 @@ def _loop(
     hooks: Sequence[StepHook],
     noise: NoiseSource,
     step_fn: Callable[[torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    start_index: int | None,
 ) -> torch.Tensor:
-    x = x_T
+    x, start = x_T, diffusion.num_timesteps - 1 if start_index is None else start_index
+    if not 0 <= start < diffusion.num_timesteps:
+        raise ValueError(f"start_index {start} outside [0, {diffusion.num_timesteps - 1}]")
     timesteps = diffusion.timestep_map.tolist()
-    for i in reversed(range(diffusion.num_timesteps)):
+    for i in reversed(range(start + 1)):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x_prev, pred_xstart = step_fn(x, i, t)
         step = Step(
@@ -97,22 +113,23 @@ def ddpm_sample(
     noise: NoiseSource,
     hooks: Sequence[StepHook] = (),
     clip_denoised: bool = True,
-    model_kwargs: dict[str, Any] | None = None,
+    start_index: int | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z (Ho et al. Alg. 2).
 
     One noise draw z per step, including the last one where it is unused (the official
-    order, so recorded runs replay exactly). Returns x_0 (B, C, H, W).
+    order, so recorded runs replay exactly). ``x_T`` is x_k with ``start_index`` k (SDEdit).
+    Returns x_0 (B, C, H, W).
     """
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised)
         z = noise(x.shape, x.device, x.dtype)
         if i == 0:
             return out["mean"], out["pred_xstart"]
         return out["mean"] + torch.exp(0.5 * out["log_variance"]) * z, out["pred_xstart"]
 
-    return _loop(diffusion, x_T, hooks, noise, step_fn)
+    return _loop(diffusion, x_T, hooks, noise, step_fn, start_index)
 
 
 @torch.no_grad()
@@ -125,13 +142,14 @@ def ddim_sample(
     hooks: Sequence[StepHook] = (),
     eta: float = 0.0,
     clip_denoised: bool = True,
-    model_kwargs: dict[str, Any] | None = None,
+    start_index: int | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 has the DDPM
-    posterior variance. Noise is drawn only when eta > 0. Returns x_0 (B, C, H, W)."""
+    posterior variance. Noise is drawn only when eta > 0; ``start_index`` as in ddpm_sample.
+    Returns x_0 (B, C, H, W)."""
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised)
         eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = diffusion._coef("alphas_cumprod", t, x)
         alpha_bar_prev = diffusion._coef("alphas_cumprod_prev", t, x)
@@ -149,4 +167,4 @@ def ddim_sample(
                 mean = mean + sigma * z
         return mean, out["pred_xstart"]
 
-    return _loop(diffusion, x_T, hooks, noise, step_fn)
+    return _loop(diffusion, x_T, hooks, noise, step_fn, start_index)

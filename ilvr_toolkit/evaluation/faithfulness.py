@@ -1,8 +1,8 @@
 """How faithful a translation is to its reference, as EGSDE/SDDM report it: on RGB in [0, 1], per
 image, averaged, torchmetrics in float64: ``ssim`` (Gaussian 11, sigma 1.5), ``psnr`` (capped per
 image at :data:`PSNR_CAP_DB`: JSON has no infinity), ``l2`` (EGSDE's ``torch.norm(s - t)``), and
-what torchmetrics lacks: ``ssim_lowpass`` / ``psnr_lowpass`` after the sampler's own ILVR
-low-pass phi_N (``conditioning.LowPass``) on both images: what ILVR promises to keep.
+what torchmetrics lacks: ``ssim_lowpass`` / ``psnr_lowpass`` after ILVR's phi_N (``LowPass``),
+``ssim_kept`` / ``psnr_kept`` after a task's P (a mask...), on both images: what P promises to keep.
 """
 
 from typing import Any
@@ -30,15 +30,23 @@ def _metric(name: str) -> Metric:
 
 class FaithfulnessMetrics:
     """SSIM / PSNR / L2 of (output, reference) pairs; ILVR's ``factor`` N adds the low-pass variants
-    (which need ``image_size``, the side of the square images)."""
+    (need ``image_size``, the side of the square images), ``operator`` P (moved to float64) the kept ones."""
 
-    def __init__(self, image_size: int | None = None, factor: int | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        image_size: int | None = None,
+        factor: int | None = None,
+        device: str = "cpu",
+        operator: torch.nn.Module | None = None,
+    ):
         self.device, self.factor, self.lowpass = torch.device(device), factor, None
         if factor is not None:
             if image_size is None:
                 raise ValueError("the low-pass metrics need image_size")
             self.lowpass = LowPass(image_size, factor, device=self.device, dtype=torch.float64)
-        names = ["ssim", "psnr", "l2"] + (["ssim_lowpass", "psnr_lowpass"] if factor is not None else [])
+        operator = operator.to(self.device, torch.float64) if operator is not None else None
+        self.views = {k: op for k, op in (("_lowpass", self.lowpass), ("_kept", operator)) if op is not None}
+        names = ["ssim", "psnr", "l2"] + [metric + k for k in self.views for metric in ("ssim", "psnr")]
         # .to() first: it resets the dtype to float32
         self.metrics = {name: _metric(name).to(self.device).set_dtype(torch.float64) for name in names}
 
@@ -50,7 +58,7 @@ class FaithfulnessMetrics:
             )
         x, y = to_unit_range(outputs.to(self.device)), to_unit_range(references.to(self.device))
         self.metrics["l2"].update((x - y).flatten(1).norm(dim=1))
-        views = [("", x, y)] + ([("_lowpass", self.lowpass(x), self.lowpass(y))] if self.lowpass else [])
+        views = [("", x, y)] + [(suffix, op(x), op(y)) for suffix, op in self.views.items()]
         for suffix, a, b in views:
             self.metrics["ssim" + suffix].update(a, b)
             self.metrics["psnr" + suffix].update(a, b)

@@ -31,7 +31,8 @@ Evaluate = Callable[[SampleConfig, "RunResult"], Any]
 def build_parser() -> ArgumentParser:
     parser = make_parser(
         "sample.py",
-        "Translate reference images into the domain of a trained DDPM with ILVR. "
+        "Translate reference images into the domain of a trained DDPM with ILVR, or inpaint, "
+        "colourise, super-resolve or edit them (--task; docs/conditioning.md). "
         "With no arguments, runs the bundled demo (configs/sample_demo.yaml).",
     )
     parser.add_class_arguments(SampleConfig, nested_key=None, as_group=False)
@@ -94,6 +95,7 @@ def _check_paths(config: SampleConfig) -> None:
     named = {
         "model.checkpoint": config.model.checkpoint,
         "references": None if config.unconditional else config.references,
+        "mask": config.mask,
         "evaluate_against": config.evaluate_against,
         "inception_weights": config.inception_weights,
     }

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from ..cli import UsageError, check_range
 
-__all__ = ["ModelSpec", "ILVRSpec", "SamplerSpec", "OutputSpec", "SampleConfig"]
+__all__ = ["ModelSpec", "ILVRSpec", "SDEditSpec", "SamplerSpec", "OutputSpec", "SampleConfig"]
 
 #: SampleConfig's integer options and their least value (checked in this order).
 _MINIMA = {"num_samples": 1, "samples_per_reference": 1, "batch_size": 1, "workers": 0, "num_shards": 1}
@@ -37,13 +37,14 @@ class ModelSpec:
 
 @dataclass
 class ILVRSpec:
-    """ILVR conditioning.
+    """ILVR conditioning; its factor, range and mode serve every task (``--task``).
 
     Attributes:
         factor: the down-sampling factor N of phi_N; a list runs every N (outputs
             ``<stem>_N<N>_s<k>.png``). Larger N keeps only coarse layout and colour.
         range_t: steps with respaced index > range_t are conditioned (the official
-            ``range_t``; 0 = all but the last step, -1 = all).
+            ``range_t``; 0 = all but the last step, -1 = all). None: 0 for ``ilvr``, -1 (the
+            last step too, so P(x_0) = P(y)) for the other tasks.
         fraction: instead of range_t, the share of steps conditioned counted from x_T.
         stop_timestep: instead of range_t, an original timestep: condition while t > it.
         mode: ``paper`` (reference at the level of the step's output, y_{t-1}) or
@@ -69,6 +70,28 @@ class ILVRSpec:
     @property
     def factors(self) -> list[int]:
         return list(self.factor) if isinstance(self.factor, list) else [int(self.factor)]
+
+
+@dataclass
+class SDEditSpec:
+    """SDEdit start (Meng et al. 2022): begin at respaced index k from the reference diffused to k
+    (with the draw x_T would have used) instead of from x_T.
+
+    Attributes:
+        strength: in (0, 1]: k = max(round(strength * steps), 1) - 1; 1 = the full run from x_T.
+        start_index: instead of strength, k itself (steps - 1 = the full run).
+    """
+
+    strength: float | None = None
+    start_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.strength is not None and self.start_index is not None:
+            raise UsageError("--sdedit.strength and --sdedit.start_index: give at most one of them")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise UsageError(f"--sdedit.strength {self.strength}: expected a number in (0, 1]")
+        if self.start_index is not None:
+            check_range("sdedit.start_index", self.start_index, 0)
 
 
 @dataclass
@@ -117,6 +140,11 @@ class SampleConfig:
         references: folder of images (recursive, sorted; png/jpg/jpeg/webp) or an LMDB dataset.
         unconditional: sample without references (``num_samples`` images).
         num_samples: number of images in unconditional mode.
+        task: the P of the step x <- x + P(y - x): ``ilvr`` phi_N, ``inpaint`` the mask, ``colorize``
+            the channel mean, ``superres`` phi_N of y = up_N(reference read at image_size / N),
+            ``local_edit`` the mask after phi_N (docs/conditioning.md).
+        mask: inpaint, local_edit: a black-and-white PNG of the model's size, white = kept.
+        sdedit: start from the reference diffused to an intermediate step (SDEdit).
         class_labels: class-conditional models only: one label for every image, a list (one
             per reference, in order) or a file of ``<reference name> <label>`` lines.
         samples_per_reference: outputs per reference (``<stem>_s0.png``, ``<stem>_s1.png``...).
@@ -149,7 +177,10 @@ class SampleConfig:
     references: str | None = None
     unconditional: bool = False
     num_samples: int = 8
+    task: Literal["ilvr", "inpaint", "colorize", "superres", "local_edit"] = "ilvr"
+    mask: str | None = None
     ilvr: ILVRSpec = field(default_factory=ILVRSpec)
+    sdedit: SDEditSpec = field(default_factory=SDEditSpec)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     class_labels: int | list[int] | str | None = None
@@ -177,6 +208,18 @@ class SampleConfig:
         check_range("shard_index", self.shard_index, 0, self.num_shards - 1)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise UsageError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        if (self.mask is None) == (self.task in ("inpaint", "local_edit")):
+            raise UsageError(
+                f"--mask: {'required' if self.mask is None else 'not used'} by --task {self.task}"
+            )
+        sdedit = self.sdedit.strength is not None or self.sdedit.start_index is not None
+        if (self.task != "ilvr" or sdedit) and (self.unconditional or not self.references):
+            raise UsageError(f"--task {self.task}{' with --sdedit' * sdedit}: needs --references")
+        if self.task == "superres" and len(self.ilvr.factors) > 1:
+            raise UsageError(f"--ilvr.factor {self.ilvr.factor}: super-resolution takes one factor")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +227,7 @@ class SampleConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SampleConfig:
         """The inverse of :meth:`to_dict` (nested sections as dicts); unknown keys are ignored."""
-        nested = {"model": ModelSpec, "ilvr": ILVRSpec, "sampler": SamplerSpec, "output": OutputSpec}
+        nested = {"model": ModelSpec, "ilvr": ILVRSpec, "sdedit": SDEditSpec, "sampler": SamplerSpec}
+        nested["output"] = OutputSpec
         known = {f.name for f in fields(cls)}
         return cls(**{k: nested[k](**v) if k in nested else v for k, v in data.items() if k in known})

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..conditioning import ILVR, LowPass, resolve_range_t
+from ..conditioning import Projection, resolve_range_t
 from ..diffusion import (
     DiffusionConfig,
     GaussianDiffusion,
@@ -17,6 +17,7 @@ from ..diffusion import (
     create_diffusion,
     ddim_sample,
     ddpm_sample,
+    diffuse_to,
     draw_x_T,
 )
 from ..images import to_float, to_uint8
@@ -28,19 +29,21 @@ __all__ = ["Condition", "generate", "ilvr_range_t", "sampling_diffusion"]
 
 @dataclass
 class Condition:
-    """ILVR conditioning of one batch.
+    """The projection conditioning of one batch (``conditioning.Projection``).
 
     Attributes:
-        reference: uint8 (B, 3, H, W), one reference per image of the batch.
-        lowpass: phi_N (its ``factor`` is N), on the sampling device.
+        reference: uint8 (B, 3, H, W), one reference y per image of the batch.
+        operator: P (phi_N for ILVR; ``sampling.tasks.run_operators``), on the sampling device.
         range_t: respaced steps with index > range_t are conditioned (``resolve_range_t``).
         mode: ``paper`` (y_{t-1}) or ``official`` (y_t).
+        start_index: SDEdit: start at respaced index k from y diffused to k (None: from x_T).
     """
 
     reference: torch.Tensor
-    lowpass: LowPass
+    operator: torch.nn.Module
     range_t: int
     mode: str = "paper"
+    start_index: int | None = None
 
 
 def sampling_diffusion(config: DiffusionConfig, sampler: SamplerSpec) -> GaussianDiffusion:
@@ -51,9 +54,12 @@ def sampling_diffusion(config: DiffusionConfig, sampler: SamplerSpec) -> Gaussia
     return create_diffusion(config, respacing=(config.timestep_respacing or "100") if spec is None else spec)
 
 
-def ilvr_range_t(spec: ILVRSpec, diffusion: GaussianDiffusion) -> int:
-    """The respaced ``range_t`` of ``spec`` (range_t, fraction or stop_timestep) for ``diffusion``."""
+def ilvr_range_t(spec: ILVRSpec, diffusion: GaussianDiffusion, task: str = "ilvr") -> int:
+    """The respaced ``range_t`` of ``spec`` (range_t, fraction or stop_timestep) for ``diffusion``;
+    none given: 0 for ILVR (the official default), -1 for the other tasks (P(x_0) = P(y))."""
     steps = diffusion.timestep_map.tolist()
+    if task != "ilvr" and spec.range_t is None and spec.fraction is None and spec.stop_timestep is None:
+        return -1
     return resolve_range_t(
         steps, range_t=spec.range_t, fraction=spec.fraction, stop_timestep=spec.stop_timestep
     )
@@ -71,19 +77,20 @@ def generate(
 ) -> torch.Tensor:
     """Samples as uint8 (B, 3, H, W) on the CPU, B = ``len(seeds)``.
 
-    Image b draws all its noise (x_T and every step's z) from its own generator seeded
-    ``seeds[b]``, so it does not depend on the batch it is computed in. ``net(x, t)`` takes
-    original timesteps; ``diffusion`` is already respaced (``sampler.respacing``).
+    Image b draws all its noise (x_T, or with an SDEdit start the draw that diffuses its
+    reference in x_T's place, then every step's z) from its own generator seeded ``seeds[b]``,
+    so it does not depend on the batch it is computed in. ``net(x, t)`` takes original
+    timesteps; ``diffusion`` is already respaced (``sampler.respacing``).
     """
     noise = PerImageNoise(image_generators(seeds, device))
-    x_T = draw_x_T(noise, (len(seeds), 3, image_size, image_size), device)
-    hooks = []
+    hooks, start = [], None
     if condition is not None:
-        reference = to_float(condition.reference).to(device)
-        factor = condition.lowpass.factor
-        hooks.append(ILVR(reference, factor, condition.range_t, condition.mode, lowpass=condition.lowpass))
+        y, start = to_float(condition.reference).to(device), condition.start_index
+        hooks.append(Projection(y, condition.operator, range_t=condition.range_t, mode=condition.mode))
+    shape = (len(seeds), 3, image_size, image_size)
+    x = draw_x_T(noise, shape, device) if start is None else diffuse_to(diffusion, y, start, noise)
     if sampler.method == "ddim":
-        x0 = ddim_sample(diffusion, net, x_T, noise=noise, hooks=hooks, eta=sampler.eta)
+        x0 = ddim_sample(diffusion, net, x, noise=noise, hooks=hooks, eta=sampler.eta, start_index=start)
     else:
-        x0 = ddpm_sample(diffusion, net, x_T, noise=noise, hooks=hooks)
+        x0 = ddpm_sample(diffusion, net, x, noise=noise, hooks=hooks, start_index=start)
     return to_uint8(x0).cpu()

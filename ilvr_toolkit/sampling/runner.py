@@ -18,20 +18,19 @@ from tqdm.auto import tqdm
 
 from ..batchjob import LineProgress, StopSignals, leave_note
 from ..cli import UsageError
-from ..conditioning import LowPass
-from ..data.references import ReferenceSet
 from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..models import LoadedModel, load_model, parse_flags
 from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
 from .distributed import barrier, finish, init_ranks
-from .generate import Condition, generate, ilvr_range_t, sampling_diffusion
+from .generate import Condition, generate, sampling_diffusion
 from .grid import build_grid
 from .labels import resolve_class_labels
 from .manifest import ManifestPart, merge_manifest, versions
 from .plan import WorkItem, batches, plan_items, shard_range
 from .shards import fixed_shard_count, run_summary
+from .tasks import reference_set, task_setup
 from .writer import remove_stale_temps, save_png
 
 __all__ = ["RunResult", "run", "resolve_device", "make_net"]
@@ -104,7 +103,7 @@ class _References:
 
     def __init__(self, config: SampleConfig, image_size: int, cache_size: int = 256) -> None:
         self.unconditional = config.unconditional or not config.references
-        self.source = None if self.unconditional else ReferenceSet(config.references, image_size)
+        self.source = None if self.unconditional else reference_set(config, image_size)
         self.names = (
             [f"{i:06d}" for i in range(config.num_samples)] if self.source is None else self.source.names
         )
@@ -123,17 +122,15 @@ class _References:
 
 @dataclass
 class _Sampling:
-    """What every batch of a run shares: the network, its respaced diffusion, phi_N per
-    factor N, the resolved ILVR range and the sampler."""
+    """What every batch of a run shares: the network, its respaced diffusion, the sampler and
+    the task (P per factor N, the resolved range, the SDEdit start)."""
 
     net: Callable
     diffusion: GaussianDiffusion
     image_size: int
     device: torch.device
     sampler: SamplerSpec
-    lowpasses: dict[int, LowPass]
-    range_t: int
-    mode: str
+    condition: Callable[[torch.Tensor, int | None], Condition]  # tasks.task_setup
     class_labels: list[int] | None = None
 
 
@@ -150,7 +147,7 @@ def _sample_batch(
         if not batch:
             return [], None
         reference = torch.stack([images[item.reference] for item in batch])
-        condition = Condition(reference, run.lowpasses[batch[0].factor], run.range_t, run.mode)
+        condition = run.condition(reference, batch[0].factor)
     net = run.net
     if run.class_labels is not None:  # resolved in _run: one label per reference
         labels = [run.class_labels[item.reference] for item in batch]
@@ -199,11 +196,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
-    lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
-    range_t = ilvr_range_t(config.ilvr, diffusion)  # once per run: which respaced steps ILVR conditions
-    shared = _Sampling(
-        net, diffusion, image_size, device, config.sampler, lowpasses, range_t, config.ilvr.mode, labels
-    )
+    condition = task_setup(config, image_size, diffusion, device, [n for n in factors if n is not None])
+    shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
     finish(ranks)  # the summary and evaluation are single-process: leave the process group first

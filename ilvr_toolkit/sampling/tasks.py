@@ -1,0 +1,111 @@
+"""The task of a run (``--task``, ``--mask``, ``--sdedit``; docs/conditioning.md): its operator P
+per factor, its conditioned range, its SDEdit start and its references (super-resolution: the
+low-resolution inputs, upsampled once as they are read, so sampler, grid and metrics see one y)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..cli import UsageError
+from ..conditioning import Compose, Grayscale, LowPass, Mask
+from ..data.references import ReferenceSet
+from ..diffusion import GaussianDiffusion
+from ..images import to_float, to_uint8
+from .config import SampleConfig, SDEditSpec
+from .generate import Condition, ilvr_range_t
+from .writer import read_json, write_json
+
+__all__ = ["load_mask", "run_operators", "reference_set", "sdedit_start", "task_setup"]
+
+
+def load_mask(path: str, image_size: int) -> torch.Tensor:
+    """The mask PNG at ``path`` as float (1, 1, H, W) in {0, 1}: white (255) = kept, black = 0."""
+    with Image.open(path) as image:  # not an image: PIL's OSError names the file
+        gray = np.asarray(image.convert("L"))
+    if gray.shape != (image_size, image_size):
+        got = f"{gray.shape[1]}x{gray.shape[0]}"
+        raise UsageError(f"--mask {path}: expected {image_size}x{image_size} (the model's size), got {got}")
+    if (grey := np.setdiff1d(gray, [0, 255])).size:
+        raise UsageError(f"--mask {path}: expected only black (0) and white (255), found {grey[0]}")
+    return torch.from_numpy(gray == 255).float()[None, None]
+
+
+def run_operators(
+    config: SampleConfig, image_size: int, device: torch.device, factors: list[int | None]
+) -> dict[int | None, torch.nn.Module]:
+    """P of ``config.task`` for each factor N: phi_N (ilvr, superres), the mask (inpaint), the
+    channel mean (colorize), the mask after phi_N (local_edit)."""
+    mask = Mask(load_mask(config.mask, image_size)).to(device) if config.mask else None
+    table = {
+        "inpaint": lambda n: mask,
+        "colorize": lambda n: Grayscale(),
+        "local_edit": lambda n: Compose(LowPass(image_size, n, device), mask),
+    }
+    return {n: table.get(config.task, lambda n: LowPass(image_size, n, device))(n) for n in factors}
+
+
+class _Upsampled(ReferenceSet):
+    """Super-resolution inputs: read at image_size / N, returned as y = up_N(z), uint8."""
+
+    def __init__(self, source: str, lowpass: LowPass) -> None:
+        super().__init__(source, lowpass.image_size // lowpass.factor)
+        self.lowpass = lowpass
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        return {**item, "image": to_uint8(self.lowpass.up(to_float(item["image"])))}
+
+
+def reference_set(config: SampleConfig, image_size: int) -> ReferenceSet:
+    """The run's references y at ``image_size`` (superres: the upsampled low-resolution inputs)."""
+    if config.task == "superres":
+        return _Upsampled(config.references, LowPass(image_size, config.ilvr.factors[0]))
+    return ReferenceSet(config.references, image_size)
+
+
+def sdedit_start(spec: SDEditSpec, num_steps: int) -> int | None:
+    """The respaced start index k of ``spec``, None for the full run (k = num_steps - 1)."""
+    k = spec.start_index if spec.strength is None else max(round(spec.strength * num_steps), 1) - 1
+    if k is not None and k >= num_steps:
+        raise UsageError(f"--sdedit.start_index {k}: the sampler has steps 0..{num_steps - 1}")
+    return None if k is None or k == num_steps - 1 else k
+
+
+def task_setup(
+    config: SampleConfig, image_size: int, diffusion: GaussianDiffusion, device: torch.device, factors: list
+) -> Callable[[torch.Tensor, int | None], Condition]:
+    """``condition(references, N)``: the Condition of a batch of uint8 references (B, 3, H, W)
+    for factor N (P, the resolved range, mode, SDEdit start: fixed once per run). Records the
+    task settings in the output folder, where a rerun with others is refused (``OUT/.task.json``)."""
+    operators = run_operators(config, image_size, device, factors)
+    range_t, mode = ilvr_range_t(config.ilvr, diffusion, config.task), config.ilvr.mode
+    start = sdedit_start(config.sdedit, diffusion.num_timesteps)
+    mask = hashlib.sha256(Path(config.mask).read_bytes()).hexdigest() if config.mask else None
+    settings = {
+        "task": config.task,
+        "mask sha256": mask,
+        "ilvr.factor": config.ilvr.factor,
+        "ilvr.mode": mode,
+    }
+    _check_settings(Path(config.output.dir), {**settings, "range_t": range_t, "sdedit start index": start})
+    return lambda reference, n: Condition(reference, operators[n], range_t, mode, start)
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Record ``settings`` in ``OUT/.task.json`` at a run's first start; refuse a rerun (resume)
+    whose settings differ, naming the first that does."""
+    path = out_dir / ".task.json"
+    if not path.is_file():
+        return write_json(path, settings)
+    stored = read_json(path)
+    if differ := [key for key, value in settings.items() if stored.get(key) != value]:
+        raise UsageError(
+            f"{differ[0]} {settings[differ[0]]}: {out_dir} holds a run with {differ[0]} "
+            f"{stored.get(differ[0])} ({path}); rerun with the same settings, or use another --output.dir"
+        )
