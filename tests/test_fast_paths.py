@@ -18,6 +18,7 @@ stated next to what was measured on the CPU (torch 2.14, Xeon with AVX-512/AMX):
 | native GroupNorm, fp32           | without it               | identical | identical       |
 | channels_last training step      | NCHW: loss / gradients   | rel 1e-5 / 1e-4 | 0 / 1.2e-5     |
 | tuned glibc malloc               | default malloc           | identical | identical       |
+| fused AdamW (`optim.fused`)      | foreach AdamW, 3 steps   | rel 1e-6  | 3e-9 (ffhq-sized) |
 | torch.compile (ILVR_TEST_COMPILE=0 skips) | eager   | rel 1e-4  | 1.3e-6          |
 
 (UNet forward pairs: tiny32 at 32x32 / the ffhq architecture at 64x64, random weights.)
@@ -469,3 +470,26 @@ def test_compile_matches_eager():
         ref = model(x, t)
         out = torch.compile(model, dynamic=False)(x, t)
     assert rel_err(out, ref) <= 1e-4
+
+
+# --------------------------------------------------------------------------- fused AdamW
+def test_fused_adamw_stays_within_its_bound():
+    """``model.optim.fused: true``: AdamW's fused kernel against the default (foreach) one over
+    three steps with the same gradients; measured max rel 3e-9 (ffhq-sized tensors), bound 1e-6."""
+    from ilvr_toolkit.training import DiffusionModule
+
+    weights = {}
+    for fused in (False, True):
+        module = DiffusionModule("tiny16", optim={"lr": 1e-2, "weight_decay": 0.1, "fused": fused})
+        torch.manual_seed(0)
+        for p in module.model.parameters():
+            p.data.normal_()
+        optimizer = module.configure_optimizers()
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in module.model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        weights[fused] = torch.cat([p.detach().flatten() for p in module.model.parameters()])
+    assert rel_err(weights[True], weights[False]) <= 1e-6

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
@@ -33,10 +33,11 @@ from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from ilvr_toolkit.cli import run_command
+from ilvr_toolkit.cli import check_range, run_command, setup_logging
 from ilvr_toolkit.data import ImageDataModule
 
 from ..fileio import atomic_write_bytes
+from ..runtime import tune_process
 from .callbacks import ILVRPreview, SampleGrid
 from .checkpointing import EMA, AtomicCheckpointIO, RunCheckpoint, find_resume_checkpoint
 from .fid_monitor import FIDMonitor
@@ -137,6 +138,14 @@ class TrainCLI(LightningCLI):
             "no --ckpt_path is given",
         )
         parser.add_argument(
+            "--threads", type=int | None, default=None,
+            help="torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's default)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--cpu_malloc", type=Literal["tuned", "default"], default="tuned",
+            help="tuned: glibc malloc keeps freed memory (no page-fault storm per step; same numbers)",
+        )  # fmt: skip
+        parser.add_argument(
             "--slurm_requeue",
             type=bool,
             default=True,
@@ -147,6 +156,12 @@ class TrainCLI(LightningCLI):
     def _setting(self, key: str, default: Any = None) -> Any:
         config = self.config_init
         return config.get(str(self.subcommand), config).get(key, default)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)  # parsed, not yet instantiated
+        if config.get("threads") is not None:
+            check_range("threads", config.get("threads"), 1)
+        tune_process(config.get("threads"), cpu_malloc=config.get("cpu_malloc", "tuned") == "tuned")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._setting("trainer", {})
@@ -194,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(args: list[str]) -> int:
+    setup_logging()
     TrainCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv
     _leave_process_group()
     return 0

@@ -1,0 +1,231 @@
+"""Exact fp32 path against the baseline, and every convolution against the host's best.
+
+    python bench/bench_exact.py                      # ffhq: forward b1, b4; train step b2; convs
+    python bench/bench_exact.py --rounds 5 --threads 2
+    python bench/bench_exact.py --skip-convs --cases forward1 train2
+
+Baseline (issue 17): the same network with glibc's default allocator and every fast path off,
+which runs at the official guided-diffusion code's speed. Each measurement runs in a **fresh
+process** (the allocator is process-wide, and only a fresh process has glibc's truly dynamic
+mmap threshold), and the variants alternate A B, B A, ... over ``--rounds`` rounds so a drift
+of the machine hits every variant alike. Variants:
+
+- ``baseline``: default malloc, AdamW with torch's default (foreach) implementation;
+- ``exact``: the command-line tools' process tuning (``ilvr_toolkit.runtime.tune_process``:
+  glibc malloc keeps freed memory), the same kernels, bitwise the same numbers;
+- ``fused`` (training only): ``exact`` + ``model.optim.fused: true`` (AdamW's fused kernel;
+  error bound in tests/test_fast_paths.py).
+
+A training step is what ``train.py`` runs per step: q_sample at random t, the UNet forward,
+the P2-weighted hybrid loss, backward, AdamW, the EMA update (``get_ema_multi_avg_fn``).
+Reported per case: median seconds per call, ratio baseline/variant, minor page faults per
+call, and (training) the first-step loss of each variant, which must be equal.
+
+Convolutions: every distinct Conv2d shape of the UNet at the case's batch size is timed alone,
+forward and backward (input and weight gradients), as GFLOP/s and as a share of the best
+GFLOP/s any of them reached in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from ilvr_toolkit.diffusion import DiffusionConfig, create_diffusion  # noqa: E402
+from ilvr_toolkit.models import build_unet, get_preset  # noqa: E402
+
+CASES = {"forward1": ("forward", 1), "forward4": ("forward", 4), "train2": ("train", 2)}
+VARIANTS = {"forward": ["baseline", "exact"], "train": ["baseline", "exact", "fused"]}
+
+
+def build(preset: str, seed: int) -> torch.nn.Module:
+    return common.randomize_parameters_(build_unet(get_preset(preset)), seed)
+
+
+def forward_fn(net: torch.nn.Module, batch: int, size: int):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    t = torch.full((batch,), 500, dtype=torch.long)
+
+    def call() -> float:
+        with torch.no_grad():
+            return float(net(x, t).double().sum())
+
+    return call
+
+
+def train_fn(net: torch.nn.Module, batch: int, size: int, fused: bool):
+    """One step as train.py: loss, backward, AdamW, EMA; returns the loss."""
+    diffusion = create_diffusion(DiffusionConfig(learn_sigma=True, p2_gamma=1.0))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused or None)
+    ema = [p.detach().clone() for p in net.parameters()]
+    update = torch.optim.swa_utils.get_ema_multi_avg_fn(0.9999)
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
+
+    def call() -> float:
+        t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        loss = diffusion.training_losses(net, x0, t, noise=noise)["loss"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            update(ema, [p.detach() for p in net.parameters()], torch.tensor(1))
+        return float(loss)
+
+    return call
+
+
+def child(args: argparse.Namespace) -> None:
+    """One variant of one case in this (fresh) process; prints a JSON line."""
+    kind, batch = CASES[args.case]
+    if args.variant != "baseline":
+        from ilvr_toolkit.runtime import tune_process
+
+        tune_process(args.threads)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = build(args.preset, args.seed)
+    size = get_preset(args.preset).image_size
+    fn = (
+        forward_fn(net, batch, size)
+        if kind == "forward"
+        else train_fn(net, batch, size, args.variant == "fused")
+    )
+    first = fn()  # warm-up (allocator, oneDNN primitives); its value is the first-step loss
+    seconds, faults = [], []
+    for _ in range(args.repeats):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        tic = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - tic)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps({"first": first, "seconds": seconds, "faults": faults}))
+
+
+def run_variant(args: argparse.Namespace, case: str, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--case", case, "--variant", variant, "--preset", args.preset]
+    cmd += ["--repeats", str(args.repeats), "--seed", str(args.seed)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_cases(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for case in args.cases:
+        variants = VARIANTS[CASES[case][0]]
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for variant in variants if r % 2 == 0 else reversed(variants):
+                runs[variant].append(run_variant(args, case, variant))
+        medians = {v: statistics.median(s for run in runs[v] for s in run["seconds"]) for v in variants}
+        for v in variants:
+            faults = [f for run in runs[v] for f in run["faults"]]
+            rows.append({
+                "case": case, "variant": v, "s/call": medians[v],
+                "ratio": medians["baseline"] / medians[v], "faults/call": statistics.median(faults),
+                "first value": runs[v][0]["first"],
+            })  # fmt: skip
+    return rows
+
+
+def conv_shapes(net: torch.nn.Module, batch: int, size: int) -> list[tuple]:
+    """(conv module, input shape) of every distinct Conv2d call in one forward."""
+    seen: dict[tuple, tuple] = {}
+
+    def hook(module, inputs, _output) -> None:
+        key = (
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            tuple(inputs[0].shape),
+        )
+        seen.setdefault(key, (module, tuple(inputs[0].shape)))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net(torch.randn(batch, 3, size, size), torch.full((batch,), 500))
+    for h in handles:
+        h.remove()
+    return list(seen.values())
+
+
+def time_conv(conv: torch.nn.Conv2d, shape: tuple, repeats: int) -> dict:
+    """Forward and backward (input + weight gradients) GFLOP/s of ``conv`` on random input."""
+    cpu = torch.device("cpu")
+    x = torch.randn(shape, requires_grad=True)
+    out = conv(x)
+    flops = 2 * out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    grad = torch.randn_like(out)
+    with torch.no_grad():
+        fwd = common.time_fn(lambda: conv(x), cpu, repeats=repeats).median
+    both = common.time_fn(lambda: torch.autograd.grad(conv(x), (x, conv.weight), grad), cpu, repeats=repeats)
+    name = f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]} @{shape[-1]}"
+    return {
+        "conv": name,
+        "fwd GFLOP/s": flops / fwd / 1e9,
+        "bwd GFLOP/s": 2 * flops / (both.median - fwd) / 1e9,
+    }
+
+
+def measure_convs(args: argparse.Namespace) -> list[dict]:
+    """Every distinct convolution of the UNet at batch 2, against the best of them."""
+    common.set_cpu_malloc(True)
+    net = build(args.preset, args.seed)
+    shapes = conv_shapes(net, 2, get_preset(args.preset).image_size)
+    rows = [time_conv(conv, shape, args.repeats) for conv, shape in shapes]
+    best = max(max(r["fwd GFLOP/s"], r["bwd GFLOP/s"]) for r in rows)
+    for r in rows:
+        r["fwd/best"], r["bwd/best"] = r["fwd GFLOP/s"] / best, r["bwd GFLOP/s"] / best
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="ffhq")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds, each variant a fresh process")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per process after one warm-up")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-convs", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure_cases(args)
+    common.print_table(rows, title=f"exact fp32 path vs baseline ({args.preset})")
+    convs = [] if args.skip_convs else measure_convs(args)
+    if convs:
+        common.print_table(convs, title="convolutions at batch 2 (share of the best GFLOP/s in this run)")
+    common.write_json("exact", {"env": common.environment(), "cases": rows, "convs": convs})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
