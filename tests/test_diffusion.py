@@ -106,6 +106,22 @@ def test_network_receives_original_timesteps():
     assert all(t.dtype == torch.long for t in net.seen_t)
 
 
+def test_samplers_pass_model_kwargs_to_the_network():
+    """``model_kwargs`` (guided-diffusion's, public since 0.1) reaches every network call of both loops."""
+    diffusion = create_diffusion(DiffusionConfig(steps=100), respacing="4")
+    seen = []
+
+    def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(y)
+        return torch.zeros(x.shape[0], 6, *x.shape[2:])
+
+    y = torch.tensor([3, 5])
+    noise = GeneratorNoise(torch.Generator().manual_seed(0))
+    ddpm_sample(diffusion, net, torch.randn(2, 3, 8, 8), noise=noise, model_kwargs={"y": y})
+    ddim_sample(diffusion, net, torch.randn(2, 3, 8, 8), noise=noise, model_kwargs={"y": y}, start_index=2)
+    assert len(seen) == 4 + 3 and all(v is y for v in seen)
+
+
 def test_ddim_eta0_is_deterministic_and_draws_nothing():
     diffusion = create_diffusion(DiffusionConfig(steps=100), respacing="ddim10")
     net = _FakeNet()

@@ -1,7 +1,7 @@
 """Sampling loops as plain functions: ancestral DDPM and DDIM, with per-step hooks.
 
 Both loops share one calling convention ``loop(diffusion, net, x_T, *, noise, hooks)`` (a class
-label is bound to ``net`` with ``functools.partial``).
+label is bound to ``net`` with ``functools.partial``, or given as ``model_kwargs``).
 After each reverse step they build a :class:`Step` and pass it to every hook in order; a
 hook returns ``None`` (observe only) or a new ``x_prev`` that replaces the step's result.
 ILVR is such a hook, so it works unchanged under both loops.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -113,6 +114,7 @@ def ddpm_sample(
     noise: NoiseSource,
     hooks: Sequence[StepHook] = (),
     clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
     start_index: int | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z (Ho et al. Alg. 2).
@@ -123,7 +125,7 @@ def ddpm_sample(
     """
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised)
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
         z = noise(x.shape, x.device, x.dtype)
         if i == 0:
             return out["mean"], out["pred_xstart"]
@@ -142,6 +144,7 @@ def ddim_sample(
     hooks: Sequence[StepHook] = (),
     eta: float = 0.0,
     clip_denoised: bool = True,
+    model_kwargs: dict[str, Any] | None = None,  # public since 0.1 (guided-diffusion's); 9 parameters
     start_index: int | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 has the DDPM
@@ -149,7 +152,7 @@ def ddim_sample(
     Returns x_0 (B, C, H, W)."""
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised)
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
         eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = diffusion._coef("alphas_cumprod", t, x)
         alpha_bar_prev = diffusion._coef("alphas_cumprod_prev", t, x)
