@@ -31,11 +31,7 @@ import torch
 from PIL import Image
 
 common.add_repo_to_path()
-from ilvr_toolkit.evaluation import (  # noqa: E402
-    InceptionFeatureExtractor,
-    cached_reference_stats,
-    write_random_inception_weights,
-)
+from ilvr_toolkit.evaluation import InceptionFeatureExtractor, cached_reference_stats  # noqa: E402
 from ilvr_toolkit.evaluation.fid import FeatureStats, KernelDistance  # noqa: E402
 
 SIZE = 256
@@ -76,7 +72,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_fid_") as tmp:
         tmp = Path(tmp)
-        weights = args.inception_weights or write_random_inception_weights(tmp / "random-inception.pth")
+        weights = args.inception_weights or common.write_random_inception_weights(tmp / "inception.pth")
         start = time.perf_counter()
         extractor = InceptionFeatureExtractor(weights).to(device)
         load_s = time.perf_counter() - start

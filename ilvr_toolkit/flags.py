@@ -15,8 +15,6 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["GUIDED_DIFFUSION_DEFAULTS", "parse_flags", "resolve_flags", "diffusion_settings"]
-
 #: ``model_and_diffusion_defaults()`` of guided-diffusion's ``script_util.py``.
 GUIDED_DIFFUSION_DEFAULTS: dict[str, Any] = {
     **dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1),

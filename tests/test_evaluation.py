@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import free_port
 from PIL import Image
+from random_inception import write_random_inception_weights
 
 from ilvr_toolkit.conditioning.lowpass import LowPass
 from ilvr_toolkit.evaluation import (
@@ -27,7 +28,6 @@ from ilvr_toolkit.evaluation import (
     load_stats,
     pair_by_name,
     write_metrics,
-    write_random_inception_weights,
 )
 from ilvr_toolkit.evaluation.__main__ import main as cli_main
 from ilvr_toolkit.evaluation.inception import WEIGHTS_FILENAME, WEIGHTS_SHA256_PREFIX

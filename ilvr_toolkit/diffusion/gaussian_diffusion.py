@@ -21,8 +21,6 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import respace_betas, space_timesteps
 from .schedules import get_named_beta_schedule
 
-__all__ = ["GaussianDiffusion", "create_diffusion", "Net"]
-
 Net = Callable[..., torch.Tensor]
 """A network ``net(x, t, **model_kwargs) -> out`` called with original timesteps."""
 

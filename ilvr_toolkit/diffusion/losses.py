@@ -6,8 +6,6 @@ import math
 
 import torch
 
-__all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "mean_flat"]
-
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all but the batch dimension: (B, ...) -> (B,)."""

@@ -13,8 +13,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["NoiseSource", "GeneratorNoise", "PerImageNoise", "ReplayNoise"]
-
 
 @runtime_checkable
 class NoiseSource(Protocol):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["space_timesteps", "respace_betas"]
-
 
 def _ddim_stride_steps(num_steps: int, desired: int) -> list[int]:
     for stride in range(1, num_steps):

@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["get_named_beta_schedule", "betas_for_alpha_bar"]
-
 
 def betas_for_alpha_bar(
     num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999

@@ -165,7 +165,6 @@ def compute_image_set_stats(
 class StatsCacheInfo:  # how the reference statistics were obtained (reported in metrics.json)
     path: str
     hit: bool
-    seconds: float
     reason: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -190,7 +189,7 @@ def cached_reference_stats(
     torch.distributed every process calls: rank 0 decides hit or miss, on a miss all compute a
     shard and rank 0 writes the file; the statistics are returned on rank 0 (else ``None``).
     Uses ``image_size``, ``cache_dir``, ``batch_size``, ``workers``, ``kid`` (keep the features)."""
-    s, (rank, world), start = replace(s or EvalSettings(), **options), rank_world(), time.perf_counter()
+    s, (rank, world) = replace(s or EvalSettings(), **options), rank_world()
     images = source if isinstance(source, ImageSet) else ImageSet(source, s.image_size)
     identity = images.identity()
     key = hashlib.sha256(json.dumps([identity, images.image_size, extractor.sha256]).encode()).hexdigest()
@@ -208,5 +207,5 @@ def cached_reference_stats(
             save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if world > 1:
             dist.barrier()
-    info = StatsCacheInfo(str(path), hit[0], time.perf_counter() - start, reason, meta)
+    info = StatsCacheInfo(str(path), hit[0], reason, meta)
     return (stats if rank == 0 else None), info

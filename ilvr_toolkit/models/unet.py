@@ -28,8 +28,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ATTENTION_BACKENDS, UNetConfig, get_preset
 
-__all__ = ["UNetModel", "build_unet", "timestep_embedding", "qkv_attention"]
-
 
 # --------------------------------------------------------------------------- helpers
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:

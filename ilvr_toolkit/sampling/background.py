@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["BackgroundIO"]
-
 log = logging.getLogger(__name__)
 
 

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "init_ranks", "barrier", "finish"]
-
 
 @dataclass(frozen=True)
 class Ranks:

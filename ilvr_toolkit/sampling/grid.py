@@ -14,8 +14,6 @@ from ..images import to_float, to_uint8
 from .plan import output_name
 from .writer import save_png
 
-__all__ = ["build_grid"]
-
 
 def build_grid(
     path: Path,

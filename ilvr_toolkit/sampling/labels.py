@@ -6,8 +6,6 @@ from pathlib import Path
 
 from ..cli import UsageError
 
-__all__ = ["resolve_class_labels"]
-
 
 def resolve_class_labels(
     spec: int | list[int] | str | None, names: list[str], num_classes: int | None

@@ -8,8 +8,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["image_seed", "image_generators"]
-
 
 def image_seed(run_seed: int, image_index: int, sample_index: int) -> int:
     """A 63-bit seed mixed from the three integers by numpy's SeedSequence (well spread:

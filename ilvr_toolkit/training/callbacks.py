@@ -33,8 +33,6 @@ from ilvr_toolkit.sampling.generate import Condition, generate, ilvr_range_t, sa
 from ilvr_toolkit.sampling.seeds import image_seed
 from ilvr_toolkit.sampling.writer import save_png
 
-__all__ = ["ILVRPreview", "SampleGrid", "sample_images", "sampling_weights"]
-
 log = logging.getLogger(__name__)
 
 

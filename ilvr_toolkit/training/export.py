@@ -32,8 +32,6 @@ from ilvr_toolkit.models import (
     save_plain_state_dict,
 )
 
-__all__ = ["export_checkpoint", "checkpoint_unet_weights", "main"]
-
 _PREFIX = "model."
 
 

@@ -31,8 +31,6 @@ from ilvr_toolkit.sampling.config import SamplerSpec
 
 from .callbacks import _EveryNSteps, sample_images, sampling_weights
 
-__all__ = ["FIDMonitor", "FIDReference"]
-
 log = logging.getLogger(__name__)
 
 

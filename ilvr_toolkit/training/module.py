@@ -27,8 +27,6 @@ from ilvr_toolkit.diffusion import DiffusionConfig, GaussianDiffusion, create_di
 from ilvr_toolkit.images import to_float
 from ilvr_toolkit.models import UNetConfig, build_unet, get_preset, load_model
 
-__all__ = ["DiffusionModule", "OptimConfig", "resolve_unet_config"]
-
 log = logging.getLogger(__name__)
 
 NanPolicy = Literal["raise", "skip"]
