@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from ilvr_toolkit.evaluation import (
     FeatureStats,
@@ -102,10 +100,9 @@ class FIDMonitor(_EveryNSteps):
             raise ValueError(
                 "fid.every_n_steps is set but there is no fid.reference.images and no training LMDB"
             )
-        device = trainer.strategy.root_device
-        extractor = InceptionFeatureExtractor(self.reference.inception_weights).to(
-            device
-        )  # every rank: same error
+        tic = time.perf_counter()
+        extractor = InceptionFeatureExtractor(self.reference.inception_weights)  # every rank: same error
+        extractor = extractor.to(trainer.strategy.root_device)
         real, info = cached_reference_stats(  # all ranks take part (sharded), rank 0 gets the result
             source,
             extractor,
@@ -117,45 +114,33 @@ class FIDMonitor(_EveryNSteps):
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
             self.extractor, self.real = extractor, FeatureStats(real.mean.cpu(), real.cov.cpu(), real.count)
             how = "cache hit" if info.hit else f"computed ({info.reason})"
+            seconds = time.perf_counter() - tic
             log.info(
-                "FID reference statistics of %s (%d images): %s in %.1fs",
-                source,
-                real.count,
-                how,
-                info.seconds,
+                "FID reference statistics of %s (%d images): %s in %.1fs", source, real.count, how, seconds
             )
-
-    def _samples(self, net: torch.nn.Module, pl_module: pl.LightningModule) -> Iterator[torch.Tensor]:
-        """uint8 batches (<= batch_size, 3, H, W) of ``sample.py --unconditional --seed SEED``'s
-        images 0 .. num_images-1."""
-        for start in range(0, self.num_images, self.batch_size):
-            seeds = self.seeds(start, min(start + self.batch_size, self.num_images))
-            yield sample_images(pl_module, net, seeds, self.sampler)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Sample, extract, compare (global rank 0, after ``setup``); log and append the FID."""
-        tic = time.perf_counter()
+        tic, n = time.perf_counter(), self.num_images
         with sampling_weights(trainer, pl_module) as (net, which):  # on the training device
-            fake = compute_image_set_stats(
-                self._samples(net, pl_module), self.extractor, kid=False, distributed=False
+            batches = (  # sample.py --unconditional --seed SEED's images 0 .. n-1
+                sample_images(pl_module, net, self.seeds(i, min(i + self.batch_size, n)), self.sampler)
+                for i in range(0, n, self.batch_size)
             )
+            fake = compute_image_set_stats(batches, self.extractor, kid=False, distributed=False)
         fid = float(self.real.frechet_distance(FeatureStats(fake.mean.cpu(), fake.cov.cpu(), fake.count)))
-        step, seconds = trainer.global_step, round(time.perf_counter() - tic, 2)
-        self.history.append(
-            {
-                "step": step,
-                "fid": fid,
-                "num_images": self.num_images,
-                "respacing": self.sampler.respacing,
-                "weights": which,
-                "seconds": seconds,
-            }
+        step, seconds, respacing = (
+            trainer.global_step,
+            round(time.perf_counter() - tic, 2),
+            self.sampler.respacing,
         )
+        entry = dict(step=step, fid=fid, num_images=n, respacing=respacing, weights=which, seconds=seconds)
+        self.history.append(entry)
         for logger in trainer.loggers:
             logger.log_metrics({"fid/fid": fid, "fid/seconds": seconds}, step=step)
         lines = "".join(json.dumps(e) + "\n" for e in self.history)
         atomic_write_bytes(Path(trainer.default_root_dir) / "fid.jsonl", lines.encode())
-        log.info("step %d: FID %.3f (%d samples, %s)", step, fid, self.num_images, self.sampler.respacing)
+        log.info("step %d: FID %.3f (%d samples, %s)", step, fid, n, respacing)
 
     def describe(self) -> dict[str, Any]:
         return {
