@@ -1,13 +1,6 @@
-"""guided-diffusion's script flags, read as its README prints them.
-
-A released guided-diffusion / ILVR / P2 file is a bare state dict; its README gives the
-flags that rebuild the network and its diffusion, e.g. ``MODEL_FLAGS="--image_size 64
---class_cond True ..."``. :func:`parse_flags` reads such strings (MODEL_FLAGS,
-DIFFUSION_FLAGS and SAMPLE_FLAGS mixed); flags left out take the scripts' defaults
-(``script_util.model_and_diffusion_defaults()``), not this toolkit's.
-"""
-
-from __future__ import annotations
+"""guided-diffusion's script flags as its README prints them (``MODEL_FLAGS="--image_size 64 ..."``):
+a released guided-diffusion / ILVR / P2 file is a bare state dict, and these flags rebuild its network
+and diffusion. Flags left out take the scripts' defaults (``model_and_diffusion_defaults()``)."""
 
 import difflib
 import re
@@ -36,6 +29,7 @@ OTHER_FLAGS: dict[str, Any] = {
 
 _KNOWN = {**GUIDED_DIFFUSION_DEFAULTS, **OTHER_FLAGS}
 _LISTS = ("attention_resolutions", "channel_mult")
+_TRUE, _FALSE = ("1", "true", "yes", "y", "t"), ("0", "false", "no", "n", "f", "")
 
 
 def parse_numbers(value: Any, name: str) -> tuple[float, ...]:
@@ -53,14 +47,10 @@ def parse_numbers(value: Any, name: str) -> tuple[float, ...]:
 
 def to_bool(value: Any, name: str = "value") -> bool:
     """guided-diffusion's ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 (any case)."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "y", "t"):
-            return True
-        if lowered in ("0", "false", "no", "n", "f", ""):
-            return False
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word is not None and word not in _TRUE + _FALSE:
         raise ValueError(f"{name}: cannot read {value!r} as a boolean (True/False)")
-    return bool(value)
+    return word in _TRUE if word is not None else bool(value)
 
 
 def _typed(name: str, value: Any) -> Any:

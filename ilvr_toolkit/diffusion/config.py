@@ -1,7 +1,5 @@
 """Plain, serialisable description of a diffusion process, and its factory."""
 
-from __future__ import annotations
-
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -47,7 +45,7 @@ class DiffusionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DiffusionConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> "DiffusionConfig":
         """Build from a dict of these fields; an unknown key is a ValueError naming it."""
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
@@ -57,7 +55,7 @@ class DiffusionConfig:
         return cls(**data)
 
     @classmethod
-    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> DiffusionConfig:
+    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> "DiffusionConfig":
         """The diffusion that guided-diffusion's ``create_gaussian_diffusion`` builds from
         ``flags`` (a README string or a dict; flags left out take its scripts' defaults,
         e.g. ``learn_sigma False``); see :func:`ilvr_toolkit.models.parse_flags`."""
@@ -65,5 +63,5 @@ class DiffusionConfig:
 
         return cls.from_dict(diffusion_settings(flags))
 
-    def replace(self, **changes: Any) -> DiffusionConfig:
+    def replace(self, **changes: Any) -> "DiffusionConfig":
         return DiffusionConfig(**{**self.to_dict(), **changes})

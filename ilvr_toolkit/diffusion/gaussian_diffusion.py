@@ -8,8 +8,6 @@ called with the original timesteps ``timestep_map[t]`` (with ``rescale_timesteps
 ``timestep_map[t] * 1000 / original_num_steps`` as float32, guided-diffusion's respace.py).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from typing import Any

@@ -1,7 +1,5 @@
 """Gaussian KL and the discretised decoder likelihood used by the variational bound."""
 
-from __future__ import annotations
-
 import math
 
 import torch

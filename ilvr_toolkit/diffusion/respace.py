@@ -7,8 +7,6 @@ beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}; the network always receives the orig
 timesteps (``timestep_map``).
 """
 
-from __future__ import annotations
-
 import torch
 
 

@@ -1,7 +1,5 @@
 """Beta schedules, float64, defined exactly as guided-diffusion defines them."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 

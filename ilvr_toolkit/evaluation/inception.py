@@ -57,7 +57,7 @@ class InceptionFeatureExtractor(nn.Module):
         self.official = self.sha256.startswith(WEIGHTS_SHA256_PREFIX)
         if weights_path is None and not self.official:
             raise ValueError(
-                f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: fetch it again"
+                f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: get it again"
             )
         # torch-fidelity loads with weights_only=False: check these bytes with the safe loader first
         torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -3,8 +3,6 @@ that stores its config (ours) or a preset name (the official plain state dicts) 
 re-typing flags. *Runtime* settings (``dropout``, ``use_checkpoint``, ``attention_backend``,
 ``native_groupnorm``) never change the weights (:meth:`UNetConfig.architecture` leaves them out)."""
 
-from __future__ import annotations
-
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -100,7 +98,7 @@ class UNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -108,7 +106,7 @@ class UNetConfig:
         return cls(**dict(d))
 
     @classmethod
-    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> UNetConfig:
+    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> "UNetConfig":
         """From guided-diffusion flags: a README string (``"--image_size 64 ..."``, see
         :func:`~ilvr_toolkit.models.parse_flags`) or a dict. Flags left out take the scripts'
         defaults; ``class_cond True`` means 1000 classes. Diffusion, sampling and ``use_fp16`` flags
@@ -122,7 +120,7 @@ class UNetConfig:
         runtime = {f.name for f in dataclasses.fields(self) if f.metadata.get("runtime")}
         return {k: v for k, v in self.to_dict().items() if k not in runtime}
 
-    def replace(self, **changes: Any) -> UNetConfig:
+    def replace(self, **changes: Any) -> "UNetConfig":
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
@@ -185,7 +183,7 @@ RELEASED_CHECKPOINTS: dict[str, str] = {
 }
 
 
-def get_preset(name: str) -> UNetConfig:
+def get_preset(name: str) -> "UNetConfig":
     """The preset config called ``name`` (configs are frozen, so sharing is safe)."""
     if name not in PRESETS:
         raise KeyError(f"unknown UNet preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")

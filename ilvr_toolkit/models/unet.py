@@ -6,8 +6,6 @@ GroupNorm (32 groups), the timestep embedding MLP and the ``out`` head run in fl
 the autocast dtype (``native_groupnorm``: GroupNorm too, see :class:`GroupNorm32`).
 """
 
-from __future__ import annotations
-
 import contextlib
 import math
 from collections import OrderedDict

@@ -6,8 +6,6 @@ parallel with the sampling loop (64 PNG writes at 256x256 took 1.02 s on one thr
 0.46 s on two, on this project's 2-core machine; see ``bench/bench_pipeline.py``).
 """
 
-from __future__ import annotations
-
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,7 +58,7 @@ class BackgroundIO:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> BackgroundIO:
+    def __enter__(self) -> "BackgroundIO":
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

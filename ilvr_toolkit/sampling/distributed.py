@@ -1,7 +1,5 @@
 """Process layout of a sampling run: torchrun / srun ranks inside one shard of a job array."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 

@@ -1,7 +1,5 @@
 """The side-by-side grid: per reference, reference | phi_N(reference) | outputs (per N)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -1,7 +1,5 @@
 """Class labels for a class-conditional model (``--class_labels``), one per reference."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from ..cli import UsageError

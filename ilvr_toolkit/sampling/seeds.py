@@ -1,8 +1,6 @@
 """Per-image random streams: an image's noise depends on (run seed, image index, sample index)
 only, never on the batch it is computed in, the number of processes, or a resume."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import numpy as np

@@ -3,8 +3,6 @@
 per-image seeds: image i is ``sample.py``'s sample 0 of reference i, so a preview equals what
 ``sample.py`` writes for that step's checkpoint. To TensorBoard and ``RUN/samples/*.png``."""
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import time

@@ -5,8 +5,6 @@ guided-diffusion state dict (the official code with its flags, ``sample.py`` wit
 ``DIR`` = ``RUN/export``, ``NAME`` = ``{weights}_step{global_step:08d}``, weights ``ema`` (the
 checkpoint's ``state_dict``; ``raw`` is ``current_model_state``, the weights being trained)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Any, Literal
 

@@ -7,8 +7,6 @@ evaluation then samples on global rank 0 only, from fixed per-image seeds (the s
 noise every time, so the curve follows the model), and never talks to the other processes.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import time

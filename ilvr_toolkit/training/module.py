@@ -3,8 +3,6 @@
 ``GaussianDiffusion.training_losses``. The hyperparameters hold the UNet and diffusion configs as
 plain values, so ``models.load_model`` rebuilds a checkpoint with nothing else."""
 
-from __future__ import annotations
-
 import logging
 import warnings
 from collections.abc import Mapping
