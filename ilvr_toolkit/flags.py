@@ -2,6 +2,7 @@
 a released guided-diffusion / ILVR / P2 file is a bare state dict, and these flags rebuild its network
 and diffusion. Flags left out take the scripts' defaults (``model_and_diffusion_defaults()``)."""
 
+import dataclasses
 import difflib
 import re
 import shlex
@@ -30,6 +31,14 @@ OTHER_FLAGS: dict[str, Any] = {
 _KNOWN = {**GUIDED_DIFFUSION_DEFAULTS, **OTHER_FLAGS}
 _LISTS = ("attention_resolutions", "channel_mult")
 _TRUE, _FALSE = ("1", "true", "yes", "y", "t"), ("0", "false", "no", "n", "f", "")
+
+
+def checked_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``; an unknown key is a ValueError naming it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(data) - known:
+        raise ValueError(f"unknown {what} keys {sorted(set(data) - known)}; known keys: {sorted(known)}")
+    return dict(data)
 
 
 def parse_numbers(value: Any, name: str) -> tuple[float, ...]:

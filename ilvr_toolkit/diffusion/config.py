@@ -1,8 +1,11 @@
 """Plain, serialisable description of a diffusion process, and its factory."""
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from ..flags import checked_fields, diffusion_settings  # stdlib only, shared with models
 
 
 @dataclass
@@ -47,21 +50,14 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DiffusionConfig":
         """Build from a dict of these fields; an unknown key is a ValueError naming it."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(
-                f"unknown diffusion settings {unknown}; known: {sorted(f.name for f in fields(cls))}"
-            )
-        return cls(**data)
+        return cls(**checked_fields(cls, data, "diffusion setting"))
 
     @classmethod
     def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> "DiffusionConfig":
         """The diffusion that guided-diffusion's ``create_gaussian_diffusion`` builds from
         ``flags`` (a README string or a dict; flags left out take its scripts' defaults,
         e.g. ``learn_sigma False``); see :func:`ilvr_toolkit.models.parse_flags`."""
-        from ..flags import diffusion_settings  # stdlib-only table shared with models
-
         return cls.from_dict(diffusion_settings(flags))
 
     def replace(self, **changes: Any) -> "DiffusionConfig":
-        return DiffusionConfig(**{**self.to_dict(), **changes})
+        return dataclasses.replace(self, **changes)

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..fileio import atomic_write_bytes
 from ..runtime import resolve_device
 from .faithfulness import FaithfulnessMetrics
-from .fid import InceptionMetrics
+from .fid import inception_scores
 from .inception import InceptionFeatureExtractor, as_uint8
-from .stats import EvalSettings, ImageSet, Source, batches_of, cached_reference_stats, rank_world
+from .stats import EvalSettings, ImageSet, Source, cached_reference_stats, image_set_stats, rank_world
 
 PairSource = tuple["str | os.PathLike | torch.Tensor", torch.Tensor]  # (output, reference (3, H, W))
 
@@ -88,17 +89,15 @@ def _faithfulness(
 def _inception_metrics(
     outputs: ImageSet, target: str, extractor: InceptionFeatureExtractor, s: EvalSettings
 ) -> dict[str, Any]:
-    stats, info = cached_reference_stats(target, extractor, s)
-    metrics = InceptionMetrics(
-        s.kid, s.device, subsets=s.kid_subsets, subset_size=s.kid_subset_size, seed=s.seed
-    )
-    if rank_world()[0] == 0:  # cached real statistics enter the metric once, not once per process
-        metrics.load_real(stats)
-    for batch in batches_of(outputs, s.batch_size, s.workers):
-        metrics.update(extractor(batch), real=False)
+    real, info = cached_reference_stats(target, extractor, s)  # on rank 0 (else None)
+    fake = image_set_stats(outputs, extractor, s)  # on every rank
+    kid = {"subsets": s.kid_subsets, "subset_size": s.kid_subset_size, "seed": s.seed}
+    scores = [inception_scores(real, fake, **kid) if real is not None else None]
+    if rank_world()[1] > 1:
+        dist.broadcast_object_list(scores, src=0)
     result = {"target": os.fspath(target), "target_stats": info.path, "target_stats_cache_hit": info.hit}
     result.update({} if info.hit else {"target_stats_reason": info.reason})
-    result.update(num_target=info.meta["count"], **metrics.compute())
+    result.update(num_target=info.meta["count"], **scores[0])
     result.update({"kid_subsets": s.kid_subsets} if s.kid else {})
     return {**result, "inception_sha256": extractor.sha256, "inception_official": extractor.official}
 

@@ -21,7 +21,7 @@ from ..data.files import list_image_files
 from ..data.lmdb_format import read_info
 from ..data.references import ReferenceSet, load_reference
 from ..fileio import atomic_open
-from .fid import FeatureStats, InceptionMetrics
+from .fid import FeatureStats, gather_stats
 from .inception import InceptionFeatureExtractor
 
 Source = str | os.PathLike | Sequence[str | os.PathLike]
@@ -149,16 +149,14 @@ def compute_image_set_stats(
     """Statistics of image batches (B, 3, H, W), uint8 or float in [-1, 1]; under torch.distributed
     (and ``distributed``), of every process's batches: gathered by torchmetrics' sync, all must call."""
     sync = distributed and rank_world()[1] > 1
-    metrics = InceptionMetrics(kid, next(extractor.parameters()).device)
-    for batch in batches:
-        metrics.update(extractor(batch), real=True)
-    with metrics.fid.sync_context(should_sync=sync, distributed_available=lambda: sync):
-        stats = metrics.fid.stats(real=True)
-    if metrics.kid is not None:
-        metrics.kid.one_state_per_process()
-        with metrics.kid.sync_context(should_sync=sync, distributed_available=lambda: sync):
-            stats.features = metrics.kid.features(real=True)
-    return stats
+    return gather_stats(
+        (extractor(batch) for batch in batches), kid, sync, next(extractor.parameters()).device
+    )
+
+
+def image_set_stats(images: ImageSet, extractor: InceptionFeatureExtractor, s: EvalSettings) -> FeatureStats:
+    """:func:`compute_image_set_stats` of ``images`` with ``s.batch_size``, ``s.workers``, ``s.kid``."""
+    return compute_image_set_stats(batches_of(images, s.batch_size, s.workers), extractor, s.kid)
 
 
 @dataclass
@@ -202,7 +200,7 @@ def cached_reference_stats(
     if world > 1:
         dist.broadcast_object_list(hit, src=0)
     if not hit[0]:
-        stats = compute_image_set_stats(batches_of(images, s.batch_size, s.workers), extractor, s.kid)
+        stats = image_set_stats(images, extractor, s)
         if rank == 0:
             save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if world > 1:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..flags import parse_numbers, resolve_flags
+from ..flags import checked_fields, parse_numbers, resolve_flags
 
 #: guided-diffusion's channel multipliers when ``channel_mult`` is left empty.
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -99,11 +99,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(d))
+        return cls(**checked_fields(cls, d, "UNetConfig"))
 
     @classmethod
     def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> "UNetConfig":

@@ -110,7 +110,7 @@ class FIDMonitor(_EveryNSteps):
             kid=False,
         )
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
-            self.extractor, self.real = extractor, FeatureStats(real.mean.cpu(), real.cov.cpu(), real.count)
+            self.extractor, self.real = extractor, real.to("cpu")
             how = "cache hit" if info.hit else f"computed ({info.reason})"
             seconds = time.perf_counter() - tic
             log.info(
@@ -126,7 +126,7 @@ class FIDMonitor(_EveryNSteps):
                 for i in range(0, n, self.batch_size)
             )
             fake = compute_image_set_stats(batches, self.extractor, kid=False, distributed=False)
-        fid = float(self.real.frechet_distance(FeatureStats(fake.mean.cpu(), fake.cov.cpu(), fake.count)))
+        fid = self.real.frechet_distance(fake.to("cpu"))
         step, seconds, respacing = (
             trainer.global_step,
             round(time.perf_counter() - tic, 2),
