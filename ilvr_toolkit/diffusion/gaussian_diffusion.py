@@ -102,7 +102,6 @@ class GaussianDiffusion:
         steps = self._table_as("timestep_map", t.device, torch.long)[t]
         return steps.float() * (1000.0 / self.original_num_steps) if self.rescale_timesteps else steps
 
-    # ----- forward process -------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4)."""
         return (
@@ -135,11 +134,9 @@ class GaussianDiffusion:
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
         """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
-        return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
-            "sqrt_recipm1_alphas_cumprod", t, x_t
-        )
+        numerator = self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
+        return numerator / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
 
-    # ----- reverse process -------------------------------------------------------------
     def p_mean_variance_from_output(
         self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
     ) -> dict[str, torch.Tensor]:
@@ -191,7 +188,6 @@ class GaussianDiffusion:
         out = net(x, self._timesteps(t), **(model_kwargs or {}))
         return self.p_mean_variance_from_output(out, x, t, clip_denoised)
 
-    # ----- training ----------------------------------------------------------------------
     def _vb_terms_bpd(
         self, out: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
@@ -210,13 +206,10 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-example losses (B,) for x_0 (B, C, H, W) at indices t (B,).
-
-        Returns "loss" and, as applicable, "mse" (eps-MSE, or x_0-MSE with predict_xstart;
-        P2-weighted when p2_gamma > 0) and
-        "vb" (the variational term with the mean's gradient stopped, so it only trains the
-        variance; Nichol & Dhariwal's hybrid objective ``loss = mse + vb``).
-        """
+        """Per-example losses (B,) for x_0 (B, C, H, W) at indices t (B,): "loss" and, as applicable,
+        "mse" (eps-MSE, or x_0-MSE with predict_xstart; P2-weighted when p2_gamma > 0) and "vb" (the
+        variational term with the mean's gradient stopped, so it trains only the variance; Nichol &
+        Dhariwal's hybrid objective ``loss = mse + vb``)."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
         out = net(x_t, self._timesteps(t), **(model_kwargs or {})).to(x_start.dtype)

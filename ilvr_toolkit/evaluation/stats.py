@@ -134,10 +134,8 @@ def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict[str, Any]]:
     """Read a statistics file written by :func:`save_stats`."""
     with np.load(path, allow_pickle=False) as z:
         features = torch.from_numpy(z["features"]).double() if "features" in z else None
-        stats = FeatureStats(
-            torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["count"]), features
-        )
-        return stats, json.loads(str(z["meta"]))
+        mu, sigma = torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"])
+        return FeatureStats(mu, sigma, int(z["count"]), features), json.loads(str(z["meta"]))
 
 
 def compute_image_set_stats(
@@ -148,10 +146,8 @@ def compute_image_set_stats(
 ) -> FeatureStats:
     """Statistics of image batches (B, 3, H, W), uint8 or float in [-1, 1]; under torch.distributed
     (and ``distributed``), of every process's batches: gathered by torchmetrics' sync, all must call."""
-    sync = distributed and rank_world()[1] > 1
-    return gather_stats(
-        (extractor(batch) for batch in batches), kid, sync, next(extractor.parameters()).device
-    )
+    device, sync = next(extractor.parameters()).device, distributed and rank_world()[1] > 1
+    return gather_stats(map(extractor, batches), kid, sync, device)
 
 
 def image_set_stats(images: ImageSet, extractor: InceptionFeatureExtractor, s: EvalSettings) -> FeatureStats:

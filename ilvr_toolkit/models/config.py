@@ -121,7 +121,6 @@ class UNetConfig:
         return dataclasses.replace(self, **changes)
 
 
-# --------------------------------------------------------------------------- presets
 # Every preset is the flag string of its README, so nobody re-types flags; the diffusion of a
 # plain released file comes from the same string (checkpoint.load_model).
 _ADM256_NAMES = ("ffhq", "afhq_dog", "metfaces", "celebahq", "cub", "flowers")

@@ -35,11 +35,8 @@ def _zero_module(module: nn.Module) -> nn.Module:
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding, cos first then sin, in float32.
-
-    timesteps: (B,) original (unrespaced) timesteps, integer or float.
-    Returns (B, dim): ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period^(-i / (dim // 2))``.
-    """
+    """Sinusoidal embedding in float32 of timesteps (B,) (original ones, integer or float): (B, dim),
+    ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period^(-i / (dim // 2))``."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
     args = timesteps[:, None].float() * torch.exp(exponent)[None]
@@ -52,12 +49,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm (B, C, *) -> (B, C, *) in float32 (also under autocast), returned in the input's dtype.
 
-    ``native = False`` (default, guided-diffusion's numerics): a bf16/fp16 input is normalised
-    on a float32 copy. ``native = True``: the kernel reads and writes the input's dtype (its
-    statistics and affine still in float32: at most one rounding step away, tested in
-    ``tests/test_fast_paths.py``); off the CPU gamma/beta are rounded to that dtype too and
-    fp16 training keeps the copy (``_native_for``). 1.13-1.18x per bf16 ffhq CPU forward;
-    slower in channels-last backward (docs/benchmarks.md).
+    ``native = False`` (guided-diffusion's numerics): a bf16/fp16 input is normalised on a float32
+    copy. ``native = True``: the kernel reads and writes the input's dtype (statistics and affine in
+    float32: at most one rounding step away, ``tests/test_fast_paths.py``); 1.13-1.18x per bf16 ffhq
+    CPU forward, slower in channels-last backward (docs/benchmarks.md).
     """
 
     native: bool = False

@@ -44,9 +44,8 @@ class BackgroundIO:
 
     def check(self) -> None:
         """Raise the first error of the writes finished so far, without waiting for the others."""
-        for future in self._writes:
-            if future.done() and future.exception() is not None:
-                self.drain()
+        if any(future.done() and future.exception() is not None for future in self._writes):
+            self.drain()
 
     def drain(self) -> None:
         """Wait for every write submitted so far; raise the first error among them (the

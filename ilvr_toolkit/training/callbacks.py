@@ -137,12 +137,9 @@ class SampleGrid(_EveryNSteps):
 
 
 class ILVRPreview(_EveryNSteps):
-    """ILVR translations of a few fixed references every ``every_n_steps`` steps.
-
-    The grid has one column per reference: the reference, then for each N its low-pass
-    phi_N (what ILVR keeps) and the translation. The translations are exactly
-    ``sample.py --references REFS --seed SEED`` (same ``ilvr`` and ``sampler`` settings,
-    ``--batch_size num_images``) on this step's checkpoint.
+    """ILVR translations of a few fixed references every ``every_n_steps`` steps: per reference a
+    column (the reference, then for each N phi_N and the translation); the translations are
+    ``sample.py --references REFS --seed SEED``'s (same ``ilvr`` and ``sampler``) on this step's weights.
 
     Args:
         every_n_steps: optimizer steps between previews (0: never).

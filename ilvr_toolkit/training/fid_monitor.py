@@ -1,11 +1,6 @@
-"""FID during training: Frechet distance of EMA samples to the training data, every N steps.
-
-The reference statistics are computed once, in ``setup`` (sharded over every process under
-DDP, then cached on disk like ``sample.py --evaluate_against`` does), so a missing
-Inception file or an unreadable reference set stops the run before its first step. Each
-evaluation then samples on global rank 0 only, from fixed per-image seeds (the same starting
-noise every time, so the curve follows the model), and never talks to the other processes.
-"""
+"""FID during training (:class:`FIDMonitor`). The reference statistics are computed in ``setup``
+(sharded under DDP, cached like ``sample.py --evaluate_against``), so a missing Inception file stops
+the run before its first step; each evaluation samples on rank 0 from fixed per-image seeds."""
 
 import json
 import logging
@@ -48,12 +43,9 @@ class FIDReference:
 class FIDMonitor(_EveryNSteps):
     """FID of ``num_images`` samples (EMA weights) against the training set every ``every_n_steps``.
 
-    Logged to every logger as ``fid/fid`` (with ``fid/seconds``) and appended to
-    ``RUN/fid.jsonl``; the history is kept in checkpoints, so a resumed run continues it.
-    FID is biased upwards for small ``num_images``: compare values of one setting only (the
-    published numbers use 50k samples). Sampling runs in float32 on the training device
-    (a copy of the EMA weights when the EMA lives elsewhere); the Frechet distance is
-    computed on the CPU in float64.
+    Logged as ``fid/fid`` (and ``fid/seconds``), appended to ``RUN/fid.jsonl`` and kept in checkpoints
+    (a resumed run continues the history). FID is biased upwards for small ``num_images``: compare
+    values of one setting only (papers use 50k samples). The distance is computed on the CPU.
 
     Args:
         every_n_steps: optimizer steps between evaluations (0: never; the default, because
