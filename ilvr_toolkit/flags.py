@@ -80,14 +80,10 @@ def _typed(name: str, value: Any) -> Any:
 
 
 def parse_flags(text: str) -> dict[str, Any]:
-    """Typed values of the flags in ``text`` (only those given), e.g.
-    ``parse_flags('MODEL_FLAGS="--image_size 64 --class_cond True"')`` ->
-    ``{"image_size": 64, "class_cond": True}``.
-
-    Accepts ``--flag value`` and ``--flag=value`` pairs and shell assignments
-    ``NAME="..."`` around them. Raises ValueError for an unknown flag (naming the closest
-    known one), a flag without a value, or a value of the wrong type.
-    """
+    """Typed values of the flags given in ``text`` (``--flag value``, ``--flag=value``, inside shell
+    assignments ``NAME="..."`` or not): ``parse_flags('MODEL_FLAGS="--image_size 64 --class_cond True"')``
+    is ``{"image_size": 64, "class_cond": True}``. ValueError for an unknown flag (naming the closest
+    known one), a flag without a value, or a value of the wrong type."""
     tokens: list[str] = []
     for token in shlex.split(text):
         assignment = re.fullmatch(r"[A-Za-z_]\w*=(.*)", token, re.S)  # NAME="--flag value ..."

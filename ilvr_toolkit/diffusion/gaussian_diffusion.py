@@ -242,15 +242,8 @@ def create_diffusion(config: DiffusionConfig, respacing: str | None = None) -> G
     if len(kept) != config.steps:
         betas = respace_betas(torch.cumprod(1.0 - betas, dim=0), kept)
     fixed = "fixed_small" if config.sigma_small else "fixed_large"
-    diffusion = GaussianDiffusion(
-        betas,
-        timestep_map=kept,
-        variance="learned_range" if config.learn_sigma else fixed,
-        use_kl=config.use_kl,
-        rescale_learned_sigmas=config.rescale_learned_sigmas,
-        p2_gamma=config.p2_gamma,
-        p2_k=config.p2_k,
-        original_num_steps=config.steps,
-    )
+    options = {k: getattr(config, k) for k in ("use_kl", "rescale_learned_sigmas", "p2_gamma", "p2_k")}
+    options.update(timestep_map=kept, original_num_steps=config.steps)
+    diffusion = GaussianDiffusion(betas, variance="learned_range" if config.learn_sigma else fixed, **options)
     diffusion.predict_xstart, diffusion.rescale_timesteps = config.predict_xstart, config.rescale_timesteps
     return diffusion

@@ -18,7 +18,7 @@ from .fid import inception_scores
 from .inception import InceptionFeatureExtractor, as_uint8
 from .stats import EvalSettings, ImageSet, Source, cached_reference_stats, image_set_stats, rank_world
 
-PairSource = tuple["str | os.PathLike | torch.Tensor", torch.Tensor]  # (output, reference (3, H, W))
+PairSource = tuple[str | os.PathLike | torch.Tensor, torch.Tensor]  # (output, reference (3, H, W))
 
 
 def pair_by_name(output_names: Sequence[str], reference_names: Sequence[str]) -> list[tuple[int, int]]:

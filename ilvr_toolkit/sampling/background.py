@@ -15,11 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class BackgroundIO:
-    """A small thread pool for prefetching and writing; ``workers=0`` runs everything inline.
-
-    Use as a context manager: leaving the block waits for every write and re-raises the first
-    write error, so a run never reports success with a file missing.
-    """
+    """A small thread pool for prefetching and writing (``workers=0``: inline). Leaving the ``with``
+    block waits for every write and re-raises the first error: no success with a file missing."""
 
     def __init__(self, workers: int) -> None:
         if workers < 0:
@@ -48,8 +45,7 @@ class BackgroundIO:
             self.drain()
 
     def drain(self) -> None:
-        """Wait for every write submitted so far; raise the first error among them (the
-        others are logged)."""
+        """Wait for every write submitted so far; raise the first error (log the others)."""
         writes, self._writes = self._writes, []
         errors = [error for error in (future.exception() for future in writes) if error is not None]
         for error in errors[1:]:

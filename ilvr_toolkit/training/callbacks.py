@@ -70,9 +70,8 @@ def _publish(trainer: pl.Trainer, tag: str, grid: torch.Tensor, filename: str | 
 
 
 class _EveryNSteps(Callback):
-    """Runs the subclass's ``_run(trainer, pl_module)`` on global rank 0 after every
-    ``every_n_steps``-th optimizer step (once per step under gradient accumulation); the
-    settings every such sampler has (see the subclasses)."""
+    """Runs the subclass's ``_run(trainer, pl_module)`` on global rank 0 after every ``every_n_steps``-th
+    optimizer step (once per step under gradient accumulation), with the settings all of them have."""
 
     def __init__(self, every_n_steps: int, num_images: int, sampler: SamplerSpec, seed: int, at_start: bool):
         if every_n_steps < 0:

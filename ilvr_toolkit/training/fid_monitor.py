@@ -93,13 +93,10 @@ class FIDMonitor(_EveryNSteps):
         tic = time.perf_counter()
         extractor = InceptionFeatureExtractor(self.reference.inception_weights)  # every rank: same error
         extractor = extractor.to(trainer.strategy.root_device)
-        real, info = cached_reference_stats(  # all ranks take part (sharded), rank 0 gets the result
-            source,
-            extractor,
-            image_size=pl_module.unet_config.image_size,
-            cache_dir=self.reference.stats_cache_dir,
-            batch_size=self.batch_size,
-            kid=False,
+        options = dict(image_size=pl_module.unet_config.image_size, cache_dir=self.reference.stats_cache_dir)
+        # all ranks take part (sharded), rank 0 gets the result
+        real, info = cached_reference_stats(
+            source, extractor, batch_size=self.batch_size, kid=False, **options
         )
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
             self.extractor, self.real = extractor, real.to("cpu")

@@ -193,8 +193,8 @@ class DiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Grad norm logging (the lr is LearningRateMonitor's ``lr-AdamW``) and the NaN/inf guard (after backward and unscaling,
-        before clipping and the optimizer step, so a bad update never reaches the weights)."""
+        """Grad norm logging (the lr is LearningRateMonitor's ``lr-AdamW``) and the NaN/inf guard (after
+        backward and unscaling, before clipping and the step: a bad update never reaches the weights)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.log("train/grad_norm", norm, batch_size=1)
