@@ -15,17 +15,13 @@ class DiffusionConfig:
     Attributes:
         steps: number of steps T of the base process.
         noise_schedule: "linear" or "cosine".
-        learn_sigma: the network outputs 2C channels (eps, then v for the learned-range
-            variance); otherwise the variance is fixed.
-        sigma_small: with fixed variance, use the posterior variance (fixed-small) instead of
-            beta_t (fixed-large).
+        learn_sigma: the network outputs 2C channels (eps, then v for the learned-range variance).
+        sigma_small: a fixed variance is the posterior's (fixed-small), not beta_t (fixed-large).
         use_kl: train on the variational bound alone (``loss = vb * T``).
         predict_xstart: the network predicts x_0 instead of eps.
-        rescale_timesteps: the network is fed t * 1000 / T (float) instead of t, with T the
-            steps of the base process (also when respaced).
+        rescale_timesteps: the network is fed t * 1000 / T (float), T of the base process, not t.
         rescale_learned_sigmas: scale the vb term of the hybrid loss by T / 1000.
-        timestep_respacing: sampling steps kept (``"100"``, ``"10,10,5"``, ``"ddim50"``;
-            empty keeps all).
+        timestep_respacing: sampling steps kept (``"100"``, ``"10,10,5"``, ``"ddim50"``; empty: all).
         p2_gamma, p2_k: P2 weighting lambda_t = 1 / (k + SNR(t))^gamma of the eps-MSE
             (Choi et al. 2022); gamma = 0 is no weighting.
         clip_denoised: clip the x0 prediction to [-1, 1] while sampling.

@@ -48,11 +48,9 @@ class FIDMonitor(_EveryNSteps):
     values of one setting only (papers use 50k samples). The distance is computed on the CPU.
 
     Args:
-        every_n_steps: optimizer steps between evaluations (0: never; the default, because
-            it needs the Inception weights, see README "Evaluation").
+        every_n_steps: optimizer steps between evaluations (0: never; it needs the Inception weights).
         num_images: samples per evaluation.
-        sampler: method, respacing and eta, as ``sample.py --sampler.*`` (default: DDIM over
-            ``ddim50``).
+        sampler: method, respacing and eta, as ``sample.py --sampler.*`` (default: DDIM, ``ddim50``).
         batch_size: samples per forward pass and Inception batch.
         reference: the real images, the Inception file and the statistics cache.
         seed: image i always starts from the generator seeded (seed, i).

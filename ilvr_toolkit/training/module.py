@@ -56,10 +56,8 @@ class DiffusionModule(pl.LightningModule):
     """Trains an ADM UNet on uint8 image batches with the hybrid (eps-MSE + vb) loss.
 
     Args:
-        unet: UNet preset name (``"ffhq"``, ``"tiny"``...) or a dict of UNetConfig fields,
-            optionally with ``preset`` as the base.
-        diffusion: the diffusion process (guided-diffusion names; see DiffusionConfig).
-            ``learn_sigma`` must match the UNet's.
+        unet: UNet preset name (``"ffhq"``, ``"tiny"``...) or UNetConfig fields (``preset``: the base).
+        diffusion: the diffusion process (DiffusionConfig); ``learn_sigma`` must match the UNet's.
         optim: AdamW settings and warmup (``model.optim.lr`` ...; see OptimConfig).
         nan_policy: a non-finite loss or gradient: ``"raise"`` stops the run before the optimizer
             touches the weights (EMA and checkpoints stay finite); ``"skip"`` drops the update
