@@ -62,6 +62,7 @@ __all__ = [
     "synchronize",
     "time_fn",
     "write_json",
+    "write_random_inception_weights",
 ]
 
 
@@ -72,6 +73,9 @@ def add_repo_to_path() -> None:
 
 
 add_repo_to_path()
+sys.path.insert(1, str(REPO / "tests"))  # the test helpers below
+from random_inception import write_random_inception_weights  # noqa: E402  (tests/random_inception.py)
+
 from ilvr_toolkit.runtime import set_cpu_malloc  # noqa: E402  (the bench scripts' allocator switch)
 
 

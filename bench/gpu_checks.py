@@ -544,9 +544,7 @@ def check_ddp_train(args) -> None:
     commands = [prep, fit]
     with_fid = _importable("torch_fidelity")
     if with_fid:
-        from ilvr_toolkit.evaluation import write_random_inception_weights
-
-        weights = write_random_inception_weights(work / "inception_random.pth")
+        weights = common.write_random_inception_weights(work / "inception_random.pth")
         every = max(1, args.steps // 2)
         fit += [
             "--fid.every_n_steps",

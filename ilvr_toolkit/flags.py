@@ -1,21 +1,13 @@
-"""guided-diffusion's script flags, read as its README prints them.
+"""guided-diffusion's script flags as its README prints them (``MODEL_FLAGS="--image_size 64 ..."``):
+a released guided-diffusion / ILVR / P2 file is a bare state dict, and these flags rebuild its network
+and diffusion. Flags left out take the scripts' defaults (``model_and_diffusion_defaults()``)."""
 
-A released guided-diffusion / ILVR / P2 file is a bare state dict; its README gives the
-flags that rebuild the network and its diffusion, e.g. ``MODEL_FLAGS="--image_size 64
---class_cond True ..."``. :func:`parse_flags` reads such strings (MODEL_FLAGS,
-DIFFUSION_FLAGS and SAMPLE_FLAGS mixed); flags left out take the scripts' defaults
-(``script_util.model_and_diffusion_defaults()``), not this toolkit's.
-"""
-
-from __future__ import annotations
-
+import dataclasses
 import difflib
 import re
 import shlex
 from collections.abc import Mapping
 from typing import Any
-
-__all__ = ["GUIDED_DIFFUSION_DEFAULTS", "parse_flags", "resolve_flags", "diffusion_settings"]
 
 #: ``model_and_diffusion_defaults()`` of guided-diffusion's ``script_util.py``.
 GUIDED_DIFFUSION_DEFAULTS: dict[str, Any] = {
@@ -38,6 +30,15 @@ OTHER_FLAGS: dict[str, Any] = {
 
 _KNOWN = {**GUIDED_DIFFUSION_DEFAULTS, **OTHER_FLAGS}
 _LISTS = ("attention_resolutions", "channel_mult")
+_TRUE, _FALSE = ("1", "true", "yes", "y", "t"), ("0", "false", "no", "n", "f", "")
+
+
+def checked_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``; an unknown key is a ValueError naming it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if set(data) - known:
+        raise ValueError(f"unknown {what} keys {sorted(set(data) - known)}; known keys: {sorted(known)}")
+    return dict(data)
 
 
 def parse_numbers(value: Any, name: str) -> tuple[float, ...]:
@@ -55,14 +56,10 @@ def parse_numbers(value: Any, name: str) -> tuple[float, ...]:
 
 def to_bool(value: Any, name: str = "value") -> bool:
     """guided-diffusion's ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 (any case)."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("1", "true", "yes", "y", "t"):
-            return True
-        if lowered in ("0", "false", "no", "n", "f", ""):
-            return False
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word is not None and word not in _TRUE + _FALSE:
         raise ValueError(f"{name}: cannot read {value!r} as a boolean (True/False)")
-    return bool(value)
+    return word in _TRUE if word is not None else bool(value)
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -83,14 +80,10 @@ def _typed(name: str, value: Any) -> Any:
 
 
 def parse_flags(text: str) -> dict[str, Any]:
-    """Typed values of the flags in ``text`` (only those given), e.g.
-    ``parse_flags('MODEL_FLAGS="--image_size 64 --class_cond True"')`` ->
-    ``{"image_size": 64, "class_cond": True}``.
-
-    Accepts ``--flag value`` and ``--flag=value`` pairs and shell assignments
-    ``NAME="..."`` around them. Raises ValueError for an unknown flag (naming the closest
-    known one), a flag without a value, or a value of the wrong type.
-    """
+    """Typed values of the flags given in ``text`` (``--flag value``, ``--flag=value``, inside shell
+    assignments ``NAME="..."`` or not): ``parse_flags('MODEL_FLAGS="--image_size 64 --class_cond True"')``
+    is ``{"image_size": 64, "class_cond": True}``. ValueError for an unknown flag (naming the closest
+    known one), a flag without a value, or a value of the wrong type."""
     tokens: list[str] = []
     for token in shlex.split(text):
         assignment = re.fullmatch(r"[A-Za-z_]\w*=(.*)", token, re.S)  # NAME="--flag value ..."

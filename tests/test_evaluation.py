@@ -13,23 +13,24 @@ import pytest
 import torch
 from conftest import free_port
 from PIL import Image
+from random_inception import write_random_inception_weights
 
 from ilvr_toolkit.conditioning.lowpass import LowPass
 from ilvr_toolkit.evaluation import (
     PSNR_CAP_DB,
     FaithfulnessMetrics,
     InceptionFeatureExtractor,
-    InceptionMetrics,
     InceptionWeightsMissing,
     cached_reference_stats,
     evaluate_translation,
     format_table,
+    inception_scores,
     load_stats,
     pair_by_name,
     write_metrics,
-    write_random_inception_weights,
 )
 from ilvr_toolkit.evaluation.__main__ import main as cli_main
+from ilvr_toolkit.evaluation.fid import gather_stats
 from ilvr_toolkit.evaluation.inception import WEIGHTS_FILENAME, WEIGHTS_SHA256_PREFIX
 from ilvr_toolkit.images import to_float
 
@@ -87,10 +88,7 @@ def features(extractor, base_images) -> dict:
 
 
 def fid_of(real: torch.Tensor, fake: torch.Tensor, kid: bool = True) -> dict:
-    metrics = InceptionMetrics(kid=kid)
-    metrics.update(real, real=True)
-    metrics.update(fake, real=False)
-    return metrics.compute()
+    return inception_scores(*(gather_stats([x], kid, sync=False, device="cpu") for x in (real, fake)))
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +221,7 @@ def test_cached_statistics_give_the_direct_fid_and_are_invalidated(
     assert torch.equal(loaded.features, built.features)
 
     # the direct FID: real features fed to the metric (fids fixture) vs the same from the cache file
-    metrics = InceptionMetrics()
-    metrics.load_real(loaded)
-    metrics.update(features[NOISE_LEVELS[1]], real=False)
-    cached = metrics.compute()
+    cached = inception_scores(loaded, gather_stats([features[NOISE_LEVELS[1]]], True, False, "cpu"))
     direct = fids[NOISE_LEVELS[1]]
     assert cached["fid"] == pytest.approx(direct["fid"], rel=1e-6)
     assert cached["kid_mean"] == pytest.approx(direct["kid_mean"], rel=1e-6)

@@ -240,9 +240,10 @@ def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(
     """--fid.*: reference statistics once (cached), FID of EMA samples every 2 steps to the
     loggers and RUN/fid.jsonl, the history continued after a resume; a missing Inception
     file stops the run before its first step, naming the file."""
+    from random_inception import write_random_inception_weights
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ilvr_toolkit.evaluation import InceptionWeightsMissing, write_random_inception_weights
+    from ilvr_toolkit.evaluation import InceptionWeightsMissing
 
     weights = write_random_inception_weights(tmp_path / "inception_random.pth")
     run_dir, cache = tmp_path / "run", tmp_path / "stats"
@@ -315,7 +316,7 @@ def test_export_round_trip_and_rerun_after_finish(tiny_run: Path, lmdb_path: Pat
 def test_tiny_fit_ddp_two_processes(lmdb_path: Path, tmp_path: Path) -> None:
     """2-process DDP (gloo), with the FID monitor on: its reference statistics are sharded
     over both processes in setup, its evaluation runs on rank 0 alone (no deadlock)."""
-    from ilvr_toolkit.evaluation import write_random_inception_weights
+    from random_inception import write_random_inception_weights
 
     weights = write_random_inception_weights(tmp_path / "inception_random.pth")
     run_dir = tmp_path / "run"

@@ -8,22 +8,6 @@ from .respace import respace_betas, space_timesteps
 from .sampling import Step, StepHook, ddim_sample, ddpm_sample, diffuse_to, draw_x_T
 from .schedules import get_named_beta_schedule
 
-__all__ = [
-    "DiffusionConfig",
-    "GaussianDiffusion",
-    "Net",
-    "create_diffusion",
-    "GeneratorNoise",
-    "NoiseSource",
-    "PerImageNoise",
-    "ReplayNoise",
-    "respace_betas",
-    "space_timesteps",
-    "Step",
-    "StepHook",
-    "ddim_sample",
-    "ddpm_sample",
-    "diffuse_to",
-    "draw_x_T",
-    "get_named_beta_schedule",
-]
+__all__ = ["DiffusionConfig", "GaussianDiffusion", "Net", "create_diffusion", "get_named_beta_schedule"]
+__all__ += ["GeneratorNoise", "NoiseSource", "PerImageNoise", "ReplayNoise", "respace_betas"]
+__all__ += ["space_timesteps", "Step", "StepHook", "ddim_sample", "ddpm_sample", "diffuse_to", "draw_x_T"]

@@ -1,12 +1,11 @@
 """Plain, serialisable description of a diffusion process, and its factory."""
 
-from __future__ import annotations
-
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["DiffusionConfig"]
+from ..flags import checked_fields, diffusion_settings  # stdlib only, shared with models
 
 
 @dataclass
@@ -16,17 +15,13 @@ class DiffusionConfig:
     Attributes:
         steps: number of steps T of the base process.
         noise_schedule: "linear" or "cosine".
-        learn_sigma: the network outputs 2C channels (eps, then v for the learned-range
-            variance); otherwise the variance is fixed.
-        sigma_small: with fixed variance, use the posterior variance (fixed-small) instead of
-            beta_t (fixed-large).
+        learn_sigma: the network outputs 2C channels (eps, then v for the learned-range variance).
+        sigma_small: a fixed variance is the posterior's (fixed-small), not beta_t (fixed-large).
         use_kl: train on the variational bound alone (``loss = vb * T``).
         predict_xstart: the network predicts x_0 instead of eps.
-        rescale_timesteps: the network is fed t * 1000 / T (float) instead of t, with T the
-            steps of the base process (also when respaced).
+        rescale_timesteps: the network is fed t * 1000 / T (float), T of the base process, not t.
         rescale_learned_sigmas: scale the vb term of the hybrid loss by T / 1000.
-        timestep_respacing: sampling steps kept (``"100"``, ``"10,10,5"``, ``"ddim50"``;
-            empty keeps all).
+        timestep_respacing: sampling steps kept (``"100"``, ``"10,10,5"``, ``"ddim50"``; empty: all).
         p2_gamma, p2_k: P2 weighting lambda_t = 1 / (k + SNR(t))^gamma of the eps-MSE
             (Choi et al. 2022); gamma = 0 is no weighting.
         clip_denoised: clip the x0 prediction to [-1, 1] while sampling.
@@ -49,23 +44,16 @@ class DiffusionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DiffusionConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> "DiffusionConfig":
         """Build from a dict of these fields; an unknown key is a ValueError naming it."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(
-                f"unknown diffusion settings {unknown}; known: {sorted(f.name for f in fields(cls))}"
-            )
-        return cls(**data)
+        return cls(**checked_fields(cls, data, "diffusion setting"))
 
     @classmethod
-    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> DiffusionConfig:
+    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> "DiffusionConfig":
         """The diffusion that guided-diffusion's ``create_gaussian_diffusion`` builds from
         ``flags`` (a README string or a dict; flags left out take its scripts' defaults,
         e.g. ``learn_sigma False``); see :func:`ilvr_toolkit.models.parse_flags`."""
-        from ..flags import diffusion_settings  # stdlib-only table shared with models
-
         return cls.from_dict(diffusion_settings(flags))
 
-    def replace(self, **changes: Any) -> DiffusionConfig:
-        return DiffusionConfig(**{**self.to_dict(), **changes})
+    def replace(self, **changes: Any) -> "DiffusionConfig":
+        return dataclasses.replace(self, **changes)

@@ -8,8 +8,6 @@ called with the original timesteps ``timestep_map[t]`` (with ``rescale_timesteps
 ``timestep_map[t] * 1000 / original_num_steps`` as float32, guided-diffusion's respace.py).
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +18,6 @@ from .config import DiffusionConfig
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import respace_betas, space_timesteps
 from .schedules import get_named_beta_schedule
-
-__all__ = ["GaussianDiffusion", "create_diffusion", "Net"]
 
 Net = Callable[..., torch.Tensor]
 """A network ``net(x, t, **model_kwargs) -> out`` called with original timesteps."""
@@ -60,78 +56,52 @@ class GaussianDiffusion:
     ) -> None:
         if variance not in _VARIANCE_TYPES:
             raise ValueError(f"variance must be one of {_VARIANCE_TYPES}, got {variance!r}")
-        self.betas = betas.to(torch.float64)
-        self.num_timesteps = int(self.betas.shape[0])
-        self.timestep_map = torch.tensor(
-            list(range(self.num_timesteps)) if timestep_map is None else list(timestep_map), dtype=torch.long
-        )
-        self.variance = variance
-        self.use_kl, self.rescale_learned_sigmas = use_kl, rescale_learned_sigmas
+        self.variance, self.use_kl, self.rescale_learned_sigmas = variance, use_kl, rescale_learned_sigmas
         self.p2_gamma, self.p2_k = p2_gamma, p2_k
+        self.betas = betas = betas.to(torch.float64)
+        self.num_timesteps = int(betas.shape[0])
         self.original_num_steps = original_num_steps or self.num_timesteps
-        self._tables = self._build_tables(self.betas)
-        self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
-
-    # ----- schedule tables -------------------------------------------------------------
-    @staticmethod
-    def _build_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
-        alphas = 1.0 - betas
-        alpha_bar = torch.cumprod(alphas, dim=0)
-        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+        kept = range(self.num_timesteps) if timestep_map is None else timestep_map
+        self.timestep_map = torch.tensor(list(kept), dtype=torch.long)
+        # The (T,) float64 tables, named as in guided-diffusion; alpha_bar = alphas_cumprod.
+        self.alphas_cumprod = alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+        self.alphas_cumprod_prev = alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        self.sqrt_alphas_cumprod = alpha_bar.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - alpha_bar).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / alpha_bar).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / alpha_bar - 1.0).sqrt()
+        self.posterior_variance = variance_t = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # eq. 7
         # The posterior variance is 0 at t = 0: clip its log to the value at t = 1.
-        clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
-        fixed_large = torch.cat([posterior_variance[1:2], betas[1:]])
-        snr = alpha_bar / (1.0 - alpha_bar)
-        return {
-            "betas": betas,
-            "alphas_cumprod": alpha_bar,
-            "alphas_cumprod_prev": alpha_bar_prev,
-            "sqrt_alphas_cumprod": alpha_bar.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alpha_bar).sqrt(),
-            "sqrt_recip_alphas_cumprod": (1.0 / alpha_bar).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alpha_bar - 1.0).sqrt(),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": clipped.log(),
-            "posterior_mean_coef1": betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar),
-            "posterior_mean_coef2": (1.0 - alpha_bar_prev) * alphas.sqrt() / (1.0 - alpha_bar),
-            "log_betas": betas.log(),
-            "fixed_large_variance": fixed_large,
-            "fixed_large_log_variance": fixed_large.log(),
-            "snr": snr,
-        }
+        self.posterior_log_variance_clipped = torch.cat([variance_t[1:2], variance_t[1:]]).log()
+        self.posterior_mean_coef1 = betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
+        self.posterior_mean_coef2 = (1.0 - alpha_bar_prev) * (1.0 - betas).sqrt() / (1.0 - alpha_bar)
+        self.log_betas = betas.log()
+        self.fixed_large_variance = torch.cat([variance_t[1:2], betas[1:]])
+        self.fixed_large_log_variance = self.fixed_large_variance.log()
+        self.snr = alpha_bar / (1.0 - alpha_bar)
+        self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
     def table(self, name: str) -> torch.Tensor:
         """The (T,) float64 table ``name`` (e.g. "alphas_cumprod", "posterior_log_variance_clipped")."""
-        return self._tables[name]
+        return getattr(self, name)
 
-    def __getattr__(self, name: str) -> torch.Tensor:
-        tables = self.__dict__.get("_tables", {})
-        if name in tables:
-            return tables[name]
-        raise AttributeError(name)
+    def _table_as(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The table ``name`` on ``device`` in ``dtype``, cast once per (device, dtype)."""
+        key = (name, device, dtype)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).to(device=device).to(dtype)
+        return self._cache[key]
 
     def _coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """table[name][t] as (B, 1, 1, 1) in ``like``'s dtype and device (cast cached)."""
-        key = (name, like.device, like.dtype)
-        values = self._cache.get(key)
-        if values is None:
-            values = self._tables[name].to(device=like.device).to(like.dtype)
-            self._cache[key] = values
-        return values[t].view(-1, *([1] * (like.ndim - 1)))
+        """table[name][t] as (B, 1, 1, 1) in ``like``'s dtype and device."""
+        return self._table_as(name, like.device, like.dtype)[t].view(-1, *([1] * (like.ndim - 1)))
 
     def _timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The network's timesteps (B,) for respaced indices t (B,): original ones (long), or
         with ``rescale_timesteps`` those times 1000 / original_num_steps (float32)."""
-        key = ("timestep_map", t.device, torch.long)
-        table = self._cache.get(key)
-        if table is None:
-            table = self._cache[key] = self.timestep_map.to(t.device)
-        if self.rescale_timesteps:
-            return table[t].float() * (1000.0 / self.original_num_steps)
-        return table[t]
+        steps = self._table_as("timestep_map", t.device, torch.long)[t]
+        return steps.float() * (1000.0 / self.original_num_steps) if self.rescale_timesteps else steps
 
-    # ----- forward process -------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4)."""
         return (
@@ -164,38 +134,8 @@ class GaussianDiffusion:
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
         """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
-        return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
-            "sqrt_recipm1_alphas_cumprod", t, x_t
-        )
-
-    # ----- reverse process -------------------------------------------------------------
-    def _split_output(self, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        channels = x.shape[1]
-        if self.variance == "learned_range":
-            if out.shape[1] != 2 * channels:
-                raise ValueError(
-                    f"learned-range variance needs {2 * channels} output channels, the network gave "
-                    f"{out.shape[1]} (learn_sigma mismatch between model and diffusion config?)"
-                )
-            return out[:, :channels], out[:, channels:]
-        if out.shape[1] != channels:
-            raise ValueError(
-                f"fixed variance needs {channels} output channels, the network gave {out.shape[1]} "
-                "(set learn_sigma: true in the diffusion config for this model)"
-            )
-        return out, None
-
-    def _log_variance(self, v: torch.Tensor | None, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.variance == "learned_range":
-            assert v is not None
-            min_log = self._coef("posterior_log_variance_clipped", t, x)
-            max_log = self._coef("log_betas", t, x)
-            frac = (v + 1) / 2  # v in [-1, 1] interpolates log beta~_t .. log beta_t
-            return frac * max_log + (1 - frac) * min_log
-        name = (
-            "posterior_log_variance_clipped" if self.variance == "fixed_small" else "fixed_large_log_variance"
-        )
-        return self._coef(name, t, x).expand_as(x)
+        numerator = self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
+        return numerator / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     def p_mean_variance_from_output(
         self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
@@ -204,8 +144,25 @@ class GaussianDiffusion:
 
         Returns mean, variance, log_variance, pred_xstart and eps, each (B, C, H, W).
         """
-        head, v = self._split_output(out.to(x.dtype), x)  # head: eps, or x_0 (predict_xstart)
-        log_variance = self._log_variance(v, t, x)
+        out, channels = out.to(x.dtype), x.shape[1]
+        expected = 2 * channels if self.variance == "learned_range" else channels
+        if out.shape[1] != expected:
+            raise ValueError(
+                f"{self.variance} variance needs {expected} output channels, the network gave {out.shape[1]}: "
+                "learn_sigma of the model and of the diffusion config must agree"
+            )
+        head = out[:, :channels]  # eps, or x_0 (predict_xstart)
+        if self.variance == "learned_range":  # v in [-1, 1] interpolates log beta~_t .. log beta_t
+            frac = (out[:, channels:] + 1) / 2
+            min_log = self._coef("posterior_log_variance_clipped", t, x)
+            log_variance = frac * self._coef("log_betas", t, x) + (1 - frac) * min_log
+        else:
+            fixed = (
+                "posterior_log_variance_clipped"
+                if self.variance == "fixed_small"
+                else "fixed_large_log_variance"
+            )
+            log_variance = self._coef(fixed, t, x).expand_as(x)
         pred_xstart = head if self.predict_xstart else self.predict_xstart_from_eps(x, t, head)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -231,7 +188,6 @@ class GaussianDiffusion:
         out = net(x, self._timesteps(t), **(model_kwargs or {}))
         return self.p_mean_variance_from_output(out, x, t, clip_denoised)
 
-    # ----- training ----------------------------------------------------------------------
     def _vb_terms_bpd(
         self, out: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
@@ -250,13 +206,10 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-example losses (B,) for x_0 (B, C, H, W) at indices t (B,).
-
-        Returns "loss" and, as applicable, "mse" (eps-MSE, or x_0-MSE with predict_xstart;
-        P2-weighted when p2_gamma > 0) and
-        "vb" (the variational term with the mean's gradient stopped, so it only trains the
-        variance; Nichol & Dhariwal's hybrid objective ``loss = mse + vb``).
-        """
+        """Per-example losses (B,) for x_0 (B, C, H, W) at indices t (B,): "loss" and, as applicable,
+        "mse" (eps-MSE, or x_0-MSE with predict_xstart; P2-weighted when p2_gamma > 0) and "vb" (the
+        variational term with the mean's gradient stopped, so it trains only the variance; Nichol &
+        Dhariwal's hybrid objective ``loss = mse + vb``)."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
         out = net(x_t, self._timesteps(t), **(model_kwargs or {})).to(x_start.dtype)
@@ -288,19 +241,9 @@ def create_diffusion(config: DiffusionConfig, respacing: str | None = None) -> G
     kept = space_timesteps(config.steps, spec)
     if len(kept) != config.steps:
         betas = respace_betas(torch.cumprod(1.0 - betas, dim=0), kept)
-    if config.learn_sigma:
-        variance = "learned_range"
-    else:
-        variance = "fixed_small" if config.sigma_small else "fixed_large"
-    diffusion = GaussianDiffusion(
-        betas,
-        timestep_map=kept,
-        variance=variance,
-        use_kl=config.use_kl,
-        rescale_learned_sigmas=config.rescale_learned_sigmas,
-        p2_gamma=config.p2_gamma,
-        p2_k=config.p2_k,
-        original_num_steps=config.steps,
-    )
+    fixed = "fixed_small" if config.sigma_small else "fixed_large"
+    options = {k: getattr(config, k) for k in ("use_kl", "rescale_learned_sigmas", "p2_gamma", "p2_k")}
+    options.update(timestep_map=kept, original_num_steps=config.steps)
+    diffusion = GaussianDiffusion(betas, variance="learned_range" if config.learn_sigma else fixed, **options)
     diffusion.predict_xstart, diffusion.rescale_timesteps = config.predict_xstart, config.rescale_timesteps
     return diffusion

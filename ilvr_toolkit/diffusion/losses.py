@@ -1,12 +1,8 @@
 """Gaussian KL and the discretised decoder likelihood used by the variational bound."""
 
-from __future__ import annotations
-
 import math
 
 import torch
-
-__all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "mean_flat"]
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,11 @@
-"""Explicit sources of Gaussian noise for the samplers.
-
-A sampler never calls ``torch.randn`` itself: every draw (x_T, the noise of each step, the
-noise a hook uses to diffuse its reference) comes from a ``NoiseSource``, so a run can be
-replayed draw for draw, or seeded per image so that an image does not depend on the batch
-it was computed in.
-"""
-
-from __future__ import annotations
+"""Explicit sources of Gaussian noise: a sampler never calls ``torch.randn`` itself; every draw (x_T,
+each step's noise, a hook's) comes from a ``NoiseSource``, so a run can be replayed draw for draw, or
+seeded per image so that an image does not depend on the batch it was computed in."""
 
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
-
-__all__ = ["NoiseSource", "GeneratorNoise", "PerImageNoise", "ReplayNoise"]
 
 
 @runtime_checkable
@@ -35,11 +27,8 @@ class GeneratorNoise:
 
 
 class PerImageNoise:
-    """One generator per image: row b of every draw comes from ``generators[b]`` alone.
-
-    An image then receives the same noise whatever else is in its batch (batch size, number
-    of processes, resumed runs). Generators may live on the sampling device.
-    """
+    """One generator per image: row b of every draw comes from ``generators[b]`` alone, whatever else
+    is in the batch (batch size, number of processes, resumes). Generators may live on the device."""
 
     def __init__(self, generators: Sequence[torch.Generator]) -> None:
         self.generators = list(generators)
@@ -55,8 +44,7 @@ class ReplayNoise:
     """Feeds recorded tensors back in the order they were drawn (for fixture tests)."""
 
     def __init__(self, draws: Sequence[torch.Tensor]) -> None:
-        self.draws = list(draws)
-        self.position = 0
+        self.draws, self.position = list(draws), 0
 
     def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self.position >= len(self.draws):

@@ -7,11 +7,7 @@ beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}; the network always receives the orig
 timesteps (``timestep_map``).
 """
 
-from __future__ import annotations
-
 import torch
-
-__all__ = ["space_timesteps", "respace_betas"]
 
 
 def _ddim_stride_steps(num_steps: int, desired: int) -> list[int]:

@@ -1,13 +1,9 @@
 """Beta schedules, float64, defined exactly as guided-diffusion defines them."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 
 import torch
-
-__all__ = ["get_named_beta_schedule", "betas_for_alpha_bar"]
 
 
 def betas_for_alpha_bar(

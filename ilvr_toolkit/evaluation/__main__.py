@@ -9,18 +9,17 @@ from ..cli import UsageError, make_parser, parse_options, run_command, setup_log
 from .api import EvalSettings, evaluate_translation, format_table, write_metrics
 
 PROG = "python -m ilvr_toolkit.evaluation"
-_PATHS = {
-    "outputs": "the translated images: a folder",
-    "target": "FID/KID against: a folder or an LMDB",
-    "references": "SSIM/PSNR/L2 against these sources (output <stem>_s<k> pairs with <stem>)",
-    "metrics_json": "where to write the metrics (JSON)",
-}
 
 
 def build_parser() -> ArgumentParser:
     parser = make_parser(PROG, "FID/KID (reference TF-FID settings, offline) and SSIM/PSNR/L2 of image sets.")
-    for name, what in _PATHS.items():
-        parser.add_argument(f"--{name}", type=str | None, default=None, help=what)
+    path = {"type": str | None, "default": None}
+    parser.add_argument("--outputs", **path, help="the translated images: a folder")
+    parser.add_argument("--target", **path, help="FID/KID against: a folder or an LMDB")
+    parser.add_argument(
+        "--references", **path, help="SSIM/PSNR/L2 against these (output <stem>_s<k> pairs with <stem>)"
+    )
+    parser.add_argument("--metrics_json", **path, help="where to write the metrics (JSON)")
     parser.add_class_arguments(EvalSettings, nested_key=None, as_group=False)
     return parser
 

@@ -3,22 +3,22 @@
 import json
 import os
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..fileio import atomic_write_bytes
 from ..runtime import resolve_device
 from .faithfulness import FaithfulnessMetrics
-from .fid import InceptionMetrics
+from .fid import inception_scores
 from .inception import InceptionFeatureExtractor, as_uint8
-from .stats import EvalSettings, ImageSet, Source, batches_of, cached_reference_stats, rank_world
+from .stats import EvalSettings, ImageSet, Source, cached_reference_stats, image_set_stats, rank_world
 
-PairSource = tuple["str | os.PathLike | torch.Tensor", torch.Tensor]  # (output, reference (3, H, W))
+PairSource = tuple[str | os.PathLike | torch.Tensor, torch.Tensor]  # (output, reference (3, H, W))
 
 
 def pair_by_name(output_names: Sequence[str], reference_names: Sequence[str]) -> list[tuple[int, int]]:
@@ -45,28 +45,23 @@ def evaluate_translation(
     """Metrics of the ``outputs`` (folder or image files): ``fid``, ``kid_mean``, ``kid_std`` against
     ``target`` (folder or LMDB); ``ssim``, ``psnr``, ``l2`` (``*_lowpass`` with ``factor``) against
     ``references`` (output ``<stem>_s<k>`` pairs with ``<stem>``) or ``pairs`` (output path or image,
-    reference image); counts, timings. ``options`` override fields of ``settings``. Under
+    reference image); counts. ``options`` override fields of ``settings``. Under
     torch.distributed every process calls it (each reads a shard) and gets the result."""
     s = replace(settings or EvalSettings(), **options)
     if outputs is None and (pairs is None or target is not None or references is not None):
         raise ValueError("give outputs (a folder or a list of files), or pairs alone")
     if target is None and references is None and pairs is None:
         raise ValueError("give a target (FID/KID) and/or references or pairs (SSIM/PSNR/L2)")
-    output_set = ImageSet(outputs, s.image_size) if outputs is not None else None
-    first = _image(pairs[0][0], None) if output_set is None else None  # pairs alone: the first one's size
-    size = output_set.image_size if output_set is not None else s.image_size or first.shape[-1]
+    out_set = ImageSet(outputs, s.image_size) if outputs is not None else None
+    size = out_set.image_size if out_set is not None else s.image_size or _image(pairs[0][0], None).shape[-1]
     s = replace(s, image_size=int(size), device=str(resolve_device(s.device)))
-    result, seconds = {"image_size": s.image_size, "num_outputs": len(output_set or [])}, {}
+    result = {"image_size": s.image_size, "num_outputs": len(out_set or [])}
     if target is not None:
-        start = time.perf_counter()
         extractor = extractor or InceptionFeatureExtractor(s.inception_weights).to(s.device)
-        seconds["load_inception"] = time.perf_counter() - start
-        result.update(_inception_metrics(output_set, target, extractor, s, seconds))
+        result.update(_inception_metrics(out_set, target, extractor, s))
     if references is not None or pairs is not None:
-        start = time.perf_counter()
-        result.update(_faithfulness(output_set, references, pairs, s))
-        seconds["faithfulness"] = time.perf_counter() - start
-    return {**result, "seconds": seconds}
+        result.update(_faithfulness(out_set, references, pairs, s))
+    return result
 
 
 def _image(image: str | os.PathLike | torch.Tensor, image_size: int | None) -> torch.Tensor:
@@ -92,23 +87,17 @@ def _faithfulness(
 
 
 def _inception_metrics(
-    outputs: ImageSet, target: str, extractor: InceptionFeatureExtractor, s: EvalSettings, seconds: dict
+    outputs: ImageSet, target: str, extractor: InceptionFeatureExtractor, s: EvalSettings
 ) -> dict[str, Any]:
-    start = time.perf_counter()
-    stats, info = cached_reference_stats(target, extractor, s)
-    seconds["target_stats"], start = time.perf_counter() - start, time.perf_counter()
-    metrics = InceptionMetrics(
-        s.kid, s.device, subsets=s.kid_subsets, subset_size=s.kid_subset_size, seed=s.seed
-    )
-    if rank_world()[0] == 0:  # cached real statistics enter the metric once, not once per process
-        metrics.load_real(stats)
-    for batch in batches_of(outputs, s.batch_size, s.workers):
-        metrics.update(extractor(batch), real=False)
-    seconds["output_features"], start = time.perf_counter() - start, time.perf_counter()
+    real, info = cached_reference_stats(target, extractor, s)  # on rank 0 (else None)
+    fake = image_set_stats(outputs, extractor, s)  # on every rank
+    kid = {"subsets": s.kid_subsets, "subset_size": s.kid_subset_size, "seed": s.seed}
+    scores = [inception_scores(real, fake, **kid) if real is not None else None]
+    if rank_world()[1] > 1:
+        dist.broadcast_object_list(scores, src=0)
     result = {"target": os.fspath(target), "target_stats": info.path, "target_stats_cache_hit": info.hit}
     result.update({} if info.hit else {"target_stats_reason": info.reason})
-    result.update(num_target=info.meta["count"], **metrics.compute())
-    seconds["fid_kid"] = time.perf_counter() - start
+    result.update(num_target=info.meta["count"], **scores[0])
     result.update({"kid_subsets": s.kid_subsets} if s.kid else {})
     return {**result, "inception_sha256": extractor.sha256, "inception_official": extractor.official}
 
@@ -121,8 +110,8 @@ def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     return Path(path)
 
 
-_ROWS = {"fid": "FID", "kid_mean": "KID x 1e3", "ssim": "SSIM", "psnr": "PSNR (dB)", "l2": "L2",
-         "ssim_lowpass": "SSIM low-pass", "psnr_lowpass": "PSNR low-pass (dB)"}  # fmt: skip
+_ROWS = dict(fid="FID", kid_mean="KID x 1e3", ssim="SSIM", psnr="PSNR (dB)", l2="L2")
+_ROWS.update(ssim_lowpass="SSIM low-pass", psnr_lowpass="PSNR low-pass (dB)")  # in this order
 
 
 def format_table(metrics: dict[str, Any], published: dict[str, Any] | None = None) -> str:

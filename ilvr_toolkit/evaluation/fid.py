@@ -1,13 +1,15 @@
-"""FID and KID: torchmetrics' metrics (states, DDP sync) fed features extracted once per batch (an
-identity ``feature=Module``: one Inception pass for both, no 95 MB network inside). Each subclass
-replaces ``compute`` only. FID: torchmetrics sums sqrt(eigvals(sigma1 @ sigma2)) over all 2048
-eigenvalues; with n < 2048 images the zero ones come back as round-off: measured on 2 CPU cores,
-FID(x, x) of 8 images = -4.5e-4 in 81 s, ours 1.7e-13 in 0.2 s. KID: torchmetrics draws subsets
-from the global RNG in gather order (the value changes with the number of processes) and refuses
-sets smaller than ``subset_size``; ours is seeded, order-free, shrinks the subset, and evaluates
-the kernel once. :class:`InceptionMetrics` is a plain object: keep it out of a LightningModule."""
+"""FID and KID, NVlabs/edm style: an image set's :class:`FeatureStats` (mean, covariance, float64), a
+Frechet distance of two of them, a KID of two feature sets. torchmetrics' FID/KID metrics gather the
+features (states, DDP sync; an identity ``feature=Module``: one Inception pass for both, no 95 MB
+network inside); their ``compute`` is not used. FID: torchmetrics sums sqrt(eigvals(sigma1 @ sigma2))
+over all 2048 eigenvalues; with n < 2048 images the zero ones come back as round-off: measured on 2
+CPU cores, FID(x, x) of 8 images = -4.5e-4 in 81 s, ours 1.7e-13 in 0.2 s. KID: torchmetrics draws
+subsets from the global RNG in gather order (the value changes with the number of processes) and
+refuses sets smaller than ``subset_size``; ours is seeded, order-free, shrinks the subset, and
+evaluates the kernel once."""
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +57,10 @@ class FeatureStats:  # one image set's mean (D,), covariance (D, D), count; floa
     count: int
     features: torch.Tensor | None = None
 
+    def to(self, device: torch.device | str) -> "FeatureStats":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return FeatureStats(move(self.mean), move(self.cov), self.count, move(self.features))
+
     def frechet_distance(self, other: "FeatureStats") -> float:
         a, b = (self, other) if self.count <= other.count else (other, self)
         return frechet_distance(a.mean, a.cov, b.mean, b.cov)
@@ -67,90 +73,60 @@ class _Given(nn.Module):  # identity 'feature network': the metrics receive extr
         return features.double()
 
 
-class FrechetDistance64(FrechetInceptionDistance):
-    """torchmetrics FID on given features; ``compute`` in float64 with :func:`frechet_distance`."""
-
-    def __init__(self, **kwargs):
-        super().__init__(feature=_Given(), reset_real_features=False, **kwargs)
-
-    def stats(self, real: bool) -> FeatureStats:  # from torchmetrics' states: sum, sum of x x^T, count
-        prefix = "real" if real else "fake"
-        n = int(getattr(self, f"{prefix}_features_num_samples"))
+def gather_stats(
+    batches: Iterable[Tensor], kid: bool, sync: bool, device: torch.device | str
+) -> FeatureStats:
+    """:class:`FeatureStats` of feature batches (B, D), with the features (sorted by row sum: not in
+    gather order) if ``kid``; with ``sync``, of every process's batches (all must call)."""
+    fid = FrechetInceptionDistance(_Given(), reset_real_features=False).to(device)
+    with warnings.catch_warnings():  # "KID keeps all features in memory": known, and wanted
+        warnings.simplefilter("ignore", UserWarning)
+        kids = [KernelInceptionDistance(_Given(), reset_real_features=False).to(device)] if kid else []
+    for features in batches:
+        for metric in (fid, *kids):
+            metric.update(features.to(device, torch.float64), real=True)
+    with fid.sync_context(should_sync=sync, distributed_available=lambda: sync):  # states: sums
+        n = int(fid.real_features_num_samples)
         if n < 2:
-            raise RuntimeError(f"FID needs at least 2 {prefix} images, got {n}")
-        mean, outer = getattr(self, f"{prefix}_features_sum") / n, getattr(self, f"{prefix}_features_cov_sum")
-        return FeatureStats(mean, (outer - n * torch.outer(mean, mean)) / (n - 1), n)
-
-    def compute(self) -> torch.Tensor:  # after torchmetrics has summed the states over processes
-        return torch.tensor(self.stats(True).frechet_distance(self.stats(False)), dtype=torch.float64)
-
-    def load_real(self, stats: FeatureStats) -> None:
-        """Real states from cached statistics, before any ``update`` (any n >= 2 gives them back)."""
-        mean, n = stats.mean.to(self.device, torch.float64), max(int(stats.count), 2)
-        self.real_features_sum = mean * n
-        self.real_features_cov_sum = stats.cov.to(mean) * (n - 1) + n * torch.outer(mean, mean)
-        self.real_features_num_samples = torch.tensor(n, device=self.device)
+            raise RuntimeError(f"FID needs at least 2 images, got {n}")
+        mean = fid.real_features_sum / n
+        stats = FeatureStats(mean, (fid.real_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1), n)
+    for metric in kids:  # one state per process: torchmetrics gathers list states item by item
+        parts = metric.real_features or [torch.zeros(0, NUM_FEATURES, device=device, dtype=torch.float64)]
+        metric.real_features = [torch.cat(parts)]
+        with metric.sync_context(should_sync=sync, distributed_available=lambda: sync):
+            x = torch.cat(list(metric.real_features))
+            stats.features = x[torch.argsort(x.sum(dim=1), stable=True)]
+    return stats
 
 
-class KernelDistance(KernelInceptionDistance):
-    """torchmetrics KID on given features; ``compute`` seeded and independent of the gather order."""
-
-    def __init__(self, subsets: int = 100, subset_size: int = 1000, seed: int = 0):  # torch-fidelity's
-        with warnings.catch_warnings():  # "KID keeps all features in memory": known, and wanted
-            warnings.simplefilter("ignore", UserWarning)
-            super().__init__(_Given(), subsets, subset_size, reset_real_features=False)
-        self.seed, self.last_subset_size = seed, 0
-
-    def features(self, real: bool) -> torch.Tensor:  # (n, D) float64 sorted by sum: not in gather order
-        parts = self.real_features if real else self.fake_features
-        x = torch.cat(list(parts)) if len(parts) else torch.zeros(0, NUM_FEATURES, device=self.device)
-        return x.double()[torch.argsort(x.sum(dim=1), stable=True)]
-
-    def one_state_per_process(self) -> None:  # torchmetrics gathers list states item by item
-        self.real_features, self.fake_features = [self.features(True)], [self.features(False)]
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        real, fake = self.features(True), self.features(False)
-        m = self.last_subset_size = min(self.subset_size, len(real), len(fake))  # FID checked n >= 2
-        kernel = lambda a, b: poly_kernel(a, b, self.degree, self.gamma, self.coef)  # noqa: E731
-        full = max(len(real), len(fake)) <= 8192  # the kernels of all pairs once; else per subset (memory)
+def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0):
+    """KID of features (n, D): the mean and std of the polynomial-kernel MMD^2 over ``subsets`` seeded
+    random subsets (torch-fidelity's defaults) of m = min(subset_size, both n) each; returns (mean, std, m)."""
+    real, fake = (x.double()[torch.argsort(x.sum(dim=1), stable=True)] for x in (real, fake))
+    m = min(subset_size, len(real), len(fake))
+    full = max(len(real), len(fake)) <= 8192  # the kernels of all pairs once; else per subset (memory)
+    if full:
+        k_rr, k_ff, k_rf = poly_kernel(real, real), poly_kernel(fake, fake), poly_kernel(real, fake)
+    generator, scores = torch.Generator().manual_seed(seed), []
+    for _ in range(subsets):
+        r = torch.randperm(len(real), generator=generator)[:m].to(real.device)
+        f = torch.randperm(len(fake), generator=generator)[:m].to(real.device)
         if full:
-            k_rr, k_ff, k_rf = kernel(real, real), kernel(fake, fake), kernel(real, fake)
-        generator, scores = torch.Generator().manual_seed(self.seed), []
-        for _ in range(self.subsets):
-            r = torch.randperm(len(real), generator=generator)[:m].to(real.device)
-            f = torch.randperm(len(fake), generator=generator)[:m].to(real.device)
-            if full:
-                scores.append(maximum_mean_discrepancy(k_rr[r][:, r], k_rf[r][:, f], k_ff[f][:, f]))
-            else:
-                x, y = real[r], fake[f]
-                scores.append(maximum_mean_discrepancy(kernel(x, x), kernel(x, y), kernel(y, y)))
-        kid = torch.stack(scores)
-        return kid.mean(), kid.std(unbiased=False)
+            scores.append(maximum_mean_discrepancy(k_rr[r][:, r], k_rf[r][:, f], k_ff[f][:, f]))
+        else:
+            x, y = real[r], fake[f]
+            scores.append(maximum_mean_discrepancy(poly_kernel(x, x), poly_kernel(x, y), poly_kernel(y, y)))
+    kid = torch.stack(scores)
+    return float(kid.mean()), float(kid.std(unbiased=False)), m
 
 
-class InceptionMetrics:
-    """FID (+ KID) of generated ('fake') features against real ones; under torch.distributed each process
-    updates with its shard, ``compute`` gathers; cached real statistics go to one process only."""
-
-    def __init__(self, kid: bool = True, device: torch.device | str = "cpu", **kid_options):
-        self.device = torch.device(device)
-        self.fid = FrechetDistance64().to(self.device)
-        self.kid = KernelDistance(**kid_options).to(self.device) if kid else None
-
-    def update(self, features: torch.Tensor, real: bool) -> None:  # features (B, 2048)
-        for metric in [self.fid] + ([self.kid] if self.kid is not None else []):
-            metric.update(features.to(self.device, torch.float64), real=real)
-
-    def load_real(self, stats: FeatureStats) -> None:  # cached statistics: on one process only under DDP
-        self.fid.load_real(stats)
-        if self.kid is not None:  # the cache keeps the features whenever KID is wanted
-            self.kid.real_features = [stats.features.to(self.device, torch.float64)]
-
-    def compute(self) -> dict[str, float]:
-        out = {"fid": float(self.fid.compute())}
-        if self.kid is not None:
-            self.kid.one_state_per_process()
-            mean, std = self.kid.compute()
-            out.update(kid_mean=float(mean), kid_std=float(std), kid_subset_size=self.kid.last_subset_size)
-        return out
+def inception_scores(real: FeatureStats, fake: FeatureStats, **kid_options) -> dict[str, float]:
+    """``fid`` and, when both carry features, ``kid_mean``, ``kid_std``, ``kid_subset_size``
+    (``kid_options``: :func:`kernel_distance`'s ``subsets``, ``subset_size``, ``seed``)."""
+    real = real.to(fake.mean.device)
+    out = {"fid": real.frechet_distance(fake)}
+    if real.features is not None and fake.features is not None:
+        kid = kernel_distance(real.features, fake.features, **kid_options)
+        out.update(zip(("kid_mean", "kid_std", "kid_subset_size"), kid, strict=True))
+    return out

@@ -57,7 +57,7 @@ class InceptionFeatureExtractor(nn.Module):
         self.official = self.sha256.startswith(WEIGHTS_SHA256_PREFIX)
         if weights_path is None and not self.official:
             raise ValueError(
-                f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: fetch it again"
+                f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: get it again"
             )
         try:  # torch-fidelity loads with weights_only=False: check these bytes with the safe loader first
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -75,32 +75,3 @@ class InceptionFeatureExtractor(nn.Module):
         device = next(self.parameters()).device
         with torch.autocast(device_type=device.type, enabled=False):  # the reference FID is float32
             return self.net(x.to(device)).double()
-
-
-def write_random_inception_weights(path: str | os.PathLike, seed: int = 0, gain: float = 10.0) -> Path:
-    """Random Inception-v3 weights (He-normal convs, a gain on the last block so that FIDs are
-    O(1..100) as with the real ones): the real code path, meaningless values; tests and timing."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Layout(FeatureExtractorInceptionV3):  # torch-fidelity's layers, its weights not loaded
-        def load_state_dict(self, *args, **kwargs):
-            pass
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    net = Layout("inception-v3-compat", ["2048"], feature_extractor_weights_path=io.BytesIO(empty.getvalue()))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.Conv2d):  # He init keeps activations O(1) through ~50 ReLUs
-                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=generator)
-        for name, block in net.Mixed_7c.named_children():  # relu(g x) = g relu(x): the real features' spread
-            if not name.endswith(("_1", "dbl_2")):  # the block's outputs, not its inner convolutions
-                block.bn.weight.fill_(gain)
-        net.fc.weight.normal_(0.0, 2048**-0.5, generator=generator)  # unused by FID/KID
-        net.fc.bias.zero_()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path.with_name(path.name + ".tmp"))
-    os.replace(path.with_name(path.name + ".tmp"), path)
-    return path

@@ -21,7 +21,7 @@ from ..data.files import list_image_files
 from ..data.lmdb_format import read_info
 from ..data.references import ReferenceSet, load_reference
 from ..fileio import atomic_open
-from .fid import FeatureStats, InceptionMetrics
+from .fid import FeatureStats, gather_stats
 from .inception import InceptionFeatureExtractor
 
 Source = str | os.PathLike | Sequence[str | os.PathLike]
@@ -134,10 +134,8 @@ def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict[str, Any]]:
     """Read a statistics file written by :func:`save_stats`."""
     with np.load(path, allow_pickle=False) as z:
         features = torch.from_numpy(z["features"]).double() if "features" in z else None
-        stats = FeatureStats(
-            torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"]), int(z["count"]), features
-        )
-        return stats, json.loads(str(z["meta"]))
+        mu, sigma = torch.from_numpy(z["mu"]), torch.from_numpy(z["sigma"])
+        return FeatureStats(mu, sigma, int(z["count"]), features), json.loads(str(z["meta"]))
 
 
 def compute_image_set_stats(
@@ -148,24 +146,19 @@ def compute_image_set_stats(
 ) -> FeatureStats:
     """Statistics of image batches (B, 3, H, W), uint8 or float in [-1, 1]; under torch.distributed
     (and ``distributed``), of every process's batches: gathered by torchmetrics' sync, all must call."""
-    sync = distributed and rank_world()[1] > 1
-    metrics = InceptionMetrics(kid, next(extractor.parameters()).device)
-    for batch in batches:
-        metrics.update(extractor(batch), real=True)
-    with metrics.fid.sync_context(should_sync=sync, distributed_available=lambda: sync):
-        stats = metrics.fid.stats(real=True)
-    if metrics.kid is not None:
-        metrics.kid.one_state_per_process()
-        with metrics.kid.sync_context(should_sync=sync, distributed_available=lambda: sync):
-            stats.features = metrics.kid.features(real=True)
-    return stats
+    device, sync = next(extractor.parameters()).device, distributed and rank_world()[1] > 1
+    return gather_stats(map(extractor, batches), kid, sync, device)
+
+
+def image_set_stats(images: ImageSet, extractor: InceptionFeatureExtractor, s: EvalSettings) -> FeatureStats:
+    """:func:`compute_image_set_stats` of ``images`` with ``s.batch_size``, ``s.workers``, ``s.kid``."""
+    return compute_image_set_stats(batches_of(images, s.batch_size, s.workers), extractor, s.kid)
 
 
 @dataclass
 class StatsCacheInfo:  # how the reference statistics were obtained (reported in metrics.json)
     path: str
     hit: bool
-    seconds: float
     reason: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -190,7 +183,7 @@ def cached_reference_stats(
     torch.distributed every process calls: rank 0 decides hit or miss, on a miss all compute a
     shard and rank 0 writes the file; the statistics are returned on rank 0 (else ``None``).
     Uses ``image_size``, ``cache_dir``, ``batch_size``, ``workers``, ``kid`` (keep the features)."""
-    s, (rank, world), start = replace(s or EvalSettings(), **options), rank_world(), time.perf_counter()
+    s, (rank, world) = replace(s or EvalSettings(), **options), rank_world()
     images = source if isinstance(source, ImageSet) else ImageSet(source, s.image_size)
     identity = images.identity()
     key = hashlib.sha256(json.dumps([identity, images.image_size, extractor.sha256]).encode()).hexdigest()
@@ -203,10 +196,10 @@ def cached_reference_stats(
     if world > 1:
         dist.broadcast_object_list(hit, src=0)
     if not hit[0]:
-        stats = compute_image_set_stats(batches_of(images, s.batch_size, s.workers), extractor, s.kid)
+        stats = image_set_stats(images, extractor, s)
         if rank == 0:
             save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if world > 1:
             dist.barrier()
-    info = StatsCacheInfo(str(path), hit[0], time.perf_counter() - start, reason, meta)
+    info = StatsCacheInfo(str(path), hit[0], reason, meta)
     return (stats if rank == 0 else None), info

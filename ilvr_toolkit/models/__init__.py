@@ -14,22 +14,7 @@ from .checkpoint import (
 from .config import PRESET_FLAGS, PRESETS, RELEASED_CHECKPOINTS, UNetConfig, get_preset
 from .unet import UNetModel, build_unet
 
-__all__ = [
-    "PRESET_FLAGS",
-    "PRESETS",
-    "RELEASED_CHECKPOINTS",
-    "CheckpointError",
-    "LoadedModel",
-    "UNetConfig",
-    "UNetModel",
-    "build_unet",
-    "check_state_dict",
-    "diffusion_settings",
-    "get_preset",
-    "load_model",
-    "load_state_dict_file",
-    "parse_flags",
-    "save_model_file",
-    "save_plain_state_dict",
-    "sha256_file",
-]
+__all__ = ["diffusion_settings", "parse_flags", "CheckpointError", "LoadedModel", "check_state_dict"]
+__all__ += ["load_model", "load_state_dict_file", "save_model_file", "save_plain_state_dict", "sha256_file"]
+__all__ += ["PRESET_FLAGS", "PRESETS", "RELEASED_CHECKPOINTS", "UNetConfig", "get_preset", "UNetModel"]
+__all__ += ["build_unet"]

@@ -1,15 +1,7 @@
-"""Architecture settings of the ADM UNet (guided-diffusion lineage) and named presets.
-
-A :class:`UNetConfig` holds everything needed to rebuild a network whose state dict has
-guided-diffusion's key names and shapes, so a checkpoint that stores the config (ours) or a
-preset name (the official plain state dicts) loads without re-typing flags.
-
-Settings that never change the state dict (``use_checkpoint``, ``attention_backend``,
-``native_groupnorm``, ``dropout``) are *runtime* settings: two configs that differ only there describe the same
-weights (see :meth:`UNetConfig.architecture`).
-"""
-
-from __future__ import annotations
+"""Architecture settings of the ADM UNet (guided-diffusion's names) and named presets, so a checkpoint
+that stores its config (ours) or a preset name (the official plain state dicts) loads without
+re-typing flags. *Runtime* settings (``dropout``, ``use_checkpoint``, ``attention_backend``,
+``native_groupnorm``) never change the weights (:meth:`UNetConfig.architecture` leaves them out)."""
 
 import dataclasses
 import os
@@ -17,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..flags import parse_numbers, resolve_flags
+from ..flags import checked_fields, parse_numbers, resolve_flags
 
 #: guided-diffusion's channel multipliers when ``channel_mult`` is left empty.
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -61,18 +53,16 @@ class UNetConfig:
     native_groupnorm: bool = field(default=False, metadata=_RUNTIME)
 
     def __post_init__(self) -> None:
-        mult = parse_numbers(self.channel_mult, "channel_mult")
+        mult = parse_numbers(self.channel_mult, "channel_mult") or DEFAULT_CHANNEL_MULT.get(self.image_size)
         if not mult:
-            if self.image_size not in DEFAULT_CHANNEL_MULT:
-                raise ValueError(
-                    f"no default channel_mult for image_size {self.image_size} "
-                    f"(defaults exist for {sorted(DEFAULT_CHANNEL_MULT)}); set channel_mult"
-                )
-            mult = DEFAULT_CHANNEL_MULT[self.image_size]
-        object.__setattr__(self, "channel_mult", mult)
+            defaults = sorted(DEFAULT_CHANNEL_MULT)
+            raise ValueError(
+                f"no default channel_mult for image_size {self.image_size} (only {defaults}); set it"
+            )
         attn = tuple(int(r) for r in parse_numbers(self.attention_resolutions, "attention_resolutions"))
+        object.__setattr__(self, "channel_mult", mult)
         object.__setattr__(self, "attention_resolutions", attn)
-        levels = len(self.channel_mult)
+        levels = len(mult)
         if self.image_size % 2 ** (levels - 1):
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by 2**{levels - 1} (channel_mult has {levels} levels)"
@@ -86,10 +76,9 @@ class UNetConfig:
             raise ValueError("num_classes must be a positive int or None")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, not {self.attention_backend!r}"
             )
 
-    # ----------------------------------------------------------------- derived values
     @property
     def out_channels(self) -> int:
         """3 (eps) or 6 (eps, then the variance interpolation value v) with ``learn_sigma``."""
@@ -104,30 +93,20 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.num_channels
 
-    # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON/YAML friendly) dict; :meth:`from_dict` inverts it."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(d))
+    def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
+        return cls(**checked_fields(cls, d, "UNetConfig"))
 
     @classmethod
-    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> UNetConfig:
-        """Build from guided-diffusion flags: a README string (``"--image_size 64 ..."``, see
-        :func:`~ilvr_toolkit.models.parse_flags`) or a dict of them.
-
-        Flags left out take the scripts' defaults; diffusion and sampling flags are ignored.
-        ``class_cond True`` means 1000 classes as in the scripts. ``use_fp16`` is ignored too:
-        the released files store float32 weights (the official scripts make their fp16 copy
-        in memory only), so the network is built in float32 and runs under the precision
-        chosen at sampling time (``--precision``).
-        """
+    def from_guided_diffusion_flags(cls, flags: str | Mapping[str, Any]) -> "UNetConfig":
+        """From guided-diffusion flags: a README string (``"--image_size 64 ..."``, see
+        :func:`~ilvr_toolkit.models.parse_flags`) or a dict. Flags left out take the scripts'
+        defaults; ``class_cond True`` means 1000 classes. Diffusion, sampling and ``use_fp16`` flags
+        are ignored (the released files store float32 weights; precision is chosen at sampling)."""
         given = resolve_flags(flags)  # every flag; those named like a field set that field
         same = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
         return cls(**same, num_classes=1000 if given["class_cond"] else None)
@@ -137,12 +116,11 @@ class UNetConfig:
         runtime = {f.name for f in dataclasses.fields(self) if f.metadata.get("runtime")}
         return {k: v for k, v in self.to_dict().items() if k not in runtime}
 
-    def replace(self, **changes: Any) -> UNetConfig:
+    def replace(self, **changes: Any) -> "UNetConfig":
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
 
-# --------------------------------------------------------------------------- presets
 # Every preset is the flag string of its README, so nobody re-types flags; the diffusion of a
 # plain released file comes from the same string (checkpoint.load_model).
 _ADM256_NAMES = ("ffhq", "afhq_dog", "metfaces", "celebahq", "cub", "flowers")
@@ -200,7 +178,7 @@ RELEASED_CHECKPOINTS: dict[str, str] = {
 }
 
 
-def get_preset(name: str) -> UNetConfig:
+def get_preset(name: str) -> "UNetConfig":
     """The preset config called ``name`` (configs are frozen, so sharing is safe)."""
     if name not in PRESETS:
         raise KeyError(f"unknown UNet preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")

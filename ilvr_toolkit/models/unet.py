@@ -1,21 +1,10 @@
 """The ADM UNet (Dhariwal & Nichol 2021) with guided-diffusion's state-dict layout.
 
-Module names and their order mirror guided-diffusion's ``UNetModel`` so that the official
-plain state dicts (ILVR, P2-weighting) load with ``strict=True`` and no key conversion:
-``time_embed.{0,2}``, ``label_emb``, ``input_blocks.i.j``, ``middle_block.j``,
-``output_blocks.i.j``, ``out.{0,2}``; inside a residual block ``in_layers``, ``emb_layers``,
-``out_layers``, ``skip_connection``; inside an attention block ``norm``, ``qkv``,
-``proj_out``; resamplers ``op`` (down) and ``conv`` (up).
-
-Numerics follow guided-diffusion: GroupNorm (32 groups) is computed in float32, the
-timestep embedding and its MLP run in float32, and so does the final ``out`` head; under
-``torch.autocast`` everything else runs in the autocast dtype. The runtime setting
-``native_groupnorm`` lets GroupNorm read and write the autocast dtype directly (statistics
-still accumulated in float32 by PyTorch's kernels), which skips two full passes over every
-normalised activation (see :class:`GroupNorm32`).
+Module names and order mirror guided-diffusion's ``UNetModel``, so the official plain state dicts
+(ILVR, P2-weighting) load with ``strict=True`` and no key conversion. Numerics follow it too:
+GroupNorm (32 groups), the timestep embedding MLP and the ``out`` head run in float32, the rest in
+the autocast dtype (``native_groupnorm``: GroupNorm too, see :class:`GroupNorm32`).
 """
-
-from __future__ import annotations
 
 import contextlib
 import math
@@ -28,10 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ATTENTION_BACKENDS, UNetConfig, get_preset
 
-__all__ = ["UNetModel", "build_unet", "timestep_embedding", "qkv_attention"]
 
-
-# --------------------------------------------------------------------------- helpers
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Disable autocast on ``device`` if it is active there (meta and friends: no-op)."""
     try:
@@ -49,11 +35,8 @@ def _zero_module(module: nn.Module) -> nn.Module:
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding, cos first then sin, in float32.
-
-    timesteps: (B,) original (unrespaced) timesteps, integer or float.
-    Returns (B, dim): ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period^(-i / (dim // 2))``.
-    """
+    """Sinusoidal embedding in float32 of timesteps (B,) (original ones, integer or float): (B, dim),
+    ``[cos(t * f_i), sin(t * f_i)]`` with ``f_i = max_period^(-i / (dim // 2))``."""
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
     args = timesteps[:, None].float() * torch.exp(exponent)[None]
@@ -66,20 +49,17 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm (B, C, *) -> (B, C, *) in float32 (also under autocast), returned in the input's dtype.
 
-    ``native = False`` (default, guided-diffusion's numerics): a bf16/fp16 input is normalised
-    on a float32 copy. ``native = True``: the kernel reads and writes the input's dtype (its
-    statistics and affine still in float32: at most one rounding step away, tested in
-    ``tests/test_fast_paths.py``); off the CPU gamma/beta are rounded to that dtype too and
-    fp16 training keeps the copy (``_native_for``). 1.13-1.18x per bf16 ffhq CPU forward;
-    slower in channels-last backward (docs/benchmarks.md).
+    ``native = False`` (guided-diffusion's numerics): a bf16/fp16 input is normalised on a float32
+    copy. ``native = True``: the kernel reads and writes the input's dtype (statistics and affine in
+    float32: at most one rounding step away, ``tests/test_fast_paths.py``); 1.13-1.18x per bf16 ffhq
+    CPU forward, slower in channels-last backward (docs/benchmarks.md).
     """
 
     native: bool = False
 
     def _native_for(self, x: torch.Tensor) -> bool:
-        """Native for bf16/fp16 inputs; off devices other than the CPU not for fp16 with
-        gradients (fp16 gamma/beta gradients, summed over N*H*W and GradScaler-scaled,
-        would overflow)."""
+        """Native for bf16/fp16 inputs, except fp16 with gradients off the CPU (fp16 gamma/beta
+        gradients, summed over N*H*W and GradScaler-scaled, would overflow)."""
         if not self.native or x.dtype not in (torch.bfloat16, torch.float16):
             return False
         return x.device.type == "cpu" or x.dtype == torch.bfloat16 or not torch.is_grad_enabled()
@@ -98,7 +78,6 @@ def _norm(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
 
 
-# --------------------------------------------------------------------------- blocks
 class _Checkpointed(nn.Module):
     """A block whose ``_forward`` is recomputed in backward when ``use_checkpoint`` is set."""
 
@@ -160,9 +139,8 @@ class ResBlock(_Checkpointed):
             nn.Dropout(p=config.dropout),
             _zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
-        self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
+        same = out_channels == channels
+        self.skip_connection = nn.Identity() if same else nn.Conv2d(channels, out_channels, 1)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:  # resample between the first norm/activation and the first conv
@@ -223,19 +201,13 @@ class AttentionBlock(_Checkpointed):
 
     def __init__(self, channels: int, num_heads: int, config: UNetConfig):
         super().__init__()
-        num_head_channels = config.num_head_channels
-        if num_head_channels != -1:
-            if channels % num_head_channels:
-                raise ValueError(
-                    f"{channels} channels are not divisible by num_head_channels={num_head_channels}"
-                )
-            num_heads = channels // num_head_channels
-        if channels % num_heads:
-            raise ValueError(f"{channels} channels are not divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.legacy_order = not config.use_new_attention_order
+        per_head = config.num_head_channels  # -1: num_heads heads
+        if channels % (num_heads if per_head == -1 else per_head):
+            what = f"num_heads={num_heads}" if per_head == -1 else f"num_head_channels={per_head}"
+            raise ValueError(f"{channels} channels are not divisible by {what}")
+        self.num_heads = num_heads if per_head == -1 else channels // per_head
+        self.legacy_order, self.backend = not config.use_new_attention_order, config.attention_backend
         self.use_checkpoint = config.use_checkpoint
-        self.backend = config.attention_backend
         self.norm = _norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zero_module(nn.Conv1d(channels, channels, 1))
@@ -247,7 +219,6 @@ class AttentionBlock(_Checkpointed):
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
-# --------------------------------------------------------------------------- the UNet
 class UNetModel(nn.Module):
     """ADM UNet: ``forward(x, timesteps, y=None) -> (B, out_channels, H, W)``.
 
@@ -312,10 +283,7 @@ class UNetModel(nn.Module):
                 module.backend = backend
 
     def set_native_groupnorm(self, native: bool) -> None:
-        """GroupNorm in the autocast dtype (True) or on float32 copies (False; guided-diffusion).
-
-        No change to the weights, and none in float32; see :class:`GroupNorm32`.
-        """
+        """GroupNorm in the autocast dtype (True) or on float32 copies (False; guided-diffusion's)."""
         for module in self.modules():
             if isinstance(module, GroupNorm32):
                 module.native = bool(native)
@@ -326,9 +294,7 @@ class UNetModel(nn.Module):
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: (B, C, H, W); timesteps: (B,) original timesteps; y: (B,) class labels or None.
-
-        Returns (B, out_channels, H, W) in ``x``'s dtype (eps first, then v with learn_sigma).
-        """
+        Returns (B, out_channels, H, W) in ``x``'s dtype (eps first, then v with learn_sigma)."""
         emb = self._embed(timesteps, y, x)
         skips = []
         h = x.to(self.input_blocks[0][0].weight.dtype)

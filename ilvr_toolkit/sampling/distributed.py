@@ -1,14 +1,10 @@
 """Process layout of a sampling run: torchrun / srun ranks inside one shard of a job array."""
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-__all__ = ["Ranks", "init_ranks", "barrier", "finish"]
 
 
 @dataclass(frozen=True)
@@ -24,11 +20,8 @@ class Ranks:
 
 
 def init_ranks(device: torch.device) -> Ranks:
-    """Read the rank layout from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS).
-
-    A process group (gloo on CPU, nccl on CUDA) is set up only when there are several ranks
-    and a rendezvous address is known; it is used for barriers, never for data.
-    """
+    """The rank layout from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS); a process
+    group (gloo, nccl on CUDA) only for several ranks with a rendezvous address: barriers, never data."""
     env = os.environ
     names = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
     if int(env.get("WORLD_SIZE") or 1) == 1 and "MASTER_ADDR" not in env and "SLURM_PROCID" in env:

@@ -1,7 +1,5 @@
 """The side-by-side grid: per reference, reference | phi_N(reference) | outputs (per N)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,8 +11,6 @@ from ..conditioning import LowPass
 from ..images import to_float, to_uint8
 from .plan import output_name
 from .writer import save_png
-
-__all__ = ["build_grid"]
 
 
 def build_grid(

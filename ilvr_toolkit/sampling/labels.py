@@ -1,23 +1,17 @@
 """Class labels for a class-conditional model (``--class_labels``), one per reference."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from ..cli import UsageError
-
-__all__ = ["resolve_class_labels"]
 
 
 def resolve_class_labels(
     spec: int | list[int] | str | None, names: list[str], num_classes: int | None
 ) -> list[int] | None:
-    """The label of each reference ``names[i]``; None for a model without classes.
-
-    ``spec``: one label for all, a list (one per reference, in order) or the path of a file of
-    ``<reference name> <label>`` lines (``#`` comments, commas allowed). Raises UsageError
-    naming ``--class_labels`` when labels are missing, unexpected or out of [0, num_classes).
-    """
+    """The label of each reference ``names[i]`` (None for a model without classes) from ``spec``: one
+    label for all, a list (one per reference) or the path of a file of ``<reference name> <label>``
+    lines (``#`` comments, commas allowed). UsageError naming ``--class_labels`` when labels are
+    missing, unexpected or out of [0, num_classes)."""
     if num_classes is None:
         if spec is not None:
             raise UsageError("--class_labels: the model is not class-conditional; leave the flag out")

@@ -1,14 +1,10 @@
 """Per-image random streams: an image's noise depends on (run seed, image index, sample index)
 only, never on the batch it is computed in, the number of processes, or a resume."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-__all__ = ["image_seed", "image_generators"]
 
 
 def image_seed(run_seed: int, image_index: int, sample_index: int) -> int:

@@ -1,14 +1,7 @@
-"""Training callbacks: EMA sample grids and ILVR previews.
-
-Sampling runs on global rank 0 only, with the EMA weights when a weight-averaging callback
-is present (the raw weights otherwise), through ``ilvr_toolkit.sampling.generate`` with
-``sample.py``'s per-image seeds: image i of a grid is ``sample.py``'s sample 0 of reference
-i (``image_seed(seed, i, 0)``), so a preview equals what ``sample.py`` writes for the
-checkpoint of that step with the same settings. Images go to TensorBoard (``samples/ema``,
-``ilvr/preview_ema``) and, as PNG, to ``RUN/samples/``.
-"""
-
-from __future__ import annotations
+"""Training previews: sample grids and ILVR translations, on global rank 0, with the EMA weights
+(raw without a weight-averaging callback), through ``sampling.generate`` with ``sample.py``'s
+per-image seeds: image i is ``sample.py``'s sample 0 of reference i, so a preview equals what
+``sample.py`` writes for that step's checkpoint. To TensorBoard and ``RUN/samples/*.png``."""
 
 import contextlib
 import logging
@@ -33,19 +26,13 @@ from ilvr_toolkit.sampling.generate import Condition, generate, ilvr_range_t, sa
 from ilvr_toolkit.sampling.seeds import image_seed
 from ilvr_toolkit.sampling.writer import save_png
 
-__all__ = ["ILVRPreview", "SampleGrid", "sample_images", "sampling_weights"]
-
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
 def sampling_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[tuple[nn.Module, str]]:
-    """``(pl_module.model, "ema")`` in eval mode holding the EMA weights while inside, or
-    ``(pl_module.model, "raw")`` without a weight-averaging callback.
-
-    The EMA is swapped in and out by the stock callback's own validation hooks (Lightning's
-    ``WeightAveraging`` evaluates on the averaged weights the same way).
-    """
+    """``(pl_module.model, "ema")`` in eval mode holding the EMA weights while inside (swapped by the
+    stock ``WeightAveraging``'s own validation hooks), or ``(pl_module.model, "raw")`` without one."""
     ema = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
     net = pl_module.model
     was_training = net.training
@@ -83,19 +70,14 @@ def _publish(trainer: pl.Trainer, tag: str, grid: torch.Tensor, filename: str | 
 
 
 class _EveryNSteps(Callback):
-    """Runs the subclass's ``_run(trainer, pl_module)`` on global rank 0 after every
-    ``every_n_steps``-th optimizer step (once per step under gradient accumulation); the
-    settings every such sampler has (see the subclasses)."""
+    """Runs the subclass's ``_run(trainer, pl_module)`` on global rank 0 after every ``every_n_steps``-th
+    optimizer step (once per step under gradient accumulation), with the settings all of them have."""
 
     def __init__(self, every_n_steps: int, num_images: int, sampler: SamplerSpec, seed: int, at_start: bool):
         if every_n_steps < 0:
             raise ValueError("every_n_steps must be >= 0 (0 disables)")
-        self.every_n_steps = every_n_steps
-        self.num_images = num_images
-        self.sampler = sampler
-        self.seed = seed
-        self.at_start = at_start
-        self.last_step = -1
+        self.every_n_steps, self.num_images, self.sampler = every_n_steps, num_images, sampler
+        self.seed, self.at_start, self.last_step = seed, at_start, -1
 
     def seeds(self, start: int, stop: int) -> list[int]:
         """``sample.py``'s seeds of images start .. stop-1 (sample 0 of reference i)."""
@@ -142,8 +124,7 @@ class SampleGrid(_EveryNSteps):
         save_png: bool = True,
     ) -> None:
         super().__init__(every_n_steps, num_images, sampler, seed, at_start)
-        self.nrow = nrow or max(1, round(num_images**0.5))
-        self.save_png = save_png
+        self.nrow, self.save_png = nrow or max(1, round(num_images**0.5)), save_png
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
@@ -155,12 +136,9 @@ class SampleGrid(_EveryNSteps):
 
 
 class ILVRPreview(_EveryNSteps):
-    """ILVR translations of a few fixed references every ``every_n_steps`` steps.
-
-    The grid has one column per reference: the reference, then for each N its low-pass
-    phi_N (what ILVR keeps) and the translation. The translations are exactly
-    ``sample.py --references REFS --seed SEED`` (same ``ilvr`` and ``sampler`` settings,
-    ``--batch_size num_images``) on this step's checkpoint.
+    """ILVR translations of a few fixed references every ``every_n_steps`` steps: per reference a
+    column (the reference, then for each N phi_N and the translation); the translations are
+    ``sample.py --references REFS --seed SEED``'s (same ``ilvr`` and ``sampler``) on this step's weights.
 
     Args:
         every_n_steps: optimizer steps between previews (0: never).
@@ -185,9 +163,7 @@ class ILVRPreview(_EveryNSteps):
         save_png: bool = True,
     ) -> None:
         super().__init__(every_n_steps, num_images, sampler, seed, at_start)
-        self.references = references
-        self.ilvr = ilvr
-        self.save_png = save_png
+        self.references, self.ilvr, self.save_png = references, ilvr, save_png
         self.images: torch.Tensor | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -213,9 +189,8 @@ class ILVRPreview(_EveryNSteps):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.images is None:
             return
-        count, size = self.images.shape[0], self.images.shape[-1]
+        count, size, rows = self.images.shape[0], self.images.shape[-1], [self.images]
         seeds = self.seeds(0, count)
-        rows = [self.images]
         with sampling_weights(trainer, pl_module) as (net, which):
             device = next(net.parameters()).device
             range_t = ilvr_range_t(self.ilvr, sampling_diffusion(pl_module.diffusion_config, self.sampler))

@@ -1,21 +1,9 @@
-"""Export a training checkpoint's weights for sampling.
-
-    python train.py export RUN/checkpoints/last.ckpt [--output.dir DIR] [--name NAME] [--weights ema|raw]
-    python -m ilvr_toolkit.training.export RUN/checkpoints/last.ckpt
-
-writes two files (atomically):
-
-- ``DIR/NAME.pt``: a plain guided-diffusion state dict, loadable by the official ilvr_adm
-  code with the matching flags, and by ``sample.py`` with the matching preset;
-- ``DIR/NAME.model.pt``: our self-describing model file (UNet config + diffusion settings +
-  weights + provenance), loadable with no flags (``ilvr_toolkit.models.load_model``).
-
-Defaults: ``DIR`` = ``RUN/export`` (next to the ``checkpoints`` folder), ``NAME`` =
-``{weights}_step{global_step:08d}``, weights = ``ema`` (the checkpoint's ``state_dict``
-holds the EMA weights; ``raw`` takes ``current_model_state``, the weights being trained).
-"""
-
-from __future__ import annotations
+"""Export a training checkpoint's weights for sampling (``train.py export CKPT`` or
+``python -m ilvr_toolkit.training.export CKPT``), atomically: ``DIR/NAME.pt``, a plain
+guided-diffusion state dict (the official code with its flags, ``sample.py`` with a preset), and
+``DIR/NAME.model.pt``, our self-describing model file (``models.load_model``, no flags). Defaults:
+``DIR`` = ``RUN/export``, ``NAME`` = ``{weights}_step{global_step:08d}``, weights ``ema`` (the
+checkpoint's ``state_dict``; ``raw`` is ``current_model_state``, the weights being trained)."""
 
 from pathlib import Path
 from typing import Any, Literal
@@ -32,28 +20,19 @@ from ilvr_toolkit.models import (
     save_plain_state_dict,
 )
 
-__all__ = ["export_checkpoint", "checkpoint_unet_weights", "main"]
-
 _PREFIX = "model."
 
 
 def checkpoint_unet_weights(checkpoint: dict[str, Any], weights: str = "ema") -> dict[str, torch.Tensor]:
-    """The UNet's ``"ema"`` or ``"raw"`` weights in a Lightning checkpoint of
-    :class:`DiffusionModule`, without the ``"model."`` prefix. A checkpoint trained without
-    EMA has only raw weights; asking for ``ema`` then raises.
-    """
-    has_ema = "current_model_state" in checkpoint
-    if weights == "ema":
-        if not has_ema:
-            raise ValueError(
-                "this checkpoint has no EMA weights (trained without the EMA callback); use --weights raw"
-            )
-        source = checkpoint["state_dict"]
-    elif weights == "raw":
-        source = checkpoint["current_model_state"] if has_ema else checkpoint["state_dict"]
-    else:
+    """The UNet's ``"ema"`` or ``"raw"`` weights in a :class:`DiffusionModule` checkpoint, without the
+    ``"model."`` prefix (a checkpoint trained without EMA has raw weights only)."""
+    if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    unet = {k[len(_PREFIX) :]: v for k, v in source.items() if k.startswith(_PREFIX)}
+    has_ema = "current_model_state" in checkpoint
+    if weights == "ema" and not has_ema:
+        raise ValueError("no EMA weights in this checkpoint (trained without EMA): use --weights raw")
+    source = checkpoint["current_model_state"] if weights == "raw" and has_ema else checkpoint["state_dict"]
+    unet = {k.removeprefix(_PREFIX): v for k, v in source.items() if k.startswith(_PREFIX)}
     if not unet:
         raise ValueError(f"no UNet weights under the prefix {_PREFIX!r} in the checkpoint")
     return unet
@@ -84,17 +63,10 @@ def export_checkpoint(
     out_dir = Path(out_dir)
     name = name or f"{weights}_step{step:08d}"
     info = dict(checkpoint.get("ilvr_toolkit") or {})
-    extra = {
-        "weights": weights,
-        "global_step": step,
-        "epoch": int(checkpoint.get("epoch", 0)),
-        "source_checkpoint": str(ckpt_path),
-        "ema": info.get("ema"),
-        "init_from": info.get("init_from"),
-        "trained_with": info.get("version"),
-    }
-    plain = out_dir / f"{name}.pt"
-    model_file = out_dir / f"{name}.model.pt"
+    extra = {"weights": weights, "global_step": step, "epoch": int(checkpoint.get("epoch", 0))}
+    extra.update(source_checkpoint=str(ckpt_path), ema=info.get("ema"), init_from=info.get("init_from"))
+    extra["trained_with"] = info.get("version")
+    plain, model_file = out_dir / f"{name}.pt", out_dir / f"{name}.model.pt"
     save_plain_state_dict(plain, state)
     save_model_file(
         model_file, unet_config, state, diffusion=dict(hparams.get("diffusion") or {}), extra=extra

@@ -1,24 +1,15 @@
-"""FID during training: Frechet distance of EMA samples to the training data, every N steps.
-
-The reference statistics are computed once, in ``setup`` (sharded over every process under
-DDP, then cached on disk like ``sample.py --evaluate_against`` does), so a missing
-Inception file or an unreadable reference set stops the run before its first step. Each
-evaluation then samples on global rank 0 only, from fixed per-image seeds (the same starting
-noise every time, so the curve follows the model), and never talks to the other processes.
-"""
-
-from __future__ import annotations
+"""FID during training (:class:`FIDMonitor`). The reference statistics are computed in ``setup``
+(sharded under DDP, cached like ``sample.py --evaluate_against``), so a missing Inception file stops
+the run before its first step; each evaluation samples on rank 0 from fixed per-image seeds."""
 
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 
 from ilvr_toolkit.evaluation import (
     FeatureStats,
@@ -30,8 +21,6 @@ from ilvr_toolkit.fileio import atomic_write_bytes
 from ilvr_toolkit.sampling.config import SamplerSpec
 
 from .callbacks import _EveryNSteps, sample_images, sampling_weights
-
-__all__ = ["FIDMonitor", "FIDReference"]
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +43,14 @@ class FIDReference:
 class FIDMonitor(_EveryNSteps):
     """FID of ``num_images`` samples (EMA weights) against the training set every ``every_n_steps``.
 
-    Logged to every logger as ``fid/fid`` (with ``fid/seconds``) and appended to
-    ``RUN/fid.jsonl``; the history is kept in checkpoints, so a resumed run continues it.
-    FID is biased upwards for small ``num_images``: compare values of one setting only (the
-    published numbers use 50k samples). Sampling runs in float32 on the training device
-    (a copy of the EMA weights when the EMA lives elsewhere); the Frechet distance is
-    computed on the CPU in float64.
+    Logged as ``fid/fid`` (and ``fid/seconds``), appended to ``RUN/fid.jsonl`` and kept in checkpoints
+    (a resumed run continues the history). FID is biased upwards for small ``num_images``: compare
+    values of one setting only (papers use 50k samples). The distance is computed on the CPU.
 
     Args:
-        every_n_steps: optimizer steps between evaluations (0: never; the default, because
-            it needs the Inception weights, see README "Evaluation").
+        every_n_steps: optimizer steps between evaluations (0: never; it needs the Inception weights).
         num_images: samples per evaluation.
-        sampler: method, respacing and eta, as ``sample.py --sampler.*`` (default: DDIM over
-            ``ddim50``).
+        sampler: method, respacing and eta, as ``sample.py --sampler.*`` (default: DDIM, ``ddim50``).
         batch_size: samples per forward pass and Inception batch.
         reference: the real images, the Inception file and the statistics cache.
         seed: image i always starts from the generator seeded (seed, i).
@@ -104,60 +88,44 @@ class FIDMonitor(_EveryNSteps):
             raise ValueError(
                 "fid.every_n_steps is set but there is no fid.reference.images and no training LMDB"
             )
-        device = trainer.strategy.root_device
-        extractor = InceptionFeatureExtractor(self.reference.inception_weights).to(
-            device
-        )  # every rank: same error
-        real, info = cached_reference_stats(  # all ranks take part (sharded), rank 0 gets the result
-            source,
-            extractor,
-            image_size=pl_module.unet_config.image_size,
-            cache_dir=self.reference.stats_cache_dir,
-            batch_size=self.batch_size,
-            kid=False,
+        tic = time.perf_counter()
+        extractor = InceptionFeatureExtractor(self.reference.inception_weights)  # every rank: same error
+        extractor = extractor.to(trainer.strategy.root_device)
+        options = dict(image_size=pl_module.unet_config.image_size, cache_dir=self.reference.stats_cache_dir)
+        # all ranks take part (sharded), rank 0 gets the result
+        real, info = cached_reference_stats(
+            source, extractor, batch_size=self.batch_size, kid=False, **options
         )
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
-            self.extractor, self.real = extractor, FeatureStats(real.mean.cpu(), real.cov.cpu(), real.count)
+            self.extractor, self.real = extractor, real.to("cpu")
             how = "cache hit" if info.hit else f"computed ({info.reason})"
+            seconds = time.perf_counter() - tic
             log.info(
-                "FID reference statistics of %s (%d images): %s in %.1fs",
-                source,
-                real.count,
-                how,
-                info.seconds,
+                "FID reference statistics of %s (%d images): %s in %.1fs", source, real.count, how, seconds
             )
-
-    def _samples(self, net: torch.nn.Module, pl_module: pl.LightningModule) -> Iterator[torch.Tensor]:
-        """uint8 batches (<= batch_size, 3, H, W) of ``sample.py --unconditional --seed SEED``'s
-        images 0 .. num_images-1."""
-        for start in range(0, self.num_images, self.batch_size):
-            seeds = self.seeds(start, min(start + self.batch_size, self.num_images))
-            yield sample_images(pl_module, net, seeds, self.sampler)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Sample, extract, compare (global rank 0, after ``setup``); log and append the FID."""
-        tic = time.perf_counter()
+        tic, n = time.perf_counter(), self.num_images
         with sampling_weights(trainer, pl_module) as (net, which):  # on the training device
-            fake = compute_image_set_stats(
-                self._samples(net, pl_module), self.extractor, kid=False, distributed=False
+            batches = (  # sample.py --unconditional --seed SEED's images 0 .. n-1
+                sample_images(pl_module, net, self.seeds(i, min(i + self.batch_size, n)), self.sampler)
+                for i in range(0, n, self.batch_size)
             )
-        fid = float(self.real.frechet_distance(FeatureStats(fake.mean.cpu(), fake.cov.cpu(), fake.count)))
-        step, seconds = trainer.global_step, round(time.perf_counter() - tic, 2)
-        self.history.append(
-            {
-                "step": step,
-                "fid": fid,
-                "num_images": self.num_images,
-                "respacing": self.sampler.respacing,
-                "weights": which,
-                "seconds": seconds,
-            }
+            fake = compute_image_set_stats(batches, self.extractor, kid=False, distributed=False)
+        fid = self.real.frechet_distance(fake.to("cpu"))
+        step, seconds, respacing = (
+            trainer.global_step,
+            round(time.perf_counter() - tic, 2),
+            self.sampler.respacing,
         )
+        entry = dict(step=step, fid=fid, num_images=n, respacing=respacing, weights=which, seconds=seconds)
+        self.history.append(entry)
         for logger in trainer.loggers:
             logger.log_metrics({"fid/fid": fid, "fid/seconds": seconds}, step=step)
         lines = "".join(json.dumps(e) + "\n" for e in self.history)
         atomic_write_bytes(Path(trainer.default_root_dir) / "fid.jsonl", lines.encode())
-        log.info("step %d: FID %.3f (%d samples, %s)", step, fid, self.num_images, self.sampler.respacing)
+        log.info("step %d: FID %.3f (%d samples, %s)", step, fid, n, respacing)
 
     def describe(self) -> dict[str, Any]:
         return {

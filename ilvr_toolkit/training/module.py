@@ -1,16 +1,7 @@
-"""The LightningModule that trains a domain DDPM: a thin wrapper around the UNet and
-``GaussianDiffusion.training_losses``.
-
-Everything needed to rebuild the network and its diffusion lives in the module's
-hyperparameters as plain values (``hparams["unet"]`` = ``UNetConfig.to_dict()``,
-``hparams["diffusion"]`` = ``DiffusionConfig.to_dict()``), and the UNet is the attribute
-``model``, so a checkpoint's ``state_dict`` holds the UNet's weights under ``"model."``.
-``ilvr_toolkit.models.load_model`` and ``DiffusionModule.load_from_checkpoint`` read such a
-checkpoint with nothing else; with the EMA callback that ``state_dict`` is the EMA weights.
-EMA, checkpoint policy, sample grids and ILVR previews are callbacks (``training.*``).
-"""
-
-from __future__ import annotations
+"""The LightningModule that trains a domain DDPM: the UNet (attribute ``model``, so a checkpoint's
+``state_dict`` holds it under ``"model."``; with the EMA callback, the EMA weights) and
+``GaussianDiffusion.training_losses``. The hyperparameters hold the UNet and diffusion configs as
+plain values, so ``models.load_model`` rebuilds a checkpoint with nothing else."""
 
 import logging
 import warnings
@@ -26,8 +17,6 @@ from ilvr_toolkit import __version__
 from ilvr_toolkit.diffusion import DiffusionConfig, GaussianDiffusion, create_diffusion
 from ilvr_toolkit.images import to_float
 from ilvr_toolkit.models import UNetConfig, build_unet, get_preset, load_model
-
-__all__ = ["DiffusionModule", "OptimConfig", "resolve_unet_config"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +45,7 @@ def resolve_unet_config(unet: str | Mapping[str, Any] | UNetConfig) -> UNetConfi
         return get_preset(unet)
     if not isinstance(unet, Mapping):
         raise TypeError(
-            f"model.unet must be a preset name or a dict of UNetConfig fields, got {type(unet).__name__}"
+            f"model.unet must be a preset name or a dict of UNetConfig fields, not {type(unet).__name__}"
         )
     fields = dict(unet)
     preset = fields.pop("preset", None)
@@ -68,27 +57,19 @@ class DiffusionModule(pl.LightningModule):
     """Trains an ADM UNet on uint8 image batches with the hybrid (eps-MSE + vb) loss.
 
     Args:
-        unet: UNet preset name (``"ffhq"``, ``"tiny"``...) or a dict of UNetConfig fields,
-            optionally with ``preset`` as the base.
-        diffusion: the diffusion process (guided-diffusion names; see DiffusionConfig).
-            ``learn_sigma`` must match the UNet's.
+        unet: UNet preset name (``"ffhq"``, ``"tiny"``...) or UNetConfig fields (``preset``: the base).
+        diffusion: the diffusion process (DiffusionConfig); ``learn_sigma`` must match the UNet's.
         optim: AdamW settings and warmup (``model.optim.lr`` ...; see OptimConfig).
-        nan_policy: what a non-finite loss or gradient does. ``"raise"`` (default) stops the
-            run with ``FloatingPointError`` before the optimizer touches the weights, so the
-            EMA and every checkpoint on disk stay finite. ``"skip"`` drops the update (all
-            gradients discarded, weights and AdamW moments unchanged; global_step still
-            advances) and logs ``train/skipped_steps``. Under ``16-mixed`` the GradScaler
-            already skips overflowing steps; there only a non-finite *loss* counts.
+        nan_policy: a non-finite loss or gradient: ``"raise"`` stops the run before the optimizer
+            touches the weights (EMA and checkpoints stay finite); ``"skip"`` drops the update
+            (global_step still advances; ``train/skipped_steps``). Under ``16-mixed`` the
+            GradScaler skips overflowing steps; there only a non-finite *loss* counts.
         compile: ``torch.compile`` the UNet's forward (in place; state-dict keys unchanged).
-        channels_last: keep the UNet's weights and the batches in channels-last memory
-            format (convolutions without layout conversions; pays most under bf16-mixed).
-            Same numbers up to float rounding (``tests/test_fast_paths.py``). For GroupNorm in
-            the autocast dtype as well, put ``native_groupnorm: true`` in ``unet``.
-        init_from: fine-tune from this checkpoint: a released plain state dict (checked
-            against ``unet``, e.g. ``checkpoints/ffhq_10m.pt`` with ``unet: ffhq``), one of our
-            Lightning checkpoints (its EMA weights) or an exported model file. Only the
-            weights are taken; optimizer and schedule start fresh. Not stored in
-            hyperparameters (it is recorded in the checkpoint's ``ilvr_toolkit`` entry).
+        channels_last: UNet weights and batches in channels-last memory format (pays most under
+            bf16-mixed; the same numbers up to rounding). See also ``unet.native_groupnorm``.
+        init_from: fine-tune from the weights of a released plain state dict (checked against
+            ``unet``), one of our checkpoints (its EMA weights) or a model file; optimizer and
+            schedule start fresh. Recorded in the checkpoint's ``ilvr_toolkit`` entry.
     """
 
     flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor: not measured
@@ -108,27 +89,19 @@ class DiffusionModule(pl.LightningModule):
         if not isinstance(diffusion, DiffusionConfig):  # a dict from hparams (unknown keys refused), None
             diffusion = DiffusionConfig.from_dict(dict(diffusion or {}))
         self.diffusion_config = diffusion
-        if self.diffusion_config.learn_sigma != self.unet_config.learn_sigma:
+        if diffusion.learn_sigma != self.unet_config.learn_sigma:
             raise ValueError(
-                f"diffusion.learn_sigma={self.diffusion_config.learn_sigma} but the UNet has "
-                f"learn_sigma={self.unet_config.learn_sigma}; they must agree"
+                f"diffusion.learn_sigma={diffusion.learn_sigma} but the UNet has the opposite; they must agree"
             )
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy must be 'raise' or 'skip', got {nan_policy!r}")
         optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim  # from hparams
         if optim.warmup_steps < 0:
             raise ValueError("optim.warmup_steps must be >= 0")
-        # Plain values only: checkpoints must load with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {
-                "unet": self.unet_config.to_dict(),
-                "diffusion": self.diffusion_config.to_dict(),
-                "optim": {**asdict(optim), "betas": [float(b) for b in optim.betas]},
-                "nan_policy": nan_policy,
-                "compile": bool(compile),
-                "channels_last": bool(channels_last),
-            }
-        )
+        hparams = {"unet": self.unet_config.to_dict(), "diffusion": diffusion.to_dict()}
+        hparams["optim"] = {**asdict(optim), "betas": [float(b) for b in optim.betas]}
+        hparams.update(nan_policy=nan_policy, compile=bool(compile), channels_last=bool(channels_last))
+        self.save_hyperparameters(hparams)  # plain values only: checkpoints load with weights_only=True
         self.model = build_unet(self.unet_config)
         # Training uses the base process; sampling callbacks build respaced ones.
         self.diffusion: GaussianDiffusion = create_diffusion(self.diffusion_config, respacing="")
@@ -139,9 +112,8 @@ class DiffusionModule(pl.LightningModule):
         self.model.to(memory_format=self._memory_format)  # before the EMA callback copies it
         self._generator: torch.Generator | None = None
         self._skipped_steps = 0
-        # Loss of the micro-batches since the last optimizer step: last value, all finite?
-        self._last_loss: torch.Tensor | None = None
-        self._loss_finite: torch.Tensor | None = None
+        # the micro-batches' loss since the last optimizer step: the last value, all finite?
+        self._last_loss = self._loss_finite = None
 
     def _load_initial_weights(self, path: str) -> None:
         """Copy the weights of ``path`` into ``self.model`` (strict, architecture-checked)."""
@@ -224,8 +196,8 @@ class DiffusionModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Grad norm logging (the lr is LearningRateMonitor's ``lr-AdamW``) and the NaN/inf guard (after backward and unscaling,
-        before clipping and the optimizer step, so a bad update never reaches the weights)."""
+        """Grad norm logging (the lr is LearningRateMonitor's ``lr-AdamW``) and the NaN/inf guard (after
+        backward and unscaling, before clipping and the step: a bad update never reaches the weights)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         self.log("train/grad_norm", norm, batch_size=1)
