@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..cli import UsageError, check_range
+
 __all__ = ["DiffusionConfig"]
 
 
@@ -44,6 +46,13 @@ class DiffusionConfig:
     p2_gamma: float = 0.0
     p2_k: float = 1.0
     clip_denoised: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("model.diffusion.steps", self.steps, 1)
+        if self.noise_schedule not in ("linear", "cosine"):
+            raise UsageError(
+                f"--model.diffusion.noise_schedule {self.noise_schedule}: expected linear or cosine"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from jsonargparse import ArgumentParser, Namespace
 
-from ..cli import UsageError, check_range, make_parser, parse_options, run_command, setup_logging
+from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
 from ..runtime import configure_threads
 from .config import SampleConfig
 
@@ -90,16 +90,22 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
 
 
 def _check_paths(config: SampleConfig) -> None:
-    """Every file or folder named on the command line exists before any work starts."""
+    """Every file or folder named on the command line exists (the target is a dataset, the
+    output folder writable) before any work starts."""
     named = {
         "model.checkpoint": config.model.checkpoint,
         "references": None if config.unconditional else config.references,
         "evaluate_against": config.evaluate_against,
         "inception_weights": config.inception_weights,
     }
-    for option, path in named.items():
-        if path and not Path(path).exists():
-            raise UsageError(f"--{option} {path}: no such file or folder")
+    check_paths(named, {"output.dir": config.output.dir})
+    if config.evaluate_against:
+        from ..data.references import ReferenceSet
+
+        try:
+            ReferenceSet(config.evaluate_against, 1)  # a folder with images or an LMDB
+        except (ValueError, OSError) as error:
+            raise UsageError(f"--evaluate_against {config.evaluate_against}: {error}") from None
 
 
 def _report(result: RunResult) -> None:

@@ -5,6 +5,7 @@ a killed run keeps the timings of what it finished); the main rank merges the pa
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 
+from ..cli import UsageError
 from .writer import read_json, write_json
 
-__all__ = ["ManifestPart", "versions", "merge_manifest"]
+__all__ = ["ManifestPart", "check_same_run", "versions", "merge_manifest"]
 
 PARTS_DIR = ".manifest"
 
@@ -50,6 +52,44 @@ class ManifestPart:
 
     def save(self) -> None:
         write_json(self.path, {"images": self.images, "failed": self.failed})
+
+
+#: the settings that make the images: a rerun into the same folder must have the same
+SAME_RUN = ("model", "checkpoint_sha256", "references", "unconditional", "num_samples", "ilvr", "sampler")
+SAME_RUN += (
+    "class_labels",
+    "samples_per_reference",
+    "seed",
+    "precision",
+    "channels_last",
+    "native_groupnorm",
+)
+
+
+def check_same_run(out_dir: Path, config: dict[str, Any]) -> None:
+    """Record the image-making settings of ``config`` in ``OUT/.manifest/settings.json`` at a
+    run's first start; a rerun into ``out_dir`` continues it only with the same ones, else
+    :class:`UsageError` names the first setting that differs."""
+    path = out_dir / PARTS_DIR / "settings.json"
+    settings = json.loads(json.dumps({key: config[key] for key in SAME_RUN}, default=str))
+    if not path.is_file():
+        return write_json(path, settings)
+    stored = read_json(path)
+    for key, value in _dotted(settings).items():
+        old = _dotted(stored).get(key)
+        if value != old:
+            raise UsageError(
+                f"--{key.replace('checkpoint_sha256', 'model.checkpoint')} {value}: {out_dir} holds a run made "
+                f"with {old} ({path}); give the same to continue it, or another --output.dir"
+            )
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
 
 
 def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.plugins.io import CheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from ilvr_toolkit.cli import run_command
+from ilvr_toolkit.cli import UsageError, check_config_files, check_paths, run_command
 from ilvr_toolkit.data import ImageDataModule
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, lock_folder, unlock_folder
 from .callbacks import ILVRPreview, SampleGrid
 from .checkpointing import EMA, AtomicCheckpointIO, RunCheckpoint, find_resume_checkpoint
 from .fid_monitor import FIDMonitor
@@ -105,6 +106,7 @@ class TrainCLI(LightningCLI):
             trainer_defaults=defaults,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
+            parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
             args=args,
             run=run,
             **kwargs,
@@ -143,6 +145,42 @@ class TrainCLI(LightningCLI):
             help="under SLURM: on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop "
             "(scripts/slurm/train.sbatch then requeues the job)",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check every path and value that would fail later, before any work, and
+        lock the run directory (rank 0 only: the launching process of a DDP or SLURM run)."""
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand") != "fit":
+            return
+        fit = self.config.fit
+        ckpt = fit.ckpt_path if fit.ckpt_path not in ("last", "hpc", "best") else None
+        run_dir = fit.trainer.default_root_dir or DEFAULT_RUN_DIR
+        check_paths(
+            {
+                "data.path": fit.data.path,
+                "init_from": fit.init_from,
+                "ckpt_path": ckpt,
+                "ilvr_preview.references": fit.ilvr_preview.references,
+            },
+            {"trainer.default_root_dir": run_dir},
+        )
+        if ckpt and not zipfile.is_zipfile(ckpt):
+            raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
+        size, ilvr = resolve_unet_config(fit.model.unet).image_size, fit.ilvr_preview.ilvr
+        for factor in ilvr.factor if isinstance(ilvr.factor, list) else [ilvr.factor]:
+            if fit.ilvr_preview.every_n_steps and size % factor:
+                raise UsageError(
+                    f"--ilvr_preview.ilvr.factor {factor}: expected a divisor of the image size {size}"
+                )
+        holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
+        if holder is not None:
+            raise UsageError(
+                f"--trainer.default_root_dir {run_dir}: in use by {holder} ({Path(run_dir) / '.lock'}); "
+                "wait for that run to end, or choose another run directory"
+            )
+
+    def after_fit(self) -> None:
+        unlock_folder(self.trainer.default_root_dir)
 
     def _setting(self, key: str, default: Any = None) -> Any:
         config = self.config_init
@@ -194,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(args: list[str]) -> int:
+    check_config_files(args)  # a missing file or invalid YAML: one line naming the file
     TrainCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv
     _leave_process_group()
     return 0
