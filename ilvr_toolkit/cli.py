@@ -190,7 +190,12 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, argparse.ArgumentError, ValueError, OSError) as error:
+    except Exception as error:
+        lmdb = sys.modules.get("lmdb")  # its errors (a full disk, a damaged file) are about a file
+        if not isinstance(
+            error, (argparse.ArgumentError, ValueError, OSError, lmdb.Error if lmdb else OSError)
+        ):
+            raise
         if debug:
             traceback.print_exc()
         cause: BaseException | None = error  # a UsageError that a library wrapped: the user's mistake

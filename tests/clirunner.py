@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 ZYGOTE = r"""
-import json, os, runpy, signal, sys, traceback
+import json, os, resource, runpy, signal, sys, traceback
 import torch, pytorch_lightning, jsonargparse, PIL.Image, lmdb  # noqa: F401  the heavy imports, once
 import ilvr_toolkit.training.cli, ilvr_toolkit.sampling.cli  # noqa: F401
 for line in sys.stdin:
@@ -36,6 +36,9 @@ for line in sys.stdin:
             for fd, path in ((1, job["out"]), (2, job["err"])):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             signal.alarm(job["timeout"])
+            if job["fsize"]:  # a full disk: writes past this many bytes fail with EFBIG
+                resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             sys.argv = list(job["argv"])
             if job["module"]:
                 sys.modules.pop(job["module"], None)
@@ -82,12 +85,24 @@ class CLIRunner:
         self.folder = Path(tempfile.mkdtemp(prefix="clirunner-"))
 
     def __call__(
-        self, *argv: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 120
+        self,
+        *argv: str,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+        timeout: int = 120,
+        fsize: int = 0,
     ) -> Done:
         module = argv[1] if argv[0] == "-m" else None
         args = [module, *argv[2:]] if module else [str(REPO / argv[0]), *argv[1:]]
         out, err = self.folder / "out", self.folder / "err"
-        job = {"argv": args, "module": module, "cwd": str(cwd), "env": env or {}, "timeout": timeout}
+        job = {
+            "argv": args,
+            "module": module,
+            "cwd": str(cwd),
+            "env": env or {},
+            "timeout": timeout,
+            "fsize": fsize,
+        }
         self.proc.stdin.write(json.dumps({**job, "out": str(out), "err": str(err)}) + "\n")
         self.proc.stdin.flush()
         code, signum = json.loads(self.proc.stdout.readline())
