@@ -419,9 +419,9 @@ def test_user_errors_end_in_one_line(lmdb_path: Path, tmp_path: Path, capsys: py
         == f"train.py export: error: checkpoint {tmp_path / 'missing.ckpt'}: no such file\n"
     )
     args = common_args(lmdb_path, tmp_path / "run", **{"data.path": tmp_path / "nowhere.lmdb"})
-    assert train_main(["fit", *args]) == 1
+    assert train_main(["fit", *args]) == 2  # checked before any work: a usage error
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("train.py: error: ") and "nowhere.lmdb" in err[-1]
+    assert err[-1].startswith("train.py: error: --data.path ") and "nowhere.lmdb" in err[-1]
     assert not any("Traceback" in line for line in err)
 
 
