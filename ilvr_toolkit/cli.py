@@ -135,8 +135,7 @@ def parse_options(
 
 
 def check_config_files(args: Sequence[str]) -> list[str]:
-    """The ``--config`` files in ``args``; :class:`UsageError` ``--config PATH: ...`` unless
-    each is a readable YAML file."""
+    """The ``--config`` files in ``args``; :class:`UsageError` ``--config PATH: ...`` unless readable YAML."""
     import yaml
 
     configs = [args[i + 1] for i, token in enumerate(args[:-1]) if token in ("--config", "-c")]
@@ -154,18 +153,11 @@ def check_config_files(args: Sequence[str]) -> list[str]:
     return configs
 
 
-def check_paths(inputs: Mapping[str, Any], outputs: Mapping[str, Any] = {}) -> None:
-    """Before any work: each ``{option: path}`` of ``inputs`` exists and each of ``outputs`` is
-    (or can be made as) a folder we may write in; else :class:`UsageError` naming the option."""
-    for option, path in inputs.items():
+def check_paths(named: Mapping[str, Any]) -> None:
+    """Before any work: each ``{option: path}`` given exists, else :class:`UsageError` naming it."""
+    for option, path in named.items():
         if path and not Path(path).exists():
             raise UsageError(f"--{option} {path}: no such file or folder")
-    for option, path in outputs.items():
-        existing = Path(path).absolute()
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            raise UsageError(f"--{option} {path}: cannot write there ({existing} is not a writable folder)")
 
 
 def setup_logging() -> None:
@@ -190,18 +182,16 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:
-        lmdb = sys.modules.get("lmdb")  # its errors (a full disk, a damaged file) are about a file
-        if not isinstance(
-            error, (argparse.ArgumentError, ValueError, OSError, lmdb.Error if lmdb else OSError)
-        ):
+    except Exception as error:  # lmdb's errors (a full disk, a damaged file) are about a file too
+        file_errors = (OSError, getattr(sys.modules.get("lmdb"), "Error", OSError))
+        if not isinstance(error, (argparse.ArgumentError, ValueError, *file_errors)):
             raise
         if debug:
             traceback.print_exc()
-        cause: BaseException | None = error  # a UsageError that a library wrapped: the user's mistake
-        while cause is not None and not isinstance(cause, UsageError):
-            cause = cause.__cause__ or cause.__context__
-        error = cause or error
+        chain = [error]  # a UsageError that a library wrapped is the user's mistake
+        while chain[-1].__cause__ or chain[-1].__context__:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        error = next((e for e in chain if isinstance(e, UsageError)), error)
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, UsageError | argparse.ArgumentError) else 1
 
@@ -209,11 +199,6 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
 def _one_line(error: BaseException) -> str:
     """The error as one line; jsonargparse's parse errors as ``--key VALUE: expected ...``."""
     text = " ".join(str(error).split()) or type(error).__name__
-    link = re.match(
-        r"Call to compute_fn of link '[^(]*\(([\w.]+)\).*?' with args \((.*?)\) failed: (.*)", text
-    )
-    if link is not None:  # a value that a linked option is computed from
-        return f"--{link.group(1)} {link.group(2)}: {link.group(3).strip(chr(34))}"
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         return f"{error.filename}: {text}"
     match = re.match(r'Parser key "([^"]+)":\s*(.*)', str(error), re.S)

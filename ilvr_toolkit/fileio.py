@@ -8,25 +8,19 @@ is a rename), fsync it, ``os.replace`` it over the target, fsync the folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import secrets
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = [
-    "atomic_open",
-    "atomic_write_bytes",
-    "lock_folder",
-    "pid_alive",
-    "remove_dead_temps",
-    "unlock_folder",
-]
+__all__ = ["atomic_open", "atomic_write_bytes", "lock_folder", "pid_alive", "remove_dead_temps"]
 
-_TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{8}(?:\.(\d+)@(.+))?\.tmp$")
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}(?:\.(\d+)@(.+))?\.tmp$")
 _LOCKS: dict[Path, int] = {}
 
 
@@ -74,65 +68,37 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host is running (another user's process counts)."""
+    """Whether process ``pid`` of this host runs (another user's counts)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+        return os.kill(pid, 0) is None
+    except OSError as error:
+        return error.errno != errno.ESRCH
 
 
-def _gone(pid: str, host: str) -> bool:
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
-
-
-def remove_dead_temps(folder: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[Path]:
-    """Delete the temp files of :func:`atomic_open` in ``folder`` (for ``names`` only, if given)
-    whose writer is gone (a pid of this host that no longer runs; no pid: an older version's)."""
-    folder, wanted = Path(folder), None if names is None else set(names)
+def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files of :func:`atomic_open` in ``folder`` whose writer is gone: a pid of
+    this host that no longer runs, or none (an older version's); those of live writers stay."""
     removed = []
-    for entry in folder.iterdir() if folder.is_dir() else []:
-        match = _TEMP.match(entry.name)
-        if match and (wanted is None or match.group(1) in wanted):
-            if match.group(2) is None or _gone(match.group(2), match.group(3)):
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-                    removed.append(entry)
+    for entry in Path(folder).glob(".*.tmp"):
+        pid, host = match.group(1, 2) if (match := _TEMP.match(entry.name)) else ("", "")
+        if pid is None or (host == socket.gethostname() and not pid_alive(int(pid))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed
 
 
 def lock_folder(folder: str | os.PathLike[str]) -> str | None:
-    """Hold ``FOLDER/.lock`` (``flock``, recording ``pid host job``) until :func:`unlock_folder`
-    or the end of this process, however it ends; None, or who holds it (``pid P on HOST``).
-
-    A lock whose holder is gone although the file system still has it locked (a pid of this
-    host that no longer runs, or this very SLURM job before its requeue) is taken over."""
+    """Hold ``FOLDER/.lock`` (``pid host``) until this process ends, however; None, or its holder."""
     path = Path(folder) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = [str(os.getpid()), socket.gethostname(), os.environ.get("SLURM_JOB_ID", "-")]
-    retried = False
-    while True:
-        fd = _LOCKS.get(path) or os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid, host, job = (os.read(fd, 512).decode(errors="replace").split() + ["?"] * 3)[:3]
-            os.close(fd)
-            if retried or not (_gone(pid, host) or job == me[2] != "-"):
-                return f"pid {pid} on {host}"
-            path.unlink(missing_ok=True)
-            retried = True
-            continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, " ".join(me).encode(), 0)
-        _LOCKS[path] = fd
-        return None
-
-
-def unlock_folder(folder: str | os.PathLike[str]) -> None:
-    """Release the lock :func:`lock_folder` took (the file stays: removing it would race)."""
-    fd = _LOCKS.pop(Path(folder) / ".lock", None)
-    if fd is not None:
+    fd = _LOCKS.get(path) or os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 512).decode(errors="replace").split() + ["?", "?"]
         os.close(fd)
+        return f"pid {holder[0]} on {holder[1]}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}".encode(), 0)
+    _LOCKS[path] = fd
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,8 +53,7 @@ CASES = [
     ("fit-ema-decay", [*TRAIN, "--ema.decay", "1.5"], 2, ["decay", "1.5"]),
     ("fit-last-every", [*TRAIN, "--checkpoint.last_every_n_steps", "-1"], 2, ["last_every_n_steps"]),
     ("fit-preview-respacing", [*TRAIN, "--samples.sampler.respacing", "0"], 2, ["respacing", "0"]),
-    ("fit-preview-factor", [*TRAIN, "--ilvr_preview.ilvr.factor", "3"], 2, ["factor", "3", "16"]),
-    ("fit-root-under-file", [*TRAIN, "--trainer.default_root_dir", "{txt}/run"], None, ["notes.txt"]),
+    ("fit-root-under-file", [*TRAIN, "--trainer.default_root_dir", "{txt}/run"], None, ["notes.txt/run"]),
     # ---- train.py export
     ("export-missing", [*EXPORT, "{tmp}/none.ckpt"], 2, ["none.ckpt"]),
     ("export-empty", [*EXPORT, "{empty}"], None, ["empty.pt"]),
@@ -62,15 +62,15 @@ CASES = [
     # ---- sample.py
     ("sample-respacing-0", [*SAMPLE, "--sampler.respacing", "0"], 2, ["--sampler.respacing", "0"]),
     ("sample-respacing-syntax", [*SAMPLE, "--sampler.respacing", "10,x"], 2, ["--sampler.respacing", "10,x"]),
-    ("sample-respacing-too-many", [*SAMPLE, "--sampler.respacing", "5000"], 2, ["respacing", "5000"]),
+    ("sample-respacing-too-many", [*SAMPLE, "--sampler.respacing", "5000"], None, ["5000 steps"]),
     ("sample-shards-0", [*SAMPLE, "--num_shards", "0"], 2, ["--num_shards 0"]),
     ("sample-batch-0", [*SAMPLE, "--batch_size", "0"], 2, ["--batch_size 0"]),
     ("sample-spr-0", [*SAMPLE, "--samples_per_reference", "0"], 2, ["--samples_per_reference 0"]),
     ("sample-num-0", [*SAMPLE, "--unconditional", "--num_samples", "0"], 2, ["--num_samples 0"]),
     ("sample-eta", [*SAMPLE, "--sampler.method", "ddim", "--sampler.eta", "-1"], 2, ["--sampler.eta -1"]),
     ("sample-workers", [*SAMPLE, "--workers", "-1"], 2, ["--workers -1"]),
-    ("sample-factor-divide", [*SAMPLE, "--ilvr.factor", "3"], 2, ["--ilvr.factor", "3", "32"]),
-    ("sample-range-t", [*SAMPLE, "--ilvr.range_t", "100000"], 2, ["--ilvr.range_t", "100000"]),
+    ("sample-factor-divide", [*SAMPLE, "--ilvr.factor", "3"], None, ["N=3", "32"]),
+    ("sample-range-t", [*SAMPLE, "--ilvr.range_t", "100000"], None, ["range_t=100000"]),
     ("sample-unreadable-refs", [*SAMPLE, "--references", "{bad_images}"], None, ["{bad_images}"]),
     ("sample-empty-refs", [*SAMPLE, "--references", "{empty_dir}"], None, ["{empty_dir}"]),
     ("sample-eval-typo", [*SAMPLE, "--evaluate_against", "{tmp}/typo.lmdb"], 2, ["--evaluate_against"]),
@@ -182,15 +182,41 @@ def world(tmp_path_factory) -> dict[str, str]:
     }
 
 
+def tiny_sample(tmp_path: Path, names: list[str], seed: int = 0) -> list[str]:
+    """sample.py with the demo model, 2 steps, into TMP/out, on TMP/refs where random images
+    ``names`` (40x40) are added."""
+    refs = tmp_path / "refs"
+    refs.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(refs / f"{name}.png")
+    return [
+        *fill_all(SAMPLE, {"tmp": str(tmp_path)}),
+        "--references",
+        str(refs),
+        "--sampler.respacing",
+        "2",
+        "--samples_per_reference",
+        "1",
+    ]
+
+
+def fill_all(args: list[str], world: dict[str, str]) -> list[str]:
+    return [fill(arg, world) for arg in args]
+
+
 def fill(text: str, world: dict[str, str]) -> str:
     for key, value in world.items():
         text = text.replace("{" + key + "}", value)
     return text
 
 
-# Found only when the dataset is opened, after Lightning printed its device lines: the error is
-# one line naming the file, but stderr has up to 6 (counted as "poor").
-POOR = [("fit-data-is-file", [*TRAIN, "--data.path", "{txt}"], None, ["notes.txt"])]
+# Found only when the dataset is opened or the callbacks set up, after Lightning printed its
+# device lines: the error is one line naming the file or value, but stderr has up to 6 ("poor").
+POOR = [
+    ("fit-data-is-file", [*TRAIN, "--data.path", "{txt}"], None, ["notes.txt"]),
+    ("fit-preview-factor", [*TRAIN, "--ilvr_preview.ilvr.factor", "3"], None, ["factor=3", "16"]),
+]
 
 
 def check_one_line(done, expected: int | None, words: list[str], max_lines: int = 2) -> str:

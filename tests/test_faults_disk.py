@@ -9,11 +9,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from clirunner import CLIRunner
-from PIL import Image
-from test_faults_cli import TRAIN, fill, world  # noqa: F401  (world: the fixture)
+from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +48,10 @@ def test_training_checkpoint_on_a_full_disk_keeps_the_previous_one(runner, world
 
 
 def test_sample_png_on_a_full_disk_keeps_earlier_outputs(runner, tmp_path):
-    refs, out = tmp_path / "refs", tmp_path / "out"
-    refs.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(refs / "a.png")
-    cmd = [
-        "sample.py",
-        "--config",
-        "configs/sample_demo.yaml",
-        "--output.dir",
-        str(out),
-        "--evaluate_against",
-    ]
-    cmd += ["null", "--ilvr.factor", "4", "--progress", "false", "--references", str(refs)]
-    cmd += ["--sampler.respacing", "2", "--samples_per_reference", "1", "--workers", "0"]
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a"]) + ["--workers", "0"]
     assert runner(*cmd).returncode == 0
     before = digests(out)
-    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(refs / "b.png")
+    tiny_sample(tmp_path, ["b"], seed=1)
     done = runner(*cmd, fsize=1500)  # the manifest part fits, a 32x32 PNG of noise does not
     assert_one_line_naming(done, out / "b_s0.png")
     assert not (out / "b_s0.png").exists() and not list(out.rglob("*.tmp"))

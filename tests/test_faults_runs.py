@@ -18,14 +18,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from clirunner import REPO, CLIRunner
-from PIL import Image
-from test_faults_cli import TRAIN, fill, world  # noqa: F401  (world: the fixture)
+from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
 
-from ilvr_toolkit.fileio import lock_folder, remove_dead_temps, unlock_folder
+from ilvr_toolkit.fileio import lock_folder, remove_dead_temps
 from ilvr_toolkit.training.checkpointing import atomic_torch_save, find_resume_checkpoint
 
 
@@ -78,15 +76,14 @@ def test_second_train_is_refused_then_a_dead_holders_lock_is_taken_over(runner, 
 
 
 def test_lock_records_its_holder_and_a_stale_one_is_taken_over(tmp_path):
-    (tmp_path / ".lock").write_text(f"{dead_pid()} {socket.gethostname()} -")  # its holder died
+    (tmp_path / ".lock").write_text(f"{dead_pid()} {socket.gethostname()}")  # its holder died
     assert lock_folder(tmp_path) is None
-    assert (tmp_path / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()} -"
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
     other = subprocess.run(
         [sys.executable, "-c", f"from ilvr_toolkit.fileio import lock_folder; print(lock_folder({str(tmp_path)!r}))"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert other.stdout.strip() == f"pid {os.getpid()} on {socket.gethostname()}"
-    unlock_folder(tmp_path)
 
 
 def test_cleanup_removes_only_temps_whose_writer_is_gone(tmp_path):
@@ -96,15 +93,13 @@ def test_cleanup_removes_only_temps_whose_writer_is_gone(tmp_path):
         "dead": f".a.png.0123abcd.{dead_pid()}@{host}.tmp",
         "elsewhere": ".a.png.0123abcd.1@another-host.example.tmp",
         "old format": ".last.ckpt.0123abcd.tmp",
-        "other file": f".b.png.0123abcd.{dead_pid()}@{host}.tmp",
+        "other dead": f".b.ckpt.0123abcd.{dead_pid()}@{host}.tmp",
     }
     for name in names.values():
         (tmp_path / name).write_bytes(b"partial")
-    removed = remove_dead_temps(tmp_path, ["a.png", "last.ckpt"])
-    assert sorted(removed) == sorted(tmp_path / names[k] for k in ("dead", "old format"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        names[k] for k in ("live", "elsewhere", "other file")
-    )
+    removed = remove_dead_temps(tmp_path)
+    assert sorted(removed) == sorted(tmp_path / names[k] for k in ("dead", "old format", "other dead"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("live", "elsewhere"))
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
@@ -121,21 +116,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path)
 
 
 def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(runner, tmp_path):
-    refs, out = tmp_path / "refs", tmp_path / "out"
-    refs.mkdir()
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(refs / f"{name}.png")
-    cmd = [
-        "sample.py",
-        "--config",
-        "configs/sample_demo.yaml",
-        "--output.dir",
-        str(out),
-        "--evaluate_against",
-    ]
-    cmd += ["null", "--ilvr.factor", "4", "--progress", "false", "--references", str(refs)]
-    cmd += ["--sampler.respacing", "2", "--samples_per_reference", "1"]
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
     host = socket.gethostname()
     live, dead = (
         out / f".a_s0.png.0123abcd.{os.getpid()}@{host}.tmp",

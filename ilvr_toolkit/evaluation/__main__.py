@@ -31,10 +31,9 @@ def _main(argv: list[str]) -> int:
     if config.outputs is None or (config.target is None and config.references is None):
         raise UsageError("give --outputs, and --target (FID/KID) and/or --references (SSIM/PSNR/L2)")
     check_paths({name: config[name] for name in ("outputs", "target", "references", "inception_weights")})
-    for name, low in (("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 1), ("workers", 0)):
-        check_range(name, config[name], low)
-    if config.factor is not None:
-        check_range("factor", config.factor, 1)
+    for name, low in dict(batch_size=1, kid_subsets=1, kid_subset_size=1, workers=0, factor=1).items():
+        if config[name] is not None:
+            check_range(name, config[name], low)
     settings = EvalSettings(**{f.name: config[f.name] for f in fields(EvalSettings)})
     metrics = evaluate_translation(config.outputs, config.references, config.target, settings=settings)
     print(format_table(metrics))

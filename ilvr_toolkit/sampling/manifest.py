@@ -54,42 +54,19 @@ class ManifestPart:
         write_json(self.path, {"images": self.images, "failed": self.failed})
 
 
-#: the settings that make the images: a rerun into the same folder must have the same
-SAME_RUN = ("model", "checkpoint_sha256", "references", "unconditional", "num_samples", "ilvr", "sampler")
-SAME_RUN += (
-    "class_labels",
-    "samples_per_reference",
-    "seed",
-    "precision",
-    "channels_last",
-    "native_groupnorm",
-)
+#: the settings that make the images: a rerun into the same output folder must keep them
+SAME_RUN = ("model", "references", "unconditional", "num_samples", "ilvr", "sampler", "class_labels")
+SAME_RUN += ("samples_per_reference", "seed", "precision", "channels_last", "native_groupnorm")
 
 
-def check_same_run(out_dir: Path, config: dict[str, Any]) -> None:
-    """Record the image-making settings of ``config`` in ``OUT/.manifest/settings.json`` at a
-    run's first start; a rerun into ``out_dir`` continues it only with the same ones, else
-    :class:`UsageError` names the first setting that differs."""
-    path = out_dir / PARTS_DIR / "settings.json"
-    settings = json.loads(json.dumps({key: config[key] for key in SAME_RUN}, default=str))
-    if not path.is_file():
-        return write_json(path, settings)
-    stored = read_json(path)
-    for key, value in _dotted(settings).items():
-        old = _dotted(stored).get(key)
-        if value != old:
-            raise UsageError(
-                f"--{key.replace('checkpoint_sha256', 'model.checkpoint')} {value}: {out_dir} holds a run made "
-                f"with {old} ({path}); give the same to continue it, or another --output.dir"
-            )
-
-
-def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return flat
+def check_same_run(out_dir: Path, config: dict[str, Any], sha256: str) -> None:
+    """Record the settings that make the images in ``OUT/.manifest/settings.json``; a rerun must match."""
+    path, now = out_dir / PARTS_DIR / "settings.json", {"model.sha256": sha256}
+    for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
+        now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    before = read_json(path) if path.is_file() else write_json(path, now) or now
+    for key in (key for key in now if now[key] != before.get(key)):
+        raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
 
 
 def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:

@@ -22,7 +22,7 @@ from ..conditioning import LowPass
 from ..data.references import ReferenceSet
 from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..fileio import remove_dead_temps
-from ..models import LoadedModel, get_preset, load_model, parse_flags
+from ..models import LoadedModel, load_model, parse_flags
 from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
@@ -75,35 +75,7 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
     base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
-    try:
-        return sampling_diffusion(base, config.sampler)
-    except ValueError as error:  # e.g. more steps than the model has
-        raise UsageError(f"--sampler.respacing {config.sampler.respacing}: {error}") from None
-
-
-def _check_settings(
-    config: SampleConfig, image_size: int, diffusion: GaussianDiffusion, refs: _References
-) -> int:
-    """What only the model tells (factors dividing its size, the ILVR range in its steps) and
-    a readable reference, before any sampling; returns the respaced range_t."""
-    for factor in [] if refs.unconditional else config.ilvr.factors:
-        if image_size % factor:
-            raise UsageError(
-                f"--ilvr.factor {factor}: expected a divisor of the model's image size {image_size}"
-            )
-    try:
-        range_t = ilvr_range_t(config.ilvr, diffusion)
-    except ValueError as error:
-        given = next(
-            (k for k in ("range_t", "fraction", "stop_timestep") if getattr(config.ilvr, k) is not None), ""
-        )
-        raise UsageError(f"--ilvr.{given} {getattr(config.ilvr, given, '')}: {error}") from None
-    errors = [] if refs.unconditional else (refs.source.try_get(i)[1] for i in range(len(refs.names)))
-    if not any(error is None for error in errors) and not refs.unconditional:
-        raise UsageError(
-            f"--references {config.references}: none of its {len(refs.names)} images can be read"
-        )
-    return range_t
+    return sampling_diffusion(base, config.sampler)
 
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
@@ -115,11 +87,6 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
         parse_flags(config.model.flags or "")
     except ValueError as err:
         raise UsageError(f"--model.flags: {err}") from None
-    try:
-        if config.model.preset:
-            get_preset(config.model.preset)
-    except KeyError as err:
-        raise UsageError(f"--model.preset {config.model.preset}: {err.args[0]}") from None
     loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
@@ -216,8 +183,9 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     image_size = loaded.unet_config.image_size
     diffusion = _diffusion_for(loaded, config)
     refs = _References(config, image_size)
-    range_t = _check_settings(config, image_size, diffusion, refs)  # which respaced steps ILVR conditions
-    check_same_run(out_dir, {**config.to_dict(), "checkpoint_sha256": loaded.sha256})
+    range_t = ilvr_range_t(config.ilvr, diffusion)  # once per run: which respaced steps ILVR conditions
+    if not refs.unconditional and all(refs.source.try_get(i)[1] for i in range(len(refs.names))):
+        raise UsageError(f"--references {config.references}: none of its images is readable")
     labels = resolve_class_labels(config.class_labels, refs.names, loaded.unet_config.num_classes)
     config = dataclasses.replace(config, class_labels=labels)
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
@@ -230,11 +198,12 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
         indices=indices,
     )
     mine = items[ranks.rank :: ranks.world_size]
-    remove_dead_temps(out_dir, [item.filename for item in mine])
+    remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
     lowpasses = {n: LowPass(image_size, n, device) for n in {item.factor for item in todo} if n is not None}
+    check_same_run(out_dir, config.to_dict(), loaded.sha256)  # all checked: a rerun must match
     shared = _Sampling(
         net, diffusion, image_size, device, config.sampler, lowpasses, range_t, config.ilvr.mode, labels
     )

@@ -65,12 +65,11 @@ def hpc_checkpoints(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
 def find_resume_checkpoint(
     run_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
 ) -> Path | None:
-    """The newest (by modification time) of ``CHECKPOINT_DIR/last.ckpt`` and ``RUN/hpc_ckpt_*.ckpt``
-    that is complete, else the newest complete ``CHECKPOINT_DIR/step=N.ckpt``. A damaged one
-    (empty or truncated: torch's zip archive lacks its end record) is passed over with a warning."""
+    """The newest complete one of ``CHECKPOINT_DIR/last.ckpt``, ``RUN/hpc_ckpt_*.ckpt``, else of the
+    snapshots; a damaged one (empty, truncated: no zip end record) is passed over, saying so."""
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
     primary = {p for p in [folder / "last.ckpt", *hpc_checkpoints(run_dir).values()] if p.is_file()}
-    found = primary | (set(folder.glob("*.ckpt")) if folder.is_dir() else set())
+    found = primary | set(folder.glob("*.ckpt"))
     for path in sorted(found, key=lambda p: (p in primary, p.stat().st_mtime_ns, p.name[:3] == "hpc"))[::-1]:
         if zipfile.is_zipfile(path):
             return path

@@ -37,7 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from ilvr_toolkit.cli import UsageError, check_config_files, check_paths, run_command
 from ilvr_toolkit.data import ImageDataModule
 
-from ..fileio import atomic_write_bytes, lock_folder, unlock_folder
+from ..fileio import atomic_write_bytes, lock_folder
 from .callbacks import ILVRPreview, SampleGrid
 from .checkpointing import EMA, AtomicCheckpointIO, RunCheckpoint, find_resume_checkpoint
 from .fid_monitor import FIDMonitor
@@ -147,40 +147,20 @@ class TrainCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then check every path and value that would fail later, before any work, and
-        lock the run directory (rank 0 only: the launching process of a DDP or SLURM run)."""
+        """Parse, check the paths, lock the run directory (rank 0: the launching process of DDP)."""
         super().parse_arguments(parser, args)
-        if self.config.get("subcommand") != "fit":
+        fit = self.config.get("fit") if self.config.get("subcommand") == "fit" else None
+        if fit is None:
             return
-        fit = self.config.fit
         ckpt = fit.ckpt_path if fit.ckpt_path not in ("last", "hpc", "best") else None
         run_dir = fit.trainer.default_root_dir or DEFAULT_RUN_DIR
-        check_paths(
-            {
-                "data.path": fit.data.path,
-                "init_from": fit.init_from,
-                "ckpt_path": ckpt,
-                "ilvr_preview.references": fit.ilvr_preview.references,
-            },
-            {"trainer.default_root_dir": run_dir},
-        )
+        inputs = {"data.path": fit.data.path, "init_from": fit.init_from, "ckpt_path": ckpt}
+        check_paths({**inputs, "ilvr_preview.references": fit.ilvr_preview.references})
         if ckpt and not zipfile.is_zipfile(ckpt):
             raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
-        size, ilvr = resolve_unet_config(fit.model.unet).image_size, fit.ilvr_preview.ilvr
-        for factor in ilvr.factor if isinstance(ilvr.factor, list) else [ilvr.factor]:
-            if fit.ilvr_preview.every_n_steps and size % factor:
-                raise UsageError(
-                    f"--ilvr_preview.ilvr.factor {factor}: expected a divisor of the image size {size}"
-                )
         holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
         if holder is not None:
-            raise UsageError(
-                f"--trainer.default_root_dir {run_dir}: in use by {holder} ({Path(run_dir) / '.lock'}); "
-                "wait for that run to end, or choose another run directory"
-            )
-
-    def after_fit(self) -> None:
-        unlock_folder(self.trainer.default_root_dir)
+            raise UsageError(f"--trainer.default_root_dir {run_dir}: in use by {holder} ({run_dir}/.lock)")
 
     def _setting(self, key: str, default: Any = None) -> Any:
         config = self.config_init
