@@ -21,7 +21,6 @@ from typing import IO, Any
 __all__ = ["atomic_open", "atomic_write_bytes", "lock_folder", "pid_alive", "remove_dead_temps"]
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}(?:\.(\d+)@(.+))?\.tmp$")
-_LOCKS: dict[Path, int] = {}
 
 
 @contextlib.contextmanager
@@ -88,17 +87,17 @@ def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def lock_folder(folder: str | os.PathLike[str]) -> str | None:
-    """Hold ``FOLDER/.lock`` (``pid host``) until this process ends, however; None, or its holder."""
+    """Hold ``FOLDER/.lock`` (``pid host``) until this process ends, however; None, or its holder.
+    A POSIX lock: forked children (DataLoader workers) do not inherit it, the same process may retake it."""
     path = Path(folder) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _LOCKS.get(path) or os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
         holder = os.read(fd, 512).decode(errors="replace").split() + ["?", "?"]
         os.close(fd)
         return f"pid {holder[0]} on {holder[1]}"
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}".encode(), 0)
-    _LOCKS[path] = fd
-    return None
+    return None  # fd stays open: closing any descriptor of the file would release the lock

@@ -78,12 +78,23 @@ def test_second_train_is_refused_then_a_dead_holders_lock_is_taken_over(runner, 
 def test_lock_records_its_holder_and_a_stale_one_is_taken_over(tmp_path):
     (tmp_path / ".lock").write_text(f"{dead_pid()} {socket.gethostname()}")  # its holder died
     assert lock_folder(tmp_path) is None
-    assert (tmp_path / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}"
     other = subprocess.run(
         [sys.executable, "-c", f"from ilvr_toolkit.fileio import lock_folder; print(lock_folder({str(tmp_path)!r}))"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert other.stdout.strip() == f"pid {os.getpid()} on {socket.gethostname()}"
+    # A holder killed while a child it forked (a DataLoader worker) lives on: the lock is free.
+    code = "import os, sys, time; from ilvr_toolkit.fileio import lock_folder; lock_folder(sys.argv[1]); "
+    code += "pid = os.fork(); time.sleep(60) if pid == 0 else print(pid, flush=True)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = tmp_path / "run"
+    child = int(
+        subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=env).stdout
+    )
+    try:
+        assert lock_folder(run) is None
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_cleanup_removes_only_temps_whose_writer_is_gone(tmp_path):

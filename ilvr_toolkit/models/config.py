@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..cli import UsageError
 from ..flags import parse_numbers, resolve_flags
 
 #: guided-diffusion's channel multipliers when ``channel_mult`` is left empty.
@@ -204,7 +203,7 @@ RELEASED_CHECKPOINTS: dict[str, str] = {
 def get_preset(name: str) -> UNetConfig:
     """The preset config called ``name`` (configs are frozen, so sharing is safe)."""
     if name not in PRESETS:
-        raise UsageError(f"unknown UNet preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise KeyError(f"unknown UNet preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
 

@@ -22,7 +22,7 @@ from ..conditioning import LowPass
 from ..data.references import ReferenceSet
 from ..diffusion import DiffusionConfig, GaussianDiffusion
 from ..fileio import remove_dead_temps
-from ..models import LoadedModel, load_model, parse_flags
+from ..models import LoadedModel, get_preset, load_model, parse_flags
 from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
@@ -83,10 +83,12 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
         raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
     if config.model.flags and config.model.preset:
         raise UsageError("--model.flags: give either it or --model.preset, not both")
-    try:  # a mistake in the flag string is the user's: name the option
+    try:  # a mistake in the flag string or the preset's name is the user's: name the option
         parse_flags(config.model.flags or "")
-    except ValueError as err:
-        raise UsageError(f"--model.flags: {err}") from None
+        if config.model.preset:
+            get_preset(config.model.preset)
+    except (ValueError, KeyError) as err:  # KeyError: no such preset
+        raise UsageError(f"--model.{'preset' if type(err) is KeyError else 'flags'}: {err.args[0]}") from None
     loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
