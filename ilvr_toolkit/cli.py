@@ -199,6 +199,7 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
 def _one_line(error: BaseException) -> str:
     """The error as one line; jsonargparse's parse errors as ``--key VALUE: expected ...``."""
     text = " ".join(str(error).split()) or type(error).__name__
+    text = re.sub(r"^Unexpected config: ([\w.]+):$", r"key '\1' is empty (null): give its settings", text)
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         return f"{error.filename}: {text}"
     match = re.match(r'Parser key "([^"]+)":\s*(.*)', str(error), re.S)

@@ -35,7 +35,7 @@ MERGE = ["-m", "ilvr_toolkit.sampling.merge"]
 CASES = [
     # ---- train.py fit
     ("fit-steps-0", [*TRAIN, "--model.diffusion.steps", "0"], 2, ["--model.diffusion.steps", "0"]),
-    ("fit-model-null", [*TRAIN, "--config", "{model_null}"], 2, ["model"]),
+    ("fit-model-null", [*TRAIN, "--config", "{model_null}"], 2, ["'model' is empty (null)"]),
     ("fit-bad-yaml", [*TRAIN, "--config", "{bad_yaml}"], 2, ["{bad_yaml}", "invalid YAML"]),
     ("fit-missing-yaml", [*TRAIN, "--config", "{tmp}/nope.yaml"], 2, ["nope.yaml"]),
     ("fit-unknown-key-yaml", [*TRAIN, "--config", "{unknown_yaml}"], 2, ["modle"]),
@@ -77,7 +77,7 @@ CASES = [
     ("sample-eval-not-data", [*SAMPLE, "--evaluate_against", "{empty_dir}"], None, ["{empty_dir}"]),
     ("sample-ckpt-text", [*SAMPLE, "--model.checkpoint", "{txt}"], None, ["notes.txt"]),
     ("sample-ckpt-empty", [*SAMPLE, "--model.checkpoint", "{empty}"], None, ["empty.pt"]),
-    ("sample-model-null", [*SAMPLE, "--config", "{model_null}"], 2, ["model"]),
+    ("sample-model-null", [*SAMPLE, "--config", "{model_null}"], 2, ["'model' is empty (null)"]),
     ("sample-bad-yaml", [*SAMPLE, "--config", "{bad_yaml}"], 2, ["{bad_yaml}"]),
     ("sample-unknown-key", [*SAMPLE, "--config", "{unknown_yaml}"], 2, ["modle"]),
     ("sample-preset", [*SAMPLE, "--model.preset", "ffhq99"], 2, ["ffhq99"]),
