@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UsageError",
+    "check_config_files",
+    "check_paths",
     "check_range",
     "make_parser",
     "normalize_options",
@@ -122,10 +124,7 @@ def parse_options(
     """:func:`normalize_options` then ``parser.parse_args``; every ``--config`` file is read
     first, so a missing file or invalid YAML is a :class:`UsageError` naming the file."""
     args = normalize_options(argv, parser, aliases, repeatable)
-    configs = [args[i + 1] for i, token in enumerate(args[:-1]) if token == "--config"]
-    configs += [token.partition("=")[2] for token in args if token.startswith("--config=")]
-    for path in configs:
-        _check_yaml_file(path)
+    configs = check_config_files(args)
     try:
         return parser.parse_args(args)
     except argparse.ArgumentError as error:
@@ -135,19 +134,30 @@ def parse_options(
         raise UsageError(f"--config {' '.join(configs)}: unknown option {unknown.group(1)!r}") from None
 
 
-def _check_yaml_file(path: str) -> None:
-    """Raise :class:`UsageError` ``--config PATH: ...`` unless it is a readable YAML file."""
+def check_config_files(args: Sequence[str]) -> list[str]:
+    """The ``--config`` files in ``args``; :class:`UsageError` ``--config PATH: ...`` unless readable YAML."""
     import yaml
 
-    try:
-        yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise UsageError(f"--config {path}: cannot read: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise UsageError(f"--config {path}: invalid YAML{where}: {problem}") from None
+    configs = [args[i + 1] for i, token in enumerate(args[:-1]) if token in ("--config", "-c")]
+    configs += [token.partition("=")[2] for token in args if token.startswith("--config=")]
+    for path in configs:
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except OSError as error:
+            raise UsageError(f"--config {path}: cannot read: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error)
+            raise UsageError(f"--config {path}: invalid YAML{where}: {problem}") from None
+    return configs
+
+
+def check_paths(named: Mapping[str, Any]) -> None:
+    """Before any work: each ``{option: path}`` given exists, else :class:`UsageError` naming it."""
+    for option, path in named.items():
+        if path and not Path(path).exists():
+            raise UsageError(f"--{option} {path}: no such file or folder")
 
 
 def setup_logging() -> None:
@@ -172,9 +182,16 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, argparse.ArgumentError, ValueError, OSError) as error:
+    except Exception as error:  # lmdb's errors (a full disk, a damaged file) are about a file too
+        file_errors = (OSError, getattr(sys.modules.get("lmdb"), "Error", OSError))
+        if not isinstance(error, (argparse.ArgumentError, ValueError, *file_errors)):
+            raise
         if debug:
             traceback.print_exc()
+        chain = [error]  # a UsageError that a library wrapped is the user's mistake
+        while chain[-1].__cause__ or chain[-1].__context__:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        error = next((e for e in chain if isinstance(e, UsageError)), error)
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, UsageError | argparse.ArgumentError) else 1
 
@@ -182,6 +199,7 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
 def _one_line(error: BaseException) -> str:
     """The error as one line; jsonargparse's parse errors as ``--key VALUE: expected ...``."""
     text = " ".join(str(error).split()) or type(error).__name__
+    text = re.sub(r"^Unexpected config: ([\w.]+):$", r"key '\1' is empty (null): give its settings", text)
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         return f"{error.filename}: {text}"
     match = re.match(r'Parser key "([^"]+)":\s*(.*)', str(error), re.S)

@@ -8,27 +8,33 @@ is a rename), fsync it, ``os.replace`` it over the target, fsync the folder.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes"]
+__all__ = ["atomic_open", "atomic_write_bytes", "lock_folder", "pid_alive", "remove_dead_temps"]
+
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}(?:\.(\d+)@(.+))?\.tmp$")
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file for writing that replaces ``path`` when the block ends without error.
 
-    The temp file (``.NAME.<8 hex>.tmp`` beside ``path``) gets mode 0o666 minus the umask,
-    like a plain ``open``; it is removed if the block raises. A process killed midway leaves
-    it behind: callers resuming a job delete such leftovers of their own files.
+    The temp file (``.NAME.<8 hex>.<pid>@<host>.tmp`` beside ``path``) gets mode 0o666 minus
+    the umask, like a plain ``open``; it is removed if the block raises. A process killed midway
+    leaves it behind: :func:`remove_dead_temps` deletes it once its writer is gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    while True:  # the writer in the name: start-up cleanups remove only temps whose writer is gone
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             break
@@ -40,9 +46,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and not error.filename:  # a full disk: name the file
+            raise OSError(error.errno, f"cannot write: {error.strerror}", os.fspath(path)) from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -56,3 +64,40 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
     with atomic_open(path, "wb") as handle:
         handle.write(data)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's counts)."""
+    try:
+        return os.kill(pid, 0) is None
+    except OSError as error:
+        return error.errno != errno.ESRCH
+
+
+def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temp files of :func:`atomic_open` in ``folder`` whose writer is gone: a pid of
+    this host that no longer runs, or none (an older version's); those of live writers stay."""
+    removed = []
+    for entry in Path(folder).glob(".*.tmp"):
+        pid, host = match.group(1, 2) if (match := _TEMP.match(entry.name)) else ("", "")
+        if pid is None or (host == socket.gethostname() and not pid_alive(int(pid))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def lock_folder(folder: str | os.PathLike[str]) -> str | None:
+    """Hold ``FOLDER/.lock`` (``pid host``) until this process ends, however; None, or its holder.
+    A POSIX lock: forked children (DataLoader workers) do not inherit it, the same process may retake it."""
+    path = Path(folder) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        holder = os.read(fd, 512).decode(errors="replace").split() + ["?", "?"]
+        os.close(fd)
+        return f"pid {holder[0]} on {holder[1]}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}".encode(), 0)
+    return None  # fd stays open: closing any descriptor of the file would release the lock

@@ -136,9 +136,9 @@ def test_seeds_shards_and_resume_with_a_task(reference_dir, refs, mask_png, tmp_
         assert all(np.abs(b3[k] - other[k]).max() <= 1 for k in b3)  # batch-size dependent kernels
     (tmp_path / "b3" / "ref1_s0.png").unlink()
     assert _run(reference_dir, refs, tmp_path / "b3", *task).written == ["ref1_s0.png"]  # resumed
-    with pytest.raises(Exception, match=r"sdedit start index 1: .* holds a run with sdedit start index 3"):
+    with pytest.raises(Exception, match=r"--sdedit.strength 0.25: .* holds a run made with 0.5"):
         _run(reference_dir, refs, tmp_path / "b3", *task[:4], "--sdedit.strength", "0.25")
-    with pytest.raises(Exception, match=r"^task inpaint: .* holds a run with task local_edit"):
+    with pytest.raises(Exception, match=r"^--task inpaint: .* holds a run made with local_edit"):
         _run(reference_dir, refs, tmp_path / "b3", "--task", "inpaint", "--mask", str(mask_png[0]))
 
 

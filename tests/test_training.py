@@ -29,10 +29,11 @@ from conftest import free_port
 from PIL import Image
 
 from ilvr_toolkit.data.prepare import build_lmdb
+from ilvr_toolkit.fileio import remove_dead_temps
 from ilvr_toolkit.models import CheckpointError, build_unet, get_preset, load_model
 from ilvr_toolkit.models.config import UNetConfig
 from ilvr_toolkit.training import EMA, find_resume_checkpoint
-from ilvr_toolkit.training.checkpointing import atomic_torch_save, remove_stale_temp_files
+from ilvr_toolkit.training.checkpointing import atomic_torch_save
 from ilvr_toolkit.training.cli import TrainCLI
 from ilvr_toolkit.training.cli import main as train_main
 from ilvr_toolkit.training.export import export_checkpoint
@@ -419,9 +420,9 @@ def test_user_errors_end_in_one_line(lmdb_path: Path, tmp_path: Path, capsys: py
         == f"train.py export: error: checkpoint {tmp_path / 'missing.ckpt'}: no such file\n"
     )
     args = common_args(lmdb_path, tmp_path / "run", **{"data.path": tmp_path / "nowhere.lmdb"})
-    assert train_main(["fit", *args]) == 1
+    assert train_main(["fit", *args]) == 2  # checked before any work: a usage error
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("train.py: error: ") and "nowhere.lmdb" in err[-1]
+    assert err[-1].startswith("train.py: error: --data.path ") and "nowhere.lmdb" in err[-1]
     assert not any("Traceback" in line for line in err)
 
 
@@ -552,7 +553,7 @@ def test_resume_picks_the_newest_and_stale_temp_files_are_removed(tmp_path: Path
     assert find_resume_checkpoint(tmp_path) == last
     stale = tmp_path / "checkpoints" / ".last.ckpt.0123abcd.tmp"
     stale.write_bytes(b"partial")
-    assert remove_stale_temp_files(tmp_path / "checkpoints") == [stale] and not stale.exists()
+    assert remove_dead_temps(tmp_path / "checkpoints") == [stale] and not stale.exists()
     assert last.is_file()
 
 

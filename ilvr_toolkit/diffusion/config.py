@@ -3,8 +3,9 @@
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
+from ..cli import check_range
 from ..flags import checked_fields, diffusion_settings  # stdlib only, shared with models
 
 
@@ -28,7 +29,7 @@ class DiffusionConfig:
     """
 
     steps: int = 1000
-    noise_schedule: str = "linear"
+    noise_schedule: Literal["linear", "cosine"] = "linear"
     learn_sigma: bool = True
     sigma_small: bool = False
     use_kl: bool = False
@@ -39,6 +40,9 @@ class DiffusionConfig:
     p2_gamma: float = 0.0
     p2_k: float = 1.0
     clip_denoised: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("model.diffusion.steps", self.steps, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,7 +5,7 @@ from dataclasses import fields
 
 from jsonargparse import ArgumentParser
 
-from ..cli import UsageError, make_parser, parse_options, run_command, setup_logging
+from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
 from .api import EvalSettings, evaluate_translation, format_table, write_metrics
 
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -29,6 +29,10 @@ def _main(argv: list[str]) -> int:
     config = parse_options(build_parser(), argv, aliases={"--json": "--metrics_json"})  # the 0.1 name
     if config.outputs is None or (config.target is None and config.references is None):
         raise UsageError("give --outputs, and --target (FID/KID) and/or --references (SSIM/PSNR/L2)")
+    check_paths({name: config[name] for name in ("outputs", "target", "references", "inception_weights")})
+    for name, low in dict(batch_size=1, kid_subsets=1, kid_subset_size=1, workers=0, factor=1).items():
+        if config[name] is not None:
+            check_range(name, config[name], low)
     settings = EvalSettings(**{f.name: config[f.name] for f in fields(EvalSettings)})
     metrics = evaluate_translation(config.outputs, config.references, config.target, settings=settings)
     print(format_table(metrics))

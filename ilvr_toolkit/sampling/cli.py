@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from jsonargparse import ArgumentParser, Namespace
 
-from ..cli import UsageError, check_range, make_parser, parse_options, run_command, setup_logging
+from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
+from ..data.references import ReferenceSet
 from ..runtime import configure_threads
 from .config import SampleConfig
 
@@ -75,7 +76,11 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
     if namespace.threads is not None:
         check_range("threads", namespace.threads, 1)
     configure_threads(namespace.threads)
-    _check_paths(config)
+    named = {"model.checkpoint": config.model.checkpoint, "evaluate_against": config.evaluate_against}
+    named.update(references=None if config.unconditional else config.references)
+    check_paths({**named, "inception_weights": config.inception_weights})  # before any work
+    if config.evaluate_against:  # a folder of images or an LMDB: found out now, not after sampling
+        ReferenceSet(config.evaluate_against, 1)
     if config.evaluate_against and evaluate is None:
         raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
     from .runner import STOP, run
@@ -88,20 +93,6 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
     if config.evaluate_against and result.manifest is not None:
         evaluate(config, result)
     return 0
-
-
-def _check_paths(config: SampleConfig) -> None:
-    """Every file or folder named on the command line exists before any work starts."""
-    named = {
-        "model.checkpoint": config.model.checkpoint,
-        "references": None if config.unconditional else config.references,
-        "mask": config.mask,
-        "evaluate_against": config.evaluate_against,
-        "inception_weights": config.inception_weights,
-    }
-    for option, path in named.items():
-        if path and not Path(path).exists():
-            raise UsageError(f"--{option} {path}: no such file or folder")
 
 
 def _report(result: RunResult) -> None:

@@ -5,6 +5,7 @@ a killed run keeps the timings of what it finished); the main rank merges the pa
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 
+from ..cli import UsageError
 from .writer import read_json, write_json
 
-__all__ = ["ManifestPart", "versions", "merge_manifest"]
+__all__ = ["ManifestPart", "check_same_run", "versions", "merge_manifest"]
 
 PARTS_DIR = ".manifest"
 
@@ -50,6 +52,30 @@ class ManifestPart:
 
     def save(self) -> None:
         write_json(self.path, {"images": self.images, "failed": self.failed})
+
+
+#: the settings that make the images: a rerun into the same output folder must keep them
+SAME_RUN = ("model", "references", "unconditional", "num_samples", "ilvr", "sampler", "class_labels")
+SAME_RUN += (
+    "samples_per_reference",
+    "seed",
+    "precision",
+    "channels_last",
+    "native_groupnorm",
+    "task",
+    "sdedit",
+)
+
+
+def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str | None]) -> None:
+    """Record the settings that make the images (and ``digests`` of the files they come from:
+    model, mask) in ``OUT/.manifest/settings.json``; a rerun must match them."""
+    path, now = out_dir / PARTS_DIR / "settings.json", dict(digests)
+    for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
+        now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    before = read_json(path) if path.is_file() else write_json(path, now) or now
+    for key in (key for key in now if now[key] != before.get(key)):
+        raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
 
 
 def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ..batchjob import LineProgress, StopSignals, leave_note
 from ..cli import UsageError
 from ..diffusion import DiffusionConfig, GaussianDiffusion
-from ..models import LoadedModel, load_model, parse_flags
+from ..fileio import remove_dead_temps
+from ..models import LoadedModel, get_preset, load_model, parse_flags, sha256_file
 from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
@@ -27,11 +28,11 @@ from .distributed import barrier, finish, init_ranks
 from .generate import Condition, generate, sampling_diffusion
 from .grid import build_grid
 from .labels import resolve_class_labels
-from .manifest import ManifestPart, merge_manifest, versions
+from .manifest import ManifestPart, check_same_run, merge_manifest, versions
 from .plan import WorkItem, batches, plan_items, shard_range
 from .shards import fixed_shard_count, run_summary
 from .tasks import reference_set, task_setup
-from .writer import remove_stale_temps, save_png
+from .writer import save_png
 
 __all__ = ["RunResult", "run", "resolve_device", "make_net"]
 
@@ -81,10 +82,12 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
         raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
     if config.model.flags and config.model.preset:
         raise UsageError("--model.flags: give either it or --model.preset, not both")
-    try:  # a mistake in the flag string is the user's: name the option
+    try:  # a mistake in the flag string or the preset's name is the user's: name the option
         parse_flags(config.model.flags or "")
-    except ValueError as err:
-        raise UsageError(f"--model.flags: {err}") from None
+        if config.model.preset:
+            get_preset(config.model.preset)
+    except (ValueError, KeyError) as err:  # KeyError: no such preset
+        raise UsageError(f"--model.{'preset' if type(err) is KeyError else 'flags'}: {err.args[0]}") from None
     loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
@@ -174,15 +177,17 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     if device.type == "cuda" and ranks.world_size > 1:
         device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
     out_dir = Path(config.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # array reruns
     loaded, net = _load(config, device)
     image_size = loaded.unet_config.image_size
     diffusion = _diffusion_for(loaded, config)
     refs = _References(config, image_size)
+    if not refs.unconditional and all(refs.source.try_get(i)[1] for i in range(len(refs.names))):
+        raise UsageError(f"--references {config.references}: none of its images is readable")
     labels = resolve_class_labels(config.class_labels, refs.names, loaded.unet_config.num_classes)
     config = dataclasses.replace(config, class_labels=labels)
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
+    condition = task_setup(config, image_size, diffusion, device, [n for n in factors if n is not None])
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
     items = plan_items(
         refs.names,
@@ -192,11 +197,12 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
         indices=indices,
     )
     mine = items[ranks.rank :: ranks.world_size]
-    remove_stale_temps(out_dir, [item.filename for item in mine])
+    remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
-    condition = task_setup(config, image_size, diffusion, device, [n for n in factors if n is not None])
+    digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
+    check_same_run(out_dir, config.to_dict(), digests)  # all checked: a rerun must match
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)

@@ -36,8 +36,8 @@ log = logging.getLogger("ilvr_toolkit.sampling")
 
 def _create_once(path: Path, data: dict) -> None:
     """Write ``path`` unless it exists (atomic: the file appears complete or not at all)."""
-    # array tasks on different nodes can share a pid: the temp name is unique across hosts
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # atomic_open's temp name (unique across hosts; remove_dead_temps spares it while its writer lives)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp")
     write_json(tmp, data)
     with contextlib.suppress(FileExistsError):
         os.link(tmp, path)

@@ -4,9 +4,7 @@ low-resolution inputs, upsampled once as they are read, so sampler, grid and met
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +17,6 @@ from ..diffusion import GaussianDiffusion
 from ..images import to_float, to_uint8
 from .config import SampleConfig, SDEditSpec
 from .generate import Condition, ilvr_range_t
-from .writer import read_json, write_json
 
 __all__ = ["load_mask", "run_operators", "reference_set", "sdedit_start", "task_setup"]
 
@@ -81,31 +78,9 @@ def task_setup(
     config: SampleConfig, image_size: int, diffusion: GaussianDiffusion, device: torch.device, factors: list
 ) -> Callable[[torch.Tensor, int | None], Condition]:
     """``condition(references, N)``: the Condition of a batch of uint8 references (B, 3, H, W)
-    for factor N (P, the resolved range, mode, SDEdit start: fixed once per run). Records the
-    task settings in the output folder, where a rerun with others is refused (``OUT/.task.json``)."""
+    for factor N (P, the resolved range, mode, SDEdit start: fixed once per run). The task
+    settings are among the run's settings a rerun must match (``manifest.check_same_run``)."""
     operators = run_operators(config, image_size, device, factors)
     range_t, mode = ilvr_range_t(config.ilvr, diffusion, config.task), config.ilvr.mode
     start = sdedit_start(config.sdedit, diffusion.num_timesteps)
-    mask = hashlib.sha256(Path(config.mask).read_bytes()).hexdigest() if config.mask else None
-    settings = {
-        "task": config.task,
-        "mask sha256": mask,
-        "ilvr.factor": config.ilvr.factor,
-        "ilvr.mode": mode,
-    }
-    _check_settings(Path(config.output.dir), {**settings, "range_t": range_t, "sdedit start index": start})
     return lambda reference, n: Condition(reference, operators[n], range_t, mode, start)
-
-
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    """Record ``settings`` in ``OUT/.task.json`` at a run's first start; refuse a rerun (resume)
-    whose settings differ, naming the first that does."""
-    path = out_dir / ".task.json"
-    if not path.is_file():
-        return write_json(path, settings)
-    stored = read_json(path)
-    if differ := [key for key, value in settings.items() if stored.get(key) != value]:
-        raise UsageError(
-            f"{differ[0]} {settings[differ[0]]}: {out_dir} holds a run with {differ[0]} "
-            f"{stored.get(differ[0])} ({path}); rerun with the same settings, or use another --output.dir"
-        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ from PIL import Image
 
 from ..fileio import atomic_write_bytes
 
-__all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json", "remove_stale_temps"]
+__all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json"]
 
 
 def save_png(path: str | Path, image: torch.Tensor) -> None:
@@ -31,12 +30,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def remove_stale_temps(directory: Path, names: list[str]) -> None:
-    """Delete temp files a killed writer left for ``names`` (only those: other processes may
-    be writing their own files in the same directory)."""
-    for name in names:
-        for stale in directory.glob(f".{glob.escape(name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None

@@ -10,10 +10,10 @@ signal, Lightning's name). Rerunning the same command resumes from the newest of
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,15 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ..fileio import atomic_open
+from ..cli import UsageError, check_range
+from ..fileio import atomic_open, remove_dead_temps
 
 __all__ = ["EMA", "AtomicCheckpointIO", "RunCheckpoint", "atomic_torch_save", "find_resume_checkpoint"]
 
 _HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
-_TMP_PATTERN = re.compile(r"^\..+\.ckpt\.[0-9a-f]{8}\.tmp$")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -41,18 +41,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-
-
-def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete ``.<name>.ckpt.<random>.tmp`` leftovers of writes killed midway."""
-    removed = []
-    folder = Path(folder)
-    for entry in folder.iterdir() if folder.is_dir() else []:
-        if entry.is_file() and _TMP_PATTERN.match(entry.name):
-            with contextlib.suppress(OSError):
-                entry.unlink()
-                removed.append(entry)
-    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -77,12 +65,16 @@ def hpc_checkpoints(run_dir: str | os.PathLike[str]) -> dict[int, Path]:
 def find_resume_checkpoint(
     run_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
 ) -> Path | None:
-    """The newest (by modification time) of ``CHECKPOINT_DIR/last.ckpt`` and ``RUN/hpc_ckpt_*.ckpt``."""
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
-    candidates = [
-        p for p in [checkpoint_dir / "last.ckpt", *hpc_checkpoints(run_dir).values()] if p.is_file()
-    ]
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc")), default=None)
+    """The newest complete one of ``CHECKPOINT_DIR/last.ckpt``, ``RUN/hpc_ckpt_*.ckpt``, else of the
+    snapshots; a damaged one (empty, truncated: no zip end record) is passed over, saying so."""
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
+    primary = {p for p in [folder / "last.ckpt", *hpc_checkpoints(run_dir).values()] if p.is_file()}
+    found = primary | set(folder.glob("*.ckpt"))
+    for path in sorted(found, key=lambda p: (p in primary, p.stat().st_mtime_ns, p.name[:3] == "hpc"))[::-1]:
+        if zipfile.is_zipfile(path):
+            return path
+        rank_zero_warn(f"{path} is damaged (empty or truncated): skipped; resuming from an older checkpoint")
+    return None
 
 
 class EMA(WeightAveraging):
@@ -121,10 +113,9 @@ class EMA(WeightAveraging):
         warmup: bool = False,
         device: str | None = None,
     ) -> None:
-        if not 0.0 <= decay < 1.0 or update_every_n_steps < 1:
-            raise ValueError(
-                f"EMA decay must be in [0, 1) and update_every_n_steps >= 1, got {decay}, {update_every_n_steps}"
-            )
+        if not 0.0 <= decay < 1.0:
+            raise UsageError(f"--ema.decay {decay}: expected a number in [0, 1)")
+        check_range("ema.update_every_n_steps", update_every_n_steps, 1)
         super().__init__(device=device, use_buffers=True, multi_avg_fn=self.update)
         self.decay = decay
         self.start_step = start_step
@@ -197,8 +188,8 @@ class RunCheckpoint(ModelCheckpoint):
         save_top_k: int = -1,
         filename: str = "{step:08d}",
     ) -> None:
-        if last_every_n_steps < 0 or every_n_train_steps < 0:
-            raise ValueError("last_every_n_steps and every_n_train_steps must be >= 0")
+        check_range("checkpoint.last_every_n_steps", last_every_n_steps, 0)
+        check_range("checkpoint.every_n_train_steps", every_n_train_steps, 0)
         super().__init__(
             dirpath=dirpath,
             filename=filename,
@@ -220,7 +211,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.is_global_zero:
             for folder in {self.dirpath, trainer.default_root_dir}:
-                for path in remove_stale_temp_files(folder) if folder else []:
+                for path in remove_dead_temps(folder) if folder else []:
                     rank_zero_info(f"removed the leftover of an interrupted checkpoint write: {path}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

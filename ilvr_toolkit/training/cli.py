@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,12 +32,19 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.plugins.io import CheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from ilvr_toolkit.cli import check_range, run_command, setup_logging
+from ilvr_toolkit.cli import (
+    UsageError,
+    check_config_files,
+    check_paths,
+    check_range,
+    run_command,
+    setup_logging,
+)
 from ilvr_toolkit.data import ImageDataModule
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, lock_folder
 from ..runtime import tune_process
 from .callbacks import ILVRPreview, SampleGrid
 from .checkpointing import EMA, AtomicCheckpointIO, RunCheckpoint, find_resume_checkpoint
@@ -106,6 +114,7 @@ class TrainCLI(LightningCLI):
             trainer_defaults=defaults,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
+            parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
             args=args,
             run=run,
             **kwargs,
@@ -152,6 +161,22 @@ class TrainCLI(LightningCLI):
             help="under SLURM: on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop "
             "(scripts/slurm/train.sbatch then requeues the job)",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, check the paths, lock the run directory (rank 0: the launching process of DDP)."""
+        super().parse_arguments(parser, args)
+        fit = self.config.get("fit") if self.config.get("subcommand") == "fit" else None
+        if fit is None:
+            return
+        ckpt = fit.ckpt_path if fit.ckpt_path not in ("last", "hpc", "best") else None
+        run_dir = fit.trainer.default_root_dir or DEFAULT_RUN_DIR
+        inputs = {"data.path": fit.data.path, "init_from": fit.init_from, "ckpt_path": ckpt}
+        check_paths({**inputs, "ilvr_preview.references": fit.ilvr_preview.references})
+        if ckpt and not zipfile.is_zipfile(ckpt):
+            raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
+        holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
+        if holder is not None:
+            raise UsageError(f"--trainer.default_root_dir {run_dir}: in use by {holder} ({run_dir}/.lock)")
 
     def _setting(self, key: str, default: Any = None) -> Any:
         config = self.config_init
@@ -210,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fit(args: list[str]) -> int:
     setup_logging()
+    check_config_files(args)  # a missing file or invalid YAML: one line naming the file
     TrainCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv
     _leave_process_group()
     return 0

@@ -1,0 +1,72 @@
+"""Issue 13 point 6: a full disk. Tests run as root (chmod does not make a folder read-only), so
+a full disk is RLIMIT_FSIZE with SIGXFSZ ignored (writes past the limit fail with EFBIG) in the
+command's process; read-only output (a parent that is a regular file) is in test_faults_cli.
+Each case: one error line naming the file, nothing partial under a final name, no temp file
+left, and what was there before (the previous checkpoint, earlier images) kept byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from clirunner import CLIRunner
+from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    runner = CLIRunner()
+    yield runner
+    runner.close()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def assert_one_line_naming(done, path: Path) -> None:
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert ": error: " in last and str(path) in last and "File too large" in last, last
+
+
+def test_training_checkpoint_on_a_full_disk_keeps_the_previous_one(runner, world, tmp_path):  # noqa: F811
+    args = [fill(a, {**world, "tmp": str(tmp_path)}) for a in TRAIN]
+    args += ["--checkpoint.last_every_n_steps", "1", "--samples.every_n_steps", "0"]
+    args += ["--ilvr_preview.every_n_steps", "0", "--trainer.enable_progress_bar", "false"]
+    assert runner(*args, "--trainer.max_steps", "2").returncode == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = digests(checkpoints)
+    done = runner(*args, "--trainer.max_steps", "4", fsize=200_000)  # a checkpoint is ~3 MB
+    assert_one_line_naming(done, checkpoints / "last.ckpt")
+    assert digests(checkpoints) == before and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_sample_png_on_a_full_disk_keeps_earlier_outputs(runner, tmp_path):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a"]) + ["--workers", "0"]
+    assert runner(*cmd).returncode == 0
+    before = digests(out)
+    tiny_sample(tmp_path, ["b"], seed=1)
+    done = runner(*cmd, fsize=1500)  # the manifest part fits, a 32x32 PNG of noise does not
+    assert_one_line_naming(done, out / "b_s0.png")
+    assert not (out / "b_s0.png").exists() and not list(out.rglob("*.tmp"))
+    after = digests(out)
+    assert {k: after[k] for k in before if not k.startswith(".manifest")} == {
+        k: v for k, v in before.items() if not k.startswith(".manifest")
+    }  # the PNG, grid and manifest of the first run
+
+
+def test_converter_on_a_full_disk_leaves_nothing(runner, world, tmp_path):  # noqa: F811
+    out = tmp_path / "o.lmdb"
+    done = runner(
+        "-m", "ilvr_toolkit.data.prepare", world["images"], "--out", str(out), "--size", "16", fsize=3000
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert str(out) in last and "File too large" in last and len(done.stderr.strip().splitlines()) <= 2
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,158 @@
+"""Issue 13 point 4: concurrency and reruns, driven through the real commands.
+
+- a second train.py on a run directory in use is refused at once, naming the holder (pid, host);
+  the first run loses nothing; once the holder is gone its lock is taken over;
+- start-up cleanups remove only temp files whose writer is gone;
+- a damaged newest checkpoint (empty hpc_ckpt, truncated last.ckpt) is passed over, saying so;
+- a rerun of sample.py into an output folder continues the same run or names the setting that
+  differs, and the manifest only ever describes images that run made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from clirunner import REPO, CLIRunner
+from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
+
+from ilvr_toolkit.fileio import lock_folder, remove_dead_temps
+from ilvr_toolkit.training.checkpointing import atomic_torch_save, find_resume_checkpoint
+
+
+@pytest.fixture(scope="module")
+def runner():
+    runner = CLIRunner()
+    yield runner
+    runner.close()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_second_train_is_refused_then_a_dead_holders_lock_is_taken_over(runner, world, tmp_path):  # noqa: F811
+    args = [fill(a, {**world, "tmp": str(tmp_path)}) for a in TRAIN]
+    args += ["--checkpoint.last_every_n_steps", "1", "--samples.every_n_steps", "0"]
+    args += ["--ilvr_preview.every_n_steps", "0", "--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, *args, "--trainer.max_steps", "100000"], cwd=REPO, env=env, stderr=subprocess.PIPE
+    )
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 240
+        while not last.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert last.exists(), first.communicate(timeout=30)[1][-3000:]
+        files = sorted(p.name for p in run.rglob("*"))
+        started = time.monotonic()
+        second = runner(*args, "--trainer.max_steps", "1")
+        assert time.monotonic() - started < 60 and second.returncode == 2, second.stderr[-2000:]
+        line = second.stderr.strip().splitlines()[-1]
+        assert f"in use by pid {first.pid} on {socket.gethostname()}" in line and str(run / ".lock") in line
+        assert first.poll() is None and set(files) <= {
+            p.name for p in run.rglob("*")
+        }  # nothing of it removed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    step = torch.load(last, weights_only=True)["global_step"]
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"")  # a damaged newer checkpoint: passed over
+    third = runner(*args, "--trainer.max_steps", str(step + 1))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"{run / 'hpc_ckpt_1.ckpt'} is damaged (empty or truncated): skipped" in third.stderr
+    assert f"resuming from {last}" in third.stderr
+    assert torch.load(last, weights_only=True)["global_step"] == step + 1
+
+
+def test_lock_records_its_holder_and_a_stale_one_is_taken_over(tmp_path):
+    (tmp_path / ".lock").write_text(f"{dead_pid()} {socket.gethostname()}")  # its holder died
+    assert lock_folder(tmp_path) is None
+    other = subprocess.run(
+        [sys.executable, "-c", f"from ilvr_toolkit.fileio import lock_folder; print(lock_folder({str(tmp_path)!r}))"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert other.stdout.strip() == f"pid {os.getpid()} on {socket.gethostname()}"
+    # A holder killed while a child it forked (a DataLoader worker) lives on: the lock is free.
+    code = "import os, sys, time; from ilvr_toolkit.fileio import lock_folder; lock_folder(sys.argv[1]); "
+    code += "pid = os.fork(); time.sleep(60) if pid == 0 else print(pid, flush=True)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = tmp_path / "run"
+    child = int(
+        subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=env).stdout
+    )
+    try:
+        assert lock_folder(run) is None
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_cleanup_removes_only_temps_whose_writer_is_gone(tmp_path):
+    host = socket.gethostname()
+    names = {
+        "live": f".a.png.0123abcd.{os.getpid()}@{host}.tmp",
+        "dead": f".a.png.0123abcd.{dead_pid()}@{host}.tmp",
+        "elsewhere": ".a.png.0123abcd.1@another-host.example.tmp",
+        "old format": ".last.ckpt.0123abcd.tmp",
+        "other dead": f".b.ckpt.0123abcd.{dead_pid()}@{host}.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    removed = remove_dead_temps(tmp_path)
+    assert sorted(removed) == sorted(tmp_path / names[k] for k in ("dead", "old format", "other dead"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("live", "elsewhere"))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    atomic_torch_save({"global_step": 2}, checkpoints / "step=00000002.ckpt")
+    atomic_torch_save({"global_step": 4}, checkpoints / "last.ckpt")
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    hpc = tmp_path / "hpc_ckpt_3.ckpt"
+    hpc.write_bytes(b"")  # newest, empty
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    data = (checkpoints / "last.ckpt").read_bytes()
+    (checkpoints / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "step=00000002.ckpt"
+
+
+def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(runner, tmp_path):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
+    host = socket.gethostname()
+    live, dead = (
+        out / f".a_s0.png.0123abcd.{os.getpid()}@{host}.tmp",
+        out / f".a_s0.png.0123abcd.{dead_pid()}@{host}.tmp",
+    )
+    out.mkdir()
+    live.write_bytes(b"being written")
+    dead.write_bytes(b"left by a killed run")
+    assert runner(*cmd, "--batch_size", "1").returncode == 0
+    assert live.exists() and not dead.exists()
+    images = {p.name: p.read_bytes() for p in out.glob("*_s0.png")}
+    manifest = (out / "manifest.json").read_text()
+    again = runner(*cmd, "--batch_size", "2", "--workers", "0")  # runtime settings may change
+    assert again.returncode == 0 and "(2 already there)" in again.stdout, again.stderr
+    for flag, value, word in (
+        ("--seed", "1", "--seed 1"),
+        ("--sampler.respacing", "3", "--sampler.respacing 3"),
+    ):
+        done = runner(*cmd, flag, value)
+        line = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and line.startswith(
+            f"sample.py: error: {word}: {out} holds a run made with"
+        )
+    assert {p.name: p.read_bytes() for p in out.glob("*_s0.png")} == images
+    assert (
+        json.loads((out / "manifest.json").read_text())["config"]["seed"]
+        == json.loads(manifest)["config"]["seed"]
+    )
