@@ -60,17 +60,17 @@ def sha256_file(path: PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu") -> Any:
+def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` with errors that say what went wrong.
 
-    Returns the stored object (for an official file: the plain state dict).
-    Raises FileNotFoundError for a missing file, CheckpointError for an unreadable one.
+    Returns the stored object (for an official file: the plain state dict); ``mmap``: tensors
+    stay on disk until used (a cheap check of a zip checkpoint). Raises FileNotFoundError for a missing file, CheckpointError for an unreadable one.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # UnpicklingError, zip errors (RuntimeError), EOFError, KeyError on garbage ...
         if isinstance(err, OSError):
             raise

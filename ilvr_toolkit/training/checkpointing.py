@@ -26,6 +26,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..cli import UsageError, check_range
 from ..fileio import atomic_open, remove_dead_temps
+from ..models import load_state_dict_file
 
 __all__ = ["EMA", "AtomicCheckpointIO", "RunCheckpoint", "atomic_torch_save", "find_resume_checkpoint"]
 
@@ -44,7 +45,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local writes are atomic (temp file in place + rename)."""
+    """TorchCheckpointIO whose local writes are atomic (temp file in place + rename) and whose
+    local loads are ``load_state_dict_file``'s: weights only, whatever the environment says, and
+    a refusal is one error naming the file."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        if "://" in os.fspath(path):
+            return super().load_checkpoint(path, weights_only=True)
+        return load_state_dict_file(path, map_location or "cpu")
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None

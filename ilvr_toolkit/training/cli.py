@@ -45,6 +45,7 @@ from ilvr_toolkit.cli import (
 from ilvr_toolkit.data import ImageDataModule
 
 from ..fileio import atomic_write_bytes, lock_folder
+from ..models import load_state_dict_file
 from ..runtime import tune_process
 from .callbacks import ILVRPreview, SampleGrid
 from .checkpointing import EMA, AtomicCheckpointIO, RunCheckpoint, find_resume_checkpoint
@@ -174,6 +175,8 @@ class TrainCLI(LightningCLI):
         check_paths({**inputs, "ilvr_preview.references": fit.ilvr_preview.references})
         if ckpt and not zipfile.is_zipfile(ckpt):
             raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
+        if ckpt:  # LightningCLI reads it next, with a traceback on refusal (mmap: no tensor data read)
+            load_state_dict_file(ckpt, mmap=True)
         holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
         if holder is not None:
             raise UsageError(f"--trainer.default_root_dir {run_dir}: in use by {holder} ({run_dir}/.lock)")
