@@ -12,7 +12,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
 from ..data.references import ReferenceSet
-from ..runtime import configure_threads
+from ..runtime import tune_process
 from .config import SampleConfig
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ def build_parser() -> ArgumentParser:
         "With no arguments, runs the bundled demo (configs/sample_demo.yaml).",
     )
     parser.add_class_arguments(SampleConfig, nested_key=None, as_group=False)
+    parser.set_defaults(cpu_malloc="tuned")  # the command line tunes the process; library callers opt in
     parser.add_argument(
         "--threads",
         type=int | None,
@@ -75,7 +76,7 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
     config = SampleConfig.from_dict(namespace.as_dict())
     if namespace.threads is not None:
         check_range("threads", namespace.threads, 1)
-    configure_threads(namespace.threads)
+    tune_process(namespace.threads, cpu_malloc=config.cpu_malloc == "tuned")  # one log line
     named = {"model.checkpoint": config.model.checkpoint, "evaluate_against": config.evaluate_against}
     named.update(references=None if config.unconditional else config.references)
     check_paths(

@@ -159,7 +159,8 @@ class SampleConfig:
         compile: ``torch.compile`` the UNet.
         cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process during the
             run (no page faults per step: 2-20% per ffhq forward, same numbers; glibc's defaults
-            are set back afterwards); ``default`` leaves glibc alone. Ignored on other devices.
+            are set back afterwards); ``default`` leaves glibc alone. ``sample.py`` defaults to
+            ``tuned`` (``runtime.tune_process``), library callers opt in. Ignored off the CPU.
         workers: threads that decode the next batch's references and write the last
             batch's PNGs while a batch samples (0: one after another in the main thread;
             ``--io_workers`` is the old name).
@@ -192,7 +193,7 @@ class SampleConfig:
     channels_last: bool = False
     native_groupnorm: bool = False
     compile: bool = False
-    cpu_malloc: Literal["tuned", "default"] = "tuned"
+    cpu_malloc: Literal["tuned", "default"] = "default"
     workers: int = 4
     shard_index: int = 0
     num_shards: int = 1
