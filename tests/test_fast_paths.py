@@ -493,3 +493,20 @@ def test_fused_adamw_stays_within_its_bound():
             optimizer.step()
         weights[fused] = torch.cat([p.detach().flatten() for p in module.model.parameters()])
     assert rel_err(weights[True], weights[False]) <= 1e-6
+
+
+# --------------------------------------------------------------------------- process tuning
+def test_process_tuning_is_one_log_line_on_in_the_cli_opt_in_in_the_library():
+    """runtime.tune_process sets the threads and the allocator and says so in one line (in a
+    subprocess: both are process-wide); sample.py tunes by default, SampleConfig does not."""
+    from ilvr_toolkit.sampling import SampleConfig
+    from ilvr_toolkit.sampling.cli import build_parser
+
+    script = "import torch; from ilvr_toolkit.runtime import tune_process; print(tune_process(1)); print(torch.get_num_threads())"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line, threads = done.stdout.splitlines()
+    assert threads == "1" and line.startswith("process tuning: 1 torch threads (--threads); malloc: ")
+    assert ("keeps freed memory" in line) == sys.platform.startswith("linux")
+    assert SampleConfig().cpu_malloc == "default"
+    assert build_parser().get_defaults().cpu_malloc == "tuned"
