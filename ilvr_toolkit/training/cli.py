@@ -191,10 +191,9 @@ class TrainCLI(LightningCLI):
         return config.get(str(self.subcommand), config).get(key, default)
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(str(self.subcommand), self.config)  # parsed, not yet instantiated
-        if config.get("threads") is not None:
-            check_range("threads", config.get("threads"), 1)
-        tune_process(config.get("threads"), cpu_malloc=config.get("cpu_malloc", "tuned") == "tuned")
+        threads = self.config.get(str(self.subcommand), self.config).get("threads")
+        if threads is not None:
+            check_range("threads", threads, 1)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._setting("trainer", {})
@@ -217,6 +216,9 @@ class TrainCLI(LightningCLI):
 
     def before_fit(self) -> None:
         fit = self.config_init[self.subcommand]
+        tune_process(
+            fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned"
+        )  # all checked: say it
         # resume never unpickles code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
         fit["weights_only"] = True
         if fit.get("ckpt_path") is not None or not fit.get("auto_resume", True):
