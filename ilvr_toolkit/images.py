@@ -5,8 +5,6 @@ Images are uint8 (0..255) at the edges of the toolkit (files, LMDB, metrics) and
 rounding (not truncation) on the way out.
 """
 
-from __future__ import annotations
-
 import torch
 
 __all__ = ["to_float", "to_uint8"]

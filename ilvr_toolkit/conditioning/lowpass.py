@@ -13,8 +13,6 @@ matmuls. ``torch.nn.functional.interpolate`` is *not* this operator (other cubic
 borders), and up(down(.)) is not idempotent (D @ U != I).
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

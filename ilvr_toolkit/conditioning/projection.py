@@ -25,8 +25,6 @@ clamps x_0 to [-1, 1]). For phi_N (not idempotent) the bound per image and chann
 A (x) A - A^2 (x) A^2 with A = U @ D (``LowPass``), itself <= ||A - A^2||_2 (||A||_2 + ||A||_2^2).
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 import torch

@@ -1,7 +1,5 @@
 """LightningDataModule over an LMDB image dataset: uint8 (B, 3, H, W) batches."""
 
-from __future__ import annotations
-
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal

@@ -1,7 +1,5 @@
 """Reading LMDB image datasets (ours and rosinality's) as uint8 CHW tensors."""
 
-from __future__ import annotations
-
 import logging
 import os
 from pathlib import Path

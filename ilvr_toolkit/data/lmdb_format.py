@@ -14,8 +14,6 @@ Foreign readers ignore the two extra keys; foreign LMDBs (no metadata) open here
 sizes found by scanning the keys.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re

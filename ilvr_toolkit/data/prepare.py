@@ -16,8 +16,6 @@ a few decodes) and only then renamed to ``OUT``: a build that is killed leaves n
 A rerun deletes stale ``OUT.partial-*`` folders of dead processes and starts over.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import glob
@@ -33,9 +31,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import lmdb
+from jsonargparse import ArgumentParser
 from PIL import Image
 
 from .. import __version__
@@ -43,12 +42,16 @@ from ..cli import UsageError, check_range, make_parser, parse_options, run_comma
 from ..fileio import atomic_write_bytes
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
-from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key, open_lmdb, read_info, read_names
-
-if TYPE_CHECKING:
-    from jsonargparse import ArgumentParser
-
-    from .lmdb_format import LMDBInfo
+from .lmdb_format import (
+    LENGTH_KEY,
+    META_KEY,
+    NAMES_KEY,
+    LMDBInfo,
+    image_key,
+    open_lmdb,
+    read_info,
+    read_names,
+)
 
 __all__ = ["BuildReport", "BuildSettings", "build_lmdb", "encode_image", "main", "process_image"]
 

@@ -9,8 +9,6 @@ upright, as it trains), alpha over white, 16-bit scaled; upstream ignores EXIF, 
 and clips 16-bit to white. Plain RGB files load exactly as upstream.
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 from typing import Any

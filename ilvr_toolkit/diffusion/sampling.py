@@ -10,8 +10,6 @@ ILVR is such a hook, so it works unchanged under both loops.
 2022, with :func:`diffuse_to`). Draw order: x_T (or diffuse_to's), then per step the sampler's, the hooks'.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any

@@ -14,8 +14,6 @@ Three kinds of file load through :func:`load_model`:
 Every load uses ``torch.load(..., weights_only=True)``; every save is atomic.
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 import pickle

@@ -1,21 +1,17 @@
 """Command line of ``sample.py``: a YAML config (``--config``) plus dotted overrides."""
 
-from __future__ import annotations
-
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command, setup_logging
 from ..runtime import configure_threads
 from .config import SampleConfig
-
-if TYPE_CHECKING:
-    from .runner import RunResult
+from .runner import RunResult
 
 __all__ = ["build_parser", "parse_config", "main"]
 
@@ -25,7 +21,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sample_demo.yam
 #: old spellings kept working
 ALIASES = {"--io_workers": "--workers"}
 #: the metrics step of a finished run: ``evaluate(config, result)`` (see :func:`main`)
-Evaluate = Callable[[SampleConfig, "RunResult"], Any]
+Evaluate = Callable[[SampleConfig, RunResult], Any]
 
 
 def build_parser() -> ArgumentParser:

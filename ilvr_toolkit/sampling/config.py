@@ -4,8 +4,6 @@ Each dataclass checks its values when it is made (``__post_init__``): a bad valu
 ``UsageError`` naming the option, before anything is loaded.
 """
 
-from __future__ import annotations
-
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -225,7 +223,7 @@ class SampleConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SampleConfig:
+    def from_dict(cls, data: dict[str, Any]) -> "SampleConfig":
         """The inverse of :meth:`to_dict` (nested sections as dicts); unknown keys are ignored."""
         nested = {"model": ModelSpec, "ilvr": ILVRSpec, "sdedit": SDEditSpec, "sampler": SamplerSpec}
         nested["output"] = OutputSpec

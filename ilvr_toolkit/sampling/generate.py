@@ -2,8 +2,6 @@
 :func:`generate` with per-image seeds from :func:`~ilvr_toolkit.sampling.seeds.image_seed`,
 so a preview image is the image ``sample.py`` writes for the same weights and settings."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
