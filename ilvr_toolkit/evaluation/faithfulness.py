@@ -53,9 +53,7 @@ class FaithfulnessMetrics:
     def update(self, outputs: torch.Tensor, references: torch.Tensor) -> None:
         """outputs, references: (B, 3, H, W), uint8 or float in [-1, 1]; item i of each is a pair."""
         if outputs.shape != references.shape:
-            raise ValueError(
-                f"outputs {tuple(outputs.shape)} and references {tuple(references.shape)} differ"
-            )
+            raise ValueError(f"outputs {tuple(outputs.shape)} != references {tuple(references.shape)}")
         x, y = to_unit_range(outputs.to(self.device)), to_unit_range(references.to(self.device))
         self.metrics["l2"].update((x - y).flatten(1).norm(dim=1))
         views = [("", x, y)] + [(suffix, op(x), op(y)) for suffix, op in self.views.items()]
