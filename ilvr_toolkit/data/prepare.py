@@ -31,10 +31,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lmdb
-from jsonargparse import ArgumentParser
 from PIL import Image
 
 from .. import __version__
@@ -42,16 +41,12 @@ from ..cli import UsageError, check_range, make_parser, parse_options, run_comma
 from ..fileio import atomic_write_bytes
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
-from .lmdb_format import (
-    LENGTH_KEY,
-    META_KEY,
-    NAMES_KEY,
-    LMDBInfo,
-    image_key,
-    open_lmdb,
-    read_info,
-    read_names,
-)
+from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key, open_lmdb, read_info, read_names
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
+
+    from .lmdb_format import LMDBInfo
 
 __all__ = ["BuildReport", "BuildSettings", "build_lmdb", "encode_image", "main", "process_image"]
 
@@ -71,8 +66,7 @@ class BuildSettings:
     Attributes:
         format: png (lossless) or jpeg (stored with 4:4:4 chroma).
         quality: JPEG quality, 1-100.
-        compress_level: PNG zlib level 0-9: 0 stores the pixels uncompressed, decoding ~2.5x
-            faster at ~1.8x the size; 6 or 9 for small files.
+        compress_level: PNG zlib level 0-9: 0 is fastest to decode (:func:`encode_image`), 9 smallest.
         workers: encoding processes (null: one per CPU; 0: none, encode in the main process).
         strict: stop at the first bad input instead of skipping it.
         overwrite: replace an existing output folder (the new one is built and verified first).
@@ -230,7 +224,7 @@ def _put_all(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
 
 def verify_lmdb(
     path: str | Path, sizes: list[int] | None = None, length: int | None = None, every: bool = False
-) -> LMDBInfo:
+) -> "LMDBInfo":
     """Raise a ValueError listing bad records unless ``path`` holds ``length`` images at each of
     ``sizes`` (default: what it says it holds) that decode to squares of their size (``every``
     one, else the first, middle and last)."""
@@ -431,25 +425,18 @@ PROG = "python -m ilvr_toolkit.data.prepare"
 ALIASES = {"--out": "--output.dir", "--report": "--output.report"}
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> "ArgumentParser":
     parser = make_parser(
         PROG, "Build an LMDB image dataset (rosinality keys) from a folder, a zip or an LMDB."
     )
     parser.add_argument("source", type=str, help="image folder (recursive), .zip archive, or LMDB folder")
-    for flag, kind, what in (
-        ("--output.dir", str | None, "the LMDB folder to write, e.g. datasets/ffhq.lmdb (alias: --out)"),
-        (
-            "--output.report",
-            str | None,
-            "also write the report (skipped files and why) as JSON (alias: --report)",
-        ),
-        (
-            "--size",
-            int | list[int] | None,
-            f"output side(s) >= {MIN_SIZE}: 256, [128,256] or repeated; one crop",
-        ),
-        ("--verify", bool, "only check the LMDB at SOURCE: every record there, at every size, decodes"),
-    ):
+    options = {  # flag: (type, help)
+        "--output.dir": (str | None, "the LMDB folder to write, e.g. datasets/ffhq.lmdb (alias: --out)"),
+        "--output.report": (str | None, "the report too: skipped files and why, JSON (alias: --report)"),
+        "--size": (int | list[int] | None, f"output side(s) >= {MIN_SIZE}: 256, [128,256] or repeated"),
+        "--verify": (bool, "only check the LMDB at SOURCE: every record there, at every size, decodes"),
+    }
+    for flag, (kind, what) in options.items():
         parser.add_argument(flag, type=kind, default=False if kind is bool else None, help=what)
     parser.add_class_arguments(
         BuildSettings, nested_key=None, as_group=False, skip={"start_method", "map_size", "commit_bytes"}

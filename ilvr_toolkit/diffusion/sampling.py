@@ -89,17 +89,8 @@ def _loop(
     for i in reversed(range(start + 1)):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x_prev, pred_xstart = step_fn(x, i, t)
-        step = Step(
-            index=i,
-            t=timesteps[i],
-            t_prev=timesteps[i - 1] if i > 0 else -1,
-            x_t=x,
-            x_prev=x_prev,
-            pred_xstart=pred_xstart,
-            diffusion=diffusion,
-            noise=noise,
-        )
-        x = _run_hooks(step, hooks)
+        t_prev = timesteps[i - 1] if i > 0 else -1
+        x = _run_hooks(Step(i, timesteps[i], t_prev, x, x_prev, pred_xstart, diffusion, noise), hooks)
     return x
 
 
