@@ -11,7 +11,7 @@ from jsonargparse import ArgumentParser, Namespace
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command, setup_logging
 from ..runtime import configure_threads
 from .config import SampleConfig
-from .runner import RunResult
+from .runner import STOP, RunResult, run
 
 __all__ = ["build_parser", "parse_config", "main"]
 
@@ -74,8 +74,6 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
     _check_paths(config)
     if config.evaluate_against and evaluate is None:
         raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
-    from .runner import STOP, run
-
     result = run(config)
     _report(result)
     if STOP.signum is not None and not os.environ.get("ILVR_REQUEUE_NOTE"):
