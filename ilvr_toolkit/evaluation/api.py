@@ -107,7 +107,6 @@ def _inception_metrics(
 
 def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write ``metrics`` as JSON atomically (temp file + rename); non-finite numbers become null."""
-    # json writes inf/nan as Infinity/NaN tokens: read back as null
     finite = json.loads(json.dumps(metrics, default=os.fspath), parse_constant=lambda _: None)
     atomic_write_bytes(path, (json.dumps(finite, indent=2) + "\n").encode())
     return Path(path)

@@ -40,17 +40,15 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         if not refs.unconditional:
             found = ((result.out_dir / name, refs.get(images[name]["reference_index"])) for name in names)
             pairs = [(path, image) for path, image in found if image is not None]
-        target = config.evaluate_against if extractor is not None else None
-        files = [result.out_dir / name for name in names]
         ilvr, operator = config.task == "ilvr", None  # other tasks: P(x_0) vs P(y) for their P, not phi_N
         if pairs and not ilvr:
             operator = run_operators(config, pairs[0][1].shape[-1], torch.device(device), [factor])[factor]
         options = dict(factor=factor if ilvr else None, extractor=extractor, cache_dir=config.stats_cache_dir)
+        options.update(target=config.evaluate_against if extractor is not None else None, operator=operator)
         label = f"N{factor}" if factor is not None else "unconditional"
         label = label if ilvr else f"{config.task}, {label}"
-        metrics[label] = evaluate_translation(
-            files, target=target, pairs=pairs, operator=operator, device=device, **options
-        )
+        files = [result.out_dir / name for name in names]
+        metrics[label] = evaluate_translation(files, pairs=pairs, device=device, **options)
     metrics["path"] = str(write_metrics(result.out_dir / "metrics.json", metrics))
     for label, block in metrics.items():
         if isinstance(block, dict):
