@@ -47,9 +47,8 @@ def evaluate_translation(
     """Metrics of the ``outputs`` (folder or image files): ``fid``, ``kid_mean``, ``kid_std`` against
     ``target`` (folder or LMDB); ``ssim``, ``psnr``, ``l2`` (``*_lowpass`` with ``factor``) against
     ``references`` (output ``<stem>_s<k>`` pairs with ``<stem>``) or ``pairs`` (output path or image,
-    reference image), and ``ssim_kept``, ``psnr_kept`` after an ``operator`` P (a task's); counts.
-    ``options`` override fields of ``settings``. Under torch.distributed every process calls it
-    (each reads a shard) and gets the result."""
+    reference image), ``ssim_kept``, ``psnr_kept`` after an ``operator`` P (a task's); counts. ``options``
+    override fields of ``settings``. Under torch.distributed every process calls it and gets the result."""
     s = replace(settings or EvalSettings(), **options)
     if outputs is None and (pairs is None or target is not None or references is not None):
         raise ValueError("give outputs (a folder or a list of files), or pairs alone")

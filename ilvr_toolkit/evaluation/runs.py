@@ -32,10 +32,8 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         if refs.unconditional:  # nothing else to report without references
             raise FileNotFoundError(str(missing)) from None
         extractor, metrics["fid_skipped"] = None, str(missing)
-    by_factor: dict[int | None, list[str]] = {}
-    for name, entry in images.items():
-        by_factor.setdefault(entry.get("factor"), []).append(name)
-    for factor, names in sorted(by_factor.items(), key=lambda kv: kv[0] or 0):
+    for factor in sorted({entry.get("factor") for entry in images.values()}, key=lambda n: n or 0):
+        names = [name for name, entry in images.items() if entry.get("factor") == factor]
         pairs = None
         if not refs.unconditional:
             found = ((result.out_dir / name, refs.get(images[name]["reference_index"])) for name in names)
