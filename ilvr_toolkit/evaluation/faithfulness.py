@@ -41,8 +41,8 @@ class FaithfulnessMetrics:
         self.device, self.factor = torch.device(device), factor
         if factor is not None and image_size is None:
             raise ValueError("the low-pass metrics need image_size")
-        lowpass = None if factor is None else LowPass(image_size, factor, self.device, dtype=torch.float64)
-        views = {"_lowpass": lowpass, "_kept": operator}
+        self.lowpass = LowPass(image_size, factor, self.device, torch.float64) if factor is not None else None
+        views = {"_lowpass": self.lowpass, "_kept": operator}
         self.views = {k: op.to(self.device, torch.float64) for k, op in views.items() if op is not None}
         names = ["ssim", "psnr", "l2"] + [metric + k for k in self.views for metric in ("ssim", "psnr")]
         # .to() first: it resets the dtype to float32
