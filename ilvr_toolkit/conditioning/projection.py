@@ -119,8 +119,7 @@ class Projection:
             self.range_t = resolve_range_t(step.diffusion.timestep_map.tolist(), **self.range)
         if step.index <= self.range_t:
             return None
-        y = self.diffused_reference(step)
-        x = step.x_prev
+        y, x = self.diffused_reference(step), step.x_prev
         return x + self.operator(y.to(x.dtype) - x)
 
 

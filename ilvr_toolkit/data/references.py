@@ -137,9 +137,6 @@ def collate_references(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """
     items = [item for item in items if item is not None]
     if not items:
-        return {
-            "index": torch.empty(0, dtype=torch.int64),
-            "name": [],
-            "image": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
-        }
+        empty = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+        return {"index": torch.empty(0, dtype=torch.int64), "name": [], "image": empty}
     return default_collate(items)  # ints -> int64 tensor, strs -> list, tensors stacked

@@ -23,10 +23,7 @@ Net = Callable[..., torch.Tensor]
 """A network ``net(x, t, **model_kwargs) -> out`` called with original timesteps."""
 
 _VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
-_FIXED_LOG_VARIANCE = {
-    "fixed_small": "posterior_log_variance_clipped",
-    "fixed_large": "fixed_large_log_variance",
-}
+_FIXED_LOG_VAR = {"fixed_small": "posterior_log_variance_clipped", "fixed_large": "fixed_large_log_variance"}
 
 
 class GaussianDiffusion:
@@ -161,7 +158,7 @@ class GaussianDiffusion:
             min_log = self._coef("posterior_log_variance_clipped", t, x)
             log_variance = frac * self._coef("log_betas", t, x) + (1 - frac) * min_log
         else:
-            log_variance = self._coef(_FIXED_LOG_VARIANCE[self.variance], t, x).expand_as(x)
+            log_variance = self._coef(_FIXED_LOG_VAR[self.variance], t, x).expand_as(x)
         pred_xstart = head if self.predict_xstart else self.predict_xstart_from_eps(x, t, head)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)

@@ -32,13 +32,9 @@ def build_parser() -> ArgumentParser:
         "With no arguments, runs the bundled demo (configs/sample_demo.yaml).",
     )
     parser.add_class_arguments(SampleConfig, nested_key=None, as_group=False)
-    parser.add_argument(
-        "--threads",
-        type=int | None,
-        default=None,
-        help="torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's "
-        "default); not recorded in the manifest: it does not change the images",
-    )
+    threads = "torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's default); "
+    threads += "not recorded in the manifest: it does not change the images"
+    parser.add_argument("--threads", type=int | None, default=None, help=threads)
     return parser
 
 

@@ -85,13 +85,9 @@ def task_setup(
     range_t, mode = ilvr_range_t(config.ilvr, diffusion, config.task), config.ilvr.mode
     start = sdedit_start(config.sdedit, diffusion.num_timesteps)
     mask = hashlib.sha256(Path(config.mask).read_bytes()).hexdigest() if config.mask else None
-    settings = {
-        "task": config.task,
-        "mask sha256": mask,
-        "ilvr.factor": config.ilvr.factor,
-        "ilvr.mode": mode,
-    }
-    _check_settings(Path(config.output.dir), {**settings, "range_t": range_t, "sdedit start index": start})
+    settings = {"task": config.task, "mask sha256": mask, "ilvr.factor": config.ilvr.factor}
+    settings.update({"ilvr.mode": mode, "range_t": range_t, "sdedit start index": start})
+    _check_settings(Path(config.output.dir), settings)
     return lambda reference, n: Condition(reference, operators[n], range_t, mode, start)
 
 
