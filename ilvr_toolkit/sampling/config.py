@@ -210,9 +210,8 @@ class SampleConfig:
 
     def _check_task(self) -> None:
         if (self.mask is None) == (self.task in ("inpaint", "local_edit")):
-            raise UsageError(
-                f"--mask: {'required' if self.mask is None else 'not used'} by --task {self.task}"
-            )
+            need = "required" if self.mask is None else "not used"
+            raise UsageError(f"--mask: {need} by --task {self.task}")
         sdedit = self.sdedit.strength is not None or self.sdedit.start_index is not None
         if (self.task != "ilvr" or sdedit) and (self.unconditional or not self.references):
             raise UsageError(f"--task {self.task}{' with --sdedit' * sdedit}: needs --references")
