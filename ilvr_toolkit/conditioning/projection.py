@@ -71,11 +71,9 @@ def resolve_range_t(
 
 def reference_index(index: int, mode: Mode) -> int:
     """Respaced index of the noise level the reference gets at step ``index`` (-1 = clean)."""
-    if mode == "official":
-        return index
-    if mode == "paper":
-        return index - 1
-    raise ValueError(f"ILVR mode must be 'paper' or 'official', got {mode!r}")
+    if mode not in ("paper", "official"):
+        raise ValueError(f"ILVR mode must be 'paper' or 'official', got {mode!r}")
+    return index - 1 if mode == "paper" else index
 
 
 class Projection:

@@ -341,9 +341,8 @@ def _write_dataset(
     path: Path, src: _Source, sizes: list[int], settings: BuildSettings, desc: str
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Encode every source image into a new LMDB at ``path``: (kept names, skipped pairs)."""
-    env = lmdb.open(
-        str(path), map_size=settings.map_size, readahead=False, meminit=False, sync=False, metasync=False
-    )
+    fast = dict(readahead=False, meminit=False, sync=False, metasync=False)  # synced once, at the end
+    env = lmdb.open(str(path), map_size=settings.map_size, **fast)
     try:
         with _encoded(src, sizes, settings) as results:
             kept, skipped, pending = _store_images(env, results, src.names, settings, desc)
@@ -382,9 +381,8 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
         finally:
             _open_zip.cache_clear()  # closes a zip source's archive
         return
-    pool = multiprocessing.get_context(settings.start_method).Pool(
-        workers, _init_worker, (src, sizes, settings)
-    )
+    context = multiprocessing.get_context(settings.start_method)
+    pool = context.Pool(workers, _init_worker, (src, sizes, settings))
     try:
         yield pool.imap(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
     finally:

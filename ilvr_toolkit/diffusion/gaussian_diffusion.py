@@ -118,11 +118,8 @@ class GaussianDiffusion:
             self._coef("posterior_mean_coef1", t, x_t) * x_start
             + self._coef("posterior_mean_coef2", t, x_t) * x_t
         )
-        return (
-            mean,
-            self._coef("posterior_variance", t, x_t),
-            self._coef("posterior_log_variance_clipped", t, x_t),
-        )
+        variance = self._coef("posterior_variance", t, x_t)
+        return mean, variance, self._coef("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""

@@ -142,21 +142,17 @@ def ddim_sample(
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
-        eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        x0 = out["pred_xstart"]
+        eps = diffusion.predict_eps_from_xstart(x, t, x0)
         alpha_bar = diffusion._coef("alphas_cumprod", t, x)
         alpha_bar_prev = diffusion._coef("alphas_cumprod_prev", t, x)
-        sigma = (
-            eta
-            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        mean = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+        sigma = sigma * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        mean = x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         if eta > 0:
             z = noise(x.shape, x.device, x.dtype)
             if i > 0:
                 mean = mean + sigma * z
-        return mean, out["pred_xstart"]
+        return mean, x0
 
     return _loop(diffusion, x_T, hooks, noise, step_fn, start_index)
