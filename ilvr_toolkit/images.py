@@ -5,8 +5,6 @@ Images are uint8 (0..255) at the edges of the toolkit (files, LMDB, metrics) and
 rounding (not truncation) on the way out.
 """
 
-from __future__ import annotations
-
 import torch
 
 __all__ = ["to_float", "to_uint8"]
@@ -20,5 +18,7 @@ def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float (..., C, H, W) in [-1, 1] -> uint8 in 0..255, rounded to nearest and clamped."""
+    """float (..., C, H, W) in [-1, 1] -> uint8 in 0..255, rounded to nearest and clamped; uint8 passes."""
+    if images.dtype == torch.uint8:
+        return images
     return ((images.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)

@@ -452,3 +452,20 @@ def test_ddp_two_processes_shard_every_index_once(data_lmdb, tmp_path):
     per_rank = json.loads(out_file.read_text())
     assert len(per_rank) == 2 and len(per_rank[0]) == len(per_rank[1]) == n // 2
     assert sorted(per_rank[0] + per_rank[1]) == list(range(n))
+
+
+def test_reference_set_of_files_at_native_size(tmp_path):
+    """A list of files reads like a folder; without image_size, the first image's short side."""
+    from ilvr_toolkit.data import ReferenceSet
+
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "b" / "cat.png", tmp_path / "dog.jpg"]
+    paths[0].parent.mkdir()
+    smooth_rgb(rng, 24, 32).save(paths[0])
+    smooth_rgb(rng, 48, 48).save(paths[1])
+    refs = ReferenceSet(paths)
+    assert refs.image_size == 24 and refs.names == ["cat", "dog"] and refs.source == paths[0].parent
+    assert [tuple(refs[i]["image"].shape) for i in range(2)] == [(3, 24, 24)] * 2
+    assert torch.equal(refs[1]["image"], ReferenceSet(tmp_path / "dog.jpg", 24)[0]["image"])
+    with pytest.raises(ValueError, match="no reference images"):
+        ReferenceSet([])

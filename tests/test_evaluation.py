@@ -419,6 +419,15 @@ def test_write_metrics_and_table(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temp file left
     table = format_table(metrics, published={"fid": 74.37})
     assert "| FID" in table and "74.37" in table and "12.30 ± 0.40" in table and "not comparable" in table
+    kept = format_table({"ssim": 0.5, "ssim_kept": 1.0, "psnr_kept": 100.0})  # a task's P(x_0) vs P(y)
+    assert "| SSIM of P(x_0), P(y) | 1.0000 |" in kept and "| PSNR of P(x_0), P(y) (dB) | 100.00 |" in kept
+
+
+def test_to_uint8_rounds_floats_and_passes_uint8_through():
+    from ilvr_toolkit.images import to_uint8
+
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert to_uint8(x) is x and torch.equal(to_uint8(to_float(x)), x)
 
 
 @pytest.mark.parametrize("name", ["afhq_cat2dog", "afhq_wild2dog", "celebahq_male2female"])

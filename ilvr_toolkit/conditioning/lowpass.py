@@ -13,8 +13,6 @@ matmuls. ``torch.nn.functional.interpolate`` is *not* this operator (other cubic
 borders), and up(down(.)) is not idempotent (D @ U != I).
 """
 
-from __future__ import annotations
-
 import math
 
 import torch
@@ -89,21 +87,22 @@ class LowPass(torch.nn.Module):
         self.register_buffer("down_matrix", down.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("up_matrix", up.to(device=device, dtype=dtype), persistent=False)
 
-    def _check(self, x: torch.Tensor, side: int) -> None:
+    @staticmethod
+    def _resize(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """M @ x @ M.T for x (..., S, S), S the columns of M (out, S): (..., out, out)."""
+        side = matrix.shape[1]
         if x.shape[-2:] != (side, side):
             raise ValueError(f"low-pass expects (..., {side}, {side}) images, got {tuple(x.shape)}")
+        m = matrix.to(x.dtype)
+        return m @ x @ m.T
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """down_N: (..., H, W) -> (..., H/N, W/N)."""
-        self._check(x, self.image_size)
-        d = self.down_matrix.to(x.dtype)
-        return d @ x @ d.T
+        return self._resize(self.down_matrix, x)
 
     def up(self, z: torch.Tensor) -> torch.Tensor:
         """up_N: (..., H/N, W/N) -> (..., H, W)."""
-        self._check(z, self.image_size // self.factor)
-        u = self.up_matrix.to(z.dtype)
-        return u @ z @ u.T
+        return self._resize(self.up_matrix, z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """phi_N(x) = up_N(down_N(x)) for x (..., H, W); same shape out."""

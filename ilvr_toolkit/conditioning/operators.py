@@ -6,8 +6,6 @@ Mask and Grayscale are orthogonal projections (P = P^2 = P^T); a composition of 
 idempotents (e.g. a mask and grayscale) is again idempotent. phi_N is not (D @ U != I).
 """
 
-from __future__ import annotations
-
 import torch
 
 __all__ = ["Mask", "Grayscale", "Compose"]

@@ -25,8 +25,6 @@ clamps x_0 to [-1, 1]). For phi_N (not idempotent) the bound per image and chann
 A (x) A - A^2 (x) A^2 with A = U @ D (``LowPass``), itself <= ||A - A^2||_2 (||A||_2 + ||A||_2^2).
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 import torch
@@ -73,11 +71,9 @@ def resolve_range_t(
 
 def reference_index(index: int, mode: Mode) -> int:
     """Respaced index of the noise level the reference gets at step ``index`` (-1 = clean)."""
-    if mode == "official":
-        return index
-    if mode == "paper":
-        return index - 1
-    raise ValueError(f"ILVR mode must be 'paper' or 'official', got {mode!r}")
+    if mode not in ("paper", "official"):
+        raise ValueError(f"ILVR mode must be 'paper' or 'official', got {mode!r}")
+    return index - 1 if mode == "paper" else index
 
 
 class Projection:
@@ -121,8 +117,7 @@ class Projection:
             self.range_t = resolve_range_t(step.diffusion.timestep_map.tolist(), **self.range)
         if step.index <= self.range_t:
             return None
-        y = self.diffused_reference(step)
-        x = step.x_prev
+        y, x = self.diffused_reference(step), step.x_prev
         return x + self.operator(y.to(x.dtype) - x)
 
 

@@ -5,8 +5,6 @@ Names are imported on first use, so the converter (CLI and its worker processes)
 imports torch, and DataLoader workers started with "spawn" do not import Lightning.
 """
 
-from __future__ import annotations
-
 import importlib
 from typing import Any
 

@@ -1,7 +1,5 @@
 """LightningDataModule over an LMDB image dataset: uint8 (B, 3, H, W) batches."""
 
-from __future__ import annotations
-
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -72,9 +70,7 @@ class ImageDataModule(pl.LightningDataModule):
         # plain types in hparams.yaml and checkpoints (loaded with weights_only=True)
         self.hparams["path"] = self.path = str(path)
         self.hparams["loader"] = asdict(loader)
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.loader = loader
+        self.image_size, self.batch_size, self.loader = image_size, batch_size, loader
         self.train_set: LMDBImageDataset | None = None
         self.eval_set: LMDBImageDataset | None = None
 

@@ -6,8 +6,6 @@ name sorts. Hidden entries (a leading ``.``: ``.ipynb_checkpoints``, macOS ``._x
 skipped; the official loader would try to open them and fail.
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 and cropping. Kept free of torch so the converter's worker processes stay light.
 """
 
-from __future__ import annotations
-
 import contextlib
 import io
 

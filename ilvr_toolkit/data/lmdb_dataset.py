@@ -1,7 +1,5 @@
 """Reading LMDB image datasets (ours and rosinality's) as uint8 CHW tensors."""
 
-from __future__ import annotations
-
 import logging
 import os
 from pathlib import Path
@@ -58,9 +56,7 @@ class LMDBImageDataset(Dataset):
     ):
         self.path = os.fspath(path)
         self.size = int(size)
-        self.flip = flip
-        self.return_index = return_index
-        self.on_bad_record = on_bad_record
+        self.flip, self.return_index, self.on_bad_record = flip, return_index, on_bad_record
         self.skipped: set[int] = set()  # bad indices this process has met
         self.info: LMDBInfo = read_info(self.path)
         if self.size not in self.info.sizes:

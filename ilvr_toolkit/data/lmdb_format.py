@@ -14,8 +14,6 @@ Foreign readers ignore the two extra keys; foreign LMDBs (no metadata) open here
 sizes found by scanning the keys.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -27,16 +25,8 @@ from typing import Any
 
 import lmdb
 
-__all__ = [
-    "LENGTH_KEY",
-    "META_KEY",
-    "NAMES_KEY",
-    "LMDBInfo",
-    "image_key",
-    "open_lmdb",
-    "read_info",
-    "read_names",
-]
+__all__ = ["LENGTH_KEY", "META_KEY", "NAMES_KEY", "LMDBInfo", "image_key", "open_lmdb", "read_info"]
+__all__ += ["read_names"]
 
 LENGTH_KEY = b"length"
 META_KEY = b"__ilvr_toolkit_meta__"

@@ -9,9 +9,8 @@ upright, as it trains), alpha over white, 16-bit scaled; upstream ignores EXIF, 
 and clips 16-bit to white. Plain RGB files load exactly as upstream.
 """
 
-from __future__ import annotations
-
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,9 @@ def load_reference(source: str | Path | bytes | bytearray | Image.Image, image_s
 
 
 class ReferenceSet(Dataset):
-    """The reference images of a translation run, from a folder or an LMDB dataset.
+    """The reference images of a translation run, from a folder, an LMDB dataset or image files.
 
+    - files (one path, or a list): ``names`` are the file stems;
     - folder: image files found recursively (``files.list_image_files`` order: sorted per
       folder, case-insensitive extensions png/jpg/jpeg/webp/bmp, hidden entries skipped);
       ``names`` are the file stems, made unique (``files.unique_names``) when they clash;
@@ -61,20 +61,25 @@ class ReferenceSet(Dataset):
       stored size closest above ``image_size`` is read and passed through the same
       preprocessing (a no-op when it already matches).
 
+    ``image_size`` None: the short side of the first image (an LMDB's largest stored size).
+
     ``ds[i]`` is ``{"index": i, "name": str, "image": uint8 (3, H, W)}`` and raises on an
     unreadable image; ``try_get(i)`` returns ``(item, None)`` or ``(None, message)`` instead.
     """
 
-    def __init__(self, source: str | Path, image_size: int):
-        self.source = Path(source)
-        self.image_size = int(image_size)
+    def __init__(self, source: str | Path | Sequence[str | Path], image_size: int | None = None):
+        listed = not isinstance(source, str | os.PathLike)
+        self.files: list[Path] = [Path(p) for p in source] if listed else []
+        self.source = (self.files[0].parent if self.files else Path()) if listed else Path(source)
         self._lmdb: LMDBImageDataset | None = None
-        self.files: list[Path] = []
-        if self.source.is_dir() and (self.source / "data.mdb").is_file():
+        if listed:
+            self.names = [f.stem for f in self.files]
+        elif self.source.is_dir() and (self.source / "data.mdb").is_file():
             sizes = read_info(self.source).sizes
             if not sizes:
                 raise ValueError(f"LMDB {self.source} holds no images")
-            larger = [s for s in sizes if s >= self.image_size]
+            image_size = image_size or max(sizes)
+            larger = [s for s in sizes if s >= image_size]
             self._lmdb = LMDBImageDataset(self.source, min(larger) if larger else max(sizes))
             self.names = [f"{i:05d}" for i in range(len(self._lmdb))]
         elif self.source.is_dir():
@@ -87,6 +92,10 @@ class ReferenceSet(Dataset):
             raise FileNotFoundError(f"reference source not found: {self.source}")
         if not self.names:
             raise ValueError(f"no reference images ({', '.join(IMAGE_EXTENSIONS)}) in {self.source}")
+        if image_size is None:
+            with Image.open(self.files[0]) as first:
+                image_size = min(first.size)
+        self.image_size = int(image_size)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -128,9 +137,6 @@ def collate_references(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """
     items = [item for item in items if item is not None]
     if not items:
-        return {
-            "index": torch.empty(0, dtype=torch.int64),
-            "name": [],
-            "image": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
-        }
+        empty = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+        return {"index": torch.empty(0, dtype=torch.int64), "name": [], "image": empty}
     return default_collate(items)  # ints -> int64 tensor, strs -> list, tensors stacked

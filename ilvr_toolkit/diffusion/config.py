@@ -1,8 +1,7 @@
 """Plain, serialisable description of a diffusion process, and its factory."""
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from ..cli import check_range
@@ -60,4 +59,4 @@ class DiffusionConfig:
         return cls.from_dict(diffusion_settings(flags))
 
     def replace(self, **changes: Any) -> "DiffusionConfig":
-        return dataclasses.replace(self, **changes)
+        return replace(self, **changes)

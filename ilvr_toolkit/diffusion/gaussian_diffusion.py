@@ -23,6 +23,7 @@ Net = Callable[..., torch.Tensor]
 """A network ``net(x, t, **model_kwargs) -> out`` called with original timesteps."""
 
 _VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
+_FIXED_LOG_VAR = {"fixed_small": "posterior_log_variance_clipped", "fixed_large": "fixed_large_log_variance"}
 
 
 class GaussianDiffusion:
@@ -117,11 +118,8 @@ class GaussianDiffusion:
             self._coef("posterior_mean_coef1", t, x_t) * x_start
             + self._coef("posterior_mean_coef2", t, x_t) * x_t
         )
-        return (
-            mean,
-            self._coef("posterior_variance", t, x_t),
-            self._coef("posterior_log_variance_clipped", t, x_t),
-        )
+        variance = self._coef("posterior_variance", t, x_t)
+        return mean, variance, self._coef("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
@@ -157,24 +155,14 @@ class GaussianDiffusion:
             min_log = self._coef("posterior_log_variance_clipped", t, x)
             log_variance = frac * self._coef("log_betas", t, x) + (1 - frac) * min_log
         else:
-            fixed = (
-                "posterior_log_variance_clipped"
-                if self.variance == "fixed_small"
-                else "fixed_large_log_variance"
-            )
-            log_variance = self._coef(fixed, t, x).expand_as(x)
+            log_variance = self._coef(_FIXED_LOG_VAR[self.variance], t, x).expand_as(x)
         pred_xstart = head if self.predict_xstart else self.predict_xstart_from_eps(x, t, head)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         eps = self.predict_eps_from_xstart(x, t, pred_xstart) if self.predict_xstart else head
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {
-            "mean": mean,
-            "variance": torch.exp(log_variance),
-            "log_variance": log_variance,
-            "pred_xstart": pred_xstart,
-            "eps": eps,
-        }
+        variance = torch.exp(log_variance)
+        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
 
     def p_mean_variance(
         self,

@@ -31,10 +31,7 @@ def _section_steps(start: int, size: int, count: int) -> list[int]:
 
 
 def space_timesteps(num_steps: int, section_counts: str | list[int] | int) -> list[int]:
-    """Sorted original timesteps kept by ``section_counts`` (see module docstring).
-
-    An empty string keeps every step.
-    """
+    """Sorted original timesteps kept by ``section_counts`` (see module docstring; "" keeps all)."""
     if isinstance(section_counts, int):
         section_counts = [section_counts]
     if isinstance(section_counts, str):

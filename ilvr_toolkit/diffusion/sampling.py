@@ -1,7 +1,7 @@
 """Sampling loops as plain functions: ancestral DDPM and DDIM, with per-step hooks.
 
 Both loops share one calling convention ``loop(diffusion, net, x_T, *, noise, hooks)`` (a class
-label is bound to ``net`` with ``functools.partial``, or given as ``model_kwargs``).
+label is bound to ``net`` with ``functools.partial``, or given as ``model_kwargs=``).
 After each reverse step they build a :class:`Step` and pass it to every hook in order; a
 hook returns ``None`` (observe only) or a new ``x_prev`` that replaces the step's result.
 ILVR is such a hook, so it works unchanged under both loops.
@@ -10,8 +10,7 @@ ILVR is such a hook, so it works unchanged under both loops.
 2022, with :func:`diffuse_to`). Draw order: x_T (or diffuse_to's), then per step the sampler's, the hooks'.
 """
 
-from __future__ import annotations
-
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,20 +90,27 @@ def _loop(
     for i in reversed(range(start + 1)):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x_prev, pred_xstart = step_fn(x, i, t)
-        step = Step(
-            index=i,
-            t=timesteps[i],
-            t_prev=timesteps[i - 1] if i > 0 else -1,
-            x_t=x,
-            x_prev=x_prev,
-            pred_xstart=pred_xstart,
-            diffusion=diffusion,
-            noise=noise,
-        )
-        x = _run_hooks(step, hooks)
+        t_prev = timesteps[i - 1] if i > 0 else -1
+        x = _run_hooks(Step(i, timesteps[i], t_prev, x, x_prev, pred_xstart, diffusion, noise), hooks)
     return x
 
 
+def _binds_model_kwargs(sampler: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Also accept guided-diffusion's ``model_kwargs`` (e.g. ``{"y": labels}``, public here since
+    0.1): ``sampler(diffusion, net, x_T, model_kwargs=k, ...)`` samples ``partial(net, **k)``."""
+
+    @functools.wraps(sampler)
+    def bound(
+        diffusion: GaussianDiffusion, net: Net, x_T: torch.Tensor, *, model_kwargs: Any = None, **options: Any
+    ):
+        return sampler(
+            diffusion, functools.partial(net, **model_kwargs) if model_kwargs else net, x_T, **options
+        )
+
+    return bound
+
+
+@_binds_model_kwargs
 @torch.no_grad()
 def ddpm_sample(
     diffusion: GaussianDiffusion,
@@ -114,7 +120,6 @@ def ddpm_sample(
     noise: NoiseSource,
     hooks: Sequence[StepHook] = (),
     clip_denoised: bool = True,
-    model_kwargs: dict[str, Any] | None = None,
     start_index: int | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z (Ho et al. Alg. 2).
@@ -125,7 +130,7 @@ def ddpm_sample(
     """
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised)
         z = noise(x.shape, x.device, x.dtype)
         if i == 0:
             return out["mean"], out["pred_xstart"]
@@ -134,6 +139,7 @@ def ddpm_sample(
     return _loop(diffusion, x_T, hooks, noise, step_fn, start_index)
 
 
+@_binds_model_kwargs
 @torch.no_grad()
 def ddim_sample(
     diffusion: GaussianDiffusion,
@@ -144,7 +150,6 @@ def ddim_sample(
     hooks: Sequence[StepHook] = (),
     eta: float = 0.0,
     clip_denoised: bool = True,
-    model_kwargs: dict[str, Any] | None = None,  # public since 0.1 (guided-diffusion's); 9 parameters
     start_index: int | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 has the DDPM
@@ -152,22 +157,18 @@ def ddim_sample(
     Returns x_0 (B, C, H, W)."""
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = diffusion.p_mean_variance(net, x, t, clip_denoised, model_kwargs)
-        eps = diffusion.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        out = diffusion.p_mean_variance(net, x, t, clip_denoised)
+        x0 = out["pred_xstart"]
+        eps = diffusion.predict_eps_from_xstart(x, t, x0)
         alpha_bar = diffusion._coef("alphas_cumprod", t, x)
         alpha_bar_prev = diffusion._coef("alphas_cumprod_prev", t, x)
-        sigma = (
-            eta
-            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        mean = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+        sigma = sigma * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        mean = x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         if eta > 0:
             z = noise(x.shape, x.device, x.dtype)
             if i > 0:
                 mean = mean + sigma * z
-        return mean, out["pred_xstart"]
+        return mean, x0
 
     return _loop(diffusion, x_T, hooks, noise, step_fn, start_index)

@@ -16,9 +16,7 @@ def build_parser() -> ArgumentParser:
     path = {"type": str | None, "default": None}
     parser.add_argument("--outputs", **path, help="the translated images: a folder")
     parser.add_argument("--target", **path, help="FID/KID against: a folder or an LMDB")
-    parser.add_argument(
-        "--references", **path, help="SSIM/PSNR/L2 against these (output <stem>_s<k> pairs with <stem>)"
-    )
+    parser.add_argument("--references", **path, help="SSIM/PSNR/L2 against: a folder (<stem>_s<k> to <stem>)")
     parser.add_argument("--metrics_json", **path, help="where to write the metrics (JSON)")
     parser.add_class_arguments(EvalSettings, nested_key=None, as_group=False)
     return parser

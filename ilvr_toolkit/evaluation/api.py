@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 
 from ..fileio import atomic_write_bytes
+from ..images import to_uint8
 from ..runtime import resolve_device
 from .faithfulness import FaithfulnessMetrics
 from .fid import inception_scores
-from .inception import InceptionFeatureExtractor, as_uint8
+from .inception import InceptionFeatureExtractor
 from .stats import EvalSettings, ImageSet, Source, cached_reference_stats, image_set_stats, rank_world
 
 PairSource = tuple[str | os.PathLike | torch.Tensor, torch.Tensor]  # (output, reference (3, H, W))
@@ -40,13 +41,14 @@ def evaluate_translation(
     pairs: Sequence[PairSource] | None = None,
     extractor: InceptionFeatureExtractor | None = None,
     settings: EvalSettings | None = None,
+    operator: torch.nn.Module | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Metrics of the ``outputs`` (folder or image files): ``fid``, ``kid_mean``, ``kid_std`` against
     ``target`` (folder or LMDB); ``ssim``, ``psnr``, ``l2`` (``*_lowpass`` with ``factor``) against
     ``references`` (output ``<stem>_s<k>`` pairs with ``<stem>``) or ``pairs`` (output path or image,
-    reference image); counts. ``options`` override fields of ``settings``. Under
-    torch.distributed every process calls it (each reads a shard) and gets the result."""
+    reference image), ``ssim_kept``, ``psnr_kept`` after an ``operator`` P (a task's); counts. ``options``
+    override fields of ``settings``. Under torch.distributed every process calls it and gets the result."""
     s = replace(settings or EvalSettings(), **options)
     if outputs is None and (pairs is None or target is not None or references is not None):
         raise ValueError("give outputs (a folder or a list of files), or pairs alone")
@@ -60,7 +62,7 @@ def evaluate_translation(
         extractor = extractor or InceptionFeatureExtractor(s.inception_weights).to(s.device)
         result.update(_inception_metrics(out_set, target, extractor, s))
     if references is not None or pairs is not None:
-        result.update(_faithfulness(out_set, references, pairs, s))
+        result.update(_faithfulness(out_set, references, pairs, s, operator))
     return result
 
 
@@ -69,7 +71,7 @@ def _image(image: str | os.PathLike | torch.Tensor, image_size: int | None) -> t
 
 
 def _faithfulness(
-    outputs: ImageSet | None, references: str | None, pairs: list | None, s: EvalSettings
+    outputs: ImageSet | None, references: str | None, pairs: list | None, s: EvalSettings, operator: Any
 ) -> dict:
     if pairs is None:
         reference_set = ImageSet(references, s.image_size)
@@ -78,11 +80,11 @@ def _faithfulness(
         result = {"num_pairs": len(pairs), "references": os.fspath(references)}
     else:
         load, result = (lambda pair: (_image(pair[0], s.image_size), pair[1])), {"num_pairs": len(pairs)}
-    metrics, (rank, world) = FaithfulnessMetrics(s.image_size, s.factor, device=s.device), rank_world()
+    metrics, (rank, world) = FaithfulnessMetrics(s.image_size, s.factor, s.device, operator), rank_world()
     mine = pairs[rank::world]
     for k in range(0, len(mine), s.batch_size):
         chunk = [load(pair) for pair in mine[k : k + s.batch_size]]  # uint8 at the edges: floats rounded
-        metrics.update(*(torch.stack([as_uint8(pair[i]) for pair in chunk]) for i in (0, 1)))
+        metrics.update(*(torch.stack([to_uint8(pair[i]) for pair in chunk]) for i in (0, 1)))
     return {**result, **metrics.compute()}
 
 
@@ -104,7 +106,6 @@ def _inception_metrics(
 
 def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """Write ``metrics`` as JSON atomically (temp file + rename); non-finite numbers become null."""
-    # json writes inf/nan as Infinity/NaN tokens: read back as null
     finite = json.loads(json.dumps(metrics, default=os.fspath), parse_constant=lambda _: None)
     atomic_write_bytes(path, (json.dumps(finite, indent=2) + "\n").encode())
     return Path(path)
@@ -112,6 +113,7 @@ def write_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> Path:
 
 _ROWS = dict(fid="FID", kid_mean="KID x 1e3", ssim="SSIM", psnr="PSNR (dB)", l2="L2")
 _ROWS.update(ssim_lowpass="SSIM low-pass", psnr_lowpass="PSNR low-pass (dB)")  # in this order
+_ROWS.update(ssim_kept="SSIM of P(x_0), P(y)", psnr_kept="PSNR of P(x_0), P(y) (dB)")  # a task's P
 
 
 def format_table(metrics: dict[str, Any], published: dict[str, Any] | None = None) -> str:

@@ -2,8 +2,7 @@
 image, averaged, torchmetrics in float64: ``ssim`` (Gaussian 11, sigma 1.5), ``psnr`` (capped per
 image at :data:`PSNR_CAP_DB`: JSON has no infinity), ``l2`` (EGSDE's ``torch.norm(s - t)``), and
 what torchmetrics lacks: ``ssim_lowpass`` / ``psnr_lowpass`` after ILVR's phi_N (``LowPass``),
-``ssim_kept`` / ``psnr_kept`` after a task's P (a mask...), on both images: what P promises to keep.
-"""
+``ssim_kept`` / ``psnr_kept`` after a task's P (a mask...), on both images: what P promises to keep."""
 
 from typing import Any
 
@@ -39,13 +38,12 @@ class FaithfulnessMetrics:
         device: str = "cpu",
         operator: torch.nn.Module | None = None,
     ):
-        self.device, self.factor, self.lowpass = torch.device(device), factor, None
-        if factor is not None:
-            if image_size is None:
-                raise ValueError("the low-pass metrics need image_size")
-            self.lowpass = LowPass(image_size, factor, device=self.device, dtype=torch.float64)
-        operator = operator.to(self.device, torch.float64) if operator is not None else None
-        self.views = {k: op for k, op in (("_lowpass", self.lowpass), ("_kept", operator)) if op is not None}
+        self.device, self.factor = torch.device(device), factor
+        if factor is not None and image_size is None:
+            raise ValueError("the low-pass metrics need image_size")
+        self.lowpass = LowPass(image_size, factor, self.device, torch.float64) if factor is not None else None
+        views = {"_lowpass": self.lowpass, "_kept": operator}
+        self.views = {k: op.to(self.device, torch.float64) for k, op in views.items() if op is not None}
         names = ["ssim", "psnr", "l2"] + [metric + k for k in self.views for metric in ("ssim", "psnr")]
         # .to() first: it resets the dtype to float32
         self.metrics = {name: _metric(name).to(self.device).set_dtype(torch.float64) for name in names}
@@ -53,9 +51,7 @@ class FaithfulnessMetrics:
     def update(self, outputs: torch.Tensor, references: torch.Tensor) -> None:
         """outputs, references: (B, 3, H, W), uint8 or float in [-1, 1]; item i of each is a pair."""
         if outputs.shape != references.shape:
-            raise ValueError(
-                f"outputs {tuple(outputs.shape)} and references {tuple(references.shape)} differ"
-            )
+            raise ValueError(f"outputs {tuple(outputs.shape)} != references {tuple(references.shape)}")
         x, y = to_unit_range(outputs.to(self.device)), to_unit_range(references.to(self.device))
         self.metrics["l2"].update((x - y).flatten(1).norm(dim=1))
         views = [("", x, y)] + [(suffix, op(x), op(y)) for suffix, op in self.views.items()]

@@ -35,11 +35,6 @@ class InceptionWeightsMissing(FileNotFoundError):
         )
 
 
-def as_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 passes through; float images (in [-1, 1]) are quantised with rounding."""
-    return images if images.dtype == torch.uint8 else to_uint8(images)
-
-
 class InceptionFeatureExtractor(nn.Module):
     """uint8 images (B, 3, H, W) (or float in [-1, 1]) -> pool3 features (B, 2048), float64.
 
@@ -57,7 +52,7 @@ class InceptionFeatureExtractor(nn.Module):
         self.official = self.sha256.startswith(WEIGHTS_SHA256_PREFIX)
         if weights_path is None and not self.official:
             raise ValueError(
-                f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: get it again"
+                f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}..."
             )
         try:  # torch-fidelity loads with weights_only=False: check these bytes with the safe loader first
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -69,7 +64,7 @@ class InceptionFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = as_uint8(images)
+        x = to_uint8(images)
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(x.shape)}")
         device = next(self.parameters()).device

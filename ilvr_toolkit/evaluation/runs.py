@@ -8,13 +8,11 @@ import logging
 from typing import Any
 
 import torch
-from torchvision.io import ImageReadMode, read_image
 
 from ..runtime import resolve_device
 from ..sampling import RunResult, SampleConfig
 from ..sampling.tasks import run_operators
 from .api import evaluate_translation, format_table, write_metrics
-from .faithfulness import FaithfulnessMetrics
 from .inception import InceptionFeatureExtractor, InceptionWeightsMissing
 
 log = logging.getLogger("ilvr_toolkit.evaluation")
@@ -34,40 +32,27 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         if refs.unconditional:  # nothing else to report without references
             raise FileNotFoundError(str(missing)) from None
         extractor, metrics["fid_skipped"] = None, str(missing)
-    by_factor: dict[int | None, list[str]] = {}
-    for name, entry in images.items():
-        by_factor.setdefault(entry.get("factor"), []).append(name)
-    for factor, names in sorted(by_factor.items(), key=lambda kv: kv[0] or 0):
+    for factor in sorted({entry.get("factor") for entry in images.values()}, key=lambda n: n or 0):
+        names = [name for name, entry in images.items() if entry.get("factor") == factor]
         pairs = None
         if not refs.unconditional:
             found = ((result.out_dir / name, refs.get(images[name]["reference_index"])) for name in names)
             pairs = [(path, image) for path, image in found if image is not None]
-        target = config.evaluate_against if extractor is not None else None
-        files = [result.out_dir / name for name in names]
-        ilvr = config.task == "ilvr"  # other tasks: P(x_0) vs P(y) for their P, not phi_N
+        ilvr, operator = config.task == "ilvr", None  # other tasks: P(x_0) vs P(y) for their P, not phi_N
+        if pairs and not ilvr:
+            operator = run_operators(config, pairs[0][1].shape[-1], torch.device(device), [factor])[factor]
         options = dict(factor=factor if ilvr else None, extractor=extractor, cache_dir=config.stats_cache_dir)
+        options.update(target=config.evaluate_against if extractor is not None else None, operator=operator)
         label = f"N{factor}" if factor is not None else "unconditional"
         label = label if ilvr else f"{config.task}, {label}"
-        metrics[label] = evaluate_translation(files, target=target, pairs=pairs, device=device, **options)
-        metrics[label].update(_kept(config, factor, pairs, device) if pairs and not ilvr else {})
+        files = [result.out_dir / name for name in names]
+        metrics[label] = evaluate_translation(files, pairs=pairs, device=device, **options)
     metrics["path"] = str(write_metrics(result.out_dir / "metrics.json", metrics))
     for label, block in metrics.items():
         if isinstance(block, dict):
             print(f"\nmetrics, {label}:\n{format_table(block, config.published)}")
-            if "ssim_kept" in block:
-                print(f"P(x_0) vs P(y): SSIM {block['ssim_kept']:.4f}, PSNR {block['psnr_kept']:.2f} dB")
     if "fid_skipped" in metrics:
         print("\nFID/KID skipped: the Inception weights are missing (see the warning above).")
     print(f"metrics: {metrics['path']}")
     result.metrics = metrics
     return metrics
-
-
-def _kept(config: SampleConfig, factor: int | None, pairs: list, device: str) -> dict[str, float]:
-    """SSIM / PSNR of P(x_0) vs P(y) for the task's P (factor N) over (output PNG, y) pairs."""
-    operator = run_operators(config, pairs[0][1].shape[-1], torch.device(device), [factor])[factor]
-    metrics = FaithfulnessMetrics(device=device, operator=operator)
-    for k in range(0, len(pairs), 32):
-        outputs = [read_image(str(path), ImageReadMode.RGB) for path, _ in pairs[k : k + 32]]
-        metrics.update(torch.stack(outputs), torch.stack([y for _, y in pairs[k : k + 32]]))
-    return {key: value for key, value in metrics.compute().items() if key.endswith("_kept")}

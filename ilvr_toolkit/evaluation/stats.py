@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.files import list_image_files
-from ..data.lmdb_format import read_info
-from ..data.references import ReferenceSet, load_reference
+from ..data.references import ReferenceSet
 from ..fileio import atomic_open
 from .fid import FeatureStats, gather_stats
 from .inception import InceptionFeatureExtractor
@@ -59,35 +57,18 @@ class EvalSettings:
     seed: int = 0
 
 
-def _native_size(path: Path) -> int:  # the side of a set's first image: the size when none is given
-    if (path / "data.mdb").is_file():  # an LMDB
-        return max(read_info(path).sizes)
-    files = list_image_files(path) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"no images in {path}")
-    with Image.open(files[0]) as image:
-        return min(image.size)
-
-
 class ImageSet(Dataset):
-    """``images[i]`` -> uint8 (3, S, S); ``names[i]``: the file stem (or the LMDB's name)."""
+    """``images[i]`` -> uint8 (3, S, S), the images of a :class:`ReferenceSet` (a folder, an LMDB or
+    image files; S by default the first image's short side); ``names[i]``: their names."""
 
     def __init__(self, source: Source, image_size: int | None = None):
-        single = isinstance(source, (str, os.PathLike))
-        self.files = None if single else [Path(p) for p in source]
-        if self.files == []:
-            raise ValueError("empty list of image files")
-        self.source = Path(source) if single else self.files[0].parent
-        self.image_size = int(image_size or _native_size(self.source if single else self.files[0]))
-        self.references = ReferenceSet(source, self.image_size) if single else None
-        self.names = list(self.references.names) if single else [p.stem for p in self.files]
+        self.references = refs = ReferenceSet(source, image_size)
+        self.source, self.image_size, self.names = refs.source, refs.image_size, refs.names
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if self.references is None:
-            return load_reference(self.files[index], self.image_size)
         return self.references[index]["image"]
 
     def identity(self) -> dict[str, Any]:

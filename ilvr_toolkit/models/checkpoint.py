@@ -14,8 +14,6 @@ Three kinds of file load through :func:`load_model`:
 Every load uses ``torch.load(..., weights_only=True)``; every save is atomic.
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 import pickle
@@ -175,9 +173,8 @@ def _decoder_layout(shapes: Mapping[str, tuple[int, ...]], num_channels: int | N
     info: dict[str, Any] = {"num_res_blocks": per_level - 1, "attention_ds": tuple(sorted(attention))}
     if ups:
         info["resblock_updown"] = has(ups[0], r"[1-9]\.in_layers")
-    widths = [
-        shapes.get(f"output_blocks.{i}.0.out_layers.3.weight", (None,))[0] for i in range(0, n, per_level)
-    ]
+    width = "output_blocks.{}.0.out_layers.3.weight"  # each level's first decoder ResBlock
+    widths = [shapes.get(width.format(i), (None,))[0] for i in range(0, n, per_level)]
     if num_channels and None not in widths:
         mult = (w // num_channels if w % num_channels == 0 else w / num_channels for w in reversed(widths))
         info["channel_mult"] = tuple(mult)

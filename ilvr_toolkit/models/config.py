@@ -3,10 +3,9 @@ that stores its config (ours) or a preset name (the official plain state dicts) 
 re-typing flags. *Runtime* settings (``dropout``, ``use_checkpoint``, ``attention_backend``,
 ``native_groupnorm``) never change the weights (:meth:`UNetConfig.architecture` leaves them out)."""
 
-import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..flags import checked_fields, parse_numbers, resolve_flags
@@ -55,9 +54,9 @@ class UNetConfig:
     def __post_init__(self) -> None:
         mult = parse_numbers(self.channel_mult, "channel_mult") or DEFAULT_CHANNEL_MULT.get(self.image_size)
         if not mult:
-            defaults = sorted(DEFAULT_CHANNEL_MULT)
+            sizes = sorted(DEFAULT_CHANNEL_MULT)
             raise ValueError(
-                f"no default channel_mult for image_size {self.image_size} (only {defaults}); set it"
+                f"set channel_mult: image_size {self.image_size} has no default (only {sizes} have)"
             )
         attn = tuple(int(r) for r in parse_numbers(self.attention_resolutions, "attention_resolutions"))
         object.__setattr__(self, "channel_mult", mult)
@@ -95,7 +94,7 @@ class UNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON/YAML friendly) dict; :meth:`from_dict` inverts it."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
@@ -108,17 +107,17 @@ class UNetConfig:
         defaults; ``class_cond True`` means 1000 classes. Diffusion, sampling and ``use_fp16`` flags
         are ignored (the released files store float32 weights; precision is chosen at sampling)."""
         given = resolve_flags(flags)  # every flag; those named like a field set that field
-        same = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
+        same = {f.name: given[f.name] for f in fields(cls) if f.name in given}
         return cls(**same, num_classes=1000 if given["class_cond"] else None)
 
     def architecture(self) -> dict[str, Any]:
         """The settings that shape the weights (runtime settings left out)."""
-        runtime = {f.name for f in dataclasses.fields(self) if f.metadata.get("runtime")}
+        runtime = {f.name for f in fields(self) if f.metadata.get("runtime")}
         return {k: v for k, v in self.to_dict().items() if k not in runtime}
 
     def replace(self, **changes: Any) -> "UNetConfig":
-        """A copy with some fields changed (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (checked again)."""
+        return replace(self, **changes)
 
 
 # Every preset is the flag string of its README, so nobody re-types flags; the diffusion of a

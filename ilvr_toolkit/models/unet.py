@@ -122,8 +122,7 @@ class ResBlock(_Checkpointed):
         self, channels: int, out_channels: int, config: UNetConfig, up: bool = False, down: bool = False
     ):
         super().__init__()
-        self.use_scale_shift_norm = config.use_scale_shift_norm
-        self.use_checkpoint = config.use_checkpoint
+        self.use_scale_shift_norm, self.use_checkpoint = config.use_scale_shift_norm, config.use_checkpoint
         self.in_layers = nn.Sequential(
             _norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )

@@ -1,12 +1,10 @@
 """Command line of ``sample.py``: a YAML config (``--config``) plus dotted overrides."""
 
-from __future__ import annotations
-
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
@@ -14,9 +12,7 @@ from ..cli import UsageError, check_paths, check_range, make_parser, parse_optio
 from ..data.references import ReferenceSet
 from ..runtime import tune_process
 from .config import SampleConfig
-
-if TYPE_CHECKING:
-    from .runner import RunResult
+from .runner import STOP, RunResult, run
 
 __all__ = ["build_parser", "parse_config", "main"]
 
@@ -26,7 +22,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sample_demo.yam
 #: old spellings kept working
 ALIASES = {"--io_workers": "--workers"}
 #: the metrics step of a finished run: ``evaluate(config, result)`` (see :func:`main`)
-Evaluate = Callable[[SampleConfig, "RunResult"], Any]
+Evaluate = Callable[[SampleConfig, RunResult], Any]
 
 
 def build_parser() -> ArgumentParser:
@@ -38,13 +34,9 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_class_arguments(SampleConfig, nested_key=None, as_group=False)
     parser.set_defaults(cpu_malloc="tuned")  # the command line tunes the process; library callers opt in
-    parser.add_argument(
-        "--threads",
-        type=int | None,
-        default=None,
-        help="torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's "
-        "default); not recorded in the manifest: it does not change the images",
-    )
+    threads = "torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's default); "
+    threads += "not recorded in the manifest: it does not change the images"
+    parser.add_argument("--threads", type=int | None, default=None, help=threads)
     return parser
 
 
@@ -86,8 +78,6 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
         ReferenceSet(config.evaluate_against, 1)
     if config.evaluate_against and evaluate is None:
         raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
-    from .runner import STOP, run
-
     result = run(config)
     _report(result)
     if STOP.signum is not None and not os.environ.get("ILVR_REQUEUE_NOTE"):

@@ -4,8 +4,6 @@ Each dataclass checks its values when it is made (``__post_init__``): a bad valu
 ``UsageError`` naming the option, before anything is loaded.
 """
 
-from __future__ import annotations
-
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -213,9 +211,8 @@ class SampleConfig:
 
     def _check_task(self) -> None:
         if (self.mask is None) == (self.task in ("inpaint", "local_edit")):
-            raise UsageError(
-                f"--mask: {'required' if self.mask is None else 'not used'} by --task {self.task}"
-            )
+            need = "required" if self.mask is None else "not used"
+            raise UsageError(f"--mask: {need} by --task {self.task}")
         sdedit = self.sdedit.strength is not None or self.sdedit.start_index is not None
         if (self.task != "ilvr" or sdedit) and (self.unconditional or not self.references):
             raise UsageError(f"--task {self.task}{' with --sdedit' * sdedit}: needs --references")
@@ -226,7 +223,7 @@ class SampleConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SampleConfig:
+    def from_dict(cls, data: dict[str, Any]) -> "SampleConfig":
         """The inverse of :meth:`to_dict` (nested sections as dicts); unknown keys are ignored."""
         nested = {"model": ModelSpec, "ilvr": ILVRSpec, "sdedit": SDEditSpec, "sampler": SamplerSpec}
         nested["output"] = OutputSpec

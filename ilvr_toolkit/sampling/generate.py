@@ -2,8 +2,6 @@
 :func:`generate` with per-image seeds from :func:`~ilvr_toolkit.sampling.seeds.image_seed`,
 so a preview image is the image ``sample.py`` writes for the same weights and settings."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,12 +55,10 @@ def sampling_diffusion(config: DiffusionConfig, sampler: SamplerSpec) -> Gaussia
 def ilvr_range_t(spec: ILVRSpec, diffusion: GaussianDiffusion, task: str = "ilvr") -> int:
     """The respaced ``range_t`` of ``spec`` (range_t, fraction or stop_timestep) for ``diffusion``;
     none given: 0 for ILVR (the official default), -1 for the other tasks (P(x_0) = P(y))."""
-    steps = diffusion.timestep_map.tolist()
-    if task != "ilvr" and spec.range_t is None and spec.fraction is None and spec.stop_timestep is None:
+    given = {k: getattr(spec, k) for k in ("range_t", "fraction", "stop_timestep")}
+    if task != "ilvr" and all(v is None for v in given.values()):
         return -1
-    return resolve_range_t(
-        steps, range_t=spec.range_t, fraction=spec.fraction, stop_timestep=spec.stop_timestep
-    )
+    return resolve_range_t(diffusion.timestep_map.tolist(), **given)
 
 
 @torch.no_grad()

@@ -37,11 +37,10 @@ def resolve_class_labels(
 
 def _read_label_file(path: Path, names: list[str]) -> list[int]:
     try:
-        rows = [
-            line.split("#")[0].replace(",", " ").rsplit(maxsplit=1) for line in path.read_text().splitlines()
-        ]
+        lines = path.read_text().splitlines()
     except OSError as err:
         raise UsageError(f"--class_labels: cannot read {path}: {err.strerror or err}") from None
+    rows = [line.split("#")[0].replace(",", " ").rsplit(maxsplit=1) for line in lines]
     bad = [n for n, row in enumerate(rows, 1) if row and (len(row) != 2 or not row[1].lstrip("-").isdigit())]
     if bad:
         raise UsageError(f"--class_labels: {path} line {bad[0]}: expected '<reference name> <label>'")

@@ -1,7 +1,5 @@
 """What a run has to produce: one work item per output image, sharded and resumable."""
 
-from __future__ import annotations
-
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass

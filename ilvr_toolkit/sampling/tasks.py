@@ -2,8 +2,6 @@
 per factor, its conditioned range, its SDEdit start and its references (super-resolution: the
 low-resolution inputs, upsampled once as they are read, so sampler, grid and metrics see one y)."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import numpy as np
