@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clirunner import REPO, CLIRunner
+from clirunner import REPO
 from PIL import Image
 
 from ilvr_toolkit.data import build_lmdb
@@ -139,13 +139,6 @@ CASES = [
     ("merge-not-sharded", [*MERGE, "{empty_dir}"], 2, ["{empty_dir}"]),
     ("merge-bad-json", [*MERGE, "{bad_shards}"], None, [".shards.json"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def runner():
-    runner = CLIRunner()
-    yield runner
-    runner.close()
 
 
 @pytest.fixture(scope="module")

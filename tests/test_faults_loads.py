@@ -152,7 +152,7 @@ def test_evaluation_recomputes_a_planted_statistics_cache(tmp_path, env, weights
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory) -> Path:
-    from ilvr_toolkit.evaluation import write_random_inception_weights
+    from random_inception import write_random_inception_weights
 
     return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth")
 
@@ -167,6 +167,18 @@ def test_the_payload_runs_when_unpickled(tmp_path):
     marker.unlink()
     pickle.loads(pickle.dumps(Payload(marker)))
     assert marker.exists()
+
+
+@ENVS
+def test_the_forked_commands_read_the_torch_load_setting_at_call_time(tmp_path, env):
+    """The commands above are forked from one interpreter that imported torch before ``env`` was
+    set: a plain ``torch.load`` (no ``weights_only``) in such a command still obeys
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so the force_no_weights_only cases do test that setting."""
+    marker, planted, script = tmp_path / "code-ran", tmp_path / "planted.ckpt", tmp_path / "load.py"
+    torch.save({"payload": Payload(marker)}, planted)
+    script.write_text(f"import torch\ntorch.load({str(planted)!r})\n")
+    done = run([str(script)], env=env)
+    assert marker.exists() == bool(env) and (done.returncode == 0) == bool(env), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("key", [META_KEY, LENGTH_KEY, NAMES_KEY], ids=lambda k: k.decode())
