@@ -11,6 +11,7 @@ such (``signal``), a hang is ended by SIGALRM after ``timeout`` seconds.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -111,3 +112,15 @@ class CLIRunner:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+
+
+_SHARED: list[CLIRunner] = []
+
+
+def shared() -> CLIRunner:
+    """The one runner of this test session, started on first use and closed at exit: every
+    fault test forks its commands from it instead of importing torch again."""
+    if not _SHARED:
+        _SHARED.append(CLIRunner())
+        atexit.register(_SHARED[0].close)
+    return _SHARED[0]

@@ -21,6 +21,14 @@ REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 
 
 @pytest.fixture(scope="session")
+def runner():
+    """The session's fork server for the real CLIs (``clirunner.shared``)."""
+    from clirunner import shared
+
+    return shared()
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The recorded outputs of the official ILVR code (copied from shared/reference)."""
     return REFERENCE_DIR

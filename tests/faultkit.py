@@ -1,17 +1,15 @@
 """Helpers of the fault tests (``test_faults_*.py``): a pickle payload that leaves a marker
-file when it is unpickled, the real CLIs run as subprocesses of this checkout, the one-line
+file when it is unpickled, the real CLIs run in their own processes (forked by ``clirunner``), the one-line
 error check, tiny LMDB datasets and ways to damage them."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
 import numpy as np
+from clirunner import Done, shared
 from PIL import Image
 
 from ilvr_toolkit.data.lmdb_format import image_key
@@ -32,18 +30,14 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def run(
-    args: list[str], env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess:
-    """``python ARGS`` in the repository root, importing this checkout (not the installed one)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("ILVR_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+def run(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> Done:
+    """``python ARGS`` in the repository root, importing this checkout (not the installed one),
+    in its own process forked from the session's :func:`clirunner.shared` runner. ``env`` is
+    set in that process before the command starts, like a shell's ``VAR=1 python ...``."""
+    return shared()(*args, env=env, timeout=timeout)
 
 
-def error_line(done: subprocess.CompletedProcess, prog: str) -> str:
+def error_line(done: Done, prog: str) -> str:
     """The one error line ``PROG: error: ...`` a refused command ends with (no traceback, no signal)."""
     assert done.returncode in (1, 2), (done.returncode, done.stderr[-3000:])
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clirunner import REPO, CLIRunner
+from clirunner import REPO
 from PIL import Image
 
 from ilvr_toolkit.data import build_lmdb
@@ -142,13 +142,6 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def runner():
-    runner = CLIRunner()
-    yield runner
-    runner.close()
-
-
-@pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, str]:
     """The files the cases name: good and bad inputs, built once."""
     root = tmp_path_factory.mktemp("faults")
@@ -247,13 +240,12 @@ def test_fault_matrix(runner, world, tmp_path, command, expected, words, max_lin
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "out").exists()
 
 
-def test_fresh_interpreters_and_debug(world, tmp_path):
-    """Two cases through a plain ``python train.py`` (no zygote), and ``--debug``."""
+def test_fresh_interpreters_and_debug(runner, world, tmp_path):
+    """A case through a plain ``python train.py`` (no zygote: the forked commands behave the
+    same), and ``--debug`` through the runner."""
     cmd = [fill(arg, {**world, "tmp": str(tmp_path)}) for arg in [*TRAIN, "--model.diffusion.steps", "0"]]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    for debug in ([], ["--debug"]):
-        done = subprocess.run(
-            [sys.executable, *cmd, *debug], capture_output=True, text=True, cwd=REPO, env=env
-        )
-        assert done.returncode == 2 and ("Traceback" in done.stderr) == bool(debug), done.stderr
+    fresh = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO, env=env)
+    for done, debug in ((fresh, False), (runner(*cmd, "--debug"), True)):
+        assert done.returncode == 2 and ("Traceback" in done.stderr) == debug, done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith("train.py: error: --model.diffusion.steps 0")

@@ -9,16 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
-from clirunner import CLIRunner
 from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
-
-
-@pytest.fixture(scope="module")
-def runner():
-    runner = CLIRunner()
-    yield runner
-    runner.close()
 
 
 def digests(folder: Path) -> dict[str, str]:

@@ -118,43 +118,48 @@ def test_evaluation_never_runs_planted_inception_weights(tmp_path, env):
     assert not marker.exists(), "the planted Inception file's code ran"
 
 
+def eval_args(folder: Path, weights_file: Path, cache: Path) -> list[str]:
+    """Evaluation of FOLDER/outputs against FOLDER/target with the statistics cache ``cache``."""
+    args = [*EVAL, "--outputs", str(folder / "outputs"), "--target", str(folder / "target")]
+    args += ["--inception_weights", str(weights_file), "--cache_dir", str(cache), "--kid", "false"]
+    return [*args, "--metrics_json", str(cache.parent / "m.json")]
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    from random_inception import write_random_inception_weights
+
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth")
+
+
+@pytest.fixture(scope="module")
+def stats_world(tmp_path_factory, weights_file) -> Path:
+    """Two folders and the statistics cache a first evaluation wrote (FOLDER/cache)."""
+    folder = tmp_path_factory.mktemp("stats")
+    make_images(folder / "outputs", count=2, size=32)
+    make_images(folder / "target", count=3, size=32, seed=1)
+    done = run(eval_args(folder, weights_file, folder / "cache"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder
+
+
 @ENVS
-def test_evaluation_recomputes_a_planted_statistics_cache(tmp_path, env, weights_file):
+def test_evaluation_recomputes_a_planted_statistics_cache(tmp_path, env, weights_file, stats_world):
     """The statistics cache is .npz read with allow_pickle=False: a planted object array is
     not unpickled; the cache counts as unreadable (named in metrics.json) and is rewritten."""
-    marker, cache = tmp_path / "code-ran", tmp_path / "cache"
-    outputs = make_images(tmp_path / "outputs", count=2, size=32)
-    target = make_images(tmp_path / "target", count=3, size=32, seed=1)
-    args = [
-        *EVAL,
-        "--outputs",
-        str(outputs),
-        "--target",
-        str(target),
-        "--inception_weights",
-        str(weights_file),
-    ]
-    args += ["--cache_dir", str(cache), "--kid", "false", "--metrics_json", str(tmp_path / "m.json")]
-    assert run(args).returncode == 0
+    marker, cache = tmp_path / "code-ran", shutil.copytree(stats_world / "cache", tmp_path / "cache")
     (stats_file,) = cache.glob("*.npz")
     with open(stats_file, "wb") as f:
         np.savez(
             f, mu=np.array([Payload(marker)], dtype=object), meta=np.array([Payload(marker)], dtype=object)
         )
-    done = run(args, env=env)
+    done = run(eval_args(stats_world, weights_file, cache), env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not marker.exists(), "the planted statistics cache's code ran"
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["target_stats"] == str(stats_file) and metrics["target_stats_cache_hit"] is False
     assert "unreadable cache file" in metrics["target_stats_reason"], metrics
     assert np.load(stats_file, allow_pickle=False)["mu"].dtype == np.float64  # rewritten clean
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory) -> Path:
-    from ilvr_toolkit.evaluation import write_random_inception_weights
-
-    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth")
 
 
 # --------------------------------------------------------------------------- LMDB records and metadata
@@ -167,6 +172,18 @@ def test_the_payload_runs_when_unpickled(tmp_path):
     marker.unlink()
     pickle.loads(pickle.dumps(Payload(marker)))
     assert marker.exists()
+
+
+@ENVS
+def test_the_forked_commands_read_the_torch_load_setting_at_call_time(tmp_path, env):
+    """The commands above are forked from one interpreter that imported torch before ``env`` was
+    set: a plain ``torch.load`` (no ``weights_only``) in such a command still obeys
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so the force_no_weights_only cases do test that setting."""
+    marker, planted, script = tmp_path / "code-ran", tmp_path / "planted.ckpt", tmp_path / "load.py"
+    torch.save({"payload": Payload(marker)}, planted)
+    script.write_text(f"import torch\ntorch.load({str(planted)!r})\n")
+    done = run([str(script)], env=env)
+    assert marker.exists() == bool(env) and (done.returncode == 0) == bool(env), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("key", [META_KEY, LENGTH_KEY, NAMES_KEY], ids=lambda k: k.decode())

@@ -18,20 +18,12 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
-from clirunner import REPO, CLIRunner
+from clirunner import REPO
 from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
 
 from ilvr_toolkit.fileio import lock_folder, remove_dead_temps
 from ilvr_toolkit.training.checkpointing import atomic_torch_save, find_resume_checkpoint
-
-
-@pytest.fixture(scope="module")
-def runner():
-    runner = CLIRunner()
-    yield runner
-    runner.close()
 
 
 def dead_pid() -> int:
@@ -88,13 +80,18 @@ def test_lock_records_its_holder_and_a_stale_one_is_taken_over(tmp_path):
     code += "pid = os.fork(); time.sleep(60) if pid == 0 else print(pid, flush=True)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = tmp_path / "run"
-    child = int(
-        subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=env).stdout
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, env=env
     )
+    child = int(holder.stdout.readline())  # not .communicate(): the child keeps the pipe open 60 s
     try:
+        assert (
+            holder.wait(timeout=60) == 0 and os.kill(child, 0) is None
+        )  # the holder is gone, its child lives
         assert lock_folder(run) is None
     finally:
         os.kill(child, signal.SIGKILL)
+        holder.stdout.close()
 
 
 def test_cleanup_removes_only_temps_whose_writer_is_gone(tmp_path):
