@@ -171,12 +171,9 @@ class TrainCLI(LightningCLI):
             return
         ckpt = fit.ckpt_path if fit.ckpt_path not in ("last", "hpc", "best") else None
         run_dir = fit.trainer.default_root_dir or DEFAULT_RUN_DIR
-        fid = fit.fid.reference
         named = {"data.path": fit.data.path, "init_from": fit.init_from, "ckpt_path": ckpt}
-        named |= {
-            "fid.reference.images": fid.images,
-            "fid.reference.inception_weights": fid.inception_weights,
-        }
+        named["fid.reference.images"] = fit.fid.reference.images  # missing Inception weights: FIDMonitor's
+        # setup names the file, its hash and where it goes
         check_paths({**named, "ilvr_preview.references": fit.ilvr_preview.references})
         if ckpt and not zipfile.is_zipfile(ckpt):
             raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
