@@ -34,6 +34,14 @@ def reference_dir() -> Path:
     return REFERENCE_DIR
 
 
+@pytest.fixture(scope="module")
+def tiny32(reference_dir):
+    """The official code's tiny32 UNet with its recorded weights, eval mode (one per test module)."""
+    from ilvr_toolkit.models import load_model
+
+    return load_model(reference_dir / "tiny32.pt", preset="tiny32").model.eval()
+
+
 @pytest.fixture(scope="session")
 def ref_record(reference_dir: Path) -> dict:
     """tiny32_ilvr_ref.pt: forward check, respacing tables, one full ILVR run, resizer matrices."""

@@ -15,12 +15,7 @@ from ilvr_toolkit.diffusion import (
     ddim_sample,
     ddpm_sample,
 )
-from ilvr_toolkit.models import get_preset, load_model
-
-
-@pytest.fixture(scope="module")
-def tiny32(reference_dir):
-    return load_model(reference_dir / "tiny32.pt", preset="tiny32").model.eval()
+from ilvr_toolkit.models import get_preset
 
 
 def test_resizer_matrices_match_fixture(ref_record):

@@ -18,12 +18,7 @@ from ilvr_toolkit.diffusion import (
     ddpm_sample,
     diffuse_to,
 )
-from ilvr_toolkit.models import build_unet, get_preset, load_model
-
-
-@pytest.fixture(scope="module")
-def tiny32(reference_dir):
-    return load_model(reference_dir / "tiny32.pt", preset="tiny32").model.eval()
+from ilvr_toolkit.models import build_unet, get_preset
 
 
 @pytest.fixture(scope="module")
