@@ -63,12 +63,18 @@ def _references(refs: Path, size: int = SIZE) -> list[np.ndarray]:
 
 def test_inpaint_keeps_every_white_pixel_exactly(reference_dir, refs, mask_png, tmp_path):
     mask, keep = mask_png
-    _run(reference_dir, refs, tmp_path / "o", "--task", "inpaint", "--mask", str(mask))
+    _run(
+        reference_dir, refs, tmp_path / "o", "--task", "inpaint", "--mask", str(mask), "--output.grid", "true"
+    )
     outputs, references = _pngs(tmp_path / "o"), _references(refs)
     assert len(outputs) == 3
-    for out, ref in zip(outputs.values(), references, strict=True):
+    grid = np.asarray(Image.open(tmp_path / "o" / "grid.png")).astype(int)
+    for row, (out, ref) in enumerate(zip(outputs.values(), references, strict=True)):
         assert np.array_equal(out[keep], ref[keep])
         assert np.abs(out[~keep] - ref[~keep]).mean() > 5  # the hole is generated, not copied
+        y, x = 2 + row * (SIZE + 2), 2 + (SIZE + 2)  # the grid's second column is P(y): the kept part
+        p_of_y = grid[y : y + SIZE, x : x + SIZE]
+        assert np.array_equal(p_of_y[keep], ref[keep]) and (np.abs(p_of_y[~keep] - 127.5) <= 0.5).all()
 
 
 def test_colorize_keeps_the_grey_image(reference_dir, refs, tmp_path):

@@ -31,7 +31,7 @@ from .labels import resolve_class_labels
 from .manifest import ManifestPart, check_same_run, merge_manifest, versions
 from .plan import WorkItem, batches, plan_items, shard_range
 from .shards import fixed_shard_count, run_summary
-from .tasks import reference_set, task_setup
+from .tasks import reference_set, run_operators, task_setup
 from .writer import save_png
 
 __all__ = ["RunResult", "run", "resolve_device", "make_net"]
@@ -295,5 +295,8 @@ def _summarize(config, loaded, diffusion, refs, result) -> None:
         rows = [(refs.names[i], refs.get(i)) for i in range(len(refs.names))[: config.output.grid_max_rows]]
         rows = [(name, image) for name, image in rows if image is not None]
         grid_path = out_dir / "grid.png"
-        if build_grid(grid_path, out_dir, rows, config.ilvr.factors, config.samples_per_reference):
+        operators = run_operators(
+            config, loaded.unet_config.image_size, torch.device("cpu"), config.ilvr.factors
+        )
+        if build_grid(grid_path, out_dir, rows, operators, config.samples_per_reference):
             result.grid = grid_path
