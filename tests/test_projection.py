@@ -80,6 +80,9 @@ def test_ilvr_is_projection_with_lowpass_bit_for_bit(tiny32, mode, method):
     ilvr = _sample(tiny32, diffusion, ref.shape, 5, [ILVR(ref, 4, 0, mode)], method)
     hook = Projection(ref, LowPass(32, 4), range_t=0, mode=mode)
     assert torch.equal(ilvr, _sample(tiny32, diffusion, ref.shape, 5, [hook], method))
+    assert [ILVR(ref, 4, 2).is_conditioned(i) for i in range(5)] == [False] * 3 + [
+        True
+    ] * 2  # public since 0.1
 
 
 def test_fraction_and_stop_timestep_resolve_against_the_sampled_diffusion():

@@ -112,10 +112,14 @@ class Projection:
         level = reference_index(step.index, self.mode)
         return self.reference if level < 0 else diffuse_to(step.diffusion, self.reference, level, step.noise)
 
+    def is_conditioned(self, index: int) -> bool:
+        """Whether the step of respaced ``index`` is conditioned (``range_t`` resolved)."""
+        return index > self.range_t
+
     def __call__(self, step: Step) -> torch.Tensor | None:
         if self.range_t is None:
             self.range_t = resolve_range_t(step.diffusion.timestep_map.tolist(), **self.range)
-        if step.index <= self.range_t:
+        if not self.is_conditioned(step.index):
             return None
         y, x = self.diffused_reference(step), step.x_prev
         return x + self.operator(y.to(x.dtype) - x)
