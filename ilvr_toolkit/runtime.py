@@ -23,6 +23,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallop
 # 32 MiB have been freed (mmap threshold 32 MiB, trim threshold twice that).
 _GLIBC_UNTUNED = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20, _M_MMAP_MAX: 65536}
 _GLIBC_TUNED = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**30 - 1}
+_MALLOC = {"tuned": False}  # what set_cpu_malloc last set in this process
 
 
 def set_cpu_malloc(tuned: bool) -> bool:
@@ -46,6 +47,7 @@ def set_cpu_malloc(tuned: bool) -> bool:
     if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
         return False  # not glibc (musl, macOS, Windows)
     ok = all(libc.mallopt(k, v) for k, v in (_GLIBC_TUNED if tuned else _GLIBC_UNTUNED).items())
+    _MALLOC["tuned"] = tuned and ok
     if not tuned:
         libc.malloc_trim(0)
     return ok
@@ -54,7 +56,11 @@ def set_cpu_malloc(tuned: bool) -> bool:
 @contextlib.contextmanager
 def tuned_cpu_malloc(enabled: bool = True) -> Iterator[bool]:
     """:func:`set_cpu_malloc` ``(True)`` inside the block, glibc's defaults (and a heap trim)
-    after it; yields whether the tuning is in effect. ``enabled=False``: does nothing."""
+    after it; yields whether the tuning is in effect. ``enabled=False``, or a process already
+    tuned (``tune_process``, the command-line tools): leaves the allocator as it is."""
+    if _MALLOC["tuned"]:
+        yield True
+        return
     applied = enabled and set_cpu_malloc(True)
     try:
         yield applied

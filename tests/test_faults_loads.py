@@ -167,7 +167,7 @@ def test_the_payload_runs_when_unpickled(tmp_path):
     """The tests above can fail: unpickled without the safe loader, the payload leaves its marker."""
     marker = tmp_path / "code-ran"
     torch.save({"payload": Payload(marker)}, tmp_path / "planted.ckpt")
-    torch.load(tmp_path / "planted.ckpt", weights_only=False)
+    torch.load(tmp_path / "planted.ckpt", weights_only=False)  # deliberately unsafe: the control case
     assert marker.exists()
     marker.unlink()
     pickle.loads(pickle.dumps(Payload(marker)))
@@ -181,7 +181,7 @@ def test_the_forked_commands_read_the_torch_load_setting_at_call_time(tmp_path, 
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, so the force_no_weights_only cases do test that setting."""
     marker, planted, script = tmp_path / "code-ran", tmp_path / "planted.ckpt", tmp_path / "load.py"
     torch.save({"payload": Payload(marker)}, planted)
-    script.write_text(f"import torch\ntorch.load({str(planted)!r})\n")
+    script.write_text(f"import torch\ntorch.load({str(planted)!r})\n")  # deliberately no weights_only
     done = run([str(script)], env=env)
     assert marker.exists() == bool(env) and (done.returncode == 0) == bool(env), done.stderr[-2000:]
 

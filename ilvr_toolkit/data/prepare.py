@@ -38,7 +38,7 @@ from PIL import Image
 
 from .. import __version__
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
 from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key, open_lmdb, read_info, read_names
@@ -247,20 +247,12 @@ def verify_lmdb(
     return info
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError as e:  # PermissionError: it exists
-        return not isinstance(e, ProcessLookupError)
-
-
 def _clean_stale(out: Path) -> None:
     """Delete leftovers of interrupted builds of ``out``; refuse if their builder still runs."""
     leftovers = [sorted(out.parent.glob(f"{glob.escape(out.name)}.{kind}-*")) for kind in ("partial", "old")]
     for leftover in leftovers[0] + leftovers[1]:
         pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
             raise FileExistsError(
                 f"{leftover} belongs to a running build (pid {pid}); wait for it, or delete it if stale"
             )
