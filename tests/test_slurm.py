@@ -98,12 +98,15 @@ def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
     pytest.fail(f"job {job} did not end within {timeout} s: {job_info(job)}")
 
 
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
 def wait_for_line(log: Path, pattern: str, job: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if log.is_file() and re.search(pattern, log.read_text(errors="replace"), re.MULTILINE):
             return
-        if job_info(job).get("JobState") not in {"PENDING", "RUNNING", "CONFIGURING"}:
+        if job_info(job).get("JobState") in ENDED:  # not REQUEUED / COMPLETING: a requeue passes through them
             break
         time.sleep(0.3)
     pytest.fail(f"no line {pattern!r} in {log}: {log.read_text() if log.is_file() else '(no log)'}")
