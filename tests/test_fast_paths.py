@@ -16,6 +16,7 @@ stated next to what was measured on the CPU (torch 2.14, Xeon with AVX-512/AMX):
 | native GroupNorm, forward, bf16  | fp32                     | 1.25x the round trip's error | 0.99x / 1.01x |
 | native GroupNorm, fixture, bf16  | official output          | rel 3e-2  | 9.4e-3          |
 | native GroupNorm, fp32           | without it               | identical | identical       |
+| in-place norm/affine/SiLU (no grad) | autograd's out-of-place path | identical | identical (fp32, bf16; NCHW, channels_last) |
 | channels_last training step      | NCHW: loss / gradients   | rel 1e-5 / 1e-4 | 0 / 1.2e-5     |
 | tuned glibc malloc               | default malloc           | identical | identical       |
 | fused AdamW (`optim.fused`)      | foreach AdamW, 3 steps   | rel 1e-6  | 3e-9 (ffhq-sized) |
@@ -126,6 +127,24 @@ def test_channels_last_forward(random_model_and_input):
     finally:
         model.to(memory_format=torch.contiguous_format)
     assert rel_err(out, ref) <= CHANNELS_LAST_REL
+
+
+@pytest.mark.parametrize("scale_shift, updown", [(True, True), (False, False)])
+def test_inplace_norm_act_without_autograd_is_bitwise_the_stock_path(scale_shift, updown):
+    """Without autograd GroupNorm32.act writes the affine and SiLU into the norm's output; with
+    autograd (parameters requiring grad) the stock out-of-place ops run: the same numbers, in
+    fp32 and bf16 autocast, NCHW and channels_last, with and without scale-shift norm."""
+    config = get_preset("tiny32").replace(use_scale_shift_norm=scale_shift, resblock_updown=updown)
+    model = common.randomize_parameters_(build_unet(config), seed=1).eval()
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    for precision, fmt in [(p, f) for p in ("fp32", "bf16") for f in (torch.contiguous_format, torch.channels_last)]:
+        model.to(memory_format=fmt)
+        outs = []
+        for grad in (False, True):
+            model.requires_grad_(grad)
+            with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"), torch.set_grad_enabled(grad):
+                outs.append(model(x.contiguous(memory_format=fmt), t).detach())
+        assert outs[0].abs().max() > 0.1 and torch.equal(outs[0], outs[1]), (precision, fmt)
 
 
 def test_channels_last_fixture_replay(tiny32, ref_record):
