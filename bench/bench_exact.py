@@ -14,16 +14,23 @@ of the machine hits every variant alike. Variants:
 - ``exact``: the command-line tools' process tuning (``ilvr_toolkit.runtime.tune_process``:
   glibc malloc keeps freed memory), the same kernels, bitwise the same numbers;
 - ``fused`` (training only): ``exact`` + ``model.optim.fused: true`` (AdamW's fused kernel;
-  error bound in tests/test_fast_paths.py).
+  error bound in tests/test_fast_paths.py);
+- ``bf16``, the opt-in fast path (error bounds in tests/test_fast_paths.py): forward as
+  ``sample.py --precision bf16 --channels_last true --native_groupnorm true``; training as
+  ``train.py --trainer.precision bf16-mixed --model.channels_last true --model.optim.fused true``
+  (bf16 autocast around forward and loss). Pays where the CPU has bf16 dot products
+  (AVX512-BF16, AMX); its first values differ from fp32 within those bounds.
 
 A training step is what ``train.py`` runs per step: q_sample at random t, the UNet forward,
 the P2-weighted hybrid loss, backward, AdamW, the EMA update (``get_ema_multi_avg_fn``).
 Reported per case: median seconds per call, ratio baseline/variant, minor page faults per
 call, and (training) the first-step loss of each variant, which must be equal.
 
-Convolutions: every distinct Conv2d shape of the UNet at the case's batch size is timed alone,
-forward and backward (input and weight gradients), as GFLOP/s and as a share of the best
-GFLOP/s any of them reached in the same run.
+Convolutions: every distinct Conv2d shape of the UNet at batch 2 is timed alone, forward and
+backward (the gradients training computes: the weights', and the input's except for the first
+conv, whose input is the data), as GFLOP/s and as a share of the best GFLOP/s any of them
+reached in the same run; ``ms lost`` is what running a shape at 90% of that best would save
+per training step (its calls per forward x (forward + backward time - time at 90%)).
 """
 
 from __future__ import annotations
@@ -46,26 +53,31 @@ from ilvr_toolkit.diffusion import DiffusionConfig, create_diffusion  # noqa: E4
 from ilvr_toolkit.models import build_unet, get_preset  # noqa: E402
 
 CASES = {"forward1": ("forward", 1), "forward4": ("forward", 4), "train2": ("train", 2)}
-VARIANTS = {"forward": ["baseline", "exact"], "train": ["baseline", "exact", "fused"]}
+VARIANTS = {"forward": ["baseline", "exact", "bf16"], "train": ["baseline", "exact", "fused", "bf16"]}
 
 
 def build(preset: str, seed: int) -> torch.nn.Module:
     return common.randomize_parameters_(build_unet(get_preset(preset)), seed)
 
 
-def forward_fn(net: torch.nn.Module, batch: int, size: int):
+def forward_fn(net: torch.nn.Module, batch: int, size: int, bf16: bool = False):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last) if bf16 else x
     t = torch.full((batch,), 500, dtype=torch.long)
 
     def call() -> float:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(bf16):
             return float(net(x, t).double().sum())
 
     return call
 
 
-def train_fn(net: torch.nn.Module, batch: int, size: int, fused: bool):
+def autocast(bf16: bool) -> torch.autocast:
+    return torch.autocast("cpu", torch.bfloat16, enabled=bf16)
+
+
+def train_fn(net: torch.nn.Module, batch: int, size: int, fused: bool, bf16: bool = False):
     """One step as train.py: loss, backward, AdamW, EMA; returns the loss."""
     diffusion = create_diffusion(DiffusionConfig(learn_sigma=True, p2_gamma=1.0))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused or None)
@@ -73,11 +85,14 @@ def train_fn(net: torch.nn.Module, batch: int, size: int, fused: bool):
     update = torch.optim.swa_utils.get_ema_multi_avg_fn(0.9999)
     gen = torch.Generator().manual_seed(2)
     x0 = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
+    if bf16:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
 
     def call() -> float:
         t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        loss = diffusion.training_losses(net, x0, t, noise=noise)["loss"].mean()
+        with autocast(bf16):
+            loss = diffusion.training_losses(net, x0, t, noise=noise)["loss"].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -100,10 +115,13 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     net = build(args.preset, args.seed)
     size = get_preset(args.preset).image_size
+    bf16 = args.variant == "bf16"
+    if bf16:
+        net.to(memory_format=torch.channels_last).set_native_groupnorm(kind == "forward")
     fn = (
-        forward_fn(net, batch, size)
+        forward_fn(net, batch, size, bf16)
         if kind == "forward"
-        else train_fn(net, batch, size, args.variant == "fused")
+        else train_fn(net, batch, size, args.variant in ("fused", "bf16"), bf16)
     )
     first = fn()  # warm-up (allocator, oneDNN primitives); its value is the first-step loss
     seconds, faults = [], []
@@ -145,8 +163,8 @@ def measure_cases(args: argparse.Namespace) -> list[dict]:
 
 
 def conv_shapes(net: torch.nn.Module, batch: int, size: int) -> list[tuple]:
-    """(conv module, input shape) of every distinct Conv2d call in one forward."""
-    seen: dict[tuple, tuple] = {}
+    """(conv module, input shape, calls per forward) of every distinct Conv2d call in one forward."""
+    seen: dict[tuple, list] = {}
 
     def hook(module, inputs, _output) -> None:
         key = (
@@ -156,31 +174,34 @@ def conv_shapes(net: torch.nn.Module, batch: int, size: int) -> list[tuple]:
             module.stride,
             tuple(inputs[0].shape),
         )
-        seen.setdefault(key, (module, tuple(inputs[0].shape)))
+        seen.setdefault(key, [module, tuple(inputs[0].shape), 0])[2] += 1
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
         net(torch.randn(batch, 3, size, size), torch.full((batch,), 500))
     for h in handles:
         h.remove()
-    return list(seen.values())
+    return [tuple(v) for v in seen.values()]
 
 
-def time_conv(conv: torch.nn.Conv2d, shape: tuple, repeats: int) -> dict:
-    """Forward and backward (input + weight gradients) GFLOP/s of ``conv`` on random input."""
+def time_conv(conv: torch.nn.Conv2d, shape: tuple, calls: int, repeats: int) -> dict:
+    """Forward and backward GFLOP/s of ``conv`` on random input (no input gradient for data)."""
     cpu = torch.device("cpu")
-    x = torch.randn(shape, requires_grad=True)
+    x = torch.randn(shape, requires_grad=shape[1] != 3)
     out = conv(x)
     flops = 2 * out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    grad = torch.randn_like(out)
+    grad, wrt = torch.randn_like(out), (x, conv.weight) if x.requires_grad else (conv.weight,)
     with torch.no_grad():
         fwd = common.time_fn(lambda: conv(x), cpu, repeats=repeats).median
-    both = common.time_fn(lambda: torch.autograd.grad(conv(x), (x, conv.weight), grad), cpu, repeats=repeats)
+    both = common.time_fn(lambda: torch.autograd.grad(conv(x), wrt, grad), cpu, repeats=repeats).median
     name = f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]} @{shape[-1]}"
     return {
         "conv": name,
+        "calls": calls,
         "fwd GFLOP/s": flops / fwd / 1e9,
-        "bwd GFLOP/s": 2 * flops / (both.median - fwd) / 1e9,
+        "bwd GFLOP/s": len(wrt) * flops / (both - fwd) / 1e9,
+        "work": (1 + len(wrt)) * flops,  # forward + backward FLOPs
+        "seconds": both,
     }
 
 
@@ -189,10 +210,12 @@ def measure_convs(args: argparse.Namespace) -> list[dict]:
     common.set_cpu_malloc(True)
     net = build(args.preset, args.seed)
     shapes = conv_shapes(net, 2, get_preset(args.preset).image_size)
-    rows = [time_conv(conv, shape, args.repeats) for conv, shape in shapes]
+    rows = [time_conv(conv, shape, calls, args.repeats) for conv, shape, calls in shapes]
     best = max(max(r["fwd GFLOP/s"], r["bwd GFLOP/s"]) for r in rows)
     for r in rows:
         r["fwd/best"], r["bwd/best"] = r["fwd GFLOP/s"] / best, r["bwd GFLOP/s"] / best
+        at_90 = r.pop("work") / (0.9 * best * 1e9)
+        r["ms lost"] = 1e3 * r["calls"] * max(0.0, r.pop("seconds") - at_90)
     return rows
 
 
@@ -223,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     convs = [] if args.skip_convs else measure_convs(args)
     if convs:
         common.print_table(convs, title="convolutions at batch 2 (share of the best GFLOP/s in this run)")
+        short = [r for r in convs if min(r["fwd/best"], r["bwd/best"]) < 0.9]
+        step = next((r["s/call"] for r in rows if r["case"] == "train2" and r["variant"] == "exact"), None)
+        lost = sum(r["ms lost"] for r in convs)
+        share = f", {lost / 10 / step:.1f}% of the exact training step" if step else ""
+        print(
+            f"\n{len(short)} of {len(convs)} conv shapes under 90% of the best; bringing them to 90% "
+            f"would save {lost:.0f} ms per batch-2 training step{share}"
+        )
     common.write_json("exact", {"env": common.environment(), "cases": rows, "convs": convs})
     return 0
 
