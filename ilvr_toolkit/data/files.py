@@ -36,9 +36,7 @@ def list_image_files(root: str | Path) -> list[Path]:
         if (st.st_dev, st.st_ino) in seen_dirs:
             return
         seen_dirs.add((st.st_dev, st.st_ino))
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("."):
-                continue
+        for name in sorted(n for n in os.listdir(folder) if not n.startswith(".")):
             path = folder / name
             if path.is_dir():
                 walk(path)

@@ -72,7 +72,6 @@ def load_rgb(source: bytes | bytearray | Image.Image) -> Image.Image:
 
 def center_crop_square(img: Image.Image) -> Image.Image:
     """The largest centred square; an odd excess leaves the extra pixel on the right/bottom."""
-    w, h = img.size
-    side = min(w, h)
+    (w, h), side = img.size, min(img.size)
     left, top = (w - side) // 2, (h - side) // 2
     return img.crop((left, top, left + side, top + side))

@@ -34,8 +34,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     scale = image_size / min(*pil_image.size)
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
     arr = np.asarray(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
+    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
@@ -86,8 +85,7 @@ class ReferenceSet(Dataset):
             self.files = list_image_files(self.source)
             self.names = unique_names([f.relative_to(self.source) for f in self.files])
         elif self.source.is_file():
-            self.files = [self.source]
-            self.names = [self.source.stem]
+            self.files, self.names = [self.source], [self.source.stem]
         else:
             raise FileNotFoundError(f"reference source not found: {self.source}")
         if not self.names:

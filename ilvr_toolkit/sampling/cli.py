@@ -70,10 +70,8 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
         check_range("threads", namespace.threads, 1)
     tune_process(namespace.threads, cpu_malloc=config.cpu_malloc == "tuned")  # one log line
     named = {"model.checkpoint": config.model.checkpoint, "evaluate_against": config.evaluate_against}
-    named.update(references=None if config.unconditional else config.references)
-    check_paths(
-        {**named, "mask": config.mask, "inception_weights": config.inception_weights}
-    )  # before any work
+    named.update(references=None if config.unconditional else config.references, mask=config.mask)
+    check_paths({**named, "inception_weights": config.inception_weights})  # before any work
     if config.evaluate_against:  # a folder of images or an LMDB: found out now, not after sampling
         ReferenceSet(config.evaluate_against, 1)
     if config.evaluate_against and evaluate is None:

@@ -34,16 +34,8 @@ from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from ilvr_toolkit.cli import (
-    UsageError,
-    check_config_files,
-    check_paths,
-    check_range,
-    run_command,
-    setup_logging,
-)
-from ilvr_toolkit.data import ImageDataModule
-
+from ..cli import UsageError, check_config_files, check_paths, check_range, run_command, setup_logging
+from ..data import ImageDataModule
 from ..fileio import atomic_write_bytes, lock_folder
 from ..models import load_state_dict_file
 from ..runtime import tune_process
@@ -132,21 +124,16 @@ class TrainCLI(LightningCLI):
             "model.unet", "data.image_size", compute_fn=lambda unet: resolve_unet_config(unet).image_size
         )
         parser.add_argument(
-            "--init_from",
-            "--init-from",
-            type=str | None,
-            default=None,
+            "--init_from", "--init-from", type=str | None, default=None,
             help="fine-tune: initial UNet weights (released plain .pt checked against model.unet, "
             "our .ckpt (its EMA weights) or an exported model file); optimizer state starts fresh",
-        )
+        )  # fmt: skip
         parser.link_arguments("init_from", "model.init_from")
         parser.add_argument(
-            "--auto_resume",
-            type=bool,
-            default=True,
+            "--auto_resume", type=bool, default=True,
             help="resume from the newest of RUN/checkpoints/last.ckpt and RUN/hpc_ckpt_*.ckpt when "
             "no --ckpt_path is given",
-        )
+        )  # fmt: skip
         parser.add_argument(
             "--threads", type=int | None, default=None,
             help="torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's default)",
@@ -156,12 +143,10 @@ class TrainCLI(LightningCLI):
             help="tuned: glibc malloc keeps freed memory (no page-fault storm per step; same numbers)",
         )  # fmt: skip
         parser.add_argument(
-            "--slurm_requeue",
-            type=bool,
-            default=True,
+            "--slurm_requeue", type=bool, default=True,
             help="under SLURM: on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop "
             "(scripts/slurm/train.sbatch then requeues the job)",
-        )
+        )  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, check the paths, lock the run directory (rank 0: the launching process of DDP)."""
@@ -172,8 +157,8 @@ class TrainCLI(LightningCLI):
         ckpt = fit.ckpt_path if fit.ckpt_path not in ("last", "hpc", "best") else None
         run_dir = fit.trainer.default_root_dir or DEFAULT_RUN_DIR
         named = {"data.path": fit.data.path, "init_from": fit.init_from, "ckpt_path": ckpt}
-        named["fid.reference.images"] = fit.fid.reference.images  # missing Inception weights: FIDMonitor's
-        # setup names the file, its hash and where it goes
+        # missing Inception weights: FIDMonitor's setup names the file, its hash and where it goes
+        named.update({"fid.reference.images": fit.fid.reference.images})
         check_paths({**named, "ilvr_preview.references": fit.ilvr_preview.references})
         if ckpt and not zipfile.is_zipfile(ckpt):
             raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
@@ -196,9 +181,7 @@ class TrainCLI(LightningCLI):
         config = self._setting("trainer", {})
         run_dir = config.get("default_root_dir") or DEFAULT_RUN_DIR
         if config.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(
-                save_dir=run_dir, name="", version="tb", default_hp_metric=False
-            )
+            kwargs["logger"] = TensorBoardLogger(run_dir, name="", version="tb", default_hp_metric=False)
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
@@ -213,9 +196,7 @@ class TrainCLI(LightningCLI):
 
     def before_fit(self) -> None:
         fit = self.config_init[self.subcommand]
-        tune_process(
-            fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned"
-        )  # all checked: say it
+        tune_process(fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned")
         # resume never unpickles code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
         fit["weights_only"] = True
         if fit.get("ckpt_path") is not None or not fit.get("auto_resume", True):

@@ -39,10 +39,7 @@ def checkpoint_unet_weights(checkpoint: dict[str, Any], weights: str = "ema") ->
 
 
 def export_checkpoint(
-    ckpt_path: str | Path,
-    out_dir: str | Path | None = None,
-    name: str | None = None,
-    weights: str = "ema",
+    ckpt_path: str | Path, out_dir: str | Path | None = None, name: str | None = None, weights: str = "ema"
 ) -> dict[str, Any]:
     """Write ``NAME.pt`` (plain) and ``NAME.model.pt`` (self-describing); see the module doc.
 

@@ -185,10 +185,8 @@ class DiffusionModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = dict(self.hparams.optim)  # OptimConfig's fields: AdamW's arguments and warmup_steps
         warmup = int(hp.pop("warmup_steps"))
-        hp["betas"], hp["fused"] = (
-            tuple(hp["betas"]),
-            hp.get("fused") or None,
-        )  # None: torch's foreach default
+        hp["betas"] = tuple(hp["betas"])
+        hp["fused"] = hp.get("fused") or None  # None: torch's foreach default
         optimizer = torch.optim.AdamW(self.model.parameters(), **hp)
         if warmup <= 0:
             return optimizer
