@@ -26,17 +26,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
-__all__ = [
-    "UsageError",
-    "check_config_files",
-    "check_paths",
-    "check_range",
-    "make_parser",
-    "normalize_options",
-    "parse_options",
-    "run_command",
-    "setup_logging",
-]
+__all__ = ["UsageError", "check_config_files", "check_paths", "check_range", "make_parser"]
+__all__ += ["normalize_options", "parse_options", "run_command", "setup_logging"]
 
 
 class UsageError(ValueError):
@@ -70,12 +61,9 @@ def make_parser(prog: str, description: str) -> ArgumentParser:
         prog=prog, description=description, env_prefix="ILVR", default_env=False, exit_on_error=False
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_argument(  # run_command consumes it; listed here so that --help shows it
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="on an error, print the traceback too (or set ILVR_DEBUG=1)",
-    )
+    debug = "on an error, print the traceback too (or set ILVR_DEBUG=1)"
+    # run_command consumes it; listed here so that --help shows it
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
 
 
@@ -92,8 +80,7 @@ def normalize_options(
     - with ``parser``: a bool option given bare means true (``--strict``), ``--no_X`` false;
     - an option in ``repeatable`` given again appends (``--size 64 --size 128`` -> [64, 128]).
     """
-    aliases = aliases or {}
-    defaults = parser.get_defaults() if parser is not None else {}
+    aliases, defaults = aliases or {}, parser.get_defaults() if parser is not None else {}
     flags = {f"--{key}" for key, value in defaults.items() if isinstance(value, bool)}
     out: list[str] = []
     seen: set[str] = set()

@@ -1,12 +1,8 @@
-"""Reference images for ILVR: loaded exactly like the official ILVR / guided-diffusion loader.
-
-``load_reference`` reproduces guided-diffusion's ``center_crop_arr`` (as used by ilvr_adm):
-the image is converted to RGB, halved with ``Image.BOX`` while its short side is at least
-twice the target, resized with ``Image.BICUBIC`` so the short side equals the target, and
-centre-cropped (``(h - res) // 2``, ``(w - res) // 2``). The image is made RGB exactly as the
-converter does (``imageops.load_rgb``): EXIF orientation applied (a phone photo is translated
-upright, as it trains), alpha over white, 16-bit scaled; upstream ignores EXIF, drops alpha
-and clips 16-bit to white. Plain RGB files load exactly as upstream.
+"""Reference images for ILVR, resized and cropped exactly like the official ILVR / guided-diffusion
+loader (``center_crop_arr``, as used by ilvr_adm). They are made RGB as the converter does
+(``imageops.load_rgb``): EXIF orientation applied (a phone photo is translated upright, as it
+trains), alpha over white, 16-bit scaled; upstream ignores EXIF, drops alpha and clips 16-bit to
+white. Plain RGB files load exactly as upstream.
 """
 
 import os
@@ -28,7 +24,8 @@ __all__ = ["ReferenceSet", "center_crop_arr", "collate_references", "load_refere
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """guided-diffusion's rule: BOX halvings, BICUBIC to the short side, centre crop -> HWC uint8."""
+    """guided-diffusion's rule -> HWC uint8: ``Image.BOX`` halvings while the short side is at least
+    twice ``image_size``, ``Image.BICUBIC`` to it, centre crop (``(h - res) // 2``, ``(w - res) // 2``)."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)

@@ -125,11 +125,8 @@ class EMA(WeightAveraging):
             raise UsageError(f"--ema.decay {decay}: expected a number in [0, 1)")
         check_range("ema.update_every_n_steps", update_every_n_steps, 1)
         super().__init__(device=device, use_buffers=True, multi_avg_fn=self.update)
-        self.decay = decay
-        self.start_step = start_step
-        self.update_every_n_steps = update_every_n_steps
-        self.warmup = warmup
-        self.on_own_device = device is None
+        self.decay, self.start_step, self.warmup = decay, start_step, warmup
+        self.update_every_n_steps, self.on_own_device = update_every_n_steps, device is None
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """After the optimizer step of 0-based index ``step_idx``: from ``start_step`` on, every
@@ -140,9 +137,7 @@ class EMA(WeightAveraging):
 
     def decay_at(self, num_averaged: int) -> float:
         """The decay of the update that follows ``num_averaged`` earlier ones (copy included)."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1.0 + num_averaged) / (10.0 + num_averaged))
+        return min(self.decay, (1.0 + num_averaged) / (10.0 + num_averaged)) if self.warmup else self.decay
 
     def update(
         self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
@@ -159,8 +154,7 @@ class EMA(WeightAveraging):
         """Keep the raw weights in the module (the EMA is in every checkpoint's state_dict)."""
 
     def describe(self) -> dict[str, Any]:
-        keys = ("decay", "start_step", "update_every_n_steps", "warmup")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in ("decay", "start_step", "update_every_n_steps", "warmup")}
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -205,8 +199,7 @@ class RunCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             enable_version_counter=False,
         )
-        self.last_every_n_steps = last_every_n_steps
-        self.last_every_minutes = last_every_minutes
+        self.last_every_n_steps, self.last_every_minutes = last_every_n_steps, last_every_minutes
         self.snapshot_every = every_n_train_steps
         self.saved_step = self.last_step = -1
         self.saved_time = time.monotonic()

@@ -5,16 +5,11 @@
     python train.py fit --config configs/tiny.yaml --print_config                              # resolved config
     python train.py export runs/tiny/checkpoints/last.ckpt                                     # EMA -> .pt files
 
-What it adds to Lightning's CLI (details in docs/training.md): ``trainer.default_root_dir`` is
-the run directory ``RUN`` (``RUN/checkpoints``, TensorBoard in ``RUN/tb``, the resolved config
-atomically in ``RUN/config.yaml``, a changed one kept as ``config.<time>.yaml``; no
-``version_N``); rerunning a command resumes from the newest of ``last.ckpt`` and
-``hpc_ckpt_*.ckpt`` (``--auto_resume false`` starts over); always-on callbacks with their own
-groups (``--ema.*``, ``--checkpoint.*``, ``--samples.*``, ``--ilvr_preview.*``, ``--fid.*``),
-Lightning's lr and throughput monitors, pre-emption (``--slurm_requeue``,
-``training/preemption.py``) and plain ``step S/MAX ...`` lines when there is no terminal.
-``data.image_size`` is the UNet's, so a dataset without that size is refused before training.
-Checkpoint writes are atomic (``AtomicCheckpointIO``).
+What it adds to Lightning's CLI (the run directory layout is in docs/training.md): a fixed run
+directory ``RUN`` = ``trainer.default_root_dir`` (no ``version_N``); resume from the newest of
+``last.ckpt`` and ``hpc_ckpt_*.ckpt``; always-on callbacks (``--ema.*``, ``--checkpoint.*``,
+``--samples.*``, ``--ilvr_preview.*``, ``--fid.*``), pre-emption and plain log lines. The
+dataset's ``data.image_size`` is the UNet's, so a wrong one is refused before training.
 """
 
 from __future__ import annotations

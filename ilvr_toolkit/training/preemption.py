@@ -90,8 +90,7 @@ class StepLines(ProgressBar):
 
     def __init__(self, every_seconds: float = 30.0) -> None:
         super().__init__()
-        self.every_seconds = every_seconds
-        self.enabled = True
+        self.every_seconds, self.enabled = every_seconds, True
         self.last_line: float | None = None
 
     def disable(self) -> None:
