@@ -1,14 +1,7 @@
-"""What every entry point shares: one jsonargparse style and one place for user errors.
-
-Every command (``train.py``, ``sample.py``, ``python -m ilvr_toolkit.data.prepare``,
-``train.py export``, ``python -m ilvr_toolkit.evaluation``) parses with jsonargparse
-(``--config`` YAML + dotted overrides, ``--print_config``, ``--help`` with types and
-defaults) and runs under :func:`run_command`, which turns a user's mistake into one line on
-stderr and a non-zero exit (2 for usage errors) instead of a traceback. ``--debug`` or
-``ILVR_DEBUG=1`` shows the traceback.
-
-jsonargparse is imported on first use, so ``UsageError`` costs nothing to import (the
-converter's worker processes import it).
+"""What every entry point shares: one jsonargparse style (``--config`` YAML + dotted overrides,
+``--print_config``, ``--help`` with types and defaults) and one place for user errors
+(:func:`run_command`). jsonargparse is imported on first use, so ``UsageError`` costs nothing to
+import (the converter's worker processes import it).
 """
 
 from __future__ import annotations
@@ -153,13 +146,10 @@ def setup_logging() -> None:
 
 
 def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)`` (``--debug`` removed) and return its exit status.
-
-    A :class:`UsageError` or a parse error (``argparse.ArgumentError``: unknown option, a
-    value of the wrong type or out of range) prints ``prog: error: ...`` and returns 2; a
-    missing or unreadable file, a bad value or another ``OSError`` prints
-    ``prog: error: ...`` and returns 1; Ctrl-C returns 130. With ``--debug`` /
-    ``ILVR_DEBUG=1`` the traceback is printed too.
+    """Run ``main(argv)`` (``--debug`` removed) and return its exit status: a user's mistake is one
+    line ``prog: error: ...`` on stderr instead of a traceback, exit 2 for a :class:`UsageError` or
+    a parse error (``argparse.ArgumentError``), 1 for a missing or unreadable file, a bad value or
+    another ``OSError``; Ctrl-C returns 130. ``--debug`` / ``ILVR_DEBUG=1`` prints the traceback too.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("ILVR_DEBUG", "") not in ("", "0")

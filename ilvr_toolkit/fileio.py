@@ -1,8 +1,6 @@
-"""Atomic file writes, the one implementation every package uses (stdlib only).
-
-A long job killed at any moment must leave either the old file or the new one, never a
-half-written one: write a temp file in the same folder (same file system, so the final step
-is a rename), fsync it, ``os.replace`` it over the target, fsync the folder.
+"""Atomic file writes, the one implementation every package uses (stdlib only): a job killed at
+any moment leaves the old file or the new one, never a half-written one (temp file in the same
+folder, so the final step is a rename; fsync it, ``os.replace`` it over the target, fsync the folder).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Build an LMDB image dataset from a folder, a zip archive or another LMDB.
 
-    python -m ilvr_toolkit.data.prepare SRC --output.dir datasets/NAME.lmdb --size 256
-        [--size 128 ...] [--format png|jpeg] [--quality 95] [--workers N] [--strict]
-        [--overwrite] [--config FILE.yaml] [--print_config] [--help]
+    python -m ilvr_toolkit.data.prepare SRC --output.dir datasets/NAME.lmdb --size 256  # --help: all
     python -m ilvr_toolkit.data.prepare DATASET.lmdb --verify     # every record decodes?
 
 Each image: EXIF orientation applied, converted to RGB (``imageops.load_rgb``: alpha over
@@ -388,10 +386,7 @@ def _store_images(
     """Write the encoded images under consecutive indices: (kept, skipped, items not yet written)."""
     from tqdm.auto import tqdm
 
-    kept: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    pending: list[tuple[bytes, bytes]] = []
-    pending_bytes = 0
+    kept, skipped, pending, pending_bytes = [], [], [], 0
     with tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress) as bar:
         for index, encoded, error in results:
             bar.update(1)

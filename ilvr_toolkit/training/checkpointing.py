@@ -1,11 +1,6 @@
-"""Checkpoint policy of a training run: atomic writes, ``last.ckpt`` cadence, EMA, resume,
-and the files of a SLURM requeue (``training/preemption.py``).
-
-A run directory ``RUN`` (``trainer.default_root_dir``; layout in docs/training.md) holds
-``checkpoints/last.ckpt`` (every ``last_every_n_steps`` / minutes and at the end),
-``checkpoints/step=N.ckpt`` snapshots and ``hpc_ckpt_K.ckpt`` (saved on SLURM's pre-emption
-signal, Lightning's name). Rerunning the same command resumes from the newest of
-``last.ckpt`` and ``hpc_ckpt_*.ckpt`` (:func:`find_resume_checkpoint`).
+"""Checkpoint policy of a training run (the run directory layout is in docs/training.md): atomic
+writes, ``last.ckpt`` cadence, EMA, resume and the ``hpc_ckpt_K.ckpt`` files of a SLURM requeue
+(``training/preemption.py``).
 """
 
 from __future__ import annotations
