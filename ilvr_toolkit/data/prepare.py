@@ -296,12 +296,9 @@ def build_lmdb(
     **options: Any,
 ) -> BuildReport:
     """Convert ``source`` (folder, zip, LMDB) into an LMDB dataset at ``out``; see module doc.
-
-    ``settings`` (default ``BuildSettings()``) with ``options`` replacing single fields:
-    ``build_lmdb(src, out, [256], workers=8, format="jpeg")``. Bad inputs are skipped and
-    listed in the report, or raise ``BadImage`` with ``strict``; in every failure nothing is
-    left at ``out``.
-    """
+    ``options`` replace single fields of ``settings``: ``build_lmdb(src, out, [256], workers=8)``.
+    Bad inputs are skipped and listed in the report (``strict``: ``BadImage``); in every failure
+    nothing is left at ``out``."""
     settings = replace(settings or BuildSettings(), **options)  # re-checks the values
     t0 = time.perf_counter()
     sizes = check_sizes(sizes)

@@ -50,9 +50,8 @@ class ReferenceSet(Dataset):
     """The reference images of a translation run, from a folder, an LMDB dataset or image files.
 
     - files (one path, or a list): ``names`` are the file stems;
-    - folder: image files found recursively (``files.list_image_files`` order: sorted per
-      folder, case-insensitive extensions png/jpg/jpeg/webp/bmp, hidden entries skipped);
-      ``names`` are the file stems, made unique (``files.unique_names``) when they clash;
+    - folder: its image files (``files.list_image_files``); ``names`` are the file stems, made
+      unique (``files.unique_names``) when they clash;
     - LMDB (a folder holding ``data.mdb``): every index, named ``f"{index:05d}"``; the
       stored size closest above ``image_size`` is read and passed through the same
       preprocessing (a no-op when it already matches).

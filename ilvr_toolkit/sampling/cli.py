@@ -53,12 +53,9 @@ def _parse(argv: list[str] | None) -> Namespace:
 
 
 def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> int:
-    """Entry point of ``sample.py``: user errors end in one line (see ``ilvr_toolkit.cli``).
-
-    ``evaluate(config, result)``: the metrics step for ``--evaluate_against``, run by the process
-    that wrote the run's manifest. ``sample.py`` passes ``ilvr_toolkit.evaluation.runs.evaluate_run``
-    (sampling does not import evaluation: the evaluation package builds on this one).
-    """
+    """Entry point of ``sample.py`` (user errors end in one line). ``evaluate(config, result)``: the
+    ``--evaluate_against`` step, run by the process that wrote the manifest; ``sample.py`` passes
+    ``evaluation.runs.evaluate_run`` (sampling does not import evaluation, which builds on it)."""
     return run_command("sample.py", lambda args: _main(args, evaluate), argv)
 
 

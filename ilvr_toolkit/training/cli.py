@@ -84,11 +84,7 @@ class TrainCLI(LightningCLI):
     """LightningCLI over :class:`DiffusionModule` and :class:`ImageDataModule` (see module doc)."""
 
     def __init__(
-        self,
-        args: Any = None,
-        run: bool = True,
-        trainer_defaults: dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, args: Any = None, run: bool = True, trainer_defaults: dict | None = None, **kwargs: Any
     ):
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
         extra_callbacks = list(defaults.pop("callbacks", []) or [])
@@ -199,8 +195,7 @@ class TrainCLI(LightningCLI):
         run_dir = self.trainer.default_root_dir
         ours = self.trainer.checkpoint_callback  # the RunCheckpoint
         folder = (ours.dirpath if ours else None) or checkpoint_dir(run_dir)
-        found = find_resume_checkpoint(run_dir, folder)
-        if found is not None:
+        if (found := find_resume_checkpoint(run_dir, folder)) is not None:
             rank_zero_info(f"resuming from {found} (newest of last.ckpt and hpc_ckpt_*.ckpt in {run_dir})")
             fit["ckpt_path"] = str(found)
 

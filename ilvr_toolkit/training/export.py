@@ -65,9 +65,7 @@ def export_checkpoint(
     extra["trained_with"] = info.get("version")
     plain, model_file = out_dir / f"{name}.pt", out_dir / f"{name}.model.pt"
     save_plain_state_dict(plain, state)
-    save_model_file(
-        model_file, unet_config, state, diffusion=dict(hparams.get("diffusion") or {}), extra=extra
-    )
+    save_model_file(model_file, unet_config, state, dict(hparams.get("diffusion") or {}), extra)
     return {"plain": plain, "model_file": model_file, "weights": weights, "global_step": step}
 
 
@@ -76,12 +74,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "checkpoint", type=str, help="a .ckpt of train.py (last.ckpt, step=N.ckpt, hpc_ckpt_K.ckpt)"
     )
-    parser.add_argument(
-        "--output.dir", type=str | None, default=None, help="export folder (default: RUN/export)"
-    )
-    parser.add_argument(
-        "--name", type=str | None, default=None, help="file stem (default: {weights}_step{N})"
-    )
+    optional = {"type": str | None, "default": None}
+    parser.add_argument("--output.dir", **optional, help="export folder (default: RUN/export)")
+    parser.add_argument("--name", **optional, help="file stem (default: {weights}_step{N})")
     parser.add_argument("--weights", type=Literal["ema", "raw"], default="ema", help="which weights")
     return parser
 
