@@ -96,7 +96,6 @@ class BuildSettings:
         check_range("commit_bytes", self.commit_bytes, 1)
 
 
-# --------------------------------------------------------------------------- sources
 @dataclass
 class _Source:
     """Ordered, picklable list of named inputs; :meth:`read` opens handles lazily per process.
@@ -146,7 +145,6 @@ def _open_source(src: str | Path) -> _Source:
     raise UsageError(f"source {src}: not a folder, a zip archive or an LMDB folder")
 
 
-# --------------------------------------------------------------------------- per image
 def encode_image(img: Image.Image, fmt: str, quality: int = 95, compress_level: int = 0) -> bytes:
     """PNG, or JPEG with 4:4:4 chroma (PIL's default 4:2:0 blurs colour even at quality 100).
     PNG ``compress_level=0`` (no zlib compression, still a PNG any reader opens) decodes ~2.5x
@@ -189,7 +187,6 @@ def _work(index: int) -> tuple[int, dict[int, bytes] | None, str | None]:
         return index, None, str(e) if isinstance(e, BadImage) else f"cannot read: {e}"
 
 
-# --------------------------------------------------------------------------- writing
 @dataclass
 class BuildReport:
     """What a build wrote and what it skipped (``skipped``: (source name, reason) pairs)."""
@@ -401,7 +398,6 @@ def _store_images(
     return kept, skipped, pending
 
 
-# --------------------------------------------------------------------------- CLI
 PROG = "python -m ilvr_toolkit.data.prepare"
 #: old spellings kept working
 ALIASES = {"--out": "--output.dir", "--report": "--output.report"}

@@ -208,8 +208,7 @@ class GaussianDiffusion:
         if self.variance == "learned_range":
             channels = x_start.shape[1]
             head, v = out[:, :channels], out[:, channels:]
-            frozen = torch.cat([head.detach(), v], dim=1)
-            terms["vb"] = self._vb_terms_bpd(frozen, x_start, x_t, t)
+            terms["vb"] = self._vb_terms_bpd(torch.cat([head.detach(), v], dim=1), x_start, x_t, t)
             if self.rescale_learned_sigmas:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
         squared = ((x_start if self.predict_xstart else noise) - head) ** 2

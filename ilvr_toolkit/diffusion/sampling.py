@@ -103,9 +103,8 @@ def _binds_model_kwargs(sampler: Callable[..., torch.Tensor]) -> Callable[..., t
     def bound(
         diffusion: GaussianDiffusion, net: Net, x_T: torch.Tensor, *, model_kwargs: Any = None, **options: Any
     ):
-        return sampler(
-            diffusion, functools.partial(net, **model_kwargs) if model_kwargs else net, x_T, **options
-        )
+        net = functools.partial(net, **model_kwargs) if model_kwargs else net
+        return sampler(diffusion, net, x_T, **options)
 
     return bound
 

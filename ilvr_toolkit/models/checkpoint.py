@@ -261,12 +261,9 @@ def _contents(obj: Any, path: PathLike) -> tuple[str, Any, StateDict, dict[str, 
 
 
 def _config(stored: Any, preset: str | UNetConfig | None, path: PathLike) -> UNetConfig:
-    """The config to build: the stored one (checked against ``preset`` if given), else the preset.
-
-    ``stored`` is None for a plain state dict. A UNetConfig passed as ``preset`` with the same
-    architecture as the stored one wins (it may carry other runtime settings such as
-    ``attention_backend``).
-    """
+    """The config to build: the stored one (None for a plain state dict; checked against ``preset``
+    if given), else the preset. A UNetConfig ``preset`` of the stored architecture wins (it may carry
+    other runtime settings such as ``attention_backend``)."""
     wanted = get_preset(preset) if isinstance(preset, str) else preset
     if stored is None and wanted is None:
         guess = preset_for_filename(path)

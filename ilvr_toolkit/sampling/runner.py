@@ -156,8 +156,7 @@ def _sample_batch(
         labels = [run.class_labels[item.reference] for item in batch]
         net = functools.partial(net, y=torch.tensor(labels, device=run.device))
     seeds = [item.seed for item in batch]
-    out = generate(net, run.diffusion, seeds, run.image_size, run.device, run.sampler, condition)
-    return batch, out
+    return batch, generate(net, run.diffusion, seeds, run.image_size, run.device, run.sampler, condition)
 
 
 def run(config: SampleConfig) -> RunResult:

@@ -87,9 +87,8 @@ class TrainCLI(LightningCLI):
         self, args: Any = None, run: bool = True, trainer_defaults: dict | None = None, **kwargs: Any
     ):
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
-        extra_callbacks = list(defaults.pop("callbacks", []) or [])
         monitors = [LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=_batch_size, window_size=20)]
-        defaults["callbacks"] = [*monitors, *extra_callbacks]
+        defaults["callbacks"] = [*monitors, *(defaults.pop("callbacks", []) or [])]
         super().__init__(
             DiffusionModule,
             ImageDataModule,
@@ -105,11 +104,9 @@ class TrainCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(EMA, "ema")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(SampleGrid, "samples")
-        parser.add_lightning_class_args(ILVRPreview, "ilvr_preview")
-        parser.add_lightning_class_args(FIDMonitor, "fid")
+        groups = {"ema": EMA, "checkpoint": RunCheckpoint, "samples": SampleGrid}
+        for key, callback in {**groups, "ilvr_preview": ILVRPreview, "fid": FIDMonitor}.items():
+            parser.add_lightning_class_args(callback, key)
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.link_arguments(
             "model.unet", "data.image_size", compute_fn=lambda unet: resolve_unet_config(unet).image_size
