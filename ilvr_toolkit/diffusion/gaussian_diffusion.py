@@ -4,8 +4,7 @@ Notation: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s. All schedule 
 float64 (kept on the CPU) and cast once per (device, dtype) to the sample's dtype; the
 per-step arithmetic runs in that dtype (float32 for the reference fixtures). Indices ``t``
 passed to the methods are *respaced* indices 0..num_timesteps-1; the network is always
-called with the original timesteps ``timestep_map[t]`` (with ``rescale_timesteps``:
-``timestep_map[t] * 1000 / original_num_steps`` as float32, guided-diffusion's respace.py).
+called with the original timesteps ``timestep_map[t]`` (or rescaled: :meth:`_timesteps`).
 """
 
 import math

@@ -308,8 +308,7 @@ def load_model(
     """
     if flags is not None and preset is not None:
         raise CheckpointError("give either a preset or guided-diffusion flags, not both")
-    obj = load_state_dict_file(path, map_location=map_location)
-    kind, stored, weights, diffusion = _contents(obj, path)
+    kind, stored, weights, diffusion = _contents(load_state_dict_file(path, map_location=map_location), path)
     wanted = UNetConfig.from_guided_diffusion_flags(flags) if flags is not None else preset
     config = _config(stored, wanted, path)
     if flags is not None or (kind == "plain" and isinstance(preset, str)):

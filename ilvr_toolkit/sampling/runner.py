@@ -188,13 +188,9 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
     condition = task_setup(config, image_size, diffusion, device, [n for n in factors if n is not None])
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
-    items = plan_items(
-        refs.names,
-        samples_per_reference=1 if refs.unconditional else config.samples_per_reference,
-        factors=factors,
-        run_seed=config.seed,
-        indices=indices,
-    )
+    per_reference = 1 if refs.unconditional else config.samples_per_reference
+    options = dict(factors=factors, run_seed=config.seed, indices=indices)
+    items = plan_items(refs.names, samples_per_reference=per_reference, **options)
     mine = items[ranks.rank :: ranks.world_size]
     remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic

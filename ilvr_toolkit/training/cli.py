@@ -60,11 +60,8 @@ def checkpoint_dir(run_dir: str | None) -> str:
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Writes the resolved config to ``RUN/config.yaml`` atomically (safe on requeue).
-
-    When the file exists with different contents (the command changed between restarts),
-    the old file is kept as ``config.<YYYYmmdd-HHMMSS>.yaml``.
-    """
+    """Writes the resolved config to ``RUN/config.yaml`` atomically (safe on requeue); one with other
+    contents (the command changed between restarts) is kept as ``config.<YYYYmmdd-HHMMSS>.yaml``."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
