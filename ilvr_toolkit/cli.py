@@ -191,8 +191,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _expectation(complaint: str) -> str:
-    literal = re.match(r"Expected a typing\.Literal\[(.*)\]", complaint)
-    if literal is not None:
+    if (literal := re.match(r"Expected a typing\.Literal\[(.*)\]", complaint)) is not None:
         return "expected one of " + literal.group(1).replace("'", "")
     complaint = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", complaint)
     complaint = complaint.replace("expected NoneType", "expected null")

@@ -70,12 +70,11 @@ class ReferenceSet(Dataset):
         if listed:
             self.names = [f.stem for f in self.files]
         elif self.source.is_dir() and (self.source / "data.mdb").is_file():
-            sizes = read_info(self.source).sizes
-            if not sizes:
+            if not (sizes := read_info(self.source).sizes):
                 raise ValueError(f"LMDB {self.source} holds no images")
             image_size = image_size or max(sizes)
-            larger = [s for s in sizes if s >= image_size]
-            self._lmdb = LMDBImageDataset(self.source, min(larger) if larger else max(sizes))
+            stored = min((s for s in sizes if s >= image_size), default=max(sizes))  # closest above
+            self._lmdb = LMDBImageDataset(self.source, stored)
             self.names = [f"{i:05d}" for i in range(len(self._lmdb))]
         elif self.source.is_dir():
             self.files = list_image_files(self.source)

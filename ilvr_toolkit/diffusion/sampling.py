@@ -69,8 +69,7 @@ def diffuse_to(
 
 def _run_hooks(step: Step, hooks: Sequence[StepHook]) -> torch.Tensor:
     for hook in hooks:
-        changed = hook(step)
-        if changed is not None:
+        if (changed := hook(step)) is not None:
             step.x_prev = changed
     return step.x_prev
 

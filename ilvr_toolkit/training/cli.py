@@ -158,8 +158,7 @@ class TrainCLI(LightningCLI):
         return config.get(str(self.subcommand), config).get(key, default)
 
     def before_instantiate_classes(self) -> None:
-        threads = self.config.get(str(self.subcommand), self.config).get("threads")
-        if threads is not None:
+        if (threads := self.config.get(str(self.subcommand), self.config).get("threads")) is not None:
             check_range("threads", threads, 1)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:

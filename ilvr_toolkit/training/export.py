@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    argv = normalize_options(argv, aliases={"--out_dir": "--output.dir"})  # the earlier spelling
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(normalize_options(argv, aliases={"--out_dir": "--output.dir"}))
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint {args.checkpoint}: no such file")
     result = export_checkpoint(args.checkpoint, args.output.dir, args.name, args.weights)
