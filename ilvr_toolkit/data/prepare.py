@@ -112,10 +112,9 @@ class _Source:
         if self.kind == "zip":
             return _open_zip(self.location, os.getpid()).read(self.names[index])
         with open_lmdb(self.location).begin() as txn:
-            data = txn.get(image_key(self.size, index))
-        if data is None:
-            raise OSError(f"key {image_key(self.size, index)!r} missing")
-        return data
+            if (data := txn.get(image_key(self.size, index))) is None:
+                raise OSError(f"key {image_key(self.size, index)!r} missing")
+            return data
 
 
 @functools.lru_cache(maxsize=1)
