@@ -1,14 +1,7 @@
-"""What every entry point shares: one jsonargparse style and one place for user errors.
-
-Every command (``train.py``, ``sample.py``, ``python -m ilvr_toolkit.data.prepare``,
-``train.py export``, ``python -m ilvr_toolkit.evaluation``) parses with jsonargparse
-(``--config`` YAML + dotted overrides, ``--print_config``, ``--help`` with types and
-defaults) and runs under :func:`run_command`, which turns a user's mistake into one line on
-stderr and a non-zero exit (2 for usage errors) instead of a traceback. ``--debug`` or
-``ILVR_DEBUG=1`` shows the traceback.
-
-jsonargparse is imported on first use, so ``UsageError`` costs nothing to import (the
-converter's worker processes import it).
+"""What every entry point shares: one jsonargparse style (``--config`` YAML + dotted overrides,
+``--print_config``, ``--help`` with types and defaults) and one place for user errors
+(:func:`run_command`). jsonargparse is imported on first use, so ``UsageError`` costs nothing to
+import (the converter's worker processes import it).
 """
 
 from __future__ import annotations
@@ -26,17 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
-__all__ = [
-    "UsageError",
-    "check_config_files",
-    "check_paths",
-    "check_range",
-    "make_parser",
-    "normalize_options",
-    "parse_options",
-    "run_command",
-    "setup_logging",
-]
+__all__ = ["UsageError", "check_config_files", "check_paths", "check_range", "make_parser"]
+__all__ += ["normalize_options", "parse_options", "run_command", "setup_logging"]
 
 
 class UsageError(ValueError):
@@ -70,12 +54,9 @@ def make_parser(prog: str, description: str) -> ArgumentParser:
         prog=prog, description=description, env_prefix="ILVR", default_env=False, exit_on_error=False
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_argument(  # run_command consumes it; listed here so that --help shows it
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="on an error, print the traceback too (or set ILVR_DEBUG=1)",
-    )
+    debug = "on an error, print the traceback too (or set ILVR_DEBUG=1)"
+    # run_command consumes it; listed here so that --help shows it
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
 
 
@@ -92,8 +73,7 @@ def normalize_options(
     - with ``parser``: a bool option given bare means true (``--strict``), ``--no_X`` false;
     - an option in ``repeatable`` given again appends (``--size 64 --size 128`` -> [64, 128]).
     """
-    aliases = aliases or {}
-    defaults = parser.get_defaults() if parser is not None else {}
+    aliases, defaults = aliases or {}, parser.get_defaults() if parser is not None else {}
     flags = {f"--{key}" for key, value in defaults.items() if isinstance(value, bool)}
     out: list[str] = []
     seen: set[str] = set()
@@ -166,13 +146,10 @@ def setup_logging() -> None:
 
 
 def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)`` (``--debug`` removed) and return its exit status.
-
-    A :class:`UsageError` or a parse error (``argparse.ArgumentError``: unknown option, a
-    value of the wrong type or out of range) prints ``prog: error: ...`` and returns 2; a
-    missing or unreadable file, a bad value or another ``OSError`` prints
-    ``prog: error: ...`` and returns 1; Ctrl-C returns 130. With ``--debug`` /
-    ``ILVR_DEBUG=1`` the traceback is printed too.
+    """Run ``main(argv)`` (``--debug`` removed) and return its exit status: a user's mistake is one
+    line ``prog: error: ...`` on stderr instead of a traceback, exit 2 for a :class:`UsageError` or
+    a parse error (``argparse.ArgumentError``), 1 for a missing or unreadable file, a bad value or
+    another ``OSError``; Ctrl-C returns 130. ``--debug`` / ``ILVR_DEBUG=1`` prints the traceback too.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("ILVR_DEBUG", "") not in ("", "0")
@@ -214,8 +191,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _expectation(complaint: str) -> str:
-    literal = re.match(r"Expected a typing\.Literal\[(.*)\]", complaint)
-    if literal is not None:
+    if (literal := re.match(r"Expected a typing\.Literal\[(.*)\]", complaint)) is not None:
         return "expected one of " + literal.group(1).replace("'", "")
     complaint = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", complaint)
     complaint = complaint.replace("expected NoneType", "expected null")

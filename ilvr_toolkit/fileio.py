@@ -1,8 +1,6 @@
-"""Atomic file writes, the one implementation every package uses (stdlib only).
-
-A long job killed at any moment must leave either the old file or the new one, never a
-half-written one: write a temp file in the same folder (same file system, so the final step
-is a rename), fsync it, ``os.replace`` it over the target, fsync the folder.
+"""Atomic file writes, the one implementation every package uses (stdlib only): a job killed at
+any moment leaves the old file or the new one, never a half-written one (temp file in the same
+folder, so the final step is a rename; fsync it, ``os.replace`` it over the target, fsync the folder).
 """
 
 from __future__ import annotations
@@ -33,13 +31,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # the writer in the name: start-up cleanups remove only temps whose writer is gone
+    fd = None
+    while fd is None:  # the writer in the name: start-up cleanups remove only temps whose writer is gone
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp"
-        try:
+        with contextlib.suppress(FileExistsError):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

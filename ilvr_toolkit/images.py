@@ -1,9 +1,5 @@
-"""The one place where images cross between uint8 and float.
-
-Images are uint8 (0..255) at the edges of the toolkit (files, LMDB, metrics) and float in
-[-1, 1] inside (the diffusion). Each direction is converted here and only here, with
-rounding (not truncation) on the way out.
-"""
+"""The one place where images cross between uint8 (0..255: files, LMDB, metrics) and float in
+[-1, 1] (the diffusion), with rounding (not truncation) on the way out."""
 
 import torch
 

@@ -53,8 +53,7 @@ def resize_matrix(in_length: int, out_length: int, antialias: bool = True) -> to
     w = stretch * cubic_kernel(stretch * (u[:, None] - j))
     w = w / w.sum(dim=1, keepdim=True)
     matrix = torch.zeros(out_length, in_length, dtype=torch.float64)
-    matrix.scatter_add_(1, _mirror(j.long(), in_length), w)
-    return matrix
+    return matrix.scatter_add_(1, _mirror(j.long(), in_length), w)
 
 
 class LowPass(torch.nn.Module):
@@ -82,8 +81,7 @@ class LowPass(torch.nn.Module):
             )
         self.image_size, self.factor = image_size, factor
         small = image_size // factor
-        down = resize_matrix(image_size, small)
-        up = resize_matrix(small, image_size)
+        down, up = resize_matrix(image_size, small), resize_matrix(small, image_size)
         self.register_buffer("down_matrix", down.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("up_matrix", up.to(device=device, dtype=dtype), persistent=False)
 

@@ -53,8 +53,7 @@ def resolve_range_t(
     - ``stop_timestep``: an original timestep; steps whose input timestep is above it are
       conditioned.
     """
-    given = [v is not None for v in (range_t, fraction, stop_timestep)]
-    if sum(given) > 1:
+    if sum(v is not None for v in (range_t, fraction, stop_timestep)) > 1:
         raise ValueError("give at most one of range_t, fraction, stop_timestep")
     num_steps = len(timestep_map)
     if fraction is not None:

@@ -1,9 +1,6 @@
-"""Datasets: the LMDB converter (``python -m ilvr_toolkit.data.prepare``), the LMDB reader and
-DataModule for training, and ILVR reference-image loading. See datasets/README.md.
-
-Names are imported on first use, so the converter (CLI and its worker processes) never
-imports torch, and DataLoader workers started with "spawn" do not import Lightning.
-"""
+"""Datasets (datasets/README.md): the LMDB converter, the LMDB reader and DataModule, reference
+images. Names are imported on first use, so the converter (CLI and its worker processes) never
+imports torch, and DataLoader workers started with "spawn" do not import Lightning."""
 
 import importlib
 from typing import Any
@@ -22,8 +19,7 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
+    if (module := _MODULE_OF.get(name)) is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value

@@ -76,8 +76,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            hp = self.hparams
-            skip = self.loader.on_bad_record
+            hp, skip = self.hparams, self.loader.on_bad_record
             self.train_set = LMDBImageDataset(self.path, self.image_size, hp.flip, hp.return_index, skip)
             self.eval_set = LMDBImageDataset(self.path, self.image_size, False, hp.return_index, skip)
 

@@ -1,9 +1,7 @@
-"""Listing image files: the one traversal order used by the converter and the reference sets.
-
-The order is guided-diffusion's ``_list_image_files_recursively``: the entries of each folder
-sorted by name (plain string order), depth first, so a folder's sub-folder is visited where its
-name sorts. Hidden entries (a leading ``.``: ``.ipynb_checkpoints``, macOS ``._x.jpg``) are
-skipped; the official loader would try to open them and fail.
+"""Listing image files in the one traversal order of the converter and the reference sets:
+guided-diffusion's ``_list_image_files_recursively`` (each folder's entries sorted by name, plain
+string order, depth first). Hidden entries (``.ipynb_checkpoints``, macOS ``._x.jpg``) are skipped;
+the official loader would try to open them and fail.
 """
 
 import os
@@ -20,11 +18,8 @@ def has_image_extension(name: str) -> bool:
 
 
 def list_image_files(root: str | Path) -> list[Path]:
-    """All image files under ``root`` (recursive, sorted per folder, hidden entries skipped).
-
-    Returns absolute-or-as-given paths (``root / relative``). Symlinked folders are followed,
-    once: a link cycle is not walked twice.
-    """
+    """All image files under ``root`` as ``root / relative`` paths, in the module's order.
+    Symlinked folders are followed, once: a link cycle is not walked twice."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
@@ -36,9 +31,7 @@ def list_image_files(root: str | Path) -> list[Path]:
         if (st.st_dev, st.st_ino) in seen_dirs:
             return
         seen_dirs.add((st.st_dev, st.st_ino))
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("."):
-                continue
+        for name in sorted(n for n in os.listdir(folder) if not n.startswith(".")):
             path = folder / name
             if path.is_dir():
                 walk(path)

@@ -51,8 +51,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         img = Image.fromarray(np.clip(np.rint(np.asarray(img) / 257.0), 0, 255).astype(np.uint8), mode="L")
     if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     if img.mode == "F":  # float samples: Pillow's rule, clip to 0..255
         img = img.convert("L")
     return img.convert("RGB")
@@ -72,7 +71,6 @@ def load_rgb(source: bytes | bytearray | Image.Image) -> Image.Image:
 
 def center_crop_square(img: Image.Image) -> Image.Image:
     """The largest centred square; an odd excess leaves the extra pixel on the right/bottom."""
-    w, h = img.size
-    side = min(w, h)
+    (w, h), side = img.size, min(img.size)
     left, top = (w - side) // 2, (h - side) // 2
     return img.crop((left, top, left + side, top + side))

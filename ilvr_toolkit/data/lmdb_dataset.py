@@ -54,8 +54,7 @@ class LMDBImageDataset(Dataset):
         return_index: bool = False,
         on_bad_record: Literal["error", "skip"] = "error",
     ):
-        self.path = os.fspath(path)
-        self.size = int(size)
+        self.path, self.size = os.fspath(path), int(size)
         self.flip, self.return_index, self.on_bad_record = flip, return_index, on_bad_record
         self.skipped: set[int] = set()  # bad indices this process has met
         self.info: LMDBInfo = read_info(self.path)
@@ -81,8 +80,7 @@ class LMDBImageDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         with self._environment().begin(buffers=True) as txn:
-            data = txn.get(image_key(self.size, index))
-            if data is None:
+            if (data := txn.get(image_key(self.size, index))) is None:
                 raise KeyError(f"{self.path}: key {image_key(self.size, index)!r} missing")
             return bytearray(data)
 

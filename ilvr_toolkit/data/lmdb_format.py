@@ -97,11 +97,10 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
         check_not_truncated(data_file, st.st_size)
     pid = os.getpid()
     with _ENVS_LOCK:
-        entry = _ENVS.get(key)
-        if entry is not None:
-            owner, env = entry
-            if owner == pid:
-                return env
+        owner, env = _ENVS.get(key, (None, None))
+        if owner == pid:
+            return env
+        if env is not None:
             env.close()  # inherited through fork: drop the child's mapping only
         env = lmdb.open(path, subdir=os.path.isdir(path), **_READ_OPTIONS)
         _ENVS[key] = (pid, env)
@@ -128,12 +127,11 @@ def _scan_sizes(txn: lmdb.Transaction) -> tuple[int, ...]:
     cursor = txn.cursor()
     found = cursor.first()
     while found:
-        match = _IMAGE_KEY.match(cursor.key())
-        if match is None:
+        if (match := _IMAGE_KEY.match(cursor.key())) is None:
             found = cursor.next()
-            continue
-        sizes.add(int(match.group(1)))
-        found = cursor.set_range(match.group(1) + b".")
+        else:
+            sizes.add(int(match.group(1)))
+            found = cursor.set_range(match.group(1) + b".")
     return tuple(sorted(sizes))
 
 

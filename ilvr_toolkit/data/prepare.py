@@ -1,8 +1,6 @@
 """Build an LMDB image dataset from a folder, a zip archive or another LMDB.
 
-    python -m ilvr_toolkit.data.prepare SRC --output.dir datasets/NAME.lmdb --size 256
-        [--size 128 ...] [--format png|jpeg] [--quality 95] [--workers N] [--strict]
-        [--overwrite] [--config FILE.yaml] [--print_config] [--help]
+    python -m ilvr_toolkit.data.prepare SRC --output.dir datasets/NAME.lmdb --size 256  # --help: all
     python -m ilvr_toolkit.data.prepare DATASET.lmdb --verify     # every record decodes?
 
 Each image: EXIF orientation applied, converted to RGB (``imageops.load_rgb``: alpha over
@@ -98,7 +96,6 @@ class BuildSettings:
         check_range("commit_bytes", self.commit_bytes, 1)
 
 
-# --------------------------------------------------------------------------- sources
 @dataclass
 class _Source:
     """Ordered, picklable list of named inputs; :meth:`read` opens handles lazily per process.
@@ -115,10 +112,9 @@ class _Source:
         if self.kind == "zip":
             return _open_zip(self.location, os.getpid()).read(self.names[index])
         with open_lmdb(self.location).begin() as txn:
-            data = txn.get(image_key(self.size, index))
-        if data is None:
-            raise OSError(f"key {image_key(self.size, index)!r} missing")
-        return data
+            if (data := txn.get(image_key(self.size, index))) is None:
+                raise OSError(f"key {image_key(self.size, index)!r} missing")
+            return data
 
 
 @functools.lru_cache(maxsize=1)
@@ -148,7 +144,6 @@ def _open_source(src: str | Path) -> _Source:
     raise UsageError(f"source {src}: not a folder, a zip archive or an LMDB folder")
 
 
-# --------------------------------------------------------------------------- per image
 def encode_image(img: Image.Image, fmt: str, quality: int = 95, compress_level: int = 0) -> bytes:
     """PNG, or JPEG with 4:4:4 chroma (PIL's default 4:2:0 blurs colour even at quality 100).
     PNG ``compress_level=0`` (no zlib compression, still a PNG any reader opens) decodes ~2.5x
@@ -191,7 +186,6 @@ def _work(index: int) -> tuple[int, dict[int, bytes] | None, str | None]:
         return index, None, str(e) if isinstance(e, BadImage) else f"cannot read: {e}"
 
 
-# --------------------------------------------------------------------------- writing
 @dataclass
 class BuildReport:
     """What a build wrote and what it skipped (``skipped``: (source name, reason) pairs)."""
@@ -298,12 +292,9 @@ def build_lmdb(
     **options: Any,
 ) -> BuildReport:
     """Convert ``source`` (folder, zip, LMDB) into an LMDB dataset at ``out``; see module doc.
-
-    ``settings`` (default ``BuildSettings()``) with ``options`` replacing single fields:
-    ``build_lmdb(src, out, [256], workers=8, format="jpeg")``. Bad inputs are skipped and
-    listed in the report, or raise ``BadImage`` with ``strict``; in every failure nothing is
-    left at ``out``.
-    """
+    ``options`` replace single fields of ``settings``: ``build_lmdb(src, out, [256], workers=8)``.
+    Bad inputs are skipped and listed in the report (``strict``: ``BadImage``); in every failure
+    nothing is left at ``out``."""
     settings = replace(settings or BuildSettings(), **options)  # re-checks the values
     t0 = time.perf_counter()
     sizes = check_sizes(sizes)
@@ -388,10 +379,7 @@ def _store_images(
     """Write the encoded images under consecutive indices: (kept, skipped, items not yet written)."""
     from tqdm.auto import tqdm
 
-    kept: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    pending: list[tuple[bytes, bytes]] = []
-    pending_bytes = 0
+    kept, skipped, pending, pending_bytes = [], [], [], 0
     with tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress) as bar:
         for index, encoded, error in results:
             bar.update(1)
@@ -409,7 +397,6 @@ def _store_images(
     return kept, skipped, pending
 
 
-# --------------------------------------------------------------------------- CLI
 PROG = "python -m ilvr_toolkit.data.prepare"
 #: old spellings kept working
 ALIASES = {"--out": "--output.dir", "--report": "--output.report"}

@@ -1,12 +1,8 @@
-"""Reference images for ILVR: loaded exactly like the official ILVR / guided-diffusion loader.
-
-``load_reference`` reproduces guided-diffusion's ``center_crop_arr`` (as used by ilvr_adm):
-the image is converted to RGB, halved with ``Image.BOX`` while its short side is at least
-twice the target, resized with ``Image.BICUBIC`` so the short side equals the target, and
-centre-cropped (``(h - res) // 2``, ``(w - res) // 2``). The image is made RGB exactly as the
-converter does (``imageops.load_rgb``): EXIF orientation applied (a phone photo is translated
-upright, as it trains), alpha over white, 16-bit scaled; upstream ignores EXIF, drops alpha
-and clips 16-bit to white. Plain RGB files load exactly as upstream.
+"""Reference images for ILVR, resized and cropped exactly like the official ILVR / guided-diffusion
+loader (``center_crop_arr``, as used by ilvr_adm). They are made RGB as the converter does
+(``imageops.load_rgb``): EXIF orientation applied (a phone photo is translated upright, as it
+trains), alpha over white, 16-bit scaled; upstream ignores EXIF, drops alpha and clips 16-bit to
+white. Plain RGB files load exactly as upstream.
 """
 
 import os
@@ -28,14 +24,14 @@ __all__ = ["ReferenceSet", "center_crop_arr", "collate_references", "load_refere
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """guided-diffusion's rule: BOX halvings, BICUBIC to the short side, centre crop -> HWC uint8."""
+    """guided-diffusion's rule -> HWC uint8: ``Image.BOX`` halvings while the short side is at least
+    twice ``image_size``, ``Image.BICUBIC`` to it, centre crop (``(h - res) // 2``, ``(w - res) // 2``)."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
     arr = np.asarray(pil_image)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
+    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
@@ -54,9 +50,8 @@ class ReferenceSet(Dataset):
     """The reference images of a translation run, from a folder, an LMDB dataset or image files.
 
     - files (one path, or a list): ``names`` are the file stems;
-    - folder: image files found recursively (``files.list_image_files`` order: sorted per
-      folder, case-insensitive extensions png/jpg/jpeg/webp/bmp, hidden entries skipped);
-      ``names`` are the file stems, made unique (``files.unique_names``) when they clash;
+    - folder: its image files (``files.list_image_files``); ``names`` are the file stems, made
+      unique (``files.unique_names``) when they clash;
     - LMDB (a folder holding ``data.mdb``): every index, named ``f"{index:05d}"``; the
       stored size closest above ``image_size`` is read and passed through the same
       preprocessing (a no-op when it already matches).
@@ -75,19 +70,17 @@ class ReferenceSet(Dataset):
         if listed:
             self.names = [f.stem for f in self.files]
         elif self.source.is_dir() and (self.source / "data.mdb").is_file():
-            sizes = read_info(self.source).sizes
-            if not sizes:
+            if not (sizes := read_info(self.source).sizes):
                 raise ValueError(f"LMDB {self.source} holds no images")
             image_size = image_size or max(sizes)
-            larger = [s for s in sizes if s >= image_size]
-            self._lmdb = LMDBImageDataset(self.source, min(larger) if larger else max(sizes))
+            stored = min((s for s in sizes if s >= image_size), default=max(sizes))  # closest above
+            self._lmdb = LMDBImageDataset(self.source, stored)
             self.names = [f"{i:05d}" for i in range(len(self._lmdb))]
         elif self.source.is_dir():
             self.files = list_image_files(self.source)
             self.names = unique_names([f.relative_to(self.source) for f in self.files])
         elif self.source.is_file():
-            self.files = [self.source]
-            self.names = [self.source.stem]
+            self.files, self.names = [self.source], [self.source.stem]
         else:
             raise FileNotFoundError(f"reference source not found: {self.source}")
         if not self.names:

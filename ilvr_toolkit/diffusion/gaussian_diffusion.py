@@ -4,8 +4,7 @@ Notation: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s. All schedule 
 float64 (kept on the CPU) and cast once per (device, dtype) to the sample's dtype; the
 per-step arithmetic runs in that dtype (float32 for the reference fixtures). Indices ``t``
 passed to the methods are *respaced* indices 0..num_timesteps-1; the network is always
-called with the original timesteps ``timestep_map[t]`` (with ``rescale_timesteps``:
-``timestep_map[t] * 1000 / original_num_steps`` as float32, guided-diffusion's respace.py).
+called with the original timesteps ``timestep_map[t]`` (or rescaled: :meth:`_timesteps`).
 """
 
 import math
@@ -151,8 +150,7 @@ class GaussianDiffusion:
             )
         head = out[:, :channels]  # eps, or x_0 (predict_xstart)
         if self.variance == "learned_range":  # v in [-1, 1] interpolates log beta~_t .. log beta_t
-            frac = (out[:, channels:] + 1) / 2
-            min_log = self._coef("posterior_log_variance_clipped", t, x)
+            frac, min_log = (out[:, channels:] + 1) / 2, self._coef("posterior_log_variance_clipped", t, x)
             log_variance = frac * self._coef("log_betas", t, x) + (1 - frac) * min_log
         else:
             log_variance = self._coef(_FIXED_LOG_VAR[self.variance], t, x).expand_as(x)
@@ -161,8 +159,8 @@ class GaussianDiffusion:
             pred_xstart = pred_xstart.clamp(-1, 1)
         eps = self.predict_eps_from_xstart(x, t, pred_xstart) if self.predict_xstart else head
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        variance = torch.exp(log_variance)
-        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart, eps=eps)
+        out = dict(mean=mean, variance=log_variance.exp(), log_variance=log_variance)
+        return dict(out, pred_xstart=pred_xstart, eps=eps)
 
     def p_mean_variance(
         self,
@@ -209,14 +207,12 @@ class GaussianDiffusion:
         if self.variance == "learned_range":
             channels = x_start.shape[1]
             head, v = out[:, :channels], out[:, channels:]
-            frozen = torch.cat([head.detach(), v], dim=1)
-            terms["vb"] = self._vb_terms_bpd(frozen, x_start, x_t, t)
+            terms["vb"] = self._vb_terms_bpd(torch.cat([head.detach(), v], dim=1), x_start, x_t, t)
             if self.rescale_learned_sigmas:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
         squared = ((x_start if self.predict_xstart else noise) - head) ** 2
-        if self.p2_gamma != 0.0:
-            weight = (self.p2_k + self._coef("snr", t, x_start)) ** (-self.p2_gamma)
-            squared = weight * squared
+        if self.p2_gamma != 0.0:  # P2 weighting (Choi et al. 2022)
+            squared = (self.p2_k + self._coef("snr", t, x_start)) ** (-self.p2_gamma) * squared
         terms["mse"] = mean_flat(squared)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms

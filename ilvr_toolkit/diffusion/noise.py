@@ -12,7 +12,6 @@ import torch
 class NoiseSource(Protocol):
     def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Standard normal noise of ``shape`` (B, ...) on ``device``."""
-        ...
 
 
 class GeneratorNoise:

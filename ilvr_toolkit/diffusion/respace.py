@@ -42,8 +42,7 @@ def space_timesteps(num_steps: int, section_counts: str | list[int] | int) -> li
             return _ddim_stride_steps(num_steps, int(spec[len("ddim") :]))
         section_counts = [int(part) for part in spec.split(",")]
     size_per, extra = divmod(num_steps, len(section_counts))
-    kept: set[int] = set()
-    start = 0
+    kept, start = set(), 0
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         kept.update(_section_steps(start, size, count))
@@ -54,5 +53,4 @@ def space_timesteps(num_steps: int, section_counts: str | list[int] | int) -> li
 def respace_betas(alphas_cumprod: torch.Tensor, kept: list[int]) -> torch.Tensor:
     """Betas (len(kept),) float64 of the process that keeps alpha_bar at the ``kept`` steps."""
     kept_bar = alphas_cumprod[torch.tensor(kept, dtype=torch.long)]
-    previous = torch.cat([kept_bar.new_ones(1), kept_bar[:-1]])
-    return 1.0 - kept_bar / previous
+    return 1.0 - kept_bar / torch.cat([kept_bar.new_ones(1), kept_bar[:-1]])

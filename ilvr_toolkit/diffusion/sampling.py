@@ -69,8 +69,7 @@ def diffuse_to(
 
 def _run_hooks(step: Step, hooks: Sequence[StepHook]) -> torch.Tensor:
     for hook in hooks:
-        changed = hook(step)
-        if changed is not None:
+        if (changed := hook(step)) is not None:
             step.x_prev = changed
     return step.x_prev
 
@@ -103,9 +102,8 @@ def _binds_model_kwargs(sampler: Callable[..., torch.Tensor]) -> Callable[..., t
     def bound(
         diffusion: GaussianDiffusion, net: Net, x_T: torch.Tensor, *, model_kwargs: Any = None, **options: Any
     ):
-        return sampler(
-            diffusion, functools.partial(net, **model_kwargs) if model_kwargs else net, x_T, **options
-        )
+        net = functools.partial(net, **model_kwargs) if model_kwargs else net
+        return sampler(diffusion, net, x_T, **options)
 
     return bound
 

@@ -10,10 +10,8 @@ def betas_for_alpha_bar(
     num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
 ) -> torch.Tensor:
     """beta_i = min(1 - alpha_bar((i+1)/T) / alpha_bar(i/T), max_beta), i = 0..T-1 (float64)."""
-    betas = [
-        min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-        for i in range(num_steps)
-    ]
+    n = num_steps
+    betas = [min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
     return torch.tensor(betas, dtype=torch.float64)
 
 

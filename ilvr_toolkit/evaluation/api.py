@@ -27,8 +27,7 @@ def pair_by_name(output_names: Sequence[str], reference_names: Sequence[str]) ->
     names) pairs with reference ``<stem>``; ValueError names the outputs that have no reference."""
     index = {name: j for j, name in enumerate(reference_names)}
     found = [index.get(name, index.get(re.sub(r"(_N\d+)?_s\d+$", "", name))) for name in output_names]
-    missing = [name for name, j in zip(output_names, found, strict=True) if j is None]
-    if missing:
+    if missing := [name for name, j in zip(output_names, found, strict=True) if j is None]:
         raise ValueError(f"no reference found for {len(missing)} outputs: {', '.join(missing[:5])}")
     return list(enumerate(found))
 

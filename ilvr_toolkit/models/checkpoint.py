@@ -1,17 +1,14 @@
 """Checkpoint I/O: the official plain state dicts, our self-describing files, Lightning .ckpt.
 
-Three kinds of file load through :func:`load_model`:
+Three kinds of file load through :func:`load_model` (every load ``weights_only=True``, every save atomic):
 
 - ``"plain"``: a guided-diffusion state dict (the released guided-diffusion / ILVR / P2 ``.pt``
-  files). It does not describe itself, so a preset name or the README's flag string is
-  needed (either gives the UNet and the diffusion; a bare :class:`UNetConfig` the UNet only).
+  files). It does not describe itself: a preset name or the README's flag string gives the UNet
+  and the diffusion (a bare :class:`UNetConfig` the UNet only).
 - ``"ilvr_toolkit"``: ``{"format": "ilvr_toolkit.model/1", "unet": {...}, "diffusion": {...},
   "state_dict": {...}, "extra": {...}}`` written by :func:`save_model_file`.
-- ``"lightning"``: a Lightning checkpoint whose ``hyper_parameters`` hold ``unet`` (a
-  UNetConfig dict) and ``diffusion``; the UNet weights are ``state_dict`` entries under
-  ``model.``.
-
-Every load uses ``torch.load(..., weights_only=True)``; every save is atomic.
+- ``"lightning"``: ``hyper_parameters`` hold ``unet`` (a UNetConfig dict) and ``diffusion``;
+  the UNet weights are ``state_dict`` entries under ``model.``.
 """
 
 import hashlib
@@ -59,11 +56,9 @@ def sha256_file(path: PathLike) -> str:
 
 
 def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` with errors that say what went wrong.
-
-    Returns the stored object (for an official file: the plain state dict); ``mmap``: tensors
-    stay on disk until used (a cheap check of a zip checkpoint). Raises FileNotFoundError for a missing file, CheckpointError for an unreadable one.
-    """
+    """``torch.load(path, weights_only=True)`` -> the stored object (an official file: the plain
+    state dict); ``mmap``: tensors stay on disk until used (a cheap check of a zip checkpoint).
+    FileNotFoundError for a missing file, CheckpointError naming the problem for an unreadable one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -266,18 +261,14 @@ def _contents(obj: Any, path: PathLike) -> tuple[str, Any, StateDict, dict[str, 
 
 
 def _config(stored: Any, preset: str | UNetConfig | None, path: PathLike) -> UNetConfig:
-    """The config to build: the stored one (checked against ``preset`` if given), else the preset.
-
-    ``stored`` is None for a plain state dict. A UNetConfig passed as ``preset`` with the same
-    architecture as the stored one wins (it may carry other runtime settings such as
-    ``attention_backend``).
-    """
+    """The config to build: the stored one (None for a plain state dict; checked against ``preset``
+    if given), else the preset. A UNetConfig ``preset`` of the stored architecture wins (it may carry
+    other runtime settings such as ``attention_backend``)."""
     wanted = get_preset(preset) if isinstance(preset, str) else preset
     if stored is None and wanted is None:
         guess = preset_for_filename(path)
-        suggestion = f"known presets: {', '.join(sorted(PRESETS))}"
-        if guess:
-            suggestion = f"this looks like the released {Path(path).name}: use preset={guess!r}"
+        suggestion = f"this looks like the released {Path(path).name}: use preset={guess!r}" if guess else ""
+        suggestion = suggestion or f"known presets: {', '.join(sorted(PRESETS))}"
         raise CheckpointError(
             f"{path} is a plain guided-diffusion state dict, which does not record its architecture; "
             f"pass preset=<name>, flags=<its README flags> or a UNetConfig ({suggestion})"
@@ -317,8 +308,7 @@ def load_model(
     """
     if flags is not None and preset is not None:
         raise CheckpointError("give either a preset or guided-diffusion flags, not both")
-    obj = load_state_dict_file(path, map_location=map_location)
-    kind, stored, weights, diffusion = _contents(obj, path)
+    kind, stored, weights, diffusion = _contents(load_state_dict_file(path, map_location=map_location), path)
     wanted = UNetConfig.from_guided_diffusion_flags(flags) if flags is not None else preset
     config = _config(stored, wanted, path)
     if flags is not None or (kind == "plain" and isinstance(preset, str)):

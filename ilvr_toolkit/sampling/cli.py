@@ -53,12 +53,9 @@ def _parse(argv: list[str] | None) -> Namespace:
 
 
 def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> int:
-    """Entry point of ``sample.py``: user errors end in one line (see ``ilvr_toolkit.cli``).
-
-    ``evaluate(config, result)``: the metrics step for ``--evaluate_against``, run by the process
-    that wrote the run's manifest. ``sample.py`` passes ``ilvr_toolkit.evaluation.runs.evaluate_run``
-    (sampling does not import evaluation: the evaluation package builds on this one).
-    """
+    """Entry point of ``sample.py`` (user errors end in one line). ``evaluate(config, result)``: the
+    ``--evaluate_against`` step, run by the process that wrote the manifest; ``sample.py`` passes
+    ``evaluation.runs.evaluate_run`` (sampling does not import evaluation, which builds on it)."""
     return run_command("sample.py", lambda args: _main(args, evaluate), argv)
 
 
@@ -70,10 +67,8 @@ def _main(argv: list[str], evaluate: Evaluate | None) -> int:
         check_range("threads", namespace.threads, 1)
     tune_process(namespace.threads, cpu_malloc=config.cpu_malloc == "tuned")  # one log line
     named = {"model.checkpoint": config.model.checkpoint, "evaluate_against": config.evaluate_against}
-    named.update(references=None if config.unconditional else config.references)
-    check_paths(
-        {**named, "mask": config.mask, "inception_weights": config.inception_weights}
-    )  # before any work
+    named.update(references=None if config.unconditional else config.references, mask=config.mask)
+    check_paths({**named, "inception_weights": config.inception_weights})  # before any work
     if config.evaluate_against:  # a folder of images or an LMDB: found out now, not after sampling
         ReferenceSet(config.evaluate_against, 1)
     if config.evaluate_against and evaluate is None:

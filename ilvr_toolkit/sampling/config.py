@@ -1,8 +1,6 @@
-"""Settings of a translation run (``sample.py``), as nested dataclasses for jsonargparse.
-
-Each dataclass checks its values when it is made (``__post_init__``): a bad value is a
-``UsageError`` naming the option, before anything is loaded.
-"""
+"""Settings of a translation run (``sample.py``), as nested dataclasses for jsonargparse; each
+checks its values when it is made: a bad value is a ``UsageError`` naming the option, before
+anything is loaded."""
 
 import re
 from dataclasses import asdict, dataclass, field, fields

@@ -8,16 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from ..conditioning import Projection, resolve_range_t
-from ..diffusion import (
-    DiffusionConfig,
-    GaussianDiffusion,
-    PerImageNoise,
-    create_diffusion,
-    ddim_sample,
-    ddpm_sample,
-    diffuse_to,
-    draw_x_T,
-)
+from ..diffusion import DiffusionConfig, GaussianDiffusion, PerImageNoise, create_diffusion
+from ..diffusion.sampling import ddim_sample, ddpm_sample, diffuse_to, draw_x_T
 from ..images import to_float, to_uint8
 from .config import ILVRSpec, SamplerSpec
 from .seeds import image_generators

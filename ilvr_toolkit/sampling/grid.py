@@ -28,8 +28,7 @@ def build_grid(
     if not references:
         return False
     size = references[0][1].shape[-1]
-    several = len(operators) > 1
-    blank = torch.zeros(3, size, size, dtype=torch.uint8)
+    blank, several = torch.zeros(3, size, size, dtype=torch.uint8), len(operators) > 1
     tiles: list[torch.Tensor] = []
     for name, ref in references:
         tiles.append(ref)
@@ -39,6 +38,5 @@ def build_grid(
                 png = out_dir / output_name(name, n if several else None, k)
                 tiles.append(read_image(str(png), ImageReadMode.RGB) if png.exists() else blank)
     columns = 1 + len(operators) * (1 + samples_per_reference)
-    grid = make_grid(torch.stack(tiles), nrow=columns, padding=2, pad_value=255)
-    save_png(path, grid)
+    save_png(path, make_grid(torch.stack(tiles), nrow=columns, padding=2, pad_value=255))
     return True

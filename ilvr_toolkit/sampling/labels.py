@@ -29,8 +29,7 @@ def resolve_class_labels(
         labels = [int(spec)] * len(names)
     else:
         labels = _read_label_file(Path(spec), names)
-    bad = [label for label in labels if not 0 <= label < num_classes]
-    if bad:
+    if bad := [label for label in labels if not 0 <= label < num_classes]:
         raise UsageError(f"--class_labels: label {bad[0]} is out of range; expected 0..{num_classes - 1}")
     return labels
 
@@ -45,8 +44,7 @@ def _read_label_file(path: Path, names: list[str]) -> list[int]:
     if bad:
         raise UsageError(f"--class_labels: {path} line {bad[0]}: expected '<reference name> <label>'")
     table = {row[0].strip(): int(row[1]) for row in rows if row}
-    missing = [name for name in names if name not in table]
-    if missing:
+    if missing := [name for name in names if name not in table]:
         raise UsageError(
             f"--class_labels: {path} has no label for reference {missing[0]!r} ({len(missing)} missing)"
         )

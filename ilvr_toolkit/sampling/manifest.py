@@ -25,11 +25,8 @@ PARTS_DIR = ".manifest"
 def versions() -> dict[str, str]:
     import ilvr_toolkit
 
-    found = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ilvr_toolkit": ilvr_toolkit.__version__,
-    }
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    found["ilvr_toolkit"] = ilvr_toolkit.__version__
     for module in ("torchvision", "pytorch_lightning", "torchmetrics", "numpy", "PIL"):
         with contextlib.suppress(ImportError, AttributeError):
             found[module] = __import__(module).__version__
@@ -56,15 +53,8 @@ class ManifestPart:
 
 #: the settings that make the images: a rerun into the same output folder must keep them
 SAME_RUN = ("model", "references", "unconditional", "num_samples", "ilvr", "sampler", "class_labels")
-SAME_RUN += (
-    "samples_per_reference",
-    "seed",
-    "precision",
-    "channels_last",
-    "native_groupnorm",
-    "task",
-    "sdedit",
-)
+SAME_RUN += ("samples_per_reference", "seed", "precision", "channels_last", "native_groupnorm")
+SAME_RUN += ("task", "sdedit")
 
 
 def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str | None]) -> None:
@@ -80,8 +70,7 @@ def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str
 
 def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:
     """Merge every rank's part with ``header`` (run description) into ``<out>/<name>``."""
-    images: dict[str, Any] = {}
-    failed: dict[str, str] = {}
+    images, failed = {}, {}
     for part_path in sorted((out_dir / PARTS_DIR).glob("*.json")):
         data = read_json(part_path)
         images.update(data.get("images", {}))
@@ -89,13 +78,8 @@ def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.
     # Keep only entries whose PNG is really there (a part may predate a deleted output).
     images = {k: v for k, v in sorted(images.items()) if (out_dir / k).exists()}
     seconds = [v["seconds"] for v in images.values() if "seconds" in v]
-    manifest = {
-        **header,
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "num_images": len(images),
-        "mean_seconds_per_image": (sum(seconds) / len(seconds)) if seconds else None,
-        "failed_references": failed,
-        "images": images,
-    }
+    manifest = {**header, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "num_images": len(images)}
+    manifest["mean_seconds_per_image"] = (sum(seconds) / len(seconds)) if seconds else None
+    manifest.update(failed_references=failed, images=images)
     write_json(out_dir / name, manifest)
     return manifest

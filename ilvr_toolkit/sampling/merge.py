@@ -3,9 +3,8 @@
     python -m ilvr_toolkit.sampling.merge OUT            # every shard must have finished
     python -m ilvr_toolkit.sampling.merge OUT --force    # merge what is there
 
-The last shard to finish does this by itself (``sampling/shards.py``), and its ``sample.py`` then
-computes the metrics (``--evaluate_against``); this command does not. The run's config is read
-from ``OUT/.shards.json``; its model is loaded for the manifest header.
+The last shard to finish does this by itself (``sampling/shards.py``), and computes the metrics
+(``--evaluate_against``); this command does not. The config is ``OUT/.shards.json``'s.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
             f"{out_dir}: shards {missing} of {config.num_shards} have not finished; rerun them "
             "(sbatch --array=<those> with the same command) or pass --force to merge what is there"
         )
-    device = resolve_device(config.device)
-    loaded, _ = _load(config, device)
+    loaded, _ = _load(config, resolve_device(config.device))
     refs = _References(config, loaded.unet_config.image_size)
     result = RunResult(out_dir)
     with run_summary(config, force=True) as whole:

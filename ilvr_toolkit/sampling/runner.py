@@ -156,8 +156,7 @@ def _sample_batch(
         labels = [run.class_labels[item.reference] for item in batch]
         net = functools.partial(net, y=torch.tensor(labels, device=run.device))
     seeds = [item.seed for item in batch]
-    out = generate(net, run.diffusion, seeds, run.image_size, run.device, run.sampler, condition)
-    return batch, out
+    return batch, generate(net, run.diffusion, seeds, run.image_size, run.device, run.sampler, condition)
 
 
 def run(config: SampleConfig) -> RunResult:
@@ -189,13 +188,9 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
     condition = task_setup(config, image_size, diffusion, device, [n for n in factors if n is not None])
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
-    items = plan_items(
-        refs.names,
-        samples_per_reference=1 if refs.unconditional else config.samples_per_reference,
-        factors=factors,
-        run_seed=config.seed,
-        indices=indices,
-    )
+    per_reference = 1 if refs.unconditional else config.samples_per_reference
+    options = dict(factors=factors, run_seed=config.seed, indices=indices)
+    items = plan_items(refs.names, samples_per_reference=per_reference, **options)
     mine = items[ranks.rank :: ranks.world_size]
     remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
@@ -256,10 +251,9 @@ def _sample_all(
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
             for item in done:
                 entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
-                entry.update(
-                    sample=item.sample, factor=item.factor, seed=item.seed, seconds=round(seconds, 4)
-                )
-                part.images[item.filename] = {**entry, "batch_size": len(batch), "rank": ranks.rank}
+                entry.update(sample=item.sample, factor=item.factor, seed=item.seed)
+                entry.update(seconds=round(seconds, 4), batch_size=len(batch), rank=ranks.rank)
+                part.images[item.filename] = entry
             part.failed.update(refs.failed)
             part.save()
             for item, image in zip(done, out if out is not None else [], strict=True):
@@ -277,26 +271,16 @@ def _summarize(config, loaded, diffusion, refs, result) -> None:
     from the PNGs on disk (the metrics are the evaluation's: ``sample.py`` runs it after)."""
     out_dir = result.out_dir
     result.manifest = out_dir / "manifest.json"
-    header = {
-        "checkpoint": {
-            "path": str(config.model.checkpoint),
-            "sha256": loaded.sha256,
-            "kind": loaded.source_kind,
-            "preset": config.model.preset,
-        },
-        "unet": loaded.model.config.to_dict(),  # as run: runtime settings of this config applied
-        "diffusion": loaded.diffusion,
-        "timestep_map": diffusion.timestep_map.tolist(),
-        "config": config.to_dict(),
-        "versions": versions(),
-    }
+    checkpoint = {"path": str(config.model.checkpoint), "sha256": loaded.sha256, "kind": loaded.source_kind}
+    header = {"checkpoint": {**checkpoint, "preset": config.model.preset}}
+    header["unet"] = loaded.model.config.to_dict()  # as run: runtime settings of this config applied
+    header.update(diffusion=loaded.diffusion, timestep_map=diffusion.timestep_map.tolist())
+    header.update(config=config.to_dict(), versions=versions())
     merge_manifest(out_dir, header, result.manifest.name)
     if config.output.grid and not refs.unconditional:
         rows = [(refs.names[i], refs.get(i)) for i in range(len(refs.names))[: config.output.grid_max_rows]]
         rows = [(name, image) for name, image in rows if image is not None]
-        grid_path = out_dir / "grid.png"
-        operators = run_operators(
-            config, loaded.unet_config.image_size, torch.device("cpu"), config.ilvr.factors
-        )
+        grid_path, size = out_dir / "grid.png", loaded.unet_config.image_size
+        operators = run_operators(config, size, torch.device("cpu"), config.ilvr.factors)
         if build_grid(grid_path, out_dir, rows, operators, config.samples_per_reference):
             result.grid = grid_path

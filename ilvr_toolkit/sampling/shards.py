@@ -1,14 +1,10 @@
 """Job-array shards of one translation run: a fixed shard count, completion, one merge.
 
 ``sbatch --array=0-K scripts/slurm/sample_array.sbatch CONFIG`` runs shard k of K+1 in array
-task k. The first shard to start stores the count (and the run's config) in
-``OUT/.shards.json``; a rerun of some tasks (``sbatch --array=k ...``, whose array is smaller)
-keeps that count. A shard that finished its range leaves ``OUT/.shards/<k>.done``; the shard
-that finds every shard done writes the run's ``manifest.json``, grid (and ``sample.py`` then the
-metrics) exactly as one process would have (``python -m ilvr_toolkit.sampling.merge OUT``: the
-manifest and grid by hand).
-Per-shard manifests and grids are not written: the per-process parts in ``OUT/.manifest/``
-are the record of a shard.
+task k (docs/cluster.md). The count is stored at the first start (a rerun of some tasks, whose
+array is smaller, keeps it); the shard that finds every shard done writes the run's manifest and
+grid as one process would (``python -m ilvr_toolkit.sampling.merge OUT``: by hand). A shard's
+record is its per-process parts in ``OUT/.manifest/``.
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ def sampling_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
     """``(pl_module.model, "ema")`` in eval mode holding the EMA weights while inside (swapped by the
     stock ``WeightAveraging``'s own validation hooks), or ``(pl_module.model, "raw")`` without one."""
     ema = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
-    net = pl_module.model
-    was_training = net.training
+    net, was_training = pl_module.model, pl_module.model.training
     if ema is not None:
         ema.on_validation_epoch_start(trainer, pl_module)
     net.eval()

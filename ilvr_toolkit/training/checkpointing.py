@@ -1,11 +1,6 @@
-"""Checkpoint policy of a training run: atomic writes, ``last.ckpt`` cadence, EMA, resume,
-and the files of a SLURM requeue (``training/preemption.py``).
-
-A run directory ``RUN`` (``trainer.default_root_dir``; layout in docs/training.md) holds
-``checkpoints/last.ckpt`` (every ``last_every_n_steps`` / minutes and at the end),
-``checkpoints/step=N.ckpt`` snapshots and ``hpc_ckpt_K.ckpt`` (saved on SLURM's pre-emption
-signal, Lightning's name). Rerunning the same command resumes from the newest of
-``last.ckpt`` and ``hpc_ckpt_*.ckpt`` (:func:`find_resume_checkpoint`).
+"""Checkpoint policy of a training run (the run directory layout is in docs/training.md): atomic
+writes, ``last.ckpt`` cadence, EMA, resume and the ``hpc_ckpt_K.ckpt`` files of a SLURM requeue
+(``training/preemption.py``).
 """
 
 from __future__ import annotations
@@ -54,9 +49,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, weights_only=True)
         return load_state_dict_file(path, map_location or "cpu")
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None or "://" in os.fspath(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         return atomic_torch_save(checkpoint, path)
@@ -125,11 +118,8 @@ class EMA(WeightAveraging):
             raise UsageError(f"--ema.decay {decay}: expected a number in [0, 1)")
         check_range("ema.update_every_n_steps", update_every_n_steps, 1)
         super().__init__(device=device, use_buffers=True, multi_avg_fn=self.update)
-        self.decay = decay
-        self.start_step = start_step
-        self.update_every_n_steps = update_every_n_steps
-        self.warmup = warmup
-        self.on_own_device = device is None
+        self.decay, self.start_step, self.warmup = decay, start_step, warmup
+        self.update_every_n_steps, self.on_own_device = update_every_n_steps, device is None
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """After the optimizer step of 0-based index ``step_idx``: from ``start_step`` on, every
@@ -140,9 +130,7 @@ class EMA(WeightAveraging):
 
     def decay_at(self, num_averaged: int) -> float:
         """The decay of the update that follows ``num_averaged`` earlier ones (copy included)."""
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1.0 + num_averaged) / (10.0 + num_averaged))
+        return min(self.decay, (1.0 + num_averaged) / (10.0 + num_averaged)) if self.warmup else self.decay
 
     def update(
         self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
@@ -159,8 +147,7 @@ class EMA(WeightAveraging):
         """Keep the raw weights in the module (the EMA is in every checkpoint's state_dict)."""
 
     def describe(self) -> dict[str, Any]:
-        keys = ("decay", "start_step", "update_every_n_steps", "warmup")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in ("decay", "start_step", "update_every_n_steps", "warmup")}
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -205,8 +192,7 @@ class RunCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             enable_version_counter=False,
         )
-        self.last_every_n_steps = last_every_n_steps
-        self.last_every_minutes = last_every_minutes
+        self.last_every_n_steps, self.last_every_minutes = last_every_n_steps, last_every_minutes
         self.snapshot_every = every_n_train_steps
         self.saved_step = self.last_step = -1
         self.saved_time = time.monotonic()

@@ -5,16 +5,11 @@
     python train.py fit --config configs/tiny.yaml --print_config                              # resolved config
     python train.py export runs/tiny/checkpoints/last.ckpt                                     # EMA -> .pt files
 
-What it adds to Lightning's CLI (details in docs/training.md): ``trainer.default_root_dir`` is
-the run directory ``RUN`` (``RUN/checkpoints``, TensorBoard in ``RUN/tb``, the resolved config
-atomically in ``RUN/config.yaml``, a changed one kept as ``config.<time>.yaml``; no
-``version_N``); rerunning a command resumes from the newest of ``last.ckpt`` and
-``hpc_ckpt_*.ckpt`` (``--auto_resume false`` starts over); always-on callbacks with their own
-groups (``--ema.*``, ``--checkpoint.*``, ``--samples.*``, ``--ilvr_preview.*``, ``--fid.*``),
-Lightning's lr and throughput monitors, pre-emption (``--slurm_requeue``,
-``training/preemption.py``) and plain ``step S/MAX ...`` lines when there is no terminal.
-``data.image_size`` is the UNet's, so a dataset without that size is refused before training.
-Checkpoint writes are atomic (``AtomicCheckpointIO``).
+What it adds to Lightning's CLI (the run directory layout is in docs/training.md): a fixed run
+directory ``RUN`` = ``trainer.default_root_dir`` (no ``version_N``); resume from the newest of
+``last.ckpt`` and ``hpc_ckpt_*.ckpt``; always-on callbacks (``--ema.*``, ``--checkpoint.*``,
+``--samples.*``, ``--ilvr_preview.*``, ``--fid.*``), pre-emption and plain log lines. The
+dataset's ``data.image_size`` is the UNet's, so a wrong one is refused before training.
 """
 
 from __future__ import annotations
@@ -34,16 +29,8 @@ from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from ilvr_toolkit.cli import (
-    UsageError,
-    check_config_files,
-    check_paths,
-    check_range,
-    run_command,
-    setup_logging,
-)
-from ilvr_toolkit.data import ImageDataModule
-
+from ..cli import UsageError, check_config_files, check_paths, check_range, run_command, setup_logging
+from ..data import ImageDataModule
 from ..fileio import atomic_write_bytes, lock_folder
 from ..models import load_state_dict_file
 from ..runtime import tune_process
@@ -73,11 +60,8 @@ def checkpoint_dir(run_dir: str | None) -> str:
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Writes the resolved config to ``RUN/config.yaml`` atomically (safe on requeue).
-
-    When the file exists with different contents (the command changed between restarts),
-    the old file is kept as ``config.<YYYYmmdd-HHMMSS>.yaml``.
-    """
+    """Writes the resolved config to ``RUN/config.yaml`` atomically (safe on requeue); one with other
+    contents (the command changed between restarts) is kept as ``config.<YYYYmmdd-HHMMSS>.yaml``."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -97,16 +81,11 @@ class TrainCLI(LightningCLI):
     """LightningCLI over :class:`DiffusionModule` and :class:`ImageDataModule` (see module doc)."""
 
     def __init__(
-        self,
-        args: Any = None,
-        run: bool = True,
-        trainer_defaults: dict[str, Any] | None = None,
-        **kwargs: Any,
+        self, args: Any = None, run: bool = True, trainer_defaults: dict | None = None, **kwargs: Any
     ):
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
-        extra_callbacks = list(defaults.pop("callbacks", []) or [])
         monitors = [LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=_batch_size, window_size=20)]
-        defaults["callbacks"] = [*monitors, *extra_callbacks]
+        defaults["callbacks"] = [*monitors, *(defaults.pop("callbacks", []) or [])]
         super().__init__(
             DiffusionModule,
             ImageDataModule,
@@ -122,31 +101,24 @@ class TrainCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(EMA, "ema")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(SampleGrid, "samples")
-        parser.add_lightning_class_args(ILVRPreview, "ilvr_preview")
-        parser.add_lightning_class_args(FIDMonitor, "fid")
+        groups = {"ema": EMA, "checkpoint": RunCheckpoint, "samples": SampleGrid}
+        for key, callback in {**groups, "ilvr_preview": ILVRPreview, "fid": FIDMonitor}.items():
+            parser.add_lightning_class_args(callback, key)
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.link_arguments(
             "model.unet", "data.image_size", compute_fn=lambda unet: resolve_unet_config(unet).image_size
         )
         parser.add_argument(
-            "--init_from",
-            "--init-from",
-            type=str | None,
-            default=None,
+            "--init_from", "--init-from", type=str | None, default=None,
             help="fine-tune: initial UNet weights (released plain .pt checked against model.unet, "
             "our .ckpt (its EMA weights) or an exported model file); optimizer state starts fresh",
-        )
+        )  # fmt: skip
         parser.link_arguments("init_from", "model.init_from")
         parser.add_argument(
-            "--auto_resume",
-            type=bool,
-            default=True,
+            "--auto_resume", type=bool, default=True,
             help="resume from the newest of RUN/checkpoints/last.ckpt and RUN/hpc_ckpt_*.ckpt when "
             "no --ckpt_path is given",
-        )
+        )  # fmt: skip
         parser.add_argument(
             "--threads", type=int | None, default=None,
             help="torch intra-op threads, >= 1 (null: SLURM_CPUS_PER_TASK under SLURM, else torch's default)",
@@ -156,12 +128,10 @@ class TrainCLI(LightningCLI):
             help="tuned: glibc malloc keeps freed memory (no page-fault storm per step; same numbers)",
         )  # fmt: skip
         parser.add_argument(
-            "--slurm_requeue",
-            type=bool,
-            default=True,
+            "--slurm_requeue", type=bool, default=True,
             help="under SLURM: on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop "
             "(scripts/slurm/train.sbatch then requeues the job)",
-        )
+        )  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, check the paths, lock the run directory (rank 0: the launching process of DDP)."""
@@ -172,8 +142,8 @@ class TrainCLI(LightningCLI):
         ckpt = fit.ckpt_path if fit.ckpt_path not in ("last", "hpc", "best") else None
         run_dir = fit.trainer.default_root_dir or DEFAULT_RUN_DIR
         named = {"data.path": fit.data.path, "init_from": fit.init_from, "ckpt_path": ckpt}
-        named["fid.reference.images"] = fit.fid.reference.images  # missing Inception weights: FIDMonitor's
-        # setup names the file, its hash and where it goes
+        # missing Inception weights: FIDMonitor's setup names the file, its hash and where it goes
+        named.update({"fid.reference.images": fit.fid.reference.images})
         check_paths({**named, "ilvr_preview.references": fit.ilvr_preview.references})
         if ckpt and not zipfile.is_zipfile(ckpt):
             raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
@@ -188,17 +158,14 @@ class TrainCLI(LightningCLI):
         return config.get(str(self.subcommand), config).get(key, default)
 
     def before_instantiate_classes(self) -> None:
-        threads = self.config.get(str(self.subcommand), self.config).get("threads")
-        if threads is not None:
+        if (threads := self.config.get(str(self.subcommand), self.config).get("threads")) is not None:
             check_range("threads", threads, 1)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._setting("trainer", {})
         run_dir = config.get("default_root_dir") or DEFAULT_RUN_DIR
         if config.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(
-                save_dir=run_dir, name="", version="tb", default_hp_metric=False
-            )
+            kwargs["logger"] = TensorBoardLogger(run_dir, name="", version="tb", default_hp_metric=False)
         plugins = _as_list(config.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
@@ -213,9 +180,7 @@ class TrainCLI(LightningCLI):
 
     def before_fit(self) -> None:
         fit = self.config_init[self.subcommand]
-        tune_process(
-            fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned"
-        )  # all checked: say it
+        tune_process(fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned")
         # resume never unpickles code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
         fit["weights_only"] = True
         if fit.get("ckpt_path") is not None or not fit.get("auto_resume", True):
@@ -223,8 +188,7 @@ class TrainCLI(LightningCLI):
         run_dir = self.trainer.default_root_dir
         ours = self.trainer.checkpoint_callback  # the RunCheckpoint
         folder = (ours.dirpath if ours else None) or checkpoint_dir(run_dir)
-        found = find_resume_checkpoint(run_dir, folder)
-        if found is not None:
+        if (found := find_resume_checkpoint(run_dir, folder)) is not None:
             rank_zero_info(f"resuming from {found} (newest of last.ckpt and hpc_ckpt_*.ckpt in {run_dir})")
             fit["ckpt_path"] = str(found)
 

@@ -39,10 +39,7 @@ def checkpoint_unet_weights(checkpoint: dict[str, Any], weights: str = "ema") ->
 
 
 def export_checkpoint(
-    ckpt_path: str | Path,
-    out_dir: str | Path | None = None,
-    name: str | None = None,
-    weights: str = "ema",
+    ckpt_path: str | Path, out_dir: str | Path | None = None, name: str | None = None, weights: str = "ema"
 ) -> dict[str, Any]:
     """Write ``NAME.pt`` (plain) and ``NAME.model.pt`` (self-describing); see the module doc.
 
@@ -68,9 +65,7 @@ def export_checkpoint(
     extra["trained_with"] = info.get("version")
     plain, model_file = out_dir / f"{name}.pt", out_dir / f"{name}.model.pt"
     save_plain_state_dict(plain, state)
-    save_model_file(
-        model_file, unet_config, state, diffusion=dict(hparams.get("diffusion") or {}), extra=extra
-    )
+    save_model_file(model_file, unet_config, state, dict(hparams.get("diffusion") or {}), extra)
     return {"plain": plain, "model_file": model_file, "weights": weights, "global_step": step}
 
 
@@ -79,12 +74,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "checkpoint", type=str, help="a .ckpt of train.py (last.ckpt, step=N.ckpt, hpc_ckpt_K.ckpt)"
     )
-    parser.add_argument(
-        "--output.dir", type=str | None, default=None, help="export folder (default: RUN/export)"
-    )
-    parser.add_argument(
-        "--name", type=str | None, default=None, help="file stem (default: {weights}_step{N})"
-    )
+    optional = {"type": str | None, "default": None}
+    parser.add_argument("--output.dir", **optional, help="export folder (default: RUN/export)")
+    parser.add_argument("--name", **optional, help="file stem (default: {weights}_step{N})")
     parser.add_argument("--weights", type=Literal["ema", "raw"], default="ema", help="which weights")
     return parser
 
@@ -95,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    argv = normalize_options(argv, aliases={"--out_dir": "--output.dir"})  # the earlier spelling
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(normalize_options(argv, aliases={"--out_dir": "--output.dir"}))
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint {args.checkpoint}: no such file")
     result = export_checkpoint(args.checkpoint, args.output.dir, args.name, args.weights)

@@ -72,8 +72,7 @@ class FIDMonitor(_EveryNSteps):
         super().__init__(every_n_steps, num_images, sampler, seed, at_start)
         if num_images < 2 or batch_size < 1:
             raise ValueError("fid.num_images must be >= 2 and fid.batch_size >= 1")
-        self.batch_size = batch_size
-        self.reference = reference
+        self.batch_size, self.reference = batch_size, reference
         self.history: list[dict[str, Any]] = []
         self.extractor: InceptionFeatureExtractor | None = None
         self.real: FeatureStats | None = None
@@ -92,10 +91,9 @@ class FIDMonitor(_EveryNSteps):
         extractor = InceptionFeatureExtractor(self.reference.inception_weights)  # every rank: same error
         extractor = extractor.to(trainer.strategy.root_device)
         options = dict(image_size=pl_module.unet_config.image_size, cache_dir=self.reference.stats_cache_dir)
+        options.update(batch_size=self.batch_size, kid=False)
         # all ranks take part (sharded), rank 0 gets the result
-        real, info = cached_reference_stats(
-            source, extractor, batch_size=self.batch_size, kid=False, **options
-        )
+        real, info = cached_reference_stats(source, extractor, **options)
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
             self.extractor, self.real = extractor, real.to("cpu")
             how = "cache hit" if info.hit else f"computed ({info.reason})"
@@ -114,11 +112,8 @@ class FIDMonitor(_EveryNSteps):
             )
             fake = compute_image_set_stats(batches, self.extractor, kid=False, distributed=False)
         fid = self.real.frechet_distance(fake.to("cpu"))
-        step, seconds, respacing = (
-            trainer.global_step,
-            round(time.perf_counter() - tic, 2),
-            self.sampler.respacing,
-        )
+        step, respacing = trainer.global_step, self.sampler.respacing
+        seconds = round(time.perf_counter() - tic, 2)
         entry = dict(step=step, fid=fid, num_images=n, respacing=respacing, weights=which, seconds=seconds)
         self.history.append(entry)
         for logger in trainer.loggers:

@@ -149,8 +149,7 @@ class DiffusionModule(pl.LightningModule):
             seed = torch.initial_seed() + 1_000_003 * self.global_rank + 7_919 * self.global_step
             gen = self._generator = torch.Generator(device=x0.device).manual_seed(seed % (2**63 - 1))
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
-        return t, noise
+        return t, torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -185,10 +184,8 @@ class DiffusionModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = dict(self.hparams.optim)  # OptimConfig's fields: AdamW's arguments and warmup_steps
         warmup = int(hp.pop("warmup_steps"))
-        hp["betas"], hp["fused"] = (
-            tuple(hp["betas"]),
-            hp.get("fused") or None,
-        )  # None: torch's foreach default
+        hp["betas"] = tuple(hp["betas"])
+        hp["fused"] = hp.get("fused") or None  # None: torch's foreach default
         optimizer = torch.optim.AdamW(self.model.parameters(), **hp)
         if warmup <= 0:
             return optimizer

@@ -1,9 +1,7 @@
-"""Training as a scheduled job: stop cleanly on pre-emption, plain progress lines in logs.
-
-The process saves and exits 0 leaving the note "saved checkpoint at step S" for
-``scripts/slurm/train.sbatch``, which requeues the job once the tasks have ended; the requeued
-job resumes (``TrainCLI``'s auto-resume). Lightning's own handler (``auto_requeue``) is off: it
-saves inside the signal handler, at any point of a step.
+"""Training as a scheduled job: on pre-emption save, exit 0 and leave the note "saved checkpoint at
+step S" for ``scripts/slurm/train.sbatch`` (it requeues; the job resumes); plain progress lines in
+logs. Lightning's own handler (``auto_requeue``) is off: it saves inside the signal handler, at
+any point of a step.
 """
 
 from __future__ import annotations
@@ -90,8 +88,7 @@ class StepLines(ProgressBar):
 
     def __init__(self, every_seconds: float = 30.0) -> None:
         super().__init__()
-        self.every_seconds = every_seconds
-        self.enabled = True
+        self.every_seconds, self.enabled = every_seconds, True
         self.last_line: float | None = None
 
     def disable(self) -> None:
