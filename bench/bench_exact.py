@@ -3,6 +3,8 @@
     python bench/bench_exact.py                      # ffhq: forward b1, b4; train step b2; convs
     python bench/bench_exact.py --rounds 5 --threads 2
     python bench/bench_exact.py --skip-convs --cases forward1 train2
+    python bench/bench_exact.py --skip-convs --rounds 1 --repeats 1 --variants exact \
+        --cases forward1 forward2 forward4 forward8 train1 train2 train4 train8   # faults per call
 
 Baseline (issue 17): the same network with glibc's default allocator and every fast path off,
 which runs at the official guided-diffusion code's speed. Each measurement runs in a **fresh
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -52,7 +55,7 @@ import common  # noqa: E402
 from ilvr_toolkit.diffusion import DiffusionConfig, create_diffusion  # noqa: E402
 from ilvr_toolkit.models import build_unet, get_preset  # noqa: E402
 
-CASES = {"forward1": ("forward", 1), "forward4": ("forward", 4), "train2": ("train", 2)}
+CASES = ["forward1", "forward4", "train2"]  # default; any forwardN / trainN is accepted
 VARIANTS = {"forward": ["baseline", "exact", "bf16"], "train": ["baseline", "exact", "fused", "bf16"]}
 
 
@@ -103,9 +106,17 @@ def train_fn(net: torch.nn.Module, batch: int, size: int, fused: bool, bf16: boo
     return call
 
 
+def parse_case(case: str) -> tuple[str, int]:
+    """``"train8"`` -> ``("train", 8)``."""
+    match = re.fullmatch(r"(forward|train)([1-9][0-9]*)", case)
+    if not match:
+        raise argparse.ArgumentTypeError(f"case {case!r}: expected forwardN or trainN, e.g. forward8")
+    return match[1], int(match[2])
+
+
 def child(args: argparse.Namespace) -> None:
     """One variant of one case in this (fresh) process; prints a JSON line."""
-    kind, batch = CASES[args.case]
+    kind, batch = parse_case(args.case)
     if args.variant != "baseline":
         from ilvr_toolkit.runtime import tune_process
 
@@ -146,7 +157,7 @@ def run_variant(args: argparse.Namespace, case: str, variant: str) -> dict:
 def measure_cases(args: argparse.Namespace) -> list[dict]:
     rows = []
     for case in args.cases:
-        variants = VARIANTS[CASES[case][0]]
+        variants = [v for v in VARIANTS[parse_case(case)[0]] if v in args.variants]
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):
             for variant in variants if r % 2 == 0 else reversed(variants):
@@ -156,7 +167,7 @@ def measure_cases(args: argparse.Namespace) -> list[dict]:
             faults = [f for run in runs[v] for f in run["faults"]]
             rows.append({
                 "case": case, "variant": v, "s/call": medians[v],
-                "ratio": medians["baseline"] / medians[v], "faults/call": statistics.median(faults),
+                "ratio": medians["baseline"] / medians[v] if "baseline" in medians else None, "faults/call": statistics.median(faults),
                 "first value": runs[v][0]["first"],
             })  # fmt: skip
     return rows
@@ -222,7 +233,8 @@ def measure_convs(args: argparse.Namespace) -> list[dict]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="ffhq")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=CASES, help="forwardN / trainN (N = batch size)")
+    parser.add_argument("--variants", nargs="+", default=sorted({v for vs in VARIANTS.values() for v in vs}))
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds, each variant a fresh process")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per process after one warm-up")
     parser.add_argument("--threads", type=int, default=None)
@@ -231,7 +243,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        [parse_case(case) for case in args.cases]
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
