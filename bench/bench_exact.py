@@ -199,20 +199,22 @@ def time_conv(conv: torch.nn.Conv2d, shape: tuple, calls: int, repeats: int) -> 
     """Forward and backward GFLOP/s of ``conv`` on random input (no input gradient for data)."""
     cpu = torch.device("cpu")
     x = torch.randn(shape, requires_grad=shape[1] != 3)
-    out = conv(x)
+    out = conv(x)  # its graph is kept: backward is timed alone
     flops = 2 * out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     grad, wrt = torch.randn_like(out), (x, conv.weight) if x.requires_grad else (conv.weight,)
     with torch.no_grad():
         fwd = common.time_fn(lambda: conv(x), cpu, repeats=repeats).median
-    both = common.time_fn(lambda: torch.autograd.grad(conv(x), wrt, grad), cpu, repeats=repeats).median
+    bwd = common.time_fn(
+        lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True), cpu, repeats=repeats
+    ).median
     name = f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]} @{shape[-1]}"
     return {
         "conv": name,
         "calls": calls,
         "fwd GFLOP/s": flops / fwd / 1e9,
-        "bwd GFLOP/s": len(wrt) * flops / (both - fwd) / 1e9,
+        "bwd GFLOP/s": len(wrt) * flops / bwd / 1e9,
         "work": (1 + len(wrt)) * flops,  # forward + backward FLOPs
-        "seconds": both,
+        "seconds": fwd + bwd,
     }
 
 
@@ -221,7 +223,7 @@ def measure_convs(args: argparse.Namespace) -> list[dict]:
     common.set_cpu_malloc(True)
     net = build(args.preset, args.seed)
     shapes = conv_shapes(net, 2, get_preset(args.preset).image_size)
-    rows = [time_conv(conv, shape, calls, args.repeats) for conv, shape, calls in shapes]
+    rows = [time_conv(conv, shape, calls, max(5, args.repeats)) for conv, shape, calls in shapes]
     best = max(max(r["fwd GFLOP/s"], r["bwd GFLOP/s"]) for r in rows)
     for r in rows:
         r["fwd/best"], r["bwd/best"] = r["fwd GFLOP/s"] / best, r["bwd GFLOP/s"] / best

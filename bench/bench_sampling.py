@@ -259,6 +259,8 @@ def run_case(case: Case, args, device: torch.device, nets: dict) -> dict:
     hook = time_hook(case, diffusion, reference, lowpass, device, args.hook_calls)
     step = time_step(diffusion, net, case, device, size, repeats=2)
     warmup = args.warmup if args.warmup is not None else (0 if big_on_cpu else 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with LowPassWatch(lowpass) as watch:  # every ILVR loop below is watched
         timings = common.interleave(runs, device, rounds=rounds, warmup=warmup)
     ratios = [i / u for i, u in zip(timings["ilvr"].seconds, timings["uncond"].seconds, strict=True)]
@@ -276,6 +278,7 @@ def run_case(case: Case, args, device: torch.device, nets: dict) -> dict:
         "hook/step %": 100 * hook.median / step.median,
         "lowpass static": "ok" if checks["lowpass"]["ok"] else "FAIL",
         "no syncs": {None: "-", True: "ok", False: "FAIL"}[checks.get("sync", {}).get("ok")],
+        "peak GiB": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "timings": {k: v.to_dict() for k, v in timings.items()},
         "ratios": ratios,
         "hook": hook.to_dict(),

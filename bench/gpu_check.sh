@@ -16,9 +16,9 @@
 #   env        versions, missing packages, copy / matmul ceilings of this card
 #   fixture    ILVR fixture replay (official mode) in fp32, fp32+TF32, bf16, fp16 (+ native GroupNorm) vs the fixture
 #   sync       no host-device syncs in DDPM/DDIM ILVR loops and the ffhq forward; CUDA graph
-#   sampling   bench_sampling.py: ffhq 256 bf16 DDPM 100 (goal >= 10 img/s) / DDIM 25 / 50, ILVR overhead
+#   sampling   bench_sampling.py: ffhq 256 bf16 DDPM 100 at batch 16/32/64 (goal >= 10 img/s), DDIM 25; peak memory
 #   unet       bench_unet.py: ffhq forward, batch 1..64, fp32/bf16, channels_last on/off
-#   train      bench_train.py, channels_last off/on (goal >= 300 img/s)
+#   train      bench_train.py, ffhq batch 8/16/32, channels_last off/on (goal >= 300 img/s), peak memory
 #   compile    torch.compile vs eager: tiny32 fp32 and ffhq bf16 (error bound + speed)
 #   ddp        Lightning DDP on 1 GPU with the training module (bf16-mixed)
 #   proposal   bench/proposals.py: GroupNorm proposals (epilogue fold, native bf16 GN), bf16 batch 32
@@ -91,12 +91,12 @@ G="$PY bench/gpu_checks.py"
 step env 60 $G env
 step fixture 60 $G fixture
 step sync 90 $G sync
-step sampling 150 "$PY" bench/bench_sampling.py --device "$DEV" --precision bf16 --channels-last on \
-  --cases ffhq:100:64 ffhq:ddim25:32 ffhq:ddim50:32 --repeats 2 --out-dir "$WORK/results" --tag _gpu
+step sampling 170 "$PY" bench/bench_sampling.py --device "$DEV" --precision bf16 --channels-last on \
+  --cases ffhq:100:16 ffhq:100:32 ffhq:100:64 ffhq:ddim25:32 --repeats 2 --out-dir "$WORK/results" --tag _gpu
 step unet 100 "$PY" bench/bench_unet.py --device "$DEV" --batch-sizes 1 16 32 64 --precisions bf16 fp32 \
   --channels-last both --compile off --repeats 5 --out-dir "$WORK/results" --tag _gpu
-step train 100 $G other bench_train.py --timeout 95 -- --device "$DEV" --configs ffhq tiny \
-  --batch-sizes ffhq=32 tiny=256 --precision bf16-mixed --channels-last both --steps 15 --out-dir "$WORK/results" --tag _gpu
+step train 150 $G other bench_train.py --timeout 145 -- --device "$DEV" --configs ffhq tiny \
+  --batch-sizes ffhq=8,16,32 tiny=256 --precision bf16-mixed --channels-last both --steps 15 --out-dir "$WORK/results" --tag _gpu
 step compile 180 $G compile --batch 32
 step ddp 90 $G ddp-lightning --work "$WORK/ddp" --steps 40 --batch 64
 step proposal 60 "$PY" bench/proposals.py --device "$DEV" --batch 32 --precision bf16 --repeats 10 \

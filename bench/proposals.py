@@ -14,6 +14,7 @@ the GroupNorm affine (for one sample ``GN(h; w, b) * (1 + s) + t == GN(h; w * (1
 b * (1 + s) + t)`` exactly; for B > 1 the same with h viewed as one sample of B*C channels
 and B*G groups when h is NCHW-contiguous, else GN + one ``addcmul``), then SiLU in place
 on that fresh tensor when no gradient is recorded (inference only). Same for ``in_layers``.
+(The in-place half is in the model now, bitwise: ``GroupNorm32.act``; the fold is not.)
 
 ``native-gn`` (applied: ``UNetConfig.native_groupnorm``, sample.py ``--native_groupnorm``):
 under bf16/fp16 autocast the stock GroupNorm32 casts its input to float32 and its output

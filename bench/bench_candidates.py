@@ -1,0 +1,164 @@
+"""Fast-path candidates written in PyTorch ops, timed against what the UNet runs today.
+
+    python bench/bench_candidates.py --threads 2
+    python bench/bench_candidates.py --threads 1 --rounds 7 --only winograd
+
+Neither is in the library: each is kept here with its measurement so the decision can be
+re-checked on another host (docs/benchmarks.md has the figures and the reasoning).
+
+``winograd``: F(2x2, 3x3) (Lavin & Gray 2016) for the 3x3 stride-1 convolutions: weights
+``U = G g G^T`` (16 per filter pair), input tiles ``V = B^T d B`` (4x4, stride 2), 16 batched
+GEMMs ``M = U V`` (2.25x fewer multiplications), output ``A^T M A``. Timed against
+``nn.Conv2d`` (oneDNN's direct convolution) on the ffhq UNet's 3x3 shapes, forward, batch 1.
+
+``gn-silu``: GroupNorm -> scale-shift -> SiLU as one ``autograd.Function``: the statistics and
+both affines fold into one per-(sample, channel) multiply-add applied in place on the
+normalised tensor, SiLU in place; backward recomputes the pre-activation from ``x`` and uses
+aten's GroupNorm backward. Timed against the stock ops (forward with autograd, and forward +
+backward) on the ffhq shapes at batch 2. (Without autograd the UNet already applies the
+scale-shift and SiLU in place: ``GroupNorm32.act``, bitwise the stock path.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+aten = torch.ops.aten
+B_T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+G = [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]
+
+
+def _rows(d: torch.Tensor, dim: int) -> torch.Tensor:
+    """B^T applied along ``dim`` (size 4) of d: the four sums and differences, stacked."""
+    d0, d1, d2, d3 = d.unbind(dim)
+    return torch.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3], dim)
+
+
+def winograd_conv3x3(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F(2x2, 3x3) convolution, padding 1: x (N, C, H, W) with even H, W; w (O, C, 3, 3) -> (N, O, H, W)."""
+    n, c, h, wd = x.shape
+    o = w.shape[0]
+    g = w.new_tensor(G)
+    u = torch.einsum("ai,ocij,bj->aboc", g, w, g).reshape(16, o, c)
+    tiles = F.pad(x, (1, 1, 1, 1)).unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, H/2, W/2, 4, 4)
+    v = _rows(_rows(tiles.permute(4, 5, 1, 0, 2, 3), 0), 1)  # (4, 4, C, N, H/2, W/2)
+    m = torch.bmm(u, v.reshape(16, c, -1)).view(4, 4, o, n, h // 2, wd // 2)
+    r = torch.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]])  # A^T over rows: (2, 4, O, N, h, w)
+    y = torch.stack([r[:, 0] + r[:, 1] + r[:, 2], r[:, 1] - r[:, 2] - r[:, 3]], 1)  # (2, 2, O, N, h, w)
+    return y.permute(3, 2, 4, 0, 5, 1).reshape(n, o, h, wd) + b.view(1, -1, 1, 1)
+
+
+class GroupNormSiLU(torch.autograd.Function):
+    """y = silu(gamma' * xhat + beta') for x (N, C, L) and per-sample gamma', beta' (N, C)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, groups, eps):  # noqa: ANN001, ANN205
+        n, c, length = x.shape
+        z, mean, rstd = aten.native_group_norm(x, None, None, n, c, length, groups, eps)
+        ctx.save_for_backward(x, mean, rstd, gamma, beta)
+        ctx.groups, ctx.eps = groups, eps
+        return F.silu(z.mul_(gamma[..., None]).add_(beta[..., None]), inplace=True)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        x, mean, rstd, gamma, beta = ctx.saved_tensors
+        n, c, length = x.shape
+        xhat = aten.native_group_norm(x, None, None, n, c, length, ctx.groups, ctx.eps)[0]
+        dz = aten.silu_backward(dy, torch.addcmul(beta[..., None], xhat, gamma[..., None]))
+        dgamma, dbeta = torch.einsum("ncl,ncl->nc", dz, xhat), dz.sum(-1)
+        dz.mul_(gamma[..., None])  # the gradient of xhat; aten's backward with no weight
+        mask = [True, False, False]
+        dx = aten.native_group_norm_backward(dz, x, mean, rstd, None, n, c, length, ctx.groups, mask)[0]
+        return dx, dgamma, dbeta, None, None
+
+
+def gn_silu_fused(x, weight, bias, scale, shift):  # noqa: ANN001, ANN201
+    n, c = x.shape[:2]
+    gamma, beta = weight * (1 + scale.view(n, c)), bias * (1 + scale.view(n, c)) + shift.view(n, c)
+    return GroupNormSiLU.apply(x.reshape(n, c, -1), gamma, beta, 32, 1e-5).view(x.shape)
+
+
+def gn_silu_stock(x, weight, bias, scale, shift):  # noqa: ANN001, ANN201
+    return F.silu(F.group_norm(x, 32, weight, bias) * (1 + scale) + shift)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def winograd_row(c_in: int, c_out: int, size: int, rounds: int, cpu: torch.device) -> dict:
+    x, conv = torch.randn(1, c_in, size, size), torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+    fns = {"direct": lambda: conv(x), "winograd": lambda: winograd_conv3x3(x, conv.weight, conv.bias)}
+    with torch.no_grad():
+        err = rel_err(fns["winograd"](), fns["direct"]())
+        t = common.interleave(fns, cpu, rounds=rounds)
+    return {
+        "conv 3x3": f"{c_in}->{c_out} @{size}",
+        "direct ms": 1e3 * t["direct"].median,
+        "winograd ms": 1e3 * t["winograd"].median,
+        "speed-up": t["direct"].median / t["winograd"].median,
+        "rel err": err,
+    }
+
+
+def gn_silu_row(c: int, size: int, rounds: int, cpu: torch.device) -> dict:
+    x = torch.randn(2, c, size, size, requires_grad=True)
+    params = [torch.randn(c, requires_grad=True) for _ in "wb"]
+    params += [torch.randn(2, c, 1, 1, requires_grad=True) for _ in "st"]
+    inputs, grad = (x, *params), torch.randn(2, c, size, size)
+    variants = {"stock": gn_silu_stock, "fused": gn_silu_fused}
+    outs = {
+        k: (f(*inputs).detach(), *torch.autograd.grad(f(*inputs), inputs, grad)) for k, f in variants.items()
+    }
+    row: dict = {
+        "shape": f"2x{c}x{size}x{size}",
+        "rel err (out, grads)": max(rel_err(a, b) for a, b in zip(outs["fused"], outs["stock"], strict=True)),
+    }
+    forward = {k: (lambda f=f: f(*inputs)) for k, f in variants.items()}
+    both = {k: (lambda f=f: torch.autograd.grad(f(*inputs), inputs, grad)) for k, f in variants.items()}
+    for what, fns in [("forward", forward), ("fwd+bwd", both)]:
+        t = common.interleave(fns, cpu, rounds=rounds)
+        row[f"{what} stock ms"], row[f"{what} fused ms"] = 1e3 * t["stock"].median, 1e3 * t["fused"].median
+        row[f"{what} speed-up"] = t["stock"].median / t["fused"].median
+    return row
+
+
+WINOGRAD_SHAPES = [(128, 128, 256), (256, 128, 128), (256, 256, 64), (512, 512, 16), (512, 512, 8)]
+GN_SHAPES = [(128, 256), (256, 64), (512, 16)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", choices=["winograd", "gn-silu"], default=None)
+    args = parser.parse_args(argv)
+    common.add_repo_to_path()
+    from ilvr_toolkit.runtime import tune_process
+
+    tune_process(args.threads)
+    cpu, out = torch.device("cpu"), {"env": common.environment()}
+    if args.only in (None, "winograd"):
+        out["winograd"] = [winograd_row(*shape, args.rounds, cpu) for shape in WINOGRAD_SHAPES]
+        common.print_table(
+            out["winograd"], title="Winograd F(2x2,3x3) in PyTorch ops vs nn.Conv2d (forward, batch 1)"
+        )
+    if args.only in (None, "gn-silu"):
+        out["gn_silu"] = [gn_silu_row(*shape, args.rounds, cpu) for shape in GN_SHAPES]
+        common.print_table(
+            out["gn_silu"], title="GroupNorm+scale-shift+SiLU as one autograd.Function vs stock ops"
+        )
+    common.write_json("candidates", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
