@@ -22,7 +22,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallop
 # the dynamic default; it is set to what the dynamic rule converges to once blocks of up to
 # 32 MiB have been freed (mmap threshold 32 MiB, trim threshold twice that).
 _GLIBC_UNTUNED = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20, _M_MMAP_MAX: 65536}
-_GLIBC_TUNED = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**30 - 1}
+_GLIBC_TUNED = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: -1}  # -1: never trim (1 GiB still faulted at batch 8)
 _MALLOC = {"tuned": False}  # what set_cpu_malloc last set in this process
 
 
@@ -34,9 +34,9 @@ def set_cpu_malloc(tuned: bool) -> bool:
     each large activation (a 128 x 256 x 256 fp32 map is 32 MiB) is page-faulted in and
     zeroed by the kernel again on every forward: measured 4.4e5-5.4e5 minor faults and
     ~0.7 s of system time per ffhq forward at batch 1 (``bench/bench_unet.py``).
-    ``tuned=True`` sets ``M_MMAP_MAX=0`` (serve large blocks from the heap) and a huge
-    ``M_TRIM_THRESHOLD`` (never shrink it), the runtime equivalent of ``MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=<big>``; the price is that the process keeps its peak heap
+    ``tuned=True`` sets ``M_MMAP_MAX=0`` (serve large blocks from the heap) and
+    ``M_TRIM_THRESHOLD=-1`` (never shrink it), the runtime equivalent of ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=<larger than the peak>``; the price is that the process keeps its peak heap
     until it exits. ``tuned=False`` sets glibc's converged defaults back (see
     ``_GLIBC_UNTUNED``; only a fresh process has the truly dynamic ones) and trims the heap.
 
@@ -96,7 +96,7 @@ def tune_process(threads: int | None = None, cpu_malloc: bool = True) -> str:
         else "torch"
     )
     tuned = cpu_malloc and set_cpu_malloc(True)
-    malloc = "keeps freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB)" if tuned else "glibc default"
+    malloc = "keeps freed memory (M_MMAP_MAX=0, no trimming)" if tuned else "glibc default"
     line = f"process tuning: {count} torch threads ({source}); malloc: {malloc}"
     logging.getLogger("ilvr_toolkit").info(line)
     return line
