@@ -137,12 +137,17 @@ def test_inplace_norm_act_without_autograd_is_bitwise_the_stock_path(scale_shift
     config = get_preset("tiny32").replace(use_scale_shift_norm=scale_shift, resblock_updown=updown)
     model = common.randomize_parameters_(build_unet(config), seed=1).eval()
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
-    for precision, fmt in [(p, f) for p in ("fp32", "bf16") for f in (torch.contiguous_format, torch.channels_last)]:
+    for precision, fmt in [
+        (p, f) for p in ("fp32", "bf16") for f in (torch.contiguous_format, torch.channels_last)
+    ]:
         model.to(memory_format=fmt)
         outs = []
         for grad in (False, True):
             model.requires_grad_(grad)
-            with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"), torch.set_grad_enabled(grad):
+            with (
+                torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"),
+                torch.set_grad_enabled(grad),
+            ):
                 outs.append(model(x.contiguous(memory_format=fmt), t).detach())
         assert outs[0].abs().max() > 0.1 and torch.equal(outs[0], outs[1]), (precision, fmt)
 
