@@ -129,27 +129,50 @@ def test_channels_last_forward(random_model_and_input):
     assert rel_err(out, ref) <= CHANNELS_LAST_REL
 
 
-@pytest.mark.parametrize("scale_shift, updown", [(True, True), (False, False)])
+def _forward_pair(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, precision: str, grad: bool):
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"), torch.set_grad_enabled(grad):
+        torch.manual_seed(3)  # the same dropout masks on both sides
+        return model(x, t).detach()
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+@pytest.mark.parametrize("updown", [True, False])
 def test_inplace_norm_act_without_autograd_is_bitwise_the_stock_path(scale_shift, updown):
     """Without autograd GroupNorm32.act writes the affine and SiLU into the norm's output; with
     autograd (parameters requiring grad) the stock out-of-place ops run: the same numbers, in
-    fp32 and bf16 autocast, NCHW and channels_last, with and without scale-shift norm."""
-    config = get_preset("tiny32").replace(use_scale_shift_norm=scale_shift, resblock_updown=updown)
-    model = common.randomize_parameters_(build_unet(config), seed=1).eval()
+    fp32 and bf16 autocast, NCHW and channels_last, with dropout in train mode; and a frozen body
+    whose embedding layers train (scale/shift require grad) gets their gradients unchanged."""
+    config = get_preset("tiny32").replace(
+        use_scale_shift_norm=scale_shift, resblock_updown=updown, dropout=0.1
+    )
+    model = common.randomize_parameters_(build_unet(config), seed=1)
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
-    for precision, fmt in [
-        (p, f) for p in ("fp32", "bf16") for f in (torch.contiguous_format, torch.channels_last)
-    ]:
-        model.to(memory_format=fmt)
-        outs = []
-        for grad in (False, True):
-            model.requires_grad_(grad)
-            with (
-                torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"),
-                torch.set_grad_enabled(grad),
-            ):
-                outs.append(model(x.contiguous(memory_format=fmt), t).detach())
-        assert outs[0].abs().max() > 0.1 and torch.equal(outs[0], outs[1]), (precision, fmt)
+    cases = [
+        (p, f, m)
+        for p in ("fp32", "bf16")
+        for f in (torch.contiguous_format, torch.channels_last)
+        for m in "et"
+    ]
+    for precision, fmt, mode in cases:
+        model.to(memory_format=fmt).train(mode == "t")
+        xf = x.contiguous(memory_format=fmt)
+        model.requires_grad_(False)
+        inplace = _forward_pair(model, xf, t, precision, grad=False)
+        model.requires_grad_(True)
+        assert inplace.abs().max() > 0.1 and torch.equal(
+            inplace, _forward_pair(model, xf, t, precision, True)
+        )
+    model.eval()
+    embs = [b.emb_layers for b in model.modules() if isinstance(b, unet_module.ResBlock)]
+    grads = []
+    for frozen_body in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(not frozen_body)
+        for emb in embs:
+            emb.requires_grad_(True)  # frozen body: the norm output needs no grad, scale/shift do
+        model(x, t).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for emb in embs for p in emb.parameters()]))
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_channels_last_fixture_replay(tiny32, ref_record):

@@ -78,9 +78,11 @@ class GroupNorm32(nn.GroupNorm):
     ) -> torch.Tensor:
         """``silu(self(x) * (1 + scale) + shift)`` (scale/shift (B, C, 1, 1) or None), (B, C, *).
         Without autograd the affine and SiLU write into the norm's output (the same roundings:
-        bitwise equal; no allocation, 2 of the 4 memory passes saved, docs/benchmarks.md)."""
+        bitwise equal; no allocation, 2 of the 4 memory passes saved, docs/benchmarks.md).
+        ResBlock and the ``out`` head call this for norm + SiLU: their ``nn.SiLU`` entries stay
+        for guided-diffusion's module layout but are not called (a hook on them never fires)."""
         h = self(x)
-        if h.requires_grad:
+        if any(v is not None and v.requires_grad for v in (h, scale, shift)):
             return F.silu(h if scale is None else h * (1 + scale) + shift)
         if scale is not None:
             h.mul_(1 + scale).add_(shift)

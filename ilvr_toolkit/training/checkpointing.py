@@ -49,7 +49,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, weights_only=True)
         return load_state_dict_file(path, map_location or "cpu")
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or "://" in os.fspath(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         return atomic_torch_save(checkpoint, path)

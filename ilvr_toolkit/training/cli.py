@@ -9,7 +9,7 @@ What it adds to Lightning's CLI (the run directory layout is in docs/training.md
 directory ``RUN`` = ``trainer.default_root_dir`` (no ``version_N``); resume from the newest of
 ``last.ckpt`` and ``hpc_ckpt_*.ckpt``; always-on callbacks (``--ema.*``, ``--checkpoint.*``,
 ``--samples.*``, ``--ilvr_preview.*``, ``--fid.*``), pre-emption and plain log lines. The
-dataset's ``data.image_size`` is the UNet's, so a wrong one is refused before training.
+dataset's ``data.image_size`` is the UNet's, so a dataset without that size is refused before training.
 """
 
 from __future__ import annotations
@@ -81,7 +81,11 @@ class TrainCLI(LightningCLI):
     """LightningCLI over :class:`DiffusionModule` and :class:`ImageDataModule` (see module doc)."""
 
     def __init__(
-        self, args: Any = None, run: bool = True, trainer_defaults: dict | None = None, **kwargs: Any
+        self,
+        args: Any = None,
+        run: bool = True,
+        trainer_defaults: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
         monitors = [LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=_batch_size, window_size=20)]
