@@ -80,7 +80,8 @@ class GroupNorm32(nn.GroupNorm):
         Without autograd the affine and SiLU write into the norm's output (the same roundings:
         bitwise equal; no allocation, 2 of the 4 memory passes saved, docs/benchmarks.md).
         ResBlock and the ``out`` head call this for norm + SiLU: their ``nn.SiLU`` entries stay
-        for guided-diffusion's module layout but are not called (a hook on them never fires)."""
+        for guided-diffusion's module layout but are not called (a hook on them never fires,
+        and an output a hook on the norm keeps is then overwritten when nothing needs grad)."""
         h = self(x)
         if any(v is not None and v.requires_grad for v in (h, scale, shift)):
             return F.silu(h if scale is None else h * (1 + scale) + shift)
