@@ -90,15 +90,11 @@ def gn_silu_stock(x, weight, bias, scale, shift):  # noqa: ANN001, ANN201
     return F.silu(F.group_norm(x, 32, weight, bias) * (1 + scale) + shift)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def winograd_row(c_in: int, c_out: int, size: int, rounds: int, cpu: torch.device) -> dict:
     x, conv = torch.randn(1, c_in, size, size), torch.nn.Conv2d(c_in, c_out, 3, padding=1)
     fns = {"direct": lambda: conv(x), "winograd": lambda: winograd_conv3x3(x, conv.weight, conv.bias)}
     with torch.no_grad():
-        err = rel_err(fns["winograd"](), fns["direct"]())
+        err = common.rel_err(fns["winograd"](), fns["direct"]())
         t = common.interleave(fns, cpu, rounds=rounds)
     return {
         "conv 3x3": f"{c_in}->{c_out} @{size}",
@@ -120,7 +116,9 @@ def gn_silu_row(c: int, size: int, rounds: int, cpu: torch.device) -> dict:
     }
     row: dict = {
         "shape": f"2x{c}x{size}x{size}",
-        "rel err (out, grads)": max(rel_err(a, b) for a, b in zip(outs["fused"], outs["stock"], strict=True)),
+        "rel err (out, grads)": max(
+            common.rel_err(a, b) for a, b in zip(outs["fused"], outs["stock"], strict=True)
+        ),
     }
     forward = {k: (lambda f=f: f(*inputs)) for k, f in variants.items()}
     both = {k: (lambda f=f: torch.autograd.grad(f(*inputs), inputs, grad)) for k, f in variants.items()}

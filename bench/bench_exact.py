@@ -76,8 +76,8 @@ def forward_fn(net: torch.nn.Module, batch: int, size: int, bf16: bool = False):
     return call
 
 
-def autocast(bf16: bool) -> torch.autocast:
-    return torch.autocast("cpu", torch.bfloat16, enabled=bf16)
+def autocast(bf16: bool):  # noqa: ANN201
+    return common.autocast(torch.device("cpu"), "bf16" if bf16 else "fp32")
 
 
 def train_fn(net: torch.nn.Module, batch: int, size: int, fused: bool, bf16: bool = False):

@@ -56,11 +56,7 @@ def record(name: str, status: str, detail: str = "", **numbers) -> dict:
     return entry
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+rel_err = common.rel_err
 
 
 def _cuda() -> torch.device:
