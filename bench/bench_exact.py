@@ -17,6 +17,9 @@ of the machine hits every variant alike. Variants:
   glibc malloc keeps freed memory), the same kernels, bitwise the same numbers;
 - ``fused`` (training only): ``exact`` + ``model.optim.fused: true`` (AdamW's fused kernel;
   error bound in tests/test_fast_paths.py);
+- ``winograd``: ``exact`` + ``--winograd true`` (Winograd F(4x4, 3x3) for the float32 3x3
+  convolutions, ``ilvr_toolkit.models.winograd``; error bound in tests/test_winograd.py);
+  training also with the fused AdamW;
 - ``bf16``, the opt-in fast path (error bounds in tests/test_fast_paths.py): forward as
   ``sample.py --precision bf16 --channels_last true --native_groupnorm true``; training as
   ``train.py --trainer.precision bf16-mixed --model.channels_last true --model.optim.fused true``
@@ -56,7 +59,10 @@ from ilvr_toolkit.diffusion import DiffusionConfig, create_diffusion  # noqa: E4
 from ilvr_toolkit.models import build_unet, get_preset  # noqa: E402
 
 CASES = ["forward1", "forward4", "train2"]  # default; any forwardN / trainN is accepted
-VARIANTS = {"forward": ["baseline", "exact", "bf16"], "train": ["baseline", "exact", "fused", "bf16"]}
+VARIANTS = {
+    "forward": ["baseline", "exact", "winograd", "bf16"],
+    "train": ["baseline", "exact", "fused", "winograd", "bf16"],
+}
 
 
 def build(preset: str, seed: int) -> torch.nn.Module:
@@ -129,10 +135,11 @@ def child(args: argparse.Namespace) -> None:
     bf16 = args.variant == "bf16"
     if bf16:
         net.to(memory_format=torch.channels_last).set_native_groupnorm(kind == "forward")
+    net.set_winograd(args.variant == "winograd")
     fn = (
         forward_fn(net, batch, size, bf16)
         if kind == "forward"
-        else train_fn(net, batch, size, args.variant in ("fused", "bf16"), bf16)
+        else train_fn(net, batch, size, args.variant in ("fused", "winograd", "bf16"), bf16)
     )
     first = fn()  # warm-up (allocator, oneDNN primitives); its value is the first-step loss
     seconds, faults = [], []

@@ -1,7 +1,7 @@
 """Architecture settings of the ADM UNet (guided-diffusion's names) and named presets, so a checkpoint
 that stores its config (ours) or a preset name (the official plain state dicts) loads without
 re-typing flags. *Runtime* settings (``dropout``, ``use_checkpoint``, ``attention_backend``,
-``native_groupnorm``) never change the weights (:meth:`UNetConfig.architecture` leaves them out)."""
+``native_groupnorm``, ``winograd``) never change the weights (:meth:`UNetConfig.architecture` leaves them out)."""
 
 import os
 from collections.abc import Mapping
@@ -50,6 +50,7 @@ class UNetConfig:
     use_checkpoint: bool = field(default=False, metadata=_RUNTIME)
     attention_backend: str = field(default="sdpa", metadata=_RUNTIME)
     native_groupnorm: bool = field(default=False, metadata=_RUNTIME)
+    winograd: bool = field(default=False, metadata=_RUNTIME)
 
     def __post_init__(self) -> None:
         mult = parse_numbers(self.channel_mult, "channel_mult") or DEFAULT_CHANNEL_MULT.get(self.image_size)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import winograd
 from .config import ATTENTION_BACKENDS, UNetConfig, get_preset
+from .winograd import Conv3x3
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -116,7 +118,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
 def _upsample(channels: int) -> nn.Sequential:
     """Nearest 2x upsampling, then a 3x3 conv (key ``conv``). (B, C, H, W) -> (B, C, 2H, 2W)."""
-    conv = nn.Conv2d(channels, channels, 3, padding=1)
+    conv = Conv3x3(channels, channels)
     return nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2), conv=conv))
 
 
@@ -139,9 +141,7 @@ class ResBlock(_Checkpointed):
     ):
         super().__init__()
         self.use_scale_shift_norm, self.use_checkpoint = config.use_scale_shift_norm, config.use_checkpoint
-        self.in_layers = nn.Sequential(
-            _norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
-        )
+        self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), Conv3x3(channels, out_channels))
         self.updown = up or down
         # parameter-free resamplers (nearest 2x up, 2x2 average pool down), shared by h and x
         resample = nn.Upsample(scale_factor=2) if up else nn.AvgPool2d(2) if down else nn.Identity()
@@ -152,7 +152,7 @@ class ResBlock(_Checkpointed):
             _norm(out_channels),
             nn.SiLU(),
             nn.Dropout(p=config.dropout),
-            _zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            _zero_module(Conv3x3(out_channels, out_channels)),
         )
         same = out_channels == channels
         self.skip_connection = nn.Identity() if same else nn.Conv2d(channels, out_channels, 1)
@@ -245,9 +245,7 @@ class UNetModel(nn.Module):
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, emb_dim)
         ch = int(c.channel_mult[0] * c.num_channels)
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))]
-        )
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv3x3(c.in_channels, ch))])
         skip_chans, ds = [ch], 1  # channels of every skip connection, downsample rate
         for level, mult in enumerate(c.channel_mult):  # the down path
             for _ in range(c.num_res_blocks):
@@ -279,10 +277,9 @@ class UNetModel(nn.Module):
                     layers.append(ResBlock(ch, ch, c, up=True) if c.resblock_updown else _upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(
-            _norm(ch), nn.SiLU(), _zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1))
-        )
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero_module(Conv3x3(ch, c.out_channels)))
         self.set_native_groupnorm(c.native_groupnorm)
+        self.set_winograd(c.winograd)
 
     # -- runtime settings
     def set_attention_backend(self, backend: str) -> None:
@@ -298,6 +295,16 @@ class UNetModel(nn.Module):
             if isinstance(module, GroupNorm32):
                 module.native = bool(native)
         self.config = self.config.replace(native_groupnorm=bool(native))
+
+    def set_winograd(self, enabled: bool) -> None:
+        """Winograd F(4x4, 3x3) for the float32 CPU 3x3 convolutions that qualify (True; builds the
+        kernel now, OSError if it cannot) or the stock kernels only (False). See :mod:`.winograd`."""
+        if enabled:
+            winograd.kernel()
+        for module in self.modules():
+            if isinstance(module, Conv3x3):
+                module.winograd = bool(enabled)
+        self.config = self.config.replace(winograd=bool(enabled))
 
     # -- forward
     def forward(
