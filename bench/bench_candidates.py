@@ -3,8 +3,10 @@
     python bench/bench_candidates.py --threads 2
     python bench/bench_candidates.py --threads 1 --rounds 7 --only winograd
 
-Neither is in the library: each is kept here with its measurement so the decision can be
-re-checked on another host (docs/benchmarks.md has the figures and the reasoning).
+Neither is in the library as written here: each is kept with its measurement so the decision
+can be re-checked on another host (docs/benchmarks.md has the figures and the reasoning). The
+Winograd idea is in the library as a native kernel that keeps the transformed tiles in cache
+(``ilvr_toolkit.models.winograd``, F(4x4, 3x3); ``--only winograd-native`` times it here).
 
 ``winograd``: F(2x2, 3x3) (Lavin & Gray 2016) for the 3x3 stride-1 convolutions: weights
 ``U = G g G^T`` (16 per filter pair), input tiles ``V = B^T d B`` (4x4, stride 2), 16 batched
@@ -129,7 +131,40 @@ def gn_silu_row(c: int, size: int, rounds: int, cpu: torch.device) -> dict:
     return row
 
 
+def winograd_native_row(c_in: int, c_out: int, size: int, rounds: int, cpu: torch.device) -> dict:
+    """The library's kernel (``Conv3x3`` with ``winograd`` on) vs off, batch 2: forward under
+    ``no_grad`` and forward + backward (input and filter gradients), errors against float64."""
+    from ilvr_toolkit.models.winograd import Conv3x3
+
+    convs = {k: Conv3x3(c_in, c_out) for k in ("direct", "winograd")}
+    convs["winograd"].load_state_dict(convs["direct"].state_dict())
+    convs["winograd"].winograd = True
+    x, grad = torch.randn(2, c_in, size, size, requires_grad=True), torch.randn(2, c_out, size, size)
+    ref = torch.nn.functional.conv2d(x.double(), convs["direct"].weight.double(), padding=1)
+    ref = ref + convs["direct"].bias.double().view(-1, 1, 1)
+    wino = convs["winograd"]
+    grads = torch.autograd.grad(wino(x), (x, wino.weight), grad)
+    ref_grads = torch.autograd.grad(ref, (x, convs["direct"].weight), grad.double())
+    with torch.no_grad():
+        forward = common.interleave({k: (lambda c=c: c(x)) for k, c in convs.items()}, cpu, rounds=rounds)
+        err = common.rel_err(wino(x).double(), ref)
+    both = {k: (lambda c=c: torch.autograd.grad(c(x), (x, c.weight), grad)) for k, c in convs.items()}
+    both = common.interleave(both, cpu, rounds=rounds)
+    return {
+        "conv 3x3 (batch 2)": f"{c_in}->{c_out} @{size}",
+        "fwd direct ms": 1e3 * forward["direct"].median,
+        "fwd winograd ms": 1e3 * forward["winograd"].median,
+        "fwd speed-up": forward["direct"].median / forward["winograd"].median,
+        "fwd+bwd speed-up": both["direct"].median / both["winograd"].median,
+        "rel err out": err,
+        "rel err grads": max(common.rel_err(a.double(), b) for a, b in zip(grads, ref_grads, strict=True)),
+    }
+
+
 WINOGRAD_SHAPES = [(128, 128, 256), (256, 128, 128), (256, 256, 64), (512, 512, 16), (512, 512, 8)]
+# the ffhq UNet's 3x3 convolutions by FLOPs (in, out, size): 80% of a forward's
+NATIVE_SHAPES = [(128, 128, 256), (256, 128, 256), (256, 256, 128), (128, 128, 128), (256, 256, 64)]
+NATIVE_SHAPES += [(384, 128, 128), (512, 512, 32), (256, 256, 32), (512, 512, 16)]
 GN_SHAPES = [(128, 256), (256, 64), (512, 16)]
 
 
@@ -137,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", choices=["winograd", "gn-silu"], default=None)
+    parser.add_argument("--only", choices=["winograd", "winograd-native", "gn-silu"], default=None)
     args = parser.parse_args(argv)
     common.add_repo_to_path()
     from ilvr_toolkit.runtime import tune_process
@@ -149,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         common.print_table(
             out["winograd"], title="Winograd F(2x2,3x3) in PyTorch ops vs nn.Conv2d (forward, batch 1)"
         )
+    if args.only in (None, "winograd-native"):
+        rows = [winograd_native_row(*shape, args.rounds, cpu) for shape in NATIVE_SHAPES]
+        out["winograd_native"] = rows
+        common.print_table(out["winograd_native"], title="ilvr_toolkit.models.winograd vs oneDNN (direct)")
     if args.only in (None, "gn-silu"):
         out["gn_silu"] = [gn_silu_row(*shape, args.rounds, cpu) for shape in GN_SHAPES]
         common.print_table(

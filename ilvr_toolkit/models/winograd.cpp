@@ -46,6 +46,21 @@ inline void at4(const float* m, int64_t ms, float* o, int64_t os, int64_t len) {
   }
 }
 
+// A over four rows v (stride vs) -> six rows r (stride rs): the transpose of at4.
+inline void a6(const float* v, int64_t vs, float* r, int64_t rs, int64_t len) {
+  const float *v0 = v, *v1 = v + vs, *v2 = v + 2 * vs, *v3 = v + 3 * vs;
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    const float s02 = v0[k] + v2[k], s13 = v1[k] + v3[k], e = v0[k] + 4.f * v2[k], f = 2.f * v1[k] + 8.f * v3[k];
+    r[k] = v0[k];
+    r[rs + k] = s02 + s13;
+    r[2 * rs + k] = s02 - s13;
+    r[3 * rs + k] = e + f;
+    r[4 * rs + k] = e - f;
+    r[5 * rs + k] = v3[k];
+  }
+}
+
 // Tile rows [r0, r1) (row r = n * th + ty) of x -> V (36, C, Tb), column (r - r0) * tw + tx.
 void input_band(const float* X, const Geometry& g, int64_t r0, int64_t r1, float* V, int64_t Tb) {
   const int64_t Wp = g.W + 2, Q = g.tw + 1, tw = g.tw;
@@ -98,6 +113,25 @@ void output_band(const float* M, const float* bias, const Geometry& g, int64_t r
   });
 }
 
+// Tile rows [r0, r1) of the output gradient gy (N, O, H, W) -> A gy A^T as Mg (36, O, Tb).
+void grad_band(const float* Gy, const Geometry& g, int64_t r0, int64_t r1, float* Mg, int64_t Tb) {
+  const int64_t tw = g.tw;
+  at::parallel_for(0, g.O, 1, [&](int64_t o0, int64_t o1) {
+    std::vector<float> cols(6 * g.W), phase(4 * tw), v(6 * tw);  // cols: A down each column
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / g.th, ty = r % g.th;
+        a6(Gy + ((n * g.O + o) * g.H + 4 * ty) * g.W, g.W, cols.data(), g.W, g.W);
+        for (int64_t i = 0; i < 6; ++i) {
+          for (int64_t x = 0; x < g.W; ++x) phase[(x % 4) * tw + x / 4] = cols[i * g.W + x];
+          a6(phase.data(), tw, v.data(), tw, tw);
+          for (int64_t j = 0; j < 6; ++j)
+            std::copy_n(v.data() + j * tw, tw, Mg + ((i * 6 + j) * g.O + o) * Tb + (r - r0) * tw);
+        }
+      }
+  });
+}
+
 }  // namespace
 
 // x (N, C, H, W) float32 with H, W multiples of 4; U (36, O, C); bias (O) or empty;
@@ -126,4 +160,31 @@ torch::Tensor conv3x3(torch::Tensor x, torch::Tensor U, torch::Tensor bias, int6
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("conv3x3", &conv3x3, "Winograd F(4x4, 3x3) convolution"); }
+// Filter gradient in the Winograd domain: x (N, C, H, W), gy (N, O, H, W) ->
+// dU (36, O, C) = sum over tiles of (A gy A^T) (B^T d B)^T; dL/dg = G^T dU G (in Python).
+torch::Tensor conv3x3_grad_u(torch::Tensor x, torch::Tensor gy, int64_t band_tiles) {
+  TORCH_CHECK(x.dim() == 4 && gy.dim() == 4 && x.size(0) == gy.size(0) && x.size(2) == gy.size(2) &&
+                  x.size(3) == gy.size(3) && x.size(2) % 4 == 0 && x.size(3) % 4 == 0,
+              "x (N, C, H, W) and gy (N, O, H, W), H and W multiples of 4");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && gy.scalar_type() == at::kFloat, "float32 tensors");
+  x = x.contiguous();
+  gy = gy.contiguous();
+  const Geometry g{x.size(0), x.size(1), gy.size(1), x.size(2), x.size(3), x.size(2) / 4, x.size(3) / 4};
+  const int64_t rows = g.N * g.th;
+  const int64_t rb = std::max<int64_t>(1, std::min(rows, band_tiles / g.tw)), Tb = rb * g.tw;
+  auto V = torch::empty({36, g.C, Tb}, x.options());
+  auto Mg = torch::empty({36, g.O, Tb}, x.options());
+  auto dU = torch::zeros({36, g.O, g.C}, x.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += rb) {
+    const int64_t r1 = std::min(rows, r0 + rb), t = (r1 - r0) * g.tw;
+    input_band(x.data_ptr<float>(), g, r0, r1, V.data_ptr<float>(), Tb);
+    grad_band(gy.data_ptr<float>(), g, r0, r1, Mg.data_ptr<float>(), Tb);
+    dU.baddbmm_(Mg.narrow(2, 0, t), V.narrow(2, 0, t).transpose(1, 2));
+  }
+  return dU;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv3x3", &conv3x3, "Winograd F(4x4, 3x3) convolution");
+  m.def("conv3x3_grad_u", &conv3x3_grad_u, "its filter gradient in the Winograd domain");
+}

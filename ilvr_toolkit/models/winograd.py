@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).with_name("winograd.cpp")
 BAND_TILES = 256  # tiles per band: V and M of one band stay in L2/L3 (measured best 128-512)
-MIN_PIXELS = 64 * 64  # N * H * W below this: the filter transform costs more than it saves
+MIN_PIXELS = 32 * 32  # N * H * W below this: the filter transform costs more than it saves
 MIN_CHANNELS = 16  # in and out; the RGB convolutions keep the direct kernel
 
 # G of F(4x4, 3x3) as a Kronecker product: U[(i, j)] = sum_kl G[i, k] G[j, l] g[k, l], (36, 9)
@@ -57,10 +58,12 @@ def kernel():
         from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
+    build = Path(cpp_extension.get_default_build_root()) / name
+    logging.getLogger(__name__).info("Winograd kernel: %s (built on first use, ~30 s)", build)
     flags = ["-O3", "-march=native", "-fopenmp"]
     try:
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
-    except (RuntimeError, OSError, ImportError) as error:
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(
             f"winograd: could not build the C++ kernel {SOURCE} (needs a C++ compiler and ninja; "
@@ -98,7 +101,8 @@ class _WinogradConv(torch.autograd.Function):
             u = transform_filters(weight.flip(2, 3).transpose(0, 1))
             grad_x = kernel().conv3x3(grad.contiguous(), u, grad.new_empty(0), BAND_TILES)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad, padding=1)
+            grad_u = kernel().conv3x3_grad_u(x, grad, BAND_TILES)  # (36, O, C)
+            grad_w = (_GG.T @ grad_u.reshape(36, -1)).T.reshape(weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b
