@@ -152,6 +152,9 @@ class SampleConfig:
         native_groupnorm: under bf16/fp16, run GroupNorm in that dtype (float32 statistics)
             instead of on float32 copies: 1.13-1.18x per bf16 ffhq forward on the CPU, within
             one rounding step of the float32 round trip (``docs/benchmarks.md``). No effect in fp32.
+        winograd: fp32 on the CPU: the UNet's 3x3 convolutions by Winograd F(4x4, 3x3) (a C++
+            kernel built on first use; needs a C++ compiler and ninja; ``models/winograd.py``):
+            relative error about 2e-6 against float64. No effect under bf16/fp16 autocast.
         compile: ``torch.compile`` the UNet.
         cpu_malloc: on the CPU, ``tuned`` keeps freed tensor memory in the process during the
             run (no page faults per step: 2-20% per ffhq forward, same numbers; glibc's defaults
@@ -188,6 +191,7 @@ class SampleConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     native_groupnorm: bool = False
+    winograd: bool = False
     compile: bool = False
     cpu_malloc: Literal["tuned", "default"] = "default"
     workers: int = 4

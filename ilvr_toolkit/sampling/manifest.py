@@ -54,7 +54,7 @@ class ManifestPart:
 #: the settings that make the images: a rerun into the same output folder must keep them
 SAME_RUN = ("model", "references", "unconditional", "num_samples", "ilvr", "sampler", "class_labels")
 SAME_RUN += ("samples_per_reference", "seed", "precision", "channels_last", "native_groupnorm")
-SAME_RUN += ("task", "sdedit")
+SAME_RUN += ("task", "sdedit", "winograd")
 
 
 def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str | None]) -> None:

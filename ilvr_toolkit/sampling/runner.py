@@ -91,6 +91,7 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
     loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
+    model.set_winograd(config.winograd)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:

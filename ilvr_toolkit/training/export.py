@@ -50,8 +50,8 @@ def export_checkpoint(
     hparams = checkpoint.get("hyper_parameters") or {}
     if "unet" not in hparams:
         raise ValueError(f"{ckpt_path}: not a DiffusionModule checkpoint (no hyper_parameters['unet'])")
-    # native_groupnorm is a per-run speed choice (sample.py --native_groupnorm), not the model's
-    unet_config = UNetConfig.from_dict(hparams["unet"]).replace(native_groupnorm=False)
+    # native_groupnorm, winograd: per-run speed choices (sample.py --native_groupnorm), not the model's
+    unet_config = UNetConfig.from_dict(hparams["unet"]).replace(native_groupnorm=False, winograd=False)
     state = check_state_dict(checkpoint_unet_weights(checkpoint, weights), unet_config, source=ckpt_path)
     step = int(checkpoint.get("global_step", 0))
     if out_dir is None:

@@ -1,0 +1,250 @@
+"""The opt-in Winograd F(4x4, 3x3) convolution (``models/winograd.py``): numerics against float64,
+when it runs and when it must not, a failed build, and its plumbing (sample.py, training, export).
+
+Relative errors are ||out - ref|| / ||ref|| over whole tensors, ref in float64 (or the stock
+float32 path where stated). Bounds and what was measured on the CPU (Xeon, AVX-512):
+
+| what                                   | compared with              | bound     | measured          |
+| -------------------------------------- | -------------------------- | --------- | ----------------- |
+| conv3x3 forward, random small shapes   | float64 F.conv2d           | rel 1e-5  | <= 1.5e-6 (200 shapes) |
+| conv3x3 forward, 3 bands, partial last | float64 F.conv2d           | rel 1e-5  | 7.7e-7            |
+| conv3x3 gradients x, weight, bias      | float64 autograd of conv2d | rel 1e-5  | 1.2e-6, 5.5e-7, 1.2e-7 |
+| tiny UNet forward (N=8, 32x32)         | stock float32 path         | rel 1e-5  | 2.3e-6            |
+| tiny UNet training step: loss / grads  | stock float32 path         | rel 1e-4  | 0 / 1.2e-5 (summed over the batch) |
+| calls that do not qualify              | stock float32 path         | identical | identical         |
+| sample.py PNGs (tiny32, 8 DDPM steps)  | --winograd false           | mean 0.01, max 2 grey levels | 1e-4 / 1 |
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_sampling import _args, _pngs, refs, tiny32_path  # noqa: F401  (fixtures)
+from test_training import common_args, lmdb_path, run_inprocess  # noqa: F401  (fixture)
+
+from ilvr_toolkit.cli import UsageError
+from ilvr_toolkit.models import build_unet, get_preset, load_model, winograd
+from ilvr_toolkit.sampling import run
+from ilvr_toolkit.sampling.cli import main as sample_main
+from ilvr_toolkit.sampling.cli import parse_config
+from ilvr_toolkit.training import DiffusionModule
+from ilvr_toolkit.training.export import export_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import common  # noqa: E402  (bench/common.py: randomize_parameters_, rel_err)
+
+rel_err = common.rel_err
+
+REL = 1e-5
+
+
+def _conv_case(n: int, c: int, o: int, h: int, w: int, bias: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen)
+    weight = torch.randn(o, c, 3, 3, generator=gen) / (9 * c) ** 0.5
+    return x, weight, torch.randn(o, generator=gen) if bias else None
+
+
+def _ref64(x, weight, bias):
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+
+
+@pytest.fixture()
+def spy(monkeypatch):
+    """Counts the calls of ``winograd.conv3x3`` (what ``Conv3x3`` runs when it qualifies)."""
+    calls = []
+    original = winograd.conv3x3
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(winograd, "conv3x3", counting)
+    return calls
+
+
+# --------------------------------------------------------------------------- the kernel
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 24),
+    o=st.integers(1, 24),
+    h=st.integers(1, 10).map(lambda k: 4 * k),
+    w=st.integers(1, 10).map(lambda k: 4 * k),
+    bias=st.booleans(),
+)
+def test_forward_matches_float64(n, c, o, h, w, bias):
+    x, weight, b = _conv_case(n, c, o, h, w, bias)
+    assert rel_err(winograd.conv3x3(x, weight, b), _ref64(x, weight, b)) <= REL
+
+
+def test_forward_several_bands_with_a_partial_last():
+    """68x68: 17 tiles a row, so a band is 256 // 17 = 15 tile rows; 2 images = 34 tile rows:
+    bands of 15, 15 (across the image boundary) and 4."""
+    x, weight, b = _conv_case(2, 16, 20, 68, 68, True, seed=1)
+    assert (2 * 68 // 4) // (winograd.BAND_TILES // (68 // 4)) == 2  # two full bands, then a partial one
+    err = rel_err(winograd.conv3x3(x, weight, b), _ref64(x, weight, b))
+    print(f"3 bands: rel {err:.2e}")
+    assert err <= REL
+
+
+@pytest.mark.parametrize("x_grad, bias", [(True, True), (False, True), (True, False)])
+def test_gradients_match_float64(x_grad, bias):
+    """dL/dx (the kernel on flipped filters), dL/dg, dL/db against float64 autograd of conv2d;
+    also the first layer's case (x needs no gradient) and no bias."""
+    x, weight, b = _conv_case(2, 12, 18, 20, 28, bias, seed=2)
+    upstream = torch.randn(2, 18, 20, 28, generator=torch.Generator().manual_seed(3))
+    leaves = [t for t in (x if x_grad else None, weight, b) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    (winograd.conv3x3(x, weight, b) * upstream).sum().backward()
+    doubles = [t.detach().double().requires_grad_(True) for t in leaves]
+    x64 = doubles[0] if x_grad else x.double()
+    w64, b64 = doubles[1 if x_grad else 0], (doubles[-1] if bias else None)
+    (F.conv2d(x64, w64, b64, padding=1) * upstream.double()).sum().backward()
+    assert x_grad or x.grad is None
+    for got, want in zip(leaves, doubles, strict=True):
+        assert rel_err(got.grad, want.grad) <= REL, got.shape
+
+
+# --------------------------------------------------------------------------- the UNet
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """The tiny UNet with random weights, twice: stock and with Winograd (same weights)."""
+    stock = common.randomize_parameters_(build_unet("tiny"), seed=0).eval().requires_grad_(False)
+    fast = build_unet(get_preset("tiny").replace(winograd=True)).eval().requires_grad_(False)
+    fast.load_state_dict(stock.state_dict(), strict=True)
+    return stock, fast
+
+
+def test_unet_forward_close_to_stock_and_winograd_runs(tiny_pair, spy):
+    stock, fast = tiny_pair
+    x, t = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) * 120
+    with torch.no_grad():
+        ref, out = stock(x, t), fast(x, t)
+    # N*H*W = 8192 at 32x32, 2048 at 16x16: the 32-channel convs of the first level only
+    assert spy and all(s[0] * s[2] * s[3] >= winograd.MIN_PIXELS for s in spy)
+    err = rel_err(out, ref)
+    print(f"tiny UNet forward: {len(spy)} Winograd convs, rel {err:.2e}")
+    assert ref.abs().max() > 0.1 and err <= REL
+
+
+@pytest.mark.parametrize("case", ["bf16-autocast", "channels_last", "h%4", "small-NHW"])
+def test_unet_calls_that_do_not_qualify_run_the_stock_kernel(tiny_pair, spy, case):
+    stock, fast = tiny_pair
+    size, batch = {"h%4": 34, "small-NHW": 32}.get(case, 32), 2 if case == "small-NHW" else 4
+    x, t = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)), torch.arange(batch)
+    fmt = torch.channels_last if case == "channels_last" else torch.contiguous_format
+    outs = []
+    for model in (stock, fast):
+        model.to(memory_format=fmt)
+        try:
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=case == "bf16-autocast"):
+                outs.append(model(x.contiguous(memory_format=fmt), t))
+        finally:
+            model.to(memory_format=torch.contiguous_format)
+    assert not spy and torch.equal(outs[0], outs[1])
+
+
+def test_unet_training_step_close_to_stock(spy):
+    """One loss.backward() at batch 4, 32x32 (4096 pixels: Winograd forward and backward)."""
+    ref, fast = DiffusionModule(unet="tiny"), DiffusionModule(unet={"preset": "tiny", "winograd": True})
+    common.randomize_parameters_(ref.model, seed=0)
+    fast.model.load_state_dict(ref.model.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
+    t, noise = torch.tensor([0, 10, 500, 999]), torch.randn(4, 3, 32, 32, generator=gen)
+    losses = []
+    for module in (ref, fast):
+        loss = module.diffusion.training_losses(module.model, x0, t, noise=noise)["loss"].mean()
+        loss.backward()
+        losses.append(loss.detach())
+    grads = [torch.cat([p.grad.flatten() for p in m.model.parameters()]) for m in (ref, fast)]
+    print(f"training step: loss rel {rel_err(losses[1], losses[0]):.1e}, grads {rel_err(*grads[::-1]):.1e}")
+    assert spy and rel_err(losses[1], losses[0]) <= 1e-4 and rel_err(grads[1], grads[0]) <= 1e-4
+
+
+def test_winograd_is_a_runtime_setting():
+    stock, fast = build_unet("tiny"), build_unet(get_preset("tiny").replace(winograd=True))
+    assert stock.state_dict().keys() == fast.state_dict().keys()
+    stock.load_state_dict(fast.state_dict(), strict=True)
+    fast.load_state_dict(stock.state_dict(), strict=True)
+    assert fast.config.architecture() == stock.config.architecture() and fast.config.winograd
+    assert all(m.winograd for m in fast.modules() if isinstance(m, winograd.Conv3x3))
+    fast.set_winograd(False)
+    assert not fast.config.winograd and not any(
+        m.winograd for m in fast.modules() if isinstance(m, winograd.Conv3x3)
+    )
+
+
+# --------------------------------------------------------------------------- a failed build
+@pytest.fixture()
+def no_compiler(monkeypatch):
+    """``cpp_extension.load`` fails as it does without a compiler; the cached kernel is dropped
+    for the test and rebuilt (from torch's build folder) after it."""
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension 'x'\nninja: build stopped: subcommand failed.")
+
+    winograd.kernel.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    yield
+    monkeypatch.undo()
+    winograd.kernel.cache_clear()
+
+
+def test_build_failure_is_one_oserror_naming_the_source(no_compiler):
+    with pytest.raises(OSError) as info:
+        winograd.kernel()
+    message = str(info.value)
+    assert "\n" not in message and str(winograd.SOURCE) in message and "Error building extension" in message
+
+
+def test_sample_py_build_failure_is_one_line_exit_1(no_compiler, refs, tiny32_path, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    args = _args(tiny32_path, refs, out, "--winograd", "true", "--cpu_malloc", "default")
+    assert sample_main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py: error: winograd: could not build"), lines
+    assert "winograd.cpp" in lines[0]
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- sample.py, training
+def test_sample_py_winograd_close_to_stock_and_resume_refused(refs, tiny32_path, tmp_path, spy):  # noqa: F811
+    outs = {flag: tmp_path / flag for flag in ("false", "true")}
+    for flag, out in outs.items():
+        run(parse_config(_args(tiny32_path, refs, out, "--winograd", flag, "--output.grid", "false")))
+        assert (len(spy) > 0) == (flag == "true")  # batch of 5 at 32x32: 5120 pixels
+    manifest = json.loads((outs["true"] / "manifest.json").read_text())
+    assert manifest["config"]["winograd"] and manifest["unet"]["winograd"] and manifest["num_images"] == 5
+    a, b = _pngs(outs["false"]), _pngs(outs["true"])
+    assert a.keys() == b.keys() and len(a) == 5
+    diffs = [np.abs(a[k].astype(int) - b[k].astype(int)) for k in a]
+    mean, worst = float(np.mean([d.mean() for d in diffs])), max(int(d.max()) for d in diffs)
+    print(f"winograd vs stock PNGs: mean |diff| {mean:.4f} grey levels, max {worst}")
+    assert mean <= 0.01 and worst <= 2  # measured 1e-4 / 1: one pixel rounds the other way
+    with pytest.raises(UsageError, match="--winograd False"):
+        run(parse_config(_args(tiny32_path, refs, outs["true"], "--winograd", "false")))
+
+
+def test_training_fit_with_winograd_exports_without_it(lmdb_path, tmp_path, spy):  # noqa: F811
+    unet = "{preset: tiny, winograd: true}"  # as on the command line; 32 px, batch 4: 4096 pixels
+    args = common_args(lmdb_path, tmp_path, **{"model.unet": unet, "trainer.max_steps": 3})
+    cli = run_inprocess(args)
+    assert cli.trainer.global_step == 3 and spy
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert cli.model.model.config.winograd
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["hyper_parameters"]["unet"]["winograd"]
+    exported = export_checkpoint(last, tmp_path / "export", name="m")
+    assert not load_model(exported["model_file"]).unet_config.winograd
