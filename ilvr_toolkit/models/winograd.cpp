@@ -139,12 +139,18 @@ void grad_band(const float* Gy, const Geometry& g, int64_t r0, int64_t r1, float
 torch::Tensor conv3x3(torch::Tensor x, torch::Tensor U, torch::Tensor bias, int64_t band_tiles) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x: float32 CPU (N, C, H, W)");
   TORCH_CHECK(x.size(2) % 4 == 0 && x.size(3) % 4 == 0, "x: H and W must be multiples of 4");
-  TORCH_CHECK(U.dim() == 3 && U.size(0) == 36 && U.size(2) == x.size(1), "U: (36, O, C)");
+  TORCH_CHECK(U.dim() == 3 && U.size(0) == 36 && U.size(2) == x.size(1) && U.scalar_type() == at::kFloat &&
+                  U.device().is_cpu(),
+              "U: float32 CPU (36, O, C)");
+  TORCH_CHECK(!bias.numel() || (bias.dim() == 1 && bias.size(0) == U.size(1) && bias.scalar_type() == at::kFloat &&
+                                bias.device().is_cpu()),
+              "bias: float32 CPU (O) or empty");
   x = x.contiguous();
   U = U.contiguous();
   const Geometry g{x.size(0), x.size(1), U.size(1), x.size(2), x.size(3), x.size(2) / 4, x.size(3) / 4};
   auto y = torch::empty({g.N, g.O, g.H, g.W}, x.options());
   const int64_t rows = g.N * g.th;
+  if (y.numel() == 0) return y;
   const int64_t rb = std::max<int64_t>(1, std::min(rows, band_tiles / g.tw)), Tb = rb * g.tw;
   auto V = torch::empty({36, g.C, Tb}, x.options());
   auto M = torch::empty({36, g.O, Tb}, x.options());
@@ -170,6 +176,7 @@ torch::Tensor conv3x3_grad_u(torch::Tensor x, torch::Tensor gy, int64_t band_til
   x = x.contiguous();
   gy = gy.contiguous();
   const Geometry g{x.size(0), x.size(1), gy.size(1), x.size(2), x.size(3), x.size(2) / 4, x.size(3) / 4};
+  if (x.numel() == 0 || gy.numel() == 0) return torch::zeros({36, g.O, g.C}, x.options());
   const int64_t rows = g.N * g.th;
   const int64_t rb = std::max<int64_t>(1, std::min(rows, band_tiles / g.tw)), Tb = rb * g.tw;
   auto V = torch::empty({36, g.C, Tb}, x.options());
@@ -185,6 +192,8 @@ torch::Tensor conv3x3_grad_u(torch::Tensor x, torch::Tensor gy, int64_t band_til
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("conv3x3", &conv3x3, "Winograd F(4x4, 3x3) convolution");
-  m.def("conv3x3_grad_u", &conv3x3_grad_u, "its filter gradient in the Winograd domain");
+  // like ATen's ops, release the GIL: sample.py's I/O threads keep running during a convolution
+  m.def("conv3x3", &conv3x3, "Winograd F(4x4, 3x3) convolution", py::call_guard<py::gil_scoped_release>());
+  m.def("conv3x3_grad_u", &conv3x3_grad_u, "its filter gradient in the Winograd domain",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -4,10 +4,11 @@ A 3x3 stride-1 convolution computes each 4x4 output tile from a 6x6 input tile `
 ``y = A^T [(G g G^T) . (B^T d B)] A``: 36 multiplications per tile and channel pair instead of 144.
 The kernel (``winograd.cpp``, built with the system's C++ compiler on first use and cached by
 torch under ``TORCH_EXTENSIONS_DIR``) runs the transforms in bands of tile rows that stay in cache,
-with oneDNN/MKL GEMMs in between: 1.6-2.3x the direct convolution per 3x3 layer on a 2-core
-AVX-512 host (docs/benchmarks.md). Not bitwise: relative error about 2e-6 against float64 (the
-direct convolution: 2e-7); bound in ``tests/test_winograd.py``. Gradients: the input's by the
-same kernel (flipped, transposed filters), the filters' by ``torch.nn.grad.conv2d_weight``.
+with MKL GEMMs in between: 1.1-1.8x the direct (oneDNN) convolution forward per ffhq 3x3 layer,
+1.2-2.0x with backward, on a 2-core AVX-512 host (docs/benchmarks.md). Not bitwise: relative
+error about 2e-6 against float64 (the direct convolution: 2e-7); bound in
+``tests/test_winograd.py``. Gradients: the input's by the same kernel (flipped, transposed
+filters), the filters' in the Winograd domain (``dU = sum_t (A gy A^T)(B^T d B)^T``, ``G^T dU G``).
 """
 
 import functools
@@ -18,7 +19,6 @@ import subprocess
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -58,8 +58,7 @@ def kernel():
         from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
-    build = Path(cpp_extension.get_default_build_root()) / name
-    logging.getLogger(__name__).info("Winograd kernel: %s (built on first use, ~30 s)", build)
+    logging.getLogger(__name__).info("Winograd kernel %s: compiled on first use (~30 s), then cached", name)
     flags = ["-O3", "-march=native", "-fopenmp"]
     try:
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
@@ -118,11 +117,15 @@ class Conv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def uses_winograd(self, x: torch.Tensor) -> bool:
-        """float32 NCHW-contiguous CPU input outside autocast, H and W multiples of 4, >= 16
-        channels in and out, N * H * W >= MIN_PIXELS; otherwise the stock kernel runs."""
+        """float32 NCHW-contiguous CPU input (N, C, H, W) outside autocast, H and W multiples of 4,
+        >= 16 channels in and out, N * H * W >= MIN_PIXELS, the module still 3x3 / stride 1 /
+        padding 1 / zeros / one group; otherwise the stock kernel runs."""
+        if not self.winograd or x.dim() != 4:
+            return False
         n, c, h, w = x.shape
         return (
-            self.winograd
+            (self.stride, self.padding, self.dilation, self.groups) == ((1, 1), (1, 1), (1, 1), 1)
+            and self.padding_mode == "zeros"
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
             and x.is_contiguous()
@@ -134,6 +137,4 @@ class Conv3x3(nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and self.uses_winograd(x):
-            return conv3x3(x, self.weight, self.bias)
-        return F.conv2d(x, self.weight, self.bias, padding=1)
+        return conv3x3(x, self.weight, self.bias) if self.uses_winograd(x) else super().forward(x)

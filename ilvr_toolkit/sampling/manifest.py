@@ -55,6 +55,8 @@ class ManifestPart:
 SAME_RUN = ("model", "references", "unconditional", "num_samples", "ilvr", "sampler", "class_labels")
 SAME_RUN += ("samples_per_reference", "seed", "precision", "channels_last", "native_groupnorm")
 SAME_RUN += ("task", "sdedit", "winograd")
+#: settings added after folders were written: a folder that lacks one was made with this value
+_ADDED = {"winograd": False}
 
 
 def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str | None]) -> None:
@@ -64,6 +66,7 @@ def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str
     for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
         now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
     before = read_json(path) if path.is_file() else write_json(path, now) or now
+    before = {**_ADDED, **before}
     for key in (key for key in now if now[key] != before.get(key)):
         raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
 

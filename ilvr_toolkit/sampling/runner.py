@@ -91,7 +91,7 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
     loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
-    model.set_winograd(config.winograd)
+    model.set_winograd(config.winograd and device.type == "cpu")  # a CPU kernel: no build for a GPU run
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
