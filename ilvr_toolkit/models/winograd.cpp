@@ -4,8 +4,9 @@
 // U (36, O, C) = G g G^T comes from Python. The input is processed in bands of tile rows so
 // that the transformed input V (36, C, Tb) and the products M (36, O, Tb) stay in cache: each
 // band is B^T d B (here), 36 GEMMs M = U V (at::bmm_out), then A^T M A plus bias (here).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>  // not torch/extension.h: half the build time (17 s vs 34 s)
 
 #include <algorithm>
 #include <vector>
@@ -136,7 +137,7 @@ void grad_band(const float* Gy, const Geometry& g, int64_t r0, int64_t r1, float
 
 // x (N, C, H, W) float32 with H, W multiples of 4; U (36, O, C); bias (O) or empty;
 // band_tiles: tiles per band (rounded to whole tile rows) -> y (N, O, H, W).
-torch::Tensor conv3x3(torch::Tensor x, torch::Tensor U, torch::Tensor bias, int64_t band_tiles) {
+at::Tensor conv3x3(at::Tensor x, at::Tensor U, at::Tensor bias, int64_t band_tiles) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x: float32 CPU (N, C, H, W)");
   TORCH_CHECK(x.size(2) % 4 == 0 && x.size(3) % 4 == 0, "x: H and W must be multiples of 4");
   TORCH_CHECK(U.dim() == 3 && U.size(0) == 36 && U.size(2) == x.size(1) && U.scalar_type() == at::kFloat &&
@@ -148,12 +149,12 @@ torch::Tensor conv3x3(torch::Tensor x, torch::Tensor U, torch::Tensor bias, int6
   x = x.contiguous();
   U = U.contiguous();
   const Geometry g{x.size(0), x.size(1), U.size(1), x.size(2), x.size(3), x.size(2) / 4, x.size(3) / 4};
-  auto y = torch::empty({g.N, g.O, g.H, g.W}, x.options());
+  auto y = at::empty({g.N, g.O, g.H, g.W}, x.options());
   const int64_t rows = g.N * g.th;
   if (y.numel() == 0) return y;
   const int64_t rb = std::max<int64_t>(1, std::min(rows, band_tiles / g.tw)), Tb = rb * g.tw;
-  auto V = torch::empty({36, g.C, Tb}, x.options());
-  auto M = torch::empty({36, g.O, Tb}, x.options());
+  auto V = at::empty({36, g.C, Tb}, x.options());
+  auto M = at::empty({36, g.O, Tb}, x.options());
   if (bias.numel()) bias = bias.contiguous();
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
   for (int64_t r0 = 0; r0 < rows; r0 += rb) {
@@ -168,7 +169,7 @@ torch::Tensor conv3x3(torch::Tensor x, torch::Tensor U, torch::Tensor bias, int6
 
 // Filter gradient in the Winograd domain: x (N, C, H, W), gy (N, O, H, W) ->
 // dU (36, O, C) = sum over tiles of (A gy A^T) (B^T d B)^T; dL/dg = G^T dU G (in Python).
-torch::Tensor conv3x3_grad_u(torch::Tensor x, torch::Tensor gy, int64_t band_tiles) {
+at::Tensor conv3x3_grad_u(at::Tensor x, at::Tensor gy, int64_t band_tiles) {
   TORCH_CHECK(x.dim() == 4 && gy.dim() == 4 && x.size(0) == gy.size(0) && x.size(2) == gy.size(2) &&
                   x.size(3) == gy.size(3) && x.size(2) % 4 == 0 && x.size(3) % 4 == 0,
               "x (N, C, H, W) and gy (N, O, H, W), H and W multiples of 4");
@@ -176,12 +177,12 @@ torch::Tensor conv3x3_grad_u(torch::Tensor x, torch::Tensor gy, int64_t band_til
   x = x.contiguous();
   gy = gy.contiguous();
   const Geometry g{x.size(0), x.size(1), gy.size(1), x.size(2), x.size(3), x.size(2) / 4, x.size(3) / 4};
-  if (x.numel() == 0 || gy.numel() == 0) return torch::zeros({36, g.O, g.C}, x.options());
+  if (x.numel() == 0 || gy.numel() == 0) return at::zeros({36, g.O, g.C}, x.options());
   const int64_t rows = g.N * g.th;
   const int64_t rb = std::max<int64_t>(1, std::min(rows, band_tiles / g.tw)), Tb = rb * g.tw;
-  auto V = torch::empty({36, g.C, Tb}, x.options());
-  auto Mg = torch::empty({36, g.O, Tb}, x.options());
-  auto dU = torch::zeros({36, g.O, g.C}, x.options());
+  auto V = at::empty({36, g.C, Tb}, x.options());
+  auto Mg = at::empty({36, g.O, Tb}, x.options());
+  auto dU = at::zeros({36, g.O, g.C}, x.options());
   for (int64_t r0 = 0; r0 < rows; r0 += rb) {
     const int64_t r1 = std::min(rows, r0 + rb), t = (r1 - r0) * g.tw;
     input_band(x.data_ptr<float>(), g, r0, r1, V.data_ptr<float>(), Tb);

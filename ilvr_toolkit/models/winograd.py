@@ -58,7 +58,7 @@ def kernel():
         from torch.utils import cpp_extension
     finally:
         log.setLevel(level)
-    logging.getLogger(__name__).info("Winograd kernel %s: compiled on first use (~30 s), then cached", name)
+    logging.getLogger(__name__).info("Winograd kernel %s: compiled on first use (~20 s), then cached", name)
     flags = ["-O3", "-march=native", "-fopenmp"]
     try:
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
