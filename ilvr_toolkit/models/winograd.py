@@ -93,7 +93,8 @@ class _WinogradConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        """dL/dx = grad (*) flipped, transposed filters (the same kernel); dL/dg, dL/db: aten."""
+        """dL/dx = grad (*) flipped, transposed filters (the same kernel); dL/dg = G^T dU G with
+        dU from the kernel (Winograd domain); dL/db = grad summed over N, H, W."""
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
