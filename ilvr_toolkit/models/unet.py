@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import winograd
 from .config import ATTENTION_BACKENDS, UNetConfig, get_preset
 from .winograd import Conv3x3
+from .winograd import kernel as winograd_kernel
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -298,9 +298,9 @@ class UNetModel(nn.Module):
 
     def set_winograd(self, enabled: bool) -> None:
         """Winograd F(4x4, 3x3) for the float32 CPU 3x3 convolutions that qualify (True; builds the
-        kernel now, OSError if it cannot) or the stock kernels only (False). See :mod:`.winograd`."""
+        kernel now, OSError if it cannot) or the stock kernels only (False). See ``models/winograd.py``."""
         if enabled:
-            winograd.kernel()
+            winograd_kernel()
         for module in self.modules():
             if isinstance(module, Conv3x3):
                 module.winograd = bool(enabled)
