@@ -181,10 +181,17 @@ def test_channels_last_fixture_replay(tiny32, ref_record):
 
 
 # --------------------------------------------------------------------------- autocast
+def _fast_layout(precision: str, x: torch.Tensor) -> bool:
+    """channels_last for fp16 above 32 px: torch has no fast fp16 NCHW convolution on the CPU
+    (its reference kernel: 37 s per ffhq-arch forward at 64 px vs 1.7 s channels_last); the
+    rounding under test does not depend on the layout, and tiny32 keeps fp16 NCHW covered."""
+    return precision == "fp16" and x.shape[-1] > 32
+
+
 @pytest.mark.parametrize("precision, bound", [("bf16", BF16_REL), ("fp16", FP16_REL)])
 def test_autocast_forward(random_model_and_input, precision, bound):
     model, x, t, ref = random_model_and_input
-    out = make_net(model, torch.device("cpu"), precision, channels_last=False)(x, t)
+    out = make_net(model, torch.device("cpu"), precision, _fast_layout(precision, x))(x, t)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     err = rel_err(out, ref)
     assert 0 < err <= bound, f"{precision} autocast rel error {err:.2e}"  # 0 would mean autocast was off
@@ -273,7 +280,7 @@ def test_native_groupnorm_forward_as_close_to_fp32_as_the_round_trip(
     model, x, t, ref = random_model_and_input
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     norms = _GroupNormInputs(monkeypatch)
-    net = make_net(model, torch.device("cpu"), precision, channels_last=False)
+    net = make_net(model, torch.device("cpu"), precision, _fast_layout(precision, x))
     upcast = net(x, t)
     count = sum(isinstance(m, unet_module.GroupNorm32) for m in model.modules())
     assert norms.take() == {torch.float32: count}
