@@ -203,7 +203,8 @@ def conv_shapes(net: torch.nn.Module, batch: int, size: int) -> list[tuple]:
 
 
 def time_conv(conv: torch.nn.Conv2d, shape: tuple, calls: int, repeats: int) -> dict:
-    """Forward and backward GFLOP/s of ``conv`` on random input (no input gradient for data)."""
+    """Forward and backward GFLOP/s of ``conv`` on random input (no input gradient for data), and
+    the filter gradient's alone."""
     cpu = torch.device("cpu")
     x = torch.randn(shape, requires_grad=shape[1] != 3)
     out = conv(x)  # its graph is kept: backward is timed alone
@@ -214,12 +215,16 @@ def time_conv(conv: torch.nn.Conv2d, shape: tuple, calls: int, repeats: int) -> 
     bwd = common.time_fn(
         lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True), cpu, repeats=repeats
     ).median
+    bwd_w = common.time_fn(  # the filters' gradient alone: where the backward's gap is
+        lambda: torch.autograd.grad(out, conv.weight, grad, retain_graph=True), cpu, repeats=repeats
+    ).median
     name = f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]} @{shape[-1]}"
     return {
         "conv": name,
         "calls": calls,
         "fwd GFLOP/s": flops / fwd / 1e9,
         "bwd GFLOP/s": len(wrt) * flops / bwd / 1e9,
+        "of it dW GFLOP/s": flops / bwd_w / 1e9,
         "work": (1 + len(wrt)) * flops,  # forward + backward FLOPs
         "seconds": fwd + bwd,
     }
@@ -231,9 +236,10 @@ def measure_convs(args: argparse.Namespace) -> list[dict]:
     net = build(args.preset, args.seed)
     shapes = conv_shapes(net, 2, get_preset(args.preset).image_size)
     rows = [time_conv(conv, shape, calls, max(5, args.repeats)) for conv, shape, calls in shapes]
-    best = max(max(r["fwd GFLOP/s"], r["bwd GFLOP/s"]) for r in rows)
+    best = max(max(r["fwd GFLOP/s"], r["bwd GFLOP/s"], r["of it dW GFLOP/s"]) for r in rows)
     for r in rows:
         r["fwd/best"], r["bwd/best"] = r["fwd GFLOP/s"] / best, r["bwd GFLOP/s"] / best
+        r["dW/best"] = r["of it dW GFLOP/s"] / best
         at_90 = r.pop("work") / (0.9 * best * 1e9)
         r["ms lost"] = 1e3 * r["calls"] * max(0.0, r.pop("seconds") - at_90)
     return rows

@@ -96,23 +96,52 @@ def test_forward_several_bands_with_a_partial_last():
     assert err <= REL
 
 
+def _assert_gradients_match_float64(x, weight, b, x_grad: bool) -> None:
+    """The forward and dL/dx, dL/dg, dL/db of ``sum(conv3x3(x) * upstream)`` against float64
+    autograd of conv2d (x needs no gradient when ``x_grad`` is False, like the first layer)."""
+    upstream = torch.randn(
+        x.shape[0], weight.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(3)
+    )
+    leaves = [t for t in (x if x_grad else None, weight, b) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    out = winograd.conv3x3(x, weight, b)
+    (out * upstream).sum().backward()
+    doubles = [t.detach().double().requires_grad_(True) for t in leaves]
+    x64 = doubles[0] if x_grad else x.double()
+    w64, b64 = doubles[1 if x_grad else 0], (doubles[-1] if b is not None else None)
+    out64 = F.conv2d(x64, w64, b64, padding=1)
+    (out64 * upstream.double()).sum().backward()
+    assert x_grad or x.grad is None
+    assert rel_err(out.detach(), out64.detach()) <= REL
+    for got, want in zip(leaves, doubles, strict=True):
+        assert rel_err(got.grad, want.grad) <= REL, got.shape
+
+
 @pytest.mark.parametrize("x_grad, bias", [(True, True), (False, True), (True, False)])
 def test_gradients_match_float64(x_grad, bias):
     """dL/dx (the kernel on flipped filters), dL/dg, dL/db against float64 autograd of conv2d;
     also the first layer's case (x needs no gradient) and no bias."""
     x, weight, b = _conv_case(2, 12, 18, 20, 28, bias, seed=2)
-    upstream = torch.randn(2, 18, 20, 28, generator=torch.Generator().manual_seed(3))
-    leaves = [t for t in (x if x_grad else None, weight, b) if t is not None]
-    for t in leaves:
-        t.requires_grad_(True)
-    (winograd.conv3x3(x, weight, b) * upstream).sum().backward()
-    doubles = [t.detach().double().requires_grad_(True) for t in leaves]
-    x64 = doubles[0] if x_grad else x.double()
-    w64, b64 = doubles[1 if x_grad else 0], (doubles[-1] if bias else None)
-    (F.conv2d(x64, w64, b64, padding=1) * upstream.double()).sum().backward()
-    assert x_grad or x.grad is None
-    for got, want in zip(leaves, doubles, strict=True):
-        assert rel_err(got.grad, want.grad) <= REL, got.shape
+    _assert_gradients_match_float64(x, weight, b, x_grad)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    c=st.integers(1, 20),
+    o=st.integers(1, 20),
+    h=st.integers(1, 6).map(lambda k: 4 * k),
+    w=st.integers(1, 6).map(lambda k: 4 * k),
+    band=st.integers(1, 40),
+)
+def test_any_band_size_matches_float64(n, c, o, h, w, band):
+    """Bands of any size (tiles per band, rounded down to whole tile rows, at least one row; the
+    last one partial, bands across image boundaries): forward and all three gradients."""
+    x, weight, b = _conv_case(n, c, o, h, w, True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(winograd, "BAND_TILES", band)
+        _assert_gradients_match_float64(x, weight, b, x_grad=True)
 
 
 def test_kernel_checks_bias_and_handles_empty_shapes():

@@ -17,10 +17,9 @@ struct Geometry {
   int64_t N, C, O, H, W, th, tw;  // th, tw: tiles per column / row (H / 4, W / 4)
 };
 
-// B^T over six rows d (row stride ds), every k < len -> six rows r (stride rs).
-inline void bt6(const float* d, int64_t ds, float* r, int64_t rs, int64_t len) {
-  const float *d0 = d, *d1 = d + ds, *d2 = d + 2 * ds, *d3 = d + 3 * ds, *d4 = d + 4 * ds,
-              *d5 = d + 5 * ds;
+// B^T over six rows d[0..5], every k < len -> six rows r (stride rs).
+inline void bt6(const float* const* d, float* __restrict__ r, int64_t rs, int64_t len) {
+  const float *d0 = d[0], *d1 = d[1], *d2 = d[2], *d3 = d[3], *d4 = d[4], *d5 = d[5];
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
     const float a = d1[k], b = d2[k], c = d3[k], e = d4[k];
@@ -34,7 +33,7 @@ inline void bt6(const float* d, int64_t ds, float* r, int64_t rs, int64_t len) {
 }
 
 // A^T over six rows m (stride ms) -> four rows o (stride os).
-inline void at4(const float* m, int64_t ms, float* o, int64_t os, int64_t len) {
+inline void at4(const float* m, int64_t ms, float* __restrict__ o, int64_t os, int64_t len) {
   const float *m0 = m, *m1 = m + ms, *m2 = m + 2 * ms, *m3 = m + 3 * ms, *m4 = m + 4 * ms,
               *m5 = m + 5 * ms;
 #pragma omp simd
@@ -47,8 +46,21 @@ inline void at4(const float* m, int64_t ms, float* o, int64_t os, int64_t len) {
   }
 }
 
+// The same with the four results of column k interleaved, plus b: o[4 k + e] (one output row).
+inline void at4_row(const float* m, int64_t ms, float b, float* __restrict__ o, int64_t len) {
+  const float *m0 = m, *m1 = m + ms, *m2 = m + 2 * ms, *m3 = m + 3 * ms, *m4 = m + 4 * ms,
+              *m5 = m + 5 * ms;
+  for (int64_t k = 0; k < len; ++k) {
+    const float s12 = m1[k] + m2[k], d12 = m1[k] - m2[k], s34 = m3[k] + m4[k], d34 = m3[k] - m4[k];
+    o[4 * k] = m0[k] + s12 + s34 + b;
+    o[4 * k + 1] = d12 + 2.f * d34 + b;
+    o[4 * k + 2] = s12 + 4.f * s34 + b;
+    o[4 * k + 3] = d12 + 8.f * d34 + m5[k] + b;
+  }
+}
+
 // A over four rows v (stride vs) -> six rows r (stride rs): the transpose of at4.
-inline void a6(const float* v, int64_t vs, float* r, int64_t rs, int64_t len) {
+inline void a6(const float* v, int64_t vs, float* __restrict__ r, int64_t rs, int64_t len) {
   const float *v0 = v, *v1 = v + vs, *v2 = v + 2 * vs, *v3 = v + 3 * vs;
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
@@ -64,29 +76,28 @@ inline void a6(const float* v, int64_t vs, float* r, int64_t rs, int64_t len) {
 
 // Tile rows [r0, r1) (row r = n * th + ty) of x -> V (36, C, Tb), column (r - r0) * tw + tx.
 void input_band(const float* X, const Geometry& g, int64_t r0, int64_t r1, float* V, int64_t Tb) {
-  const int64_t Wp = g.W + 2, Q = g.tw + 1, tw = g.tw;
+  const int64_t Q = g.tw + 1, Wq = 4 * Q, tw = g.tw;
   at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-    // rows: six padded input rows; cols: B^T d down each column; phase: cols split by column % 4,
-    // so tile tx reads phase l % 4 at tx + l / 4 (contiguous in tx); d -> v: six rows of V.
-    std::vector<float> rows(6 * Wp, 0.f), cols(6 * Wp), phase(6 * 4 * Q, 0.f), d(6 * tw), v(6 * tw);
+    // cols: B^T d down each column, padded (column p + 1 holds x column p, zeros around);
+    // phase: each row of cols split by column % 4, so that tile tx reads l at phase
+    // (l % 4) * Q + l / 4 + tx: the six rows of the transform across are contiguous in tx.
+    std::vector<float> zero(g.W, 0.f), cols(6 * Wq, 0.f), phase(4 * Q);
+    const float* d[6];
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / g.th, ty = r % g.th;
         for (int64_t k = 0; k < 6; ++k) {
-          float* row = rows.data() + k * Wp + 1;
           const int64_t iy = 4 * ty - 1 + k;
-          if (iy < 0 || iy >= g.H) std::fill(row, row + g.W, 0.f);
-          else std::copy_n(X + ((n * g.C + c) * g.H + iy) * g.W, g.W, row);
+          d[k] = iy < 0 || iy >= g.H ? zero.data() : X + ((n * g.C + c) * g.H + iy) * g.W;
         }
-        bt6(rows.data(), Wp, cols.data(), Wp, Wp);
-        for (int64_t i = 0; i < 6; ++i)
-          for (int64_t p = 0; p < Wp; ++p) phase[(i * 4 + p % 4) * Q + p / 4] = cols[i * Wp + p];
+        bt6(d, cols.data() + 1, Wq, g.W);
         for (int64_t i = 0; i < 6; ++i) {
-          const float* ph = phase.data() + i * 4 * Q;
-          for (int64_t l = 0; l < 6; ++l) std::copy_n(ph + (l % 4) * Q + l / 4, tw, d.data() + l * tw);
-          bt6(d.data(), tw, v.data(), tw, tw);
-          for (int64_t j = 0; j < 6; ++j)
-            std::copy_n(v.data() + j * tw, tw, V + ((i * 6 + j) * g.C + c) * Tb + (r - r0) * tw);
+          const float* __restrict__ ci = cols.data() + i * Wq;
+          float* __restrict__ ph = phase.data();
+          for (int64_t q = 0; q < Q; ++q)
+            for (int64_t l = 0; l < 4; ++l) ph[l * Q + q] = ci[4 * q + l];
+          const float* h[6] = {ph, ph + Q, ph + 2 * Q, ph + 3 * Q, ph + 1, ph + Q + 1};
+          bt6(h, V + (i * 6 * g.C + c) * Tb + (r - r0) * tw, g.C * Tb, tw);
         }
       }
   });
@@ -97,19 +108,15 @@ void output_band(const float* M, const float* bias, const Geometry& g, int64_t r
                  int64_t Tb, float* Y) {
   const int64_t tw = g.tw, ij_stride = g.O * Tb;
   at::parallel_for(0, g.O, 1, [&](int64_t o0, int64_t o1) {
-    std::vector<float> rows(24 * tw), out(4 * tw);  // rows[a][j][tx] = (A^T M)[a][j]
+    std::vector<float> rows(24 * tw);  // rows[a][j][tx] = (A^T M)[a][j]
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / g.th, ty = r % g.th;
         const float* m = M + o * Tb + (r - r0) * tw;
         for (int64_t j = 0; j < 6; ++j) at4(m + j * ij_stride, 6 * ij_stride, rows.data() + j * tw, 6 * tw, tw);
         const float b = bias ? bias[o] : 0.f;
-        for (int64_t a = 0; a < 4; ++a) {
-          at4(rows.data() + a * 6 * tw, tw, out.data(), tw, tw);
-          float* y = Y + ((n * g.O + o) * g.H + 4 * ty + a) * g.W;
-          for (int64_t tx = 0; tx < tw; ++tx)
-            for (int64_t e = 0; e < 4; ++e) y[4 * tx + e] = out[e * tw + tx] + b;
-        }
+        for (int64_t a = 0; a < 4; ++a)
+          at4_row(rows.data() + a * 6 * tw, tw, b, Y + ((n * g.O + o) * g.H + 4 * ty + a) * g.W, tw);
       }
   });
 }
@@ -118,16 +125,17 @@ void output_band(const float* M, const float* bias, const Geometry& g, int64_t r
 void grad_band(const float* Gy, const Geometry& g, int64_t r0, int64_t r1, float* Mg, int64_t Tb) {
   const int64_t tw = g.tw;
   at::parallel_for(0, g.O, 1, [&](int64_t o0, int64_t o1) {
-    std::vector<float> cols(6 * g.W), phase(4 * tw), v(6 * tw);  // cols: A down each column
+    std::vector<float> cols(6 * g.W), phase(4 * tw);  // cols: A down each column; phase: by x % 4
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / g.th, ty = r % g.th;
         a6(Gy + ((n * g.O + o) * g.H + 4 * ty) * g.W, g.W, cols.data(), g.W, g.W);
         for (int64_t i = 0; i < 6; ++i) {
-          for (int64_t x = 0; x < g.W; ++x) phase[(x % 4) * tw + x / 4] = cols[i * g.W + x];
-          a6(phase.data(), tw, v.data(), tw, tw);
-          for (int64_t j = 0; j < 6; ++j)
-            std::copy_n(v.data() + j * tw, tw, Mg + ((i * 6 + j) * g.O + o) * Tb + (r - r0) * tw);
+          const float* __restrict__ ci = cols.data() + i * g.W;
+          float* __restrict__ ph = phase.data();
+          for (int64_t q = 0; q < tw; ++q)
+            for (int64_t l = 0; l < 4; ++l) ph[l * tw + q] = ci[4 * q + l];
+          a6(ph, tw, Mg + (i * 6 * g.O + o) * Tb + (r - r0) * tw, g.O * Tb, tw);
         }
       }
   });
