@@ -13,6 +13,9 @@ Winograd idea is in the library as a native kernel that keeps the transformed ti
 GEMMs ``M = U V`` (2.25x fewer multiplications), output ``A^T M A``. Timed against
 ``nn.Conv2d`` (oneDNN's direct convolution) on the ffhq UNet's 3x3 shapes, forward, batch 1.
 
+``dw-gemm``: the 3x3 filter gradient (oneDNN's weakest direction here) as bands of im2col rows
+and MKL GEMMs (``candidates/dw_im2col.cpp``, C++), with MKL's own large-GEMM rate beside it.
+
 ``gn-silu``: GroupNorm -> scale-shift -> SiLU as one ``autograd.Function``: the statistics and
 both affines fold into one per-(sample, channel) multiply-add applied in place on the
 normalised tensor, SiLU in place; backward recomputes the pre-activation from ``x`` and uses
@@ -161,6 +164,43 @@ def winograd_native_row(c_in: int, c_out: int, size: int, rounds: int, cpu: torc
     }
 
 
+def dw_gemm_rows(rounds: int, cpu: torch.device) -> list[dict]:
+    """Filter gradient of the 3x3 convolutions (batch 2): oneDNN (autograd) vs im2col bands + MKL
+    GEMM (``candidates/dw_im2col.cpp``, best of 4 band sizes), and MKL's sgemm on large square
+    products: the ceiling of any GEMM-based convolution on this host."""
+    from torch.utils import cpp_extension
+
+    source = Path(__file__).resolve().parent / "candidates" / "dw_im2col.cpp"
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    kernel = cpp_extension.load(
+        "ilvr_bench_dw_im2col", [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"]
+    )
+    rows = [_dw_row(kernel, *shape, rounds, cpu) for shape in DW_SHAPES]
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        gflops = 2 * n**3 / common.time_fn(lambda a=a, b=b: a @ b, cpu, repeats=rounds).median / 1e9
+        rows.append({"dW 3x3 (batch 2)": f"MKL sgemm {n}^3", "im2col+GEMM GFLOP/s": gflops})
+    return rows
+
+
+def _dw_row(kernel, c_in: int, c_out: int, size: int, rounds: int, cpu: torch.device) -> dict:  # noqa: ANN001
+    x, gy = torch.randn(2, c_in, size, size), torch.randn(2, c_out, size, size)
+    weight = torch.randn(c_out, c_in, 3, 3, requires_grad=True)
+    out, flops = F.conv2d(x, weight, padding=1), 2 * gy.numel() * c_in * 9
+    fns = {"oneDNN": lambda: torch.autograd.grad(out, weight, gy, retain_graph=True)}
+    fns |= {f"gemm {p}": (lambda p=p: kernel.dw3x3(x, gy, p)) for p in (256, 512, 1024, 2048)}
+    t = common.interleave(fns, cpu, rounds=rounds)
+    best = min((k for k in t if k != "oneDNN"), key=lambda k: t[k].median)
+    return {
+        "dW 3x3 (batch 2)": f"{c_in}->{c_out} @{size}",
+        "oneDNN GFLOP/s": flops / t["oneDNN"].median / 1e9,
+        "im2col+GEMM GFLOP/s": flops / t[best].median / 1e9,
+        "band px": best.split()[1],
+        "rel diff": common.rel_err(fns[best](), fns["oneDNN"]()[0]),
+    }
+
+
+DW_SHAPES = [(128, 128, 256), (128, 128, 128), (256, 256, 64), (512, 512, 32), (512, 512, 16), (512, 512, 8)]
 WINOGRAD_SHAPES = [(128, 128, 256), (256, 128, 128), (256, 256, 64), (512, 512, 16), (512, 512, 8)]
 # the ffhq UNet's 3x3 convolutions by FLOPs (in, out, size): 83% of a forward's
 NATIVE_SHAPES = [(128, 128, 256), (256, 128, 256), (256, 256, 128), (128, 128, 128), (256, 256, 64)]
@@ -172,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", choices=["winograd", "winograd-native", "gn-silu"], default=None)
+    parser.add_argument("--only", choices=["winograd", "winograd-native", "gn-silu", "dw-gemm"], default=None)
     args = parser.parse_args(argv)
     common.add_repo_to_path()
     from ilvr_toolkit.runtime import tune_process
@@ -193,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         common.print_table(
             out["gn_silu"], title="GroupNorm+scale-shift+SiLU as one autograd.Function vs stock ops"
         )
+    if args.only in (None, "dw-gemm"):
+        out["dw_gemm"] = dw_gemm_rows(args.rounds, cpu)
+        common.print_table(out["dw_gemm"], title="3x3 filter gradient: oneDNN vs im2col bands + MKL GEMM")
     common.write_json("candidates", out)
     return 0
 
