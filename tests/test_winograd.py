@@ -9,6 +9,7 @@ float32 path where stated). Bounds and what was measured on the CPU (AMD EPYC, A
 | conv3x3 forward, random small shapes   | float64 F.conv2d           | rel 1e-5  | <= 1.5e-6 (200 shapes, a one-off run; the test draws 25) |
 | conv3x3 forward, 3 bands, partial last | float64 F.conv2d           | rel 1e-5  | 7.7e-7            |
 | conv3x3 gradients x, weight, bias      | float64 autograd of conv2d | rel 1e-5  | 1.2e-6, 2.0e-6, 1.2e-7 |
+| forward + 3 gradients, bands of 1-40 tiles, small shapes | float64 autograd | rel 1e-5 | <= 1.4e-6 (100 draws, one-off; the test draws 20) |
 | tiny UNet forward (N=8, 32x32)         | stock float32 path         | rel 1e-5  | 2.8e-6            |
 | tiny UNet training step: loss / grads  | stock float32 path         | rel 1e-4  | 0 / 1.2e-5 (summed over the batch) |
 | calls that do not qualify              | stock float32 path         | identical | identical         |
