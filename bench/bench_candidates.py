@@ -168,13 +168,8 @@ def dw_gemm_rows(rounds: int, cpu: torch.device) -> list[dict]:
     """Filter gradient of the 3x3 convolutions (batch 2): oneDNN (autograd) vs im2col bands + MKL
     GEMM (``candidates/dw_im2col.cpp``, best of 4 band sizes), and MKL's sgemm on large square
     products: the ceiling of any GEMM-based convolution on this host."""
-    from torch.utils import cpp_extension
-
     source = Path(__file__).resolve().parent / "candidates" / "dw_im2col.cpp"
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    kernel = cpp_extension.load(
-        "ilvr_bench_dw_im2col", [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"]
-    )
+    kernel = common.build_extension("ilvr_bench_dw_im2col", source)
     rows = [_dw_row(kernel, *shape, rounds, cpu) for shape in DW_SHAPES]
     for n in (2048, 4096):
         a, b = torch.randn(n, n), torch.randn(n, n)

@@ -26,14 +26,6 @@ from ilvr_toolkit.models import winograd as wg  # noqa: E402
 LAYERS = ["1,128,128,256", "2,128,128,128", "2,256,256,64", "2,512,512,32", "2,512,512,16"]
 
 
-def build(source: Path, name: str):  # noqa: ANN201 (a compiled extension module)
-    """Compile ``source`` as its own extension module ``name`` (the same flags as the package)."""
-    from torch.utils import cpp_extension
-
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    return cpp_extension.load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
-
-
 def layer_rows(kernels: dict, rounds: int) -> list[dict]:
     """ms per call of each kernel version on each layer shape (median of interleaved rounds)."""
     rows, cpu = [], torch.device("cpu")
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.set_cpu_malloc(True)
-    kernels = {"old": build(args.old, "ilvr_winograd_ab_old"), "new": build(args.new, "ilvr_winograd_ab_new")}
+    kernels = {v: common.build_extension(f"ilvr_winograd_ab_{v}", getattr(args, v)) for v in ("old", "new")}
     rows = layer_rows(kernels, args.rounds)
     common.print_table(rows, title="Winograd kernel per layer: old vs new (ms, medians)")
     nets = net_rows(kernels, max(2, args.rounds // 2)) if args.net else []

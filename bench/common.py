@@ -47,6 +47,7 @@ __all__ = [
     "add_common_args",
     "add_repo_to_path",
     "autocast",
+    "build_extension",
     "count_flops",
     "environment",
     "format_table",
@@ -80,6 +81,16 @@ from ilvr_toolkit.runtime import set_cpu_malloc  # noqa: E402  (the bench script
 
 
 # --------------------------------------------------------------------------- devices
+def build_extension(name: str, source: Path):  # noqa: ANN201 (a compiled extension module)
+    """Compile a bench C++ source as extension module ``name`` with the library's Winograd flags."""
+    add_repo_to_path()
+    from torch.utils import cpp_extension
+
+    from ilvr_toolkit.models.winograd import BUILD_FLAGS
+
+    return cpp_extension.load(name, [str(source)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"])
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -73,15 +73,14 @@ def spy(monkeypatch):
 
 
 # --------------------------------------------------------------------------- the kernel
+def _shapes(channels: int, tiles: int) -> dict:
+    """Strategies for n, c, o (1..channels), h, w (multiples of 4, 1..tiles tiles)."""
+    sides = st.integers(1, tiles).map(lambda k: 4 * k)
+    return dict(n=st.integers(1, 3), c=st.integers(1, channels), o=st.integers(1, channels), h=sides, w=sides)
+
+
 @settings(max_examples=25, deadline=None)
-@given(
-    n=st.integers(1, 3),
-    c=st.integers(1, 24),
-    o=st.integers(1, 24),
-    h=st.integers(1, 10).map(lambda k: 4 * k),
-    w=st.integers(1, 10).map(lambda k: 4 * k),
-    bias=st.booleans(),
-)
+@given(**_shapes(24, 10), bias=st.booleans())
 def test_forward_matches_float64(n, c, o, h, w, bias):
     x, weight, b = _conv_case(n, c, o, h, w, bias)
     assert rel_err(winograd.conv3x3(x, weight, b), _ref64(x, weight, b)) <= REL
@@ -128,14 +127,7 @@ def test_gradients_match_float64(x_grad, bias):
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    n=st.integers(1, 3),
-    c=st.integers(1, 20),
-    o=st.integers(1, 20),
-    h=st.integers(1, 6).map(lambda k: 4 * k),
-    w=st.integers(1, 6).map(lambda k: 4 * k),
-    band=st.integers(1, 40),
-)
+@given(**_shapes(20, 6), band=st.integers(1, 40))
 def test_any_band_size_matches_float64(n, c, o, h, w, band):
     """Bands of any size (tiles per band, rounded down to whole tile rows, at least one row; the
     last one partial, bands across image boundaries): forward and all three gradients."""

@@ -26,6 +26,7 @@ SOURCE = Path(__file__).with_name("winograd.cpp")
 BAND_TILES = 256  # tiles per band: V and M of one band stay in L2/L3 (measured best 128-512)
 MIN_PIXELS = 32 * 32  # N * H * W below this: the filter transform costs more than it saves
 MIN_CHANNELS = 16  # in and out; the RGB convolutions keep the direct kernel
+BUILD_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # C++ flags (linked with -fopenmp too)
 
 # G of F(4x4, 3x3) as a Kronecker product: U[(i, j)] = sum_kl G[i, k] G[j, l] g[k, l], (36, 9)
 _G = torch.tensor(
@@ -59,9 +60,8 @@ def kernel():
     finally:
         log.setLevel(level)
     logging.getLogger(__name__).info("Winograd kernel %s: compiled on first use (~20 s), then cached", name)
-    flags = ["-O3", "-march=native", "-fopenmp"]
     try:
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(
