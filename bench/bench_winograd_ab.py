@@ -90,6 +90,25 @@ def net_rows(kernels: dict, rounds: int) -> list[dict]:
     return rows
 
 
+class _TorchFilters:
+    """A kernel from before 2026-12-01 18:00 (no ``filters`` / ``filters_grad``): the filter
+    transforms by the PyTorch ops its Python side ran then, so the A/B covers the whole change."""
+
+    def __init__(self, module) -> None:  # noqa: ANN001
+        self.module, self.gg = module, torch.kron(common.WINOGRAD_G, common.WINOGRAD_G).float()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.module, name)
+
+    def filters(self, weight: torch.Tensor, flip_t: bool) -> torch.Tensor:
+        weight = weight.flip(2, 3).transpose(0, 1) if flip_t else weight
+        out_ch, in_ch = weight.shape[:2]
+        return (self.gg @ weight.reshape(out_ch * in_ch, 9).T).reshape(36, out_ch, in_ch)
+
+    def filters_grad(self, grad_u: torch.Tensor) -> torch.Tensor:
+        return (self.gg.T @ grad_u.reshape(36, -1)).T.reshape(*grad_u.shape[1:], 3, 3)
+
+
 def _swapped(module, fn):  # noqa: ANN001, ANN202
     def run() -> None:
         original = wg.kernel
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     common.set_cpu_malloc(True)
     kernels = {v: common.build_extension(f"ilvr_winograd_ab_{v}", getattr(args, v)) for v in ("old", "new")}
+    kernels = {v: k if hasattr(k, "filters") else _TorchFilters(k) for v, k in kernels.items()}
     rows = layer_rows(kernels, args.rounds)
     common.print_table(rows, title="Winograd kernel per layer: old vs new (ms, medians)")
     nets = net_rows(kernels, max(2, args.rounds // 2)) if args.net else []

@@ -121,6 +121,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+# G of Winograd F(4x4, 3x3) in float64 (the kernel's C++ has its own float32 copy): U = G g G^T
+WINOGRAD_G = torch.tensor(
+    [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6]]
+    + [[1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+    dtype=torch.float64,
+)
+
+
 # --------------------------------------------------------------------------- timing
 @dataclass
 class Timing:

@@ -10,6 +10,8 @@ float32 path where stated). Bounds and what was measured on the CPU (AMD EPYC, A
 | conv3x3 forward, 3 bands, partial last | float64 F.conv2d           | rel 1e-5  | 7.7e-7            |
 | conv3x3 gradients x, weight, bias      | float64 autograd of conv2d | rel 1e-5  | 1.2e-6, 2.0e-6, 1.2e-7 |
 | forward + 3 gradients, bands of 1-40 tiles, small shapes | float64 autograd | rel 1e-5 | <= 1.4e-6 (100 draws, one-off; the test draws 20) |
+| C = 272, O = 31, both GEMM builds: forward, dL/dx, dL/dg, dL/db | float64 autograd | rel 1e-5 | AVX-512 2.3e-6, 1.3e-6, 1.4e-6, 1.3e-7; MKL 1.6e-6, same |
+| filter transforms U, flipped U, G^T dU G | float64 einsum           | rel 1e-6  | 2.3e-8, 2.3e-8, 4.7e-8 |
 | tiny UNet forward (N=8, 32x32)         | stock float32 path         | rel 1e-5  | 2.8e-6            |
 | tiny UNet training step: loss / grads  | stock float32 path         | rel 1e-4  | 0 / 1.2e-5 (summed over the batch) |
 | calls that do not qualify              | stock float32 path         | identical | identical         |
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import common  # noqa: E402  (bench/common.py: randomize_parameters_, rel_err)
 
 rel_err = common.rel_err
+G64 = common.WINOGRAD_G  # float64, written out apart from the kernel's float32 copy
 
 REL = 1e-5
 
@@ -137,8 +140,46 @@ def test_any_band_size_matches_float64(n, c, o, h, w, band):
         _assert_gradients_match_float64(x, weight, b, x_grad=True)
 
 
+@settings(max_examples=20, deadline=None)
+@given(o=st.integers(1, 70), c=st.integers(1, 70))
+def test_filter_transforms_match_float64(o, c):
+    """U = G g G^T (36, O, C), the same of the flipped, transposed filters (36, C, O), and the
+    filters' gradient G^T dU G, against float64 einsums (blocks of 64 filters, a partial last)."""
+    gen = torch.Generator().manual_seed(o * 100 + c)
+    weight, grad_u = torch.randn(o, c, 3, 3, generator=gen), torch.randn(36, o, c, generator=gen)
+    k = winograd.kernel()
+    for flip_t, g in [(False, weight.double()), (True, weight.double().flip(2, 3).transpose(0, 1))]:
+        want = torch.einsum("ik,jl,pqkl->ijpq", G64, G64, g).reshape(36, *g.shape[:2])
+        assert rel_err(k.filters(weight, flip_t), want) <= 1e-6, flip_t
+    want = torch.einsum("ik,jl,ijoc->ockl", G64, G64, grad_u.double().reshape(6, 6, o, c))
+    assert rel_err(k.filters_grad(grad_u), want) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def mkl_build():
+    """The kernel built without AVX-512: the MKL GEMM path that CPUs without it take."""
+    name = f"ilvr_winograd_test_no_avx512_{winograd._cpu_tag()}"  # -march=native: one per CPU type
+    return winograd.build(name, [*winograd.BUILD_FLAGS, "-mno-avx512f"])
+
+
+@pytest.mark.parametrize("gemm", ["native", "mkl"])
+def test_many_channels_match_float64(gemm, mkl_build, monkeypatch):
+    """Both GEMM paths over shapes the small draws miss: C = 272 in slices of 128, 128, 16 and
+    O = 31 in blocks of 14, 14, 3 rows (swapped for dL/dx), bands of 36 tiles (a 32-column
+    block and a masked 4-column one), forward and all three gradients."""
+    if gemm == "mkl":
+        assert mkl_build.gemm_kind() == "mkl"
+        monkeypatch.setattr(winograd, "kernel", lambda: mkl_build)
+    elif "avx512f" in Path("/proc/cpuinfo").read_text():
+        assert winograd.kernel().gemm_kind() == "avx512"
+    monkeypatch.setattr(winograd, "BAND_TILES", 40)  # 9 tiles a row: bands of 4 rows = 36 tiles
+    x, weight, b = _conv_case(2, 272, 31, 20, 36, True, seed=4)
+    _assert_gradients_match_float64(x, weight, b, x_grad=True)
+
+
 def test_kernel_checks_bias_and_handles_empty_shapes():
-    """A bias of the wrong size is refused (not read past its end); W = 0 or N = 0: empty output."""
+    """A bias of the wrong size is refused (not read past its end); W = 0 or N = 0: empty output;
+    C = 0: the bias; O = 0: a zero input gradient (the GEMM of no channels still writes its zeros)."""
     x, weight, _ = _conv_case(1, 16, 32, 8, 8, False)
     with pytest.raises(RuntimeError, match="bias"):
         winograd.conv3x3(x, weight, torch.randn(64)[:1])
@@ -148,6 +189,16 @@ def test_kernel_checks_bias_and_handles_empty_shapes():
         y.sum().backward()
         assert weight.grad is not None and not weight.grad.any()
         weight.grad = None
+    garbage = torch.full((4096,), 7.0)  # freed memory that an unwritten output would show
+    del garbage
+    bias = torch.tensor([1.0, 2.0, 3.0])  # C = 0: y is the bias; O = 0: dL/dx is 0
+    assert torch.equal(
+        winograd.conv3x3(torch.randn(1, 0, 8, 8), torch.randn(3, 0, 3, 3), bias),
+        bias.view(1, 3, 1, 1).expand(1, 3, 8, 8),
+    )
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    winograd.conv3x3(x, torch.randn(0, 4, 3, 3)).sum().backward()
+    assert x.grad is not None and not x.grad.any()
 
 
 def test_kernel_releases_the_gil():

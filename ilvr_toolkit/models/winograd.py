@@ -4,9 +4,9 @@ A 3x3 stride-1 convolution computes each 4x4 output tile from a 6x6 input tile `
 ``y = A^T [(G g G^T) . (B^T d B)] A``: 36 multiplications per tile and channel pair instead of 144.
 The kernel (``winograd.cpp``, built with the system's C++ compiler on first use and cached by
 torch under ``TORCH_EXTENSIONS_DIR``) runs the transforms in bands of tile rows that stay in cache,
-with MKL GEMMs in between: 1.1-1.8x the direct (oneDNN) convolution forward per ffhq 3x3 layer,
+with 36 GEMMs in between (its own AVX-512 kernel; MKL on CPUs without AVX-512): 1.1-1.8x the direct (oneDNN) convolution forward per ffhq 3x3 layer,
 1.2-2.0x with backward, on a 2-core AVX-512 host (docs/benchmarks.md). Not bitwise: relative
-error about 2e-6 against float64 (the direct convolution: 2e-7); bound in
+error 2-4e-6 against float64 up to 512 channels (the direct convolution: 2e-7); bound in
 ``tests/test_winograd.py``. Gradients: the input's by the same kernel (flipped, transposed
 filters), the filters' in the Winograd domain (``dU = sum_t (A gy A^T)(B^T d B)^T``, ``G^T dU G``).
 """
@@ -28,14 +28,6 @@ MIN_PIXELS = 32 * 32  # N * H * W below this: the filter transform costs more th
 MIN_CHANNELS = 16  # in and out; the RGB convolutions keep the direct kernel
 BUILD_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # C++ flags (linked with -fopenmp too)
 
-# G of F(4x4, 3x3) as a Kronecker product: U[(i, j)] = sum_kl G[i, k] G[j, l] g[k, l], (36, 9)
-_G = torch.tensor(
-    [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6]]
-    + [[1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
-    dtype=torch.float64,
-)
-_GG = torch.kron(_G, _G).float()
-
 
 def _cpu_tag() -> str:
     """Short hash of this CPU's instruction sets and torch's version: the kernel is built with
@@ -51,7 +43,12 @@ def _cpu_tag() -> str:
 def kernel():
     """The compiled kernel module (built on first use; a few seconds to a minute). Raises
     OSError naming the source file if it cannot be built (no C++ compiler, no ninja)."""
-    name = f"ilvr_winograd_{_cpu_tag()}"
+    return build(f"ilvr_winograd_{_cpu_tag()}", BUILD_FLAGS)
+
+
+def build(name: str, flags: list[str]):  # noqa: ANN201 (a compiled extension module)
+    """Compile ``winograd.cpp`` as extension ``name`` with C++ ``flags`` (tests build a variant
+    with ``-mno-avx512f``: the MKL path of CPUs without AVX-512); OSError as :func:`kernel`."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # its import warns that there is no CUDA runtime
@@ -61,7 +58,7 @@ def kernel():
         log.setLevel(level)
     logging.getLogger(__name__).info("Winograd kernel %s: compiled on first use (~20 s), then cached", name)
     try:
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"])
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(
@@ -71,9 +68,9 @@ def kernel():
 
 
 def transform_filters(weight: torch.Tensor) -> torch.Tensor:
-    """Filters g (O, C, 3, 3) -> U = G g G^T as (36, O, C), float32."""
-    out_ch, in_ch = weight.shape[:2]
-    return (_GG.to(weight.device) @ weight.reshape(out_ch * in_ch, 9).T).reshape(36, out_ch, in_ch)
+    """Filters g (O, C, 3, 3) float32 CPU -> U = G g G^T as (36, O, C) (the kernel's ``filters``;
+    not differentiable: :func:`conv3x3`'s autograd Function owns the filters' gradient)."""
+    return kernel().filters(weight, False)
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,11 +95,10 @@ class _WinogradConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            u = transform_filters(weight.flip(2, 3).transpose(0, 1))
+            u = kernel().filters(weight, True)  # of the flipped, transposed filters: (36, C, O)
             grad_x = kernel().conv3x3(grad.contiguous(), u, grad.new_empty(0), BAND_TILES)
         if ctx.needs_input_grad[1]:
-            grad_u = kernel().conv3x3_grad_u(x, grad, BAND_TILES)  # (36, O, C)
-            grad_w = (_GG.T @ grad_u.reshape(36, -1)).T.reshape(weight.shape)
+            grad_w = kernel().filters_grad(kernel().conv3x3_grad_u(x, grad, BAND_TILES))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b
