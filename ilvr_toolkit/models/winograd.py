@@ -4,9 +4,10 @@ A 3x3 stride-1 convolution computes each 4x4 output tile from a 6x6 input tile `
 ``y = A^T [(G g G^T) . (B^T d B)] A``: 36 multiplications per tile and channel pair instead of 144.
 The kernel (``winograd.cpp``, built with the system's C++ compiler on first use and cached by
 torch under ``TORCH_EXTENSIONS_DIR``) runs the transforms in bands of tile rows that stay in cache,
-with 36 GEMMs in between (its own AVX-512 kernel; MKL on CPUs without AVX-512): 1.1-1.8x the direct (oneDNN) convolution forward per ffhq 3x3 layer,
-1.2-2.0x with backward, on a 2-core AVX-512 host (docs/benchmarks.md). Not bitwise: relative
-error 2-4e-6 against float64 up to 512 channels (the direct convolution: 2e-7); bound in
+with 36 GEMMs in between (its own AVX-512 kernel; MKL on CPUs without AVX-512), and the filter
+transforms: 1.85-2.2x the direct (oneDNN) convolution forward per ffhq 3x3 layer, 1.75-2.4x with
+backward, on a 2-core AVX-512 host (docs/benchmarks.md). Not bitwise: relative error 2-4.5e-6
+against float64 up to 512 channels (the direct convolution: 2e-7); bound in
 ``tests/test_winograd.py``. Gradients: the input's by the same kernel (flipped, transposed
 filters), the filters' in the Winograd domain (``dU = sum_t (A gy A^T)(B^T d B)^T``, ``G^T dU G``).
 """
