@@ -147,7 +147,6 @@ void grad_band(const float* Gy, const Geometry& g, int64_t r0, int64_t r1, float
   });
 }
 
-
 #ifdef __AVX512F__
 // M (R x 32 block, row stride ldm) (+)= U (R x K, row stride ldu) V (K x 32, row stride ldv): the
 // block in 2 R zmm registers, U's entries broadcast; m0, m1 mask the columns of a last block.
@@ -215,7 +214,6 @@ void band_products(const at::Tensor& U, const at::Tensor& V, at::Tensor& M, int6
   at::bmm_out(Mt, U, V.narrow(2, 0, t));
 #endif
 }
-
 
 // G of F(4x4, 3x3) (6 x 3): U = G g G^T per filter g (3 x 3).
 constexpr float G[6][3] = {{1.f / 4, 0.f, 0.f},          {-1.f / 6, -1.f / 6, -1.f / 6}, {-1.f / 6, 1.f / 6, -1.f / 6},
