@@ -84,11 +84,9 @@ from ilvr_toolkit.runtime import set_cpu_malloc  # noqa: E402  (the bench script
 def build_extension(name: str, source: Path):  # noqa: ANN201 (a compiled extension module)
     """Compile a bench C++ source as extension module ``name`` with the library's Winograd flags."""
     add_repo_to_path()
-    from torch.utils import cpp_extension
+    from ilvr_toolkit.models import winograd
 
-    from ilvr_toolkit.models.winograd import BUILD_FLAGS
-
-    return cpp_extension.load(name, [str(source)], extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"])
+    return winograd.build(name, winograd.BUILD_FLAGS, source)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

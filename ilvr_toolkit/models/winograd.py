@@ -47,9 +47,10 @@ def kernel():
     return build(f"ilvr_winograd_{_cpu_tag()}", BUILD_FLAGS)
 
 
-def build(name: str, flags: list[str]):  # noqa: ANN201 (a compiled extension module)
-    """Compile ``winograd.cpp`` as extension ``name`` with C++ ``flags`` (tests build a variant
-    with ``-mno-avx512f``: the MKL path of CPUs without AVX-512); OSError as :func:`kernel`."""
+def build(name: str, flags: list[str], source: Path = SOURCE):  # noqa: ANN201 (an extension module)
+    """Compile ``source`` (default ``winograd.cpp``) as extension ``name`` with C++ ``flags`` (tests
+    build a variant with ``-mno-avx512f``: the MKL path of CPUs without AVX-512; the bench builds
+    its candidate kernels); OSError naming the source as :func:`kernel`."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # its import warns that there is no CUDA runtime
@@ -59,11 +60,11 @@ def build(name: str, flags: list[str]):  # noqa: ANN201 (a compiled extension mo
         log.setLevel(level)
     logging.getLogger(__name__).info("Winograd kernel %s: compiled on first use (~20 s), then cached", name)
     try:
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        return cpp_extension.load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise OSError(
-            f"winograd: could not build the C++ kernel {SOURCE} (needs a C++ compiler and ninja; "
+            f"winograd: could not build the C++ kernel {source} (needs a C++ compiler and ninja; "
             f"or run without winograd): {first}"
         ) from error
 
@@ -94,10 +95,11 @@ class _WinogradConv(torch.autograd.Function):
         """dL/dx = grad (*) flipped, transposed filters (the same kernel); dL/dg = G^T dU G with
         dU from the kernel (Winograd domain); dL/db = grad summed over N, H, W."""
         x, weight = ctx.saved_tensors
+        grad = grad.contiguous()  # once for both kernels (each would copy a strided one)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             u = kernel().filters(weight, True)  # of the flipped, transposed filters: (36, C, O)
-            grad_x = kernel().conv3x3(grad.contiguous(), u, grad.new_empty(0), BAND_TILES)
+            grad_x = kernel().conv3x3(grad, u, grad.new_empty(0), BAND_TILES)
         if ctx.needs_input_grad[1]:
             grad_w = kernel().filters_grad(kernel().conv3x3_grad_u(x, grad, BAND_TILES))
         if ctx.has_bias and ctx.needs_input_grad[2]:
