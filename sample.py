@@ -4,8 +4,11 @@
 
 import sys
 
-from ilvr_toolkit.evaluation.runs import evaluate_run
-from ilvr_toolkit.sampling.cli import main
+try:
+    from ilvr_toolkit.evaluation.runs import check_evaluation, evaluate_run
+    from ilvr_toolkit.sampling.cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch imports: no traceback
+    sys.exit(130)
 
 if __name__ == "__main__":
-    sys.exit(main(evaluate=evaluate_run))
+    sys.exit(main(evaluate=evaluate_run, check=check_evaluation))

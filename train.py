@@ -6,7 +6,10 @@ python train.py export runs/tiny/checkpoints/last.ckpt
 
 import sys
 
-from ilvr_toolkit.training.cli import main
+try:
+    from ilvr_toolkit.training.cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch imports: no traceback
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

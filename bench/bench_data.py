@@ -118,7 +118,7 @@ def _epoch(loader: DataLoader, device: torch.device) -> tuple[float, int]:
     return time.perf_counter() - start, images
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -134,74 +134,94 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep the files here (default: a temp folder)"
     )
-    args = parser.parse_args(argv)
-    device = common.setup(args)
-    epochs = args.repeats or 3
+    return parser.parse_args(argv)
 
+
+def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
+    """(PNG folder, LMDB path): the N PNGs (kept if already there) and our LMDB of them."""
+    t0 = time.perf_counter()
+    folder = workdir / "images"
+    if not (folder / "class0").is_dir() or len(list((folder / "class0").iterdir())) != args.n_images:
+        shutil.rmtree(folder, ignore_errors=True)
+        make_pngs(folder / "class0", args.n_images, processes=max(1, args.workers), seed=args.seed)
+    print(f"{args.n_images} PNGs ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    lmdb_path = workdir / "data.lmdb"
+    level = {} if args.compress_level is None else {"compress_level": args.compress_level}
+    report = build_lmdb(
+        folder, lmdb_path, SIZE, workers=args.workers, format=args.format, quality=args.quality,
+        overwrite=True, progress=False, **level,
+    )  # fmt: skip
+    print(report.summary(), file=sys.stderr)
+    return folder, lmdb_path
+
+
+def _rates(
+    args: argparse.Namespace, folder: Path, lmdb_path: Path, device: torch.device
+) -> dict[str, list[float]]:
+    """images/s of each loader per epoch, epochs interleaved so load from other jobs hits both alike."""
+    loader_args = dict(
+        batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=False,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+    )  # fmt: skip
+    loaders = {
+        "ImageFolder+PIL": DataLoader(ImageFolder(str(folder), transform=PILToTensor()), **loader_args),
+        "LMDB (ours)": DataLoader(LMDBImageDataset(lmdb_path, SIZE), **loader_args),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(args.repeats or 3):
+        for name, loader in loaders.items():
+            seconds, images = _epoch(loader, device)
+            rates[name].append(images / seconds)
+    return rates
+
+
+def _report(
+    args: argparse.Namespace, rates: dict[str, list[float]], folder: Path, lmdb_path: Path, device
+) -> None:
+    """Prints the table and the ratio; writes bench/results/data<tag>.json."""
+    theirs, ours = rates["ImageFolder+PIL"], rates["LMDB (ours)"]
+    pair_ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
+    ratio, epochs = statistics.median(pair_ratios), len(ours)
+    png_bytes = sum(p.stat().st_size for p in (folder / "class0").iterdir())
+    lmdb_bytes = (lmdb_path / "data.mdb").stat().st_size
+    rows = [
+        {
+            "loader": name,
+            "images/s (median)": statistics.median(r),
+            "min": min(r),
+            "max": max(r),
+            "MiB on disk": (png_bytes if name.startswith("ImageFolder") else lmdb_bytes) / 2**20,
+        }
+        for name, r in rates.items()
+    ]
+    stored = f"{args.format}" + (f" q{args.quality}" if args.format == "jpeg" else "")
+    common.print_table(
+        rows,
+        title=f"{args.n_images} images {SIZE}x{SIZE}, batch {args.batch_size}, {args.workers} workers, "
+        f"{epochs} epochs each, device {device}; ours stored as {stored}",
+    )
+    print(
+        f"ratio ours / ImageFolder: {ratio:.2f}x (median of per-epoch pairs {', '.join(f'{x:.2f}' for x in pair_ratios)})"
+    )
+    payload = {
+        "env": common.environment(device),
+        "n_images": args.n_images, "size": SIZE, "batch_size": args.batch_size, "workers": args.workers,
+        "epochs": epochs, "format": args.format, "compress_level": read_info(lmdb_path).meta.get("compress_level"),
+        "quality": args.quality if args.format == "jpeg" else None,
+        "images_per_s": rates, "rows": rows, "ratio": ratio, "pair_ratios": pair_ratios,
+        "png_folder_bytes": png_bytes, "lmdb_bytes": lmdb_bytes,
+    }  # fmt: skip
+    path = common.write_json(f"data{args.tag}", payload, args.out_dir)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    device = common.setup(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
-        t0 = time.perf_counter()
-        folder = workdir / "images"
-        if not (folder / "class0").is_dir() or len(list((folder / "class0").iterdir())) != args.n_images:
-            shutil.rmtree(folder, ignore_errors=True)
-            make_pngs(folder / "class0", args.n_images, processes=max(1, args.workers), seed=args.seed)
-        print(f"{args.n_images} PNGs ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        lmdb_path = workdir / "data.lmdb"
-        level = {} if args.compress_level is None else {"compress_level": args.compress_level}
-        report = build_lmdb(
-            folder, lmdb_path, SIZE, workers=args.workers, format=args.format, quality=args.quality,
-            overwrite=True, progress=False, **level,
-        )  # fmt: skip
-        print(report.summary(), file=sys.stderr)
-
-        loader_args = dict(
-            batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=False,
-            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        )  # fmt: skip
-        loaders = {
-            "ImageFolder+PIL": DataLoader(ImageFolder(str(folder), transform=PILToTensor()), **loader_args),
-            "LMDB (ours)": DataLoader(LMDBImageDataset(lmdb_path, SIZE), **loader_args),
-        }
-        rates: dict[str, list[float]] = {name: [] for name in loaders}
-        for _ in range(epochs):  # interleaved, so load from other jobs hits both alike
-            for name, loader in loaders.items():
-                seconds, images = _epoch(loader, device)
-                rates[name].append(images / seconds)
-        theirs, ours = rates["ImageFolder+PIL"], rates["LMDB (ours)"]
-        pair_ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
-        ratio = statistics.median(pair_ratios)
-
-        png_bytes = sum(p.stat().st_size for p in (folder / "class0").iterdir())
-        lmdb_bytes = (lmdb_path / "data.mdb").stat().st_size
-        rows = [
-            {
-                "loader": name,
-                "images/s (median)": statistics.median(r),
-                "min": min(r),
-                "max": max(r),
-                "MiB on disk": (png_bytes if name.startswith("ImageFolder") else lmdb_bytes) / 2**20,
-            }
-            for name, r in rates.items()
-        ]
-        stored = f"{args.format}" + (f" q{args.quality}" if args.format == "jpeg" else "")
-        common.print_table(
-            rows,
-            title=f"{args.n_images} images {SIZE}x{SIZE}, batch {args.batch_size}, {args.workers} workers, "
-            f"{epochs} epochs each, device {device}; ours stored as {stored}",
-        )
-        print(
-            f"ratio ours / ImageFolder: {ratio:.2f}x (median of per-epoch pairs {', '.join(f'{x:.2f}' for x in pair_ratios)})"
-        )
-        payload = {
-            "env": common.environment(device),
-            "n_images": args.n_images, "size": SIZE, "batch_size": args.batch_size, "workers": args.workers,
-            "epochs": epochs, "format": args.format, "compress_level": read_info(lmdb_path).meta.get("compress_level"),
-            "quality": args.quality if args.format == "jpeg" else None,
-            "images_per_s": rates, "rows": rows, "ratio": ratio, "pair_ratios": pair_ratios,
-            "png_folder_bytes": png_bytes, "lmdb_bytes": lmdb_bytes,
-        }  # fmt: skip
-        path = common.write_json(f"data{args.tag}", payload, args.out_dir)
-        print(f"wrote {path}", file=sys.stderr)
+        folder, lmdb_path = _prepare(args, workdir)
+        _report(args, _rates(args, folder, lmdb_path, device), folder, lmdb_path, device)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

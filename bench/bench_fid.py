@@ -60,16 +60,61 @@ def stats_of(features: torch.Tensor) -> FeatureStats:
     return FeatureStats(mean, centred.T @ centred / (len(features) - 1), len(features), features)
 
 
-def main() -> None:
+def _parse() -> argparse.Namespace:
     p = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--n-images", type=int, default=32, help="images extracted (twice: timing, cache)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--inception-weights", default=None, help="real weights file (default: random weights)")
     p.add_argument("--distance-n", type=int, default=1000, help="set size for the FID/KID distance timing")
-    args = p.parse_args()
-    device = common.setup(args)
-    repeats = args.repeats or 1
+    return p.parse_args()
 
+
+def _time_extraction(args, extractor, images: torch.Tensor, device: torch.device, repeats: int):
+    """Timing of the Inception forward over ``images`` (uint8 (N, 3, 256, 256)), after a warm-up."""
+    extractor(images[: min(2, len(images))].to(device))  # warm-up (oneDNN / cuDNN choice)
+
+    def extract_all() -> None:
+        for k in range(0, len(images), args.batch_size):
+            extractor(images[k : k + args.batch_size].to(device))
+
+    return common.time_fn(extract_all, device, warmup=0, repeats=repeats)
+
+
+def _time_distances(n: int, device: torch.device, repeats: int) -> tuple:
+    """(FID timing, KID timing) at ``n`` vs ``n`` synthetic 2048-d features: the cost on top of extraction."""
+    real, fake = stats_of(synthetic_features(n, 1)), stats_of(synthetic_features(n, 2))
+    real_dev = FeatureStats(real.mean.to(device), real.cov.to(device), n)
+    fake_dev = FeatureStats(fake.mean.to(device), fake.cov.to(device), n)
+    fid_t = common.time_fn(lambda: fake_dev.frechet_distance(real_dev), device, warmup=0, repeats=repeats)
+    real_f, fake_f = real.features.to(device), fake.features.to(device)
+    kid_t = common.time_fn(lambda: kernel_distance(real_f, fake_f), device, warmup=0, repeats=repeats)
+    return fid_t, kid_t
+
+
+def _time_cache(args, extractor, images: torch.Tensor, tmp: Path) -> dict:
+    """The statistics cache: build (decode + extract + write the .npz) vs load, in seconds."""
+    folder = tmp / "target"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
+    kw = dict(image_size=SIZE, cache_dir=tmp / "cache", batch_size=args.batch_size)
+    start = time.perf_counter()
+    _, built = cached_reference_stats(folder, extractor, **kw)
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _, hit = cached_reference_stats(folder, extractor, **kw)
+    hit_s = time.perf_counter() - start
+    assert not built.hit and hit.hit
+    return {
+        "cache_build_s": build_s,
+        "cache_hit_s": hit_s,
+        "cache_file_mib": Path(hit.path).stat().st_size / 2**20,
+    }
+
+
+def _measure(args, device: torch.device) -> dict:
+    """Every figure of the run, under the names of the JSON payload."""
+    repeats = args.repeats or 1
     with tempfile.TemporaryDirectory(prefix="bench_fid_") as tmp:
         tmp = Path(tmp)
         weights = args.inception_weights or common.write_random_inception_weights(tmp / "inception.pth")
@@ -77,84 +122,55 @@ def main() -> None:
         extractor = InceptionFeatureExtractor(weights).to(device)
         load_s = time.perf_counter() - start
         images = smooth_images(args.n_images, args.seed)
+        extract = _time_extraction(args, extractor, images, device, repeats)
+        fid_t, kid_t = _time_distances(args.distance_n, device, repeats)
+        cache = _time_cache(args, extractor, images, tmp)
+    extract_1000 = 1000 / (args.n_images / extract.median)
+    build_per_image = cache["cache_build_s"] / args.n_images
+    return {
+        "extract": extract,
+        "extract_images_per_s": args.n_images / extract.median,
+        "extract_s_per_1000": extract_1000,
+        "distance_n": args.distance_n,
+        "fid_distance": fid_t,
+        "kid_100x1000": kid_t,
+        "fid_kid_s_per_1000_outputs": extract_1000 + fid_t.median + kid_t.median,
+        **cache,
+        "cache_build_s_per_1000": 1000 * build_per_image,
+        "cache_saved_s_per_1000_reference_images": 1000 * build_per_image - cache["cache_hit_s"],
+        "load_inception_s": load_s,
+    }
 
-        # --- extraction throughput
-        extractor(images[: min(2, len(images))].to(device))  # warm-up (oneDNN / cuDNN choice)
 
-        def extract_all() -> None:
-            for k in range(0, len(images), args.batch_size):
-                extractor(images[k : k + args.batch_size].to(device))
-
-        extract = common.time_fn(extract_all, device, warmup=0, repeats=repeats)
-        images_per_s = args.n_images / extract.median
-
-        # --- distances at --distance-n images (cost on top of the extraction)
-        n = args.distance_n
-        real, fake = stats_of(synthetic_features(n, 1)), stats_of(synthetic_features(n, 2))
-        real_dev = FeatureStats(real.mean.to(device), real.cov.to(device), n)
-        fake_dev = FeatureStats(fake.mean.to(device), fake.cov.to(device), n)
-        fid_t = common.time_fn(lambda: fake_dev.frechet_distance(real_dev), device, warmup=0, repeats=repeats)
-        real_f, fake_f = real.features.to(device), fake.features.to(device)
-        kid_t = common.time_fn(lambda: kernel_distance(real_f, fake_f), device, warmup=0, repeats=repeats)
-
-        # --- the statistics cache: build (decode + extract + write) vs load
-        folder = tmp / "target"
-        folder.mkdir()
-        for i, image in enumerate(images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
-        kw = dict(image_size=SIZE, cache_dir=tmp / "cache", batch_size=args.batch_size)
-        start = time.perf_counter()
-        _, built = cached_reference_stats(folder, extractor, **kw)
-        build_s = time.perf_counter() - start
-        start = time.perf_counter()
-        _, hit = cached_reference_stats(folder, extractor, **kw)
-        hit_s = time.perf_counter() - start
-        assert not built.hit and hit.hit
-        cache_file_mb = Path(hit.path).stat().st_size / 2**20
-
-    per_1000 = lambda seconds_per_image: 1000 * seconds_per_image  # noqa: E731
-    extract_1000 = per_1000(1 / images_per_s)
-    build_per_image = build_s / args.n_images
-    rows = [
-        {
-            "what": "Inception extraction",
-            "value": images_per_s,
-            "unit": "images/s",
-            "per 1,000 images (s)": extract_1000,
-        },
-        {
-            "what": f"FID distance, {n} vs {n}",
-            "value": fid_t.median,
-            "unit": "s",
-            "per 1,000 images (s)": None,
-        },
-        {
-            "what": f"KID 100 x {min(1000, n)}, {n} vs {n}",
-            "value": kid_t.median,
-            "unit": "s",
-            "per 1,000 images (s)": None,
-        },
-        {
-            "what": "FID + KID of 1,000 outputs (extract + distances)",
-            "value": None,
-            "unit": "s",
-            "per 1,000 images (s)": extract_1000 + fid_t.median + kid_t.median,
-        },
-        {
-            "what": f"reference stats, build ({args.n_images} PNGs)",
-            "value": build_s,
-            "unit": "s",
-            "per 1,000 images (s)": per_1000(build_per_image),
-        },
-        {"what": "reference stats, cache hit", "value": hit_s, "unit": "s", "per 1,000 images (s)": None},
-        {
-            "what": "time saved by the cache per evaluation",
-            "value": build_s - hit_s,
-            "unit": "s",
-            "per 1,000 images (s)": per_1000(build_per_image) - hit_s,
-        },
-        {"what": "loading the Inception weights", "value": load_s, "unit": "s", "per 1,000 images (s)": None},
+def _rows(m: dict, n_images: int) -> list[dict]:
+    n = m["distance_n"]
+    row = lambda what, value, unit, per_1000: {  # noqa: E731
+        "what": what, "value": value, "unit": unit, "per 1,000 images (s)": per_1000,
+    }  # fmt: skip
+    return [
+        row("Inception extraction", m["extract_images_per_s"], "images/s", m["extract_s_per_1000"]),
+        row(f"FID distance, {n} vs {n}", m["fid_distance"].median, "s", None),
+        row(f"KID 100 x {min(1000, n)}, {n} vs {n}", m["kid_100x1000"].median, "s", None),
+        row("FID + KID of 1,000 outputs (extract + distances)", None, "s", m["fid_kid_s_per_1000_outputs"]),
+        row(
+            f"reference stats, build ({n_images} PNGs)", m["cache_build_s"], "s", m["cache_build_s_per_1000"]
+        ),
+        row("reference stats, cache hit", m["cache_hit_s"], "s", None),
+        row(
+            "time saved by the cache per evaluation",
+            m["cache_build_s"] - m["cache_hit_s"],
+            "s",
+            m["cache_saved_s_per_1000_reference_images"],
+        ),
+        row("loading the Inception weights", m["load_inception_s"], "s", None),
     ]
+
+
+def main() -> None:
+    args = _parse()
+    device = common.setup(args)
+    m = _measure(args, device)
+    rows = _rows(m, args.n_images)
     title = f"FID/KID on {device} ({'random' if not args.inception_weights else 'given'} Inception weights, {SIZE} px)"
     common.print_table(rows, title=title)
     payload = {
@@ -164,18 +180,7 @@ def main() -> None:
         "n_images": args.n_images,
         "batch_size": args.batch_size,
         "weights": "random (timing only)" if not args.inception_weights else str(args.inception_weights),
-        "extract": extract,
-        "extract_images_per_s": images_per_s,
-        "extract_s_per_1000": extract_1000,
-        "distance_n": n,
-        "fid_distance": fid_t,
-        "kid_100x1000": kid_t,
-        "fid_kid_s_per_1000_outputs": extract_1000 + fid_t.median + kid_t.median,
-        "cache_build_s": build_s,
-        "cache_hit_s": hit_s,
-        "cache_file_mib": cache_file_mb,
-        "cache_saved_s_per_1000_reference_images": per_1000(build_per_image) - hit_s,
-        "load_inception_s": load_s,
+        **m,
         "rows": rows,
     }
     path = common.write_json(f"fid{args.tag}", payload, args.out_dir)

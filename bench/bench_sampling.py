@@ -134,7 +134,6 @@ def make_sampler(
     image_size: int,
     lowpass: LowPass | None,
     reference: torch.Tensor | None,
-    factor: int,
 ):
     """A closure running one full loop with fresh per-image generators (same seeds each run)."""
     loop = ddim_sample if case.sampler == "ddim" else ddpm_sample
@@ -144,7 +143,9 @@ def make_sampler(
         noise = PerImageNoise(gens)
         x_T = draw_x_T(noise, (case.batch, 3, image_size, image_size), device)
         hooks = (
-            [] if lowpass is None else [ILVR(reference, factor, range_t=-1, mode="paper", lowpass=lowpass)]
+            []
+            if lowpass is None
+            else [ILVR(reference, lowpass.factor, range_t=-1, mode="paper", lowpass=lowpass)]
         )
         return loop(diffusion, net, x_T, noise=noise, hooks=hooks)
 
@@ -249,8 +250,8 @@ def run_case(case: Case, args, device: torch.device, nets: dict) -> dict:
     reference = (torch.rand(case.batch, 3, size, size, generator=gen) * 2 - 1).to(device)
     lowpass = LowPass(size, args.factor, device)
     runs = {
-        "uncond": make_sampler(case, diffusion, net, 1000, device, size, None, None, args.factor),
-        "ilvr": make_sampler(case, diffusion, net, 1000, device, size, lowpass, reference, args.factor),
+        "uncond": make_sampler(case, diffusion, net, 1000, device, size, None, None),
+        "ilvr": make_sampler(case, diffusion, net, 1000, device, size, lowpass, reference),
     }
     big_on_cpu = device.type == "cpu" and size > 64
     rounds = args.repeats if args.repeats is not None else (2 if big_on_cpu else 3)

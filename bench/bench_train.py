@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,35 +97,44 @@ def model_settings(name: str) -> dict[str, Any]:
     return dict(config["model"])
 
 
-def run_case(
-    name: str,
-    batch: int,
-    precision: str,
-    device: torch.device,
-    steps: int,
-    warmup: int,
-    compile: bool,
-    seed: int,
-    channels_last: bool = False,
-    native_groupnorm: bool = False,
-) -> dict[str, Any]:
-    settings = model_settings(name)
+@dataclass(frozen=True)
+class Case:
+    """One timed configuration: a config file, a batch size and the settings that vary."""
+
+    name: str
+    batch: int
+    precision: str
+    compile: bool = False
+    channels_last: bool = False
+    native_gn: bool = False
+
+
+def build_module(case: Case) -> DiffusionModule:
+    """The :class:`DiffusionModule` of configs/<case.name> with the case's settings."""
+    settings = model_settings(case.name)
     settings["diffusion"] = DiffusionConfig(**settings.get("diffusion", {}))
     settings["unet"] = resolve_unet_config(settings.get("unet", "tiny")).replace(
-        native_groupnorm=native_groupnorm
+        native_groupnorm=case.native_gn
     )
-    settings["compile"] = compile
-    settings["channels_last"] = channels_last
+    settings["compile"] = case.compile
+    settings["channels_last"] = case.channels_last
     settings.pop("init_from", None)
-    module = DiffusionModule(**settings)
+    return DiffusionModule(**settings)
+
+
+def run_case(case: Case, device: torch.device, steps: int, warmup: int, seed: int) -> dict[str, Any]:
+    """One ``Trainer.fit`` of ``steps + warmup`` steps; the row of the table."""
+    module = build_module(case)
     size = module.unet_config.image_size
     params = sum(p.numel() for p in module.model.parameters())
-    loader = torch.utils.data.DataLoader(_Images(batch * (steps + warmup), size, seed), batch_size=batch)
+    loader = torch.utils.data.DataLoader(
+        _Images(case.batch * (steps + warmup), size, seed), batch_size=case.batch
+    )
     timer = _StepTimer(device, warmup)
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=[device.index or 0] if device.type == "cuda" else 1,
-        precision=precision,
+        precision=case.precision,
         max_steps=steps + warmup,
         logger=False,
         enable_checkpointing=False,
@@ -135,30 +145,23 @@ def run_case(
     )
     trainer.fit(module, train_dataloaders=loader)
     step_s = statistics.median(timer.seconds)
-    peak = (
-        timer.peak_bytes
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
+    cuda = device.type == "cuda"
+    peak = timer.peak_bytes if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row = {
-        "config": name,
+        **asdict(case),
+        "config": case.name,
         "params_M": params / 1e6,
         "image": size,
-        "batch": batch,
-        "precision": precision,
-        "compile": compile,
-        "channels_last": channels_last,
-        "native_gn": native_groupnorm,
         "step_s": step_s,
         "step_min_s": min(timer.seconds),
         "step_max_s": max(timer.seconds),
-        "images_per_s": batch / step_s,
+        "images_per_s": case.batch / step_s,
         "peak_mem_gib": peak / 2**30 if peak else None,
-        "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_max_rss",
+        "peak_mem_kind": "cuda_allocated" if cuda else "process_max_rss",
         "timed_steps": len(timer.seconds),
     }
     del trainer, module, loader
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
     return row
 
@@ -171,7 +174,7 @@ def parse_batches(items: list[str] | None, device: torch.device) -> dict[str, li
     return batches
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--configs", nargs="+", default=["tiny", "ffhq"], choices=sorted(CONFIG_FILES))
     parser.add_argument("--batch-sizes", nargs="*", help="per config: ffhq=1,2 tiny=32")
@@ -190,72 +193,62 @@ def main(argv: list[str] | None = None) -> int:
         default="off",
         help="UNetConfig.native_groupnorm (only differs under bf16/16-mixed)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
+    """Every case the arguments ask for, in the order they run."""
+    precisions = args.precision or (["32-true", "bf16-mixed"] if device.type == "cuda" else ["32-true"])
+    batches = parse_batches(args.batch_sizes, device)
+    switch = {"on": [True], "off": [False], "both": [False, True]}
+    product = list(
+        itertools.product(
+            precisions,
+            [False, True] if args.compile else [False],
+            switch[args.channels_last],
+            switch[args.native_groupnorm],
+        )
+    )
+    return [
+        Case(name, batch, *variant) for name in args.configs for batch in batches[name] for variant in product
+    ]
+
+
+COLUMNS = ["config", "batch", "precision", "compile", "channels_last", "native_gn"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     device = common.setup(args)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     cuda = device.type == "cuda"
-    precisions = args.precision or (["32-true", "bf16-mixed"] if cuda else ["32-true"])
     steps = args.steps or (20 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    batches = parse_batches(args.batch_sizes, device)
-    compiles = [False, True] if args.compile else [False]
-    switch = {"on": [True], "off": [False], "both": [False, True]}
-    variants = [(cl, gn) for cl in switch[args.channels_last] for gn in switch[args.native_groupnorm]]
-
     rows = []
-    for name in args.configs:
-        for batch in batches[name]:
-            for precision, compiled, (cl, gn) in itertools.product(precisions, compiles, variants):
-                try:
-                    row = run_case(name, batch, precision, device, steps, warmup, compiled, args.seed, cl, gn)
-                except torch.cuda.OutOfMemoryError:
-                    row = {
-                        "config": name,
-                        "batch": batch,
-                        "precision": precision,
-                        "compile": compiled,
-                        "channels_last": cl,
-                        "native_gn": gn,
-                        "error": "OOM",
-                    }
-                    torch.cuda.empty_cache()
-                rows.append(row)
-                common.print_table(
-                    [row],
-                    [
-                        "config",
-                        "batch",
-                        "precision",
-                        "compile",
-                        "channels_last",
-                        "native_gn",
-                        "step_s",
-                        "images_per_s",
-                        "peak_mem_gib",
-                    ],
-                )
-
-    columns = [
-        "config",
-        "params_M",
-        "image",
-        "batch",
-        "precision",
-        "compile",
-        "channels_last",
-        "native_gn",
-        "step_s",
-        "step_min_s",
-        "step_max_s",
-        "images_per_s",
-        "peak_mem_gib",
-    ]
+    for case in cases(args, device):
+        try:
+            row = run_case(case, device, steps, warmup, args.seed)
+        except torch.cuda.OutOfMemoryError:
+            row = {**asdict(case), "config": case.name, "error": "OOM"}
+            torch.cuda.empty_cache()
+        rows.append(row)
+        common.print_table([row], [*COLUMNS, "step_s", "images_per_s", "peak_mem_gib"])
     common.print_table(
         rows,
-        columns,
+        [
+            *COLUMNS[:1],
+            "params_M",
+            "image",
+            *COLUMNS[1:],
+            "step_s",
+            "step_min_s",
+            "step_max_s",
+            "images_per_s",
+            "peak_mem_gib",
+        ],
         title=f"training step on {device} (images/s per device; peak memory: {rows[0].get('peak_mem_kind')})",
     )
     payload = {

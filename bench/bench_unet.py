@@ -364,15 +364,9 @@ def summarize(configs: list[dict], records: dict, flops: int, cuda: bool) -> tup
     return rows, columns
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = common.setup(args)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
-        torch.backends.cudnn.benchmark = True
-    settings = {
+def _settings(args: argparse.Namespace, cuda: bool) -> dict:
+    """What varies between the timed configurations."""
+    return {
         "batches": common.parse_list(args.batch_sizes, int) or (CUDA_BATCHES if cuda else CPU_BATCHES),
         "precisions": list(dict.fromkeys(common.parse_list(args.precisions))),
         "layouts": _switch_list(args.channels_last),
@@ -383,57 +377,57 @@ def main(argv: list[str] | None = None) -> int:
         if cuda
         else {"both": ["default", "tuned"]}.get(args.malloc or "both", [args.malloc]),
     }
+
+
+def _profiles(configs: list[dict], first_batch: int, device: torch.device) -> dict:
+    """torch.profiler tables of the first batch size's eager configurations, by label."""
+    profiles = {}
+    for cfg in configs:
+        if cfg["batch"] == first_batch and not cfg["compile"]:
+            if device.type != "cuda":
+                common.set_cpu_malloc(cfg["malloc"] == "tuned")
+            profiles[_label(cfg)] = profile_forward(cfg["fn"], device, _label(cfg))
+    return profiles
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = common.setup(args)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = True
+    settings = _settings(args, cuda)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
     matmul_n = args.matmul_size or (8192 if cuda else 2048)
-
     flops = flops_per_image(args.preset)
     print(f"{args.preset}: {flops / 1e9:.1f} GFLOP per image per forward (counted)", flush=True)
     configs = build_configs(args, device, settings)
-
+    profiles = {}
     if args.profile or args.profile_only:
-        profiles = {}
-        for cfg in configs:
-            if cfg["batch"] == settings["batches"][0] and not cfg["compile"]:
-                if not cuda:
-                    common.set_cpu_malloc(cfg["malloc"] == "tuned")
-                profiles[_label(cfg)] = profile_forward(cfg["fn"], device, _label(cfg))
+        profiles = _profiles(configs, settings["batches"][0], device)
         if args.profile_only:
-            common.write_json(
-                f"unet_profile{args.tag}",
-                {"env": common.environment(device), "profiles": profiles},
-                args.out_dir,
-            )
+            payload = {"env": common.environment(device), "profiles": profiles}
+            common.write_json(f"unet_profile{args.tag}", payload, args.out_dir)
             return 0
-
     ref_dtypes = {p: (common.PRECISIONS[p] or torch.float32) for p in settings["precisions"]}
     reference = MatmulReference(device, matmul_n, set(ref_dtypes.values()))
     records = run_rounds(configs, reference, ref_dtypes, flops, device, warmup, repeats)
     rows, columns = summarize(configs, records, flops, cuda)
-    title = (
+    common.print_table(rows, columns, title=(
         f"UNet forward, {args.preset} ({flops / 1e9:.1f} GFLOP/img), {device}, "
         f"{torch.get_num_threads()} CPU threads, attention={args.attention}, "
         f"native GroupNorm {args.native_groupnorm}; ratio = UNet FLOP/s / "
         f"{matmul_n}^3 matmul FLOP/s (same dtype, measured around each forward), median of {repeats} rounds"
-    )
-    common.print_table(rows, columns, title=title)
-    path = common.write_json(
-        f"unet{args.tag}",
-        {
-            "env": common.environment(device),
-            "preset": args.preset,
-            "gflop_per_image": flops / 1e9,
-            "matmul_size": matmul_n,
-            "attention": args.attention,
-            "native_groupnorm": args.native_groupnorm,
-            "warmup": warmup,
-            "repeats": repeats,
-            "rows": rows,
-            **({"profiles": profiles} if args.profile else {}),
-        },
-        args.out_dir,
-    )
-    print(f"wrote {path}")
+    ))  # fmt: skip
+    payload = {
+        "env": common.environment(device), "preset": args.preset, "gflop_per_image": flops / 1e9,
+        "matmul_size": matmul_n, "attention": args.attention, "native_groupnorm": args.native_groupnorm,
+        "warmup": warmup, "repeats": repeats, "rows": rows, **({"profiles": profiles} if args.profile else {}),
+    }  # fmt: skip
+    print(f"wrote {common.write_json(f'unet{args.tag}', payload, args.out_dir)}")
     return 0
 
 

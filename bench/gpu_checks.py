@@ -324,49 +324,57 @@ def check_cuda_graph(model, device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- compile
 def check_compile(args) -> None:
+    """torch.compile: tiny32 fp32 equals eager; ffhq bf16 as close to fp32 as eager, and its speed."""
     device = _cuda()
     with tf32(False):
-        tiny = random_unet("tiny32", device)
-        x = torch.randn(4, 3, 32, 32, device=device)
-        t = torch.randint(0, 1000, (4,), device=device)
-        with torch.no_grad():
-            eager = tiny(x, t)
+        _compile_tiny(device)
+        _compile_ffhq(args, device)
+
+
+def _compile_tiny(device: torch.device) -> None:
+    tiny = random_unet("tiny32", device)
+    x = torch.randn(4, 3, 32, 32, device=device)
+    t = torch.randint(0, 1000, (4,), device=device)
+    with torch.no_grad():
+        eager = tiny(x, t)
+        tic = time.perf_counter()
+        compiled = torch.compile(tiny, dynamic=False)(x, t)
+        seconds = time.perf_counter() - tic
+    err = rel_err(compiled, eager)
+    record(
+        "compile tiny32 fp32 == eager",
+        "PASS" if err <= 1e-4 else "FAIL",
+        f"rel {err:.1e} (bound 1e-4), compiled in {seconds:.0f} s",
+        rel=err,
+        compile_s=seconds,
+    )
+
+
+def _compile_ffhq(args, device: torch.device) -> None:
+    batch = args.batch
+    size = 256 if device.type == "cuda" else 64  # the CPU dry run only tests this code
+    big = random_unet("ffhq", device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with torch.no_grad():
+        ref = big(x, t)  # eager fp32, TF32 off
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            eager_bf16 = big(x, t)
+            net = torch.compile(big, dynamic=False, mode=args.mode)
             tic = time.perf_counter()
-            compiled = torch.compile(tiny, dynamic=False)(x, t)
+            comp_bf16 = net(x, t)
+            common.synchronize(device)
             seconds = time.perf_counter() - tic
-        err = rel_err(compiled, eager)
-        record(
-            "compile tiny32 fp32 == eager",
-            "PASS" if err <= 1e-4 else "FAIL",
-            f"rel {err:.1e} (bound 1e-4), compiled in {seconds:.0f} s",
-            rel=err,
-            compile_s=seconds,
-        )
 
-        batch = args.batch
-        size = 256 if device.type == "cuda" else 64  # the CPU dry run only tests this code
-        big = random_unet("ffhq", device).to(memory_format=torch.channels_last)
-        x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        with torch.no_grad():
-            ref = big(x, t)  # eager fp32, TF32 off
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                eager_bf16 = big(x, t)
-                net = torch.compile(big, dynamic=False, mode=args.mode)
-                tic = time.perf_counter()
-                comp_bf16 = net(x, t)
-                common.synchronize(device)
-                seconds = time.perf_counter() - tic
+            def run_eager():
+                return big(x, t)
 
-                def run_eager():
-                    return big(x, t)
+            def run_compiled():
+                return net(x, t)
 
-                def run_compiled():
-                    return net(x, t)
-
-                timings = common.interleave(
-                    {"eager": run_eager, "compiled": run_compiled}, device, rounds=6, warmup=2
-                )
+            timings = common.interleave(
+                {"eager": run_eager, "compiled": run_compiled}, device, rounds=6, warmup=2
+            )
     e_err, c_err = rel_err(eager_bf16, ref), rel_err(comp_bf16, ref)
     bound = max(1.5 * e_err, e_err + 2e-3)
     speed = {k: batch / v.median for k, v in timings.items()}
@@ -479,123 +487,93 @@ def check_ddp_lightning(args) -> None:
     )
 
 
+def _tiny_images(folder: Path) -> None:
+    """96 smooth random 48x48 PNGs (what ``prepare`` turns into the 16x16 LMDB)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(96):
+        small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((48, 48), Image.Resampling.BICUBIC).save(folder / f"{i:03d}.png")
+
+
+def _ddp_commands(args, work: Path, with_fid: bool) -> list[list[str]]:
+    """prepare, fit, and with the FID monitor a resumed fit for ``every`` more steps."""
+    lmdb_path = work / "tiny.lmdb"
+    prep = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(work / "images"), "--out", str(lmdb_path)]
+    fit = [
+        sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--data.path", str(lmdb_path),
+        "--trainer.accelerator", "gpu" if _cuda().type == "cuda" else "cpu", "--trainer.devices", "1",
+        "--trainer.strategy", "ddp", "--trainer.max_steps", str(args.steps),
+        "--trainer.default_root_dir", str(work / "run"), "--data.workers", "2",
+        "--data.loader.persistent_workers", "false",
+    ]  # fmt: skip
+    if not with_fid:
+        return [[*prep, "--size", "16"], fit]
+    weights = common.write_random_inception_weights(work / "inception_random.pth")
+    every = max(1, args.steps // 2)
+    fit += [
+        "--fid.every_n_steps", str(every), "--fid.num_images", "16", "--fid.batch_size", "16",
+        "--fid.sampler.respacing", "ddim5", "--fid.reference.inception_weights", str(weights),
+        "--fid.reference.stats_cache_dir", str(work / "stats"),
+    ]  # fmt: skip
+    at = fit.index("--trainer.max_steps") + 1
+    return [[*prep, "--size", "16"], fit, [*fit[:at], str(args.steps + every), *fit[at + 1 :]]]
+
+
+def _record_fid(work: Path) -> None:
+    history_file = work / "run" / "fid.jsonl"
+    history = (
+        [json.loads(line) for line in history_file.read_text().splitlines()] if history_file.exists() else []
+    )
+    steps = [e["step"] for e in history]
+    ok = len(steps) >= 3 and all(math.isfinite(e["fid"]) for e in history)
+    record(
+        "FID monitor in DDP fit + resume (cache hit)",
+        "PASS" if ok else "FAIL",
+        f"evaluations at steps {steps}, FID {[round(e['fid'], 2) for e in history]}, "
+        f"seconds {[e['seconds'] for e in history]}",
+    )
+
+
 def check_ddp_train(args) -> None:
     """``train.py fit --config configs/tiny.yaml`` with DDP on one GPU, on a made-up LMDB; with
     torch-fidelity present also the FID monitor (random Inception weights), then a resumed
     fit whose reference statistics come from the cache (CPU-loaded statistics vs CUDA
     features: the case a CPU test cannot reach)."""
-    repo = common.REPO
+    repo, name = common.REPO, "DDP 1 GPU (train.py fit)"
     missing = [m for m in ("lmdb", "jsonargparse") if not _importable(m)]
     if not (repo / "train.py").exists() or not (repo / "configs" / "tiny.yaml").exists():
-        record("DDP 1 GPU (train.py fit)", "SKIP", "train.py or configs/tiny.yaml missing")
+        record(name, "SKIP", "train.py or configs/tiny.yaml missing")
         return
     if missing:
-        record("DDP 1 GPU (train.py fit)", "SKIP", f"missing packages {missing} (carry wheels in .whl/)")
+        record(name, "SKIP", f"missing packages {missing} (carry wheels in .whl/)")
         return
-    import numpy as np
-    from PIL import Image
-
     work = Path(args.work)
-    images = work / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(96):
-        small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((48, 48), Image.Resampling.BICUBIC).save(images / f"{i:03d}.png")
+    _tiny_images(work / "images")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    lmdb_path = work / "tiny.lmdb"
-    prep = [
-        sys.executable,
-        "-m",
-        "ilvr_toolkit.data.prepare",
-        str(images),
-        "--out",
-        str(lmdb_path),
-        "--size",
-        "16",
-    ]
-    fit = [
-        sys.executable,
-        "train.py",
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        "--data.path",
-        str(lmdb_path),
-        "--trainer.accelerator",
-        "gpu" if _cuda().type == "cuda" else "cpu",
-        "--trainer.devices",
-        "1",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.max_steps",
-        str(args.steps),
-        "--trainer.default_root_dir",
-        str(work / "run"),
-        "--data.workers",
-        "2",
-        "--data.loader.persistent_workers",
-        "false",
-    ]
-    commands = [prep, fit]
     with_fid = _importable("torch_fidelity")
-    if with_fid:
-        weights = common.write_random_inception_weights(work / "inception_random.pth")
-        every = max(1, args.steps // 2)
-        fit += [
-            "--fid.every_n_steps",
-            str(every),
-            "--fid.num_images",
-            "16",
-            "--fid.batch_size",
-            "16",
-            "--fid.sampler.respacing",
-            "ddim5",
-            "--fid.reference.inception_weights",
-            str(weights),
-            "--fid.reference.stats_cache_dir",
-            str(work / "stats"),
-        ]
-        resumed = [
-            *fit[: fit.index("--trainer.max_steps") + 1],
-            str(args.steps + every),
-            *fit[fit.index("--trainer.max_steps") + 2 :],
-        ]
-        commands.append(resumed)
-    for cmd in commands:
+    for step, cmd in zip(
+        ("prepare", "fit", "resumed fit"), _ddp_commands(args, work, with_fid), strict=False
+    ):
         print("$ " + " ".join(cmd), flush=True)
         tic = time.perf_counter()
         done = subprocess.run(cmd, cwd=repo, env=env, text=True, capture_output=True, timeout=args.timeout)
         print(done.stdout[-3000:], done.stderr[-3000:], sep="\n", flush=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
-            record(
-                "DDP 1 GPU (train.py fit)",
-                "FAIL",
-                f"{Path(cmd[1]).name if cmd is fit else 'prepare'} rc {done.returncode}: {tail}",
-            )
+            record(name, "FAIL", f"{step} rc {done.returncode}: {tail}")
             return
     ckpts = sorted(str(p.relative_to(work)) for p in (work / "run").rglob("*.ckpt"))
     record(
-        "DDP 1 GPU (train.py fit)",
+        name,
         "PASS" if ckpts else "FAIL",
         f"{args.steps} steps in {time.perf_counter() - tic:.0f} s; checkpoints: {ckpts[:3]}",
     )
     if with_fid:
-        history_file = work / "run" / "fid.jsonl"
-        history = (
-            [json.loads(line) for line in history_file.read_text().splitlines()]
-            if history_file.exists()
-            else []
-        )
-        steps = [e["step"] for e in history]
-        ok = len(steps) >= 3 and all(math.isfinite(e["fid"]) for e in history)
-        record(
-            "FID monitor in DDP fit + resume (cache hit)",
-            "PASS" if ok else "FAIL",
-            f"evaluations at steps {steps}, FID {[round(e['fid'], 2) for e in history]}, "
-            f"seconds {[e['seconds'] for e in history]}",
-        )
+        _record_fid(work)
     else:
         record(
             "FID monitor in DDP fit + resume (cache hit)",

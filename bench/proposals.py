@@ -118,7 +118,7 @@ def proposal(variant: str, model: torch.nn.Module):
         model.set_native_groupnorm(False)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -135,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: epilogue in fp32; all three under autocast",
     )
-    args = parser.parse_args(argv)
-    device = common.setup(args)
-    if device.type == "cpu" and args.malloc == "tuned":
-        common.set_cpu_malloc(True)
-    variants = args.variants or (["epilogue"] if args.precision == "fp32" else list(VARIANTS))
+    return parser.parse_args(argv)
+
+
+def _inputs(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(model with random weights, x (B, 3, S, S), t (B,)) in the layout asked for."""
     model = common.randomize_parameters_(build_unet(args.preset), seed=args.seed).eval().requires_grad_(False)
     model = model.to(device)
     size = model.config.image_size
@@ -151,6 +153,40 @@ def main(argv: list[str] | None = None) -> int:
             model.to(memory_format=torch.channels_last),
             x.contiguous(memory_format=torch.channels_last),
         )
+    return model, x, t
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _rows(timings: dict, outputs: dict, ref32: torch.Tensor, batch: int) -> list[dict]:
+    """One row per variant: time, speed-up over stock (median of paired rounds), errors."""
+    rows = []
+    for name, timing in timings.items():
+        ratios = sorted(s / v for s, v in zip(timings["stock"].seconds, timing.seconds, strict=True))
+        rows.append(
+            {
+                "variant": name,
+                "ms/forward": timing.median * 1e3,
+                "spread": timing.spread,
+                "img/s": batch / timing.median,
+                "speed-up": statistics.median(ratios),
+                "rel err vs stock": _rel(outputs[name], outputs["stock"]),
+                "rel err vs fp32": _rel(outputs[name], ref32),
+                "seconds": timing.seconds,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    device = common.setup(args)
+    if device.type == "cpu" and args.malloc == "tuned":
+        common.set_cpu_malloc(True)
+    variants = args.variants or (["epilogue"] if args.precision == "fp32" else list(VARIANTS))
+    model, x, t = _inputs(args, device)
 
     def forward(variant: str | None):
         def run() -> torch.Tensor:
@@ -160,52 +196,24 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.double() - b.double()).norm() / b.double().norm())
-
     with torch.no_grad():
         ref32 = model(x, t).float()  # plain fp32, stock
     fns = {"stock": forward(None), **{v: forward(v) for v in variants}}
     outputs = {name: fn().float() for name, fn in fns.items()}
     repeats = args.repeats or (4 if device.type == "cpu" else 20)
     timings = common.interleave(fns, device, rounds=repeats, warmup=1 if args.warmup is None else args.warmup)
-    rows = []
-    for name, timing in timings.items():
-        ratios = sorted(s / v for s, v in zip(timings["stock"].seconds, timing.seconds, strict=True))
-        rows.append(
-            {
-                "variant": name,
-                "ms/forward": timing.median * 1e3,
-                "spread": timing.spread,
-                "img/s": args.batch / timing.median,
-                "speed-up": statistics.median(ratios),
-                "rel err vs stock": rel(outputs[name], outputs["stock"]),
-                "rel err vs fp32": rel(outputs[name], ref32),
-                "seconds": timing.seconds,
-            }
-        )
+    rows = _rows(timings, outputs, ref32, args.batch)
     columns = ["variant", "ms/forward", "spread", "img/s", "speed-up", "rel err vs stock", "rel err vs fp32"]
-    common.print_table(
-        rows,
-        columns,
-        title=(
-            f"GroupNorm proposals, {args.preset} batch {args.batch} {args.precision} channels_last {args.channels_last}, "
-            f"{device}, {torch.get_num_threads()} threads; speed-up = median over {repeats} rounds of stock/variant"
-        ),
-    )
+    common.print_table(rows, columns, title=(
+        f"GroupNorm proposals, {args.preset} batch {args.batch} {args.precision} channels_last {args.channels_last}, "
+        f"{device}, {torch.get_num_threads()} threads; speed-up = median over {repeats} rounds of stock/variant"
+    ))  # fmt: skip
     best = max(rows[1:], key=lambda r: r["speed-up"])
-    common.write_json(
-        f"proposals{args.tag}",
-        {
-            "env": common.environment(device),
-            "args": vars(args),
-            "rows": rows,
-            "best": best["variant"],
-            "speedup": best["speed-up"],
-            "rel_error": best["rel err vs stock"],
-        },
-        args.out_dir,
-    )
+    payload = {
+        "env": common.environment(device), "args": vars(args), "rows": rows, "best": best["variant"],
+        "speedup": best["speed-up"], "rel_error": best["rel err vs stock"],
+    }  # fmt: skip
+    common.write_json(f"proposals{args.tag}", payload, args.out_dir)
     return 0
 
 

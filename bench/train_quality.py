@@ -145,7 +145,10 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 16) -> None:
     ).save(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+MARKER = ".train_quality"  # written into every work folder; an existing folder without it is never emptied
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--num-images", type=int, default=512)
@@ -155,23 +158,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temp folder (kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="ilvr_train_quality_"))
-    if work.exists() and args.work_dir:
-        shutil.rmtree(work)
+    return parser.parse_args(argv)
+
+
+def _work_dir(given: Path | None) -> Path:
+    """An empty work folder: ``given`` (emptied only if an earlier run of this script made it) or a temp one."""
+    if given is None:
+        work = Path(tempfile.mkdtemp(prefix="ilvr_train_quality_"))
+    else:
+        if given.exists() and (not given.is_dir() or any(given.iterdir())):
+            if not (given / MARKER).is_file():
+                raise SystemExit(
+                    f"--work-dir {given}: exists and was not made by this script; choose another"
+                )
+            shutil.rmtree(given)
+        work = given
     work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    (work / MARKER).touch()
+    return work
 
-    make_patches(work / "patches", args.num_images, crop=64, seed=args.seed)
-    lmdb = work / "patches.lmdb"
-    build_lmdb(work / "patches", lmdb, [16], workers=0, progress=False)
-    data = LMDBImageDataset(lmdb, 16)
-    reference = torch.stack([data[i] for i in range(len(data))])
 
-    run_dir = work / "run"
-    cli = TrainCLI(
+def _train_cli(args: argparse.Namespace, lmdb: Path, run_dir: Path) -> TrainCLI:
+    """``train.py fit --config configs/tiny.yaml`` on the patches, not yet run."""
+    return TrainCLI(
         args=[
             "--config", str(common.REPO / "configs" / "tiny.yaml"),
             "--data.path", str(lmdb),
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "--trainer.default_root_dir", str(run_dir),
             "--trainer.max_steps", str(args.steps),
             "--trainer.accelerator", "cpu",
-            "--trainer.log_every_n_steps", "5",
+            "--trainer.log_every_n_steps", str(min(5, args.steps)),
             "--trainer.enable_progress_bar", "false",
             "--samples.every_n_steps", "0",
             "--ilvr_preview.every_n_steps", "0",
@@ -189,68 +198,70 @@ def main(argv: list[str] | None = None) -> int:
         ],
         run=False,
     )  # fmt: skip
-    features = RandomFeatures(args.seed)
 
-    initial = build_unet(cli.model.unet_config)
-    initial.load_state_dict(cli.model.model.state_dict())  # the EMA starts as these weights
-    before = sample(initial, cli, args.num_samples, 64, seed=1)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    trained_at = time.perf_counter()
 
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    ema = build_unet(cli.model.unet_config)
-    ema.load_state_dict({k[len("model.") :]: v for k, v in ckpt["state_dict"].items()})
-    after = sample(ema, cli, args.num_samples, 64, seed=1)
-
-    half = len(reference) // 2
-    perm = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
-    floor = distances(reference[perm[:half]], reference[perm[half:]], features)
-    d_before = distances(before, reference, features)
-    d_after = distances(after, reference, features)
-    loss = loss_curve(run_dir / "tb", "train/loss")
-    mse = loss_curve(run_dir / "tb", "train/mse")
-    save_grid(before, work / "samples_initial.png")
-    save_grid(after, work / "samples_ema_trained.png")
-    save_grid(reference, work / "data.png")
-
-    result = {
-        "steps": int(ckpt["global_step"]),
-        "batch_size": args.batch_size,
-        "num_images": len(reference),
-        "num_samples": args.num_samples,
-        "loss_first_10pct": window_mean(loss, True),
-        "loss_last_10pct": window_mean(loss, False),
-        "mse_first_10pct": window_mean(mse, True),
-        "mse_last_10pct": window_mean(mse, False),
-        "distance_initial_weights": d_before,
-        "distance_ema_trained": d_after,
-        "distance_data_halves_floor": floor,
-        "train_seconds": trained_at - started,
-        "total_seconds": time.perf_counter() - started,
-        "work_dir": str(work),
-    }
+def _print(result: dict) -> None:
+    before, after, floor = (
+        result[k] for k in ("distance_initial_weights", "distance_ema_trained", "distance_data_halves_floor")
+    )
     rows = [
         {"": "loss (hybrid)", "start": result["loss_first_10pct"], "end": result["loss_last_10pct"]},
         {"": "mse", "start": result["mse_first_10pct"], "end": result["mse_last_10pct"]},
         {
             "": "RFD (random conv features)",
-            "start": d_before["rfd"],
-            "end": d_after["rfd"],
+            "start": before["rfd"],
+            "end": after["rfd"],
             "floor": floor["rfd"],
         },
-        {
-            "": "pixel FD",
-            "start": d_before["pixel_fd"],
-            "end": d_after["pixel_fd"],
-            "floor": floor["pixel_fd"],
-        },
+        {"": "pixel FD", "start": before["pixel_fd"], "end": after["pixel_fd"], "floor": floor["pixel_fd"]},
     ]
     common.print_table(rows, ["", "start", "end", "floor"], title=f"tiny config, {result['steps']} steps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = _work_dir(args.work_dir)
+    started = time.perf_counter()
+    make_patches(work / "patches", args.num_images, crop=64, seed=args.seed)
+    lmdb = work / "patches.lmdb"
+    build_lmdb(work / "patches", lmdb, [16], workers=0, progress=False)
+    data = LMDBImageDataset(lmdb, 16)
+    reference = torch.stack([data[i] for i in range(len(data))])
+    run_dir = work / "run"
+    cli = _train_cli(args, lmdb, run_dir)
+    features = RandomFeatures(args.seed)
+    initial = build_unet(cli.model.unet_config)
+    initial.load_state_dict(cli.model.model.state_dict())  # the EMA starts as these weights
+    before = sample(initial, cli, args.num_samples, 64, seed=1)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    trained_at = time.perf_counter()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ema = build_unet(cli.model.unet_config)
+    ema.load_state_dict({k[len("model.") :]: v for k, v in ckpt["state_dict"].items()})
+    after = sample(ema, cli, args.num_samples, 64, seed=1)
+    half = len(reference) // 2
+    perm = torch.randperm(len(reference), generator=torch.Generator().manual_seed(args.seed))
+    loss, mse = loss_curve(run_dir / "tb", "train/loss"), loss_curve(run_dir / "tb", "train/mse")
+    for images, name in ((before, "samples_initial"), (after, "samples_ema_trained"), (reference, "data")):
+        save_grid(images, work / f"{name}.png")
+    result = {
+        "steps": int(ckpt["global_step"]), "batch_size": args.batch_size, "num_images": len(reference),
+        "num_samples": args.num_samples,
+        "loss_first_10pct": window_mean(loss, True), "loss_last_10pct": window_mean(loss, False),
+        "mse_first_10pct": window_mean(mse, True), "mse_last_10pct": window_mean(mse, False),
+        "distance_initial_weights": distances(before, reference, features),
+        "distance_ema_trained": distances(after, reference, features),
+        "distance_data_halves_floor": distances(reference[perm[:half]], reference[perm[half:]], features),
+        "train_seconds": trained_at - started, "total_seconds": time.perf_counter() - started, "work_dir": str(work),
+    }  # fmt: skip
+    _print(result)
     path = common.write_json(f"train_quality{args.tag}", {"environment": common.environment(), **result})
     print(f"\nwrote {path}; grids in {work}")
     print(json.dumps({k: result[k] for k in ("loss_first_10pct", "loss_last_10pct")}))
-    ok = result["loss_last_10pct"] < result["loss_first_10pct"] and d_after["rfd"] < d_before["rfd"]
-    return 0 if ok else 1
+    rfd = result["distance_ema_trained"]["rfd"] < result["distance_initial_weights"]["rfd"]
+    return 0 if result["loss_last_10pct"] < result["loss_first_10pct"] and rfd else 1
 
 
 if __name__ == "__main__":

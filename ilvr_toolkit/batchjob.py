@@ -5,16 +5,18 @@ which requeues the job after its tasks ended (``ILVR_REQUEUE_NOTE``), and plain 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["StopSignals", "LineProgress", "leave_note"]
+__all__ = ["StopSignals", "LineProgress", "leave_note", "signals_ready"]
 
 STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
 
@@ -25,6 +27,17 @@ def leave_note(text: str) -> None:
     """Write ``text`` to ``$ILVR_REQUEUE_NOTE`` (the batch script prints it and requeues)."""
     if path := os.environ.get("ILVR_REQUEUE_NOTE"):
         atomic_write_bytes(path, (text + "\n").encode())
+
+
+def signals_ready(ready: bool = True) -> None:
+    """Tell the batch script that a stop signal may reach this task now (it touches
+    ``$ILVR_STOP_READY``; one that comes earlier waits) or, with ``ready=False``, no more."""
+    path = os.environ.get("ILVR_STOP_READY")
+    with contextlib.suppress(OSError):
+        if path and ready:
+            Path(path).touch()
+        elif path:
+            Path(path).unlink(missing_ok=True)
 
 
 class StopSignals:
@@ -47,6 +60,7 @@ class StopSignals:
             self.signum = None
             self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
             self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            signals_ready()
         return self
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -61,6 +75,7 @@ class StopSignals:
     def stop(self) -> None:
         if not self._previous:
             return
+        signals_ready(False)
         while signal.sigpending() & STOP_SIGNALS - self._mask:
             signal.sigtimedwait(STOP_SIGNALS - self._mask, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)

@@ -78,7 +78,7 @@ def normalize_options(
     out: list[str] = []
     seen: set[str] = set()
     for i, token in enumerate(argv):
-        if token.startswith("--") and token != "--":
+        if token.startswith("--") and token != "--" and " " not in token:  # "--a 1 --b 2": a value
             name, sep, value = token.partition("=")
             name = "--" + name[2:].replace("-", "_")
             name = aliases.get(name, name)
@@ -138,6 +138,17 @@ def check_paths(named: Mapping[str, Any]) -> None:
     for option, path in named.items():
         if path and not Path(path).exists():
             raise UsageError(f"--{option} {path}: no such file or folder")
+
+
+def check_output_file(option: str, path: str | None) -> None:
+    """Before any work: ``path`` can be written as a file, else :class:`UsageError` naming it."""
+    if not path:
+        return
+    if Path(path).is_dir():
+        raise UsageError(f"--{option} {path}: is a folder, expected a file name")
+    parent = next(p for p in Path(path).absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--{option} {path}: cannot be written here ({parent} is not a writable folder)")
 
 
 def setup_logging() -> None:

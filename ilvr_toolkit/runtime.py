@@ -107,6 +107,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as error:  # a user's value: one line, exit status 2
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from error
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from error
+    count = torch.cuda.device_count() if device.type == "cuda" else None
+    if count is not None and (device.index or 0) >= count:
+        raise UsageError(f"--device {name}: this machine has {count} usable CUDA devices; use cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use cpu or auto")
+    return device

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ilvr_toolkit.cli import normalize_options
+from ilvr_toolkit.cli import normalize_options, parse_options
 from ilvr_toolkit.data import read_info, read_names
 from ilvr_toolkit.data.prepare import BuildSettings
 from ilvr_toolkit.data.prepare import build_parser as prepare_parser
+from ilvr_toolkit.evaluation.runs import check_evaluation, evaluate_run
+from ilvr_toolkit.sampling import SampleConfig
+from ilvr_toolkit.sampling.cli import build_parser as sample_parser
 from ilvr_toolkit.sampling.cli import main as sample_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,13 +190,27 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
         (["--ilvr.range_t", "null", "--ilvr.fraction", "1.5"], "--ilvr.fraction 1.5"),
         (["--threads", "0"], "--threads 0: expected an integer >= 1"),
         (["--workers", "-1"], "--workers -1"),
-        (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda or cuda:N"),
+        (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda, cuda:N or mps"),
+        (["--device", "cuda:99"], "--device cuda:99: this machine has "),
+        (["--seed", "-1"], "--seed -1: expected an integer >= 0"),
+        (["--ilvr.factor", "[]"], "--ilvr.factor []: expected at least one factor N"),
+        (["--ilvr.factor", "3"], "--ilvr.factor 3: expected a divisor of the model's image size 32"),
+        (["--sampler.respacing", "2000"], "--sampler.respacing 2000: cannot keep 2000 steps"),
+        (["--ilvr.range_t", "200"], "--ilvr.range_t 200: range_t=200 outside [-1, 99]"),
+        (["--task", "inpaint", "--mask", "configs"], "--mask configs: not a readable image"),
+        (
+            ["--inception_weights", "configs/demo.yaml"],
+            "--inception_weights configs/demo.yaml: not a weights file",
+        ),
+        (["--output.dir", ""], "--output.dir: empty; expected a folder"),
+        (["--output.dir", "README.md"], "--output.dir README.md: is a file, expected a folder"),
+        (["--output.dir", "datasets/demo_references/out"], "inside --references datasets/demo_references"),
         (["--batch_size", "many"], "--batch_size many: expected int"),
         (["--sampler.method", "euler"], "--sampler.method euler: expected one of ddpm, ddim"),
         (["--no_such_option", "1"], "unrecognized arguments: --no_such_option 1"),
         (
             ["--model.checkpoint", "checkpoints/nope.pt"],
-            "--model.checkpoint checkpoints/nope.pt: no such file",
+            "--model.checkpoint checkpoints/nope.pt: no such file (nothing is downloaded: checkpoints/README.md",
         ),
         (["--references", "no/such/folder"], "--references no/such/folder: no such file or folder"),
         (["--evaluate_against", "datasets/typo.lmdb"], "--evaluate_against datasets/typo.lmdb: no such"),
@@ -204,7 +221,8 @@ def test_sample_bad_value_is_one_line_exit_2(capsys, monkeypatch, tmp_path, extr
     """The real ``sample.py`` entry point, in this process (a subprocess per case would spend
     most of the time importing torch); the subprocess path is checked just below."""
     monkeypatch.chdir(REPO)  # the demo config's paths are relative to the repository
-    code = sample_main(["--config", str(DEMO_CONFIG), "--output.dir", str(tmp_path / "out"), *extra])
+    args = ["--config", str(DEMO_CONFIG), "--output.dir", str(tmp_path / "out"), *extra]
+    code = sample_main(args, evaluate=evaluate_run, check=check_evaluation)  # what sample.py passes
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: "), captured.err
@@ -263,3 +281,14 @@ def test_normalize_options_spellings():
         "2",
         "--output.grid_max_rows=3",
     ]
+    # a value that holds options (guided-diffusion's flag string, the README's form) is kept as given
+    flags = "--image_size 256 --num-channels 256 --learn_sigma True"
+    assert normalize_options(["--model.flags", flags]) == ["--model.flags", flags]
+
+
+def test_yaml_number_respacing_is_read_as_the_string(tmp_path):
+    """``respacing: 50`` in a config file (YAML reads a number) means what ``"50"`` does."""
+    config = tmp_path / "run.yaml"
+    config.write_text("sampler:\n  respacing: 50\n")
+    namespace = parse_options(sample_parser(), ["--config", str(config)])
+    assert SampleConfig.from_dict(namespace.as_dict()).sampler.respacing == "50"

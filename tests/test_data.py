@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from conftest import DATA_BAD_FILES, DATA_SIZES, smooth_rgb, torchrun
 from PIL import Image, JpegImagePlugin
 from torch.utils.data import DataLoader
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.data import (
     BadImage,
     ImageDataModule,
@@ -258,6 +260,18 @@ def test_cli_report_existing_out_and_overwrite(data_folder, tmp_path, capsys):
     build_lmdb(data_folder[0], out, [8, 16], workers=0, progress=False, overwrite=True)
     assert read_info(out).sizes == (8, 16) and LMDBImageDataset(out, 8)[0].shape == (3, 8, 8)
     assert _leftovers(out) == [out.name]
+
+
+@pytest.mark.parametrize("where", ["source", "parent"])
+def test_output_that_is_or_holds_the_source_is_refused_even_with_overwrite(data_folder, tmp_path, where):
+    """``--overwrite`` replaces the output folder: never when that folder is the source's."""
+    source = tmp_path / "photos" / "set"
+    shutil.copytree(data_folder[0], source)
+    listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = source if where == "source" else source.parent
+    with pytest.raises(UsageError, match=rf"^--output.dir {out}: is the source {source} or holds it"):
+        build_lmdb(source, out, 16, workers=0, progress=False, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
 
 
 def test_empty_and_all_bad_sources(tmp_path):

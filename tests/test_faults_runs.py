@@ -149,6 +149,13 @@ def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(r
         assert done.returncode == 2 and line.startswith(
             f"sample.py: error: {word}: {out} holds a run made with"
         )
+    tiny_sample(tmp_path, ["0_first"])  # a reference added in front: every index would move
+    done = runner(*cmd)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: --references {tmp_path / 'refs'}: reference 0 is now '0_first', but {out} "
+        "made a_s0.png from 'a' there (a file added, removed or renamed before it); restore the folder "
+        "or use a new --output.dir"
+    )
     assert {p.name: p.read_bytes() for p in out.glob("*_s0.png")} == images
     assert (
         json.loads((out / "manifest.json").read_text())["config"]["seed"]

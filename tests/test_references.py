@@ -106,3 +106,13 @@ def test_reference_lmdb_and_errors(reference_folder, tmp_path):
         ReferenceSet(tmp_path / "empty", 16)
     with pytest.raises(FileNotFoundError):
         ReferenceSet(tmp_path / "missing", 16)
+
+
+def test_a_sample_runs_grid_is_not_an_image_of_the_folder(tmp_path):
+    """A sample.py output folder read as images (evaluation --outputs, references of a next
+    translation) lists its outputs, not its grid.png; in any other folder a grid.png is an image."""
+    for name in ("a_s0.png", "grid.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    assert ReferenceSet(tmp_path).names == ["a_s0", "grid"]
+    (tmp_path / "manifest.json").write_text("{}")
+    assert ReferenceSet(tmp_path).names == ["a_s0"]

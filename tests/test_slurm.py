@@ -67,9 +67,13 @@ def lmdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
-def sbatch(*args: str) -> str:
-    """Submit from the repository root (the scripts find their helpers there); the job id."""
-    done = subprocess.run(["sbatch", "--parsable", *args], cwd=REPO, capture_output=True, text=True)
+def sbatch(*args: str, env: dict[str, str] | None = None) -> str:
+    """Submit from the repository root (the scripts find their helpers there), with this
+    environment plus ``env`` (sbatch hands it to the job); the job id."""
+    environ = {**os.environ, **(env or {})}
+    done = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=REPO, capture_output=True, text=True, env=environ
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
 
@@ -197,11 +201,12 @@ def test_shard_count_is_fixed_and_the_merge_waits_for_every_shard(tmp_path: Path
 # --------------------------------------------------------------------------- training jobs
 def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_path: Path) -> None:
     """The command of docs/cluster.md, no other sbatch option: COMPLETED, a log of plain
-    progress lines, a checkpoint at max_steps."""
+    progress lines, a checkpoint at max_steps. A ``CUDA_VISIBLE_DEVICES`` exported where the
+    job was submitted (no GPU behind it) does not make it a GPU job."""
     run_dir = tmp_path / "run"
     job = sbatch(
         "scripts/slurm/train.sbatch", "configs/tiny.yaml", "--trainer.max_steps", "30",
-        "--trainer.default_root_dir", str(run_dir), "--data.path", str(lmdb),
+        "--trainer.default_root_dir", str(run_dir), "--data.path", str(lmdb), env={"CUDA_VISIBLE_DEVICES": "0"},
     )  # fmt: skip
     info = wait_job(job)
     log = REPO / f"slurm-ilvr-train-{job}.out"
@@ -215,8 +220,9 @@ def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_pa
 
 
 def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp_path: Path) -> None:
-    """One job pre-empted twice: ``scancel --signal=USR1 --batch`` (to the batch shell, which
-    forwards it, as ``--signal=B:USR1@120`` near the time limit), then, once resumed,
+    """One job pre-empted twice: ``scancel --signal=USR1 --batch`` (to the batch shell, as
+    ``--signal=B:USR1@120`` near the time limit) while Python still starts (the shell keeps
+    it until the training can save, then forwards it), then, once resumed,
     ``scancel --signal=TERM`` (to every task and DataLoader worker, as a pre-emption with grace
     time). Each time: a checkpoint, one note line, a requeue; the job ends at max_steps."""
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
@@ -224,15 +230,16 @@ def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp
         f"--output={log}", "--cpus-per-task=2", "scripts/slurm/train.sbatch", "configs/tiny.yaml",
         "--data.path", str(lmdb), *FAST, "--trainer.max_steps", "40", "--trainer.default_root_dir", str(run_dir),
     )  # fmt: skip
-    wait_for_line(log, r"^step 1/40 ", job)
+    wait_for_line(log, r"^job \d+ restart 0 on ", job)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for_line(log, r"; requeued\n(.*\n)*step \d+/40 ", job)
+    assert "got SIGUSR1 while python train.py starts; passing it on once it can save" in log.read_text()
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
     info = wait_job(job)
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), text
     notes = [int(s) for s in re.findall(r"^saved checkpoint at step (\d+); requeued$", text, re.MULTILINE)]
-    assert len(notes) == 2 and notes[0] < notes[1] < 40, text
+    assert len(notes) == 2 and 1 <= notes[0] < notes[1] < 40, text
     for step, after in zip(notes, text.split("; requeued")[1:], strict=True):
         # resumed from hpc_ckpt_K.ckpt or last.ckpt (same step); the next line is step S+1
         assert f"resuming from {run_dir}/" in after and f"\nstep {step + 1}/40 " in after, text
@@ -311,23 +318,35 @@ def test_array_rerun_and_merge_equal_one_process(cluster: None, tmp_path: Path) 
 
 
 def test_preempted_sampling_finishes_its_batch_requeues_and_resumes(cluster: None, tmp_path: Path) -> None:
-    """``scancel --signal=USR1`` during a translation: the task writes the batch it is
-    sampling, exits, is requeued, and the requeued task writes only the rest."""
-    out, log = tmp_path / "out", tmp_path / "sample.out"
-    config = _sample_config(tmp_path, out, count=6, steps=50, batch=1)
-    job = sbatch(f"--output={log}", "scripts/slurm/sample_array.sbatch", str(config))
-    wait_for_line(log, r"ILVR 1/6 ", job)  # the first batch is written
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    info = wait_job(job)
-    text = log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text
-    first = re.search(
-        r"^wrote (\d+) images \(0 already there\).*\nstopped after a batch, \1 images written; requeued$",
-        text,
-        re.MULTILINE,
+    """A 2-task array stopped during its translation: task 1 (whose job id is the array's, the
+    case ``scontrol show job ID`` lists every task for) by ``scancel --signal=USR1 --batch``,
+    as near its time limit; task 0 by ``scontrol requeue``. Each writes the batch it is
+    sampling, exits and comes back; the requeued task writes only the rest, the last merges."""
+    out = tmp_path / "out"
+    config = _sample_config(tmp_path, out, count=12, steps=50, batch=1)
+    array = sbatch(
+        "--array=0-1", f"--output={tmp_path}/%a.out", "scripts/slurm/sample_array.sbatch", str(config)
     )
-    assert first is not None and 1 <= int(first.group(1)) < 6, text
-    written = int(first.group(1))
-    assert f"wrote {6 - written} images ({written} already there)" in text, text
-    assert json.loads((out / "manifest.json").read_text())["num_images"] == 6
-    assert not TRACEBACK.search(text), text
+    logs = [tmp_path / f"{k}.out" for k in range(2)]
+    stops = {1: ["scancel", "--signal=USR1", "--batch"], 0: ["scontrol", "requeue"]}
+    deadline = time.monotonic() + 240
+    while stops and time.monotonic() < deadline:  # each as soon as its first batch is written
+        for k in [k for k in stops if logs[k].is_file() and "ILVR 1/6 " in logs[k].read_text()]:
+            subprocess.run([*stops.pop(k), f"{array}_{k}"], check=True)
+        time.sleep(0.3)
+    assert not stops, [log.read_text() for log in logs if log.is_file()]
+    infos = [wait_job(f"{array}_{k}") for k in range(2)]
+    texts = [log.read_text() for log in logs]
+    for k, how in ((0, r"requeued by SLURM \(scontrol requeue or pre-emption\)"), (1, "requeued")):
+        info = infos[k]
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), texts[k]
+        first = re.search(
+            rf"^wrote (\d+) images \(0 already there\).*\nstopped after a batch, \1 images written; {how}$",
+            texts[k],
+            re.MULTILINE,
+        )
+        assert first is not None and 1 <= int(first.group(1)) < 6, texts[k]
+        written = int(first.group(1))
+        assert f"wrote {6 - written} images ({written} already there)" in texts[k], texts[k]
+        assert not TRACEBACK.search(texts[k]), texts[k]
+    assert json.loads((out / "manifest.json").read_text())["num_images"] == 12

@@ -28,6 +28,7 @@ import yaml
 from conftest import free_port
 from PIL import Image
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.data.prepare import build_lmdb
 from ilvr_toolkit.fileio import remove_dead_temps
 from ilvr_toolkit.models import CheckpointError, build_unet, get_preset, load_model
@@ -298,6 +299,11 @@ def test_export_round_trip_and_rerun_after_finish(tiny_run: Path, lmdb_path: Pat
         assert torch.equal(net.eval()(x, t), ema.eval()(x, t))
     described = load_model(result["model_file"])
     assert described.source_kind == "ilvr_toolkit" and described.diffusion["steps"] == 1000
+    before = result["model_file"].read_bytes()
+    with pytest.raises(UsageError, match=rf"^--name ema_step\d+: {result['plain']} exists; choose another"):
+        export_checkpoint(last)  # what is there is kept
+    assert result["model_file"].read_bytes() == before
+    assert export_checkpoint(last, overwrite=True)["model_file"] == result["model_file"]
     assert_same_tensors(described.model.state_dict(), plain, "self-describing file")
 
     # The CLI: --output.dir (and the older --out-dir), files as export_checkpoint writes them.

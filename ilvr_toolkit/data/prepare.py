@@ -299,13 +299,16 @@ def build_lmdb(
     t0 = time.perf_counter()
     sizes = check_sizes(sizes)
     out = Path(out)
+    if out.resolve() in (
+        location := Path(source).resolve(),
+        *location.parents,
+    ):  # --overwrite would delete it
+        raise UsageError(f"--output.dir {out}: is the source {source} or holds it; choose another folder")
     if (out.exists() or out.is_symlink()) and not settings.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     src = _open_source(source)
     if not src.names:
         raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
-    if src.kind == "lmdb" and Path(src.location) == out.resolve():
-        raise UsageError(f"source and --output.dir are the same LMDB: {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")

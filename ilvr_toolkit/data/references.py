@@ -46,12 +46,19 @@ def load_reference(source: str | Path | bytes | bytearray | Image.Image, image_s
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # copy: PIL arrays are read-only
 
 
+def _run_grid(folder: Path) -> Path | None:
+    """``folder/grid.png`` if ``folder`` is a sample.py output folder (the overview, not an output)."""
+    ran = (folder / "manifest.json").is_file() or (folder / ".manifest").is_dir()
+    return folder / "grid.png" if ran else None
+
+
 class ReferenceSet(Dataset):
     """The reference images of a translation run, from a folder, an LMDB dataset or image files.
 
     - files (one path, or a list): ``names`` are the file stems;
-    - folder: its image files (``files.list_image_files``); ``names`` are the file stems, made
-      unique (``files.unique_names``) when they clash;
+    - folder: its image files (``files.list_image_files``; a sample.py output folder's
+      ``grid.png`` is not one); ``names`` are the file stems, made unique
+      (``files.unique_names``) when they clash;
     - LMDB (a folder holding ``data.mdb``): every index, named ``f"{index:05d}"``; the
       stored size closest above ``image_size`` is read and passed through the same
       preprocessing (a no-op when it already matches).
@@ -77,7 +84,7 @@ class ReferenceSet(Dataset):
             self._lmdb = LMDBImageDataset(self.source, stored)
             self.names = [f"{i:05d}" for i in range(len(self._lmdb))]
         elif self.source.is_dir():
-            self.files = list_image_files(self.source)
+            self.files = [f for f in list_image_files(self.source) if f != _run_grid(self.source)]
             self.names = unique_names([f.relative_to(self.source) for f in self.files])
         elif self.source.is_file():
             self.files, self.names = [self.source], [self.source.stem]

@@ -5,7 +5,16 @@ from dataclasses import fields
 
 from jsonargparse import ArgumentParser
 
-from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
+from ..cli import (
+    UsageError,
+    check_output_file,
+    check_paths,
+    check_range,
+    make_parser,
+    parse_options,
+    run_command,
+    setup_logging,
+)
 from .api import EvalSettings, evaluate_translation, format_table, write_metrics
 
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -28,7 +37,10 @@ def _main(argv: list[str]) -> int:
     if config.outputs is None or (config.target is None and config.references is None):
         raise UsageError("give --outputs, and --target (FID/KID) and/or --references (SSIM/PSNR/L2)")
     check_paths({name: config[name] for name in ("outputs", "target", "references", "inception_weights")})
-    for name, low in dict(batch_size=1, kid_subsets=1, kid_subset_size=1, workers=0, factor=1).items():
+    check_output_file("metrics_json", config.metrics_json)
+    for name, low in dict(
+        batch_size=1, kid_subsets=1, kid_subset_size=1, workers=0, factor=1, image_size=1
+    ).items():
         if config[name] is not None:
             check_range(name, config[name], low)
     settings = EvalSettings(**{f.name: config[f.name] for f in fields(EvalSettings)})

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..cli import UsageError
 from ..runtime import resolve_device
 from ..sampling import RunResult, SampleConfig
 from ..sampling.tasks import run_operators
@@ -16,6 +17,18 @@ from .api import evaluate_translation, format_table, write_metrics
 from .inception import InceptionFeatureExtractor, InceptionWeightsMissing
 
 log = logging.getLogger("ilvr_toolkit.evaluation")
+
+
+def check_evaluation(config: SampleConfig) -> None:
+    """Before sampling: Inception weights that are there load (a missing file only skips FID)."""
+    if not config.evaluate_against:
+        return
+    try:
+        InceptionFeatureExtractor(config.inception_weights)
+    except InceptionWeightsMissing:
+        pass
+    except ValueError as error:
+        raise UsageError(f"--inception_weights {error}") from None
 
 
 def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data.files import list_image_files
 from ..data.references import ReferenceSet
 from ..fileio import atomic_open
 from .fid import FeatureStats, gather_stats
@@ -75,7 +74,10 @@ class ImageSet(Dataset):
         """The cache's content key: relative names, sizes, mtimes of the folder's images (an LMDB's
         data.mdb, not lock.mdb which readers touch): cheap, yet any added or rewritten file changes it."""
         root = self.source.resolve()
-        files = [root / "data.mdb"] if (root / "data.mdb").is_file() else list_image_files(root)
+        listed = [
+            root / f.relative_to(self.source) for f in self.references.files
+        ]  # a run's grid.png left out
+        files = [root / "data.mdb"] if (root / "data.mdb").is_file() else listed
         digest = hashlib.sha256()
         for f in files:
             stat = f.stat()

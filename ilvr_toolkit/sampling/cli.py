@@ -52,25 +52,40 @@ def _parse(argv: list[str] | None) -> Namespace:
     return parse_options(build_parser(), argv, ALIASES)
 
 
-def main(argv: list[str] | None = None, evaluate: Evaluate | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    evaluate: Evaluate | None = None,
+    check: Callable[[SampleConfig], None] | None = None,
+) -> int:
     """Entry point of ``sample.py`` (user errors end in one line). ``evaluate(config, result)``: the
     ``--evaluate_against`` step, run by the process that wrote the manifest; ``sample.py`` passes
-    ``evaluation.runs.evaluate_run`` (sampling does not import evaluation, which builds on it)."""
-    return run_command("sample.py", lambda args: _main(args, evaluate), argv)
+    ``evaluation.runs.evaluate_run`` (sampling does not import evaluation, which builds on it);
+    ``check(config)``, its checks before any sampling (``evaluation.runs.check_evaluation``)."""
+    return run_command("sample.py", lambda args: _main(args, evaluate, check), argv)
 
 
-def _main(argv: list[str], evaluate: Evaluate | None) -> int:
+def _main(
+    argv: list[str], evaluate: Evaluate | None, check: Callable[[SampleConfig], None] | None = None
+) -> int:
     setup_logging()
     namespace = _parse(argv)
     config = SampleConfig.from_dict(namespace.as_dict())
     if namespace.threads is not None:
         check_range("threads", namespace.threads, 1)
     tune_process(namespace.threads, cpu_malloc=config.cpu_malloc == "tuned")  # one log line
-    named = {"model.checkpoint": config.model.checkpoint, "evaluate_against": config.evaluate_against}
+    checkpoint = config.model.checkpoint
+    if checkpoint and not Path(checkpoint).exists():
+        raise UsageError(
+            f"--model.checkpoint {checkpoint}: no such file (nothing is downloaded: checkpoints/README.md "
+            "says where each released model comes from and where it goes)"
+        )
+    named = {"model.checkpoint": checkpoint, "evaluate_against": config.evaluate_against}
     named.update(references=None if config.unconditional else config.references, mask=config.mask)
     check_paths({**named, "inception_weights": config.inception_weights})  # before any work
     if config.evaluate_against:  # a folder of images or an LMDB: found out now, not after sampling
         ReferenceSet(config.evaluate_against, 1)
+    if check is not None:  # the evaluation's own checks (weights), before hours of sampling
+        check(config)
     if config.evaluate_against and evaluate is None:
         raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
     result = run(config)

@@ -11,7 +11,14 @@ from ..cli import UsageError, check_range
 __all__ = ["ModelSpec", "ILVRSpec", "SDEditSpec", "SamplerSpec", "OutputSpec", "SampleConfig"]
 
 #: SampleConfig's integer options and their least value (checked in this order).
-_MINIMA = {"num_samples": 1, "samples_per_reference": 1, "batch_size": 1, "workers": 0, "num_shards": 1}
+_MINIMA = {
+    "num_samples": 1,
+    "samples_per_reference": 1,
+    "batch_size": 1,
+    "workers": 0,
+    "num_shards": 1,
+    "seed": 0,
+}
 
 
 @dataclass
@@ -54,6 +61,8 @@ class ILVRSpec:
     mode: Literal["paper", "official"] = "paper"
 
     def __post_init__(self) -> None:
+        if not self.factors:
+            raise UsageError("--ilvr.factor []: expected at least one factor N")
         for factor in self.factors:
             check_range("ilvr.factor", factor, 1)
         given = [k for k in ("range_t", "fraction", "stop_timestep") if getattr(self, k) is not None]
@@ -103,10 +112,12 @@ class SamplerSpec:
     """
 
     method: Literal["ddpm", "ddim"] = "ddpm"
-    respacing: str | None = None
+    respacing: str | int | None = None
     eta: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.respacing, int):  # ``respacing: 100`` in a YAML file
+            self.respacing = str(self.respacing)
         spec = "" if self.respacing is None else str(self.respacing).strip()
         counts = [int(n) for n in re.findall(r"\d+", spec)]
         if spec and (not re.fullmatch(r"ddim\d+|\d+(\s*,\s*\d+)*", spec) or not any(counts)):
@@ -126,6 +137,8 @@ class OutputSpec:
 
     def __post_init__(self) -> None:
         check_range("output.grid_max_rows", self.grid_max_rows, 1)
+        if not str(self.dir).strip():
+            raise UsageError("--output.dir: empty; expected a folder")
 
 
 @dataclass
@@ -208,7 +221,7 @@ class SampleConfig:
             check_range(name, getattr(self, name), low)
         check_range("shard_index", self.shard_index, 0, self.num_shards - 1)
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise UsageError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
+            raise UsageError(f"--device {self.device}: expected auto, cpu, cuda, cuda:N or mps")
         self._check_task()
 
     def _check_task(self) -> None:

@@ -67,8 +67,23 @@ def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str
         now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
     before = read_json(path) if path.is_file() else write_json(path, now) or now
     before = {**_ADDED, **before}
-    for key in (key for key in now if now[key] != before.get(key)):
+    for key in (key for key in now if key in before and now[key] != before[key]):  # older runs: fewer keys
         raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
+
+
+def check_references_in_place(out_dir: Path, names: list[str], references: str | None) -> None:
+    """Every image recorded in ``OUT/.manifest`` was made from the reference that now has its
+    index (its noise is seeded by the index): references added after the last one are fine."""
+    for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
+        for filename, entry in read_json(part).get("images", {}).items():
+            index, name = entry.get("reference_index"), entry.get("reference")
+            if name is not None and (index >= len(names) or names[index] != name):
+                now = names[index] if index < len(names) else "no image"
+                raise UsageError(
+                    f"--references {references}: reference {index} is now {now!r}, but {out_dir} made "
+                    f"{filename} from {name!r} there (a file added, removed or renamed before it); "
+                    "restore the folder or use a new --output.dir"
+                )
 
 
 def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:

@@ -28,7 +28,7 @@ from .distributed import barrier, finish, init_ranks
 from .generate import Condition, generate, sampling_diffusion
 from .grid import build_grid
 from .labels import resolve_class_labels
-from .manifest import ManifestPart, check_same_run, merge_manifest, versions
+from .manifest import ManifestPart, check_references_in_place, check_same_run, merge_manifest, versions
 from .plan import WorkItem, batches, plan_items, shard_range
 from .shards import fixed_shard_count, run_summary
 from .tasks import reference_set, run_operators, task_setup
@@ -74,7 +74,10 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
     base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
-    return sampling_diffusion(base, config.sampler)
+    try:
+        return sampling_diffusion(base, config.sampler)
+    except ValueError as error:  # more steps than the model has
+        raise UsageError(f"--sampler.respacing {config.sampler.respacing}: {error}") from None
 
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
@@ -172,11 +175,25 @@ def run(config: SampleConfig) -> RunResult:
         return _run(config, device, start)
 
 
+def _check_output_dir(config: SampleConfig) -> None:
+    """--output.dir is a folder (or not there yet), and not inside the references (its outputs
+    would be read as references by the next run)."""
+    out = Path(config.output.dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output.dir {config.output.dir}: is a file, expected a folder")
+    refs = None if config.unconditional or not config.references else Path(config.references).resolve()
+    if refs is not None and refs.is_dir() and out.is_relative_to(refs):
+        raise UsageError(
+            f"--output.dir {config.output.dir}: inside --references {config.references}; choose another"
+        )
+
+
 def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     ranks = init_ranks(device)
     if device.type == "cuda" and ranks.world_size > 1:
         device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
     out_dir = Path(config.output.dir)
+    _check_output_dir(config)
     config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # array reruns
     loaded, net = _load(config, device)
     image_size = loaded.unet_config.image_size
@@ -199,6 +216,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
     check_same_run(out_dir, config.to_dict(), digests)  # all checked: a rerun must match
+    check_references_in_place(out_dir, refs.names, config.references)
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)

@@ -21,8 +21,13 @@ __all__ = ["load_mask", "run_operators", "reference_set", "sdedit_start", "task_
 
 def load_mask(path: str, image_size: int) -> torch.Tensor:
     """The mask PNG at ``path`` as float (1, 1, H, W) in {0, 1}: white (255) = kept, black = 0."""
-    with Image.open(path) as image:  # not an image: PIL's OSError names the file
-        gray = np.asarray(image.convert("L"))
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"))
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"--mask {path}: not a readable image ({getattr(error, 'strerror', None) or error})"
+        ) from None
     if gray.shape != (image_size, image_size):
         got = f"{gray.shape[1]}x{gray.shape[0]}"
         raise UsageError(f"--mask {path}: expected {image_size}x{image_size} (the model's size), got {got}")
@@ -78,7 +83,12 @@ def task_setup(
     """``condition(references, N)``: the Condition of a batch of uint8 references (B, 3, H, W)
     for factor N (P, the resolved range, mode, SDEdit start: fixed once per run). The task
     settings are among the run's settings a rerun must match (``manifest.check_same_run``)."""
+    for n in (n for n in factors if image_size % n):
+        raise UsageError(f"--ilvr.factor {n}: expected a divisor of the model's image size {image_size}")
     operators = run_operators(config, image_size, device, factors)
-    range_t, mode = ilvr_range_t(config.ilvr, diffusion, config.task), config.ilvr.mode
+    try:
+        range_t, mode = ilvr_range_t(config.ilvr, diffusion, config.task), config.ilvr.mode
+    except ValueError as error:
+        raise UsageError(f"--ilvr.range_t {config.ilvr.range_t}: {error}") from None
     start = sdedit_start(config.sdedit, diffusion.num_timesteps)
     return lambda reference, n: Condition(reference, operators[n], range_t, mode, start)

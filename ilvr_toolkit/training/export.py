@@ -39,9 +39,14 @@ def checkpoint_unet_weights(checkpoint: dict[str, Any], weights: str = "ema") ->
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, out_dir: str | Path | None = None, name: str | None = None, weights: str = "ema"
+    ckpt_path: str | Path,
+    out_dir: str | Path | None = None,
+    name: str | None = None,
+    weights: str = "ema",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write ``NAME.pt`` (plain) and ``NAME.model.pt`` (self-describing); see the module doc.
+    """Write ``NAME.pt`` (plain) and ``NAME.model.pt`` (self-describing); see the module doc. Files
+    already there are kept (:class:`UsageError`) unless ``overwrite``.
 
     Returns ``{"plain": Path, "model_file": Path, "weights": "ema"|"raw", "global_step": int}``.
     """
@@ -64,6 +69,8 @@ def export_checkpoint(
     extra.update(source_checkpoint=str(ckpt_path), ema=info.get("ema"), init_from=info.get("init_from"))
     extra["trained_with"] = info.get("version")
     plain, model_file = out_dir / f"{name}.pt", out_dir / f"{name}.model.pt"
+    for there in (f for f in (plain, model_file) if f.exists() and not overwrite):
+        raise UsageError(f"--name {name}: {there} exists; choose another --name or pass --overwrite")
     save_plain_state_dict(plain, state)
     save_model_file(model_file, unet_config, state, dict(hparams.get("diffusion") or {}), extra)
     return {"plain": plain, "model_file": model_file, "weights": weights, "global_step": step}
@@ -78,6 +85,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output.dir", **optional, help="export folder (default: RUN/export)")
     parser.add_argument("--name", **optional, help="file stem (default: {weights}_step{N})")
     parser.add_argument("--weights", type=Literal["ema", "raw"], default="ema", help="which weights")
+    parser.add_argument(
+        "--overwrite", type=bool, default=False, help="replace NAME.pt / NAME.model.pt if there"
+    )
     return parser
 
 
@@ -87,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(normalize_options(argv, aliases={"--out_dir": "--output.dir"}))
+    parser = build_parser()
+    args = parser.parse_args(normalize_options(argv, parser, aliases={"--out_dir": "--output.dir"}))
     if not Path(args.checkpoint).is_file():
         raise UsageError(f"checkpoint {args.checkpoint}: no such file")
-    result = export_checkpoint(args.checkpoint, args.output.dir, args.name, args.weights)
+    result = export_checkpoint(args.checkpoint, args.output.dir, args.name, args.weights, args.overwrite)
     print(f"{result['weights']} weights of step {result['global_step']}:")
     print(f"  plain state dict : {result['plain']}")
     print(f"  model file       : {result['model_file']}")

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Callback, ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from ..batchjob import StopSignals, leave_note
+from ..batchjob import StopSignals, leave_note, signals_ready
 from .checkpointing import hpc_checkpoints
 
 __all__ = ["Preemption", "StepLines"]
@@ -39,9 +39,13 @@ class Preemption(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # before the DataLoader workers are forked: they inherit the blocked signals
-        if stage == "fit" and self.enabled and self.signals is None and SLURMEnvironment.detect():
+        if stage != "fit" or self.signals is not None:
+            return
+        if self.enabled and SLURMEnvironment.detect():
             self.signals = StopSignals().start()
             rank_zero_info("pre-emption: SIGUSR1/SIGTERM save a checkpoint at the next step and stop")
+        else:
+            signals_ready()  # nothing handles them: the batch script passes them on now, they end the task
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.signals is not None:

@@ -5,10 +5,12 @@
 TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}
 TASKS_PER_NODE=${TASKS_PER_NODE%%(*}
 TASKS_PER_NODE=${TASKS_PER_NODE%%,*}
-# GPUs: --gpus-per-node / --gres=gpu:N set SLURM_GPUS_ON_NODE; otherwise count CUDA_VISIBLE_DEVICES.
+# GPUs: what SLURM allocated (--gpus-per-node / --gres=gpu:N set SLURM_GPUS_ON_NODE, older
+# setups only SLURM_JOB_GPUS). CUDA_VISIBLE_DEVICES is not counted: a value exported on the
+# login node travels into the job (--export=ALL) without any GPU behind it.
 GPUS=${SLURM_GPUS_ON_NODE:-0}
-if [ "${GPUS}" = 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
-    GPUS=$(tr ',' '\n' <<<"${CUDA_VISIBLE_DEVICES}" | grep -c .)
+if [ "${GPUS}" = 0 ] && [ -n "${SLURM_JOB_GPUS:-}" ]; then
+    GPUS=$(tr ',' '\n' <<<"${SLURM_JOB_GPUS}" | grep -c .)
 fi
 if [ "${GPUS}" -gt 0 ]; then ACCELERATOR=gpu; DEVICE=cuda; else ACCELERATOR=cpu; DEVICE=cpu; fi
 if [ "${GPUS}" -gt 0 ] && [ "${GPUS}" -ne "${TASKS_PER_NODE}" ]; then
@@ -24,38 +26,75 @@ WORKERS=$((CPUS > 1 ? CPUS - 1 : 0))
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" 2>/dev/null | head -n 1)
 export MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
 
-# run_step COMMAND...: srun COMMAND; SIGUSR1/SIGTERM sent to this shell are forwarded to it.
-# A task that stopped on such a signal leaves a note in $ILVR_REQUEUE_NOTE (rank 0, which runs
-# on this node); then the job is requeued here, after every task has ended.
+# From here on a stop signal to this shell is kept for run_step (the default would end the job).
+STOP_SIGNAL="" STOP_PENDING=""
+trap 'STOP_SIGNAL=${STOP_SIGNAL:-USR1}; STOP_PENDING=1' USR1
+trap 'STOP_SIGNAL=${STOP_SIGNAL:-TERM}; STOP_PENDING=1' TERM
+
+# This job for scontrol: an array task is JOBID_TASK (the bare id of the array's last task
+# names the whole array).
+JOB_REF=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+JOB_REF=${JOB_REF:-${SLURM_JOB_ID:-0}}
+
+# run_step COMMAND...: srun COMMAND; SIGUSR1/SIGTERM sent to this shell are forwarded to it as
+# SIGUSR1 (on SIGTERM srun would abort the step), once the tasks can take it: rank 0 touches
+# $ILVR_STOP_READY when its handler is in place, and a signal that comes earlier (the tasks
+# still import) waits for it instead of killing them. A task that stopped on the signal leaves
+# a note in $ILVR_REQUEUE_NOTE (rank 0, on this node); the job is then requeued here, after
+# every task has ended.
 run_step() {
     export ILVR_REQUEUE_NOTE="${TMPDIR:-/tmp}/ilvr-requeue-${SLURM_JOB_ID}"
-    rm -f "${ILVR_REQUEUE_NOTE}"
+    export ILVR_STOP_READY="${TMPDIR:-/tmp}/ilvr-ready-${SLURM_JOB_ID}"
+    rm -f "${ILVR_REQUEUE_NOTE}" "${ILVR_STOP_READY}"
     srun --kill-on-bad-exit=1 "$@" &
-    local step=$! status
-    # forwarded as USR1 (same meaning to the tasks): on SIGTERM srun would abort the step
-    trap 'kill -USR1 "${step}" 2>/dev/null' USR1 TERM
-    wait "${step}"
-    status=$?
-    while kill -0 "${step}" 2>/dev/null; do  # a trapped signal interrupted wait
+    local step=$! status=0
+    while :; do
+        if [ -n "${STOP_PENDING}" ] && [ -e "${ILVR_STOP_READY}" ]; then
+            kill -USR1 "${step}" 2>/dev/null
+            STOP_PENDING=""
+        elif [ "${STOP_PENDING}" = 1 ]; then
+            echo "got SIG${STOP_SIGNAL} while ${1} ${2:-} starts; passing it on once it can save"
+            STOP_PENDING=2
+        fi
+        if [ -n "${STOP_PENDING}" ]; then
+            sleep 1
+            kill -0 "${step}" 2>/dev/null && continue
+        fi
         wait "${step}"
         status=$?
+        kill -0 "${step}" 2>/dev/null || break  # else a trapped signal interrupted wait
     done
     trap - USR1 TERM
-    if [ -s "${ILVR_REQUEUE_NOTE}" ]; then
-        local note state
-        note=$(cat "${ILVR_REQUEUE_NOTE}")
-        rm -f "${ILVR_REQUEUE_NOTE}"
-        state=$(scontrol show job -o "${SLURM_JOB_ID}" | grep -o 'JobState=[A-Z_]*')
-        if [ "${state}" != JobState=RUNNING ]; then  # `scancel JOBID`: cancelled, not pre-empted
-            echo "${note}; not requeued (${state})"
-            exit 0
+    rm -f "${ILVR_STOP_READY}"
+    requeue_after "${status}" "${STOP_SIGNAL}"
+}
+
+# requeue_after STATUS SIGNAL: requeue the job if its task left a note, else exit STATUS.
+requeue_after() {
+    local note info state restarts
+    if [ ! -s "${ILVR_REQUEUE_NOTE}" ]; then
+        if [ -n "$2" ] && [ "$1" -ne 0 ]; then
+            echo "exit status $1 after SIG$2, nothing saved; not requeued: submit the same command again to resume"
         fi
-        echo "${note}; requeued"
-        if ! scontrol requeue "${SLURM_JOB_ID}"; then
-            echo "error: scontrol requeue ${SLURM_JOB_ID} failed; submit the same command again to resume" >&2
-            exit 1
-        fi
+        exit "$1"
+    fi
+    note=$(cat "${ILVR_REQUEUE_NOTE}")
+    rm -f "${ILVR_REQUEUE_NOTE}"
+    info=$(scontrol show job -o "${JOB_REF}")
+    state=$(grep -o 'JobState=[A-Z_]*' <<<"${info}")
+    restarts=$(grep -o 'Restarts=[0-9]*' <<<"${info}")
+    if [ "${restarts#Restarts=}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null; then
+        echo "${note}; requeued by SLURM (scontrol requeue or pre-emption)"
         exit 0
     fi
-    exit "${status}"
+    if [ "${state}" != JobState=RUNNING ]; then  # `scancel JOBID`: cancelled, not pre-empted
+        echo "${note}; not requeued (${state})"
+        exit 0
+    fi
+    echo "${note}; requeued"
+    if ! scontrol requeue "${JOB_REF}"; then
+        echo "error: scontrol requeue ${JOB_REF} failed; submit the same command again to resume" >&2
+        exit 1
+    fi
+    exit 0
 }
