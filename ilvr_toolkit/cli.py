@@ -109,9 +109,11 @@ def parse_options(
         return parser.parse_args(args)
     except argparse.ArgumentError as error:
         unknown = re.match(r"Option '(.+)' is not accepted", str(error))
-        if unknown is None or not configs:
+        nested = re.match(r"Group '(.+)' does not accept (?:option|nested key) '(.+)'", str(error))
+        name = unknown.group(1) if unknown else nested and ".".join(nested.groups())
+        if not name or not configs:
             raise
-        raise UsageError(f"--config {' '.join(configs)}: unknown option {unknown.group(1)!r}") from None
+        raise UsageError(f"--config {' '.join(configs)}: unknown option {name!r}") from None
 
 
 def check_config_files(args: Sequence[str]) -> list[str]:
@@ -122,7 +124,7 @@ def check_config_files(args: Sequence[str]) -> list[str]:
     configs += [token.partition("=")[2] for token in args if token.startswith("--config=")]
     for path in configs:
         try:
-            yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(Path(path).read_text())
         except OSError as error:
             raise UsageError(f"--config {path}: cannot read: {error.strerror or error}") from None
         except yaml.YAMLError as error:
@@ -130,6 +132,9 @@ def check_config_files(args: Sequence[str]) -> list[str]:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(error, "problem", None) or str(error)
             raise UsageError(f"--config {path}: invalid YAML{where}: {problem}") from None
+        if not isinstance(data, dict):
+            got = "nothing" if data is None else f"a {type(data).__name__}"
+            raise UsageError(f"--config {path}: expected options (key: value lines), got {got}")
     return configs
 
 

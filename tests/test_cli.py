@@ -171,6 +171,13 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
     unknown.write_text("sizes: 16\n")
     line = _one_error_line(_run([*PREPARE, "--config", str(unknown)]), prog)
     assert f"--config {unknown}: unknown option 'sizes'" in line
+    unknown.write_text("output:\n  dirr: x\n")  # a typo one level down
+    line = _one_error_line(_run([*PREPARE, "--config", str(unknown)]), prog)
+    assert f"--config {unknown}: unknown option 'output.dirr'" in line
+    for text, got in (("", "nothing"), ("- 16\n", "a list")):
+        unknown.write_text(text)
+        line = _one_error_line(_run([*PREPARE, "--config", str(unknown)]), prog)
+        assert line.endswith(f"--config {unknown}: expected options (key: value lines), got {got}"), line
     assert "source" in _one_error_line(
         _run([*PREPARE, "--out", str(tmp_path / "o.lmdb"), "--size", "16"]), prog
     )
