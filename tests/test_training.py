@@ -374,6 +374,29 @@ def test_sigkill_then_rerun_resumes_exactly(lmdb_path: Path, tmp_path: Path) -> 
     ] == [1000]
 
 
+def test_sigterm_outside_slurm_saves_exits_143_and_the_rerun_resumes(
+    lmdb_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No SLURM, no batch script (as under ``timeout``, docker stop, k8s): SIGTERM saves
+    RUN/hpc_ckpt_1.ckpt at a step boundary and exits 143 with one line, so that whatever runs
+    train.py sees an unfinished run; running it again resumes from that checkpoint."""
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k.startswith("ILVR_")]:
+        monkeypatch.delenv(key)
+    proc = train_subprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 100000}))
+    wait_for_step(tmp_path / "checkpoints" / "last.ckpt", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, hpc = proc.communicate(timeout=120)[0], tmp_path / "hpc_ckpt_1.ckpt"
+    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    step = load_ckpt(hpc)["global_step"]
+    assert step >= 2 and out.strip().splitlines()[-1] == (
+        f"train.py: stopped by signal 15 at step {step} (saved {hpc}); rerun the same command to resume"
+    )
+    rerun = train_subprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": step + 1}))
+    out = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0 and f"resuming from {hpc}" in out, out[-3000:]
+    assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == step + 1
+
+
 def test_finetune_starts_from_released_weights_and_exports_to_preset(lmdb_path: Path, tmp_path: Path) -> None:
     released = torch.load(TINY32, weights_only=True)
     probe = Probe()
