@@ -441,6 +441,22 @@ def test_dataset_of_the_wrong_size_is_refused_before_training(lmdb_path: Path, t
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_resuming_with_another_model_is_refused_before_anything_is_written(
+    lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2}))
+    config = (tmp_path / "config.yaml").read_bytes()
+    other = json.dumps({"preset": "tiny16", "channel_mult": [1, 2]})
+    args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 4, "model.unet": other})
+    assert train_main(["fit", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train.py: error: --model.unet: {tmp_path} holds a run of another model (channel_mult [1] vs "
+        "[1, 2]); use the run's settings or a new --trainer.default_root_dir"
+    )
+    assert (tmp_path / "config.yaml").read_bytes() == config and not list(tmp_path.glob("config.*.yaml"))
+    assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
 def test_user_errors_end_in_one_line(lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """train.py and train.py export: a mistake found after parsing is one line, no traceback."""
     assert export_main([str(tmp_path / "missing.ckpt")]) == 2

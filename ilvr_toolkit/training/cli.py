@@ -203,6 +203,7 @@ class TrainCLI(LightningCLI):
         ours = self.trainer.checkpoint_callback  # the RunCheckpoint
         folder = (ours.dirpath if ours else None) or checkpoint_dir(run_dir)
         if (found := find_resume_checkpoint(run_dir, folder)) is not None:
+            _check_same_model(found, self.model.unet_config.architecture(), run_dir)
             rank_zero_info(f"resuming from {found} (newest of last.ckpt and hpc_ckpt_*.ckpt in {run_dir})")
             fit["ckpt_path"] = str(found)
 
@@ -237,6 +238,21 @@ def _fit(args: list[str]) -> int:
             file=sys.stderr,
         )
     return 128 + stop.signum  # the run is not complete: a retry loop or scheduler must see it
+
+
+def _check_same_model(path: Path, ours: dict[str, Any], run_dir: str) -> None:
+    """Before anything is written to ``run_dir``: the checkpoint to resume from was made with the
+    UNet of architecture ``ours``, else a :class:`UsageError` naming the settings that differ."""
+    stored = (load_state_dict_file(path, mmap=True).get("hyper_parameters") or {}).get("unet")
+    theirs = resolve_unet_config(stored).architecture() if stored is not None else ours
+    differ = [
+        f"{key} {theirs.get(key)} vs {value}" for key, value in ours.items() if theirs.get(key) != value
+    ]
+    if differ:
+        raise UsageError(
+            f"--model.unet: {run_dir} holds a run of another model ({', '.join(differ)}); "
+            "use the run's settings or a new --trainer.default_root_dir"
+        )
 
 
 def _trainer_option(message: str, trainer: Any) -> str:
