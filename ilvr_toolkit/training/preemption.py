@@ -1,7 +1,7 @@
 """Training as a scheduled job: on pre-emption save and leave the note "saved checkpoint at step S"
 for ``scripts/slurm/train.sbatch`` (it requeues; the job resumes; exit 0), or, without that script,
-exit 128 + signal (``training/cli.py``); plain progress lines in logs. Lightning's own handler (``auto_requeue``) is off: it saves inside the signal handler, at
-any point of a step.
+exit 128 + signal (``training/cli.py``); plain progress lines in logs. Lightning's own handler
+(``auto_requeue``) is off: it saves inside the signal handler, at any point of a step.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ class Preemption(Callback):
     """SIGUSR1 / SIGTERM -> ``RUN/hpc_ckpt_K.ckpt`` at the next step boundary, stop (under SLURM
     or not; ``saved_path``, ``saved_step`` and ``signum`` say what happened).
 
-    The ranks agree at every step boundary (one tiny all-reduce, only with several ranks), so all of them save the same step. Lightning raises its ``SIGTERMException`` at a
-    step boundary when it saw SIGTERM too; the checkpoint is then saved from ``on_exception``.
+    The ranks agree at every step boundary (one tiny all-reduce, only with several ranks), so all
+    of them save the same step. Lightning raises its ``SIGTERMException`` at a step boundary when
+    it saw SIGTERM too (``train.py`` catches it); if nothing was saved yet, ``on_exception`` saves.
     Older ``hpc_ckpt_*`` files are deleted once the new one is written.
     """
 
