@@ -161,10 +161,15 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+def run_command(
+    prog: str,
+    main: Callable[[list[str]], int | None],
+    argv: Sequence[str] | None = None,
+    user_errors: tuple[type[Exception], ...] = (),
+) -> int:
     """Run ``main(argv)`` (``--debug`` removed) and return its exit status: a user's mistake is one
-    line ``prog: error: ...`` on stderr instead of a traceback, exit 2 for a :class:`UsageError` or
-    a parse error (``argparse.ArgumentError``), 1 for a missing or unreadable file, a bad value or
+    line ``prog: error: ...`` on stderr instead of a traceback, exit 2 for a :class:`UsageError`,
+    a parse error (``argparse.ArgumentError``) or one of ``user_errors``, 1 for a missing or unreadable file, a bad value or
     another ``OSError``; Ctrl-C returns 130. ``--debug`` / ``ILVR_DEBUG=1`` prints the traceback too.
     """
     args = list(sys.argv[1:] if argv is None else argv)
@@ -177,7 +182,7 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
         return 130
     except Exception as error:  # lmdb's errors (a full disk, a damaged file) are about a file too
         file_errors = (OSError, getattr(sys.modules.get("lmdb"), "Error", OSError))
-        if not isinstance(error, (argparse.ArgumentError, ValueError, *file_errors)):
+        if not isinstance(error, (argparse.ArgumentError, ValueError, *file_errors, *user_errors)):
             raise
         if debug:
             traceback.print_exc()
@@ -186,7 +191,7 @@ def run_command(prog: str, main: Callable[[list[str]], int | None], argv: Sequen
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
         error = next((e for e in chain if isinstance(e, UsageError)), error)
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError | argparse.ArgumentError) else 1
+        return 2 if isinstance(error, (UsageError, argparse.ArgumentError, *user_errors)) else 1
 
 
 def _one_line(error: BaseException) -> str:

@@ -204,11 +204,20 @@ def fill(text: str, world: dict[str, str]) -> str:
     return text
 
 
-# Found only when the dataset is opened or the callbacks set up, after Lightning printed its
-# device lines: the error is one line naming the file or value, but stderr has up to 6 ("poor").
+# Found only when the Trainer is built, the dataset opened or the callbacks set up, after Lightning
+# printed its seed and device lines: the error is one line naming the file or value, but stderr
+# has up to 6 ("poor").
 POOR = [
     ("fit-data-is-file", [*TRAIN, "--data.path", "{txt}"], None, ["notes.txt"]),
     ("fit-preview-factor", [*TRAIN, "--ilvr_preview.ilvr.factor", "3"], None, ["factor=3", "16"]),
+    ("fit-devices-0", [*TRAIN, "--trainer.devices", "0"], 2, ["--trainer.devices 0", "not a valid input"]),
+    ("fit-max-time", [*TRAIN, "--trainer.max_time", "10min"], 2, ["--trainer.max_time 10min", "DD:HH:MM:SS"]),
+    (
+        "fit-batch-over-data",
+        [*TRAIN, "--data.batch_size", "8"],
+        2,
+        ["--data.batch_size 8", "4 images", "at most 4"],
+    ),
 ]
 
 

@@ -374,6 +374,29 @@ def test_sigkill_then_rerun_resumes_exactly(lmdb_path: Path, tmp_path: Path) -> 
     ] == [1000]
 
 
+def test_sigterm_outside_slurm_saves_exits_143_and_the_rerun_resumes(
+    lmdb_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No SLURM, no batch script (as under ``timeout``, docker stop, k8s): SIGTERM saves
+    RUN/hpc_ckpt_1.ckpt at a step boundary and exits 143 with one line, so that whatever runs
+    train.py sees an unfinished run; running it again resumes from that checkpoint."""
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k.startswith("ILVR_")]:
+        monkeypatch.delenv(key)
+    proc = train_subprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 100000}))
+    wait_for_step(tmp_path / "checkpoints" / "last.ckpt", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, hpc = proc.communicate(timeout=120)[0], tmp_path / "hpc_ckpt_1.ckpt"
+    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    step = load_ckpt(hpc)["global_step"]
+    assert step >= 2 and out.strip().splitlines()[-1] == (
+        f"train.py: stopped by signal 15 at step {step} (saved {hpc}); rerun the same command to resume"
+    )
+    rerun = train_subprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": step + 1}))
+    out = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0 and f"resuming from {hpc}" in out, out[-3000:]
+    assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == step + 1
+
+
 def test_finetune_starts_from_released_weights_and_exports_to_preset(lmdb_path: Path, tmp_path: Path) -> None:
     released = torch.load(TINY32, weights_only=True)
     probe = Probe()
@@ -416,6 +439,22 @@ def test_dataset_of_the_wrong_size_is_refused_before_training(lmdb_path: Path, t
     with pytest.raises(ValueError, match="no images of size 64"):
         run_inprocess(args)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_with_another_model_is_refused_before_anything_is_written(
+    lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2}))
+    config = (tmp_path / "config.yaml").read_bytes()
+    other = json.dumps({"preset": "tiny16", "channel_mult": [1, 2]})
+    args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 4, "model.unet": other})
+    assert train_main(["fit", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train.py: error: --model.unet: {tmp_path} holds a run of another model (channel_mult [1] vs "
+        "[1, 2]); use the run's settings or a new --trainer.default_root_dir"
+    )
+    assert (tmp_path / "config.yaml").read_bytes() == config and not list(tmp_path.glob("config.*.yaml"))
+    assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 def test_user_errors_end_in_one_line(lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ilvr_toolkit.cli import check_range
+from ilvr_toolkit.cli import UsageError, check_range
 from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
 
 __all__ = ["ImageDataModule", "LoaderOptions"]
@@ -79,6 +79,19 @@ class ImageDataModule(pl.LightningDataModule):
             hp, skip = self.hparams, self.loader.on_bad_record
             self.train_set = LMDBImageDataset(self.path, self.image_size, hp.flip, hp.return_index, skip)
             self.eval_set = LMDBImageDataset(self.path, self.image_size, False, hp.return_index, skip)
+
+    def check_batch_size(self, world_size: int = 1) -> None:
+        """:class:`UsageError` unless each of ``world_size`` processes gets a full training batch
+        (the sampler gives each ``ceil(len / world_size)`` images; ``drop_last`` drops a partial one)."""
+        self.setup("fit")
+        total = len(self.train_set)
+        each = -(-total // world_size)
+        if self.hparams.drop_last and self.batch_size > each:
+            share = f", {each} for each of {world_size} processes" if world_size > 1 else ""
+            raise UsageError(
+                f"--data.batch_size {self.batch_size}: larger than the dataset's {total} images{share} "
+                f"(the last partial batch is dropped); use at most {each}"
+            )
 
     def _loader(self, dataset: LMDBImageDataset, batch_size: int, train: bool) -> DataLoader:
         workers, options = self.hparams.workers, self.loader

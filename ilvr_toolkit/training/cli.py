@@ -15,6 +15,7 @@ dataset's ``data.image_size`` is the UNet's, so a dataset without that size is r
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import zipfile
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import LearningRateMonitor, ThroughputMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import ClusterEnvironment
 from pytorch_lightning.plugins.io import CheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from ..cli import UsageError, check_config_files, check_paths, check_range, run_command, setup_logging
@@ -85,8 +88,10 @@ class TrainCLI(LightningCLI):
         args: Any = None,
         run: bool = True,
         trainer_defaults: dict[str, Any] | None = None,
+        preemption: Preemption | None = None,
         **kwargs: Any,
     ):
+        self.preemption = preemption or Preemption()  # the caller's: it tells what stopped training
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
         monitors = [LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=_batch_size, window_size=20)]
         defaults["callbacks"] = [*monitors, *(defaults.pop("callbacks", []) or [])]
@@ -133,8 +138,8 @@ class TrainCLI(LightningCLI):
         )  # fmt: skip
         parser.add_argument(
             "--slurm_requeue", type=bool, default=True,
-            help="under SLURM: on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop "
-            "(scripts/slurm/train.sbatch then requeues the job)",
+            help="on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop: under "
+            "scripts/slurm/train.sbatch exit 0 (it requeues the job), else exit 128 + signal (rerun to resume)",
         )  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -177,12 +182,17 @@ class TrainCLI(LightningCLI):
         if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
             plugins.append(SLURMEnvironment(auto_requeue=False))  # Preemption does it, at a step boundary
         kwargs["plugins"] = plugins
-        kwargs["callbacks"] = [*_as_list(config.get("callbacks")), Preemption(enabled=requeue)]
+        self.preemption.enabled = requeue
+        kwargs["callbacks"] = [*_as_list(config.get("callbacks")), self.preemption]
         if not sys.stdout.isatty() and config.get("enable_progress_bar") is not False:
             kwargs["callbacks"].append(StepLines())  # log files get lines, not bar frames
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:  # name the trainer setting it is about
+            raise UsageError(f"{_trainer_option(str(error), config)}{error}") from None
 
     def before_fit(self) -> None:
+        self.datamodule.check_batch_size(self.trainer.world_size)
         fit = self.config_init[self.subcommand]
         tune_process(fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned")
         # resume never unpickles code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
@@ -193,6 +203,7 @@ class TrainCLI(LightningCLI):
         ours = self.trainer.checkpoint_callback  # the RunCheckpoint
         folder = (ours.dirpath if ours else None) or checkpoint_dir(run_dir)
         if (found := find_resume_checkpoint(run_dir, folder)) is not None:
+            _check_same_model(found, self.model.unet_config.architecture(), run_dir)
             rank_zero_info(f"resuming from {found} (newest of last.ckpt and hpc_ckpt_*.ckpt in {run_dir})")
             fit["ckpt_path"] = str(found)
 
@@ -205,15 +216,53 @@ def main(argv: list[str] | None = None) -> int:
         from .export import main as export_main
 
         return export_main(args[1:])
-    return run_command("train.py", _fit, args)
+    return run_command("train.py", _fit, args, user_errors=(MisconfigurationException,))
 
 
 def _fit(args: list[str]) -> int:
     setup_logging()
     check_config_files(args)  # a missing file or invalid YAML: one line naming the file
-    TrainCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv
+    stop = Preemption()
+    try:
+        TrainCLI(args=None if args == sys.argv[1:] else args, preemption=stop)  # None: reads sys.argv
+    except SIGTERMException:  # Lightning saw SIGTERM too: it ends fit with this SystemExit(0)
+        if stop.saved_path is None:
+            raise
     _leave_process_group()
-    return 0
+    if stop.saved_path is None or os.environ.get("ILVR_REQUEUE_NOTE"):
+        return 0  # done, or stopped for the batch script, which requeues (its note says so)
+    if rank_zero_only.rank == 0:
+        print(
+            f"train.py: stopped by signal {stop.signum} at step {stop.saved_step} (saved {stop.saved_path}); "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
+    return 128 + stop.signum  # the run is not complete: a retry loop or scheduler must see it
+
+
+def _check_same_model(path: Path, ours: dict[str, Any], run_dir: str) -> None:
+    """Before anything is written to ``run_dir``: the checkpoint to resume from was made with the
+    UNet of architecture ``ours``, else a :class:`UsageError` naming the settings that differ."""
+    stored = (load_state_dict_file(path, mmap=True).get("hyper_parameters") or {}).get("unet")
+    theirs = resolve_unet_config(stored).architecture() if stored is not None else ours
+    differ = [
+        f"{key} {theirs.get(key)} vs {value}" for key, value in ours.items() if theirs.get(key) != value
+    ]
+    if differ:
+        raise UsageError(
+            f"--model.unet: {run_dir} holds a run of another model ({', '.join(differ)}); "
+            "use the run's settings or a new --trainer.default_root_dir"
+        )
+
+
+def _trainer_option(message: str, trainer: Any) -> str:
+    """``--trainer.KEY VALUE: `` for the first trainer setting a Lightning error names, else ''."""
+    aliases = {"duration": "max_time", "backend": "accelerator"}  # Timer(duration=), "no gpu backend"
+    for word in re.findall(r"\w+", message):
+        value = trainer.get(key := aliases.get(word, word))
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return f"--trainer.{key} {value}: "
+    return ""
 
 
 def _leave_process_group() -> None:

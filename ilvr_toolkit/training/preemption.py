@@ -1,18 +1,18 @@
-"""Training as a scheduled job: on pre-emption save, exit 0 and leave the note "saved checkpoint at
-step S" for ``scripts/slurm/train.sbatch`` (it requeues; the job resumes); plain progress lines in
-logs. Lightning's own handler (``auto_requeue``) is off: it saves inside the signal handler, at
-any point of a step.
+"""Training as a scheduled job: on pre-emption save and leave the note "saved checkpoint at step S"
+for ``scripts/slurm/train.sbatch`` (it requeues; the job resumes; exit 0), or, without that script,
+exit 128 + signal (``training/cli.py``); plain progress lines in logs. Lightning's own handler
+(``auto_requeue``) is off: it saves inside the signal handler, at any point of a step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import Callback, ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
@@ -24,11 +24,12 @@ __all__ = ["Preemption", "StepLines"]
 
 
 class Preemption(Callback):
-    """SIGUSR1 / SIGTERM under SLURM -> ``RUN/hpc_ckpt_K.ckpt`` at the next step boundary, stop.
+    """SIGUSR1 / SIGTERM -> ``RUN/hpc_ckpt_K.ckpt`` at the next step boundary, stop (under SLURM
+    or not; ``saved_path``, ``saved_step`` and ``signum`` say what happened).
 
-    The ranks agree at every step boundary (one tiny all-reduce, only under SLURM with several
-    ranks), so all of them save the same step. Lightning raises its ``SIGTERMException`` at a
-    step boundary when it saw SIGTERM too; the checkpoint is then saved from ``on_exception``.
+    The ranks agree at every step boundary (one tiny all-reduce, only with several ranks), so all
+    of them save the same step. Lightning raises its ``SIGTERMException`` at a step boundary when
+    it saw SIGTERM too (``train.py`` catches it); if nothing was saved yet, ``on_exception`` saves.
     Older ``hpc_ckpt_*`` files are deleted once the new one is written.
     """
 
@@ -36,12 +37,14 @@ class Preemption(Callback):
         self.enabled = enabled
         self.signals: StopSignals | None = None
         self.saved_step: int | None = None
+        self.saved_path: Path | None = None
+        self.signum = int(signal.SIGTERM)  # the signal that stopped training (when saved_path is set)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # before the DataLoader workers are forked: they inherit the blocked signals
         if stage != "fit" or self.signals is not None:
             return
-        if self.enabled and SLURMEnvironment.detect():
+        if self.enabled:
             self.signals = StopSignals().start()
             rank_zero_info("pre-emption: SIGUSR1/SIGTERM save a checkpoint at the next step and stop")
         else:
@@ -69,6 +72,7 @@ class Preemption(Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException) and self.signals is not None and self.saved_step is None:
             self.save(trainer)
+        self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
 
     def save(self, trainer: pl.Trainer) -> Path:
         """Save ``RUN/hpc_ckpt_K.ckpt`` on every rank; rank 0 leaves the note for the batch script."""
@@ -76,7 +80,8 @@ class Preemption(Callback):
         path = Path(trainer.default_root_dir) / f"hpc_ckpt_{max(older, default=0) + 1}.ckpt"
         path = Path(trainer.strategy.broadcast(str(path)))
         trainer.save_checkpoint(path, weights_only=False)
-        self.saved_step = trainer.global_step
+        self.saved_step, self.saved_path = trainer.global_step, path
+        self.signum = int((self.signals.signum if self.signals else None) or signal.SIGTERM)
         if trainer.is_global_zero:
             for old in older.values():  # the new one is not among them
                 with contextlib.suppress(OSError):
