@@ -39,7 +39,7 @@ from ..cli import UsageError, check_range, make_parser, parse_options, run_comma
 from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
-from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key, open_lmdb, read_info, read_names
+from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, BadRecord, image_key, read_info, read_names, reading
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -111,8 +111,8 @@ class _Source:
             return Path(self.location, self.names[index]).read_bytes()
         if self.kind == "zip":
             return _open_zip(self.location, os.getpid()).read(self.names[index])
-        with open_lmdb(self.location).begin() as txn:
-            if (data := txn.get(image_key(self.size, index))) is None:
+        with reading(self.location) as get:
+            if (data := get(image_key(self.size, index))) is None:
                 raise OSError(f"key {image_key(self.size, index)!r} missing")
             return data
 
@@ -182,8 +182,8 @@ def _work(index: int) -> tuple[int, dict[int, bytes] | None, str | None]:
     try:
         data = _WORKER["source"].read(index)
         return index, process_image(data, _WORKER["sizes"], s.format, s.quality, s.compress_level), None
-    except (OSError, BadImage) as e:
-        return index, None, str(e) if isinstance(e, BadImage) else f"cannot read: {e}"
+    except (OSError, BadImage, BadRecord) as e:
+        return index, None, f"cannot read: {e}" if isinstance(e, OSError) else str(e)
 
 
 @dataclass
@@ -226,14 +226,16 @@ def verify_lmdb(
     if sizes is not None and (info.length, list(info.sizes)) != (length, sorted(sizes)):
         raise ValueError(f"verify {path}: length/sizes {info.length}/{info.sizes} != {length}/{sizes}")
     bad, checked = [], range(info.length) if every else {0, info.length // 2, info.length - 1}
-    with open_lmdb(path).begin() as txn:
+    with reading(path) as get:
         for size in info.sizes:
             for index in range(info.length):
                 try:
-                    if (data := txn.get(image_key(size, index))) is None:
+                    if (data := get(image_key(size, index))) is None:
                         raise BadImage("missing")
                     if index in checked and (got := load_rgb(data).size) != (size, size):
                         raise BadImage(f"is {got[0]}x{got[1]}")
+                except BadRecord as error:  # names the file and the key
+                    bad.append(str(error))
                 except BadImage as error:
                     bad.append(f"{image_key(size, index).decode()}: {error}")
     if bad:
