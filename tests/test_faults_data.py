@@ -4,16 +4,21 @@ train.py, sample.py and the converter (its ``--verify`` too), on tiny datasets m
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from faultkit import TINY32, damage_record, error_line, make_images, run, tiny_lmdb
+from faultkit import REPO, TINY32, damage_record, damage_size, error_line, make_images, put, run, tiny_lmdb
+from PIL import Image, PngImagePlugin
 from test_faults_loads import sample_args, train_args
 
-from ilvr_toolkit.data import LMDBImageDataset
+from ilvr_toolkit.data import LMDBImageDataset, image_key
 
 PREPARE = ["-m", "ilvr_toolkit.data.prepare"]
 PREPARE_PROG = "python -m ilvr_toolkit.data.prepare"
@@ -32,6 +37,61 @@ def corrupt(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         damage_record(path, 3, "header", size)
         damage_record(path, 5, "middle", size)
     return path
+
+
+@pytest.fixture(scope="module")
+def past_end(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``clean`` with the stored sizes of 16-00006 (made a value on overflow pages) and 32-00003
+    pointing past the end of data.mdb (SIGBUS, once), and of 16-00002 (inline) past its page."""
+    path = shutil.copytree(clean, tmp_path_factory.mktemp("past_end") / "past_end.lmdb")
+    big, text = io.BytesIO(), PngImagePlugin.PngInfo()
+    text.add_text("padding", "x" * 5000)
+    Image.new("RGB", (16, 16), "red").save(big, "PNG", pnginfo=text)
+    put(path, image_key(16, 6), big.getvalue())
+    for size, index in ((16, 6), (32, 3), (16, 2)):
+        damage_size(path, image_key(size, index))
+    return path
+
+
+def test_records_damaged_in_data_mdb_are_bad_records_naming_file_and_key(past_end):
+    code = (
+        "from ilvr_toolkit.data import LMDBImageDataset as D\nfor size, i in ((16, 6), (32, 3), (16, 2)):\n"
+    )
+    code += f"    try:\n        D({str(past_end)!r}, size)[i]\n    except ValueError as e:\n        print(e)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # -7: SIGBUS
+    said = [line.split("; --data")[0] for line in done.stdout.splitlines()]
+    data = past_end / "data.mdb"
+    assert said[:2] == [
+        f"{data}: record {k} is damaged (points past the end of the file)" for k in ("16-00006", "32-00003")
+    ]
+    assert (
+        said[2] == f"{data}: record 16-00002 is damaged (mdb_get: MDB_CORRUPTED: Located page was wrong type)"
+    )
+
+
+def test_records_past_the_end_are_skipped_by_train_listed_by_verify_and_convert(past_end, tmp_path):
+    done = run(train_args(past_end, tmp_path / "run", "--data.loader.on_bad_record", "skip"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "record 16-00006 is damaged (points past the end of the file)" in done.stderr
+    assert "record 16-00002 is damaged (mdb_get: MDB_CORRUPTED" in done.stderr and "(2 so far)" in done.stderr
+    line = error_line(run([*PREPARE, str(past_end), "--verify"]), PREPARE_PROG)
+    assert line.startswith(
+        f"{PREPARE_PROG}: error: {past_end}: 3 bad records ({past_end / 'data.mdb'}: record 16-00002"
+    )
+    assert (
+        "record 16-00006 is damaged (points past" in line
+        and "record 32-00003 is damaged (points past" in line
+    )
+    out, report = tmp_path / "o.lmdb", tmp_path / "report.json"
+    done = run([*PREPARE, str(past_end), "--out", str(out), "--size", "16", "--report", str(report)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = dict(json.loads(report.read_text())["skipped"])  # read at 32 px, the largest size
+    assert skipped == {
+        "03.png": f"{past_end / 'data.mdb'}: record 32-00003 is damaged (points past the end of the file)"
+    }
+    assert len(LMDBImageDataset(out, 16)) == 7
 
 
 def test_corrupt_records_error_names_key_and_index_or_are_skipped(corrupt, caplog):
