@@ -9,8 +9,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,4 +176,49 @@ def test_converter_with_nothing_usable_says_so_and_writes_nothing(tmp_path):
     )
     assert "no usable images" in line and "nothing written: 4 rejected" in line
     assert "00.png: too small: 12x12 < 16" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc/*/stat)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    return found
+
+
+def test_converter_says_so_when_an_encoding_worker_dies(tmp_path):
+    """Killed (OOM killer, kill -9) while it encodes: one line, nothing at OUT; no endless wait."""
+    src, out = make_images(tmp_path / "src", count=30, size=64).resolve(), tmp_path / "o.lmdb"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.3"}
+    cmd = [
+        sys.executable,
+        *PREPARE,
+        str(src),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := _children(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # a few images into the build
+        assert len(workers) == 1 and proc.poll() is None, (workers, proc.poll())
+        os.kill(workers[0], signal.SIGKILL)
+        stderr = proc.communicate(timeout=30)[1]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        proc.wait()
+    said = f"an encoding worker died (killed by signal 9) while encoding {src}; nothing was written at {out}"
+    assert (proc.returncode, stderr.splitlines()[-1]) == (1, f"{PREPARE_PROG}: error: {said}"), stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build

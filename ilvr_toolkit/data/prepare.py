@@ -26,6 +26,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -319,8 +320,10 @@ def build_lmdb(
         kept, skipped = _write_dataset(tmp, src, sizes, settings, f"prepare {out.name}")
         verify_lmdb(tmp, sizes, len(kept))
         _publish(tmp, out, settings.overwrite)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, ChildProcessError):
+            raise ChildProcessError(f"{error}; nothing was written at {out}") from None
         raise
     return BuildReport(str(out), len(kept), sizes, settings.format, time.perf_counter() - t0, skipped)
 
@@ -369,13 +372,29 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
         finally:
             _open_zip.cache_clear()  # closes a zip source's archive
         return
+    before, started = set(multiprocessing.active_children()), set()
     context = multiprocessing.get_context(settings.start_method)
-    pool = context.Pool(workers, _init_worker, (src, sizes, settings))
-    try:
-        yield pool.imap(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(src, sizes, settings))
+    try:  # (Pool.imap would wait forever for the images of a worker that died: OOM killer, kill -9)
+        results = pool.map(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+        started = set(multiprocessing.active_children()) - before
+        yield results
+    except BrokenProcessPool:
+        for process in started:
+            process.join(5)  # dead, or being stopped by the pool (SIGTERM)
+        codes = sorted((p.exitcode for p in started if p.exitcode), key=lambda code: (code > 0, -code))
+        how = (
+            f"killed by signal {-codes[0]}"
+            if codes and codes[0] < 0
+            else f"exit status {codes[0] if codes else '?'}"
+        )
+        raise ChildProcessError(f"an encoding worker died ({how}) while encoding {src.location}") from None
+    except BaseException:  # stopped early (--strict, Ctrl-C): the workers stop now
+        for process in started:
+            process.terminate()
+        raise
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(cancel_futures=True)
 
 
 def _store_images(
