@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -94,6 +95,27 @@ def test_records_past_the_end_are_skipped_by_train_listed_by_verify_and_convert(
         "03.png": f"{past_end / 'data.mdb'}: record 32-00003 is damaged (points past the end of the file)"
     }
     assert len(LMDBImageDataset(out, 16)) == 7
+
+
+def test_node_pointer_past_the_end_gives_missing_records_not_sigbus(tmp_path, caplog):
+    """The audit's case: one byte of the demo dataset sends a leaf node pointer past the end of
+    data.mdb, where LMDB's own search read (SIGBUS, exit 135); it reads zero pages there now."""
+    bad, at = tmp_path / "bus.lmdb", 421935
+    data = bytearray((REPO / "datasets" / "demo_faces.lmdb" / "data.mdb").read_bytes())
+    page = at // 4096 * 4096
+    flags, lower = struct.unpack_from("<HH", data, page + 10)  # mp_flags, mp_lower
+    assert (
+        struct.unpack_from("<I", data, 40)[0] == 4096 and flags & 2 and 16 <= at - page < lower
+    )  # a leaf's pointers
+    data[at] = 0x50
+    assert page + struct.unpack_from("<H", data, at - 1)[0] > len(data)  # the node now lies past the end
+    bad.mkdir()
+    (bad / "data.mdb").write_bytes(data)
+    line = error_line(run([*PREPARE, str(bad), "--verify"]), PREPARE_PROG)
+    assert f"{bad}: 3 bad records (32-00065: missing; 32-00066: missing; 32-00067: missing)" in line
+    ds = LMDBImageDataset(bad, 32, on_bad_record="skip")
+    with caplog.at_level(logging.WARNING, "ilvr_toolkit.data.lmdb_dataset"):
+        assert all(ds[i].shape == (3, 32, 32) for i in range(len(ds))) and ds.skipped == {65, 66, 67}
 
 
 def test_corrupt_records_error_names_key_and_index_or_are_skipped(corrupt, caplog):
