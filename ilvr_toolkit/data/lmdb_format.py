@@ -30,17 +30,8 @@ from typing import Any
 import lmdb
 import numpy as np
 
-__all__ = [
-    "LENGTH_KEY",
-    "META_KEY",
-    "NAMES_KEY",
-    "BadRecord",
-    "LMDBInfo",
-    "image_key",
-    "open_lmdb",
-    "read_info",
-]
-__all__ += ["read_names", "reading"]
+__all__ = ["LENGTH_KEY", "META_KEY", "NAMES_KEY", "BadRecord", "LMDBInfo", "image_key", "open_lmdb"]
+__all__ += ["read_info", "read_names", "reading"]
 
 LENGTH_KEY = b"length"
 META_KEY = b"__ilvr_toolkit_meta__"
@@ -119,11 +110,8 @@ def _mappings(data_file: str, inode: int) -> set[int]:
     except OSError:
         return set()
     real = os.path.realpath(data_file)
-    return {
-        int(f[0].split("-")[0], 16) - int(f[2], 16)
-        for f in lines
-        if len(f) == 6 and (int(f[4]) == inode or f[5].rstrip("\n") == real)
-    }
+    mine = [f for f in lines if len(f) == 6 and (int(f[4]) == inode or f[5].rstrip("\n") == real)]
+    return {int(f[0].split("-")[0], 16) - int(f[2], 16) for f in mine}
 
 
 _MARGIN = (1 << 32) + (1 << 20)  # past a damaged record's start: its size (32 bits), node offsets (16)
@@ -136,13 +124,11 @@ def _zeros_past_end(start: int, size: int, map_size: int) -> bool:
     begin = start + -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
     if begin >= start + map_size:
         return True
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype, libc.mmap.argtypes = (
-        ctypes.c_void_p,
-        (ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long),
-    )
+    map_zeros = ctypes.CDLL(None).mmap  # mmap(address, length, prot, flags, fd, offset)
+    map_zeros.restype = ctypes.c_void_p
+    map_zeros.argtypes = (ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED: replace those pages of LMDB's map
-    return libc.mmap(begin, start + map_size - begin, mmap.PROT_READ, flags, -1, 0) == begin
+    return map_zeros(begin, start + map_size - begin, mmap.PROT_READ, flags, -1, 0) == begin
 
 
 def _open(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:

@@ -383,11 +383,7 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
         for process in started:
             process.join(5)  # dead, or being stopped by the pool (SIGTERM)
         codes = sorted((p.exitcode for p in started if p.exitcode), key=lambda code: (code > 0, -code))
-        how = (
-            f"killed by signal {-codes[0]}"
-            if codes and codes[0] < 0
-            else f"exit status {codes[0] if codes else '?'}"
-        )
+        how = f"killed by signal {-codes[0]}" if codes and codes[0] < 0 else "it exited"
         raise ChildProcessError(f"an encoding worker died ({how}) while encoding {src.location}") from None
     except BaseException:  # stopped early (--strict, Ctrl-C): the workers stop now
         for process in started:
