@@ -4,7 +4,9 @@ error check, tiny LMDB datasets and ways to damage them."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import lmdb
@@ -92,3 +94,20 @@ def damage_record(path: Path, index: int, how: str, size: int = 16) -> bytes:
     broken = b"\0" * 8 + value[8:] if how == "header" else value[:mid] + b"\xff" * 16 + value[mid + 16 :]
     (path / "data.mdb").write_bytes(data.replace(value, broken))
     return key
+
+
+def damage_size(path: Path, key: bytes) -> None:
+    """Add 8 MiB to the stored size of ``key``'s value in every leaf node holding it (found as
+    size, flags, key length, key): an overflow value then runs past the end of data.mdb, an
+    inline one past its page (LMDB: MDB_CORRUPTED)."""
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        size = len(txn.get(key))
+    env.close()
+    data = bytearray((path / "data.mdb").read_bytes())
+    found = [m.start() - 6 for m in re.finditer(re.escape(struct.pack("<H", len(key)) + key), data)]
+    nodes = [at for at in found if struct.unpack_from("<I", data, at)[0] == size]  # mn_lo, mn_hi
+    assert nodes, f"no leaf node of {key!r} with size {size}"
+    for at in nodes:
+        struct.pack_into("<H", data, at + 2, 0x80)  # mn_hi: + 128 << 16 bytes
+    (path / "data.mdb").write_bytes(data)

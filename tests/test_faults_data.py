@@ -4,16 +4,24 @@ train.py, sample.py and the converter (its ``--verify`` too), on tiny datasets m
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from faultkit import TINY32, damage_record, error_line, make_images, run, tiny_lmdb
+from faultkit import REPO, TINY32, damage_record, damage_size, error_line, make_images, put, run, tiny_lmdb
+from PIL import Image, PngImagePlugin
 from test_faults_loads import sample_args, train_args
 
-from ilvr_toolkit.data import LMDBImageDataset
+from ilvr_toolkit.data import LMDBImageDataset, image_key
 
 PREPARE = ["-m", "ilvr_toolkit.data.prepare"]
 PREPARE_PROG = "python -m ilvr_toolkit.data.prepare"
@@ -32,6 +40,82 @@ def corrupt(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         damage_record(path, 3, "header", size)
         damage_record(path, 5, "middle", size)
     return path
+
+
+@pytest.fixture(scope="module")
+def past_end(clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``clean`` with the stored sizes of 16-00006 (made a value on overflow pages) and 32-00003
+    pointing past the end of data.mdb (SIGBUS, once), and of 16-00002 (inline) past its page."""
+    path = shutil.copytree(clean, tmp_path_factory.mktemp("past_end") / "past_end.lmdb")
+    big, text = io.BytesIO(), PngImagePlugin.PngInfo()
+    text.add_text("padding", "x" * 5000)
+    Image.new("RGB", (16, 16), "red").save(big, "PNG", pnginfo=text)
+    put(path, image_key(16, 6), big.getvalue())
+    for size, index in ((16, 6), (32, 3), (16, 2)):
+        damage_size(path, image_key(size, index))
+    return path
+
+
+def test_records_damaged_in_data_mdb_are_bad_records_naming_file_and_key(past_end):
+    code = (
+        "from ilvr_toolkit.data import LMDBImageDataset as D\nfor size, i in ((16, 6), (32, 3), (16, 2)):\n"
+    )
+    code += f"    try:\n        D({str(past_end)!r}, size)[i]\n    except ValueError as e:\n        print(e)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # -7: SIGBUS
+    said = [line.split("; --data")[0] for line in done.stdout.splitlines()]
+    data = past_end / "data.mdb"
+    assert said[:2] == [
+        f"{data}: record {k} is damaged (points past the end of the file)" for k in ("16-00006", "32-00003")
+    ]
+    assert (
+        said[2] == f"{data}: record 16-00002 is damaged (mdb_get: MDB_CORRUPTED: Located page was wrong type)"
+    )
+
+
+def test_records_past_the_end_are_skipped_by_train_listed_by_verify_and_convert(past_end, tmp_path):
+    done = run(train_args(past_end, tmp_path / "run", "--data.loader.on_bad_record", "skip"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "record 16-00006 is damaged (points past the end of the file)" in done.stderr
+    assert "record 16-00002 is damaged (mdb_get: MDB_CORRUPTED" in done.stderr and "(2 so far)" in done.stderr
+    line = error_line(run([*PREPARE, str(past_end), "--verify"]), PREPARE_PROG)
+    assert line.startswith(
+        f"{PREPARE_PROG}: error: {past_end}: 3 bad records ({past_end / 'data.mdb'}: record 16-00002"
+    )
+    assert (
+        "record 16-00006 is damaged (points past" in line
+        and "record 32-00003 is damaged (points past" in line
+    )
+    out, report = tmp_path / "o.lmdb", tmp_path / "report.json"
+    done = run([*PREPARE, str(past_end), "--out", str(out), "--size", "16", "--report", str(report)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = dict(json.loads(report.read_text())["skipped"])  # read at 32 px, the largest size
+    assert skipped == {
+        "03.png": f"{past_end / 'data.mdb'}: record 32-00003 is damaged (points past the end of the file)"
+    }
+    assert len(LMDBImageDataset(out, 16)) == 7
+
+
+def test_node_pointer_past_the_end_gives_missing_records_not_sigbus(tmp_path, caplog):
+    """The audit's case: one byte of the demo dataset sends a leaf node pointer past the end of
+    data.mdb, where LMDB's own search read (SIGBUS, exit 135); it reads zero pages there now."""
+    bad, at = tmp_path / "bus.lmdb", 421935
+    data = bytearray((REPO / "datasets" / "demo_faces.lmdb" / "data.mdb").read_bytes())
+    page = at // 4096 * 4096
+    flags, lower = struct.unpack_from("<HH", data, page + 10)  # mp_flags, mp_lower
+    assert (
+        struct.unpack_from("<I", data, 40)[0] == 4096 and flags & 2 and 16 <= at - page < lower
+    )  # a leaf's pointers
+    data[at] = 0x50
+    assert page + struct.unpack_from("<H", data, at - 1)[0] > len(data)  # the node now lies past the end
+    bad.mkdir()
+    (bad / "data.mdb").write_bytes(data)
+    line = error_line(run([*PREPARE, str(bad), "--verify"]), PREPARE_PROG)
+    assert f"{bad}: 3 bad records (32-00065: missing; 32-00066: missing; 32-00067: missing)" in line
+    ds = LMDBImageDataset(bad, 32, on_bad_record="skip")
+    with caplog.at_level(logging.WARNING, "ilvr_toolkit.data.lmdb_dataset"):
+        assert all(ds[i].shape == (3, 32, 32) for i in range(len(ds))) and ds.skipped == {65, 66, 67}
 
 
 def test_corrupt_records_error_names_key_and_index_or_are_skipped(corrupt, caplog):
@@ -114,4 +198,49 @@ def test_converter_with_nothing_usable_says_so_and_writes_nothing(tmp_path):
     )
     assert "no usable images" in line and "nothing written: 4 rejected" in line
     assert "00.png: too small: 12x12 < 16" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc/*/stat)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+    return found
+
+
+def test_converter_says_so_when_an_encoding_worker_dies(tmp_path):
+    """Killed (OOM killer, kill -9) while it encodes: one line, nothing at OUT; no endless wait."""
+    src, out = make_images(tmp_path / "src", count=30, size=64).resolve(), tmp_path / "o.lmdb"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.3"}
+    cmd = [
+        sys.executable,
+        *PREPARE,
+        str(src),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := _children(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # a few images into the build
+        assert len(workers) == 1 and proc.poll() is None, (workers, proc.poll())
+        os.kill(workers[0], signal.SIGKILL)
+        stderr = proc.communicate(timeout=30)[1]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        proc.wait()
+    said = f"an encoding worker died (killed by signal 9) while encoding {src}; nothing was written at {out}"
+    assert (proc.returncode, stderr.splitlines()[-1]) == (1, f"{PREPARE_PROG}: error: {said}"), stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build

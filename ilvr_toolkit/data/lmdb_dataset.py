@@ -5,25 +5,16 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import lmdb
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ilvr_toolkit.data.imageops import BadImage, load_rgb
-from ilvr_toolkit.data.lmdb_format import LMDBInfo, image_key, open_lmdb, read_info
+from ilvr_toolkit.data.lmdb_format import BadRecord, LMDBInfo, image_key, read_info, reading
 
 __all__ = ["BadRecord", "LMDBImageDataset", "decode_bytes"]
 _LOG = logging.getLogger(__name__)
 _SKIP_HINT = "--data.loader.on_bad_record skip skips such records; python -m ilvr_toolkit.data.prepare --verify lists them"
-
-
-class BadRecord(ValueError):
-    """A record that does not decode. Re-raised by a DataLoader from its worker, with the worker's
-    traceback as the message, it keeps only its own last line: the CLI's error stays one line."""
-
-    def __init__(self, message: str):
-        super().__init__(message.rstrip().splitlines()[-1].split("BadRecord: ", 1)[-1])
 
 
 def decode_bytes(data: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -42,8 +33,8 @@ class LMDBImageDataset(Dataset):
     "error"), or ("skip") is replaced by the next good index (cyclically, so batches keep their
     size); each process logs every bad record once with its running count (``self.skipped``).
 
-    The LMDB is opened lazily and shared per process (``open_lmdb``); pickling drops the
-    handle, so the dataset works with fork, spawn and forkserver DataLoader workers.
+    The LMDB is opened lazily and shared per process (``lmdb_format.reading``), so the dataset
+    works with fork, spawn and forkserver DataLoader workers.
     """
 
     def __init__(
@@ -61,28 +52,18 @@ class LMDBImageDataset(Dataset):
         if self.size not in self.info.sizes:
             available = ", ".join(map(str, self.info.sizes)) or "none"
             raise ValueError(f"{self.path} has no images of size {self.size}; sizes available: {available}")
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
 
     def __len__(self) -> int:
         return self.info.length
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_env": None, "_pid": None}
-
-    def _environment(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            self._env, self._pid = open_lmdb(self.path), os.getpid()
-        return self._env
-
-    def read_bytes(self, index: int) -> bytearray:
-        """The stored (encoded) image ``index`` at this dataset's size (one copy out of the map)."""
+    def read_bytes(self, index: int) -> bytes:
+        """The stored (encoded) image ``index`` at this dataset's size; ``BadRecord`` if damaged."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        with self._environment().begin(buffers=True) as txn:
-            if (data := txn.get(image_key(self.size, index))) is None:
+        with reading(self.path) as get:
+            if (data := get(image_key(self.size, index))) is None:
                 raise KeyError(f"{self.path}: key {image_key(self.size, index)!r} missing")
-            return bytearray(data)
+            return data
 
     def decode(self, index: int) -> torch.Tensor:
         """Image ``index`` as uint8 (3, size, size); ValueError naming key and index if damaged."""

@@ -14,25 +14,38 @@ Foreign readers ignore the two extra keys; foreign LMDBs (no metadata) open here
 sizes found by scanning the keys.
 """
 
+import contextlib
+import ctypes
 import json
+import mmap
 import os
 import re
 import struct
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 
-__all__ = ["LENGTH_KEY", "META_KEY", "NAMES_KEY", "LMDBInfo", "image_key", "open_lmdb", "read_info"]
-__all__ += ["read_names"]
+__all__ = ["LENGTH_KEY", "META_KEY", "NAMES_KEY", "BadRecord", "LMDBInfo", "image_key", "open_lmdb"]
+__all__ += ["read_info", "read_names", "reading"]
 
 LENGTH_KEY = b"length"
 META_KEY = b"__ilvr_toolkit_meta__"
 NAMES_KEY = b"__ilvr_toolkit_names__"
 _IMAGE_KEY = re.compile(rb"^(\d+)-\d+$")
 _READ_OPTIONS = {"readonly": True, "lock": False, "readahead": False, "meminit": False, "max_spare_txns": 1}
+
+
+class BadRecord(ValueError):
+    """A record that does not decode or is damaged. Re-raised by a DataLoader from its worker, with the
+    worker's traceback as the message, it keeps only its own last line: the CLI's error stays one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rstrip().splitlines()[-1].split("BadRecord: ", 1)[-1])
 
 
 def image_key(size: int, index: int) -> bytes:
@@ -44,7 +57,7 @@ def image_key(size: int, index: int) -> bytes:
 # in one process, and an environment must not be used across fork, so the cache records the
 # pid that opened each entry; a forked child closes its inherited copy (which only unmaps the
 # child's view: read-only, lock=False, nothing shared with the parent) and opens its own.
-_ENVS: dict[tuple[int, int], tuple[int, lmdb.Environment]] = {}
+_ENVS: dict[tuple[int, int], tuple[int, lmdb.Environment, int | None]] = {}  # + where data.mdb is mapped
 _ENVS_LOCK = threading.Lock()
 
 
@@ -86,6 +99,40 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
     share an entry, while a dataset rebuilt at the same path gets a new one (environments
     already handed out keep reading the old files until dropped).
     """
+    return _open(path)[0]
+
+
+def _mappings(data_file: str, inode: int) -> set[int]:
+    """Addresses where this process maps ``data_file`` (of its offset 0); empty without /proc."""
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = [line.split(maxsplit=5) for line in maps]
+    except OSError:
+        return set()
+    real = os.path.realpath(data_file)
+    mine = [f for f in lines if len(f) == 6 and (int(f[4]) == inode or f[5].rstrip("\n") == real)]
+    return {int(f[0].split("-")[0], 16) - int(f[2], 16) for f in mine}
+
+
+_MARGIN = (1 << 32) + (1 << 20)  # past a damaged record's start: its size (32 bits), node offsets (16)
+
+
+def _zeros_past_end(start: int, size: int, map_size: int) -> bool:
+    """Map zero pages over the map past the end of data.mdb (Linux): LMDB following a damaged node, or
+    py-lmdb touching a value that runs past the end, reads zeros there instead of ending the
+    process with SIGBUS; ``reading`` then rejects such values. False if the mapping failed."""
+    begin = start + -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    if begin >= start + map_size:
+        return True
+    map_zeros = ctypes.CDLL(None).mmap  # mmap(address, length, prot, flags, fd, offset)
+    map_zeros.restype = ctypes.c_void_p
+    map_zeros.argtypes = (ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED: replace those pages of LMDB's map
+    return map_zeros(begin, start + map_size - begin, mmap.PROT_READ, flags, -1, 0) == begin
+
+
+def _open(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
+    """``open_lmdb``, with the data file's name, its present size and its address in the map."""
     path = os.fspath(path)
     data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
     try:
@@ -97,14 +144,48 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
         check_not_truncated(data_file, st.st_size)
     pid = os.getpid()
     with _ENVS_LOCK:
-        owner, env = _ENVS.get(key, (None, None))
-        if owner == pid:
-            return env
-        if env is not None:
-            env.close()  # inherited through fork: drop the child's mapping only
-        env = lmdb.open(path, subdir=os.path.isdir(path), **_READ_OPTIONS)
-        _ENVS[key] = (pid, env)
-        return env
+        owner, env, start = _ENVS.get(key, (None, None, None))
+        if owner != pid:
+            if env is not None:
+                env.close()  # inherited through fork: drop the child's mapping only
+            before = _mappings(data_file, st.st_ino)
+            env = lmdb.open(path, subdir=os.path.isdir(path), map_size=st.st_size + _MARGIN, **_READ_OPTIONS)
+            new = _mappings(data_file, st.st_ino) - before
+            start = new.pop() if len(new) == 1 else None  # None: unknown, values are not checked
+            if start is not None and not _zeros_past_end(start, st.st_size, env.info()["map_size"]):
+                start = None
+            _ENVS[key] = (pid, env, start)
+    return env, data_file, st.st_size, start
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[Callable[[bytes], bytes | None]]:
+    """``get(key)`` in one read-only transaction of the LMDB at ``path``: the value (copied), None if
+    absent, ``BadRecord`` naming the file and key if damaged. A damaged size or page number can
+    place a value past the end of data.mdb, where reading the map ends the process with SIGBUS,
+    so the value's place in the map (a view, not read) is checked before it is copied."""
+    env, data_file, size, start = _open(path)
+    txn = env.begin(buffers=True)
+
+    def get(key: bytes) -> bytes | None:
+        nonlocal txn
+        try:
+            view = txn.get(key)
+        except lmdb.Error as error:  # MDB_CORRUPTED, MDB_PAGE_NOTFOUND...: the transaction is dead
+            txn.abort()
+            txn = env.begin(buffers=True)
+            raise BadRecord(f"{data_file}: record {key.decode()} is damaged ({error})") from None
+        if view is not None and len(view) and start is not None:
+            if not start <= np.frombuffer(view, np.uint8).ctypes.data <= start + size - len(view):
+                raise BadRecord(
+                    f"{data_file}: record {key.decode()} is damaged (points past the end of the file)"
+                )
+        return None if view is None else bytes(view)
+
+    try:
+        yield get
+    finally:
+        txn.abort()
 
 
 @dataclass(frozen=True)
@@ -117,44 +198,45 @@ class LMDBInfo:
     meta: dict[str, Any] | None
 
 
-def _scan_sizes(txn: lmdb.Transaction) -> tuple[int, ...]:
+def _scan_sizes(path: str | Path) -> tuple[int, ...]:
     """Sizes present as ``{size}-{index}`` keys, by a skip scan over the sorted keys.
 
     After a key with prefix ``b"256-"`` the cursor jumps to ``b"256."`` ('.' sorts right after
     '-'), past every other key of that size, so the scan costs one seek per size.
     """
     sizes: set[int] = set()
-    cursor = txn.cursor()
-    found = cursor.first()
-    while found:
-        if (match := _IMAGE_KEY.match(cursor.key())) is None:
-            found = cursor.next()
-        else:
-            sizes.add(int(match.group(1)))
-            found = cursor.set_range(match.group(1) + b".")
+    with open_lmdb(path).begin() as txn:
+        cursor = txn.cursor()
+        found = cursor.first()
+        while found:
+            if (match := _IMAGE_KEY.match(cursor.key())) is None:
+                found = cursor.next()
+            else:
+                sizes.add(int(match.group(1)))
+                found = cursor.set_range(match.group(1) + b".")
     return tuple(sorted(sizes))
 
 
 def read_info(path: str | Path) -> LMDBInfo:
     """Length, sizes and (if ours) metadata of the LMDB image dataset at ``path``."""
-    with open_lmdb(path).begin() as txn:
-        raw_length, raw_meta = txn.get(LENGTH_KEY), txn.get(META_KEY)
-        if raw_length is None:
-            raise ValueError(f"{path} is not an LMDB image dataset: no {LENGTH_KEY!r} key")
-        try:  # text and JSON, never pickle
-            length, meta = int(raw_length), None if raw_meta is None else json.loads(raw_meta)
-            sizes = tuple(sorted(int(s) for s in meta["sizes"])) if meta else _scan_sizes(txn)
-        except (ValueError, TypeError, KeyError):
-            raise ValueError(
-                f"{path}: damaged {LENGTH_KEY!r} or {META_KEY!r} entry; rebuild the dataset"
-            ) from None
+    with reading(path) as get:
+        raw_length, raw_meta = get(LENGTH_KEY), get(META_KEY)
+    if raw_length is None:
+        raise ValueError(f"{path} is not an LMDB image dataset: no {LENGTH_KEY!r} key")
+    try:  # text and JSON, never pickle
+        length, meta = int(raw_length), None if raw_meta is None else json.loads(raw_meta)
+        sizes = tuple(sorted(int(s) for s in meta["sizes"])) if meta else _scan_sizes(path)
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(
+            f"{path}: damaged {LENGTH_KEY!r} or {META_KEY!r} entry; rebuild the dataset"
+        ) from None
     return LMDBInfo(path=os.fspath(path), length=length, sizes=sizes, meta=meta)
 
 
 def read_names(path: str | Path) -> list[str] | None:
     """The source file name of every index (datasets written by our converter), else None."""
-    with open_lmdb(path).begin() as txn:
-        raw = txn.get(NAMES_KEY)
+    with reading(path) as get:
+        raw = get(NAMES_KEY)
     try:
         return json.loads(raw) if raw is not None else None
     except ValueError:

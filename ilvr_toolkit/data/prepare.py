@@ -26,6 +26,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +40,7 @@ from ..cli import UsageError, check_range, make_parser, parse_options, run_comma
 from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
-from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key, open_lmdb, read_info, read_names
+from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, BadRecord, image_key, read_info, read_names, reading
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -111,8 +112,8 @@ class _Source:
             return Path(self.location, self.names[index]).read_bytes()
         if self.kind == "zip":
             return _open_zip(self.location, os.getpid()).read(self.names[index])
-        with open_lmdb(self.location).begin() as txn:
-            if (data := txn.get(image_key(self.size, index))) is None:
+        with reading(self.location) as get:
+            if (data := get(image_key(self.size, index))) is None:
                 raise OSError(f"key {image_key(self.size, index)!r} missing")
             return data
 
@@ -182,8 +183,8 @@ def _work(index: int) -> tuple[int, dict[int, bytes] | None, str | None]:
     try:
         data = _WORKER["source"].read(index)
         return index, process_image(data, _WORKER["sizes"], s.format, s.quality, s.compress_level), None
-    except (OSError, BadImage) as e:
-        return index, None, str(e) if isinstance(e, BadImage) else f"cannot read: {e}"
+    except (OSError, BadImage, BadRecord) as e:
+        return index, None, f"cannot read: {e}" if isinstance(e, OSError) else str(e)
 
 
 @dataclass
@@ -226,14 +227,16 @@ def verify_lmdb(
     if sizes is not None and (info.length, list(info.sizes)) != (length, sorted(sizes)):
         raise ValueError(f"verify {path}: length/sizes {info.length}/{info.sizes} != {length}/{sizes}")
     bad, checked = [], range(info.length) if every else {0, info.length // 2, info.length - 1}
-    with open_lmdb(path).begin() as txn:
+    with reading(path) as get:
         for size in info.sizes:
             for index in range(info.length):
                 try:
-                    if (data := txn.get(image_key(size, index))) is None:
+                    if (data := get(image_key(size, index))) is None:
                         raise BadImage("missing")
                     if index in checked and (got := load_rgb(data).size) != (size, size):
                         raise BadImage(f"is {got[0]}x{got[1]}")
+                except BadRecord as error:  # names the file and the key
+                    bad.append(str(error))
                 except BadImage as error:
                     bad.append(f"{image_key(size, index).decode()}: {error}")
     if bad:
@@ -317,8 +320,10 @@ def build_lmdb(
         kept, skipped = _write_dataset(tmp, src, sizes, settings, f"prepare {out.name}")
         verify_lmdb(tmp, sizes, len(kept))
         _publish(tmp, out, settings.overwrite)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, ChildProcessError):
+            raise ChildProcessError(f"{error}; nothing was written at {out}") from None
         raise
     return BuildReport(str(out), len(kept), sizes, settings.format, time.perf_counter() - t0, skipped)
 
@@ -367,13 +372,25 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
         finally:
             _open_zip.cache_clear()  # closes a zip source's archive
         return
+    before, started = set(multiprocessing.active_children()), set()
     context = multiprocessing.get_context(settings.start_method)
-    pool = context.Pool(workers, _init_worker, (src, sizes, settings))
-    try:
-        yield pool.imap(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(src, sizes, settings))
+    try:  # (Pool.imap would wait forever for the images of a worker that died: OOM killer, kill -9)
+        results = pool.map(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+        started = set(multiprocessing.active_children()) - before
+        yield results
+    except BrokenProcessPool:
+        for process in started:
+            process.join(5)  # dead, or being stopped by the pool (SIGTERM)
+        codes = sorted((p.exitcode for p in started if p.exitcode), key=lambda code: (code > 0, -code))
+        how = f"killed by signal {-codes[0]}" if codes and codes[0] < 0 else "it exited"
+        raise ChildProcessError(f"an encoding worker died ({how}) while encoding {src.location}") from None
+    except BaseException:  # stopped early (--strict, Ctrl-C): the workers stop now
+        for process in started:
+            process.terminate()
+        raise
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(cancel_futures=True)
 
 
 def _store_images(
