@@ -78,7 +78,9 @@ def normalize_options(
     out: list[str] = []
     seen: set[str] = set()
     for i, token in enumerate(argv):
-        if token.startswith("--") and token != "--" and " " not in token:  # "--a 1 --b 2": a value
+        if (
+            token.startswith("--") and token != "--" and " " not in token.partition("=")[0]
+        ):  # "--a 1": a value
             name, sep, value = token.partition("=")
             name = "--" + name[2:].replace("-", "_")
             name = aliases.get(name, name)

@@ -291,6 +291,7 @@ def test_normalize_options_spellings():
     # a value that holds options (guided-diffusion's flag string, the README's form) is kept as given
     flags = "--image_size 256 --num-channels 256 --learn_sigma True"
     assert normalize_options(["--model.flags", flags]) == ["--model.flags", flags]
+    assert normalize_options(["--out-dir=/my runs/x"]) == ["--out_dir=/my runs/x"]  # a space in the value
 
 
 def test_yaml_number_respacing_is_read_as_the_string(tmp_path):

@@ -214,6 +214,7 @@ def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_pa
     shutil.move(log, tmp_path / log.name)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), text
     assert "cpu x 1 per node, 1 node(s), 1 threads, 0 workers" in text
+    assert "warning: CUDA_VISIBLE_DEVICES=0 but SLURM gave the job no GPUs: running on the CPU" in text
     assert re.search(r"^step 30/30 ", text, re.MULTILINE), text
     assert "\r" not in text and not TRACEBACK.search(text), text
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 30

@@ -397,7 +397,7 @@ def test_sigterm_outside_slurm_saves_exits_143_and_the_rerun_resumes(
     # from hpc_ckpt_1.ckpt, or last.ckpt when it was saved at the same step just after (every step here)
     resumed = re.search(r"^resuming from (\S+) ", out, re.MULTILINE)
     assert rerun.returncode == 0 and resumed is not None, out[-3000:]
-    assert load_ckpt(Path(resumed.group(1)))["global_step"] == step, out[-3000:]
+    assert load_ckpt(Path(resumed.group(1)))["global_step"] >= step, out[-3000:]
     assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == step + 1
 
 

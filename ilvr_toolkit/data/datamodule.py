@@ -87,9 +87,10 @@ class ImageDataModule(pl.LightningDataModule):
         total = len(self.train_set)
         each = -(-total // world_size)
         if self.hparams.drop_last and self.batch_size > each:
-            share = f", {each} for each of {world_size} processes" if world_size > 1 else ""
+            images = f"the {each} images each of {world_size} processes gets (dataset: {total})"
+            images = images if world_size > 1 else f"the dataset's {total} images"
             raise UsageError(
-                f"--data.batch_size {self.batch_size}: larger than the dataset's {total} images{share} "
+                f"--data.batch_size {self.batch_size}: larger than {images} "
                 f"(the last partial batch is dropped); use at most {each}"
             )
 

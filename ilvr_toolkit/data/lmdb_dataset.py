@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ilvr_toolkit.data.imageops import BadImage, load_rgb
-from ilvr_toolkit.data.lmdb_format import BadRecord, LMDBInfo, image_key, read_info, reading
+from ilvr_toolkit.data.lmdb_format import BadRecord, LMDBInfo, image_key, opened, read_info, reading
 
 __all__ = ["BadRecord", "LMDBImageDataset", "decode_bytes"]
 _LOG = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class LMDBImageDataset(Dataset):
         self.path, self.size = os.fspath(path), int(size)
         self.flip, self.return_index, self.on_bad_record = flip, return_index, on_bad_record
         self.skipped: set[int] = set()  # bad indices this process has met
+        self._opened: tuple[int, tuple] | None = None  # (pid, lmdb_format.opened(path))
         self.info: LMDBInfo = read_info(self.path)
         if self.size not in self.info.sizes:
             available = ", ".join(map(str, self.info.sizes)) or "none"
@@ -60,10 +61,15 @@ class LMDBImageDataset(Dataset):
         """The stored (encoded) image ``index`` at this dataset's size; ``BadRecord`` if damaged."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        with reading(self.path) as get:
+        if self._opened is None or self._opened[0] != os.getpid():  # first read in this process
+            self._opened = (os.getpid(), opened(self.path))
+        with reading(self._opened[1]) as get:
             if (data := get(image_key(self.size, index))) is None:
                 raise KeyError(f"{self.path}: key {image_key(self.size, index)!r} missing")
             return data
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_opened": None}  # an LMDB environment does not pickle (spawn workers)
 
     def decode(self, index: int) -> torch.Tensor:
         """Image ``index`` as uint8 (3, size, size); ValueError naming key and index if damaged."""

@@ -31,7 +31,7 @@ import lmdb
 import numpy as np
 
 __all__ = ["LENGTH_KEY", "META_KEY", "NAMES_KEY", "BadRecord", "LMDBInfo", "image_key", "open_lmdb"]
-__all__ += ["read_info", "read_names", "reading"]
+__all__ += ["opened", "read_info", "read_names", "reading"]
 
 LENGTH_KEY = b"length"
 META_KEY = b"__ilvr_toolkit_meta__"
@@ -131,6 +131,11 @@ def _zeros_past_end(start: int, size: int, map_size: int) -> bool:
     return map_zeros(begin, start + map_size - begin, mmap.PROT_READ, flags, -1, 0) == begin
 
 
+def opened(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
+    """The LMDB at ``path`` opened for :func:`reading` in this process (keep it; not across fork)."""
+    return _open(path)
+
+
 def _open(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
     """``open_lmdb``, with the data file's name, its present size and its address in the map."""
     path = os.fspath(path)
@@ -159,12 +164,13 @@ def _open(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
 
 
 @contextlib.contextmanager
-def reading(path: str | Path) -> Iterator[Callable[[bytes], bytes | None]]:
+def reading(path: str | Path | tuple) -> Iterator[Callable[[bytes], bytes | None]]:
     """``get(key)`` in one read-only transaction of the LMDB at ``path``: the value (copied), None if
     absent, ``BadRecord`` naming the file and key if damaged. A damaged size or page number can
     place a value past the end of data.mdb, where reading the map ends the process with SIGBUS,
-    so the value's place in the map (a view, not read) is checked before it is copied."""
-    env, data_file, size, start = _open(path)
+    so the value's place in the map (a view, not read) is checked before it is copied. ``path``
+    may also be what :func:`opened` returned in this process (no file-system call per read)."""
+    env, data_file, size, start = path if isinstance(path, tuple) else _open(path)
     txn = env.begin(buffers=True)
 
     def get(key: bytes) -> bytes | None:

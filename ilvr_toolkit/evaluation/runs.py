@@ -25,8 +25,9 @@ def check_evaluation(config: SampleConfig) -> None:
         return
     try:
         InceptionFeatureExtractor(config.inception_weights)
-    except InceptionWeightsMissing:
-        pass
+    except InceptionWeightsMissing as missing:
+        if config.unconditional:  # FID/KID is all it would compute
+            raise UsageError(f"--evaluate_against: {missing}") from None
     except ValueError as error:
         raise UsageError(f"--inception_weights {error}") from None
 

@@ -74,14 +74,12 @@ class ImageSet(Dataset):
         """The cache's content key: relative names, sizes, mtimes of the folder's images (an LMDB's
         data.mdb, not lock.mdb which readers touch): cheap, yet any added or rewritten file changes it."""
         root = self.source.resolve()
-        listed = [
-            root / f.relative_to(self.source) for f in self.references.files
-        ]  # a run's grid.png left out
+        listed = [f.resolve() for f in self.references.files]  # of a run folder, without its grid.png
         files = [root / "data.mdb"] if (root / "data.mdb").is_file() else listed
         digest = hashlib.sha256()
         for f in files:
-            stat = f.stat()
-            digest.update(f"{f.relative_to(root).as_posix()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            stat, name = f.stat(), Path(os.path.relpath(f, root)).as_posix()  # a list: files of any folder
+            digest.update(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
         return {"path": str(root), "count": len(files), "listing_sha256": digest.hexdigest()}
 
 

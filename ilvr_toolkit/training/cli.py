@@ -226,8 +226,9 @@ def _fit(args: list[str]) -> int:
     try:
         TrainCLI(args=None if args == sys.argv[1:] else args, preemption=stop)  # None: reads sys.argv
     except SIGTERMException:  # Lightning saw SIGTERM too: it ends fit with this SystemExit(0)
-        if stop.saved_path is None:
-            raise
+        if stop.saved_path is None:  # --slurm_requeue false: Lightning's handler stopped training
+            print("train.py: stopped by signal 15, nothing saved since the last checkpoint", file=sys.stderr)
+            return 143
     _leave_process_group()
     if stop.saved_path is None or os.environ.get("ILVR_REQUEUE_NOTE"):
         return 0  # done, or stopped for the batch script, which requeues (its note says so)

@@ -13,6 +13,10 @@ if [ "${GPUS}" = 0 ] && [ -n "${SLURM_JOB_GPUS:-}" ]; then
     GPUS=$(tr ',' '\n' <<<"${SLURM_JOB_GPUS}" | grep -c .)
 fi
 if [ "${GPUS}" -gt 0 ]; then ACCELERATOR=gpu; DEVICE=cuda; else ACCELERATOR=cpu; DEVICE=cpu; fi
+if [ "${GPUS}" = 0 ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "${CUDA_VISIBLE_DEVICES}" != -1 ]; then
+    echo "warning: CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES} but SLURM gave the job no GPUs: running on" \
+        "the CPU (ask with --gpus-per-node, or pass --trainer.accelerator gpu / --device cuda)" >&2
+fi
 if [ "${GPUS}" -gt 0 ] && [ "${GPUS}" -ne "${TASKS_PER_NODE}" ]; then
     echo "warning: ${GPUS} GPUs but ${TASKS_PER_NODE} tasks per node: one task uses one GPU;" \
         "submit with --ntasks-per-node=${GPUS}" >&2
@@ -64,6 +68,11 @@ run_step() {
         status=$?
         kill -0 "${step}" 2>/dev/null || break  # else a trapped signal interrupted wait
     done
+    if [ "${status}" -gt 128 ]; then  # the step may have ended just after a signal cut wait short
+        wait "${step}" 2>/dev/null
+        local again=$?
+        [ "${again}" -ne 127 ] && status=${again}
+    fi
     trap - USR1 TERM
     rm -f "${ILVR_STOP_READY}"
     requeue_after "${status}" "${STOP_SIGNAL}"
