@@ -18,10 +18,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from clirunner import REPO
 from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.fileio import lock_folder, remove_dead_temps
 from ilvr_toolkit.training.checkpointing import atomic_torch_save, find_resume_checkpoint
 
@@ -122,6 +124,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path)
     data = (checkpoints / "last.ckpt").read_bytes()
     (checkpoints / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated
     assert find_resume_checkpoint(tmp_path) == checkpoints / "step=00000002.ckpt"
+    (checkpoints / "step=00000002.ckpt").write_bytes(b"garbage")  # nothing left to resume from
+    with pytest.raises(
+        UsageError, match=rf"^{tmp_path}: every checkpoint is damaged .*{hpc}.*; move them aside"
+    ):
+        find_resume_checkpoint(tmp_path)  # not a fresh start that would overwrite them
 
 
 def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(runner, tmp_path):

@@ -69,14 +69,23 @@ def find_resume_checkpoint(
     run_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
 ) -> Path | None:
     """The newest complete one of ``CHECKPOINT_DIR/last.ckpt``, ``RUN/hpc_ckpt_*.ckpt``, else of the
-    snapshots; a damaged one (empty, truncated: no zip end record) is passed over, saying so."""
+    snapshots; a damaged one (empty, truncated: no zip end record) is passed over, saying so. If
+    every one is damaged, :class:`UsageError`: training from scratch would overwrite them."""
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
     primary = {p for p in [folder / "last.ckpt", *hpc_checkpoints(run_dir).values()] if p.is_file()}
     found = primary | set(folder.glob("*.ckpt"))
+    damaged = []
     for path in sorted(found, key=lambda p: (p in primary, p.stat().st_mtime_ns, p.name[:3] == "hpc"))[::-1]:
         if zipfile.is_zipfile(path):
+            for bad in damaged:
+                rank_zero_warn(f"{bad} is damaged (empty or truncated): skipped; resuming from {path}")
             return path
-        rank_zero_warn(f"{path} is damaged (empty or truncated): skipped; resuming from an older checkpoint")
+        damaged.append(str(path))
+    if damaged:
+        raise UsageError(
+            f"{run_dir}: every checkpoint is damaged (empty or truncated: {', '.join(damaged)}); move them "
+            "aside to train from scratch, or give --ckpt_path"
+        )
     return None
 
 
