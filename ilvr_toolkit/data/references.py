@@ -84,7 +84,8 @@ class ReferenceSet(Dataset):
             self._lmdb = LMDBImageDataset(self.source, stored)
             self.names = [f"{i:05d}" for i in range(len(self._lmdb))]
         elif self.source.is_dir():
-            self.files = [f for f in list_image_files(self.source) if f != _run_grid(self.source)]
+            grid = _run_grid(self.source)  # once, not per file
+            self.files = [f for f in list_image_files(self.source) if f != grid]
             self.names = unique_names([f.relative_to(self.source) for f in self.files])
         elif self.source.is_file():
             self.files, self.names = [self.source], [self.source.stem]
