@@ -273,7 +273,10 @@ def test_fid_monitor_logs_fid_keeps_its_history_and_names_missing_weights(
 
     missing = tmp_path / "nowhere" / "weights-inception-2015-12-05-6726825d.pth"
     fresh = tmp_path / "fresh"
-    with pytest.raises(InceptionWeightsMissing, match="6726825d"):
+    with pytest.raises(
+        InceptionWeightsMissing,
+        match="sha256 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+    ):
         run_inprocess(
             common_args(
                 lmdb_path,

@@ -14,7 +14,7 @@ from torch import nn
 from ilvr_toolkit.images import to_uint8
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-WEIGHTS_SHA256_PREFIX = "6726825d"  # torch hub convention: the name carries the sha256's prefix
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"  # 95,628,359 bytes
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILENAME
 NUM_FEATURES = 2048
 
@@ -29,8 +29,8 @@ class InceptionWeightsMissing(FileNotFoundError):
 
     def __init__(self, searched: Path):
         super().__init__(
-            f"FID Inception weights not found at {searched}. Get {WEIGHTS_FILENAME} (sha256 {WEIGHTS_SHA256_PREFIX}"
-            f"...) from {WEIGHTS_URL} on a machine with internet access and put it at {default_weights_path()} "
+            f"FID Inception weights not found at {searched}. Get {WEIGHTS_FILENAME} (95,628,359 bytes, sha256 "
+            f"{WEIGHTS_SHA256}) from {WEIGHTS_URL} on a machine with internet access and put it at {default_weights_path()} "
             "(the torch hub cache) or pass its path with --inception_weights. Nothing is downloaded at run time."
         )
 
@@ -49,10 +49,10 @@ class InceptionFeatureExtractor(nn.Module):
             raise InceptionWeightsMissing(self.weights_path)
         data = self.weights_path.read_bytes()
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.official = self.sha256.startswith(WEIGHTS_SHA256_PREFIX)
+        self.official = self.sha256 == WEIGHTS_SHA256
         if weights_path is None and not self.official:
             raise ValueError(
-                f"{self.weights_path}: sha256 {self.sha256[:8]}..., not {WEIGHTS_SHA256_PREFIX}..."
+                f"{self.weights_path}: sha256 {self.sha256}, not {WEIGHTS_SHA256} (the released file)"
             )
         try:  # torch-fidelity loads with weights_only=False: check these bytes with the safe loader first
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
