@@ -35,6 +35,12 @@ MERGE = ["-m", "ilvr_toolkit.sampling.merge"]
 CASES = [
     # ---- train.py fit
     ("fit-steps-0", [*TRAIN, "--model.diffusion.steps", "0"], 2, ["--model.diffusion.steps", "0"]),
+    (
+        "fit-linear-10-steps",
+        [*TRAIN, "--model.diffusion.steps", "10"],
+        2,
+        ["--model.diffusion.steps 10", "T >= 21"],
+    ),
     ("fit-model-null", [*TRAIN, "--config", "{model_null}"], 2, ["'model' is empty (null)"]),
     ("fit-bad-yaml", [*TRAIN, "--config", "{bad_yaml}"], 2, ["{bad_yaml}", "invalid YAML"]),
     ("fit-missing-yaml", [*TRAIN, "--config", "{tmp}/nope.yaml"], 2, ["nope.yaml"]),

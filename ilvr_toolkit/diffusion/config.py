@@ -4,7 +4,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from ..cli import check_range
+from ..cli import UsageError, check_range
 from ..flags import checked_fields, diffusion_settings  # stdlib only, shared with models
 
 
@@ -42,6 +42,11 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         check_range("model.diffusion.steps", self.steps, 1)
+        if self.noise_schedule == "linear" and self.steps <= 20:  # beta_T = 0.02 * 1000 / T
+            raise UsageError(
+                f"--model.diffusion.steps {self.steps}: the linear schedule needs T >= 21 (its last "
+                f"beta, 20 / T, must stay below 1); use more steps or --model.diffusion.noise_schedule cosine"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ def get_named_beta_schedule(name: str, num_steps: int) -> torch.Tensor:
     """The (T,) float64 betas of schedule ``name`` in {"linear", "cosine"}.
 
     ``linear``: Ho et al.'s 1e-4 .. 0.02 for T = 1000, rescaled by 1000 / T so that other T
-    keep the same overall noise. ``cosine``: Nichol & Dhariwal's alpha_bar(t) =
+    keep the same overall noise (valid for T >= 21: beta_T = 20 / T). ``cosine``: Nichol & Dhariwal's alpha_bar(t) =
     cos^2((t + 0.008) / 1.008 * pi / 2), betas capped at 0.999.
     """
     if name == "linear":
