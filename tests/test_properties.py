@@ -191,3 +191,42 @@ def test_an_option_value_passes_unchanged_in_either_spelling(name, value):
     assert normalize_options([f"{name}={value}"]) == [f"{canonical}={value}"]
     assert normalize_options([name, value]) == [canonical, value]
     assert normalize_options(["prepare", value]) == ["prepare", value]
+
+
+def _per_image_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A stand-in eps-network (B, 3, H, W) -> (B, 3, H, W) that treats each image alone, exactly."""
+    return torch.tanh(x.roll(1, dims=-1)) * (t.float() / 1000)[:, None, None, None]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seeds=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=6, unique=True),
+    cuts=st.lists(st.integers(1, 5), max_size=5),
+    method=st.sampled_from(["ddpm", "ddim"]),
+    task=st.sampled_from(["none", "ilvr", "sdedit"]),
+)
+def test_an_image_depends_on_its_seed_not_on_its_batch(seeds, cuts, method, task):
+    """generate() over any split of the seeds into batches gives the same images, exactly."""
+    from ilvr_toolkit.diffusion import DiffusionConfig
+    from ilvr_toolkit.sampling.config import SamplerSpec
+    from ilvr_toolkit.sampling.generate import Condition, generate, sampling_diffusion
+
+    sampler = SamplerSpec(method=method, respacing="5", eta=0.5)
+    diffusion = sampling_diffusion(DiffusionConfig(steps=100, learn_sigma=False), sampler)
+    references = torch.randint(
+        0, 256, (len(seeds), 3, 8, 8), generator=torch.Generator().manual_seed(len(seeds))
+    )
+    references = references.to(torch.uint8)
+
+    def run(lo: int, hi: int) -> torch.Tensor:
+        condition = None
+        if task != "none":
+            start = 2 if task == "sdedit" else None
+            condition = Condition(references[lo:hi], LowPass(8, 2), range_t=0, start_index=start)
+        return generate(_per_image_net, diffusion, seeds[lo:hi], 8, torch.device("cpu"), sampler, condition)
+
+    whole = run(0, len(seeds))
+    bounds = sorted({0, len(seeds), *(c for c in cuts if c < len(seeds))})
+    split = torch.cat([run(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)])
+    assert torch.equal(split, whole)
+    assert len(seeds) == 1 or not torch.equal(whole[0], whole[1])  # other seeds, other images
