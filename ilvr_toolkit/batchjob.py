@@ -31,10 +31,11 @@ def leave_note(text: str) -> None:
 
 def signals_ready(ready: bool = True) -> None:
     """Tell the batch script that a stop signal may reach this task now (it touches
-    ``$ILVR_STOP_READY.<SLURM_PROCID>``; one that comes earlier waits until every task's file is
-    there) or, with ``ready=False``, no more: the task is finishing (it renames the file ``<that>.done``)."""
-    name = os.environ.get("ILVR_STOP_READY")
-    path = Path(f"{name}.{os.environ.get('SLURM_PROCID', '0')}")
+    ``$ILVR_STOP_READY.<node>.<SLURM_LOCALID>``; one that comes earlier waits until every task's
+    file is there) or, with ``ready=False``, no more: the task is finishing (the file is renamed
+    ``<that>.done``)."""
+    name, env = os.environ.get("ILVR_STOP_READY"), os.environ
+    path = Path(f"{name}.{env.get('SLURMD_NODENAME', 'node')}.{env.get('SLURM_LOCALID', '0')}")
     with contextlib.suppress(OSError):
         if name and ready:
             path.touch()

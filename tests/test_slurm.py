@@ -280,7 +280,8 @@ def test_two_task_step_gets_the_signal_once_every_task_is_ready(cluster: None, t
     )
     tmp.mkdir()
     job = sbatch("--hold", "--ntasks-per-node=2", f"--output={log}", str(script), env={"TMPDIR": str(tmp)})
-    (tmp / f"ilvr-ready-{job}.1").touch()  # as if a killed run of this job id had left it
+    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    (tmp / f"ilvr-ready-{job}.{node}.1").touch()  # as if a killed run of this job id had left it
     subprocess.run(["scontrol", "release", job], check=True)
     wait_for_line(log, r"^rank 0 ready$", job)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)

@@ -42,7 +42,7 @@ JOB_REF=${JOB_REF:-${SLURM_JOB_ID:-0}}
 
 # run_step COMMAND...: srun COMMAND; SIGUSR1/SIGTERM sent to this shell are forwarded to it as
 # SIGUSR1 (on SIGTERM srun would abort the step), once the tasks can take it: each task
-# touches $ILVR_STOP_READY.<rank> when its handler is in place (and renames it <rank>.done once
+# touches $ILVR_STOP_READY.<node>.<local rank> when its handler is in place (renamed ....done once
 # finishing), and a signal that comes earlier (a task still imports) waits for every task of
 # this node instead of killing one; tasks on other nodes are not seen (their own /tmp). A task
 # that stopped on the signal leaves a note in $ILVR_REQUEUE_NOTE (rank 0, on this node); the
@@ -82,12 +82,12 @@ run_step() {
     requeue_after "${status}" "${STOP_SIGNAL}"
 }
 
-# all_ready: every task of the step on this node has touched its ready file (srun's default
-# block distribution gives this first node the ranks 0 .. TASKS_PER_NODE-1).
+# all_ready: every task of the step on this node (SLURM_LOCALID 0 .. TASKS_PER_NODE-1) has
+# touched its ready file.
 all_ready() {
     local rank
     for ((rank = 0; rank < TASKS_PER_NODE; rank++)); do
-        [ -e "${ILVR_STOP_READY}.${rank}" ] || return 1
+        [ -e "${ILVR_STOP_READY}.${SLURMD_NODENAME:-node}.${rank}" ] || return 1
     done
 }
 
