@@ -31,13 +31,16 @@ def leave_note(text: str) -> None:
 
 def signals_ready(ready: bool = True) -> None:
     """Tell the batch script that a stop signal may reach this task now (it touches
-    ``$ILVR_STOP_READY``; one that comes earlier waits) or, with ``ready=False``, no more."""
-    path = os.environ.get("ILVR_STOP_READY")
+    ``$ILVR_STOP_READY.<node>.<SLURM_LOCALID>``; one that comes earlier waits until every task's
+    file is there) or, with ``ready=False``, no more: the task is finishing (the file is renamed
+    ``<that>.done``)."""
+    name, env = os.environ.get("ILVR_STOP_READY"), os.environ
+    path = Path(f"{name}.{env.get('SLURMD_NODENAME', 'node')}.{env.get('SLURM_LOCALID', '0')}")
     with contextlib.suppress(OSError):
-        if path and ready:
-            Path(path).touch()
-        elif path:
-            Path(path).unlink(missing_ok=True)
+        if name and ready:
+            path.touch()
+        elif name:
+            path.rename(f"{path}.done")
 
 
 class StopSignals:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -25,6 +26,7 @@ from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (worl
 
 from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.fileio import lock_folder, remove_dead_temps
+from ilvr_toolkit.sampling.manifest import SAME_RUN, check_same_run
 from ilvr_toolkit.training.checkpointing import atomic_torch_save, find_resume_checkpoint
 
 
@@ -168,3 +170,48 @@ def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(r
         json.loads((out / "manifest.json").read_text())["config"]["seed"]
         == json.loads(manifest)["config"]["seed"]
     )
+
+
+def _start_together(out, seeds, monkeypatch) -> dict[int, str]:
+    """``check_same_run`` of two runs (seeds) started at the same instant: each thread holds at
+    its first fsync (writing its settings) until the other got there too. Each run's outcome."""
+    barrier, fsync, held = threading.Barrier(2, timeout=30), os.fsync, set()
+
+    def fsync_together(fd: int) -> None:
+        if threading.get_ident() not in held:
+            held.add(threading.get_ident())
+            barrier.wait()
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_together)
+    outcome = {}
+
+    def start(index: int, seed: int) -> None:
+        try:
+            check_same_run(out, {**dict.fromkeys(SAME_RUN), "seed": seed}, {"model.sha256": "ab"})
+            outcome[index] = "proceeds"
+        except UsageError as error:
+            outcome[index] = str(error)
+
+    threads = [threading.Thread(target=start, args=item) for item in enumerate(seeds)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcome
+
+
+def test_two_runs_started_together_with_different_settings_one_proceeds(tmp_path, monkeypatch):
+    settings = tmp_path / "out" / ".manifest" / "settings.json"
+    outcome = _start_together(tmp_path / "out", (1, 2), monkeypatch)
+    winners = [k for k, v in outcome.items() if v == "proceeds"]
+    assert len(winners) == 1 and len(outcome) == 2, outcome
+    winner, loser = (1, 2) if winners == [0] else (2, 1)
+    assert (
+        outcome[1 - winners[0]]
+        == f"--seed {loser}: {tmp_path / 'out'} holds a run made with {winner} ({settings})"
+    )
+    assert json.loads(settings.read_text())["seed"] == winner
+    assert not [p.name for p in settings.parent.iterdir() if p.name != "settings.json"]  # no temp left
+    # the same settings started together: both proceed (shards, SLURM arrays, torchrun ranks)
+    assert _start_together(tmp_path / "same", (3, 3), monkeypatch) == {0: "proceeds", 1: "proceeds"}

@@ -1,6 +1,7 @@
 """Scheduled jobs on a real SLURM (``.ci/slurm_up.sh`` starts a single-node cluster): the
 journey of docs/cluster.md through ``sbatch``. Training at the first submission; pre-emption by
 SIGUSR1 and by SIGTERM (checkpoint, one note line, requeue, resume to the same max_steps);
+a signal to a step of two tasks, passed on only once both can take it;
 a job array, a rerun of one task and the merge, equal to one process file for file.
 
 Without ``sbatch`` these tests are skipped (outside CI only; with ``CI=true`` they fail). The
@@ -248,6 +249,58 @@ def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp
     assert ckpt_step(run_dir / "hpc_ckpt_2.ckpt") == notes[1]
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 40
     assert re.search(r"^step 40/40 ", text, re.MULTILINE), text
+
+
+TASK = """import os, sys, time
+from pathlib import Path
+from ilvr_toolkit.batchjob import StopSignals
+rank, flags = os.environ["SLURM_PROCID"], Path(sys.argv[1])
+while rank == "1" and not (flags / "go").exists():  # still importing: a signal now would end it
+    time.sleep(0.1)
+stop = StopSignals().start()
+print(f"rank {rank} ready", flush=True)
+while not stop.requested:
+    time.sleep(0.1)
+stop.stop()
+print(f"rank {rank} stopped by signal {stop.signum}", flush=True)
+while not (flags / "end").exists():  # finishing
+    time.sleep(0.1)
+"""
+
+
+def test_two_task_step_gets_the_signal_once_every_task_is_ready(cluster: None, tmp_path: Path) -> None:
+    """``--ntasks-per-node=2``, rank 1 slower to start than rank 0, a stale ready file of rank 1
+    left by an earlier run of the job id: a signal to the batch shell waits until both tasks
+    are ready, then reaches both; one while the tasks finish is not passed on, and says so."""
+    (tmp_path / "task.py").write_text(TASK)
+    script, log, tmp = tmp_path / "job.sh", tmp_path / "job.out", tmp_path / "tmp"
+    script.write_text(
+        '#!/bin/bash\nsource "${SLURM_SUBMIT_DIR}/scripts/slurm/common.sh" || exit 1\n'
+        f"run_step python {tmp_path / 'task.py'} {tmp_path}\n"
+    )
+    tmp.mkdir()
+    job = sbatch("--hold", "--ntasks-per-node=2", f"--output={log}", str(script), env={"TMPDIR": str(tmp)})
+    node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    (tmp / f"ilvr-ready-{job}.{node}.1").touch()  # as if a killed run of this job id had left it
+    subprocess.run(["scontrol", "release", job], check=True)
+    wait_for_line(log, r"^rank 0 ready$", job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    starts = f"got SIGUSR1 while python {tmp_path / 'task.py'} starts; passing it on once it can save"
+    wait_for_line(log, re.escape(starts), job)
+    time.sleep(2)  # the batch shell looks every second
+    (tmp_path / "go").touch()
+    wait_for_line(log, r"^rank 1 stopped by signal 10$", job)
+    wait_for_line(log, r"^rank 0 stopped by signal 10$", job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_for_line(
+        log, f"got SIGUSR1 while python {re.escape(str(tmp_path))}/task.py finishes; not passed on", job
+    )
+    (tmp_path / "end").touch()
+    info = wait_job(job)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), text
+    assert text.count(starts) == 1 and not TRACEBACK.search(text), text
+    assert not list(tmp.iterdir()), text  # the ready files are gone with the step
 
 
 # --------------------------------------------------------------------------- sampling arrays

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..cli import UsageError
-from .writer import read_json, write_json
+from .writer import create_json_once, read_json, write_json
 
 __all__ = ["ManifestPart", "check_same_run", "versions", "merge_manifest"]
 
@@ -65,8 +65,8 @@ def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str
     path, now = out_dir / PARTS_DIR / "settings.json", dict(digests)
     for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
         now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    before = read_json(path) if path.is_file() else write_json(path, now) or now
-    before = {**_ADDED, **before}
+    create_json_once(path, now)  # not check-then-write: of two runs started together, one's settings win
+    before = {**_ADDED, **read_json(path)}
     for key in (key for key in now if key in before and now[key] != before[key]):  # older runs: fewer keys
         raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
 

@@ -13,14 +13,12 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..cli import UsageError
 from .config import SampleConfig
-from .writer import read_json, write_json
+from .writer import create_json_once, read_json
 
 __all__ = ["COUNT_FILE", "fixed_shard_count", "missing_shards", "run_summary"]
 
@@ -28,16 +26,6 @@ COUNT_FILE = ".shards.json"
 DONE_DIR = ".shards"
 
 log = logging.getLogger("ilvr_toolkit.sampling")
-
-
-def _create_once(path: Path, data: dict) -> None:
-    """Write ``path`` unless it exists (atomic: the file appears complete or not at all)."""
-    # atomic_open's temp name (unique across hosts; remove_dead_temps spares it while its writer lives)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp")
-    write_json(tmp, data)
-    with contextlib.suppress(FileExistsError):
-        os.link(tmp, path)
-    tmp.unlink()
 
 
 def fixed_shard_count(config: SampleConfig) -> int:
@@ -50,7 +38,7 @@ def fixed_shard_count(config: SampleConfig) -> int:
     out_dir = Path(config.output.dir)
     path = out_dir / COUNT_FILE
     if config.num_shards > 1:
-        _create_once(path, {"num_shards": config.num_shards, "config": config.to_dict()})
+        create_json_once(path, {"num_shards": config.num_shards, "config": config.to_dict()})
     elif "SLURM_ARRAY_TASK_ID" not in os.environ or not path.is_file():
         return config.num_shards  # one process: the whole run
     stored = int(read_json(path)["num_shards"])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,7 @@ from PIL import Image
 
 from ..fileio import atomic_write_bytes
 
-__all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json"]
+__all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json", "create_json_once"]
 
 
 def save_png(path: str | Path, image: torch.Tensor) -> None:
@@ -26,6 +30,17 @@ def save_png(path: str | Path, image: torch.Tensor) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def create_json_once(path: Path, data: Any) -> None:
+    """Write ``path`` unless it exists, atomically and exclusively (a link of a complete temp file):
+    of several processes creating it at once, exactly one writes it."""
+    # atomic_open's temp name (unique across hosts; remove_dead_temps spares it while its writer lives)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp")
+    write_json(tmp, data)
+    with contextlib.suppress(FileExistsError):
+        os.link(tmp, path)
+    tmp.unlink()
 
 
 def read_json(path: str | Path) -> Any:

@@ -41,21 +41,25 @@ JOB_REF=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 JOB_REF=${JOB_REF:-${SLURM_JOB_ID:-0}}
 
 # run_step COMMAND...: srun COMMAND; SIGUSR1/SIGTERM sent to this shell are forwarded to it as
-# SIGUSR1 (on SIGTERM srun would abort the step), once the tasks can take it: rank 0 touches
-# $ILVR_STOP_READY when its handler is in place, and a signal that comes earlier (the tasks
-# still import) waits for it instead of killing them. A task that stopped on the signal leaves
-# a note in $ILVR_REQUEUE_NOTE (rank 0, on this node); the job is then requeued here, after
-# every task has ended.
+# SIGUSR1 (on SIGTERM srun would abort the step), once the tasks can take it: each task
+# touches $ILVR_STOP_READY.<node>.<local rank> when its handler is in place (renamed ....done once
+# finishing), and a signal that comes earlier (a task still imports) waits for every task of
+# this node instead of killing one; tasks on other nodes are not seen (their own /tmp). A task
+# that stopped on the signal leaves a note in $ILVR_REQUEUE_NOTE (rank 0, on this node); the
+# job is then requeued here, after every task has ended.
 run_step() {
     export ILVR_REQUEUE_NOTE="${TMPDIR:-/tmp}/ilvr-requeue-${SLURM_JOB_ID}"
     export ILVR_STOP_READY="${TMPDIR:-/tmp}/ilvr-ready-${SLURM_JOB_ID}"
-    rm -f "${ILVR_REQUEUE_NOTE}" "${ILVR_STOP_READY}"
+    rm -f "${ILVR_REQUEUE_NOTE}" "${ILVR_STOP_READY}".*  # an earlier run's (requeue: the same job id)
     srun --kill-on-bad-exit=1 "$@" &
     local step=$! status=0
     while :; do
-        if [ -n "${STOP_PENDING}" ] && [ -e "${ILVR_STOP_READY}" ]; then
+        if [ -n "${STOP_PENDING}" ] && all_ready; then
             kill -USR1 "${step}" 2>/dev/null
             STOP_PENDING=""
+        elif [ "${STOP_PENDING}" = 1 ] && compgen -G "${ILVR_STOP_READY}.*.done" >/dev/null; then
+            echo "got SIG${STOP_SIGNAL} while ${1} ${2:-} finishes; not passed on (it ends by itself)"
+            STOP_PENDING=2
         elif [ "${STOP_PENDING}" = 1 ]; then
             echo "got SIG${STOP_SIGNAL} while ${1} ${2:-} starts; passing it on once it can save"
             STOP_PENDING=2
@@ -74,8 +78,17 @@ run_step() {
         [ "${again}" -ne 127 ] && status=${again}
     fi
     trap - USR1 TERM
-    rm -f "${ILVR_STOP_READY}"
+    rm -f "${ILVR_STOP_READY}".*
     requeue_after "${status}" "${STOP_SIGNAL}"
+}
+
+# all_ready: every task of the step on this node (SLURM_LOCALID 0 .. TASKS_PER_NODE-1) has
+# touched its ready file.
+all_ready() {
+    local rank
+    for ((rank = 0; rank < TASKS_PER_NODE; rank++)); do
+        [ -e "${ILVR_STOP_READY}.${SLURMD_NODENAME:-node}.${rank}" ] || return 1
+    done
 }
 
 # requeue_after STATUS SIGNAL: requeue the job if its task left a note, else exit STATUS.
