@@ -215,3 +215,19 @@ def test_two_runs_started_together_with_different_settings_one_proceeds(tmp_path
     assert not [p.name for p in settings.parent.iterdir() if p.name != "settings.json"]  # no temp left
     # the same settings started together: both proceed (shards, SLURM arrays, torchrun ranks)
     assert _start_together(tmp_path / "same", (3, 3), monkeypatch) == {0: "proceeds", 1: "proceeds"}
+
+
+def test_nan_weights_stop_sample_py_in_one_line_instead_of_black_images(runner, tmp_path):
+    """A checkpoint with a NaN weight made black PNGs (NaN -> uint8 0) and exit status 0."""
+    payload = torch.load(REPO / "checkpoints" / "demo.pt", weights_only=True)
+    name = next(k for k, v in payload["state_dict"].items() if v.dtype.is_floating_point and v.ndim == 4)
+    payload["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(payload, tmp_path / "nan.pt")
+    done = runner(*tiny_sample(tmp_path, ["a", "b"]), "--model.checkpoint", str(tmp_path / "nan.pt"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("sample.py: error: sampling gave NaN/inf pixels in 2 of 2 images (seed ")
+    )
+    assert not list((tmp_path / "out").glob("*.png"))

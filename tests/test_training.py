@@ -667,3 +667,17 @@ def test_auto_resume_never_runs_code_from_a_planted_checkpoint(lmdb_path: Path, 
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out[-3000:]  # refused, not trained over
     assert not marker.exists(), "the planted checkpoint's code ran on resume"
+
+
+def test_a_preview_with_nan_pixels_warns_and_training_goes_on():
+    """sample.py stops on NaN samples; a training preview warns (naming the step) and keeps them."""
+    from ilvr_toolkit.sampling.config import SamplerSpec
+    from ilvr_toolkit.training.callbacks import sample_images
+    from ilvr_toolkit.training.module import DiffusionModule
+
+    module = DiffusionModule(unet="tiny16")
+    with torch.no_grad():
+        next(module.model.parameters()).fill_(float("nan"))
+    with pytest.warns(UserWarning, match=r"step 0: sampling gave NaN/inf pixels in 2 of 2 images"):
+        images = sample_images(module, module.model, [1, 2], SamplerSpec(respacing="2"))
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8

@@ -108,7 +108,7 @@ class SamplerSpec:
         respacing: the steps kept, as guided-diffusion's timestep_respacing: "100" (100
             evenly spaced steps), "10,20,30" (counts per section), "ddim50", "" (all);
             None: the model's ``timestep_respacing`` flag if it has one, else "100".
-        eta: DDIM noise, >= 0 (0: deterministic).
+        eta: DDIM noise in [0, 1] (0: deterministic, 1: DDPM's posterior variance).
     """
 
     method: Literal["ddpm", "ddim"] = "ddpm"
@@ -124,7 +124,7 @@ class SamplerSpec:
             raise UsageError(
                 f"--sampler.respacing {self.respacing!r}: expected step counts such as 100, 10,20,30 or ddim50"
             )
-        check_range("sampler.eta", self.eta, 0.0)
+        check_range("sampler.eta", self.eta, 0.0, 1.0)  # > 1: sigma_t^2 > 1 - alpha_bar_{t-1}, NaN
 
 
 @dataclass

@@ -14,7 +14,19 @@ from ..images import to_float, to_uint8
 from .config import ILVRSpec, SamplerSpec
 from .seeds import image_generators
 
-__all__ = ["Condition", "generate", "ilvr_range_t", "sampling_diffusion"]
+__all__ = ["Condition", "NonFiniteSamples", "generate", "ilvr_range_t", "sampling_diffusion"]
+
+
+class NonFiniteSamples(ValueError):
+    """Sampling gave NaN or inf (a damaged checkpoint, an overflow): ``images`` holds the batch
+    anyway (uint8, non-finite pixels as 0), ``seeds`` the seeds of the images affected."""
+
+    def __init__(self, images: torch.Tensor, seeds: list[int], total: int):
+        super().__init__(
+            f"sampling gave NaN/inf pixels in {len(seeds)} of {total} images (seed {seeds[0]}"
+            f"{', ...' if len(seeds) > 1 else ''}): check the checkpoint's weights and --precision"
+        )
+        self.images, self.seeds = images, seeds
 
 
 @dataclass
@@ -68,7 +80,8 @@ def generate(
     Image b draws all its noise (x_T, or with an SDEdit start the draw that diffuses its
     reference in x_T's place, then every step's z) from its own generator seeded ``seeds[b]``,
     so it does not depend on the batch it is computed in. ``net(x, t)`` takes original
-    timesteps; ``diffusion`` is already respaced (``sampler.respacing``).
+    timesteps; ``diffusion`` is already respaced (``sampler.respacing``). Raises
+    :class:`NonFiniteSamples` when an image holds NaN or inf (instead of a black PNG).
     """
     noise = PerImageNoise(image_generators(seeds, device))
     hooks, start = [], None
@@ -81,4 +94,8 @@ def generate(
         x0 = ddim_sample(diffusion, net, x, noise=noise, hooks=hooks, eta=sampler.eta, start_index=start)
     else:
         x0 = ddpm_sample(diffusion, net, x, noise=noise, hooks=hooks, start_index=start)
+    bad = (~torch.isfinite(x0)).flatten(1).any(1).tolist()
+    if any(bad):
+        images = to_uint8(torch.nan_to_num(x0, nan=-1.0)).cpu()
+        raise NonFiniteSamples(images, [s for s, b in zip(seeds, bad, strict=True) if b], len(seeds))
     return to_uint8(x0).cpu()

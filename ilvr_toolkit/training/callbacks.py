@@ -22,7 +22,13 @@ from torchvision.utils import make_grid
 from ilvr_toolkit.conditioning import LowPass
 from ilvr_toolkit.images import to_float, to_uint8
 from ilvr_toolkit.sampling.config import ILVRSpec, SamplerSpec
-from ilvr_toolkit.sampling.generate import Condition, generate, ilvr_range_t, sampling_diffusion
+from ilvr_toolkit.sampling.generate import (
+    Condition,
+    NonFiniteSamples,
+    generate,
+    ilvr_range_t,
+    sampling_diffusion,
+)
 from ilvr_toolkit.sampling.seeds import image_seed
 from ilvr_toolkit.sampling.writer import save_png
 
@@ -57,7 +63,11 @@ def sample_images(
     ``sampler.respacing`` (the call ``sample.py`` makes for a batch)."""
     diffusion = sampling_diffusion(pl_module.diffusion_config, sampler)
     device = next(net.parameters()).device
-    return generate(net, diffusion, seeds, pl_module.unet_config.image_size, device, sampler, condition)
+    try:
+        return generate(net, diffusion, seeds, pl_module.unet_config.image_size, device, sampler, condition)
+    except NonFiniteSamples as error:  # a preview: warn, keep training
+        rank_zero_warn(f"step {pl_module.global_step}: {error}")
+        return error.images
 
 
 def _publish(trainer: pl.Trainer, tag: str, grid: torch.Tensor, filename: str | None) -> None:
