@@ -681,3 +681,11 @@ def test_a_preview_with_nan_pixels_warns_and_training_goes_on():
     with pytest.warns(UserWarning, match=r"step 0: sampling gave NaN/inf pixels in 2 of 2 images"):
         images = sample_images(module, module.model, [1, 2], SamplerSpec(respacing="2"))
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+
+
+def test_log_every_n_steps_0_trains_without_logging(lmdb_path, tmp_path):
+    """Lightning's "no logging" value divided by zero in the per-quartile loss terms."""
+    cli = run_inprocess(
+        common_args(lmdb_path, tmp_path / "run", **{"trainer.max_steps": 2, "trainer.log_every_n_steps": 0})
+    )
+    assert cli.trainer.global_step == 2

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from ..cli import UsageError, check_range
 from ..flags import checked_fields, diffusion_settings  # stdlib only, shared with models
+from .respace import space_timesteps
 
 
 @dataclass
@@ -42,6 +43,17 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         check_range("model.diffusion.steps", self.steps, 1)
+        check_range("model.diffusion.p2_gamma", self.p2_gamma, 0.0)
+        check_range("model.diffusion.p2_k", self.p2_k, 0.0)
+        self.timestep_respacing = str(self.timestep_respacing or "")  # ``100`` in a YAML file
+        try:
+            space_timesteps(self.steps, self.timestep_respacing)
+        except ValueError as error:
+            reason = str(error) if str(error).startswith("cannot") else "not step counts"
+            raise UsageError(
+                f"--model.diffusion.timestep_respacing {self.timestep_respacing!r}: {reason}; expected "
+                f"counts such as 100, 10,20,30 or ddim50 of the {self.steps} steps, or '' (all)"
+            ) from None
         if self.noise_schedule == "linear" and self.steps <= 20:  # beta_T = 0.02 * 1000 / T
             raise UsageError(
                 f"--model.diffusion.steps {self.steps}: the linear schedule needs T >= 21 (its last "

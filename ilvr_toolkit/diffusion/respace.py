@@ -19,7 +19,7 @@ def _ddim_stride_steps(num_steps: int, desired: int) -> list[int]:
 
 
 def _section_steps(start: int, size: int, count: int) -> list[int]:
-    if count > size:
+    if not 1 <= count <= size:
         raise ValueError(f"cannot keep {count} steps from a section of {size}")
     stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
     # Python's round (half to even) on the accumulated float stride, as guided-diffusion does.

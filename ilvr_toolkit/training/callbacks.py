@@ -19,6 +19,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torchvision.utils import make_grid
 
+from ilvr_toolkit.cli import check_range
 from ilvr_toolkit.conditioning import LowPass
 from ilvr_toolkit.images import to_float, to_uint8
 from ilvr_toolkit.sampling.config import ILVRSpec, SamplerSpec
@@ -82,9 +83,11 @@ class _EveryNSteps(Callback):
     """Runs the subclass's ``_run(trainer, pl_module)`` on global rank 0 after every ``every_n_steps``-th
     optimizer step (once per step under gradient accumulation), with the settings all of them have."""
 
+    option, min_images = "samples", 1  # the config group (errors name --<option>.KEY)
+
     def __init__(self, every_n_steps: int, num_images: int, sampler: SamplerSpec, seed: int, at_start: bool):
-        if every_n_steps < 0:
-            raise ValueError("every_n_steps must be >= 0 (0 disables)")
+        check_range(f"{self.option}.every_n_steps", every_n_steps, 0)
+        check_range(f"{self.option}.num_images", num_images, self.min_images)
         self.every_n_steps, self.num_images, self.sampler = every_n_steps, num_images, sampler
         self.seed, self.at_start, self.last_step = seed, at_start, -1
 
@@ -133,6 +136,8 @@ class SampleGrid(_EveryNSteps):
         save_png: bool = True,
     ) -> None:
         super().__init__(every_n_steps, num_images, sampler, seed, at_start)
+        if nrow is not None:
+            check_range("samples.nrow", nrow, 1)
         self.nrow, self.save_png = nrow or max(1, round(num_images**0.5)), save_png
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -159,6 +164,8 @@ class ILVRPreview(_EveryNSteps):
         at_start: also translate before the first step of a fresh run.
         save_png: also write ``RUN/samples/ilvr_{step:08d}.png``.
     """
+
+    option = "ilvr_preview"
 
     def __init__(
         self,

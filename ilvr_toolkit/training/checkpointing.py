@@ -128,6 +128,12 @@ class EMA(WeightAveraging):
         if not 0.0 <= decay < 1.0:
             raise UsageError(f"--ema.decay {decay}: expected a number in [0, 1)")
         check_range("ema.update_every_n_steps", update_every_n_steps, 1)
+        try:
+            torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError):
+            raise UsageError(
+                f"--ema.device {device}: expected cpu, cuda or cuda:N (null: each rank's training device)"
+            ) from None
         super().__init__(device=device, use_buffers=True, multi_avg_fn=self.update)
         self.decay, self.start_step, self.warmup = decay, start_step, warmup
         self.update_every_n_steps, self.on_own_device = update_every_n_steps, device is None
@@ -196,6 +202,9 @@ class RunCheckpoint(ModelCheckpoint):
     ) -> None:
         check_range("checkpoint.last_every_n_steps", last_every_n_steps, 0)
         check_range("checkpoint.every_n_train_steps", every_n_train_steps, 0)
+        minutes = last_every_minutes
+        if minutes is not None and not (isinstance(minutes, int | float) and minutes > 0):
+            raise UsageError(f"--checkpoint.last_every_minutes {minutes}: expected a number > 0 (null: off)")
         super().__init__(
             dirpath=dirpath,
             filename=filename,

@@ -167,8 +167,18 @@ class TrainCLI(LightningCLI):
         return config.get(str(self.subcommand), config).get(key, default)
 
     def before_instantiate_classes(self) -> None:
-        if (threads := self.config.get(str(self.subcommand), self.config).get("threads")) is not None:
+        config = self.config.get(str(self.subcommand), self.config)
+        if (threads := config.get("threads")) is not None:
             check_range("threads", threads, 1)
+        trainer = config.get("trainer") or {}
+        # Lightning takes these unchecked: a negative clip value silently turns clipping off, 0 divides
+        for key, low in {
+            "accumulate_grad_batches": 1,
+            "log_every_n_steps": 0,
+            "gradient_clip_val": 0.0,
+        }.items():
+            if trainer.get(key) is not None:
+                check_range(f"trainer.{key}", trainer[key], low)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._setting("trainer", {})

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from ilvr_toolkit.cli import check_range
 from ilvr_toolkit.evaluation import (
     FeatureStats,
     InceptionFeatureExtractor,
@@ -57,7 +58,8 @@ class FIDMonitor(_EveryNSteps):
         at_start: also evaluate before the first step of a fresh run.
     """
 
-    ilvr_toolkit_key = "fid"
+    ilvr_toolkit_key = option = "fid"
+    min_images = 2  # a covariance
 
     def __init__(
         self,
@@ -70,8 +72,7 @@ class FIDMonitor(_EveryNSteps):
         at_start: bool = False,
     ) -> None:
         super().__init__(every_n_steps, num_images, sampler, seed, at_start)
-        if num_images < 2 or batch_size < 1:
-            raise ValueError("fid.num_images must be >= 2 and fid.batch_size >= 1")
+        check_range("fid.batch_size", batch_size, 1)
         self.batch_size, self.reference = batch_size, reference
         self.history: list[dict[str, Any]] = []
         self.extractor: InceptionFeatureExtractor | None = None

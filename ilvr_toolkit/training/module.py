@@ -183,7 +183,8 @@ class DiffusionModule(pl.LightningModule):
         guided-diffusion's ``log_loss_dict``). Values are this rank's batch (no collective)."""
         for name, value in terms.items():
             self.log(f"train/{name}", value.detach().mean(), prog_bar=name == "loss", batch_size=batch_size)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps:  # only on steps that get logged
+        every = self.trainer.log_every_n_steps  # 0: no logging
+        if not every or (self.global_step + 1) % every:  # only on steps that get logged
             return
         quartile = (4 * t // self.diffusion.num_timesteps).clamp_(max=3)
         counts = torch.bincount(quartile, minlength=4).tolist()
