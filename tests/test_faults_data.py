@@ -20,6 +20,8 @@ import pytest
 from faultkit import REPO, TINY32, damage_record, damage_size, error_line, make_images, put, run, tiny_lmdb
 from PIL import Image, PngImagePlugin
 from test_faults_loads import sample_args, train_args
+from test_training import train_subprocess
+from torch.utils.data import DistributedSampler
 
 from ilvr_toolkit.data import LMDBImageDataset, image_key
 
@@ -144,6 +146,27 @@ def test_train_py_on_a_corrupt_record_one_line_or_skip(corrupt, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "b'16-00003' (index 3) not an image" in done.stderr and "so far)" in done.stderr
     assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_ddp_bad_record_is_one_line_from_the_rank_that_met_it(clean, tmp_path, rank):
+    """2-process DDP (gloo): the rank whose shard holds the damaged record says so in one line naming
+    file and key; the other stops without gloo's traceback (rank 0: one line pointing to it), no hang."""
+    shard = list(DistributedSampler(range(8), num_replicas=2, rank=rank, seed=0))  # Lightning's (seed 0)
+    bad = shutil.copytree(clean, tmp_path / "bad.lmdb")
+    key = damage_record(bad, shard[0], "header").decode()
+    args = train_args(bad, tmp_path / "run", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    proc = train_subprocess(args[2:], start_new_session=True)
+    try:
+        out = proc.communicate(timeout=300)[0]  # every rank has ended: none holds the pipe
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank
+        raise
+    errors = [line for line in out.splitlines() if line.startswith("train.py: error: ")]
+    said = f"train.py: error: rank {rank}: {bad}: record b'{key}' (index {shard[0]}) not an image"
+    assert proc.returncode != 0 and "Traceback" not in out and errors[0].startswith(said), out[-3000:]
+    peer = ["train.py: error: rank 0: another process of the run stopped (its error, if any, is above)"]
+    assert errors[1:] == (peer if rank else []) and out.rstrip().endswith(errors[-1]), out[-3000:]
 
 
 def test_verify_lists_every_bad_record(clean, corrupt):

@@ -72,6 +72,8 @@ class Preemption(Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException) and self.signals is not None and self.saved_step is None:
             self.save(trainer)
+        if isinstance(exception, Exception) and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signal.SIGKILL)  # the ranks started here: none waits on this one
         self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
 
     def save(self, trainer: pl.Trainer) -> Path:
