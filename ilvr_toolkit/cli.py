@@ -168,9 +168,11 @@ def run_command(
     main: Callable[[list[str]], int | None],
     argv: Sequence[str] | None = None,
     user_errors: tuple[type[Exception], ...] = (),
+    where: Callable[[], str] = str,
 ) -> int:
     """Run ``main(argv)`` (``--debug`` removed) and return its exit status: a user's mistake is one
-    line ``prog: error: ...`` on stderr instead of a traceback, exit 2 for a :class:`UsageError`,
+    line ``prog: error: {where()}...`` on stderr instead of a traceback (``where``: which process of
+    several met it, e.g. ``"rank 1: "``), exit 2 for a :class:`UsageError`,
     a parse error (``argparse.ArgumentError``) or one of ``user_errors``, 1 for a missing or unreadable file, a bad value or
     another ``OSError``; Ctrl-C returns 130. ``--debug`` / ``ILVR_DEBUG=1`` prints the traceback too.
     """
@@ -192,7 +194,7 @@ def run_command(
         while chain[-1].__cause__ or chain[-1].__context__:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
         error = next((e for e in chain if isinstance(e, UsageError)), error)
-        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {where()}{_one_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, (UsageError, argparse.ArgumentError, *user_errors)) else 1
 
 

@@ -37,6 +37,7 @@ from ilvr_toolkit.data import (
     unique_names,
 )
 from ilvr_toolkit.data.imageops import to_rgb
+from ilvr_toolkit.data.lmdb_format import _mappings
 from ilvr_toolkit.data.prepare import main as prepare_main
 from ilvr_toolkit.data.prepare import process_image
 
@@ -364,6 +365,23 @@ def test_truncated_lmdb_is_refused_before_it_is_mapped(data_lmdb, tmp_path):
     )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{damaged / 'data.mdb'}: truncated" in done.stderr and not (tmp_path / "o.lmdb").exists()
+
+
+def test_data_file_is_found_in_the_maps_by_device_and_inode(data_lmdb, tmp_path):
+    """Where data.mdb is mapped (the check of records past its end needs it): a file with its inode
+    number on another device, mapped meanwhile, is not taken for it (that switched the check off)."""
+    data = data_lmdb / "data.mdb"
+    st = os.stat(data)
+    major, minor, ino = os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+    maps = tmp_path / "maps"  # /proc/self/maps lines: address, perms, offset, dev (hex), inode, path
+    maps.write_text(
+        f"7f0000000000-7f0000100000 r--s 00000000 {major:02x}:{minor:02x} {ino}    {data}\n"
+        f"7f0000200000-7f0000201000 r--p 00001000 {major ^ 1:02x}:{minor:02x} {ino}    /mnt/other/lib.so\n"
+        f"7f0000300000-7f0000301000 r--p 00000000 {major:02x}:{minor ^ 1:02x} {ino}    /mnt/other/b.so\n"
+        f"7f0000400000-7f0000401000 r--p 00000000 {major:02x}:{minor:02x} {ino + 1}    {tmp_path / 'c'}\n"
+        f"7f0000500000-7f0000600000 rw-p 00000000 00:00 0\n"
+    )
+    assert _mappings(str(data), st, str(maps)) == {0x7F0000000000}
 
 
 # --------------------------------------------------------------------------- workers, DataModule, DDP

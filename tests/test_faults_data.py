@@ -4,6 +4,7 @@ train.py, sample.py and the converter (its ``--verify`` too), on tiny datasets m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -20,6 +21,8 @@ import pytest
 from faultkit import REPO, TINY32, damage_record, damage_size, error_line, make_images, put, run, tiny_lmdb
 from PIL import Image, PngImagePlugin
 from test_faults_loads import sample_args, train_args
+from test_training import train_subprocess
+from torch.utils.data import DistributedSampler
 
 from ilvr_toolkit.data import LMDBImageDataset, image_key
 
@@ -146,6 +149,27 @@ def test_train_py_on_a_corrupt_record_one_line_or_skip(corrupt, tmp_path):
     assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.parametrize("rank", [1, 0])
+def test_ddp_bad_record_is_one_line_from_the_rank_that_met_it(clean, tmp_path, rank):
+    """2-process DDP (gloo): the rank whose shard holds the damaged record says so in one line naming
+    file and key; the other stops without gloo's traceback (rank 0: one line pointing to it), no hang."""
+    shard = list(DistributedSampler(range(8), num_replicas=2, rank=rank, seed=0))  # Lightning's (seed 0)
+    bad = shutil.copytree(clean, tmp_path / "bad.lmdb")
+    key = damage_record(bad, shard[0], "header").decode()
+    args = train_args(bad, tmp_path / "run", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    proc = train_subprocess(args[2:], start_new_session=True)
+    try:
+        out = proc.communicate(timeout=300)[0]  # every rank has ended: none holds the pipe
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank
+        raise
+    errors = [line for line in out.splitlines() if line.startswith("train.py: error: ")]
+    said = f"train.py: error: rank {rank}: {bad}: record b'{key}' (index {shard[0]}) not an image"
+    assert proc.returncode != 0 and "Traceback" not in out and errors[0].startswith(said), out[-3000:]
+    peer = ["train.py: error: rank 0: another process of the run stopped (its error, if any, is above)"]
+    assert errors[1:] == (peer if rank else []) and out.rstrip().endswith(errors[-1]), out[-3000:]
+
+
 def test_verify_lists_every_bad_record(clean, corrupt):
     done = run([*PREPARE, str(clean), "--verify"])
     assert done.returncode == 0 and "8 images at sizes [16, 32], every record decodes" in done.stdout
@@ -202,45 +226,40 @@ def test_converter_with_nothing_usable_says_so_and_writes_nothing(tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (from /proc/*/stat)."""
+    """Process ids whose parent is ``pid`` (from /proc/PID/task/*/children), in start order."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-    return found
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):  # a thread ended meanwhile
+            found += [int(child) for child in children.read_text().split()]
+    return sorted(found)
 
 
-def test_converter_says_so_when_an_encoding_worker_dies(tmp_path):
-    """Killed (OOM killer, kill -9) while it encodes: one line, nothing at OUT; no endless wait."""
+@pytest.mark.parametrize(
+    "workers, wait, signum",
+    [(1, 1.0, signal.SIGKILL), (3, 0.0, signal.SIGKILL), (2, 1.0, signal.SIGXCPU)],
+    ids=["midway", "at its start", "over its CPU time limit"],
+)
+def test_converter_says_so_when_an_encoding_worker_dies(tmp_path, workers, wait, signum):
+    """Killed (OOM killer, kill -9, ulimit -t) while it encodes or as it starts: one line naming its
+    signal, not the SIGTERM the pool then sends to the others; nothing at OUT; no endless wait."""
     src, out = make_images(tmp_path / "src", count=30, size=64).resolve(), tmp_path / "o.lmdb"
     env = {**os.environ, "PYTHONPATH": str(REPO), "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.3"}
-    cmd = [
-        sys.executable,
-        *PREPARE,
-        str(src),
-        "--out",
-        str(out),
-        "--size",
-        "32",
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [sys.executable, *PREPARE, str(src), "--out", str(out), "--size", "32", "--workers", str(workers)]
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 60
-        while not (workers := _children(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)  # a few images into the build
-        assert len(workers) == 1 and proc.poll() is None, (workers, proc.poll())
-        os.kill(workers[0], signal.SIGKILL)
+        while not (started := _children(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(wait)  # a few images into the build, or none
+        assert started and proc.poll() is None, (started, proc.poll())
+        os.kill(started[0], signum)
         stderr = proc.communicate(timeout=30)[1]
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
         proc.wait()
-    said = f"an encoding worker died (killed by signal 9) while encoding {src}; nothing was written at {out}"
-    assert (proc.returncode, stderr.splitlines()[-1]) == (1, f"{PREPARE_PROG}: error: {said}"), stderr
+    said = f"an encoding worker died (killed by signal {int(signum)}) while encoding {src}"
+    expected = f"{PREPARE_PROG}: error: {said}; nothing was written at {out}"
+    assert (proc.returncode, stderr.splitlines()[-1]) == (1, expected), stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build

@@ -102,15 +102,17 @@ def open_lmdb(path: str | Path) -> lmdb.Environment:
     return _open(path)[0]
 
 
-def _mappings(data_file: str, inode: int) -> set[int]:
-    """Addresses where this process maps ``data_file`` (of its offset 0); empty without /proc."""
+def _mappings(data_file: str, st: os.stat_result, maps: str = "/proc/self/maps") -> set[int]:
+    """Addresses where this process maps ``data_file`` (of its offset 0), found by its path or its
+    (device, inode): maps prints the device as hex "major:minor"; empty without /proc."""
     try:
-        with open("/proc/self/maps") as maps:
-            lines = [line.split(maxsplit=5) for line in maps]
+        with open(maps) as lines:
+            fields = [line.split(maxsplit=5) for line in lines]
     except OSError:
         return set()
-    real = os.path.realpath(data_file)
-    mine = [f for f in lines if len(f) == 6 and (int(f[4]) == inode or f[5].rstrip("\n") == real)]
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    real, ours = os.path.realpath(data_file), (device, str(st.st_ino))
+    mine = [f for f in fields if len(f) == 6 and (tuple(f[3:5]) == ours or f[5].rstrip("\n") == real)]
     return {int(f[0].split("-")[0], 16) - int(f[2], 16) for f in mine}
 
 
@@ -153,9 +155,9 @@ def _open(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
         if owner != pid:
             if env is not None:
                 env.close()  # inherited through fork: drop the child's mapping only
-            before = _mappings(data_file, st.st_ino)
+            before = _mappings(data_file, st)
             env = lmdb.open(path, subdir=os.path.isdir(path), map_size=st.st_size + _MARGIN, **_READ_OPTIONS)
-            new = _mappings(data_file, st.st_ino) - before
+            new = _mappings(data_file, st) - before
             start = new.pop() if len(new) == 1 else None  # None: unknown, values are not checked
             if start is not None and not _zeros_past_end(start, st.st_size, env.info()["map_size"]):
                 start = None

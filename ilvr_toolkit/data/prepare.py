@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 import zipfile
@@ -360,6 +361,20 @@ def _write_dataset(
     return kept, skipped
 
 
+def _recording_context(start_method: str | None) -> tuple[Any, list[multiprocessing.Process]]:
+    """A multiprocessing context of ``start_method`` and every process it starts, dead ones too
+    (``active_children`` forgets a worker that died before it is called)."""
+    context = type(multiprocessing.get_context(start_method or multiprocessing.get_start_method()))()
+    started: list[multiprocessing.Process] = []
+
+    def process(*args: Any, **kwargs: Any) -> multiprocessing.Process:
+        started.append(type(context).Process(*args, **kwargs))
+        return started[-1]
+
+    context.Process = process
+    return context, started
+
+
 @contextlib.contextmanager
 def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterator[Iterator[_Result]]:
     """``(index, {size: bytes} or None, reason)`` for every source index, in order."""
@@ -372,17 +387,15 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
         finally:
             _open_zip.cache_clear()  # closes a zip source's archive
         return
-    before, started = set(multiprocessing.active_children()), set()
-    context = multiprocessing.get_context(settings.start_method)
+    context, started = _recording_context(settings.start_method)
     pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(src, sizes, settings))
     try:  # (Pool.imap would wait forever for the images of a worker that died: OOM killer, kill -9)
-        results = pool.map(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
-        started = set(multiprocessing.active_children()) - before
-        yield results
+        yield pool.map(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
     except BrokenProcessPool:
         for process in started:
             process.join(5)  # dead, or being stopped by the pool (SIGTERM)
-        codes = sorted((p.exitcode for p in started if p.exitcode), key=lambda code: (code > 0, -code))
+        codes = [p.exitcode for p in started if p.exitcode is not None]
+        codes = [code for code in codes if code != -signal.SIGTERM] or codes  # not the pool's SIGTERM
         how = f"killed by signal {-codes[0]}" if codes and codes[0] < 0 else "it exited"
         raise ChildProcessError(f"an encoding worker died ({how}) while encoding {src.location}") from None
     except BaseException:  # stopped early (--strict, Ctrl-C): the workers stop now

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         from .export import main as export_main
 
         return export_main(args[1:])
-    return run_command("train.py", _fit, args, user_errors=(MisconfigurationException,))
+    return run_command("train.py", _fit, args, user_errors=(MisconfigurationException,), where=_rank)
 
 
 def _fit(args: list[str]) -> int:
@@ -239,6 +239,10 @@ def _fit(args: list[str]) -> int:
         if stop.saved_path is None:  # --slurm_requeue false: Lightning's handler stopped training
             print("train.py: stopped by signal 15, nothing saved since the last checkpoint", file=sys.stderr)
             return 143
+    except RuntimeError as error:  # a collective whose peer's process ended: one line, not gloo's traceback
+        if not (_rank() and _PEER_GONE.search(str(error))):
+            raise
+        raise ConnectionError("another process of the run stopped (its error, if any, is above)") from error
     _leave_process_group()
     if stop.saved_path is None or os.environ.get("ILVR_REQUEUE_NOTE"):
         return 0  # done, or stopped for the batch script, which requeues (its note says so)
@@ -274,6 +278,17 @@ def _trainer_option(message: str, trainer: Any) -> str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return f"--trainer.{key} {value}: "
     return ""
+
+
+_PEER_GONE = re.compile(r"by peer|remote (worker|process)")  # gloo's, NCCL's words for it
+
+
+def _rank() -> str:
+    """``"rank R: "`` in a process of a run with several ranks, else ``""``."""
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return f"rank {dist.get_rank()}: " if several else ""
 
 
 def _leave_process_group() -> None:

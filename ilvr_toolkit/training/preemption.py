@@ -30,6 +30,7 @@ class Preemption(Callback):
     The ranks agree at every step boundary (one tiny all-reduce, only with several ranks), so all
     of them save the same step. Lightning raises its ``SIGTERMException`` at a step boundary when
     it saw SIGTERM too (``train.py`` catches it); if nothing was saved yet, ``on_exception`` saves.
+    After an error, ``on_exception`` ends the ranks this process started (DDP): none waits on it.
     Older ``hpc_ckpt_*`` files are deleted once the new one is written.
     """
 
@@ -72,6 +73,8 @@ class Preemption(Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException) and self.signals is not None and self.saved_step is None:
             self.save(trainer)
+        if isinstance(exception, Exception) and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signal.SIGKILL)  # the ranks started here: none waits on this one
         self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown hook after an exception
 
     def save(self, trainer: pl.Trainer) -> Path:
