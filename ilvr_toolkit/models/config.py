@@ -171,6 +171,7 @@ PRESETS: dict[str, UNetConfig] = {
 RELEASED_CHECKPOINTS: dict[str, str] = {
     **{f"{name}_{kind}.pt": name for name in _ADM256_NAMES for kind in ("p2", "baseline")},
     **dict.fromkeys(("afhq_dog_4m.pt", "afhqdog_p2.pt", "afhqdog_baseline.pt"), "afhq_dog"),
+    **dict.fromkeys(("flower_p2.pt", "flower_baseline.pt"), "flowers"),  # P2's release names
     "ffhq_10m.pt": "ffhq",
     **{f"{s}x{s}_diffusion.pt": f"imagenet{s}_cond" for s in (64, 128, 256, 512)},
     "256x256_diffusion_uncond.pt": "imagenet256_uncond",
