@@ -31,7 +31,7 @@ from ilvr_toolkit.evaluation import (
 )
 from ilvr_toolkit.evaluation.__main__ import main as cli_main
 from ilvr_toolkit.evaluation.fid import gather_stats
-from ilvr_toolkit.evaluation.inception import WEIGHTS_FILENAME, WEIGHTS_SHA256_PREFIX
+from ilvr_toolkit.evaluation.inception import WEIGHTS_FILENAME, WEIGHTS_SHA256
 from ilvr_toolkit.images import to_float
 
 SIZE = 32
@@ -106,9 +106,9 @@ def test_missing_weights_named_error(tmp_path, monkeypatch, capsys):
         InceptionFeatureExtractor()
     message = str(err.value)
     expected_place = tmp_path / "torch_home" / "hub" / "checkpoints" / WEIGHTS_FILENAME
-    assert WEIGHTS_FILENAME in message and WEIGHTS_SHA256_PREFIX in message
+    assert WEIGHTS_FILENAME in message and WEIGHTS_SHA256 in message
     assert str(expected_place) in message and "--inception_weights" in message
-    with pytest.raises(InceptionWeightsMissing, match=WEIGHTS_SHA256_PREFIX):
+    with pytest.raises(InceptionWeightsMissing, match=WEIGHTS_SHA256):
         InceptionFeatureExtractor(tmp_path / "nowhere.pth")
     # the CLI reports it as one line (a missing file: exit 1), before reading any image
     save_folder(tmp_path / "a", smooth_images(2, seed=0))
