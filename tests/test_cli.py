@@ -190,7 +190,7 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
         (["--samples_per_reference", "0"], "--samples_per_reference 0"),
         (["--num_samples", "0"], "--num_samples 0"),
         (["--sampler.respacing", "0"], "--sampler.respacing '0'"),
-        (["--sampler.eta", "-1"], "--sampler.eta -1.0: expected a number >= 0"),
+        (["--sampler.eta", "-1"], "--sampler.eta -1.0: expected a number in 0.0..1.0"),
         (["--num_shards", "0"], "--num_shards 0"),
         (["--shard_index", "2", "--num_shards", "2"], "--shard_index 2: expected an integer in 0..1"),
         (["--ilvr.factor", "0"], "--ilvr.factor 0"),
