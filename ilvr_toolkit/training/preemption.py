@@ -50,7 +50,7 @@ class Preemption(Callback):
             watched.add(signal.SIGINT)
         self.signals = StopSignals(frozenset(watched)).start()  # tells the batch script: signals may come
         if names := "/".join(signal.Signals(s).name for s in sorted(watched)):
-            rank_zero_info(f"pre-emption: {names} save a checkpoint at the next step and stop")
+            rank_zero_info(f"pre-emption: on {names}, save a checkpoint at the next step and stop")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.signals is not None:
