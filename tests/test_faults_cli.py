@@ -91,7 +91,7 @@ CASES = [
     # ---- train.py export
     ("export-missing", [*EXPORT, "{tmp}/none.ckpt"], 2, ["none.ckpt"]),
     ("export-empty", [*EXPORT, "{empty}"], None, ["empty.pt"]),
-    ("export-not-torch", [*EXPORT, "{txt}"], None, ["notes.txt"]),
+    ("export-not-torch", [*EXPORT, "{txt}"], None, ["notes.txt is not a PyTorch checkpoint (neither"]),
     ("export-weights", [*EXPORT, "{empty}", "--weights", "best"], 2, ["--weights", "best"]),
     # ---- sample.py
     ("sample-respacing-0", [*SAMPLE, "--sampler.respacing", "0"], 2, ["--sampler.respacing", "0"]),

@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,9 +164,7 @@ class TrainCLI(LightningCLI):
         # missing Inception weights: FIDMonitor's setup names the file, its hash and where it goes
         named.update({"fid.reference.images": fit.fid.reference.images})
         check_paths({**named, "ilvr_preview.references": fit.ilvr_preview.references})
-        if ckpt and not zipfile.is_zipfile(ckpt):
-            raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
-        if ckpt:  # LightningCLI reads it next, with a traceback on refusal (mmap: no tensor data read)
+        if ckpt:  # LightningCLI reads it next, with a traceback on refusal (mmap: checked, not loaded)
             load_state_dict_file(ckpt, mmap=True)
         holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
         if holder is not None:
