@@ -142,8 +142,8 @@ class TrainCLI(LightningCLI):
         )  # fmt: skip
         parser.add_argument(
             "--slurm_requeue", type=bool, default=True,
-            help="on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop: under "
-            "scripts/slurm/train.sbatch exit 0 (it requeues the job), else exit 128 + signal (rerun to resume)",
+            help="on SIGUSR1 or SIGTERM (Ctrl-C: always) save RUN/hpc_ckpt_K.ckpt at the next step and stop: "
+            "under scripts/slurm/train.sbatch exit 0 (it requeues the job), else exit 128 + signal (rerun to resume)",
         )  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
