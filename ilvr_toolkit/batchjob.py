@@ -44,7 +44,8 @@ def signals_ready(ready: bool = True) -> None:
 
 
 class StopSignals:
-    """While started, SIGUSR1 and SIGTERM set :attr:`requested` instead of ending the process.
+    """While started, SIGUSR1 and SIGTERM (or the given ``signals``) set :attr:`requested` instead
+    of ending the process.
 
     The main thread also blocks both signals (``pthread_sigmask``), so that processes forked
     meanwhile (DataLoader workers) inherit them blocked: slurmstepd signals every process of
@@ -53,16 +54,17 @@ class StopSignals:
     it. ``stop()`` drops what is pending (already answered) and restores everything.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: frozenset[int] = STOP_SIGNALS) -> None:
         self.signum: int | None = None
+        self.signals = signals
         self._previous: dict[int, Any] = {}
         self._mask: set[int] = set()
 
     def start(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread() and not self._previous:
             self.signum = None
-            self._previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
-            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            self._previous = {s: signal.signal(s, self._handler) for s in self.signals}
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
             signals_ready()
         return self
 
@@ -72,15 +74,15 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         if self.signum is None and self._previous:
-            self.signum = min(signal.sigpending() & STOP_SIGNALS, default=None)
+            self.signum = min(signal.sigpending() & self.signals, default=None)
         return self.signum is not None
 
     def stop(self) -> None:
         if not self._previous:
             return
         signals_ready(False)
-        while signal.sigpending() & STOP_SIGNALS - self._mask:
-            signal.sigtimedwait(STOP_SIGNALS - self._mask, 0)
+        while signal.sigpending() & self.signals - self._mask:
+            signal.sigtimedwait(self.signals - self._mask, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
 __all__ = ["UsageError", "check_config_files", "check_paths", "check_range", "make_parser"]
-__all__ += ["normalize_options", "parse_options", "run_command", "setup_logging"]
+__all__ += ["normalize_options", "parse_options", "run_command", "setup_logging", "unknown_key"]
 
 
 class UsageError(ValueError):
@@ -110,12 +110,38 @@ def parse_options(
     try:
         return parser.parse_args(args)
     except argparse.ArgumentError as error:
-        unknown = re.match(r"Option '(.+)' is not accepted", str(error))
-        nested = re.match(r"Group '(.+)' does not accept (?:option|nested key) '(.+)'", str(error))
-        name = unknown.group(1) if unknown else nested and ".".join(nested.groups())
-        if not name or not configs:
+        if (line := unknown_key(error, parser.get_defaults(), configs)) is None:
             raise
-        raise UsageError(f"--config {' '.join(configs)}: unknown option {name!r}") from None
+        raise UsageError(line) from None
+
+
+def unknown_key(error: Exception, defaults: Namespace, configs: Sequence[str]) -> str | None:
+    """The one line for a parse ``error`` about an unknown key (None for another error): the
+    ``configs`` file that holds it, else the flag, and the closest valid key at its level, else
+    that level's keys; the valid ones are those of ``defaults`` (the parser's ``get_defaults()``)."""
+    import difflib
+
+    import yaml
+
+    flag = re.match(r"unrecognized arguments: --([\w.]+)", str(error))
+    nested = r"(?:Group '(.+?)'|Subcommand '.+?') does not accept (?:option|nested key) '(.+?)'"
+    if (found := flag or re.match(rf"{nested}|Option '(.+?)' is not accepted", str(error))) is None:
+        return None
+    key = ".".join(filter(None, found.groups()))
+    parts, known = key.split("."), [k.split(".") for k in defaults.keys()]
+    unknown = (i for i in range(len(parts)) if not any(k[: i + 1] == parts[: i + 1] for k in known))
+    depth = next(unknown, len(parts) - 1)  # the first part that no valid key has there
+    names = sorted({k[depth] for k in known if len(k) > depth and k[:depth] == parts[:depth]})
+    hint = f"valid keys{' under ' + '.'.join(parts[:depth]) if depth else ''}: {', '.join(names)}"
+    if close := difflib.get_close_matches(parts[depth], names, 1):
+        hint = f"did you mean {'--' if flag else ''}{'.'.join([*parts[:depth], close[0]])}?"
+    for path in [] if flag else configs:  # the file that holds the key (KeyError: it does not)
+        node = yaml.safe_load(Path(path).read_text())
+        for part in parts:
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is not KeyError:
+            return f"--config {path}: unknown option {key!r}; {hint}"
+    return f"--{key}: unknown option; {hint}"
 
 
 def check_config_files(args: Sequence[str]) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 import lmdb
@@ -111,3 +112,17 @@ def damage_size(path: Path, key: bytes) -> None:
     for at in nodes:
         struct.pack_into("<H", data, at + 2, 0x80)  # mn_hi: + 128 << 16 bytes
     (path / "data.mdb").write_bytes(data)
+
+
+def flip_tensor_bytes(path: Path, count: int = 64) -> str:
+    """Invert ``count`` bytes in the middle of the largest member (tensor data) of the torch.save
+    zip archive ``path``, in place (size and layout unchanged); return that member's name."""
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda m: m.file_size)
+        stored = archive.read(member)
+    assert len(stored) >= 2 * count, "the largest member is too small to damage in its middle"
+    data = bytearray(path.read_bytes())
+    middle = data.find(stored) + len(stored) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(data)
+    return member.filename

@@ -144,7 +144,7 @@ def _one_error_line(done: subprocess.CompletedProcess, prog: str) -> str:
         (["--size", "x"], "--size x"),
         (["--format", "gif"], "--format gif: expected one of png, jpeg"),
         (["--compress_level", "10"], "--compress_level 10"),
-        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["--bogus", "1"], "--bogus: unknown option; valid keys: compress_level, config, format"),
     ],
 )
 def test_prepare_bad_value_is_one_line_exit_2(images, tmp_path, extra, named):
@@ -173,7 +173,7 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
     assert f"--config {unknown}: unknown option 'sizes'" in line
     unknown.write_text("output:\n  dirr: x\n")  # a typo one level down
     line = _one_error_line(_run([*PREPARE, "--config", str(unknown)]), prog)
-    assert f"--config {unknown}: unknown option 'output.dirr'" in line
+    assert f"--config {unknown}: unknown option 'output.dirr'; did you mean output.dir?" in line
     for text, got in (("", "nothing"), ("- 16\n", "a list")):
         unknown.write_text(text)
         line = _one_error_line(_run([*PREPARE, "--config", str(unknown)]), prog)
@@ -214,7 +214,7 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
         (["--output.dir", "datasets/demo_references/out"], "inside --references datasets/demo_references"),
         (["--batch_size", "many"], "--batch_size many: expected int"),
         (["--sampler.method", "euler"], "--sampler.method euler: expected one of ddpm, ddim"),
-        (["--no_such_option", "1"], "unrecognized arguments: --no_such_option 1"),
+        (["--no_such_option", "1"], "--no_such_option: unknown option; valid keys: batch_size"),
         (
             ["--model.checkpoint", "checkpoints/nope.pt"],
             "--model.checkpoint checkpoints/nope.pt: no such file (nothing is downloaded: checkpoints/README.md",

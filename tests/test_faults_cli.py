@@ -86,8 +86,39 @@ CASES = [
     ("fit-model-null", [*TRAIN, "--config", "{model_null}"], 2, ["'model' is empty (null)"]),
     ("fit-bad-yaml", [*TRAIN, "--config", "{bad_yaml}"], 2, ["{bad_yaml}", "invalid YAML"]),
     ("fit-missing-yaml", [*TRAIN, "--config", "{tmp}/nope.yaml"], 2, ["nope.yaml"]),
-    ("fit-unknown-key-yaml", [*TRAIN, "--config", "{unknown_yaml}"], 2, ["modle"]),
+    (
+        "fit-unknown-key-yaml",
+        [*TRAIN, "--config", "{unknown_yaml}"],
+        2,
+        ["'modle.unet'; did you mean model?"],
+    ),
     ("fit-unknown-flag", [*TRAIN, "--no_such_flag", "1"], 2, ["--no_such_flag"]),
+    (
+        "fit-typo-nested-flag",
+        [*TRAIN, "--model.diffusion.noise_schedul", "cosine"],
+        2,
+        ["--model.diffusion.noise_schedul: unknown option; did you mean --model.diffusion.noise_schedule?"],
+    ),
+    (
+        "fit-typo-nested-yaml",
+        [*TRAIN, "--config", "{typo_yaml}"],
+        2,
+        [
+            "--config {typo_yaml}: unknown option 'model.diffusion.noise_schedul'; did you mean model.diffusion"
+        ],
+    ),
+    (
+        "fit-typo-no-match",
+        [*TRAIN, "--data.zzz", "1"],
+        2,
+        ["--data.zzz: unknown option; valid keys under data: "],
+    ),
+    (
+        "fit-abbreviated",
+        [*TRAIN, "--model.optim.l", "1"],
+        2,
+        ["--model.optim.l: unknown option; did you mean"],
+    ),
     ("fit-batch-0", [*TRAIN, "--data.batch_size", "0"], 2, ["--data.batch_size 0"]),
     ("fit-workers--1", [*TRAIN, "--data.workers", "-1"], 2, ["--data.workers -1"]),
     ("fit-max-steps-type", [*TRAIN, "--trainer.max_steps", "many"], 2, ["--trainer.max_steps", "many"]),
@@ -108,7 +139,7 @@ CASES = [
     # ---- train.py export
     ("export-missing", [*EXPORT, "{tmp}/none.ckpt"], 2, ["none.ckpt"]),
     ("export-empty", [*EXPORT, "{empty}"], None, ["empty.pt"]),
-    ("export-not-torch", [*EXPORT, "{txt}"], None, ["notes.txt"]),
+    ("export-not-torch", [*EXPORT, "{txt}"], None, ["notes.txt is not a PyTorch checkpoint (neither"]),
     ("export-weights", [*EXPORT, "{empty}", "--weights", "best"], 2, ["--weights", "best"]),
     # ---- sample.py
     ("sample-respacing-0", [*SAMPLE, "--sampler.respacing", "0"], 2, ["--sampler.respacing", "0"]),
@@ -212,10 +243,13 @@ def world(tmp_path_factory) -> dict[str, str]:
     (root / "bad.yaml").write_text("model:\n  unet: tiny16\n unet: x\n")
     (root / "model_null.yaml").write_text("model:\n")
     (root / "unknown.yaml").write_text("modle:\n  unet: tiny16\n")
+    (root / "typo.yaml").write_text("model:\n  diffusion:\n    noise_schedul: cosine\n")
     (root / "bad_shards").mkdir()
     (root / "bad_shards" / ".shards.json").write_text("{ not json")
     names = ("images", "bad_images", "empty_dir", "notes.txt", "empty.pt", "bad.yaml", "model_null.yaml")
-    paths = {name.split(".")[0]: str(root / name) for name in (*names, "unknown.yaml", "bad_shards")}
+    paths = {
+        name.split(".")[0]: str(root / name) for name in (*names, "unknown.yaml", "typo.yaml", "bad_shards")
+    }
     return {
         **paths,
         "txt": paths["notes"],
@@ -224,6 +258,7 @@ def world(tmp_path_factory) -> dict[str, str]:
         "tmp": str(root),
         "bad_yaml": paths["bad"],
         "unknown_yaml": paths["unknown"],
+        "typo_yaml": paths["typo"],
     }
 
 

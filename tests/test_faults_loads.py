@@ -7,16 +7,28 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from faultkit import NO_WEIGHTS_ONLY, TINY32, Payload, error_line, make_images, put, run, tiny_lmdb
+from faultkit import (
+    NO_WEIGHTS_ONLY,
+    TINY32,
+    Payload,
+    error_line,
+    flip_tensor_bytes,
+    make_images,
+    put,
+    run,
+    tiny_lmdb,
+)
 
 from ilvr_toolkit.data.lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key
-from ilvr_toolkit.models import get_preset
+from ilvr_toolkit.models import CheckpointError, get_preset, load_model, load_state_dict_file
 from ilvr_toolkit.models.checkpoint import MODEL_FORMAT
 
 ENVS = pytest.mark.parametrize("env", [{}, NO_WEIGHTS_ONLY], ids=["default", "force_no_weights_only"])
@@ -223,3 +235,39 @@ def test_lmdb_records_are_decoded_as_images_never_unpickled(lmdb_path, tmp_path)
     assert run(["-m", "ilvr_toolkit.data.prepare", *args]).returncode == 0
     assert [name for name, _ in json.loads(report.read_text())["skipped"]] == ["02.png"]
     assert not marker.exists(), "a planted LMDB record's code ran"
+
+
+def test_checkpoint_faults_are_told_apart(tmp_path: Path) -> None:
+    """64 changed bytes inside a tensor (torch.load checks no CRC32 and loads them), files that are
+    no checkpoint (random bytes, text, another zip), a truncated one and one holding Python
+    objects: each is refused with its own reason, naming the file (and the damaged member)."""
+    damaged = tmp_path / "damaged.pt"
+    shutil.copyfile(TINY32, damaged)
+    member = flip_tensor_bytes(damaged)
+    torch.load(damaged, weights_only=True)  # torch itself loads the changed weights without a word
+    with pytest.raises(
+        CheckpointError, match=f"^{damaged} is corrupted: its member {member} fails its CRC32"
+    ):
+        load_model(damaged, preset="tiny32")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("notes.txt", "not tensors")
+    torch.save({"payload": Payload(tmp_path / "code-ran")}, tmp_path / "objects.pt")
+    alien = "is not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy pickle)"
+    cases = {"random.ckpt": np.random.default_rng(0).bytes(4096), "notes.txt": b"some notes\n"}
+    cases.update({"half.pt": TINY32.read_bytes()[:30000], "empty.pt": b""})
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    said = {
+        "random.ckpt": alien,
+        "notes.txt": alien,
+        "other.zip": alien,
+        "half.pt": "is truncated or corrupted",
+    }
+    said.update({"empty.pt": "(0 bytes) is truncated or corrupted", "objects.pt": "holds Python objects"})
+    for name, reason in said.items():
+        with pytest.raises(CheckpointError, match=re.escape(reason)) as refused:
+            load_state_dict_file(tmp_path / name)
+        assert str(refused.value).startswith(str(tmp_path / name)), str(refused.value)
+    assert not (tmp_path / "code-ran").exists()
+    torch.save({"w": torch.ones(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_state_dict_file(tmp_path / "legacy.pt")["w"], torch.ones(3))  # no CRC32s: loads

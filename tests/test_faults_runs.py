@@ -22,6 +22,7 @@ import time
 import pytest
 import torch
 from clirunner import REPO
+from faultkit import flip_tensor_bytes
 from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
 
 from ilvr_toolkit.cli import UsageError
@@ -67,7 +68,10 @@ def test_second_train_is_refused_then_a_dead_holders_lock_is_taken_over(runner, 
     (run / "hpc_ckpt_1.ckpt").write_bytes(b"")  # a damaged newer checkpoint: passed over
     third = runner(*args, "--trainer.max_steps", str(step + 1))
     assert third.returncode == 0, third.stderr[-3000:]
-    assert f"{run / 'hpc_ckpt_1.ckpt'} is damaged (empty or truncated): skipped" in third.stderr
+    assert (
+        f"{run / 'hpc_ckpt_1.ckpt'} (0 bytes) is truncated or corrupted (File is not a zip file): skipped"
+        in third.stderr
+    )
     assert f"resuming from {last}" in third.stderr
     assert torch.load(last, weights_only=True)["global_step"] == step + 1
 
@@ -118,11 +122,14 @@ def test_cleanup_removes_only_temps_whose_writer_is_gone(tmp_path):
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     atomic_torch_save({"global_step": 2}, checkpoints / "step=00000002.ckpt")
-    atomic_torch_save({"global_step": 4}, checkpoints / "last.ckpt")
+    atomic_torch_save({"global_step": 4, "weights": torch.randn(1000)}, checkpoints / "last.ckpt")
     assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
     hpc = tmp_path / "hpc_ckpt_3.ckpt"
     hpc.write_bytes(b"")  # newest, empty
     assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    member = flip_tensor_bytes(checkpoints / "last.ckpt")  # 64 changed bytes of its weights
+    with pytest.warns(UserWarning, match=f"member {member} fails its CRC32 check: skipped; resuming from"):
+        assert find_resume_checkpoint(tmp_path) == checkpoints / "step=00000002.ckpt"
     data = (checkpoints / "last.ckpt").read_bytes()
     (checkpoints / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated
     assert find_resume_checkpoint(tmp_path) == checkpoints / "step=00000002.ckpt"

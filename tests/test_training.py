@@ -356,6 +356,21 @@ def test_tiny_fit_ddp_two_processes(lmdb_path: Path, tmp_path: Path) -> None:
     assert [e["step"] for e in history] == [2] and math.isfinite(history[0]["fid"])
 
 
+def test_ctrl_c_under_ddp_stops_every_rank_at_one_saved_step(lmdb_path: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals every rank of a 2-process DDP run (gloo): they agree on one
+    step, save it and exit 130 (the output pipe closes: no rank hangs in a collective)."""
+    args = common_args(lmdb_path, tmp_path, **{"trainer.devices": 2, "trainer.strategy": "ddp"})
+    proc = train_subprocess([*args, "--trainer.max_steps", "100000"], start_new_session=True)
+    wait_for_step(tmp_path / "checkpoints" / "last.ckpt", 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, hpc = proc.communicate(timeout=120)[0], tmp_path / "hpc_ckpt_1.ckpt"
+    assert proc.returncode == 130 and "Traceback" not in out and "terminate called" not in out, out[-3000:]
+    step = load_ckpt(hpc)["global_step"]
+    assert (
+        out.strip().splitlines()[-1].startswith(f"train.py: stopped by signal 2 at step {step} (saved {hpc})")
+    )
+
+
 # --------------------------------------------------------------------------- resume
 def test_sigkill_then_rerun_resumes_exactly(lmdb_path: Path, tmp_path: Path) -> None:
     args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 1000})
@@ -378,22 +393,28 @@ def test_sigkill_then_rerun_resumes_exactly(lmdb_path: Path, tmp_path: Path) -> 
     ] == [1000]
 
 
-def test_sigterm_outside_slurm_saves_exits_143_and_the_rerun_resumes(
-    lmdb_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stop_signal_outside_slurm_saves_exits_128_plus_signal_and_the_rerun_resumes(
+    lmdb_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
 ) -> None:
-    """No SLURM, no batch script (as under ``timeout``, docker stop, k8s): SIGTERM saves
-    RUN/hpc_ckpt_1.ckpt at a step boundary and exits 143 with one line, so that whatever runs
-    train.py sees an unfinished run; running it again resumes from that checkpoint."""
+    """No SLURM, no batch script (as under ``timeout``, docker stop, k8s, or Ctrl-C in a terminal,
+    which signals the whole process group): SIGTERM or SIGINT saves RUN/hpc_ckpt_1.ckpt at a step
+    boundary and exits 128 + signal with one line, so that whatever runs train.py sees an
+    unfinished run; a second signal while the first is handled changes nothing; running it
+    again resumes from that checkpoint."""
     for key in [k for k in os.environ if k.startswith("SLURM_") or k.startswith("ILVR_")]:
         monkeypatch.delenv(key)
-    proc = train_subprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 100000}))
+    args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 100000})
+    proc = train_subprocess(args, start_new_session=True)
     wait_for_step(tmp_path / "checkpoints" / "last.ckpt", 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signum)
+    os.killpg(proc.pid, signum)  # the second arrives while the first is pending or being answered
     out, hpc = proc.communicate(timeout=120)[0], tmp_path / "hpc_ckpt_1.ckpt"
-    assert proc.returncode == 143 and "Traceback" not in out, out[-3000:]
+    assert proc.returncode == 128 + signum and "Traceback" not in out, out[-3000:]
+    assert "KeyboardInterrupt" not in out, out[-3000:]
     step = load_ckpt(hpc)["global_step"]
     assert step >= 2 and out.strip().splitlines()[-1] == (
-        f"train.py: stopped by signal 15 at step {step} (saved {hpc}); rerun the same command to resume"
+        f"train.py: stopped by signal {int(signum)} at step {step} (saved {hpc}); rerun the same command to resume"
     )
     rerun = train_subprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": step + 1}))
     out = rerun.communicate(timeout=300)[0]

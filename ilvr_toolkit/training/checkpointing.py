@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..cli import UsageError, check_range
 from ..fileio import atomic_open, remove_dead_temps
-from ..models import load_state_dict_file
+from ..models import CheckpointError, check_checkpoint_file, load_state_dict_file
 
 __all__ = ["EMA", "AtomicCheckpointIO", "RunCheckpoint", "atomic_torch_save", "find_resume_checkpoint"]
 
@@ -69,21 +68,25 @@ def find_resume_checkpoint(
     run_dir: str | os.PathLike[str], checkpoint_dir: str | os.PathLike[str] | None = None
 ) -> Path | None:
     """The newest complete one of ``CHECKPOINT_DIR/last.ckpt``, ``RUN/hpc_ckpt_*.ckpt``, else of the
-    snapshots; a damaged one (empty, truncated: no zip end record) is passed over, saying so. If
-    every one is damaged, :class:`UsageError`: training from scratch would overwrite them."""
+    snapshots; a damaged one (empty, truncated, changed bytes: ``check_checkpoint_file``) is passed
+    over, saying so. If every one is damaged, :class:`UsageError`: training from scratch would
+    overwrite them."""
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else Path(run_dir) / "checkpoints"
     primary = {p for p in [folder / "last.ckpt", *hpc_checkpoints(run_dir).values()] if p.is_file()}
     found = primary | set(folder.glob("*.ckpt"))
     damaged = []
     for path in sorted(found, key=lambda p: (p in primary, p.stat().st_mtime_ns, p.name[:3] == "hpc"))[::-1]:
-        if zipfile.is_zipfile(path):
-            for bad in damaged:
-                rank_zero_warn(f"{bad} is damaged (empty or truncated): skipped; resuming from {path}")
-            return path
-        damaged.append(str(path))
+        try:
+            check_checkpoint_file(path)
+        except CheckpointError as error:
+            damaged.append(str(error))
+            continue
+        for bad in damaged:
+            rank_zero_warn(f"{bad}: skipped; resuming from {path}")
+        return path
     if damaged:
         raise UsageError(
-            f"{run_dir}: every checkpoint is damaged (empty or truncated: {', '.join(damaged)}); move them "
+            f"{run_dir}: every checkpoint is damaged ({'; '.join(damaged)}); move them "
             "aside to train from scratch, or give --ckpt_path"
         )
     return None

@@ -14,11 +14,11 @@ dataset's ``data.image_size`` is the UNet's, so a dataset without that size is r
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
+from .. import cli as common
 from ..cli import UsageError, check_config_files, check_paths, check_range, run_command, setup_logging
 from ..data import ImageDataModule
 from ..fileio import atomic_write_bytes, lock_folder
@@ -92,6 +93,8 @@ class TrainCLI(LightningCLI):
         **kwargs: Any,
     ):
         self.preemption = preemption or Preemption()  # the caller's: it tells what stopped training
+        self.fit_parser: LightningArgumentParser | None = None  # its keys: the valid ones for a typo
+        strict = {"exit_on_error": False, "allow_abbrev": False}  # --model.optim.l is no --model.optim.lr
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
         monitors = [LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=_batch_size, window_size=20)]
         defaults["callbacks"] = [*monitors, *(defaults.pop("callbacks", []) or [])]
@@ -103,13 +106,14 @@ class TrainCLI(LightningCLI):
             trainer_defaults=defaults,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
-            parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
+            parser_kwargs={"fit": strict, **strict},
             args=args,
             run=run,
             **kwargs,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self.fit_parser = self.fit_parser or parser  # called for fit first, then validate, test ...
         groups = {"ema": EMA, "checkpoint": RunCheckpoint, "samples": SampleGrid}
         for key, callback in {**groups, "ilvr_preview": ILVRPreview, "fid": FIDMonitor}.items():
             parser.add_lightning_class_args(callback, key)
@@ -138,13 +142,19 @@ class TrainCLI(LightningCLI):
         )  # fmt: skip
         parser.add_argument(
             "--slurm_requeue", type=bool, default=True,
-            help="on SIGUSR1 or SIGTERM save RUN/hpc_ckpt_K.ckpt at the next step and stop: under "
-            "scripts/slurm/train.sbatch exit 0 (it requeues the job), else exit 128 + signal (rerun to resume)",
+            help="on SIGUSR1 or SIGTERM (Ctrl-C: always) save RUN/hpc_ckpt_K.ckpt at the next step and stop: "
+            "under scripts/slurm/train.sbatch exit 0 (it requeues the job), else exit 128 + signal (rerun to resume)",
         )  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, check the paths, lock the run directory (rank 0: the launching process of DDP)."""
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:  # an unknown key: name its file and the valid keys
+            configs = check_config_files(sys.argv[1:] if args is None else list(args))
+            if (line := common.unknown_key(error, self.fit_parser.get_defaults(), configs)) is None:
+                raise
+            raise UsageError(line) from None
         fit = self.config.get("fit") if self.config.get("subcommand") == "fit" else None
         if fit is None:
             return
@@ -154,9 +164,7 @@ class TrainCLI(LightningCLI):
         # missing Inception weights: FIDMonitor's setup names the file, its hash and where it goes
         named.update({"fid.reference.images": fit.fid.reference.images})
         check_paths({**named, "ilvr_preview.references": fit.ilvr_preview.references})
-        if ckpt and not zipfile.is_zipfile(ckpt):
-            raise UsageError(f"--ckpt_path {ckpt}: not a complete checkpoint (empty or truncated)")
-        if ckpt:  # LightningCLI reads it next, with a traceback on refusal (mmap: no tensor data read)
+        if ckpt:  # LightningCLI reads it next, with a traceback on refusal (mmap: checked, not loaded)
             load_state_dict_file(ckpt, mmap=True)
         holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
         if holder is not None:

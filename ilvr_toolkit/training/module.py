@@ -90,7 +90,7 @@ class DiffusionModule(pl.LightningModule):
     def __init__(
         self,
         unet: str | dict[str, Any] = "tiny",
-        diffusion: DiffusionConfig | None = None,
+        diffusion: DiffusionConfig = DiffusionConfig(),
         optim: OptimConfig = OptimConfig(),
         nan_policy: NanPolicy = "raise",
         compile: bool = False,

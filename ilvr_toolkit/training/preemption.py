@@ -17,15 +17,16 @@ from pytorch_lightning.callbacks import Callback, ProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from ..batchjob import StopSignals, leave_note, signals_ready
+from ..batchjob import STOP_SIGNALS, StopSignals, leave_note
 from .checkpointing import hpc_checkpoints
 
 __all__ = ["Preemption", "StepLines"]
 
 
 class Preemption(Callback):
-    """SIGUSR1 / SIGTERM -> ``RUN/hpc_ckpt_K.ckpt`` at the next step boundary, stop (under SLURM
-    or not; ``saved_path``, ``saved_step`` and ``signum`` say what happened).
+    """SIGUSR1 / SIGTERM, and Ctrl-C (SIGINT) even when not ``enabled`` -> ``RUN/hpc_ckpt_K.ckpt``
+    at the next step boundary, stop (under SLURM or not; ``saved_path``, ``saved_step`` and
+    ``signum`` say what happened). A second Ctrl-C meanwhile changes nothing (blocked, then dropped).
 
     The ranks agree at every step boundary (one tiny all-reduce, only with several ranks), so all
     of them save the same step. Lightning raises its ``SIGTERMException`` at a step boundary when
@@ -45,11 +46,12 @@ class Preemption(Callback):
         # before the DataLoader workers are forked: they inherit the blocked signals
         if stage != "fit" or self.signals is not None:
             return
-        if self.enabled:
-            self.signals = StopSignals().start()
-            rank_zero_info("pre-emption: SIGUSR1/SIGTERM save a checkpoint at the next step and stop")
-        else:
-            signals_ready()  # nothing handles them: the batch script passes them on now, they end the task
+        watched = set(STOP_SIGNALS) if self.enabled else set()  # disabled: they end the task
+        if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:  # Ctrl-C, unless ignored (a background job)
+            watched.add(signal.SIGINT)
+        self.signals = StopSignals(frozenset(watched)).start()  # tells the batch script: signals may come
+        if names := "/".join(signal.Signals(s).name for s in sorted(watched)):
+            rank_zero_info(f"pre-emption: on {names}, save a checkpoint at the next step and stop")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.signals is not None:
