@@ -83,6 +83,7 @@ CASES = [
         2,
         ["--trainer.gradient_clip_val -1"],
     ),
+    ("train-validate", ["train.py", "validate", *TRAIN[2:]], 2, ["'validate'", "choose from 'fit'"]),
     ("fit-model-null", [*TRAIN, "--config", "{model_null}"], 2, ["'model' is empty (null)"]),
     ("fit-bad-yaml", [*TRAIN, "--config", "{bad_yaml}"], 2, ["{bad_yaml}", "invalid YAML"]),
     ("fit-missing-yaml", [*TRAIN, "--config", "{tmp}/nope.yaml"], 2, ["nope.yaml"]),

@@ -81,6 +81,14 @@ class RunConfigSaver(SaveConfigCallback):
         atomic_write_bytes(path, text.encode())  # creates RUN
 
 
+MAIN_HELP = (
+    "train.py fit: train a domain DDPM on an LMDB dataset (rerun the same command to resume); "
+    "train.py export CKPT: its EMA weights as guided-diffusion files (train.py export --help). "
+    "--debug (or ILVR_DEBUG=1): on an error, print the traceback too."
+)
+FIT_HELP = "Train (or resume) a domain DDPM; docs/training.md. --debug: on an error, print the traceback too."
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI over :class:`DiffusionModule` and :class:`ImageDataModule` (see module doc)."""
 
@@ -106,11 +114,16 @@ class TrainCLI(LightningCLI):
             trainer_defaults=defaults,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
-            parser_kwargs={"fit": strict, **strict},
+            parser_kwargs={"fit": {**strict, "description": FIT_HELP}, **strict, "description": MAIN_HELP},
             args=args,
             run=run,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` only: the module has no validation, test or predict step."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         self.fit_parser = self.fit_parser or parser  # called for fit first, then validate, test ...
