@@ -238,3 +238,18 @@ def test_nan_weights_stop_sample_py_in_one_line_instead_of_black_images(runner, 
         .startswith("sample.py: error: sampling gave NaN/inf pixels in 2 of 2 images (seed ")
     )
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_settings_file_without_hard_links(tmp_path, monkeypatch):
+    """A filesystem without hard links (exFAT, some network mounts): written anyway, no temp left."""
+
+    def no_links(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    config = {key: 1 for key in SAME_RUN}
+    check_same_run(tmp_path, config, {})
+    check_same_run(tmp_path, config, {})  # the same run again: accepted
+    with pytest.raises(UsageError, match="holds a run made with"):
+        check_same_run(tmp_path, {**config, "seed": 2}, {})
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["settings.json"]

@@ -693,6 +693,7 @@ def test_auto_resume_never_runs_code_from_a_planted_checkpoint(lmdb_path: Path, 
 def test_a_preview_with_nan_pixels_warns_and_training_goes_on():
     """sample.py stops on NaN samples; a training preview warns (naming the step) and keeps them."""
     from ilvr_toolkit.sampling.config import SamplerSpec
+    from ilvr_toolkit.sampling.generate import NonFiniteSamples
     from ilvr_toolkit.training.callbacks import sample_images
     from ilvr_toolkit.training.module import DiffusionModule
 
@@ -702,6 +703,8 @@ def test_a_preview_with_nan_pixels_warns_and_training_goes_on():
     with pytest.warns(UserWarning, match=r"step 0: sampling gave NaN/inf pixels in 2 of 2 images"):
         images = sample_images(module, module.model, [1, 2], SamplerSpec(respacing="2"))
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+    with pytest.raises(NonFiniteSamples):  # the FID monitor's call: no FID of zeroed pixels
+        sample_images(module, module.model, [1, 2], SamplerSpec(respacing="2"), strict=True)
 
 
 def test_log_every_n_steps_0_trains_without_logging(lmdb_path, tmp_path):

@@ -394,8 +394,10 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
     except BrokenProcessPool:
         for process in started:
             process.join(5)  # dead, or being stopped by the pool (SIGTERM)
-        codes = [p.exitcode for p in started if p.exitcode is not None]
-        codes = [code for code in codes if code != -signal.SIGTERM] or codes  # not the pool's SIGTERM
+        # a worker's own signal first, then a non-zero exit; the pool's SIGTERM to the others last
+        codes = sorted(
+            (p.exitcode for p in started if p.exitcode), key=lambda c: (c == -signal.SIGTERM, c > 0)
+        )
         how = f"killed by signal {-codes[0]}" if codes and codes[0] < 0 else "it exited"
         raise ChildProcessError(f"an encoding worker died ({how}) while encoding {src.location}") from None
     except BaseException:  # stopped early (--strict, Ctrl-C): the workers stop now

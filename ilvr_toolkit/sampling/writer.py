@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -34,13 +33,20 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def create_json_once(path: Path, data: Any) -> None:
     """Write ``path`` unless it exists, atomically and exclusively (a link of a complete temp file):
-    of several processes creating it at once, exactly one writes it."""
+    of several processes creating it at once, exactly one writes it. On a filesystem without hard
+    links (exFAT, some network mounts) it is still atomic, but two at once may both write it."""
     # atomic_open's temp name (unique across hosts; remove_dead_temps spares it while its writer lives)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp")
     write_json(tmp, data)
-    with contextlib.suppress(FileExistsError):
+    try:
         os.link(tmp, path)
-    tmp.unlink()
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: str | Path) -> Any:

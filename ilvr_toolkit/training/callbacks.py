@@ -59,14 +59,18 @@ def sample_images(
     seeds: Sequence[int],
     sampler: SamplerSpec,
     condition: Condition | None = None,
+    strict: bool = False,
 ) -> torch.Tensor:
     """uint8 (len(seeds), 3, H, W) from ``net`` with the module's diffusion respaced as
-    ``sampler.respacing`` (the call ``sample.py`` makes for a batch)."""
+    ``sampler.respacing`` (the call ``sample.py`` makes for a batch). NaN/inf samples: a warning
+    (``strict``: :class:`NonFiniteSamples`)."""
     diffusion = sampling_diffusion(pl_module.diffusion_config, sampler)
     device = next(net.parameters()).device
     try:
         return generate(net, diffusion, seeds, pl_module.unet_config.image_size, device, sampler, condition)
     except NonFiniteSamples as error:  # a preview: warn, keep training
+        if strict:
+            raise
         rank_zero_warn(f"step {pl_module.global_step}: {error}")
         return error.images
 

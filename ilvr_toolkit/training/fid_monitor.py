@@ -20,6 +20,7 @@ from ilvr_toolkit.evaluation import (
 )
 from ilvr_toolkit.fileio import atomic_write_bytes
 from ilvr_toolkit.sampling.config import SamplerSpec
+from ilvr_toolkit.sampling.generate import NonFiniteSamples
 
 from .callbacks import _EveryNSteps, sample_images, sampling_weights
 
@@ -108,10 +109,16 @@ class FIDMonitor(_EveryNSteps):
         tic, n = time.perf_counter(), self.num_images
         with sampling_weights(trainer, pl_module) as (net, which):  # on the training device
             batches = (  # sample.py --unconditional --seed SEED's images 0 .. n-1
-                sample_images(pl_module, net, self.seeds(i, min(i + self.batch_size, n)), self.sampler)
+                sample_images(
+                    pl_module, net, self.seeds(i, min(i + self.batch_size, n)), self.sampler, strict=True
+                )
                 for i in range(0, n, self.batch_size)
             )
-            fake = compute_image_set_stats(batches, self.extractor, kid=False, distributed=False)
+            try:
+                fake = compute_image_set_stats(batches, self.extractor, kid=False, distributed=False)
+            except NonFiniteSamples as error:  # no FID of zeroed pixels in the history
+                log.warning("step %d: no FID: %s", trainer.global_step, error)
+                return
         fid = self.real.frechet_distance(fake.to("cpu"))
         step, respacing = trainer.global_step, self.sampler.respacing
         seconds = round(time.perf_counter() - tic, 2)

@@ -27,6 +27,8 @@ class Preemption(Callback):
     """SIGUSR1 / SIGTERM, and Ctrl-C (SIGINT) even when not ``enabled`` -> ``RUN/hpc_ckpt_K.ckpt``
     at the next step boundary, stop (under SLURM or not; ``saved_path``, ``saved_step`` and
     ``signum`` say what happened). A second Ctrl-C meanwhile changes nothing (blocked, then dropped).
+    For library users: ``Trainer.fit`` then returns normally; check ``signum`` (None: not stopped)
+    before treating the run as finished. From setup on, Ctrl-C cannot interrupt a hang (Ctrl-\\ can).
 
     The ranks agree at every step boundary (one tiny all-reduce, only with several ranks), so all
     of them save the same step. Lightning raises its ``SIGTERMException`` at a step boundary when

@@ -1,8 +1,9 @@
 # Sourced by train.sbatch and sample_array.sbatch: what SLURM gave the job, and one srun step
 # that forwards stop signals and requeues the job after its tasks ended (docs/cluster.md).
 
-# Tasks per node: --ntasks-per-node, else the first count of SLURM_TASKS_PER_NODE ("2(x3)").
-TASKS_PER_NODE=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}
+# Tasks per node: the first count of SLURM_TASKS_PER_NODE ("2(x3)": what srun starts here; with
+# --ntasks, --ntasks-per-node is only a maximum), else --ntasks-per-node.
+TASKS_PER_NODE=${SLURM_TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
 TASKS_PER_NODE=${TASKS_PER_NODE%%(*}
 TASKS_PER_NODE=${TASKS_PER_NODE%%,*}
 # GPUs: what SLURM allocated (--gpus-per-node / --gres=gpu:N set SLURM_GPUS_ON_NODE, older
