@@ -43,8 +43,6 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         check_range("model.diffusion.steps", self.steps, 1)
-        check_range("model.diffusion.p2_gamma", self.p2_gamma, 0.0)
-        check_range("model.diffusion.p2_k", self.p2_k, 0.0)
         self.timestep_respacing = str(self.timestep_respacing or "")  # ``100`` in a YAML file
         if self.noise_schedule == "linear" and self.steps <= 20:  # beta_T = 0.02 * 1000 / T
             raise UsageError(
@@ -52,16 +50,19 @@ class DiffusionConfig:
                 f"beta, 20 / T, must stay below 1); use more steps or --model.diffusion.noise_schedule cosine"
             )
 
-    def check_respacing(self, option: str = "model.diffusion.timestep_respacing") -> None:
-        """:class:`UsageError` naming ``--option`` unless ``timestep_respacing`` is step counts of
-        these ``steps`` (not checked when made: a stored value matters only where it is used)."""
+    def check_training_settings(self) -> None:
+        """:class:`UsageError` naming the ``--model.diffusion.*`` option unless P2's gamma and k are
+        numbers >= 0 and ``timestep_respacing`` is step counts of these ``steps`` (not checked when
+        made: a checkpoint's stored values matter only where they are used)."""
+        check_range("model.diffusion.p2_gamma", self.p2_gamma, 0.0)
+        check_range("model.diffusion.p2_k", self.p2_k, 0.0)
         try:
             space_timesteps(self.steps, self.timestep_respacing)
         except ValueError as error:
             reason = str(error) if str(error).startswith("cannot") else "not step counts"
             raise UsageError(
-                f"--{option} {self.timestep_respacing!r}: {reason}; expected counts such as 100, "
-                f"10,20,30 or ddim50 of the {self.steps} steps, or '' (all)"
+                f"--model.diffusion.timestep_respacing {self.timestep_respacing!r}: {reason}; expected "
+                f"counts such as 100, 10,20,30 or ddim50 of the {self.steps} steps, or '' (all)"
             ) from None
 
     def to_dict(self) -> dict[str, Any]:

@@ -132,7 +132,7 @@ class EMA(WeightAveraging):
             raise UsageError(f"--ema.decay {decay}: expected a number in [0, 1)")
         check_range("ema.update_every_n_steps", update_every_n_steps, 1)
         try:
-            torch.device(device) if device is not None else None
+            torch.device("cpu" if device is None else device)
         except (RuntimeError, TypeError):
             raise UsageError(
                 f"--ema.device {device}: expected cpu, cuda or cuda:N (null: each rank's training device)"

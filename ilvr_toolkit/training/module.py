@@ -102,7 +102,7 @@ class DiffusionModule(pl.LightningModule):
         if not isinstance(diffusion, DiffusionConfig):  # a dict from hparams (unknown keys refused), None
             diffusion = DiffusionConfig.from_dict(dict(diffusion or {}))
         self.diffusion_config = diffusion
-        diffusion.check_respacing()  # the default of this run's previews and exports
+        diffusion.check_training_settings()
         if diffusion.learn_sigma != self.unet_config.learn_sigma:
             raise ValueError(
                 f"diffusion.learn_sigma={diffusion.learn_sigma} but the UNet has the opposite; they must agree"
