@@ -392,6 +392,7 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
     try:  # (Pool.imap would wait forever for the images of a worker that died: OOM killer, kill -9)
         yield pool.map(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
     except BrokenProcessPool:
+        pool.shutdown(cancel_futures=True)  # its thread reaps the workers: read exit codes after it
         for process in started:
             process.join(5)  # dead, or being stopped by the pool (SIGTERM)
         # a worker's own signal first, then a non-zero exit; the pool's SIGTERM to the others last
