@@ -22,8 +22,9 @@ _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}(?:\.(\d+)@(.+))?\.tmp$")
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temp file for writing that replaces ``path`` when the block ends without error.
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", exclusive: bool = False) -> Iterator[IO[Any]]:
+    """Open a temp file for writing that replaces ``path`` when the block ends without error
+    (``exclusive``: that becomes ``path`` only if there is none yet, see :func:`_link_once`).
 
     The temp file (``.NAME.<8 hex>.<pid>@<host>.tmp`` beside ``path``) gets mode 0o666 minus
     the umask, like a plain ``open``; it is removed if the block raises. A process killed midway
@@ -41,7 +42,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_once(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -54,6 +58,21 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _link_once(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path`` unless that exists (a hard link: of several processes creating it at
+    once, exactly one does); on a filesystem without hard links (exFAT, some network mounts) still
+    atomically, but two at once may both write it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+    os.unlink(tmp)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_open, atomic_write_bytes
 
 __all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json", "create_json_once"]
 
@@ -27,26 +24,19 @@ def save_png(path: str | Path, image: torch.Tensor) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(data))
 
 
 def create_json_once(path: Path, data: Any) -> None:
-    """Write ``path`` unless it exists, atomically and exclusively (a link of a complete temp file):
-    of several processes creating it at once, exactly one writes it. On a filesystem without hard
-    links (exFAT, some network mounts) it is still atomic, but two at once may both write it."""
-    # atomic_open's temp name (unique across hosts; remove_dead_temps spares it while its writer lives)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp")
-    write_json(tmp, data)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    except OSError:  # no hard links here
-        if not path.exists():
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``path`` unless it exists, atomically and exclusively (``atomic_open(exclusive=True)``):
+    of several processes creating it at once, exactly one writes it."""
+    with atomic_open(path, "wb", exclusive=True) as handle:
+        handle.write(_json_bytes(data))
 
 
 def read_json(path: str | Path) -> Any:

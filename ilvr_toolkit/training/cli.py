@@ -32,9 +32,17 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 
-from .. import cli as common
-from ..cli import UsageError, check_config_files, check_paths, check_range, run_command, setup_logging
+from ..cli import (
+    UsageError,
+    check_config_files,
+    check_paths,
+    check_range,
+    run_command,
+    setup_logging,
+    unknown_key,
+)
 from ..data import ImageDataModule
+from ..evaluation.stats import rank_world
 from ..fileio import atomic_write_bytes, lock_folder
 from ..models import load_state_dict_file
 from ..runtime import tune_process
@@ -165,7 +173,7 @@ class TrainCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as error:  # an unknown key: name its file and the valid keys
             configs = check_config_files(sys.argv[1:] if args is None else list(args))
-            if (line := common.unknown_key(error, self.fit_parser.get_defaults(), configs)) is None:
+            if (line := unknown_key(error, self.fit_parser.get_defaults(), configs)) is None:
                 raise
             raise UsageError(line) from None
         fit = self.config.get("fit") if self.config.get("subcommand") == "fit" else None
@@ -306,10 +314,8 @@ _PEER_GONE = re.compile(r"by peer|remote (worker|process)")  # gloo's, NCCL's wo
 
 def _rank() -> str:
     """``"rank R: "`` in a process of a run with several ranks, else ``""``."""
-    import torch.distributed as dist
-
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return f"rank {dist.get_rank()}: " if several else ""
+    rank, world = rank_world()
+    return f"rank {rank}: " if world > 1 else ""
 
 
 def _leave_process_group() -> None:
