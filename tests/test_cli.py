@@ -20,6 +20,7 @@ from ilvr_toolkit.data import read_info, read_names
 from ilvr_toolkit.data.prepare import BuildSettings
 from ilvr_toolkit.data.prepare import build_parser as prepare_parser
 from ilvr_toolkit.evaluation.runs import check_evaluation, evaluate_run
+from ilvr_toolkit.models import load_model, save_model_file
 from ilvr_toolkit.sampling import SampleConfig
 from ilvr_toolkit.sampling.cli import build_parser as sample_parser
 from ilvr_toolkit.sampling.cli import main as sample_main
@@ -234,6 +235,57 @@ def test_sample_bad_value_is_one_line_exit_2(capsys, monkeypatch, tmp_path, extr
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error: "), captured.err
     assert named in lines[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("stored", "named"),
+    [
+        (
+            {"steps": 50},
+            "the default respacing '100' (set --sampler.respacing): cannot keep 100 steps",
+        ),
+        ({"timestep_respacing": "ddim999"}, "its timestep_respacing 'ddim999' (set --sampler.respacing): "),
+    ],
+)
+def test_sample_names_the_checkpoints_respacing_when_none_is_given(
+    capsys, monkeypatch, tmp_path, stored, named
+):
+    """A respacing the model file brings (or the default) that its steps cannot take is the
+    file's, not a ``--sampler.respacing None``."""
+    monkeypatch.chdir(REPO)
+    demo = load_model("checkpoints/demo.pt")
+    path = tmp_path / "model.pt"
+    save_model_file(path, demo.unet_config, demo.model.state_dict(), diffusion={**demo.diffusion, **stored})
+    args = ["--config", str(DEMO_CONFIG), "--model.checkpoint", str(path), "--sampler.respacing", "null"]
+    code = sample_main(
+        [*args, "--output.dir", str(tmp_path / "o")], evaluate=evaluate_run, check=check_evaluation
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"sample.py: error: {path}: " in lines[0], lines
+    assert named in lines[0] and "None" not in lines[0]
+
+
+def test_sample_names_the_checkpoint_whose_stored_diffusion_settings_are_unknown(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.chdir(REPO)
+    demo = load_model("checkpoints/demo.pt")
+    path = tmp_path / "model.pt"
+    save_model_file(path, demo.unet_config, demo.model.state_dict(), diffusion={"diffusion_steps": 50})
+    args = [
+        "--config",
+        str(DEMO_CONFIG),
+        "--model.checkpoint",
+        str(path),
+        "--output.dir",
+        str(tmp_path / "o"),
+    ]
+    assert sample_main(args, evaluate=evaluate_run, check=check_evaluation) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"sample.py: error: {path}: its stored diffusion settings: "
+    )
+    assert "unknown diffusion setting keys ['diffusion_steps']" in lines[0]
 
 
 def test_sample_bad_yaml_names_the_file_and_debug_shows_the_traceback(tmp_path):

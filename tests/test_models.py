@@ -356,8 +356,10 @@ def test_model_file_round_trip(tiny32_model, tmp_path, forward_check):
     assert load_model(path, preset="tiny32").unet_config == config
     math_cfg = config.replace(attention_backend="math")
     assert load_model(path, preset=math_cfg).unet_config.attention_backend == "math"
-    with pytest.raises(CheckpointError, match="different architecture"):
+    with pytest.raises(CheckpointError, match="different architecture than preset tiny: "):
         load_model(path, preset="tiny")
+    with pytest.raises(CheckpointError, match=r"than the given flags: num_channels: file 32 vs 64"):
+        load_model(path, flags="--image_size 32 --num_channels 64 --channel_mult 1,2,2,2 --learn_sigma True")
 
 
 def test_save_model_file_refuses_mismatch_and_unplain_extra(tiny32_model, tmp_path):

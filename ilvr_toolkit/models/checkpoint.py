@@ -297,10 +297,11 @@ def _contents(obj: Any, path: PathLike) -> tuple[str, Any, StateDict, dict[str, 
     )
 
 
-def _config(stored: Any, preset: str | UNetConfig | None, path: PathLike) -> UNetConfig:
+def _config(stored: Any, preset: str | UNetConfig | None, path: PathLike, source: str = "") -> UNetConfig:
     """The config to build: the stored one (None for a plain state dict; checked against ``preset``
     if given), else the preset. A UNetConfig ``preset`` of the stored architecture wins (it may carry
-    other runtime settings such as ``attention_backend``)."""
+    other runtime settings such as ``attention_backend``). ``source`` names where ``preset`` came
+    from in a mismatch message (default: the preset's name, or "the given config")."""
     wanted = get_preset(preset) if isinstance(preset, str) else preset
     if stored is None and wanted is None:
         guess = preset_for_filename(path)
@@ -319,14 +320,10 @@ def _config(stored: Any, preset: str | UNetConfig | None, path: PathLike) -> UNe
     if wanted is None:
         return stored
     theirs = wanted.architecture()
-    differ = [
-        f"{k}: file {v!r} vs preset {theirs[k]!r}" for k, v in stored.architecture().items() if theirs[k] != v
-    ]
+    source = source or (f"preset {preset}" if isinstance(preset, str) else "the given config")
+    differ = [f"{k}: file {v!r} vs {theirs[k]!r}" for k, v in stored.architecture().items() if theirs[k] != v]
     if differ:
-        raise CheckpointError(
-            f"{path} describes a different architecture than preset "
-            f"{preset if isinstance(preset, str) else 'config'}: {', '.join(differ)}"
-        )
+        raise CheckpointError(f"{path} describes a different architecture than {source}: {', '.join(differ)}")
     return wanted if isinstance(preset, UNetConfig) else stored
 
 
@@ -347,7 +344,7 @@ def load_model(
         raise CheckpointError("give either a preset or guided-diffusion flags, not both")
     kind, stored, weights, diffusion = _contents(load_state_dict_file(path, map_location=map_location), path)
     wanted = UNetConfig.from_guided_diffusion_flags(flags) if flags is not None else preset
-    config = _config(stored, wanted, path)
+    config = _config(stored, wanted, path, "the given flags" if flags is not None else "")
     if flags is not None or (kind == "plain" and isinstance(preset, str)):
         diffusion = diffusion_settings(flags if flags is not None else PRESET_FLAGS[preset])
     weights = check_state_dict(weights, config, source=path)

@@ -72,12 +72,20 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 
 
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
-    base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
+    try:  # a file's settings that do not make a diffusion: the file is damaged (exit status 1)
+        base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config.model.checkpoint}: its stored diffusion settings: {error}") from None
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
     try:
         return sampling_diffusion(base, config.sampler)
-    except ValueError as error:  # more steps than the model has
-        raise UsageError(f"--sampler.respacing {config.sampler.respacing}: {error}") from None
+    except ValueError as error:  # more steps than the model has, or a bad stored respacing
+        given, stored = config.sampler.respacing, base.timestep_respacing
+        where = f"--sampler.respacing {given}"
+        if given is None:  # the file's own respacing, or the default: say which, and the way out
+            used = f"its timestep_respacing {stored!r}" if stored else "the default respacing '100'"
+            where = f"{config.model.checkpoint}: {used} (set --sampler.respacing)"
+        raise UsageError(f"{where}: {error}") from None
 
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
