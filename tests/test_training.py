@@ -425,6 +425,31 @@ def test_stop_signal_outside_slurm_saves_exits_128_plus_signal_and_the_rerun_res
     assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == step + 1
 
 
+def test_ctrl_c_during_a_long_preview_stops_it_and_the_run_saves_at_the_next_step(
+    lmdb_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a preview samples (a 1000-step grid before the first step: about a minute)
+    ends the preview at its next sampling step, not after it; the run saves and exits 130."""
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k.startswith("ILVR_")]:
+        monkeypatch.delenv(key)
+    preview = {"samples.every_n_steps": 1000, "samples.at_start": "true", "samples.num_images": 16}
+    preview.update({"samples.sampler.method": "ddpm", "samples.sampler.respacing": "1000"})
+    args = common_args(lmdb_path, tmp_path, **preview, **{"trainer.max_steps": 100000})
+    proc = train_subprocess(args, start_new_session=True)
+    lines = []
+    for line in proc.stdout:  # the preview starts just after setup says so
+        lines.append(line)
+        if line.startswith("pre-emption: on "):
+            break
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    assert proc.returncode == 130 and "step 0: samples stopped by a stop signal" in out, out[-3000:]
+    assert not (tmp_path / "samples").exists(), "the preview ran to its end"
+    assert out.strip().splitlines()[-1].startswith(f"train.py: stopped by signal 2 at step 1 (saved {hpc})")
+
+
 def test_finetune_starts_from_released_weights_and_exports_to_preset(lmdb_path: Path, tmp_path: Path) -> None:
     released = torch.load(TINY32, weights_only=True)
     probe = Probe()

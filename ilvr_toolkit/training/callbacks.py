@@ -6,7 +6,7 @@ per-image seeds: image i is ``sample.py``'s sample 0 of reference i, so a previe
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,28 @@ from ilvr_toolkit.sampling.generate import (
 from ilvr_toolkit.sampling.seeds import image_seed
 from ilvr_toolkit.sampling.writer import save_png
 
+from .preemption import Preemption
+
 log = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):
+    """A stop signal came while a preview or an FID evaluation was sampling; it is dropped and the
+    run's :class:`Preemption` saves and stops at the next step boundary."""
+
+
+def _stoppable(trainer: pl.Trainer | None, net: nn.Module) -> Callable[..., torch.Tensor]:
+    """``net`` that raises :class:`StopRequested` before a call once the run's
+    :class:`Preemption` callback has seen a stop signal on this rank (a check per sampling step)."""
+    callbacks = trainer.callbacks if trainer is not None else []
+    stopper = next((cb for cb in callbacks if isinstance(cb, Preemption)), None)
+
+    def checked(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if stopper is not None and stopper.signals is not None and stopper.signals.requested:
+            raise StopRequested
+        return net(*args, **kwargs)
+
+    return checked
 
 
 @contextlib.contextmanager
@@ -60,14 +81,16 @@ def sample_images(
     sampler: SamplerSpec,
     condition: Condition | None = None,
     strict: bool = False,
+    trainer: pl.Trainer | None = None,
 ) -> torch.Tensor:
     """uint8 (len(seeds), 3, H, W) from ``net`` with the module's diffusion respaced as
     ``sampler.respacing`` (the call ``sample.py`` makes for a batch). NaN/inf samples: a warning
-    (``strict``: :class:`NonFiniteSamples`)."""
+    (``strict``: :class:`NonFiniteSamples`). A stop signal that ``trainer``'s :class:`Preemption`
+    sees meanwhile: :class:`StopRequested`."""
     diffusion = sampling_diffusion(pl_module.diffusion_config, sampler)
-    device = next(net.parameters()).device
+    device, size = next(net.parameters()).device, pl_module.unet_config.image_size
     try:
-        return generate(net, diffusion, seeds, pl_module.unet_config.image_size, device, sampler, condition)
+        return generate(_stoppable(trainer, net), diffusion, seeds, size, device, sampler, condition)
     except NonFiniteSamples as error:  # a preview: warn, keep training
         if strict:
             raise
@@ -113,7 +136,10 @@ class _EveryNSteps(Callback):
     def _maybe_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self.last_step and trainer.is_global_zero:
             self.last_step = trainer.global_step
-            self._run(trainer, pl_module)
+            try:
+                self._run(trainer, pl_module)
+            except StopRequested:  # rank 0 alone samples: no other rank waits on this one
+                log.info("step %d: %s stopped by a stop signal", trainer.global_step, self.option)
 
 
 class SampleGrid(_EveryNSteps):
@@ -147,7 +173,9 @@ class SampleGrid(_EveryNSteps):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
         with sampling_weights(trainer, pl_module) as (net, which):
-            images = sample_images(pl_module, net, self.seeds(0, self.num_images), self.sampler)
+            images = sample_images(
+                pl_module, net, self.seeds(0, self.num_images), self.sampler, trainer=trainer
+            )
         name = f"samples_{trainer.global_step:08d}.png" if self.save_png else None
         _publish(trainer, f"samples/{which}", make_grid(images, nrow=self.nrow), name)
         log.info("sample grid (%s weights) in %.1fs", which, time.perf_counter() - started)
@@ -217,7 +245,7 @@ class ILVRPreview(_EveryNSteps):
             for factor in self.ilvr.factors:
                 lowpass = LowPass(size, factor, device)
                 condition = Condition(self.images, lowpass, range_t, self.ilvr.mode)
-                out = sample_images(pl_module, net, seeds, self.sampler, condition)
+                out = sample_images(pl_module, net, seeds, self.sampler, condition, trainer=trainer)
                 rows += [to_uint8(lowpass(to_float(self.images).to(device))).cpu(), out]
         name = f"ilvr_{trainer.global_step:08d}.png" if self.save_png else None
         _publish(trainer, f"ilvr/preview_{which}", make_grid(torch.cat(rows), nrow=count), name)

@@ -108,11 +108,10 @@ class FIDMonitor(_EveryNSteps):
         """Sample, extract, compare (global rank 0, after ``setup``); log and append the FID."""
         tic, n = time.perf_counter(), self.num_images
         with sampling_weights(trainer, pl_module) as (net, which):  # on the training device
-            batches = (  # sample.py --unconditional --seed SEED's images 0 .. n-1
-                sample_images(
-                    pl_module, net, self.seeds(i, min(i + self.batch_size, n)), self.sampler, strict=True
-                )
-                for i in range(0, n, self.batch_size)
+            seeds = (self.seeds(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size))
+            # sample.py --unconditional --seed SEED's images 0 .. n-1
+            batches = (
+                sample_images(pl_module, net, s, self.sampler, strict=True, trainer=trainer) for s in seeds
             )
             try:
                 fake = compute_image_set_stats(batches, self.extractor, kid=False, distributed=False)

@@ -29,6 +29,8 @@ class Preemption(Callback):
     ``signum`` say what happened). A second Ctrl-C meanwhile changes nothing (blocked, then dropped).
     For library users: ``Trainer.fit`` then returns normally; check ``signum`` (None: not stopped)
     before treating the run as finished. From setup on, Ctrl-C cannot interrupt a hang (Ctrl-\\ can).
+    A preview or FID evaluation that samples meanwhile stops at its next sampling step
+    (``callbacks.StopRequested``), so the grace time of a pre-emption is not spent on it.
 
     The ranks agree at every step boundary (one tiny all-reduce, only with several ranks), so all
     of them save the same step. Lightning raises its ``SIGTERMException`` at a step boundary when
