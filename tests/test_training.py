@@ -450,6 +450,26 @@ def test_ctrl_c_during_a_long_preview_stops_it_and_the_run_saves_at_the_next_ste
     assert out.strip().splitlines()[-1].startswith(f"train.py: stopped by signal 2 at step 1 (saved {hpc})")
 
 
+def test_ctrl_c_before_the_stop_handler_is_set_up_exits_130_with_one_line(
+    lmdb_path: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C inside ``Trainer.fit`` before our handler is set up (here: in ``prepare_data``; under
+    DDP, just after the ranks met), which Lightning's own handler answers with sys.exit(1): one
+    line and 130, as Ctrl-C at any other moment."""
+    patch = (
+        "import sys; from ilvr_toolkit.data.datamodule import ImageDataModule as D\n"
+        "def prepare_data(self): raise KeyboardInterrupt\n"
+        "D.prepare_data = prepare_data; from ilvr_toolkit.training.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2})
+    done = subprocess.run(
+        [sys.executable, "-c", patch, "fit", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[-1] == "train.py: interrupted", done.stderr[-3000:]
+
+
 def test_finetune_starts_from_released_weights_and_exports_to_preset(lmdb_path: Path, tmp_path: Path) -> None:
     released = torch.load(TINY32, weights_only=True)
     probe = Probe()

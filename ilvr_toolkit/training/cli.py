@@ -268,6 +268,12 @@ def _fit(args: list[str]) -> int:
         if stop.saved_path is None:  # --slurm_requeue false: Lightning's handler stopped training
             print("train.py: stopped by signal 15, nothing saved since the last checkpoint", file=sys.stderr)
             return 143
+    except SystemExit as exit_:  # Ctrl-C before our handler is set up (DDP start): Lightning's sys.exit(1)
+        if exit_.code != 1 or not isinstance(exit_.__context__, KeyboardInterrupt):
+            raise
+        if rank_zero_only.rank == 0:
+            print("train.py: interrupted", file=sys.stderr)  # as run_command says it
+        return 130
     except RuntimeError as error:  # a collective whose peer's process ended: one line, not gloo's traceback
         if not (_rank() and _PEER_GONE.search(str(error))):
             raise
