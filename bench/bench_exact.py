@@ -202,11 +202,14 @@ def conv_shapes(net: torch.nn.Module, batch: int, size: int) -> list[tuple]:
     return [tuple(v) for v in seen.values()]
 
 
-def time_conv(conv: torch.nn.Conv2d, shape: tuple, calls: int, repeats: int) -> dict:
+def time_conv(
+    conv: torch.nn.Conv2d, shape: tuple, calls: int, repeats: int, channels_last: bool = False
+) -> dict:
     """Forward and backward GFLOP/s of ``conv`` on random input (no input gradient for data), and
-    the filter gradient's alone."""
-    cpu = torch.device("cpu")
-    x = torch.randn(shape, requires_grad=shape[1] != 3)
+    the filter gradient's alone; ``channels_last``: input and filters in that layout."""
+    cpu, layout = torch.device("cpu"), torch.channels_last if channels_last else torch.contiguous_format
+    conv = conv.to(memory_format=layout)
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_(shape[1] != 3)
     out = conv(x)  # its graph is kept: backward is timed alone
     flops = 2 * out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     grad, wrt = torch.randn_like(out), (x, conv.weight) if x.requires_grad else (conv.weight,)
@@ -235,7 +238,8 @@ def measure_convs(args: argparse.Namespace) -> list[dict]:
     common.set_cpu_malloc(True)
     net = build(args.preset, args.seed)
     shapes = conv_shapes(net, 2, get_preset(args.preset).image_size)
-    rows = [time_conv(conv, shape, calls, max(5, args.repeats)) for conv, shape, calls in shapes]
+    repeats = max(5, args.repeats)
+    rows = [time_conv(conv, shape, calls, repeats, args.channels_last) for conv, shape, calls in shapes]
     best = max(max(r["fwd GFLOP/s"], r["bwd GFLOP/s"], r["of it dW GFLOP/s"]) for r in rows)
     for r in rows:
         r["fwd/best"], r["bwd/best"] = r["fwd GFLOP/s"] / best, r["bwd GFLOP/s"] / best
@@ -255,6 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-convs", action="store_true")
+    parser.add_argument("--channels-last", action="store_true", help="time the convolutions channels_last")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -286,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             f"\n{len(short)} of {len(convs)} conv shapes under 90% of the best; bringing them to 90% "
             f"would save {lost:.0f} ms per batch-2 training step{share}"
         )
-    common.write_json("exact", {"env": common.environment(), "cases": rows, "convs": convs})
+    common.write_json(
+        "exact_channels_last" if args.channels_last else "exact",
+        {"env": common.environment(), "cases": rows, "convs": convs},
+    )
     return 0
 
 
