@@ -16,6 +16,7 @@ from ilvr_toolkit.diffusion import (
     create_diffusion,
     ddim_sample,
     ddpm_sample,
+    diffuse_to,
     get_named_beta_schedule,
     space_timesteps,
 )
@@ -152,6 +153,49 @@ def test_ddim_eta1_sample_uses_posterior_std():
     ddim = ddim_sample(diffusion, net, x_T, noise=ReplayNoise(draws), eta=1.0)
     ddpm = ddpm_sample(diffusion, net, x_T, noise=ReplayNoise(draws))
     torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-5)
+
+
+def test_clip_denoised_of_the_config_reaches_both_samplers():
+    """``clip_denoised`` (a training and a guided-diffusion flag) is honoured by the samplers; an
+    explicit argument still wins."""
+    net = _FakeNet()
+    x_T = torch.randn(2, 3, 8, 8) * 3  # far outside [-1, 1]: the x_0 predictions need clipping
+    runs = {}
+    for clip in (True, False):
+        diffusion = create_diffusion(DiffusionConfig(steps=100, clip_denoised=clip), respacing="5")
+        assert diffusion.clip_denoised is clip
+        noise = GeneratorNoise(torch.Generator().manual_seed(0))
+        runs[clip, "ddpm"] = ddpm_sample(diffusion, net, x_T, noise=noise)
+        runs[clip, "ddim"] = ddim_sample(diffusion, net, x_T, noise=noise)
+    assert not torch.equal(runs[True, "ddpm"], runs[False, "ddpm"])
+    assert not torch.equal(runs[True, "ddim"], runs[False, "ddim"])
+    unclipped = create_diffusion(DiffusionConfig(steps=100, clip_denoised=False), respacing="5")
+    noise = GeneratorNoise(torch.Generator().manual_seed(0))
+    assert torch.equal(ddpm_sample(unclipped, net, x_T, noise=noise, clip_denoised=True), runs[True, "ddpm"])
+
+
+@pytest.mark.parametrize("eta", [1.5, -0.5, float("nan")])
+def test_ddim_refuses_eta_outside_0_1(eta):
+    diffusion = create_diffusion(DiffusionConfig(steps=100), respacing="5")
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\]"):
+        ddim_sample(diffusion, _FakeNet(), torch.randn(1, 3, 8, 8), noise=ReplayNoise([]), eta=eta)
+
+
+def test_diffuse_to_refuses_an_index_outside_the_process():
+    """A negative index used to wrap to the last step, 2.5 to step 2."""
+    diffusion = create_diffusion(DiffusionConfig(steps=100), respacing="10")
+    y, noise = torch.zeros(1, 3, 4, 4), GeneratorNoise(torch.Generator().manual_seed(0))
+    for index in (-1, 10):
+        with pytest.raises(ValueError, match=rf"index {index} outside \[0, 9\]"):
+            diffuse_to(diffusion, y, index, noise)
+    with pytest.raises(TypeError):
+        diffuse_to(diffusion, y, 2.5, noise)
+    assert diffuse_to(diffusion, y, 9, noise).shape == y.shape
+
+
+def test_timestep_map_must_match_the_betas():
+    with pytest.raises(ValueError, match="timestep_map has 3 entries for 4 betas"):
+        GaussianDiffusion(torch.full((4,), 0.1), timestep_map=[0, 1, 2])
 
 
 def _losses(diffusion: GaussianDiffusion, seed: int = 0):

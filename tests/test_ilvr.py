@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ilvr_toolkit.conditioning import ILVR, LowPass, reference_index, resize_matrix, resolve_range_t
+from ilvr_toolkit.conditioning import (
+    ILVR,
+    LowPass,
+    Projection,
+    reference_index,
+    resize_matrix,
+    resolve_range_t,
+)
 from ilvr_toolkit.diffusion import (
     DiffusionConfig,
     GeneratorNoise,
@@ -90,6 +97,8 @@ def test_paper_mode_uses_next_lower_kept_timestep():
     seen: list[tuple[int, float]] = []
 
     class Spy:
+        timestep_map, num_timesteps = diffusion.timestep_map, diffusion.num_timesteps
+
         def q_sample(self, x, t, noise):
             seen.append((int(t[0]), diffusion.timestep_map[t[0]].item()))
             return diffusion.q_sample(x, t, noise)
@@ -150,3 +159,44 @@ def test_hook_works_under_ddim_and_pulls_lowpass_to_reference(tiny32):
 
 def test_tiny32_preset_builds():
     assert get_preset("tiny32").image_size == 32
+
+
+def _zeros(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[0], 6, *x.shape[2:])
+
+
+def _noise() -> GeneratorNoise:
+    return GeneratorNoise(torch.Generator().manual_seed(0))
+
+
+def test_a_hook_used_with_two_respacings_resolves_its_range_for_each():
+    """A Projection's fraction/stop_timestep is resolved against each diffusion it samples (it
+    used to keep the first one's), and a range_t given directly is checked against it."""
+    y = torch.rand(1, 3, 8, 8) * 2 - 1
+    hook = Projection(y, LowPass(8, 2), fraction=0.5)
+    seen = []
+    for respacing, want in (("10", 4), ("20", 9)):
+        diffusion = create_diffusion(DiffusionConfig(steps=100), respacing=respacing)
+        ddpm_sample(diffusion, _zeros, torch.randn(1, 3, 8, 8), noise=_noise(), hooks=[hook])
+        seen.append((hook.range_t, want))
+    assert [got for got, _ in seen] == [want for _, want in seen]
+    diffusion = create_diffusion(DiffusionConfig(steps=100), respacing="10")
+    for bad in (10, -2):
+        with pytest.raises(ValueError, match=f"range_t={bad} outside"):
+            ddpm_sample(diffusion, _zeros, torch.randn(1, 3, 8, 8), noise=_noise(), hooks=[ILVR(y, 2, bad)])
+
+
+def test_a_reference_that_cannot_be_one_is_named():
+    """uint8 images used to give samples in 75..175; a wrong size a bare broadcast error."""
+    y = torch.rand(2, 3, 8, 8) * 2 - 1
+    with pytest.raises(TypeError, match=r"reference: expected a float tensor .* got torch.uint8"):
+        ILVR(((y + 1) * 127.5).to(torch.uint8), 2)
+    with pytest.raises(ValueError, match=r"reference: expected \(B, C, H, W\), got shape \(3, 8, 8\)"):
+        Projection(y[0], LowPass(8, 2))
+    with pytest.raises(TypeError, match="operator: expected a torch.nn.Module"):
+        Projection(y, lambda v: v)
+    diffusion = create_diffusion(DiffusionConfig(steps=100), respacing="4")
+    for other in (y[:1], y[:, :1], torch.zeros(2, 3, 16, 16)):
+        hook = Projection(other, LowPass(other.shape[-1], 2))
+        with pytest.raises(ValueError, match=r"reference: shape \(.*\), the samples' is \(2, 3, 8, 8\)"):
+            ddpm_sample(diffusion, _zeros, torch.randn(2, 3, 8, 8), noise=_noise(), hooks=[hook])

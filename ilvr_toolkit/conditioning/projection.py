@@ -100,11 +100,18 @@ class Projection:
         stop_timestep: int | None = None,
     ) -> None:
         reference_index(1, mode)  # validates mode
+        check_reference(reference)
+        if not isinstance(operator, torch.nn.Module):
+            raise TypeError(
+                f"operator: expected a torch.nn.Module (B, C, H, W) -> (B, C, H, W), got {operator!r}"
+            )
         self.reference, self.mode, self.operator = reference, mode, operator.to(reference.device)
-        self.range_t = range_t if fraction is None and stop_timestep is None else None
-        self.range = {"fraction": fraction, "stop_timestep": stop_timestep}
-        if range_t != 0 and self.range_t is None:
+        if range_t != 0 and (fraction is not None or stop_timestep is not None):
             raise ValueError("give at most one of range_t, fraction, stop_timestep")
+        given = {"fraction": fraction, "stop_timestep": stop_timestep}
+        self.range = given if fraction is not None or stop_timestep is not None else {"range_t": range_t}
+        self.range_t: int | None = range_t if "range_t" in self.range else None  # the last diffusion's
+        self._resolved_for: torch.Tensor | None = None
 
     def diffused_reference(self, step: Step) -> torch.Tensor:
         """y at the noise level this mode assigns to ``step`` (B, C, H, W)."""
@@ -116,12 +123,30 @@ class Projection:
         return index > self.range_t
 
     def __call__(self, step: Step) -> torch.Tensor | None:
-        if self.range_t is None:
-            self.range_t = resolve_range_t(step.diffusion.timestep_map.tolist(), **self.range)
+        timestep_map = step.diffusion.timestep_map
+        if self._resolved_for is not timestep_map:  # another diffusion: its own range_t
+            self.range_t = resolve_range_t(timestep_map.tolist(), **self.range)  # checked per diffusion
+            self._resolved_for = timestep_map
+        x = step.x_prev
+        if self.reference.shape != x.shape:
+            raise ValueError(
+                f"reference: shape {tuple(self.reference.shape)}, the samples' is {tuple(x.shape)}"
+            )
         if not self.is_conditioned(step.index):
             return None
-        y, x = self.diffused_reference(step), step.x_prev
-        return x + self.operator(y.to(x.dtype) - x)
+        return x + self.operator(self.diffused_reference(step).to(x.dtype) - x)
+
+
+def check_reference(reference: torch.Tensor) -> None:
+    """A reference batch y is a float tensor (B, C, H, W) in [-1, 1] (range not checked: a
+    sync); a TypeError or ValueError naming ``reference`` otherwise."""
+    if not isinstance(reference, torch.Tensor) or not reference.is_floating_point():
+        got = reference.dtype if isinstance(reference, torch.Tensor) else type(reference).__name__
+        raise TypeError(
+            f"reference: expected a float tensor (B, C, H, W) in [-1, 1], got {got} (images.to_float converts uint8)"
+        )
+    if reference.ndim != 4:
+        raise ValueError(f"reference: expected (B, C, H, W), got shape {tuple(reference.shape)}")
 
 
 class ILVR(Projection):
@@ -136,6 +161,7 @@ class ILVR(Projection):
         mode: Mode = "paper",
         lowpass: LowPass | None = None,
     ) -> None:
+        check_reference(reference)
         lowpass = lowpass if lowpass is not None else LowPass(reference.shape[-1], factor, reference.device)
         if lowpass.factor != factor or lowpass.image_size != reference.shape[-1]:
             raise ValueError("the shared low-pass operator does not match the factor or image size")

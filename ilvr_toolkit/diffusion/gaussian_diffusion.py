@@ -37,10 +37,12 @@ class GaussianDiffusion:
     Attributes set after construction (``create_diffusion`` does, from the config):
         predict_xstart: the network's output (first C channels) is x_0, not eps.
         rescale_timesteps: the network gets ``t * 1000 / original_num_steps`` (float32).
+        clip_denoised: the samplers clip the x_0 prediction to [-1, 1] (their default).
     """
 
     predict_xstart: bool = False
     rescale_timesteps: bool = False
+    clip_denoised: bool = True
 
     def __init__(
         self,
@@ -63,6 +65,10 @@ class GaussianDiffusion:
         self.original_num_steps = original_num_steps or self.num_timesteps
         kept = range(self.num_timesteps) if timestep_map is None else timestep_map
         self.timestep_map = torch.tensor(list(kept), dtype=torch.long)
+        if self.timestep_map.shape != betas.shape:
+            raise ValueError(
+                f"timestep_map has {len(self.timestep_map)} entries for {self.num_timesteps} betas"
+            )
         # The (T,) float64 tables, named as in guided-diffusion; alpha_bar = alphas_cumprod.
         self.alphas_cumprod = alpha_bar = torch.cumprod(1.0 - betas, dim=0)
         self.alphas_cumprod_prev = alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
@@ -230,4 +236,5 @@ def create_diffusion(config: DiffusionConfig, respacing: str | None = None) -> G
     options.update(timestep_map=kept, original_num_steps=config.steps)
     diffusion = GaussianDiffusion(betas, variance="learned_range" if config.learn_sigma else fixed, **options)
     diffusion.predict_xstart, diffusion.rescale_timesteps = config.predict_xstart, config.rescale_timesteps
+    diffusion.clip_denoised = config.clip_denoised
     return diffusion

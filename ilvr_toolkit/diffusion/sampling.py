@@ -11,6 +11,7 @@ ILVR is such a hook, so it works unchanged under both loops.
 """
 
 import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,9 @@ def diffuse_to(
 ) -> torch.Tensor:
     """A draw of q(x_k | x_0 = reference) (Ho et al. eq. 4) at respaced index k = ``index``
     (0 <= k < num_timesteps): one draw eps ~ N(0, I) from ``noise``, shape of ``reference`` (B, C, H, W)."""
+    index = operator.index(index)  # 2.5 is a TypeError, not step 2
+    if not 0 <= index < diffusion.num_timesteps:
+        raise ValueError(f"index {index} outside [0, {diffusion.num_timesteps - 1}]")
     eps = noise(reference.shape, reference.device, reference.dtype)
     t = torch.full((reference.shape[0],), index, device=reference.device, dtype=torch.long)
     return diffusion.q_sample(reference, t, eps)
@@ -117,15 +121,17 @@ def ddpm_sample(
     *,
     noise: NoiseSource,
     hooks: Sequence[StepHook] = (),
-    clip_denoised: bool = True,
+    clip_denoised: bool | None = None,
     start_index: int | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z (Ho et al. Alg. 2).
 
     One noise draw z per step, including the last one where it is unused (the official
     order, so recorded runs replay exactly). ``x_T`` is x_k with ``start_index`` k (SDEdit).
+    ``clip_denoised`` None: ``diffusion.clip_denoised`` (the config's, default True).
     Returns x_0 (B, C, H, W).
     """
+    clip_denoised = diffusion.clip_denoised if clip_denoised is None else clip_denoised
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = diffusion.p_mean_variance(net, x, t, clip_denoised)
@@ -147,12 +153,15 @@ def ddim_sample(
     noise: NoiseSource,
     hooks: Sequence[StepHook] = (),
     eta: float = 0.0,
-    clip_denoised: bool = True,
+    clip_denoised: bool | None = None,
     start_index: int | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 has the DDPM
-    posterior variance. Noise is drawn only when eta > 0; ``start_index`` as in ddpm_sample.
-    Returns x_0 (B, C, H, W)."""
+    posterior variance (eta in [0, 1]). Noise is drawn only when eta > 0; ``start_index`` and
+    ``clip_denoised`` as in ddpm_sample. Returns x_0 (B, C, H, W)."""
+    if not 0.0 <= eta <= 1.0:  # NaN too
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    clip_denoised = diffusion.clip_denoised if clip_denoised is None else clip_denoised
 
     def step_fn(x: torch.Tensor, i: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = diffusion.p_mean_variance(net, x, t, clip_denoised)
