@@ -20,7 +20,7 @@ from ilvr_toolkit.data import read_info, read_names
 from ilvr_toolkit.data.prepare import BuildSettings
 from ilvr_toolkit.data.prepare import build_parser as prepare_parser
 from ilvr_toolkit.evaluation.runs import check_evaluation, evaluate_run
-from ilvr_toolkit.models import load_model, save_model_file
+from ilvr_toolkit.models import load_model, save_model_file, save_plain_state_dict
 from ilvr_toolkit.sampling import SampleConfig
 from ilvr_toolkit.sampling.cli import build_parser as sample_parser
 from ilvr_toolkit.sampling.cli import main as sample_main
@@ -286,6 +286,41 @@ def test_sample_names_the_checkpoint_whose_stored_diffusion_settings_are_unknown
         f"sample.py: error: {path}: its stored diffusion settings: "
     )
     assert "unknown diffusion setting keys ['diffusion_steps']" in lines[0]
+
+
+DEMO_FLAGS = (
+    "--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2,2 --attention_resolutions 8 "
+    "--num_head_channels 32 --use_scale_shift_norm True --learn_sigma True"
+)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (
+            "--noise_schedule Cosine",
+            "--model.flags: unknown beta schedule 'Cosine'; expected 'linear' or 'cosine'",
+        ),
+        ("--diffusion_steps 10", "--model.flags: --diffusion_steps 10: the linear schedule needs T >= 21"),
+    ],
+)
+def test_sample_names_model_flags_that_make_no_diffusion(capsys, monkeypatch, tmp_path, flags, named):
+    """They used to be reported as ``--sampler.respacing None`` or ``--model.diffusion.steps``."""
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "plain.pt"
+    save_plain_state_dict(path, load_model("checkpoints/demo.pt").model)
+    args = [
+        "--config",
+        str(DEMO_CONFIG),
+        "--model.checkpoint",
+        str(path),
+        "--output.dir",
+        str(tmp_path / "o"),
+    ]
+    args += ["--model.flags", f"{DEMO_FLAGS} {flags}"]
+    assert sample_main(args, evaluate=evaluate_run, check=check_evaluation) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sample.py: error: {named}"), lines
 
 
 def test_sample_bad_yaml_names_the_file_and_debug_shows_the_traceback(tmp_path):

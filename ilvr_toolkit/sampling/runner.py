@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..batchjob import LineProgress, StopSignals, leave_note
 from ..cli import UsageError
-from ..diffusion import DiffusionConfig, GaussianDiffusion
+from ..diffusion import DiffusionConfig, GaussianDiffusion, get_named_beta_schedule
 from ..fileio import remove_dead_temps
 from ..models import LoadedModel, get_preset, load_model, parse_flags, sha256_file
 from ..runtime import resolve_device, tuned_cpu_malloc
@@ -72,10 +72,18 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
 
 
 def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
-    try:  # a file's settings that do not make a diffusion: the file is damaged (exit status 1)
+    try:  # settings that make no diffusion: --model.flags' (exit status 2) or the damaged file's (1)
         base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{config.model.checkpoint}: its stored diffusion settings: {error}") from None
+        get_named_beta_schedule(base.noise_schedule, base.steps)
+    except (TypeError, ValueError) as error:  # named as guided-diffusion's flags, not train.py's options
+        said = (
+            str(error)
+            .replace("--model.diffusion.steps", "--diffusion_steps")
+            .replace("--model.diffusion.", "--")
+        )
+        if config.model.flags:
+            raise UsageError(f"--model.flags: {said}") from None
+        raise ValueError(f"{config.model.checkpoint}: its stored diffusion settings: {said}") from None
     base = base.replace(learn_sigma=loaded.unet_config.learn_sigma)
     try:
         return sampling_diffusion(base, config.sampler)
