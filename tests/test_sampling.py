@@ -455,3 +455,36 @@ def test_sigterm_outside_a_batch_script_finishes_the_batch_and_exits_non_zero(tm
     assert "stopped by signal 15 after a batch; rerun to resume" in err
     written = list(out.glob("*.png"))
     assert 0 < len(written) < 48 and not list(out.glob("*.tmp")) and not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "layout"),
+    [
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}, (0, 1)),  # a batch script: no step
+        (
+            {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1"},
+            (1, 2),
+        ),
+        (
+            {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "MASTER_PORT": "1"},
+            (3, 4),
+        ),
+        (
+            {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4", "RANK": "1", "WORLD_SIZE": "2"},
+            (1, 2),
+        ),  # torchrun
+        ({}, (0, 1)),
+    ],
+)
+def test_ranks_come_from_torchrun_or_the_srun_step(monkeypatch, env, layout):
+    """srun tasks split a shard even with MASTER_ADDR exported (the batch scripts do; the tasks
+    used to all run it as rank 0); a batch script's own SLURM_PROCID/SLURM_NTASKS are one process."""
+    from ilvr_toolkit.sampling.distributed import init_ranks
+
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # no process group in this test
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ranks = init_ranks(torch.device("cpu"))
+    assert (ranks.rank, ranks.world_size, ranks.initialised_here) == (*layout, False)

@@ -371,6 +371,30 @@ def test_array_rerun_and_merge_equal_one_process(cluster: None, tmp_path: Path) 
     assert _entries(out) == first_manifest
 
 
+def test_two_tasks_per_array_task_split_its_shard(cluster: None, tmp_path: Path) -> None:
+    """``--ntasks-per-node=2``: the two srun tasks of each array task split its shard (they used
+    to both translate all of it as rank 0, and both merge); the result equals one process's."""
+    out = tmp_path / "split"
+    config = _sample_config(tmp_path, out, count=8, batch=1)
+    logs = f"--output={tmp_path}/%a.out"
+    array = sbatch(
+        "--array=0-1", "--ntasks-per-node=2", logs, "scripts/slurm/sample_array.sbatch", str(config)
+    )
+    infos = [wait_job(f"{array}_{k}") for k in range(2)]
+    texts = [(tmp_path / f"{k}.out").read_text() for k in range(2)]
+    assert [(i["JobState"], i["ExitCode"]) for i in infos] == [("COMPLETED", "0:0")] * 2, texts
+    for text in texts:  # 4 images per shard, 2 per task
+        assert text.count("wrote 2 images (0 already there)") == 2 and "ILVR rank 1 2/2" in text, text
+        assert not TRACEBACK.search(text), text
+    single = tmp_path / "single"
+    run = [sys.executable, "sample.py", "--config", str(_sample_config(tmp_path, single, count=8, batch=1))]
+    subprocess.run([*run, "--progress", "false"], cwd=REPO, check=True, capture_output=True)
+    assert _files(out) == _files(single)
+    entries, alone = _entries(out), _entries(single)
+    ranks = [entry.pop("rank") for entry in entries.values()] + [e.pop("rank") for e in alone.values()]
+    assert entries == alone and sorted(ranks[:8]) == [0] * 4 + [1] * 4  # each task wrote half its shard
+
+
 def test_preempted_sampling_finishes_its_batch_requeues_and_resumes(cluster: None, tmp_path: Path) -> None:
     """A 2-task array stopped during its translation: task 1 (whose job id is the array's, the
     case ``scontrol show job ID`` lists every task for) by ``scancel --signal=USR1 --batch``,

@@ -20,12 +20,15 @@ class Ranks:
 
 
 def init_ranks(device: torch.device) -> Ranks:
-    """The rank layout from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS); a process
-    group (gloo, nccl on CUDA) only for several ranks with a rendezvous address: barriers, never data."""
+    """The rank layout from torchrun (RANK/WORLD_SIZE), else from the srun step this process is a
+    task of (SLURM_PROCID/SLURM_STEP_NUM_TASKS; a batch script itself, which has SLURM_PROCID=0 and the
+    job's SLURM_NTASKS but no step, is one process); a process group (gloo, nccl on CUDA) only for
+    several ranks with a rendezvous address (MASTER_ADDR, which the batch scripts export): barriers,
+    never data."""
     env = os.environ
     names = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
-    if int(env.get("WORLD_SIZE") or 1) == 1 and "MASTER_ADDR" not in env and "SLURM_PROCID" in env:
-        names = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if "RANK" not in env and "SLURM_STEP_NUM_TASKS" in env:
+        names = ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID")
     world, rank, local = (int(env.get(name) or 0) for name in names)
     world = max(world, 1)
     initialised = world > 1 and "MASTER_ADDR" in env and not dist.is_initialized()
