@@ -251,6 +251,44 @@ def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp
     assert re.search(r"^step 40/40 ", text, re.MULTILINE), text
 
 
+def test_a_requeue_before_training_can_save_says_slurm_requeued_it(
+    cluster: None, lmdb: Path, tmp_path: Path
+) -> None:
+    """``scontrol requeue`` while Python still starts: nothing is saved and SLURM requeues the job
+    itself; the log says so (it used to say "not requeued: submit the same command again",
+    which started a second copy)."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    job = sbatch(
+        f"--output={log}", "scripts/slurm/train.sbatch", "configs/tiny.yaml", "--data.path", str(lmdb), *FAST,
+        "--trainer.max_steps", "3", "--trainer.default_root_dir", str(run_dir),
+    )  # fmt: skip
+    wait_for_line(log, r"^job \d+ restart 0 on ", job)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    info = wait_job(job)
+    text = log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), text
+    assert "nothing saved; requeued by SLURM: it resumes from the last checkpoint" in text, text
+    assert "not requeued" not in text and re.search(r"^step 3/3 ", text, re.MULTILINE), text
+
+
+def test_a_job_that_may_not_be_requeued_says_so_once(cluster: None, lmdb: Path, tmp_path: Path) -> None:
+    """``sbatch --no-requeue``, warned near its time limit: the checkpoint is saved and the log
+    says the requeue failed (it used to say "requeued" first, then the failure)."""
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    job = sbatch(
+        "--no-requeue", f"--output={log}", "scripts/slurm/train.sbatch", "configs/tiny.yaml", "--data.path",
+        str(lmdb), *FAST, "--trainer.max_steps", "100000", "--trainer.default_root_dir", str(run_dir),
+    )  # fmt: skip
+    wait_for_line(log, r"^step 1/", job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_job(job)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), text
+    line = re.search(r"^saved checkpoint at step (\d+); (.*)$", text, re.MULTILINE)
+    assert line is not None and line.group(2).startswith(f"error: scontrol requeue {job} failed"), text
+    assert "; requeued" not in text and ckpt_step(run_dir / "hpc_ckpt_1.ckpt") == int(line.group(1)), text
+
+
 TASK = """import os, sys, time
 from pathlib import Path
 from ilvr_toolkit.batchjob import StopSignals

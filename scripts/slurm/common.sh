@@ -92,21 +92,25 @@ all_ready() {
     done
 }
 
-# requeue_after STATUS SIGNAL: requeue the job if its task left a note, else exit STATUS.
+# requeue_after STATUS SIGNAL: requeue the job if its task left a note, else exit STATUS. A job
+# that SLURM itself requeued (scontrol requeue, pre-emption: its Restarts count went up) is said to be.
 requeue_after() {
-    local note info state restarts
+    local note info state restarts requeued=""
+    info=$(scontrol show job -o "${JOB_REF}" 2>/dev/null)
+    state=$(grep -o 'JobState=[A-Z_]*' <<<"${info}")
+    restarts=$(grep -o 'Restarts=[0-9]*' <<<"${info}")
+    [ "${restarts#Restarts=}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null && requeued=1
     if [ ! -s "${ILVR_REQUEUE_NOTE}" ]; then
-        if [ -n "$2" ] && [ "$1" -ne 0 ]; then
+        if [ -n "$2" ] && [ "$1" -ne 0 ] && [ -n "${requeued}" ]; then
+            echo "exit status $1 after SIG$2, nothing saved; requeued by SLURM: it resumes from the last checkpoint"
+        elif [ -n "$2" ] && [ "$1" -ne 0 ]; then
             echo "exit status $1 after SIG$2, nothing saved; not requeued: submit the same command again to resume"
         fi
         exit "$1"
     fi
     note=$(cat "${ILVR_REQUEUE_NOTE}")
     rm -f "${ILVR_REQUEUE_NOTE}"
-    info=$(scontrol show job -o "${JOB_REF}")
-    state=$(grep -o 'JobState=[A-Z_]*' <<<"${info}")
-    restarts=$(grep -o 'Restarts=[0-9]*' <<<"${info}")
-    if [ "${restarts#Restarts=}" -gt "${SLURM_RESTART_COUNT:-0}" ] 2>/dev/null; then
+    if [ -n "${requeued}" ]; then
         echo "${note}; requeued by SLURM (scontrol requeue or pre-emption)"
         exit 0
     fi
@@ -114,10 +118,10 @@ requeue_after() {
         echo "${note}; not requeued (${state})"
         exit 0
     fi
-    echo "${note}; requeued"
-    if ! scontrol requeue "${JOB_REF}"; then
-        echo "error: scontrol requeue ${JOB_REF} failed; submit the same command again to resume" >&2
+    if ! scontrol requeue "${JOB_REF}" 2>&1; then  # e.g. submitted with --no-requeue
+        echo "${note}; error: scontrol requeue ${JOB_REF} failed (see above); submit the same command again to resume"
         exit 1
     fi
+    echo "${note}; requeued"
     exit 0
 }
