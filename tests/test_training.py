@@ -470,6 +470,23 @@ def test_ctrl_c_before_the_stop_handler_is_set_up_exits_130_with_one_line(
     assert lines[-1] == "train.py: interrupted", done.stderr[-3000:]
 
 
+def test_devices_that_contradict_the_slurm_tasks_name_the_option(
+    lmdb_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--trainer.devices 2`` in a job of one task per node: Lightning's ValueError was exit 1
+    without the option's name."""
+    from ilvr_toolkit.training.cli import main
+
+    slurm = {"SLURM_JOB_ID": "1", "SLURM_JOB_NAME": "ilvr-train", "SLURM_NTASKS": "1", "SLURM_NNODES": "1"}
+    slurm.update(SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    args = common_args(lmdb_path, tmp_path, **{"trainer.devices": 2, "trainer.max_steps": 1})
+    assert main(["fit", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("train.py: error: --trainer.devices 2: You set"), lines[-3:]
+
+
 def test_finetune_starts_from_released_weights_and_exports_to_preset(lmdb_path: Path, tmp_path: Path) -> None:
     released = torch.load(TINY32, weights_only=True)
     probe = Probe()

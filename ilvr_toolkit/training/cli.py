@@ -227,10 +227,22 @@ class TrainCLI(LightningCLI):
             kwargs["callbacks"].append(StepLines())  # log files get lines, not bar frames
         try:
             return super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as error:  # name the trainer setting it is about
-            raise UsageError(f"{_trainer_option(str(error), config)}{error}") from None
+        except (MisconfigurationException, ValueError) as error:  # name the trainer setting it is about
+            raise UsageError(
+                f"{_trainer_option(str(error), config)}{error}"
+            ) from None  # e.g. devices vs SLURM
 
     def before_fit(self) -> None:
+        environment = getattr(self.trainer.strategy, "cluster_environment", None)
+        if isinstance(environment, SLURMEnvironment):  # devices/nodes vs the job's tasks: before fit says it
+            try:
+                environment.validate_settings(
+                    num_devices=self.trainer.num_devices, num_nodes=self.trainer.num_nodes
+                )
+            except ValueError as error:
+                raise UsageError(
+                    f"{_trainer_option(str(error), self._setting('trainer', {}))}{error}"
+                ) from None
         self.datamodule.check_batch_size(self.trainer.world_size)
         fit = self.config_init[self.subcommand]
         tune_process(fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned")
