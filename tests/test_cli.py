@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ilvr_toolkit.cli import normalize_options, parse_options
@@ -271,7 +272,9 @@ def test_sample_names_the_checkpoint_whose_stored_diffusion_settings_are_unknown
     monkeypatch.chdir(REPO)
     demo = load_model("checkpoints/demo.pt")
     path = tmp_path / "model.pt"
-    save_model_file(path, demo.unet_config, demo.model.state_dict(), diffusion={"diffusion_steps": 50})
+    unet, weights = demo.unet_config.to_dict(), demo.model.state_dict()  # save_model_file refuses this
+    payload = {"format": "ilvr_toolkit.model/1", "unet": unet, "diffusion": {"diffusion_steps": 50}}
+    torch.save({**payload, "state_dict": weights, "extra": {}}, path)  # a file written by other code
     args = [
         "--config",
         str(DEMO_CONFIG),
