@@ -139,6 +139,35 @@ def test_config_parsing_and_defaults():
 
 
 # --------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("image_size", 0, "image_size must be >= 1, got 0"),
+        ("image_size", -32, "image_size must be >= 1, got -32"),
+        ("num_channels", 0, "num_channels must be >= 1, got 0"),
+        ("num_res_blocks", 0, "num_res_blocks must be >= 1, got 0"),
+        ("channel_mult", (1, 0), r"channel_mult entries must be > 0, got \(1, 0\)"),
+    ],
+)
+def test_config_refuses_sizes_below_one(field, value, named):
+    settings = {
+        "image_size": 32,
+        "num_channels": 32,
+        "num_res_blocks": 1,
+        "channel_mult": (1, 2),
+        field: value,
+    }
+    with pytest.raises(ValueError, match=named):
+        UNetConfig(**settings)
+
+
+def test_input_side_not_a_multiple_of_the_downsampling_is_named(tiny32_model):
+    for side in (30, 1):  # tiny32: channel_mult 1,2,2,2 halves three times
+        x = torch.zeros(1, 3, side, side)
+        with pytest.raises(ValueError, match=rf"x of shape \(1, 3, {side}, {side}\): .* multiples of 8"):
+            tiny32_model(x, torch.zeros(1, dtype=torch.long))
+
+
 def test_timestep_embedding_is_cos_then_sin():
     emb = timestep_embedding(torch.tensor([0, 7]), 8)
     assert emb.shape == (2, 8) and emb.dtype == torch.float32
