@@ -75,9 +75,13 @@ def configure_threads(threads: int | None = None) -> int:
     ``threads`` None or 0: ``SLURM_CPUS_PER_TASK`` when the job runs under SLURM (a task
     bound to k CPUs runs k threads, not one per core of the node), else torch's default.
     """
-    threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
-    if threads < 0:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    if threads is not None and not (isinstance(threads, int) and threads >= 0):
+        error = ValueError if isinstance(threads, int) else TypeError
+        raise error(f"threads: expected an int >= 1 (None or 0: automatic), got {threads!r}")
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if not threads and not (slurm.isdigit() or slurm == ""):
+        raise UsageError(f"SLURM_CPUS_PER_TASK={slurm!r}: expected a whole number of CPUs")
+    threads = threads or int(slurm or 0)
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()

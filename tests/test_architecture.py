@@ -102,6 +102,8 @@ def test_diffusion_imports_torch_only() -> None:
                     "abc",
                     "enum",
                     "functools",
+                    "inspect",
+                    "operator",
                     "re",
                     "warnings",
                 }, f"{path.name} imports {module}"

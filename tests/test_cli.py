@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ilvr_toolkit.cli import normalize_options, parse_options
@@ -271,7 +272,9 @@ def test_sample_names_the_checkpoint_whose_stored_diffusion_settings_are_unknown
     monkeypatch.chdir(REPO)
     demo = load_model("checkpoints/demo.pt")
     path = tmp_path / "model.pt"
-    save_model_file(path, demo.unet_config, demo.model.state_dict(), diffusion={"diffusion_steps": 50})
+    unet, weights = demo.unet_config.to_dict(), demo.model.state_dict()  # save_model_file refuses this
+    payload = {"format": "ilvr_toolkit.model/1", "unet": unet, "diffusion": {"diffusion_steps": 50}}
+    torch.save({**payload, "state_dict": weights, "extra": {}}, path)  # a file written by other code
     args = [
         "--config",
         str(DEMO_CONFIG),
@@ -387,3 +390,18 @@ def test_yaml_number_respacing_is_read_as_the_string(tmp_path):
     config.write_text("sampler:\n  respacing: 50\n")
     namespace = parse_options(sample_parser(), ["--config", str(config)])
     assert SampleConfig.from_dict(namespace.as_dict()).sampler.respacing == "50"
+
+
+def test_threads_and_slurm_cpus_per_task_are_named(capsys, monkeypatch, tmp_path):
+    from ilvr_toolkit.runtime import tune_process
+
+    for threads, error in (("3", TypeError), (1.5, TypeError), (-2, ValueError)):
+        with pytest.raises(error, match=rf"threads: expected an int >= 1 .*got {threads!r}"):
+            tune_process(threads)
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "abc")
+    code = sample_main(["--config", str(DEMO_CONFIG), "--output.dir", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == [
+        "sample.py: error: SLURM_CPUS_PER_TASK='abc': expected a whole number of CPUs"
+    ]

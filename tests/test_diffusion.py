@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -105,6 +106,17 @@ def test_network_receives_original_timesteps():
     seen = [t[0].item() for t in net.seen_t]
     assert seen == list(reversed(diffusion.timestep_map.tolist()))
     assert all(t.dtype == torch.long for t in net.seen_t)
+
+
+def test_samplers_signature_and_docstring_show_model_kwargs():
+    for sampler in (ddpm_sample, ddim_sample):
+        signature = inspect.signature(sampler)
+        assert list(signature.parameters)[-2:] == ["start_index", "model_kwargs"]
+        parameter = signature.parameters["model_kwargs"]
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is None
+        assert "``model_kwargs``" in sampler.__doc__
+        with pytest.raises(TypeError, match="model_kwarg"):  # the signature is what the call accepts
+            signature.bind(None, None, None, noise=None, model_kwarg={})
 
 
 def test_samplers_pass_model_kwargs_to_the_network():

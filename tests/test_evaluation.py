@@ -400,6 +400,15 @@ def test_pairing_and_explicit_pairs(tmp_path):
         assert by_pairs[key] == pytest.approx(by_folder[key], rel=1e-12), key
 
 
+def test_no_pairs_and_a_batch_size_below_one_are_named(tmp_path):
+    with pytest.raises(ValueError, match="pairs: expected at least one"):
+        evaluate_translation(pairs=[], device="cpu")
+    pairs = [(to_float(image), to_float(image)) for image in smooth_images(2, seed=42)]
+    for batch_size in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=rf"batch_size: expected an int >= 1, got {batch_size}"):
+            evaluate_translation(pairs=pairs, batch_size=batch_size, device="cpu")
+
+
 def test_write_metrics_and_table(tmp_path):
     metrics = {
         "fid": 74.371,

@@ -49,6 +49,12 @@ def test_lowpass_any_divisor_and_rejects_non_divisor():
     assert LowPass(48, 1)(x).sub(x).abs().max() < 1e-5  # N = 1 is the identity
     with pytest.raises(ValueError, match="divisor"):
         LowPass(48, 5)
+    with pytest.raises(
+        TypeError, match=r"LowPass: factor=4.0 must be an int \(factor N: a divisor of image_size"
+    ):
+        LowPass(32, 4.0)
+    with pytest.raises(TypeError, match=r"LowPass: image_size='32' must be an int"):
+        LowPass("32", 4)
 
 
 def test_lowpass_is_not_idempotent_but_close():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from ilvr_toolkit.models import (
     UNetModel,
     build_unet,
     check_state_dict,
+    diffusion_settings,
     get_preset,
     load_model,
     load_state_dict_file,
@@ -137,6 +139,35 @@ def test_config_parsing_and_defaults():
 
 
 # --------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("image_size", 0, "image_size must be >= 1, got 0"),
+        ("image_size", -32, "image_size must be >= 1, got -32"),
+        ("num_channels", 0, "num_channels must be >= 1, got 0"),
+        ("num_res_blocks", 0, "num_res_blocks must be >= 1, got 0"),
+        ("channel_mult", (1, 0), r"channel_mult entries must be > 0, got \(1, 0\)"),
+    ],
+)
+def test_config_refuses_sizes_below_one(field, value, named):
+    settings = {
+        "image_size": 32,
+        "num_channels": 32,
+        "num_res_blocks": 1,
+        "channel_mult": (1, 2),
+        field: value,
+    }
+    with pytest.raises(ValueError, match=named):
+        UNetConfig(**settings)
+
+
+def test_input_side_not_a_multiple_of_the_downsampling_is_named(tiny32_model):
+    for side in (30, 1):  # tiny32: channel_mult 1,2,2,2 halves three times
+        x = torch.zeros(1, 3, side, side)
+        with pytest.raises(ValueError, match=rf"x of shape \(1, 3, {side}, {side}\): .* multiples of 8"):
+            tiny32_model(x, torch.zeros(1, dtype=torch.long))
+
+
 def test_timestep_embedding_is_cos_then_sin():
     emb = timestep_embedding(torch.tensor([0, 7]), 8)
     assert emb.shape == (2, 8) and emb.dtype == torch.float32
@@ -341,7 +372,7 @@ def test_plain_file_loads_with_preset(tiny32_path, forward_check):
 
 def test_model_file_round_trip(tiny32_model, tmp_path, forward_check):
     config = get_preset("tiny32")
-    diffusion = {"diffusion_steps": 1000, "noise_schedule": "linear"}
+    diffusion = {"steps": 1000, "noise_schedule": "linear"}
     path = tmp_path / "sub" / "model.pt"
     save_model_file(path, config, tiny32_model.state_dict(), diffusion=diffusion, extra={"step": 7})
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # no temp file left
@@ -368,6 +399,23 @@ def test_save_model_file_refuses_mismatch_and_unplain_extra(tiny32_model, tmp_pa
     with pytest.raises(TypeError, match="weights_only"):
         save_model_file(tmp_path / "b.pt", get_preset("tiny32"), tiny32_model, extra={"p": tmp_path})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_model_file_refuses_diffusion_settings_its_loaders_refuse(tiny32_model, tmp_path):
+    assert set(diffusion_settings({})) == {f.name for f in dataclasses.fields(DiffusionConfig)}
+    for bad in ({"stepz": 5}, {"diffusion_steps": 1000}):  # a typo, a guided-diffusion flag name
+        with pytest.raises(ValueError, match=r"diffusion: unknown settings \['\w+'\]; expected .*'steps'"):
+            save_model_file(tmp_path / "m.pt", get_preset("tiny32"), tiny32_model, diffusion=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_names_a_bad_map_location_not_the_file(tiny32_path):
+    for device in ("bogus", "cuda:99"):
+        with pytest.raises(
+            ValueError, match=f"map_location '{device}': no such device on this machine"
+        ) as info:
+            load_model(tiny32_path, preset="tiny32", map_location=device)
+        assert not isinstance(info.value, CheckpointError) and "corrupt" not in str(info.value)
 
 
 def test_plain_state_dict_round_trip(tiny32_model, tiny32_state, tmp_path):

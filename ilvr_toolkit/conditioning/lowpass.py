@@ -14,6 +14,7 @@ borders), and up(down(.)) is not idempotent (D @ U != I).
 """
 
 import math
+import numbers
 
 import torch
 
@@ -75,6 +76,9 @@ class LowPass(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        named = {"image_size": image_size, "factor": factor}
+        if wrong := [f"{k}={v!r}" for k, v in named.items() if not isinstance(v, numbers.Integral)]:
+            raise TypeError(f"LowPass: {', '.join(wrong)} must be an int (factor N: a divisor of image_size)")
         if factor < 1 or image_size % factor != 0:
             raise ValueError(
                 f"low-pass factor N={factor} must be a positive divisor of the image size {image_size}"

@@ -11,6 +11,7 @@ ILVR is such a hook, so it works unchanged under both loops.
 """
 
 import functools
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,9 @@ def _binds_model_kwargs(sampler: Callable[..., torch.Tensor]) -> Callable[..., t
         net = functools.partial(net, **model_kwargs) if model_kwargs else net
         return sampler(diffusion, net, x_T, **options)
 
+    signature, keyword = inspect.signature(sampler), inspect.Parameter.KEYWORD_ONLY  # for help() and IDEs
+    extra = inspect.Parameter("model_kwargs", keyword, default=None, annotation=dict[str, Any] | None)
+    bound.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
     return bound
 
 
@@ -129,6 +133,7 @@ def ddpm_sample(
     One noise draw z per step, including the last one where it is unused (the official
     order, so recorded runs replay exactly). ``x_T`` is x_k with ``start_index`` k (SDEdit).
     ``clip_denoised`` None: ``diffusion.clip_denoised`` (the config's, default True).
+    ``model_kwargs`` (e.g. ``{"y": labels}``): more arguments of ``net`` (guided-diffusion's).
     Returns x_0 (B, C, H, W).
     """
     clip_denoised = diffusion.clip_denoised if clip_denoised is None else clip_denoised
@@ -158,7 +163,7 @@ def ddim_sample(
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): eta = 0 is deterministic, eta = 1 has the DDPM
     posterior variance (eta in [0, 1]). Noise is drawn only when eta > 0; ``start_index`` and
-    ``clip_denoised`` as in ddpm_sample. Returns x_0 (B, C, H, W)."""
+    ``clip_denoised``, ``model_kwargs`` as in ddpm_sample. Returns x_0 (B, C, H, W)."""
     if not 0.0 <= eta <= 1.0:  # NaN too
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     clip_denoised = diffusion.clip_denoised if clip_denoised is None else clip_denoised

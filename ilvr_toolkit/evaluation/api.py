@@ -53,6 +53,10 @@ def evaluate_translation(
         raise ValueError("give outputs (a folder or a list of files), or pairs alone")
     if target is None and references is None and pairs is None:
         raise ValueError("give a target (FID/KID) and/or references or pairs (SSIM/PSNR/L2)")
+    if pairs is not None and not len(pairs):
+        raise ValueError("pairs: expected at least one (output, reference) pair, got none")
+    if not (isinstance(s.batch_size, int) and s.batch_size >= 1):
+        raise ValueError(f"batch_size: expected an int >= 1, got {s.batch_size!r}")
     out_set = ImageSet(outputs, s.image_size) if outputs is not None else None
     size = out_set.image_size if out_set is not None else s.image_size or _image(pairs[0][0], None).shape[-1]
     s = replace(s, image_size=int(size), device=str(resolve_device(s.device)))

@@ -104,6 +104,13 @@ def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu
     except Exception as err:  # UnpicklingError, zip errors (RuntimeError), EOFError, KeyError on garbage ...
         if isinstance(err, OSError):
             raise
+        try:  # the file is intact but map_location is no device here: name it, not the file
+            torch.empty(0, device=map_location if isinstance(map_location, str | torch.device) else "cpu")
+        except Exception as bad:
+            said = " ".join(str(bad).split(". ")[0].split())[:200]
+            raise ValueError(
+                f"map_location {map_location!r}: no such device on this machine ({said})"
+            ) from None
         said = f"truncated or corrupted? torch.load said {type(err).__name__}: {' '.join(str(err).split())[:200]}"
         if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
             said = "it holds Python objects, which weights_only=True refuses (no code ran); keep tensors only"
@@ -138,8 +145,12 @@ def save_model_file(
 ) -> None:
     """Write a self-describing model file (config + weights) atomically.
 
-    The weights are checked against ``unet_config`` first, so the file never lies.
+    The weights are checked against ``unet_config`` first, so the file never lies; ``diffusion``'s
+    keys must be ``DiffusionConfig`` fields (those :func:`diffusion_settings` gives), which loaders read.
     """
+    fields = sorted(diffusion_settings({}))
+    if unknown := sorted(set(diffusion or {}) - set(fields)):
+        raise ValueError(f"diffusion: unknown settings {unknown}; expected DiffusionConfig fields {fields}")
     weights = check_state_dict(_plain_tensors(state_dict), unet_config)
     payload = {"format": MODEL_FORMAT, "unet": unet_config.to_dict(), "diffusion": dict(diffusion or {})}
     payload.update(state_dict=weights, extra=dict(extra or {}))

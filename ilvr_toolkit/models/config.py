@@ -53,12 +53,17 @@ class UNetConfig:
     winograd: bool = field(default=False, metadata=_RUNTIME)
 
     def __post_init__(self) -> None:
+        for name in ("image_size", "num_channels", "num_res_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         mult = parse_numbers(self.channel_mult, "channel_mult") or DEFAULT_CHANNEL_MULT.get(self.image_size)
         if not mult:
             sizes = sorted(DEFAULT_CHANNEL_MULT)
             raise ValueError(
                 f"set channel_mult: image_size {self.image_size} has no default (only {sizes} have)"
             )
+        if min(mult) <= 0:
+            raise ValueError(f"channel_mult entries must be > 0, got {mult}")
         attn = tuple(int(r) for r in parse_numbers(self.attention_resolutions, "attention_resolutions"))
         object.__setattr__(self, "channel_mult", mult)
         object.__setattr__(self, "attention_resolutions", attn)

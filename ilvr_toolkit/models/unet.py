@@ -311,7 +311,10 @@ class UNetModel(nn.Module):
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: (B, C, H, W); timesteps: (B,) original timesteps; y: (B,) class labels or None.
-        Returns (B, out_channels, H, W) in ``x``'s dtype (eps first, then v with learn_sigma)."""
+        Returns (B, out_channels, H, W) in ``x``'s dtype (eps first, then v with learn_sigma);
+        H and W must be multiples of 2 ** (len(channel_mult) - 1)."""
+        if x.shape[-1] % (multiple := 2 ** (len(self.config.channel_mult) - 1)) or x.shape[-2] % multiple:
+            raise ValueError(f"x of shape {tuple(x.shape)}: H and W must be multiples of {multiple} here")
         emb = self._embed(timesteps, y, x)
         skips = []
         h = x.to(self.input_blocks[0][0].weight.dtype)
