@@ -248,6 +248,28 @@ def test_strict_fails_and_leaves_nothing(data_folder, tmp_path):
     assert code == 1 and _leftovers(out) == []
 
 
+def test_cli_report_path_is_checked_before_the_build(data_folder, tmp_path, capsys):
+    """``--output.report`` a folder: refused at once (exit 2), nothing built, so a fixed rerun works."""
+    (tmp_path / "repdir").mkdir()
+    args = [str(data_folder[0]), "--out", str(tmp_path / "o.lmdb"), "--size", "8", "--workers", "0"]
+    assert prepare_main([*args, "--report", str(tmp_path / "repdir")]) == 2
+    assert "--output.report" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["repdir"]
+
+
+def test_an_lmdb_write_error_names_the_output(data_folder, tmp_path, monkeypatch, capsys):
+    """A full disk fails in mdb_txn_commit: the line names the dataset being written."""
+    from ilvr_toolkit.data import prepare
+
+    def full(env, items):
+        raise lmdb.Error("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(prepare, "_put_all", full)
+    out = tmp_path / "full.lmdb"
+    assert prepare_main([str(data_folder[0]), "--out", str(out), "--size", "8", "--workers", "0"]) == 1
+    assert f"cannot write {out}: mdb_txn_commit: No space left" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_report_existing_out_and_overwrite(data_folder, tmp_path, capsys):
     out, report_file = tmp_path / "cli.lmdb", tmp_path / "report.json"
     args = [str(data_folder[0]), "--out", str(out), "--size", "32", "--workers", "0", "--no-progress"]
@@ -255,8 +277,8 @@ def test_cli_report_existing_out_and_overwrite(data_folder, tmp_path, capsys):
     assert "skipped 3" in capsys.readouterr().out
     report = json.loads(report_file.read_text())
     assert sorted(name for name, _ in report["skipped"]) == sorted(DATA_BAD_FILES)
-    assert prepare_main(args) == 1 and "--overwrite" in capsys.readouterr().err  # refused
-    with pytest.raises(FileExistsError):
+    assert prepare_main(args) == 2 and "--overwrite" in capsys.readouterr().err  # refused, a usage error
+    with pytest.raises(UsageError, match="--output.dir .*cli.lmdb: exists"):
         build_lmdb(data_folder[0], out, 16, workers=0, progress=False)
     build_lmdb(data_folder[0], out, [8, 16], workers=0, progress=False, overwrite=True)
     assert read_info(out).sizes == (8, 16) and LMDBImageDataset(out, 8)[0].shape == (3, 8, 8)

@@ -37,7 +37,7 @@ import lmdb
 from PIL import Image
 
 from .. import __version__
-from ..cli import UsageError, check_range, make_parser, parse_options, run_command
+from ..cli import UsageError, check_output_file, check_range, make_parser, parse_options, run_command
 from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
@@ -309,7 +309,7 @@ def build_lmdb(
     ):  # --overwrite would delete it
         raise UsageError(f"--output.dir {out}: is the source {source} or holds it; choose another folder")
     if (out.exists() or out.is_symlink()) and not settings.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise UsageError(f"--output.dir {out}: exists; pass --overwrite to replace it")
     src = _open_source(source)
     if not src.names:
         raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
@@ -325,6 +325,8 @@ def build_lmdb(
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, ChildProcessError):
             raise ChildProcessError(f"{error}; nothing was written at {out}") from None
+        if isinstance(error, lmdb.Error):  # writing it (a full disk: mdb_txn_commit: No space left)
+            raise OSError(f"cannot write {out}: {error}") from None
         raise
     return BuildReport(str(out), len(kept), sizes, settings.format, time.perf_counter() - t0, skipped)
 
@@ -471,6 +473,7 @@ def _main(argv: list[str]) -> int:
     if args.output.dir is None or args.size is None:
         raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
+    check_output_file("output.report", args.output.report)
     report = build_lmdb(args.source, args.output.dir, args.size, settings)
     print(report.summary())
     if args.output.report:
