@@ -368,6 +368,29 @@ def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
     assert report.length == len(data_folder[1]) and _leftovers(out) == [out.name]
 
 
+@pytest.mark.parametrize("group", [False, True])
+def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group):
+    """SIGTERM (to the process, or to its group as a scheduler does) cleans up like Ctrl-C: no
+    ``OUT.partial-PID`` left, one line, exit 143 (it was 143, silent, the partial folder kept)."""
+    out = tmp_path / "term.lmdb"
+    env = {**os.environ, "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.5", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(data_folder[0]), "--out", str(out)]
+    cmd += ["--size", "32", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    partial = out.with_name(f"{out.name}.partial-{proc.pid}")
+    deadline = time.monotonic() + 60
+    while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # a few images into the build
+    assert proc.poll() is None, "the build finished before it could be stopped"
+    os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and os.listdir(tmp_path) == [], stderr
+    assert stderr.strip().splitlines() == [
+        f"python -m ilvr_toolkit.data.prepare: stopped by signal 15; nothing was written at {out}"
+    ]
+
+
 def test_truncated_lmdb_is_refused_before_it_is_mapped(data_lmdb, tmp_path):
     """A data.mdb shorter than its meta page says would be a SIGBUS (exit 135, nothing on
     stderr) at the first read; it is refused with one line naming the file and the fix."""

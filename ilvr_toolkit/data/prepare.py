@@ -173,6 +173,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(source: _Source, sizes: list[int], settings: BuildSettings) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker has the main process's handler
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     _WORKER.update(source=source, sizes=sizes, settings=settings, delay=delay)
 
@@ -474,7 +475,25 @@ def _main(argv: list[str]) -> int:
         raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
     check_output_file("output.report", args.output.report)
-    report = build_lmdb(args.source, args.output.dir, args.size, settings)
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM is Ctrl-C: the build is cleaned up
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        report = build_lmdb(args.source, args.output.dir, args.size, settings)
+    except BaseException:
+        if not stopped:  # (or its workers died of it first)
+            raise
+        print(
+            f"{PROG}: stopped by signal {stopped[0]}; nothing was written at {args.output.dir}",
+            file=sys.stderr,
+        )
+        return 128 + stopped[0]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.summary())
     if args.output.report:
         atomic_write_bytes(args.output.report, json.dumps(asdict(report), indent=2).encode())
