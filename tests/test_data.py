@@ -248,6 +248,18 @@ def test_strict_fails_and_leaves_nothing(data_folder, tmp_path):
     assert code == 1 and _leftovers(out) == []
 
 
+def test_a_broken_link_named_png_is_reported_unreadable(tmp_path):
+    """Neither the converter nor the reference set dropped it silently."""
+    smooth_rgb(np.random.default_rng(0), 16, 16).save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+    report = build_lmdb(tmp_path, tmp_path.parent / f"{tmp_path.name}.lmdb", 8, workers=0, progress=False)
+    assert report.length == 1 and [name for name, _ in report.skipped] == ["b.png"]
+    from ilvr_toolkit.data import ReferenceSet
+
+    refs = ReferenceSet(tmp_path, 8)
+    assert refs.names == ["a", "b"] and "b.png" in refs.try_get(1)[1]
+
+
 def test_cli_report_path_is_checked_before_the_build(data_folder, tmp_path, capsys):
     """``--output.report`` a folder: refused at once (exit 2), nothing built, so a fixed rerun works."""
     (tmp_path / "repdir").mkdir()
