@@ -260,6 +260,15 @@ def test_a_broken_link_named_png_is_reported_unreadable(tmp_path):
     assert refs.names == ["a", "b"] and "b.png" in refs.try_get(1)[1]
 
 
+def test_progress_into_a_log_file_is_plain_lines(runner, data_folder, tmp_path):
+    """stderr not a terminal (a batch job's log): lines as sample.py writes them, no tqdm ``\\r``."""
+    out = tmp_path / "log.lmdb"
+    done = runner("-m", "ilvr_toolkit.data.prepare", str(data_folder[0]), "--out", str(out), "--size", "8")
+    assert done.returncode == 0 and "\r" not in done.stderr, done.stderr
+    total = len(DATA_BAD_FILES) + len(data_folder[1])
+    assert f"INFO ilvr_toolkit: prepare log.lmdb {total}/{total} (" in done.stderr, done.stderr
+
+
 def test_cli_report_path_is_checked_before_the_build(data_folder, tmp_path, capsys):
     """``--output.report`` a folder: refused at once (exit 2), nothing built, so a fixed rerun works."""
     (tmp_path / "repdir").mkdir()

@@ -37,7 +37,16 @@ import lmdb
 from PIL import Image
 
 from .. import __version__
-from ..cli import UsageError, check_output_file, check_range, make_parser, parse_options, run_command
+from ..batchjob import LineProgress
+from ..cli import (
+    UsageError,
+    check_output_file,
+    check_range,
+    make_parser,
+    parse_options,
+    run_command,
+    setup_logging,
+)
 from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
@@ -419,7 +428,11 @@ def _store_images(
     from tqdm.auto import tqdm
 
     kept, skipped, pending, pending_bytes = [], [], [], 0
-    with tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress) as bar:
+    if settings.progress and not sys.stderr.isatty():  # a log file: plain lines, not \r bars
+        bar = LineProgress(len(names), desc)
+    else:
+        bar = tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress)
+    with contextlib.closing(bar):
         for index, encoded, error in results:
             bar.update(1)
             if encoded is None:
@@ -475,6 +488,7 @@ def _main(argv: list[str]) -> int:
         raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
     check_output_file("output.report", args.output.report)
+    setup_logging()  # the progress lines of a log file
     stopped: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:  # SIGTERM is Ctrl-C: the build is cleaned up
