@@ -408,7 +408,7 @@ def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group):
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143 and os.listdir(tmp_path) == [], stderr
     assert stderr.strip().splitlines() == [
-        f"python -m ilvr_toolkit.data.prepare: stopped by signal 15; nothing was written at {out}"
+        f"python -m ilvr_toolkit.data.prepare: stopped by signal 15; {out} not written"
     ]
 
 

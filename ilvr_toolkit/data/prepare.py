@@ -36,17 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import lmdb
 from PIL import Image
 
-from .. import __version__
+from .. import __version__, cli
 from ..batchjob import LineProgress
-from ..cli import (
-    UsageError,
-    check_output_file,
-    check_range,
-    make_parser,
-    parse_options,
-    run_command,
-    setup_logging,
-)
+from ..cli import UsageError, check_range, make_parser, parse_options, run_command
 from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, load_rgb
@@ -487,8 +479,8 @@ def _main(argv: list[str]) -> int:
     if args.output.dir is None or args.size is None:
         raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
-    check_output_file("output.report", args.output.report)
-    setup_logging()  # the progress lines of a log file
+    cli.check_output_file("output.report", args.output.report)
+    cli.setup_logging()  # the progress lines of a log file
     stopped: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:  # SIGTERM is Ctrl-C: the build is cleaned up
@@ -501,10 +493,7 @@ def _main(argv: list[str]) -> int:
     except BaseException:
         if not stopped:  # (or its workers died of it first)
             raise
-        print(
-            f"{PROG}: stopped by signal {stopped[0]}; nothing was written at {args.output.dir}",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: stopped by signal {stopped[0]}; {args.output.dir} not written", file=sys.stderr)
         return 128 + stopped[0]
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -5,6 +5,7 @@ trains), alpha over white, 16-bit scaled; upstream ignores EXIF, drops alpha and
 white. Plain RGB files load exactly as upstream.
 """
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,37 +28,27 @@ __all__ = ["ReferenceSet", "center_crop_arr", "collate_references", "load_refere
 FULL_RESIZE_MAX = 4
 
 
-def _bicubic(x: np.ndarray) -> np.ndarray:
-    """Pillow's ``bicubic_filter`` (a = -0.5), in its order of operations (libImaging/Resample.c)."""
-    x = np.abs(x)
-    return np.where(
-        x < 1.0, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0)
-    )
-
-
 def _bicubic_taps(in_size: int, out_size: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's BICUBIC resampling of ``in_size`` samples to ``out_size``, only for outputs
-    ``start .. start + count``: first input (count,) and 8-bit fixed-point weights (count, taps),
-    computed as ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` do, so the result is bit-exact."""
+    """Pillow's BICUBIC ``in_size`` -> ``out_size`` for outputs ``start .. start + count`` only: first
+    inputs (count,), 8-bit weights (count, taps), as ``precompute_coeffs``, ``normalize_coeffs_8bpc``."""
     scale = float(np.float32(in_size)) / out_size  # Pillow's box is float32
     support = 2.0 * max(scale, 1.0)
     taps = np.arange(int(np.ceil(support)) * 2 + 1)
     center = (np.arange(start, start + count) + 0.5) * scale
     first = np.maximum((center - support + 0.5).astype(np.int64), 0)
     used = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
-    w = _bicubic(((taps + first[:, None]) - center[:, None] + 0.5) * (1.0 / max(scale, 1.0)))
-    w = np.where(taps < used[:, None], w, 0.0)
-    total = np.zeros(count)
-    for column in w.T:  # in order, as the C loop adds them
-        total = total + column
+    x = np.abs(((taps + first[:, None]) - center[:, None] + 0.5) * (1.0 / max(scale, 1.0)))
+    x = np.where(taps < used[:, None], x, 2.0)  # unused taps weigh 0; bicubic_filter (a = -0.5) as written:
+    near = (1.5 * x - 2.5) * x * x + 1
+    w = np.where(x < 1.0, near, np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
+    total = functools.reduce(np.add, w.T)  # in order, as the C loop adds them
     w = w / np.where(total != 0.0, total, 1.0)[:, None]
     fixed = np.where(w < 0, -0.5 + w * (1 << 22), 0.5 + w * (1 << 22)).astype(np.int64)
     return first, fixed
 
 
 def _resample_window(arr: np.ndarray, axis: int, taps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """HWC uint8 ``arr`` resampled along ``axis`` (0: rows, 1: columns) with ``_bicubic_taps``'s
-    ``(first, weights)`` -> uint8, that axis of length ``count``; Pillow's integer arithmetic."""
+    """HWC uint8 ``arr`` resampled along ``axis`` (0: rows, 1: columns) by ``_bicubic_taps``, in integers."""
     first, fixed = taps
     index = np.minimum(first[:, None] + np.arange(fixed.shape[1]), arr.shape[axis] - 1)  # unused taps weigh 0
     picked = np.moveaxis(np.take(arr, index, axis=axis).astype(np.int64), (axis, axis + 1), (0, 1))
@@ -69,9 +60,8 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """guided-diffusion's rule -> HWC uint8: ``Image.BOX`` halvings while the short side is at least
     twice ``image_size``, ``Image.BICUBIC`` to it, centre crop (``(h - res) // 2``, ``(w - res) // 2``).
 
-    Bit-exact with that rule, in memory bounded by the output: along a long side of more than
-    ``FULL_RESIZE_MAX * image_size`` (a 100000x1 strip), only the crop's window is resampled, with
-    Pillow's own arithmetic, in Pillow's order of the two passes."""
+    Bit-exact, in memory bounded by the output: along a side over ``FULL_RESIZE_MAX * image_size``
+    (a 100000x1 strip) only the crop's window is resampled, by Pillow's arithmetic and pass order."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -80,16 +70,14 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
         arr = np.asarray(pil_image.resize(tuple(out), resample=Image.BICUBIC))
         crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
         return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
-    axis = 1 if out[0] > out[1] else 0  # the long side's numpy axis
-    long_in = pil_image.size[1 - axis]
+    axis, long_in = (1, w) if out[0] > out[1] else (0, h)  # the long side: numpy axis, length
     first, fixed = _bicubic_taps(long_in, out[1 - axis], (out[1 - axis] - image_size) // 2, image_size)
     lo, hi = int(first[0]), min(int(first[-1]) + fixed.shape[1], long_in)  # the window reads these
     arr = np.asarray(pil_image.crop((lo, 0, hi, h) if axis else (0, lo, w, hi)))
     # Pillow runs the vertical pass first when it shrinks the height more than twice the width
     long_first = (h - out[1] > 0 and h - out[1] > (w - out[0]) * 2) != bool(axis)
-    out[1 - axis] = hi - lo
-    if long_first:
-        arr, out[1 - axis] = _resample_window(arr, axis, (first - lo, fixed)), image_size
+    arr = _resample_window(arr, axis, (first - lo, fixed)) if long_first else arr
+    out[1 - axis] = image_size if long_first else hi - lo
     arr = np.asarray(Image.fromarray(arr).resize(tuple(out), resample=Image.BICUBIC))
     return arr if long_first else _resample_window(arr, axis, (first - lo, fixed))
 
