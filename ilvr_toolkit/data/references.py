@@ -24,8 +24,7 @@ from ilvr_toolkit.data.lmdb_format import read_info
 __all__ = ["ReferenceSet", "center_crop_arr", "collate_references", "load_reference"]
 
 
-#: the long side, in multiples of the output, above which only the centre crop's window of it is resampled
-FULL_RESIZE_MAX = 4
+FULL_RESIZE_MAX = 4  # a long side of more outputs resamples only the centre crop's window of it
 
 
 def _bicubic_taps(in_size: int, out_size: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +73,9 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     first, fixed = _bicubic_taps(long_in, out[1 - axis], (out[1 - axis] - image_size) // 2, image_size)
     lo, hi = int(first[0]), min(int(first[-1]) + fixed.shape[1], long_in)  # the window reads these
     arr = np.asarray(pil_image.crop((lo, 0, hi, h) if axis else (0, lo, w, hi)))
-    # Pillow runs the vertical pass first when it shrinks the height more than twice the width
-    long_first = (h - out[1] > 0 and h - out[1] > (w - out[0]) * 2) != bool(axis)
+    # Pillow >= 13 runs the vertical pass first when it shrinks the height more than twice the width
+    new_order = int(Image.__version__.split(".")[0]) >= 13  # (python-pillow/Pillow#9549)
+    long_first = (new_order and h - out[1] > 0 and h - out[1] > (w - out[0]) * 2) != bool(axis)
     arr = _resample_window(arr, axis, (first - lo, fixed)) if long_first else arr
     out[1 - axis] = image_size if long_first else hi - lo
     arr = np.asarray(Image.fromarray(arr).resize(tuple(out), resample=Image.BICUBIC))
