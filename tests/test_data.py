@@ -356,44 +356,8 @@ def test_zip_source_jpeg_format_and_map_growth(data_folder, data_lmdb, tmp_path)
     assert diff < 3
 
 
-def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
-    out = tmp_path / "killed.lmdb"
-    env = {**os.environ, "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.5", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "ilvr_toolkit.data.prepare",
-        str(data_folder[0]),
-        "--out",
-        str(out),
-        "--size",
-        "32",
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    partial = out.with_name(f"{out.name}.partial-{proc.pid}")
-    deadline = time.monotonic() + 60
-    while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.0)  # a few images into the build
-    assert proc.poll() is None, "the build finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not out.exists() and partial.exists()
-    # a rerun removes the dead build's folder and starts clean
-    report = build_lmdb(data_folder[0], out, 32, workers=0, progress=False)
-    assert report.length == len(data_folder[1]) and _leftovers(out) == [out.name]
-
-
-@pytest.mark.parametrize("group", [False, True])
-def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group):
-    """SIGTERM (to the process, or to its group as a scheduler does) cleans up like Ctrl-C: no
-    ``OUT.partial-PID`` left, one line, exit 143 (it was 143, silent, the partial folder kept)."""
-    out = tmp_path / "term.lmdb"
+def _build_midway(data_folder, out: Path) -> subprocess.Popen:
+    """A build of ``data_folder`` into ``out`` (its own session), a few images in."""
     env = {**os.environ, "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.5", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(data_folder[0]), "--out", str(out)]
     cmd += ["--size", "32", "--workers", "1", "--no-progress"]
@@ -404,6 +368,26 @@ def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group):
         time.sleep(0.05)
     time.sleep(1.0)  # a few images into the build
     assert proc.poll() is None, "the build finished before it could be stopped"
+    return proc
+
+
+def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
+    out = tmp_path / "killed.lmdb"
+    proc = _build_midway(data_folder, out)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert not out.exists() and out.with_name(f"{out.name}.partial-{proc.pid}").exists()
+    # a rerun removes the dead build's folder and starts clean
+    report = build_lmdb(data_folder[0], out, 32, workers=0, progress=False)
+    assert report.length == len(data_folder[1]) and _leftovers(out) == [out.name]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group):
+    """SIGTERM (to the process, or to its group as a scheduler does) cleans up like Ctrl-C: no
+    ``OUT.partial-PID`` left, one line, exit 143 (it was 143, silent, the partial folder kept)."""
+    out = tmp_path / "term.lmdb"
+    proc = _build_midway(data_folder, out)
     os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143 and os.listdir(tmp_path) == [], stderr
