@@ -49,6 +49,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", exclusive: bool 
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
+            error = error.__context__  # torch.save reports a failed write as a RuntimeError
         if isinstance(error, OSError) and not error.filename:  # a full disk: name the file
             raise OSError(error.errno, f"cannot write: {error.strerror}", os.fspath(path)) from error
         raise

@@ -248,6 +248,49 @@ def test_strict_fails_and_leaves_nothing(data_folder, tmp_path):
     assert code == 1 and _leftovers(out) == []
 
 
+def test_a_broken_link_named_png_is_reported_unreadable(tmp_path):
+    """Neither the converter nor the reference set dropped it silently."""
+    smooth_rgb(np.random.default_rng(0), 16, 16).save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+    report = build_lmdb(tmp_path, tmp_path.parent / f"{tmp_path.name}.lmdb", 8, workers=0, progress=False)
+    assert report.length == 1 and [name for name, _ in report.skipped] == ["b.png"]
+    from ilvr_toolkit.data import ReferenceSet
+
+    refs = ReferenceSet(tmp_path, 8)
+    assert refs.names == ["a", "b"] and "b.png" in refs.try_get(1)[1]
+
+
+def test_progress_into_a_log_file_is_plain_lines(runner, data_folder, tmp_path):
+    """stderr not a terminal (a batch job's log): lines as sample.py writes them, no tqdm ``\\r``."""
+    out = tmp_path / "log.lmdb"
+    done = runner("-m", "ilvr_toolkit.data.prepare", str(data_folder[0]), "--out", str(out), "--size", "8")
+    assert done.returncode == 0 and "\r" not in done.stderr, done.stderr
+    total = len(DATA_BAD_FILES) + len(data_folder[1])
+    assert f"INFO ilvr_toolkit: prepare log.lmdb {total}/{total} (" in done.stderr, done.stderr
+
+
+def test_cli_report_path_is_checked_before_the_build(data_folder, tmp_path, capsys):
+    """``--output.report`` a folder: refused at once (exit 2), nothing built, so a fixed rerun works."""
+    (tmp_path / "repdir").mkdir()
+    args = [str(data_folder[0]), "--out", str(tmp_path / "o.lmdb"), "--size", "8", "--workers", "0"]
+    assert prepare_main([*args, "--report", str(tmp_path / "repdir")]) == 2
+    assert "--output.report" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["repdir"]
+
+
+def test_an_lmdb_write_error_names_the_output(data_folder, tmp_path, monkeypatch, capsys):
+    """A full disk fails in mdb_txn_commit: the line names the dataset being written."""
+    from ilvr_toolkit.data import prepare
+
+    def full(env, items):
+        raise lmdb.Error("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(prepare, "_put_all", full)
+    out = tmp_path / "full.lmdb"
+    assert prepare_main([str(data_folder[0]), "--out", str(out), "--size", "8", "--workers", "0"]) == 1
+    assert f"cannot write {out}: mdb_txn_commit: No space left" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_report_existing_out_and_overwrite(data_folder, tmp_path, capsys):
     out, report_file = tmp_path / "cli.lmdb", tmp_path / "report.json"
     args = [str(data_folder[0]), "--out", str(out), "--size", "32", "--workers", "0", "--no-progress"]
@@ -255,8 +298,8 @@ def test_cli_report_existing_out_and_overwrite(data_folder, tmp_path, capsys):
     assert "skipped 3" in capsys.readouterr().out
     report = json.loads(report_file.read_text())
     assert sorted(name for name, _ in report["skipped"]) == sorted(DATA_BAD_FILES)
-    assert prepare_main(args) == 1 and "--overwrite" in capsys.readouterr().err  # refused
-    with pytest.raises(FileExistsError):
+    assert prepare_main(args) == 2 and "--overwrite" in capsys.readouterr().err  # refused, a usage error
+    with pytest.raises(UsageError, match="--output.dir .*cli.lmdb: exists"):
         build_lmdb(data_folder[0], out, 16, workers=0, progress=False)
     build_lmdb(data_folder[0], out, [8, 16], workers=0, progress=False, overwrite=True)
     assert read_info(out).sizes == (8, 16) and LMDBImageDataset(out, 8)[0].shape == (3, 8, 8)
@@ -313,37 +356,44 @@ def test_zip_source_jpeg_format_and_map_growth(data_folder, data_lmdb, tmp_path)
     assert diff < 3
 
 
-def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
-    out = tmp_path / "killed.lmdb"
+def _build_midway(data_folder, out: Path) -> subprocess.Popen:
+    """A build of ``data_folder`` into ``out`` (its own session), a few images in."""
     env = {**os.environ, "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.5", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "ilvr_toolkit.data.prepare",
-        str(data_folder[0]),
-        "--out",
-        str(out),
-        "--size",
-        "32",
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    cmd = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(data_folder[0]), "--out", str(out)]
+    cmd += ["--size", "32", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
     partial = out.with_name(f"{out.name}.partial-{proc.pid}")
     deadline = time.monotonic() + 60
     while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(1.0)  # a few images into the build
-    assert proc.poll() is None, "the build finished before it could be killed"
+    assert proc.poll() is None, "the build finished before it could be stopped"
+    return proc
+
+
+def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
+    out = tmp_path / "killed.lmdb"
+    proc = _build_midway(data_folder, out)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not out.exists() and partial.exists()
+    proc.communicate(timeout=30)
+    assert not out.exists() and out.with_name(f"{out.name}.partial-{proc.pid}").exists()
     # a rerun removes the dead build's folder and starts clean
     report = build_lmdb(data_folder[0], out, 32, workers=0, progress=False)
     assert report.length == len(data_folder[1]) and _leftovers(out) == [out.name]
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group):
+    """SIGTERM (to the process, or to its group as a scheduler does) cleans up like Ctrl-C: no
+    ``OUT.partial-PID`` left, one line, exit 143 (it was 143, silent, the partial folder kept)."""
+    out = tmp_path / "term.lmdb"
+    proc = _build_midway(data_folder, out)
+    os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and os.listdir(tmp_path) == [], stderr
+    assert stderr.strip().splitlines() == [
+        f"python -m ilvr_toolkit.data.prepare: stopped by signal 15; {out} not written"
+    ]
 
 
 def test_truncated_lmdb_is_refused_before_it_is_mapped(data_lmdb, tmp_path):

@@ -61,3 +61,55 @@ def test_converter_on_a_full_disk_leaves_nothing(runner, world, tmp_path):  # no
     last = done.stderr.strip().splitlines()[-1]
     assert str(out) in last and "File too large" in last and len(done.stderr.strip().splitlines()) <= 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_on_a_full_disk_leaves_neither_file_and_can_be_rerun(runner, tmp_path):
+    """The model file does not fit (the plain state dict does): one line naming it (torch.save's
+    RuntimeError was a traceback), no ``NAME.pt`` left, and the same command works later."""
+    import torch
+
+    from ilvr_toolkit.models import UNetModel, get_preset
+
+    config = get_preset("tiny")
+    weights = {f"model.{k}": v for k, v in UNetModel(config).state_dict().items()}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save(
+        {"hyper_parameters": {"unet": config.to_dict()}, "state_dict": weights, "global_step": 30}, ckpt
+    )
+    args = ["train.py", "export", str(ckpt), "--weights", "raw", "--output.dir"]
+    assert runner(*args, str(tmp_path / "y")).returncode == 0
+    plain, model_file = (tmp_path / "y" / f"raw_step00000030{ext}" for ext in (".pt", ".model.pt"))
+    assert model_file.stat().st_size > plain.stat().st_size + 600  # the config, the diffusion
+    done = runner(*args, str(tmp_path / "x"), fsize=plain.stat().st_size + 300)
+    assert_one_line_naming(done, tmp_path / "x" / "raw_step00000030.model.pt")
+    assert list((tmp_path / "x").iterdir()) == []
+    assert runner(*args, str(tmp_path / "x")).returncode == 0 and len(list((tmp_path / "x").iterdir())) == 2
+
+
+def test_torch_save_on_a_full_disk_is_an_error_naming_the_file(tmp_path):
+    """On ENOSPC (a tmpfs that fills) torch.save raises ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``; atomic_open turns it into an OSError naming the file."""
+    import errno
+    import os
+
+    import pytest
+    import torch
+
+    from ilvr_toolkit.fileio import atomic_open
+
+    class FillingDisk:  # the file handle of a disk with 1000 bytes free
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+    with pytest.raises(OSError, match="No space left") as raised, atomic_open(tmp_path / "m.pt") as handle:
+        torch.save({"w": torch.zeros(10_000)}, FillingDisk(handle))
+    assert raised.value.filename == str(tmp_path / "m.pt") and list(tmp_path.iterdir()) == []

@@ -230,3 +230,51 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(seeds, cuts, method, task
     split = torch.cat([run(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)])
     assert torch.equal(split, whole)
     assert len(seeds) == 1 or not torch.equal(whole[0], whole[1])  # other seeds, other images
+
+
+def _center_crop_arr_upstream(pil_image, image_size):
+    """guided-diffusion's ``center_crop_arr`` as it was (resizes the whole image): the reference."""
+    import numpy as np
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+@st.composite
+def _crop_case(draw):
+    size = draw(st.integers(1, 24))
+    short = draw(st.sampled_from([1, 2, 3, size - 1, size, size + 1, 2 * size - 1, 2 * size, 2 * size + 1]))
+    short = max(1, short + draw(st.integers(0, 3)) * draw(st.sampled_from([0, size])))
+    long = short * draw(st.sampled_from([1, 1.3, 2, 4.5, 7, 30, 200])) + draw(st.integers(0, 9))
+    w, h = (int(long), short) if draw(st.booleans()) else (short, int(long))
+    return size, w, h, draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([0, 1, 4]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_crop_case())
+def test_center_crop_arr_is_bit_exact_with_guided_diffusion(case):
+    """Any size and aspect ratio, any content: the windowed resample gives upstream's bytes, also
+    when it is forced on every shape (``FULL_RESIZE_MAX`` 0, 1)."""
+    import numpy as np
+    from PIL import Image
+
+    from ilvr_toolkit.data import references
+
+    size, w, h, seed, full_max = case
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if seed % 3 == 0:  # smooth content too, where rounding sits near .5 more often
+        pixels = np.broadcast_to(np.linspace(0, 255, w, dtype=np.uint8)[None, :, None], (h, w, 3)).copy()
+    image = Image.fromarray(pixels)
+    old, references.FULL_RESIZE_MAX = references.FULL_RESIZE_MAX, full_max
+    try:
+        got = references.center_crop_arr(image, size)
+    finally:
+        references.FULL_RESIZE_MAX = old
+    want = _center_crop_arr_upstream(image, size)
+    assert got.shape == want.shape == (size, size, 3) and np.array_equal(got, want)

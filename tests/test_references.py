@@ -68,6 +68,27 @@ def reference_folder(tmp_path):
     return tmp_path
 
 
+@pytest.mark.parametrize("shape", [(100000, 1), (1, 100000), (5000, 40)])
+def test_a_very_long_strip_resamples_only_the_crop(shape, monkeypatch):
+    """A 100000x1 strip (a few hundred bytes as PNG) at 32 px: upstream resizes it whole to
+    3200000x32; here Pillow never makes more than a few crops' worth of pixels, nor does numpy."""
+    import tracemalloc
+
+    made, resize = [], Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda im, size, *a, **k: made.append(size) or resize(im, size, *a, **k)
+    )
+    strip = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (shape[1], shape[0], 3), dtype=np.uint8)
+    )
+    tracemalloc.start()
+    out = load_reference(strip, 32)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (3, 32, 32) and made and max(w * h for w, h in made) <= 4 * 32 * 32
+    assert peak < 2 << 20  # the full resize would be 300 MB
+
+
 def test_reference_folder(reference_folder):
     refs = ReferenceSet(reference_folder, 16)
     assert refs.names == ["a", "b", "x__cat", "y__cat", "wide", "zz_broken"]  # sorted walk, stems made unique

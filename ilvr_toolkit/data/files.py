@@ -19,7 +19,8 @@ def has_image_extension(name: str) -> bool:
 
 def list_image_files(root: str | Path) -> list[Path]:
     """All image files under ``root`` as ``root / relative`` paths, in the module's order.
-    Symlinked folders are followed, once: a link cycle is not walked twice."""
+    Symlinked folders are followed, once: a link cycle is not walked twice. A broken link with
+    an image name is listed, so that its reader reports it as unreadable."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
@@ -35,7 +36,7 @@ def list_image_files(root: str | Path) -> list[Path]:
             path = folder / name
             if path.is_dir():
                 walk(path)
-            elif has_image_extension(name) and path.is_file():
+            elif has_image_extension(name) and (path.is_file() or path.is_symlink()):  # broken: unreadable
                 found.append(path)
 
     walk(root)

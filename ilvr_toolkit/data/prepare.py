@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import lmdb
 from PIL import Image
 
-from .. import __version__
+from .. import __version__, cli
+from ..batchjob import LineProgress
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command
 from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
@@ -173,6 +174,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(source: _Source, sizes: list[int], settings: BuildSettings) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker has the main process's handler
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     _WORKER.update(source=source, sizes=sizes, settings=settings, delay=delay)
 
@@ -309,7 +311,7 @@ def build_lmdb(
     ):  # --overwrite would delete it
         raise UsageError(f"--output.dir {out}: is the source {source} or holds it; choose another folder")
     if (out.exists() or out.is_symlink()) and not settings.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise UsageError(f"--output.dir {out}: exists; pass --overwrite to replace it")
     src = _open_source(source)
     if not src.names:
         raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
@@ -325,6 +327,8 @@ def build_lmdb(
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, ChildProcessError):
             raise ChildProcessError(f"{error}; nothing was written at {out}") from None
+        if isinstance(error, lmdb.Error):  # writing it (a full disk: mdb_txn_commit: No space left)
+            raise OSError(f"cannot write {out}: {error}") from None
         raise
     return BuildReport(str(out), len(kept), sizes, settings.format, time.perf_counter() - t0, skipped)
 
@@ -416,7 +420,11 @@ def _store_images(
     from tqdm.auto import tqdm
 
     kept, skipped, pending, pending_bytes = [], [], [], 0
-    with tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress) as bar:
+    if settings.progress and not sys.stderr.isatty():  # a log file: plain lines, not \r bars
+        bar = LineProgress(len(names), desc)
+    else:
+        bar = tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress)
+    with contextlib.closing(bar):
         for index, encoded, error in results:
             bar.update(1)
             if encoded is None:
@@ -471,7 +479,24 @@ def _main(argv: list[str]) -> int:
     if args.output.dir is None or args.size is None:
         raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
-    report = build_lmdb(args.source, args.output.dir, args.size, settings)
+    cli.check_output_file("output.report", args.output.report)
+    cli.setup_logging()  # the progress lines of a log file
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM is Ctrl-C: the build is cleaned up
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        report = build_lmdb(args.source, args.output.dir, args.size, settings)
+    except BaseException:
+        if not stopped:  # (or its workers died of it first)
+            raise
+        print(f"{PROG}: stopped by signal {stopped[0]}; {args.output.dir} not written", file=sys.stderr)
+        return 128 + stopped[0]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.summary())
     if args.output.report:
         atomic_write_bytes(args.output.report, json.dumps(asdict(report), indent=2).encode())

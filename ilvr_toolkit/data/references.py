@@ -5,6 +5,7 @@ trains), alpha over white, 16-bit scaled; upstream ignores EXIF, drops alpha and
 white. Plain RGB files load exactly as upstream.
 """
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,16 +24,62 @@ from ilvr_toolkit.data.lmdb_format import read_info
 __all__ = ["ReferenceSet", "center_crop_arr", "collate_references", "load_reference"]
 
 
+FULL_RESIZE_MAX = 4  # a long side of more outputs resamples only the centre crop's window of it
+
+
+def _bicubic_taps(in_size: int, out_size: int, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's BICUBIC ``in_size`` -> ``out_size`` for outputs ``start .. start + count`` only: first
+    inputs (count,), 8-bit weights (count, taps), as ``precompute_coeffs``, ``normalize_coeffs_8bpc``."""
+    scale = float(np.float32(in_size)) / out_size  # Pillow's box is float32
+    support = 2.0 * max(scale, 1.0)
+    taps = np.arange(int(np.ceil(support)) * 2 + 1)
+    center = (np.arange(start, start + count) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    used = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    x = np.abs(((taps + first[:, None]) - center[:, None] + 0.5) * (1.0 / max(scale, 1.0)))
+    x = np.where(taps < used[:, None], x, 2.0)  # unused taps weigh 0; bicubic_filter (a = -0.5) as written:
+    near = (1.5 * x - 2.5) * x * x + 1
+    w = np.where(x < 1.0, near, np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * -0.5, 0.0))
+    total = functools.reduce(np.add, w.T)  # in order, as the C loop adds them
+    w = w / np.where(total != 0.0, total, 1.0)[:, None]
+    fixed = np.where(w < 0, -0.5 + w * (1 << 22), 0.5 + w * (1 << 22)).astype(np.int64)
+    return first, fixed
+
+
+def _resample_window(arr: np.ndarray, axis: int, taps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """HWC uint8 ``arr`` resampled along ``axis`` (0: rows, 1: columns) by ``_bicubic_taps``, in integers."""
+    first, fixed = taps
+    index = np.minimum(first[:, None] + np.arange(fixed.shape[1]), arr.shape[axis] - 1)  # unused taps weigh 0
+    picked = np.moveaxis(np.take(arr, index, axis=axis).astype(np.int64), (axis, axis + 1), (0, 1))
+    total = np.einsum("ok...,ok->o...", picked, fixed) + (1 << 21)
+    return np.moveaxis(np.clip(total >> 22, 0, 255).astype(np.uint8), 0, axis)
+
+
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     """guided-diffusion's rule -> HWC uint8: ``Image.BOX`` halvings while the short side is at least
-    twice ``image_size``, ``Image.BICUBIC`` to it, centre crop (``(h - res) // 2``, ``(w - res) // 2``)."""
+    twice ``image_size``, ``Image.BICUBIC`` to it, centre crop (``(h - res) // 2``, ``(w - res) // 2``).
+
+    Bit-exact, in memory bounded by the output: along a side over ``FULL_RESIZE_MAX * image_size``
+    (a 100000x1 strip) only the crop's window is resampled, by Pillow's arithmetic and pass order."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil_image)
-    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+    (w, h), out = pil_image.size, [round(x * scale) for x in pil_image.size]
+    if max(out) <= FULL_RESIZE_MAX * image_size:
+        arr = np.asarray(pil_image.resize(tuple(out), resample=Image.BICUBIC))
+        crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+        return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+    axis, long_in = (1, w) if out[0] > out[1] else (0, h)  # the long side: numpy axis, length
+    first, fixed = _bicubic_taps(long_in, out[1 - axis], (out[1 - axis] - image_size) // 2, image_size)
+    lo, hi = int(first[0]), min(int(first[-1]) + fixed.shape[1], long_in)  # the window reads these
+    arr = np.asarray(pil_image.crop((lo, 0, hi, h) if axis else (0, lo, w, hi)))
+    # Pillow >= 13 runs the vertical pass first when it shrinks the height more than twice the width
+    new_order = int(Image.__version__.split(".")[0]) >= 13  # (python-pillow/Pillow#9549)
+    long_first = (new_order and h - out[1] > 0 and h - out[1] > (w - out[0]) * 2) != bool(axis)
+    arr = _resample_window(arr, axis, (first - lo, fixed)) if long_first else arr
+    out[1 - axis] = image_size if long_first else hi - lo
+    arr = np.asarray(Image.fromarray(arr).resize(tuple(out), resample=Image.BICUBIC))
+    return arr if long_first else _resample_window(arr, axis, (first - lo, fixed))
 
 
 def load_reference(source: str | Path | bytes | bytearray | Image.Image, image_size: int) -> torch.Tensor:

@@ -71,8 +71,12 @@ def export_checkpoint(
     plain, model_file = out_dir / f"{name}.pt", out_dir / f"{name}.model.pt"
     for there in (f for f in (plain, model_file) if f.exists() and not overwrite):
         raise UsageError(f"--name {name}: {there} exists; choose another --name or pass --overwrite")
-    save_plain_state_dict(plain, state)
-    save_model_file(model_file, unet_config, state, dict(hparams.get("diffusion") or {}), extra)
+    try:  # both files or neither (a full disk), so that the same command can be run again
+        save_plain_state_dict(plain, state)
+        save_model_file(model_file, unet_config, state, dict(hparams.get("diffusion") or {}), extra)
+    except BaseException:
+        plain.unlink(missing_ok=True)
+        raise
     return {"plain": plain, "model_file": model_file, "weights": weights, "global_step": step}
 
 
