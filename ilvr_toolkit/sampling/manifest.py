@@ -115,7 +115,8 @@ def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.
         failed.update(data.get("failed", {}))
     # Keep only entries whose PNG is really there (a part may predate a deleted output).
     images = {k: v for k, v in sorted(images.items()) if (out_dir / k).exists()}
-    failed = {k: v for k, v in failed.items() if k not in {e.get("reference") for e in images.values()}}
+    made = {entry.get("reference") for entry in images.values()}  # a reference fixed since it failed
+    failed = {k: v for k, v in failed.items() if k not in made}
     seconds = [v["seconds"] for v in images.values() if "seconds" in v]
     manifest = {**header, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "num_images": len(images)}
     manifest["mean_seconds_per_image"] = (sum(seconds) / len(seconds)) if seconds else None

@@ -23,6 +23,7 @@ __all__ = ["COUNT_FILE", "MERGE_LOCK", "fixed_shard_count", "missing_shards", "r
 
 COUNT_FILE = ".shards.json"
 DONE_DIR = ".shards"
+MERGE_LOCK = "merge.lock"  # in DONE_DIR
 
 log = logging.getLogger("ilvr_toolkit.sampling")
 
@@ -68,9 +69,6 @@ def _absolute(config: SampleConfig) -> SampleConfig:
 def missing_shards(out_dir: Path, num_shards: int) -> list[int]:
     """Shards that have not finished their range yet."""
     return [k for k in range(num_shards) if not (out_dir / DONE_DIR / f"{k}.done").exists()]
-
-
-MERGE_LOCK = "merge.lock"
 
 
 def run_summary(config: SampleConfig) -> SampleConfig | None:
