@@ -103,10 +103,11 @@ def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def lock_folder(folder: str | os.PathLike[str]) -> str | None:
-    """Hold ``FOLDER/.lock`` (``pid host``) until this process ends, however; None, or its holder.
-    A POSIX lock: forked children (DataLoader workers) do not inherit it, the same process may retake it."""
-    path = Path(folder) / ".lock"
+def lock_folder(folder: str | os.PathLike[str], name: str = ".lock") -> str | None:
+    """Hold ``FOLDER/NAME`` (``pid host``) until this process ends, however; None, or its holder.
+    A POSIX lock: forked children (DataLoader workers) do not inherit it, the same process may retake it;
+    a file left by a killed holder (or by ``touch``) is simply taken."""
+    path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:

@@ -157,6 +157,13 @@ CASES = [
     ("sample-range-t", [*SAMPLE, "--ilvr.range_t", "100000"], 2, ["--ilvr.range_t 100000"]),
     ("sample-unreadable-refs", [*SAMPLE, "--references", "{bad_images}"], None, ["{bad_images}"]),
     ("sample-empty-refs", [*SAMPLE, "--references", "{empty_dir}"], None, ["{empty_dir}"]),
+    ("sample-no-model", ["sample.py", "--seed", "1"], 2, ["--model.checkpoint: no model given"]),
+    (
+        "sample-out-dangling",
+        [*SAMPLE, "--output.dir", "{dangling}"],
+        2,
+        ["--output.dir {dangling}: a dangling link"],
+    ),
     ("sample-eval-typo", [*SAMPLE, "--evaluate_against", "{tmp}/typo.lmdb"], 2, ["--evaluate_against"]),
     ("sample-eval-not-data", [*SAMPLE, "--evaluate_against", "{empty_dir}"], None, ["{empty_dir}"]),
     ("sample-ckpt-text", [*SAMPLE, "--model.checkpoint", "{txt}"], None, ["notes.txt"]),
@@ -246,8 +253,18 @@ def world(tmp_path_factory) -> dict[str, str]:
     (root / "unknown.yaml").write_text("modle:\n  unet: tiny16\n")
     (root / "typo.yaml").write_text("model:\n  diffusion:\n    noise_schedul: cosine\n")
     (root / "bad_shards").mkdir()
+    (root / "dangling").symlink_to(root / "nowhere")
     (root / "bad_shards" / ".shards.json").write_text("{ not json")
-    names = ("images", "bad_images", "empty_dir", "notes.txt", "empty.pt", "bad.yaml", "model_null.yaml")
+    names = (
+        "images",
+        "bad_images",
+        "empty_dir",
+        "notes.txt",
+        "empty.pt",
+        "bad.yaml",
+        "model_null.yaml",
+        "dangling",
+    )
     paths = {
         name.split(".")[0]: str(root / name) for name in (*names, "unknown.yaml", "typo.yaml", "bad_shards")
     }

@@ -221,6 +221,7 @@ def test_two_runs_started_together_with_different_settings_one_proceeds(tmp_path
     assert json.loads(settings.read_text())["seed"] == winner
     assert not [p.name for p in settings.parent.iterdir() if p.name != "settings.json"]  # no temp left
     # the same settings started together: both proceed (shards, SLURM arrays, torchrun ranks)
+    monkeypatch.undo()  # else the first fsync patch also holds a thread whose id was seen before
     assert _start_together(tmp_path / "same", (3, 3), monkeypatch) == {0: "proceeds", 1: "proceeds"}
 
 
@@ -253,3 +254,134 @@ def test_settings_file_without_hard_links(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="holds a run made with"):
         check_same_run(tmp_path, {**config, "seed": 2}, {})
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["settings.json"]
+
+
+def _hold(path, name: str) -> subprocess.Popen:
+    """A live process of this host holding ``path/name`` (as a running merge or sample.py would)."""
+    code = "import sys, time; from ilvr_toolkit.fileio import lock_folder; "
+    code += "print(lock_folder(sys.argv[1], sys.argv[2]), flush=True); time.sleep(600)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(path), name], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert holder.stdout.readline().strip() == "None"
+    return holder
+
+
+def test_a_stale_merge_lock_is_taken_over_a_live_one_defers_and_merge_runs_from_anywhere(runner, tmp_path):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b", "c"]) + ["--num_shards", "2"]
+    assert runner(*cmd, "--shard_index", "0").returncode == 0
+    assert runner(*cmd, "--shard_index", "1").returncode == 0 and (out / "manifest.json").exists()
+    lock = out / ".shards" / "merge.lock"
+    lock.touch()  # left by a killed merge (or an older version's O_EXCL lock): nobody holds it
+    (out / "manifest.json").unlink()
+    assert runner(*cmd, "--shard_index", "1").returncode == 0 and (out / "manifest.json").exists()
+    (out / "manifest.json").unlink()
+    holder = _hold(lock.parent, lock.name)
+    try:
+        done = runner(*cmd, "--shard_index", "1")  # a live merge: this shard leaves it to that one
+        assert done.returncode == 0 and not (out / "manifest.json").exists()
+        who = f"pid {holder.pid} on {socket.gethostname()}"
+        assert f"{who} is merging the run ({lock})" in done.stderr
+        merge = ["-m", "ilvr_toolkit.sampling.merge", str(out)]
+        done = runner(*merge)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+            f"python -m ilvr_toolkit.sampling.merge: error: {out}: {who} is merging this run ({lock}); "
+            "wait for it, or pass --force"
+        )
+        done = runner(
+            *merge, "--force", cwd=tmp_path
+        )  # another working directory: paths were stored absolute
+        assert done.returncode == 0 and (out / "manifest.json").exists(), done.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    stored = json.loads((out / ".shards.json").read_text())["config"]
+    assert stored["model"]["checkpoint"] == str(REPO / "checkpoints" / "demo.pt")
+    assert stored["references"] == str(tmp_path / "refs")
+
+
+def test_a_second_sample_py_into_one_folder_is_refused_while_shards_run_side_by_side(runner, tmp_path):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
+    holder = _hold(out, ".lock")  # a running sample.py (or shard 0 of a job array) holds OUT/.lock
+    try:
+        for extra in ([], ["--num_shards", "2", "--shard_index", "0"]):
+            done = runner(*cmd, *extra)
+            assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+                f"sample.py: error: --output.dir {out}: in use by pid {holder.pid} on {socket.gethostname()} "
+                f"({out / '.lock'})"
+            )
+        assert not list(out.glob("*.png"))
+        done = runner(*cmd, "--num_shards", "2", "--shard_index", "1")  # its own part, its own lock
+        assert done.returncode == 0 and [p.name for p in out.glob("*.png")] == ["b_s0.png"], done.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runner(*cmd, "--num_shards", "2", "--shard_index", "0").returncode == 0  # the holder is gone
+    assert (out / "manifest.json").exists()
+
+
+def test_the_rerun_check_compares_resolved_paths_and_a_folder_without_images_takes_new_settings(
+    runner, tmp_path
+):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
+    assert runner(*cmd).returncode == 0
+    same = [*cmd, "--references", f"{tmp_path / 'refs'}/", "--model.checkpoint", "./checkpoints/demo.pt"]
+    done = runner(*same)
+    assert done.returncode == 0 and "(2 already there)" in done.stdout, done.stderr[-2000:]
+    for png in out.glob("*.png"):  # as a run stopped before its first image leaves the folder
+        png.unlink()
+    tiny_sample(tmp_path, ["0_first"])  # a reference in front: no image was made from the old order
+    done = runner(*cmd, "--seed", "1")
+    assert done.returncode == 0 and "wrote 3 images" in done.stdout, done.stderr[-2000:]
+    assert json.loads((out / ".manifest" / "settings.json").read_text())["seed"] == 1
+    assert runner(*cmd).returncode == 2  # now it holds images of seed 1
+
+
+def test_a_fixed_reference_leaves_failed_references(runner, tmp_path):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["cat"])
+    (tmp_path / "refs" / "dog.png").write_bytes(b"not a png")
+    assert runner(*cmd).returncode == 0
+    assert list(json.loads((out / "manifest.json").read_text())["failed_references"]) == ["dog"]
+    (tmp_path / "refs" / "dog.png").unlink()
+    tiny_sample(tmp_path, ["dog"], seed=1)
+    assert runner(*cmd).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "dog_s0.png" in manifest["images"] and manifest["failed_references"] == {}
+
+
+def test_a_stop_signal_during_the_evaluation_is_one_line_and_leaves_no_old_metrics(runner, tmp_path):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a"])
+    script = tmp_path / "preempted.py"  # sample.py whose metrics step is pre-empted midway
+    script.write_text(
+        "import os, signal, sys\nimport ilvr_toolkit.evaluation.runs as runs\n"
+        "from ilvr_toolkit.sampling.cli import main\n"
+        "runs.evaluate_translation = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "sys.exit(main(evaluate=runs.evaluate_run))\n"
+    )
+    out.mkdir()
+    (out / "metrics.json").write_text('{"evaluate_against": "an earlier target"}')
+    done = runner(str(script), *cmd[1:], "--evaluate_against", str(tmp_path / "refs"))
+    assert done.returncode == 128 + signal.SIGTERM, (done.signal, done.stderr[-2000:])
+    assert done.stderr.strip().splitlines()[-1] == (
+        "sample.py: stopped by signal 15 during the evaluation; rerun to evaluate"
+    )
+    assert (out / "manifest.json").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_read_only_output_folder_is_named(tmp_path):
+    """A finished run on a read-only mount (a bind mount in a private mount namespace: tests run as root)."""
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    assert subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True).returncode == 0
+    shell = f'mount --bind "{out}" "{out}" && mount -o remount,bind,ro "{out}" && exec "$@"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", shell, "sh", sys.executable, *cmd],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: --output.dir {out}: not writable (permission denied)"
+    ), done.stderr[-2000:]

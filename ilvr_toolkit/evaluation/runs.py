@@ -36,6 +36,7 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
     """Metrics of every factor of the run in ``result.out_dir`` (its manifest names the images
     and their references): written to ``metrics.json``, printed as tables (``config.published``
     beside ours), stored in ``result.metrics`` and returned."""
+    (result.out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier one is not left as if current
     images = json.loads(result.manifest.read_text())["images"]
     device, refs = str(resolve_device(config.device)), result.references
     metrics: dict[str, Any] = {"evaluate_against": config.evaluate_against}

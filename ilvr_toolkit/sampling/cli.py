@@ -1,6 +1,7 @@
 """Command line of ``sample.py``: a YAML config (``--config``) plus dotted overrides."""
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
+from ..batchjob import leave_note
 from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
 from ..data.references import ReferenceSet
 from ..runtime import tune_process
@@ -94,8 +96,20 @@ def _main(
         print(f"sample.py: stopped by signal {STOP.signum} after a batch; rerun to resume", file=sys.stderr)
         return 128 + STOP.signum  # no batch script to requeue: the run is not complete
     if config.evaluate_against and result.manifest is not None:
-        evaluate(config, result)
+        previous = {signum: signal.signal(signum, _stopped) for signum in STOP.signals}
+        try:
+            evaluate(config, result)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     return 0
+
+
+def _stopped(signum: int, _frame: Any) -> None:
+    """A stop signal during the evaluation: it ends now, in one line (no metrics.json is left)."""
+    print(f"sample.py: stopped by signal {signum} during the evaluation; rerun to evaluate", file=sys.stderr)
+    leave_note("stopped during the evaluation")  # a batch script requeues the job
+    raise SystemExit(128 + signum)
 
 
 def _report(result: RunResult) -> None:

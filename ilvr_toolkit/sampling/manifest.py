@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..cli import UsageError
+from ..fileio import lock_folder
 from .writer import create_json_once, read_json, write_json
 
 __all__ = ["ManifestPart", "check_same_run", "versions", "merge_manifest"]
@@ -43,7 +44,13 @@ class ManifestPart:
 
     @classmethod
     def open(cls, out_dir: Path, shard: int, rank: int) -> ManifestPart:
+        """The part, held until the process ends: ``OUT/.lock`` for shard 0's rank 0 (a one-process
+        run's), ``.manifest/shard<s>-rank<r>.lock`` for the others (a POSIX lock recording its pid and
+        host; a killed holder's is free). UsageError naming the live holder of this part."""
         path = out_dir / PARTS_DIR / f"shard{shard}-rank{rank}.json"
+        lock = (out_dir, ".lock") if (shard, rank) == (0, 0) else (path.parent, f"{path.stem}.lock")
+        if holder := lock_folder(*lock):
+            raise UsageError(f"--output.dir {out_dir}: in use by {holder} ({Path(*lock)})")
         data = read_json(path) if path.exists() else {}
         return cls(path, data.get("images", {}), data.get("failed", {}))
 
@@ -59,16 +66,28 @@ SAME_RUN += ("task", "sdedit", "winograd")
 _ADDED = {"winograd": False}
 
 
-def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str | None]) -> None:
+def check_same_run(
+    out_dir: Path, config: dict[str, Any], digests: dict[str, str | None], fresh: bool = False
+) -> None:
     """Record the settings that make the images (and ``digests`` of the files they come from:
-    model, mask) in ``OUT/.manifest/settings.json``; a rerun must match them."""
+    model, mask) in ``OUT/.manifest/settings.json``; a rerun must match them. Paths compare
+    resolved, the model by its digest only. ``fresh``: the folder holds no outputs yet, so the
+    settings of a run stopped before its first image are replaced."""
     path, now = out_dir / PARTS_DIR / "settings.json", dict(digests)
     for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
         now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    create_json_once(path, now)  # not check-then-write: of two runs started together, one's settings win
-    before = {**_ADDED, **read_json(path)}
-    for key in (key for key in now if key in before and now[key] != before[key]):  # older runs: fewer keys
+    now.pop("model.checkpoint", None)  # the model is compared by its digest
+    now = _resolved(now)
+    (write_json if fresh else create_json_once)(path, now)  # create: of two runs at once, one's settings win
+    before = _resolved({**_ADDED, **read_json(path)})
+    for key in (key for key in now if key in before and now[key] != before[key]):
         raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
+
+
+def _resolved(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with their reference path absolute (older folders recorded it as given)."""
+    refs = settings.get("references")
+    return {**settings, "references": str(Path(refs).resolve()) if isinstance(refs, str) else refs}
 
 
 def check_references_in_place(out_dir: Path, names: list[str], references: str | None) -> None:
@@ -77,7 +96,8 @@ def check_references_in_place(out_dir: Path, names: list[str], references: str |
     for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
         for filename, entry in read_json(part).get("images", {}).items():
             index, name = entry.get("reference_index"), entry.get("reference")
-            if name is not None and (index >= len(names) or names[index] != name):
+            made = name is not None and (out_dir / filename).exists()  # a part may list an unwritten PNG
+            if made and (index >= len(names) or names[index] != name):
                 now = names[index] if index < len(names) else "no image"
                 raise UsageError(
                     f"--references {references}: reference {index} is now {now!r}, but {out_dir} made "
@@ -95,6 +115,8 @@ def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.
         failed.update(data.get("failed", {}))
     # Keep only entries whose PNG is really there (a part may predate a deleted output).
     images = {k: v for k, v in sorted(images.items()) if (out_dir / k).exists()}
+    made = {entry.get("reference") for entry in images.values()}  # a reference fixed since it failed
+    failed = {k: v for k, v in failed.items() if k not in made}
     seconds = [v["seconds"] for v in images.values() if "seconds" in v]
     manifest = {**header, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "num_images": len(images)}
     manifest["mean_seconds_per_image"] = (sum(seconds) / len(seconds)) if seconds else None

@@ -1,7 +1,7 @@
 """Merge the shards of a job-array run by hand: the run's manifest.json and grid.
 
     python -m ilvr_toolkit.sampling.merge OUT            # every shard must have finished
-    python -m ilvr_toolkit.sampling.merge OUT --force    # merge what is there
+    python -m ilvr_toolkit.sampling.merge OUT --force    # merge what is there, even while another merges
 
 The last shard to finish does this by itself (``sampling/shards.py``), and computes the metrics
 (``--evaluate_against``); this command does not. The config is ``OUT/.shards.json``'s.
@@ -14,9 +14,10 @@ import logging
 from pathlib import Path
 
 from ..cli import UsageError, make_parser, parse_options, run_command, setup_logging
+from ..fileio import lock_folder
 from .config import SampleConfig
 from .runner import RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
-from .shards import COUNT_FILE, missing_shards, run_summary
+from .shards import COUNT_FILE, DONE_DIR, MERGE_LOCK, missing_shards
 from .writer import read_json
 
 __all__ = ["merge", "main"]
@@ -39,13 +40,16 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
             f"{out_dir}: shards {missing} of {config.num_shards} have not finished; rerun them "
             "(sbatch --array=<those> with the same command) or pass --force to merge what is there"
         )
+    lock = out_dir / DONE_DIR / MERGE_LOCK  # a live holder's; a killed merge's lock is free
+    if (holder := lock_folder(lock.parent, MERGE_LOCK)) and not force:
+        raise UsageError(f"{out_dir}: {holder} is merging this run ({lock}); wait for it, or pass --force")
+    if holder:
+        log.warning("%s: %s holds it; merging anyway (--force)", lock, holder)
     loaded, _ = _load(config, resolve_device(config.device))
     refs = _References(config, loaded.unet_config.image_size)
     result = RunResult(out_dir)
-    with run_summary(config, force=True) as whole:
-        if whole is None:
-            raise UsageError(f"{out_dir / '.shards' / 'merge.lock'} exists: another process is merging")
-        _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, result)
+    whole = dataclasses.replace(config, shard_index=0, num_shards=1)
+    _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, result)
     if config.evaluate_against:
         log.warning("no metrics.json: for it, rerun any task of the run (docs/cluster.md)")
     return result
@@ -55,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser("python -m ilvr_toolkit.sampling.merge", __doc__.splitlines()[0])
     parser.add_argument("out_dir", type=str, help="the run's output.dir")
     parser.add_argument(
-        "--force", type=bool, default=False, help="merge even if some shards have not finished"
+        "--force",
+        type=bool,
+        default=False,
+        help="merge even if some shards have not finished or another process is merging",
     )
 
     def _main(args: list[str]) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -98,7 +99,7 @@ def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusi
 
 def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
     if not config.model.checkpoint:
-        raise ValueError("no model given: set --model.checkpoint (and --model.preset for a released .pt)")
+        raise UsageError("--model.checkpoint: no model given; set it (and --model.preset for a released .pt)")
     if config.model.flags and config.model.preset:
         raise UsageError("--model.flags: give either it or --model.preset, not both")
     try:  # a mistake in the flag string or the preset's name is the user's: name the option
@@ -194,9 +195,15 @@ def run(config: SampleConfig) -> RunResult:
 def _check_output_dir(config: SampleConfig) -> None:
     """--output.dir is a folder (or not there yet), and not inside the references (its outputs
     would be read as references by the next run)."""
-    out = Path(config.output.dir).resolve()
+    given, out = Path(config.output.dir), Path(config.output.dir).resolve()
+    if given.is_symlink() and not given.exists():
+        raise UsageError(
+            f"--output.dir {given}: a dangling link (to {os.readlink(given)}); expected a folder"
+        )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output.dir {config.output.dir}: is a file, expected a folder")
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--output.dir {config.output.dir}: not writable (permission denied)")
     refs = None if config.unconditional or not config.references else Path(config.references).resolve()
     if refs is not None and refs.is_dir() and out.is_relative_to(refs):
         raise UsageError(
@@ -226,12 +233,13 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     options = dict(factors=factors, run_seed=config.seed, indices=indices)
     items = plan_items(refs.names, samples_per_reference=per_reference, **options)
     mine = items[ranks.rank :: ranks.world_size]
+    part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)  # held: a second copy is refused
     remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
-    part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
-    check_same_run(out_dir, config.to_dict(), digests)  # all checked: a rerun must match
+    fresh = config.num_shards == 1 and not any(out_dir.glob("*.png"))  # no image yet: new settings are fine
+    check_same_run(out_dir, config.to_dict(), digests, fresh)  # all checked: a rerun must match
     check_references_in_place(out_dir, refs.names, config.references)
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
@@ -240,9 +248,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     if ranks.is_main and STOP.requested:
         leave_note(f"stopped after a batch, {len(result.written)} images written")
     elif ranks.is_main:
-        with run_summary(config) as whole:  # None: other shards still to finish, or merging
-            if whole is not None:
-                _summarize(whole, loaded, diffusion, refs, result)
+        if (whole := run_summary(config)) is not None:  # None: other shards to finish, or merging
+            _summarize(whole, loaded, diffusion, refs, result)
     result.failed_references, result.references = dict(refs.failed), refs
     result.seconds = time.perf_counter() - start
     return result

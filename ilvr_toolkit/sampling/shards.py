@@ -9,21 +9,21 @@ record is its per-process parts in ``OUT/.manifest/``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..cli import UsageError
+from ..fileio import lock_folder
 from .config import SampleConfig
 from .writer import create_json_once, read_json
 
-__all__ = ["COUNT_FILE", "fixed_shard_count", "missing_shards", "run_summary"]
+__all__ = ["COUNT_FILE", "MERGE_LOCK", "fixed_shard_count", "missing_shards", "run_summary"]
 
 COUNT_FILE = ".shards.json"
 DONE_DIR = ".shards"
+MERGE_LOCK = "merge.lock"  # in DONE_DIR
 
 log = logging.getLogger("ilvr_toolkit.sampling")
 
@@ -38,7 +38,7 @@ def fixed_shard_count(config: SampleConfig) -> int:
     out_dir = Path(config.output.dir)
     path = out_dir / COUNT_FILE
     if config.num_shards > 1:
-        create_json_once(path, {"num_shards": config.num_shards, "config": config.to_dict()})
+        create_json_once(path, {"num_shards": config.num_shards, "config": _absolute(config).to_dict()})
     elif "SLURM_ARRAY_TASK_ID" not in os.environ or not path.is_file():
         return config.num_shards  # one process: the whole run
     stored = int(read_json(path)["num_shards"])
@@ -56,40 +56,36 @@ def fixed_shard_count(config: SampleConfig) -> int:
     return stored
 
 
+def _absolute(config: SampleConfig) -> SampleConfig:
+    """``config`` with its file paths absolute: the merge reads it from any working directory."""
+    keys = ("references", "mask", "evaluate_against", "inception_weights", "stats_cache_dir")
+    paths = {key: str(Path(getattr(config, key)).resolve()) for key in keys if getattr(config, key)}
+    checkpoint = config.model.checkpoint and str(Path(config.model.checkpoint).resolve())
+    return dataclasses.replace(
+        config, model=dataclasses.replace(config.model, checkpoint=checkpoint), **paths
+    )
+
+
 def missing_shards(out_dir: Path, num_shards: int) -> list[int]:
     """Shards that have not finished their range yet."""
     return [k for k in range(num_shards) if not (out_dir / DONE_DIR / f"{k}.done").exists()]
 
 
-@contextlib.contextmanager
-def run_summary(config: SampleConfig, force: bool = False) -> Iterator[SampleConfig | None]:
+def run_summary(config: SampleConfig) -> SampleConfig | None:
     """The config to write the run's manifest, grid and metrics under, or None (not this
     process's turn). Unsharded: ``config``. Shard k of K (finished): marks k done; when every
-    shard is done and no other process is merging, the whole run's config (one shard) while
-    holding ``OUT/.shards/merge.lock``. ``force``: merge whatever is done, taking over a lock
-    that a killed merge left behind."""
+    shard is done and no live process holds ``OUT/.shards/merge.lock`` (a POSIX lock recording
+    its pid and host, kept until this process ends), the whole run's config (one shard)."""
     if config.num_shards <= 1:
-        yield config
-        return
+        return config
     out_dir = Path(config.output.dir)
     (out_dir / DONE_DIR).mkdir(exist_ok=True)
-    if not force:
-        (out_dir / DONE_DIR / f"{config.shard_index}.done").touch()
+    (out_dir / DONE_DIR / f"{config.shard_index}.done").touch()
     missing = missing_shards(out_dir, config.num_shards)
-    if missing and not force:
+    if missing:
         log.info("shard %d done; waiting for shards %s before the merge", config.shard_index, missing)
-        yield None
-        return
-    lock = out_dir / DONE_DIR / "merge.lock"
-    if force:
-        lock.unlink(missing_ok=True)
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        log.info("another shard is merging the run (%s)", lock)
-        yield None
-        return
-    try:
-        yield dataclasses.replace(config, shard_index=0, num_shards=1)
-    finally:
-        lock.unlink(missing_ok=True)
+        return None
+    if holder := lock_folder(out_dir / DONE_DIR, MERGE_LOCK):
+        log.info("%s is merging the run (%s)", holder, out_dir / DONE_DIR / MERGE_LOCK)
+        return None
+    return dataclasses.replace(config, shard_index=0, num_shards=1)
