@@ -17,8 +17,7 @@ from ..cli import UsageError, make_parser, parse_options, run_command, setup_log
 from ..fileio import lock_folder
 from .config import SampleConfig
 from .runner import RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
-from .shards import COUNT_FILE, DONE_DIR, MERGE_LOCK, missing_shards
-from .writer import read_json
+from .shards import COUNT_FILE, DONE_DIR, MERGE_LOCK, missing_shards, read_shard_record
 
 __all__ = ["merge", "main"]
 
@@ -31,8 +30,11 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     count_file = out_dir / COUNT_FILE
     if not count_file.is_file():
         raise UsageError(f"{out_dir}: no {COUNT_FILE}; not the output folder of a sharded run")
-    stored = read_json(count_file)
-    config = SampleConfig.from_dict({**stored["config"], "num_shards": int(stored["num_shards"])})
+    count, stored = read_shard_record(count_file)
+    try:
+        config = SampleConfig.from_dict({**stored, "num_shards": count})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{count_file}: its config is not sample.py's ({error})") from None
     config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out_dir)))
     missing = missing_shards(out_dir, config.num_shards)
     if missing and not force:

@@ -217,7 +217,6 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
         device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
     out_dir = Path(config.output.dir)
     _check_output_dir(config)
-    config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # array reruns
     loaded, net = _load(config, device)
     image_size = loaded.unet_config.image_size
     diffusion = _diffusion_for(loaded, config)
@@ -228,6 +227,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     config = dataclasses.replace(config, class_labels=labels)
     factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
     condition = task_setup(config, image_size, diffusion, device, [n for n in factors if n is not None])
+    # only now, all checked: a failed first attempt does not fix its settings for the array's reruns
+    config = dataclasses.replace(config, num_shards=fixed_shard_count(config))
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
     per_reference = 1 if refs.unconditional else config.samples_per_reference
     options = dict(factors=factors, run_seed=config.seed, indices=indices)

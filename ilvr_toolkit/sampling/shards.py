@@ -19,7 +19,14 @@ from ..fileio import lock_folder
 from .config import SampleConfig
 from .writer import create_json_once, read_json
 
-__all__ = ["COUNT_FILE", "MERGE_LOCK", "fixed_shard_count", "missing_shards", "run_summary"]
+__all__ = [
+    "COUNT_FILE",
+    "MERGE_LOCK",
+    "fixed_shard_count",
+    "missing_shards",
+    "read_shard_record",
+    "run_summary",
+]
 
 COUNT_FILE = ".shards.json"
 DONE_DIR = ".shards"
@@ -41,7 +48,7 @@ def fixed_shard_count(config: SampleConfig) -> int:
         create_json_once(path, {"num_shards": config.num_shards, "config": _absolute(config).to_dict()})
     elif "SLURM_ARRAY_TASK_ID" not in os.environ or not path.is_file():
         return config.num_shards  # one process: the whole run
-    stored = int(read_json(path)["num_shards"])
+    stored = read_shard_record(path)[0]
     if stored != config.num_shards and "SLURM_ARRAY_TASK_ID" not in os.environ:
         raise UsageError(
             f"--num_shards {config.num_shards}: {out_dir} holds a run of {stored} shards ({path}); "
@@ -54,6 +61,20 @@ def fixed_shard_count(config: SampleConfig) -> int:
     if stored != config.num_shards:
         log.info("shard %d of the run's %d shards (fixed in %s)", config.shard_index, stored, path)
     return stored
+
+
+def read_shard_record(path: Path) -> tuple[int, dict]:
+    """``(num_shards, config dict)`` stored in ``OUT/.shards.json``; a ValueError naming the file
+    and what is wrong when it is damaged (exit status 1)."""
+    record = read_json(path)
+    count = record.get("num_shards") if isinstance(record, dict) else None
+    config = record.get("config") if isinstance(record, dict) else None
+    if not (isinstance(count, int) and count >= 1 and isinstance(config, dict)):
+        raise ValueError(
+            f"{path}: damaged (num_shards {count!r}, config {type(config).__name__}); expected what sample.py "
+            "writes, {num_shards: N >= 1, config: {...}}: delete it to start the sharded run anew"
+        )
+    return count, config
 
 
 def _absolute(config: SampleConfig) -> SampleConfig:
