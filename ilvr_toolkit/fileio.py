@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import secrets
@@ -49,10 +50,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", exclusive: bool 
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(error, RuntimeError) and isinstance(error.__context__, OSError):
-            error = error.__context__  # torch.save reports a failed write as a RuntimeError
-        if isinstance(error, OSError) and not error.filename:  # a full disk: name the file
-            raise OSError(error.errno, f"cannot write: {error.strerror}", os.fspath(path)) from error
+        cause = error.__context__ if isinstance(error, RuntimeError) else error  # torch.save's RuntimeError
+        written = isinstance(cause, OSError) and (cause is error or cause.errno in _WRITE_ERRORS)
+        if written and not cause.filename:  # a failed write (a full disk): name the file
+            raise OSError(cause.errno, f"cannot write: {cause.strerror}", os.fspath(path)) from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -103,19 +104,37 @@ def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
 def lock_folder(folder: str | os.PathLike[str], name: str = ".lock") -> str | None:
     """Hold ``FOLDER/NAME`` (``pid host``) until this process ends, however; None, or its holder.
     A POSIX lock: forked children (DataLoader workers) do not inherit it, the same process may retake it;
     a file left by a killed holder (or by ``touch``) is simply taken."""
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError as error:  # another user's lock file in a shared folder
+        return _unlocked(path, error)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):
         holder = os.read(fd, 512).decode(errors="replace").split() + ["?", "?"]
         os.close(fd)
         return f"pid {holder[0]} on {holder[1]}"
+    except OSError as error:  # ENOLCK, EOPNOTSUPP: a file system without POSIX locks
+        os.close(fd)
+        return _unlocked(path, error)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}".encode(), 0)
     return None  # fd stays open: closing any descriptor of the file would release the lock
+
+
+def _unlocked(path: Path, error: OSError) -> None:
+    """Go on without the lock ``path`` (a warning): the work is what it was before locks."""
+    logging.getLogger("ilvr_toolkit").warning(
+        "%s: cannot lock it (%s): a second copy working here at the same time would not be noticed",
+        path,
+        error.strerror,
+    )

@@ -85,6 +85,10 @@ def test_export_on_a_full_disk_leaves_neither_file_and_can_be_rerun(runner, tmp_
     assert_one_line_naming(done, tmp_path / "x" / "raw_step00000030.model.pt")
     assert list((tmp_path / "x").iterdir()) == []
     assert runner(*args, str(tmp_path / "x")).returncode == 0 and len(list((tmp_path / "x").iterdir())) == 2
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+    done = runner(*args, str(tmp_path / "x"), "--overwrite", "true", fsize=plain.stat().st_size + 300)
+    assert done.returncode == 1  # --overwrite that fails keeps the earlier pair whole
+    assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == before
 
 
 def test_torch_save_on_a_full_disk_is_an_error_naming_the_file(tmp_path):

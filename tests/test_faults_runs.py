@@ -321,9 +321,10 @@ def test_a_second_sample_py_into_one_folder_is_refused_while_shards_run_side_by_
     assert (out / "manifest.json").exists()
 
 
-def test_the_rerun_check_compares_resolved_paths_and_a_folder_without_images_takes_new_settings(
-    runner, tmp_path
-):
+def test_the_rerun_check_compares_resolved_paths_and_the_model_by_its_digest(runner, tmp_path):
+    """``refs/`` is ``refs``, ``./checkpoints/demo.pt`` the same model; a run stopped before its
+    first image keeps its settings (a second run may be starting in it), and a reference put in
+    front of the ones no image was made from is fine."""
     out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
     assert runner(*cmd).returncode == 0
     same = [*cmd, "--references", f"{tmp_path / 'refs'}/", "--model.checkpoint", "./checkpoints/demo.pt"]
@@ -331,11 +332,10 @@ def test_the_rerun_check_compares_resolved_paths_and_a_folder_without_images_tak
     assert done.returncode == 0 and "(2 already there)" in done.stdout, done.stderr[-2000:]
     for png in out.glob("*.png"):  # as a run stopped before its first image leaves the folder
         png.unlink()
+    assert runner(*cmd, "--seed", "1").returncode == 2
     tiny_sample(tmp_path, ["0_first"])  # a reference in front: no image was made from the old order
-    done = runner(*cmd, "--seed", "1")
+    done = runner(*cmd)
     assert done.returncode == 0 and "wrote 3 images" in done.stdout, done.stderr[-2000:]
-    assert json.loads((out / ".manifest" / "settings.json").read_text())["seed"] == 1
-    assert runner(*cmd).returncode == 2  # now it holds images of seed 1
 
 
 def test_a_fixed_reference_leaves_failed_references(runner, tmp_path):
@@ -414,3 +414,33 @@ def test_a_failed_first_shard_does_not_fix_the_run_and_a_damaged_record_is_one_l
             lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO ")]
             assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
             assert f"error: {out / '.shards.json'}: damaged" in lines[0] and "delete it" in lines[0], lines
+
+
+def test_a_folder_that_cannot_be_locked_is_worked_in_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A file system without POSIX locks (ENOLCK), or another user's lock file (EACCES on open):
+    the run goes on as before locks existed, saying so, instead of a traceback."""
+    import errno
+
+    import ilvr_toolkit.fileio as fileio
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fileio.fcntl, "lockf", no_locks)
+    with caplog.at_level("WARNING", logger="ilvr_toolkit"):
+        assert lock_folder(tmp_path / "a") is None
+    monkeypatch.undo()
+    (tmp_path / "b").mkdir()
+    real_open = os.open
+
+    def refused(path, *args):  # the lock file is another user's, 0644
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, *args)
+
+    monkeypatch.setattr(fileio.os, "open", refused)
+    with caplog.at_level("WARNING", logger="ilvr_toolkit"):
+        assert lock_folder(tmp_path / "b") is None
+    said = [r.getMessage() for r in caplog.records]
+    assert any("a/.lock: cannot lock it (No locks available)" in m for m in said), said
+    assert any("b/.lock: cannot lock it (Permission denied)" in m for m in said), said

@@ -66,19 +66,16 @@ SAME_RUN += ("task", "sdedit", "winograd")
 _ADDED = {"winograd": False}
 
 
-def check_same_run(
-    out_dir: Path, config: dict[str, Any], digests: dict[str, str | None], fresh: bool = False
-) -> None:
+def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str | None]) -> None:
     """Record the settings that make the images (and ``digests`` of the files they come from:
     model, mask) in ``OUT/.manifest/settings.json``; a rerun must match them. Paths compare
-    resolved, the model by its digest only. ``fresh``: the folder holds no outputs yet, so the
-    settings of a run stopped before its first image are replaced."""
+    resolved, the model by its digest only."""
     path, now = out_dir / PARTS_DIR / "settings.json", dict(digests)
     for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
         now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
     now.pop("model.checkpoint", None)  # the model is compared by its digest
     now = _resolved(now)
-    (write_json if fresh else create_json_once)(path, now)  # create: of two runs at once, one's settings win
+    create_json_once(path, now)  # not check-then-write: of two runs started together, one's settings win
     before = _resolved({**_ADDED, **read_json(path)})
     for key in (key for key in now if key in before and now[key] != before[key]):
         raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")

@@ -51,6 +51,7 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     refs = _References(config, loaded.unet_config.image_size)
     result = RunResult(out_dir)
     whole = dataclasses.replace(config, shard_index=0, num_shards=1)
+    (out_dir / "metrics.json").unlink(missing_ok=True)  # it would describe the manifest written before
     _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, result)
     if config.evaluate_against:
         log.warning("no metrics.json: for it, rerun any task of the run (docs/cluster.md)")

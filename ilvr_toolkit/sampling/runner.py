@@ -239,8 +239,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
-    fresh = config.num_shards == 1 and not any(out_dir.glob("*.png"))  # no image yet: new settings are fine
-    check_same_run(out_dir, config.to_dict(), digests, fresh)  # all checked: a rerun must match
+    check_same_run(out_dir, config.to_dict(), digests)  # all checked: a rerun must match
     check_references_in_place(out_dir, refs.names, config.references)
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)

@@ -71,12 +71,15 @@ def export_checkpoint(
     plain, model_file = out_dir / f"{name}.pt", out_dir / f"{name}.model.pt"
     for there in (f for f in (plain, model_file) if f.exists() and not overwrite):
         raise UsageError(f"--name {name}: {there} exists; choose another --name or pass --overwrite")
-    try:  # both files or neither (a full disk), so that the same command can be run again
-        save_plain_state_dict(plain, state)
-        save_model_file(model_file, unet_config, state, dict(hparams.get("diffusion") or {}), extra)
-    except BaseException:
-        plain.unlink(missing_ok=True)
-        raise
+    partial = [out_dir / f"{f.name}.partial" for f in (plain, model_file)]
+    try:  # both files or neither (a full disk); an earlier pair (--overwrite) stays until both are written
+        save_plain_state_dict(partial[0], state)
+        save_model_file(partial[1], unet_config, state, dict(hparams.get("diffusion") or {}), extra)
+        for written, final in zip(partial, (plain, model_file), strict=True):
+            written.replace(final)
+    finally:
+        for written in partial:
+            written.unlink(missing_ok=True)
     return {"plain": plain, "model_file": model_file, "weights": weights, "global_step": step}
 
 

@@ -118,6 +118,7 @@ requeue_after() {
         echo "${note}; not requeued (${state})"
         exit 0
     fi
+    trap '' TERM  # the requeue ends this job: its SIGTERM must not cut the next line
     if ! scontrol requeue "${JOB_REF}" 2>&1; then  # e.g. submitted with --no-requeue
         echo "${note}; error: scontrol requeue ${JOB_REF} failed (see above); submit the same command again to resume"
         exit 1
