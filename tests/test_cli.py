@@ -238,6 +238,19 @@ def test_sample_bad_value_is_one_line_exit_2(capsys, monkeypatch, tmp_path, extr
     assert named in lines[0] and not (tmp_path / "out").exists()
 
 
+def _demo_args(path: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """sample.py's arguments: the demo config with the model file ``path``, into TMP/o."""
+    return [
+        "--config",
+        str(DEMO_CONFIG),
+        "--model.checkpoint",
+        str(path),
+        "--output.dir",
+        str(tmp_path / "o"),
+        *extra,
+    ]
+
+
 @pytest.mark.parametrize(
     ("stored", "named"),
     [
@@ -257,10 +270,8 @@ def test_sample_names_the_checkpoints_respacing_when_none_is_given(
     demo = load_model("checkpoints/demo.pt")
     path = tmp_path / "model.pt"
     save_model_file(path, demo.unet_config, demo.model.state_dict(), diffusion={**demo.diffusion, **stored})
-    args = ["--config", str(DEMO_CONFIG), "--model.checkpoint", str(path), "--sampler.respacing", "null"]
-    code = sample_main(
-        [*args, "--output.dir", str(tmp_path / "o")], evaluate=evaluate_run, check=check_evaluation
-    )
+    args = _demo_args(path, tmp_path, "--sampler.respacing", "null")
+    code = sample_main(args, evaluate=evaluate_run, check=check_evaluation)
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and f"sample.py: error: {path}: " in lines[0], lines
     assert named in lines[0] and "None" not in lines[0]
@@ -275,15 +286,7 @@ def test_sample_names_the_checkpoint_whose_stored_diffusion_settings_are_unknown
     unet, weights = demo.unet_config.to_dict(), demo.model.state_dict()  # save_model_file refuses this
     payload = {"format": "ilvr_toolkit.model/1", "unet": unet, "diffusion": {"diffusion_steps": 50}}
     torch.save({**payload, "state_dict": weights, "extra": {}}, path)  # a file written by other code
-    args = [
-        "--config",
-        str(DEMO_CONFIG),
-        "--model.checkpoint",
-        str(path),
-        "--output.dir",
-        str(tmp_path / "o"),
-    ]
-    assert sample_main(args, evaluate=evaluate_run, check=check_evaluation) == 1
+    assert sample_main(_demo_args(path, tmp_path), evaluate=evaluate_run, check=check_evaluation) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         f"sample.py: error: {path}: its stored diffusion settings: "
@@ -312,15 +315,7 @@ def test_sample_names_model_flags_that_make_no_diffusion(capsys, monkeypatch, tm
     monkeypatch.chdir(REPO)
     path = tmp_path / "plain.pt"
     save_plain_state_dict(path, load_model("checkpoints/demo.pt").model)
-    args = [
-        "--config",
-        str(DEMO_CONFIG),
-        "--model.checkpoint",
-        str(path),
-        "--output.dir",
-        str(tmp_path / "o"),
-    ]
-    args += ["--model.flags", f"{DEMO_FLAGS} {flags}"]
+    args = _demo_args(path, tmp_path, "--model.flags", f"{DEMO_FLAGS} {flags}")
     assert sample_main(args, evaluate=evaluate_run, check=check_evaluation) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"sample.py: error: {named}"), lines
