@@ -389,27 +389,22 @@ def test_a_read_only_output_folder_is_named(tmp_path):
     ), done.stderr[-2000:]
 
 
-def _sample_py(cmd: list[str], *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *cmd, *extra], cwd=REPO, env=env, capture_output=True, text=True)
-
-
-def test_a_failed_first_shard_does_not_fix_the_run_and_a_damaged_record_is_one_line(tmp_path):
+def test_a_failed_first_shard_does_not_fix_the_run_and_a_damaged_record_is_one_line(runner, tmp_path):
     """A first array attempt with a bad model wrote OUT/.shards.json (its count and config) for
     good; a damaged .shards.json was a KeyError/TypeError traceback in sample.py and in merge."""
     out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b", "c"])
     (tmp_path / "bad.pt").write_bytes(b"x")
-    failed = _sample_py(
-        cmd, "--shard_index", "0", "--num_shards", "2", "--model.checkpoint", str(tmp_path / "bad.pt")
+    failed = runner(
+        *cmd, "--shard_index", "0", "--num_shards", "2", "--model.checkpoint", str(tmp_path / "bad.pt")
     )
     assert failed.returncode == 1 and not (out / ".shards.json").exists(), failed.stderr[-2000:]
-    done = _sample_py(cmd, "--shard_index", "0", "--num_shards", "3")
+    done = runner(*cmd, "--shard_index", "0", "--num_shards", "3")
     assert done.returncode == 0 and json.loads((out / ".shards.json").read_text())["num_shards"] == 3
     for damaged in ('{"config": {}}', "[1, 2]", '{"num_shards": "two", "config": {}}'):
         (out / ".shards.json").write_text(damaged)
         for result in (
-            _sample_py(cmd, "--shard_index", "1", "--num_shards", "3"),
-            _sample_py(["-m", "ilvr_toolkit.sampling.merge", str(out)]),
+            runner(*cmd, "--shard_index", "1", "--num_shards", "3"),
+            runner("-m", "ilvr_toolkit.sampling.merge", str(out)),
         ):
             lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO ")]
             assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]

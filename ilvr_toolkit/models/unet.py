@@ -238,6 +238,7 @@ class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
+        self.side_multiple = 2 ** (len(c.channel_mult) - 1)  # H and W of an input: multiples of it
         emb_dim = c.time_embed_dim
         self.time_embed = nn.Sequential(
             nn.Linear(c.num_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -313,8 +314,10 @@ class UNetModel(nn.Module):
         """x: (B, C, H, W); timesteps: (B,) original timesteps; y: (B,) class labels or None.
         Returns (B, out_channels, H, W) in ``x``'s dtype (eps first, then v with learn_sigma);
         H and W must be multiples of 2 ** (len(channel_mult) - 1)."""
-        if x.shape[-1] % (multiple := 2 ** (len(self.config.channel_mult) - 1)) or x.shape[-2] % multiple:
-            raise ValueError(f"x of shape {tuple(x.shape)}: H and W must be multiples of {multiple} here")
+        if x.shape[-1] % self.side_multiple or x.shape[-2] % self.side_multiple:
+            raise ValueError(
+                f"x of shape {tuple(x.shape)}: H and W must be multiples of {self.side_multiple} here"
+            )
         emb = self._embed(timesteps, y, x)
         skips = []
         h = x.to(self.input_blocks[0][0].weight.dtype)
