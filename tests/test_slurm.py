@@ -457,7 +457,9 @@ def test_preempted_sampling_finishes_its_batch_requeues_and_resumes(cluster: Non
         info = infos[k]
         assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), texts[k]
         first = re.search(
-            rf"^wrote (\d+) images \(0 already there\).*\nstopped after a batch, \1 images written; {how}$",
+            # slurmstepd's "CANCELLED ... DUE TO JOB REQUEUE" may come first: "requeued" follows the requeue
+            rf"^wrote (\d+) images \(0 already there\).*\n(?:slurmstepd.*\n)?"
+            rf"stopped after a batch, \1 images written; {how}$",
             texts[k],
             re.MULTILINE,
         )
