@@ -547,5 +547,5 @@ def test_reference_set_of_files_at_native_size(tmp_path):
     assert refs.image_size == 24 and refs.names == ["cat", "dog"] and refs.source == paths[0].parent
     assert [tuple(refs[i]["image"].shape) for i in range(2)] == [(3, 24, 24)] * 2
     assert torch.equal(refs[1]["image"], ReferenceSet(tmp_path / "dog.jpg", 24)[0]["image"])
-    with pytest.raises(ValueError, match="no reference images"):
+    with pytest.raises(ValueError, match="no images"):
         ReferenceSet([])

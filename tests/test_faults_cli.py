@@ -156,7 +156,7 @@ CASES = [
     ("sample-factor-divide", [*SAMPLE, "--ilvr.factor", "3"], 2, ["--ilvr.factor 3", "32"]),
     ("sample-range-t", [*SAMPLE, "--ilvr.range_t", "100000"], 2, ["--ilvr.range_t 100000"]),
     ("sample-unreadable-refs", [*SAMPLE, "--references", "{bad_images}"], None, ["{bad_images}"]),
-    ("sample-empty-refs", [*SAMPLE, "--references", "{empty_dir}"], None, ["{empty_dir}"]),
+    ("sample-empty-refs", [*SAMPLE, "--references", "{empty_dir}"], 2, ["--references {empty_dir}"]),
     ("sample-no-model", ["sample.py", "--seed", "1"], 2, ["--model.checkpoint: no model given"]),
     (
         "sample-out-dangling",
@@ -165,7 +165,12 @@ CASES = [
         ["--output.dir {dangling}: a dangling link"],
     ),
     ("sample-eval-typo", [*SAMPLE, "--evaluate_against", "{tmp}/typo.lmdb"], 2, ["--evaluate_against"]),
-    ("sample-eval-not-data", [*SAMPLE, "--evaluate_against", "{empty_dir}"], None, ["{empty_dir}"]),
+    (
+        "sample-eval-not-data",
+        [*SAMPLE, "--evaluate_against", "{empty_dir}"],
+        2,
+        ["--evaluate_against {empty_dir}"],
+    ),
     ("sample-ckpt-text", [*SAMPLE, "--model.checkpoint", "{txt}"], None, ["notes.txt"]),
     ("sample-ckpt-empty", [*SAMPLE, "--model.checkpoint", "{empty}"], None, ["empty.pt"]),
     ("sample-model-null", [*SAMPLE, "--config", "{model_null}"], 2, ["'model' is empty (null)"]),
@@ -210,8 +215,14 @@ CASES = [
     (
         "eval-outputs-empty",
         [*EVALUATE, "--outputs", "{empty_dir}", "--references", "{images}"],
-        None,
-        ["{empty_dir}"],
+        2,
+        ["--outputs {empty_dir}"],
+    ),
+    (
+        "eval-refs-empty",
+        [*EVALUATE, "--outputs", "{images}", "--references", "{empty_dir}"],
+        2,
+        ["--references"],
     ),
     (
         "eval-batch-0",

@@ -179,6 +179,27 @@ def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(r
     )
 
 
+def test_a_reference_whose_content_changed_is_named_until_its_outputs_are_removed(runner, tmp_path):
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
+    assert runner(*cmd).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    os.utime(tmp_path / "refs" / "a.png", (1, 1))  # touched, same bytes: still the same run
+    assert runner(*cmd).returncode == 0
+    tiny_sample(tmp_path, ["b"], seed=1)  # b rewritten with another image under the same name
+    done = runner(*cmd)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: --references {tmp_path / 'refs'}: 'b' has changed since {out} made b_s0.png "
+        "from it; restore it, delete its outputs (b_*.png) to make them anew, or use a new --output.dir"
+    )
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before  # nothing rewritten
+    (out / "b_s0.png").unlink()
+    again = runner(*cmd)
+    assert again.returncode == 0 and "(1 already there)" in again.stdout, again.stderr
+    assert (out / "a_s0.png").read_bytes() == before["a_s0.png"]
+    assert (out / "b_s0.png").read_bytes() != before["b_s0.png"]  # made from the new b
+    assert runner(*cmd).returncode == 0  # its new content is now the recorded one
+
+
 def _start_together(out, seeds, monkeypatch) -> dict[int, str]:
     """``check_same_run`` of two runs (seeds) started at the same instant: each thread holds at
     its first fsync (writing its settings) until the other got there too. Each run's outcome."""

@@ -123,7 +123,7 @@ def test_reference_lmdb_and_errors(reference_folder, tmp_path):
     same = ReferenceSet(out, 16)
     assert torch.equal(same[0]["image"], LMDBImageDataset(out, 16)[0])  # stored size: unchanged
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no reference images"):
+    with pytest.raises(ValueError, match="no images"):
         ReferenceSet(tmp_path / "empty", 16)
     with pytest.raises(FileNotFoundError):
         ReferenceSet(tmp_path / "missing", 16)

@@ -6,6 +6,7 @@ white. Plain RGB files load exactly as upstream.
 """
 
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, list_image_files, unique_names
 from ilvr_toolkit.data.imageops import BadImage, load_rgb
 from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
@@ -139,7 +141,7 @@ class ReferenceSet(Dataset):
         else:
             raise FileNotFoundError(f"reference source not found: {self.source}")
         if not self.names:
-            raise ValueError(f"no reference images ({', '.join(IMAGE_EXTENSIONS)}) in {self.source}")
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.source}")
         if image_size is None:
             with Image.open(self.files[0]) as first:
                 image_size = min(first.size)
@@ -168,6 +170,18 @@ class ReferenceSet(Dataset):
             raise BadImage(f"{self.origin(index)}: {e}") from None
         return {"index": index, "name": self.names[index], "image": image}
 
+    def digest(self, index: int) -> str | None:
+        """SHA-256 of image ``index`` as stored (the file's bytes, or the LMDB record); None when
+        it cannot be read. A rerun compares it with the one its outputs were made from."""
+        index = self._check(int(index))
+        try:
+            if self._lmdb is not None:
+                return hashlib.sha256(self._lmdb.read_bytes(index)).hexdigest()
+            with open(self.files[index], "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except (OSError, KeyError, ValueError):
+            return None
+
     def try_get(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
         """``(item, None)``, or ``(None, reason)`` for an unreadable image; never raises for one."""
         index = self._check(int(index))
@@ -176,6 +190,17 @@ class ReferenceSet(Dataset):
         except Exception as e:  # any decode failure is reported, the run goes on
             message = str(e) if isinstance(e, BadImage) else f"{self.origin(index)}: {type(e).__name__}: {e}"
             return None, message
+
+
+def open_image_source(
+    flag: str, source: str | os.PathLike, size: Any = None, kind: type = ReferenceSet
+) -> Any:
+    """``kind(source, size)``; a source that is no image set (no images, an empty LMDB) is a usage
+    error naming ``--flag``."""
+    try:
+        return kind(source, size)
+    except ValueError as err:
+        raise UsageError(f"--{flag} {source}: {err}") from None
 
 
 def collate_references(items: list[dict[str, Any] | None]) -> dict[str, Any]:

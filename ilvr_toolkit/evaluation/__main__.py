@@ -15,6 +15,7 @@ from ..cli import (
     run_command,
     setup_logging,
 )
+from ..data.references import open_image_source
 from .api import EvalSettings, evaluate_translation, format_table, write_metrics
 
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -38,6 +39,8 @@ def _main(argv: list[str]) -> int:
         raise UsageError("give --outputs, and --target (FID/KID) and/or --references (SSIM/PSNR/L2)")
     check_paths({name: config[name] for name in ("outputs", "target", "references", "inception_weights")})
     check_output_file("metrics_json", config.metrics_json)
+    for name in ("outputs", "target", "references"):
+        config[name] is None or open_image_source(name, config[name])
     for name, low in dict(
         batch_size=1, kid_subsets=1, kid_subset_size=1, workers=0, factor=1, image_size=1
     ).items():

@@ -11,7 +11,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from ..batchjob import leave_note
 from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
-from ..data.references import ReferenceSet
+from ..data.references import open_image_source
 from ..runtime import tune_process
 from .config import SampleConfig
 from .runner import STOP, RunResult, run
@@ -85,7 +85,7 @@ def _main(
     named.update(references=None if config.unconditional else config.references, mask=config.mask)
     check_paths({**named, "inception_weights": config.inception_weights})  # before any work
     if config.evaluate_against:  # a folder of images or an LMDB: found out now, not after sampling
-        ReferenceSet(config.evaluate_against, 1)
+        open_image_source("evaluate_against", config.evaluate_against, 1)
     if check is not None:  # the evaluation's own checks (weights), before hours of sampling
         check(config)
     if config.evaluate_against and evaluate is None:

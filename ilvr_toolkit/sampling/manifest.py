@@ -5,9 +5,11 @@ a killed run keeps the timings of what it finished); the main rank merges the pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,19 +89,31 @@ def _resolved(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "references": str(Path(refs).resolve()) if isinstance(refs, str) else refs}
 
 
-def check_references_in_place(out_dir: Path, names: list[str], references: str | None) -> None:
+def check_references_in_place(
+    out_dir: Path, names: list[str], references: str | None, digest: Callable[[int], str | None] | None = None
+) -> None:
     """Every image recorded in ``OUT/.manifest`` was made from the reference that now has its
-    index (its noise is seeded by the index): references added after the last one are fine."""
+    index (its noise is seeded by the index) and, where recorded, from its content (``digest(i)``:
+    the stored bytes' SHA-256): references added after the last one are fine."""
+    now = functools.lru_cache(None)(digest) if digest is not None else None
     for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
         for filename, entry in read_json(part).get("images", {}).items():
             index, name = entry.get("reference_index"), entry.get("reference")
-            made = name is not None and (out_dir / filename).exists()  # a part may list an unwritten PNG
-            if made and (index >= len(names) or names[index] != name):
-                now = names[index] if index < len(names) else "no image"
+            if name is None or not (out_dir / filename).exists():  # a part may list an unwritten PNG
+                continue
+            if index >= len(names) or names[index] != name:
+                now_name = names[index] if index < len(names) else "no image"
                 raise UsageError(
-                    f"--references {references}: reference {index} is now {now!r}, but {out_dir} made "
+                    f"--references {references}: reference {index} is now {now_name!r}, but {out_dir} made "
                     f"{filename} from {name!r} there (a file added, removed or renamed before it); "
                     "restore the folder or use a new --output.dir"
+                )
+            made_from = entry.get("reference_sha256")
+            if now is not None and made_from is not None and now(index) not in (made_from, None):
+                raise UsageError(
+                    f"--references {references}: {name!r} has changed since {out_dir} made {filename} "
+                    f"from it; restore it, delete its outputs ({name}_*.png) to make them anew, or use "
+                    "a new --output.dir"
                 )
 
 

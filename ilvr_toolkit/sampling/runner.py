@@ -132,10 +132,12 @@ class _References:
             [f"{i:06d}" for i in range(config.num_samples)] if self.source is None else self.source.names
         )
         self.failed: dict[str, str] = {}  # reference name: why it could not be read
+        self.digests: dict[int, str | None] = {}  # index: SHA-256 of the bytes decoded
         self.get = functools.lru_cache(cache_size)(self._read)
 
     def _read(self, index: int) -> torch.Tensor | None:
         """uint8 (3, H, W), or None when unreadable (the error is kept in ``failed``)."""
+        self.digests[index] = self.source.digest(index)  # before decoding: a change after it is seen
         item, error = self.source.try_get(index)
         if item is None:
             self.failed[self.names[index]] = error or "unreadable"
@@ -240,7 +242,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
     check_same_run(out_dir, config.to_dict(), digests)  # all checked: a rerun must match
-    check_references_in_place(out_dir, refs.names, config.references)
+    check_references_in_place(out_dir, refs.names, config.references, refs.source and refs.source.digest)
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
@@ -293,6 +295,7 @@ def _sample_all(
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
             for item in done:
                 entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
+                entry.update({"reference_sha256": refs.digests.get(item.reference)} if refs.source else {})
                 entry.update(sample=item.sample, factor=item.factor, seed=item.seed)
                 entry.update(seconds=round(seconds, 4), batch_size=len(batch), rank=ranks.rank)
                 part.images[item.filename] = entry

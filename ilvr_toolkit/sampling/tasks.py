@@ -10,7 +10,7 @@ from PIL import Image
 
 from ..cli import UsageError
 from ..conditioning import Compose, Grayscale, LowPass, Mask
-from ..data.references import ReferenceSet
+from ..data.references import ReferenceSet, open_image_source
 from ..diffusion import GaussianDiffusion
 from ..images import to_float, to_uint8
 from .config import SampleConfig, SDEditSpec
@@ -65,8 +65,9 @@ class _Upsampled(ReferenceSet):
 def reference_set(config: SampleConfig, image_size: int) -> ReferenceSet:
     """The run's references y at ``image_size`` (superres: the upsampled low-resolution inputs)."""
     if config.task == "superres":
-        return _Upsampled(config.references, LowPass(image_size, config.ilvr.factors[0]))
-    return ReferenceSet(config.references, image_size)
+        lowpass = LowPass(image_size, config.ilvr.factors[0])
+        return open_image_source("references", config.references, lowpass, _Upsampled)
+    return open_image_source("references", config.references, image_size)
 
 
 def sdedit_start(spec: SDEditSpec, num_steps: int) -> int | None:
