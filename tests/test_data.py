@@ -318,6 +318,32 @@ def test_output_that_is_or_holds_the_source_is_refused_even_with_overwrite(data_
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
 
 
+@pytest.mark.parametrize("target", ["datasets folder", "code folder", "file", "empty folder"])
+def test_overwrite_replaces_only_a_dataset_folder(data_folder, tmp_path, target):
+    """``--output.dir datasets --overwrite`` (for datasets/x.lmdb) deleted every dataset in it."""
+    out = tmp_path / "out"
+    build_lmdb(data_folder[0], tmp_path / "d.lmdb", 8, workers=0, progress=False)
+    if target == "datasets folder":
+        shutil.copytree(tmp_path / "d.lmdb", out / "a.lmdb")
+    elif target == "code folder":
+        (out / "src").mkdir(parents=True)
+        (out / "src" / "main.py").write_text("print(1)\n")
+    elif target == "file":
+        out.write_text("notes\n")
+    else:
+        out.mkdir()
+    listing = sorted((p.relative_to(tmp_path), p.is_file() and p.read_bytes()) for p in tmp_path.rglob("*"))
+    with pytest.raises(UsageError, match=rf"^--output.dir {out}: is not an LMDB dataset \("):
+        build_lmdb(data_folder[0], out, 8, workers=0, progress=False, overwrite=True)
+    assert (
+        sorted((p.relative_to(tmp_path), p.is_file() and p.read_bytes()) for p in tmp_path.rglob("*"))
+        == listing
+    )
+    under = out / "x.lmdb" if target == "file" else tmp_path / "d.lmdb" / "data.mdb" / "x.lmdb"
+    with pytest.raises(UsageError, match=r"is a file, expected a folder$"):
+        build_lmdb(data_folder[0], under, 8, workers=0, progress=False)
+
+
 def test_empty_and_all_bad_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):

@@ -204,8 +204,8 @@ CASES = [
     (
         "prepare-out-under-file",
         [*PREPARE, "{images}", "--out", "{txt}/o.lmdb", "--size", "16"],
-        None,
-        ["notes.txt"],
+        2,
+        ["--output.dir", "notes.txt is a file, expected a folder"],
     ),
     ("prepare-bad-yaml", [*PREPARE, "--config", "{bad_yaml}"], 2, ["{bad_yaml}"]),
     # ---- evaluation

@@ -189,18 +189,21 @@ def test_converter_skips_corrupt_records_of_an_lmdb_source_saying_why(corrupt, t
     assert "skipped 03.png: not an image" in done.stdout and len(LMDBImageDataset(out, 16)) == 6
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "no data.mdb"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "no data.mdb", "meta page"])
 def test_damaged_lmdb_files_are_one_line_everywhere(clean, tmp_path, damage):
     """No SIGBUS (exit 135, empty stderr) from mapping past the end of a short file."""
     bad = tmp_path / "bad.lmdb"
     bad.mkdir()
     data = (clean / "data.mdb").read_bytes()
-    if damage != "no data.mdb":
+    if damage == "meta page":  # the second meta page overwritten: not read as a huge last page
+        (bad / "data.mdb").write_bytes(data[:4096] + b"\xff" * 4096 + data[8192:])
+    elif damage != "no data.mdb":
         (bad / "data.mdb").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     said = {
         "truncated": f"{bad / 'data.mdb'}: truncated",
         "empty": f"{bad / 'data.mdb'}: not an LMDB data file (0 bytes",
         "no data.mdb": f"no LMDB at {bad}",
+        "meta page": f"{bad}: MDB_INVALID: File is not an LMDB file",
     }[damage]
     assert said in error_line(run(train_args(bad, tmp_path / "run")), "train.py")
     if damage == "truncated":  # names the fix

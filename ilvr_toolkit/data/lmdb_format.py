@@ -75,21 +75,23 @@ def check_not_truncated(data_file: str, size: int) -> None:
     size``): mapping it would end the process with SIGBUS at the first read past the end."""
     with open(data_file, "rb") as f:
         metas = [f.read(152)]  # page header (16 bytes), then MDB_meta up to mm_txnid
-        good = len(metas[0]) == 152 and struct.unpack_from("<I", metas[0], 16)[0] == 0xBEEFC0DE
-        psize = struct.unpack_from("<I", metas[0], 40)[0] if good else 0  # mm_dbs[0].md_pad
+        psize = struct.unpack_from("<I", metas[0], 40)[0] if _is_meta(metas[0]) else 0  # mm_dbs[0].md_pad
         if psize:
             f.seek(psize)
             metas.append(f.read(152))
     if not 512 <= psize <= 1 << 16:
         raise ValueError(f"{data_file}: not an LMDB data file ({size} bytes, no valid header)")
-    last_page, _ = max(
-        (struct.unpack_from("<QQ", m, 136) for m in metas if len(m) == 152), key=lambda m: m[1]
-    )
+    last_page, _ = max((struct.unpack_from("<QQ", m, 136) for m in metas if _is_meta(m)), key=lambda m: m[1])
     if size < (last_page + 1) * psize:
         raise ValueError(
-            f"{data_file}: truncated ({size} bytes, its metadata needs {(last_page + 1) * psize}); "
+            f"{data_file}: truncated or damaged ({size} bytes, its metadata needs {(last_page + 1) * psize}); "
             "rebuild it with python -m ilvr_toolkit.data.prepare (--verify checks a dataset)"
         )
+
+
+def _is_meta(page: bytes) -> bool:
+    """A meta page's first 152 bytes, with LMDB's magic number (a damaged one is not read)."""
+    return len(page) == 152 and struct.unpack_from("<I", page, 16)[0] == 0xBEEFC0DE
 
 
 def open_lmdb(path: str | Path) -> lmdb.Environment:

@@ -247,6 +247,9 @@ def verify_lmdb(
     return info
 
 
+LMDB_FILES = ("data.mdb", "lock.mdb")  # what a dataset folder holds
+
+
 def _clean_stale(out: Path) -> None:
     """Delete leftovers of interrupted builds of ``out``; refuse if their builder still runs."""
     leftovers = [sorted(out.parent.glob(f"{glob.escape(out.name)}.{kind}-*")) for kind in ("partial", "old")]
@@ -280,6 +283,28 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    """``--output.dir``: a new folder whose parent can be made, or (``overwrite``) an LMDB dataset
+    folder and nothing else: --overwrite never deletes a folder of other files, or a file."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise UsageError(f"--output.dir {out}: exists; pass --overwrite to replace it")
+        other = sorted(p.name for p in out.iterdir() if p.name not in LMDB_FILES) if out.is_dir() else None
+        if other is None or other or not (out / "data.mdb").is_file():
+            what = "a file" if other is None else f"holds {', '.join(other[:3]) or 'no data.mdb'}"
+            raise UsageError(
+                f"--output.dir {out}: is not an LMDB dataset ({what}); --overwrite replaces only "
+                "a dataset folder (data.mdb, lock.mdb): choose a new folder"
+            )
+    file = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        raise UsageError(f"--output.dir {out}: {file} is a file, expected a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # no permission, a read-only or special file system
+        raise UsageError(f"--output.dir {out}: cannot make {out.parent}: {err.strerror}") from None
+
+
 def check_sizes(sizes: int | Sequence[int]) -> list[int]:
     """``--size`` as a sorted list without repeats; each side at least :data:`MIN_SIZE`."""
     values = [sizes] if isinstance(sizes, int) else list(sizes)
@@ -310,15 +335,16 @@ def build_lmdb(
         *location.parents,
     ):  # --overwrite would delete it
         raise UsageError(f"--output.dir {out}: is the source {source} or holds it; choose another folder")
-    if (out.exists() or out.is_symlink()) and not settings.overwrite:
-        raise UsageError(f"--output.dir {out}: exists; pass --overwrite to replace it")
+    _check_output(out, settings.overwrite)
     src = _open_source(source)
     if not src.names:
         raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as err:  # no permission, a read-only or special file system
+        raise UsageError(f"--output.dir {out}: cannot write in {out.parent}: {err.strerror}") from None
     try:
         kept, skipped = _write_dataset(tmp, src, sizes, settings, f"prepare {out.name}")
         verify_lmdb(tmp, sizes, len(kept))
