@@ -147,6 +147,12 @@ CASES = [
     ("sample-respacing-syntax", [*SAMPLE, "--sampler.respacing", "10,x"], 2, ["--sampler.respacing", "10,x"]),
     ("sample-respacing-too-many", [*SAMPLE, "--sampler.respacing", "5000"], None, ["5000 steps"]),
     ("sample-shards-0", [*SAMPLE, "--num_shards", "0"], 2, ["--num_shards 0"]),
+    (
+        "sample-plain-without-preset",
+        [*SAMPLE, "--model.checkpoint", str(REPO / "tests" / "fixtures" / "reference" / "tiny32.pt")],
+        2,
+        ["--model.preset: ", "tiny32.pt is a plain state dict", "give --model.preset NAME or --model.flags"],
+    ),
     ("sample-ddim-eta-2", [*SAMPLE, "--sampler.eta", "2"], 2, ["--sampler.eta 2", "0.0..1.0"]),
     ("sample-batch-0", [*SAMPLE, "--batch_size", "0"], 2, ["--batch_size 0"]),
     ("sample-spr-0", [*SAMPLE, "--samples_per_reference", "0"], 2, ["--samples_per_reference 0"]),

@@ -40,6 +40,15 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, or does not fit the architecture it is loaded into."""
 
 
+class ArchitectureNotGiven(CheckpointError):
+    """A plain state dict loaded without a preset, flags or config; ``guess``: the preset its
+    released file name suggests, or None."""
+
+    def __init__(self, message: str, guess: str | None) -> None:
+        super().__init__(message)
+        self.guess = guess
+
+
 @dataclass
 class LoadedModel:
     """A network ready for inference and what is known about it."""
@@ -318,9 +327,10 @@ def _config(stored: Any, preset: str | UNetConfig | None, path: PathLike, source
         guess = preset_for_filename(path)
         suggestion = f"this looks like the released {Path(path).name}: use preset={guess!r}" if guess else ""
         suggestion = suggestion or f"known presets: {', '.join(sorted(PRESETS))}"
-        raise CheckpointError(
+        raise ArchitectureNotGiven(
             f"{path} is a plain guided-diffusion state dict, which does not record its architecture; "
-            f"pass preset=<name>, flags=<its README flags> or a UNetConfig ({suggestion})"
+            f"pass preset=<name>, flags=<its README flags> or a UNetConfig ({suggestion})",
+            guess,
         )
     if stored is None:
         return wanted

@@ -21,7 +21,15 @@ from ..batchjob import LineProgress, StopSignals, leave_note
 from ..cli import UsageError
 from ..diffusion import DiffusionConfig, GaussianDiffusion, get_named_beta_schedule
 from ..fileio import remove_dead_temps
-from ..models import LoadedModel, get_preset, load_model, parse_flags, sha256_file
+from ..models import (
+    PRESETS,
+    ArchitectureNotGiven,
+    LoadedModel,
+    get_preset,
+    load_model,
+    parse_flags,
+    sha256_file,
+)
 from ..runtime import resolve_device, tuned_cpu_malloc
 from .background import BackgroundIO
 from .config import SampleConfig, SamplerSpec
@@ -108,7 +116,14 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
             get_preset(config.model.preset)
     except (ValueError, KeyError) as err:  # KeyError: no such preset
         raise UsageError(f"--model.{'preset' if type(err) is KeyError else 'flags'}: {err.args[0]}") from None
-    loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
+    try:
+        loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
+    except ArchitectureNotGiven as err:
+        guess = f"--model.preset {err.guess}" if err.guess else f"presets: {', '.join(sorted(PRESETS))}"
+        raise UsageError(
+            f"--model.preset: {config.model.checkpoint} is a plain state dict, which does not record its "
+            f"architecture; give --model.preset NAME or --model.flags '<its README flags>' ({guess})"
+        ) from None
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
     model.set_winograd(config.winograd and device.type == "cpu")  # a CPU kernel: no build for a GPU run
