@@ -173,15 +173,31 @@ def check_paths(named: Mapping[str, Any]) -> None:
             raise UsageError(f"--{option} {path}: no such file or folder")
 
 
-def check_output_file(option: str, path: str | None) -> None:
-    """Before any work: ``path`` can be written as a file, else :class:`UsageError` naming it."""
+def check_output_file(option: str, path: str | None, what: str = "JSON file") -> Path | None:
+    """Before any work: ``path`` can be written as a JSON file, else :class:`UsageError` naming it.
+    What is there is never lost: it may only be such a file (a JSON object) that the write replaces;
+    a symlink is followed (the file it points to is written). Returns the path to write (None: none)."""
     if not path:
-        return
-    if Path(path).is_dir():
+        return None
+    real = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    if real.is_dir():
         raise UsageError(f"--{option} {path}: is a folder, expected a file name")
-    parent = next(p for p in Path(path).absolute().parents if p.exists())
+    parent = next(p for p in real.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--{option} {path}: cannot be written here ({parent} is not a writable folder)")
+    if real.exists() and not (real.is_file() and _is_json_object(real)):
+        raise UsageError(f"--{option} {path}: exists and is not a {what}: choose another path or delete it")
+    return real
+
+
+def _is_json_object(path: Path) -> bool:
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip()[:1] == b"{" and isinstance(json.loads(f.seek(0) or f.read()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def setup_logging() -> None:

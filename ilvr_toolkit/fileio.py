@@ -28,16 +28,24 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", exclusive: bool 
     (``exclusive``: that becomes ``path`` only if there is none yet, see :func:`_link_once`).
 
     The temp file (``.NAME.<8 hex>.<pid>@<host>.tmp`` beside ``path``) gets mode 0o666 minus
-    the umask, like a plain ``open``; it is removed if the block raises. A process killed midway
-    leaves it behind: :func:`remove_dead_temps` deletes it once its writer is gone.
+    the umask, like a plain ``open``; it is removed if the block raises. What is at ``path`` is
+    replaced only if it is a file or a symlink (the link itself), else OSError before any write.
+    A process killed midway leaves it behind: :func:`remove_dead_temps` deletes it once its writer
+    is gone.
     """
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_symlink()):  # a device, a FIFO: never replaced
+        raise OSError(errno.EEXIST, "exists and is not a regular file: not replaced", os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = None
     while fd is None:  # the writer in the name: start-up cleanups remove only temps whose writer is gone
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.{os.getpid()}@{socket.gethostname()}.tmp"
-        with contextlib.suppress(FileExistsError):
+        try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as error:  # name the file asked for, not the temp file
+            raise OSError(error.errno, f"cannot write: {error.strerror}", os.fspath(path)) from None
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

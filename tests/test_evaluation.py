@@ -459,3 +459,97 @@ def test_protocol_configs(name):
     assert SamplerSpec(**config.pop("sampler")).respacing == "100"
     OutputSpec(**config.pop("output"))
     assert config["references"] and config["evaluate_against"]
+
+
+# --- the command's options, checked before any work ----------------------------------------------
+
+
+def _cli_error(args: list[str], capsys) -> tuple[int, str]:
+    code = cli_main(args)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m ilvr_toolkit.evaluation: error: "), err
+    return code, err
+
+
+def test_metrics_json_never_replaces_what_is_not_a_metrics_file(tmp_path, monkeypatch, capsys):
+    """An image, a FIFO (a special file), a symlink to an image: refused up front, left as they were;
+    a symlink to a metrics file: its target is written, the link stays; a failed final write names the file."""
+    outs = save_folder(tmp_path / "out", smooth_images(2, seed=50, size=16), ["a_s0", "b_s0"])
+    refs = save_folder(tmp_path / "ref", smooth_images(2, seed=51, size=16), ["a", "b"])
+    args = ["--outputs", str(outs), "--references", str(refs), "--device", "cpu", "--metrics_json"]
+    image, fifo, link = outs / "a_s0.png", tmp_path / "fifo", tmp_path / "link.json"
+    os.mkfifo(fifo)
+    (tmp_path / "png_link.json").symlink_to(image)
+    before = image.read_bytes()
+    for path in (image, fifo, tmp_path / "png_link.json"):
+        code, err = _cli_error([*args, str(path)], capsys)
+        assert code == 2 and f"--metrics_json {path}: exists and is not a metrics file" in err
+    assert image.read_bytes() == before and fifo.is_fifo() and (tmp_path / "png_link.json").is_symlink()
+    with pytest.raises(OSError, match="not a regular file"):  # the writer itself never replaces one
+        write_metrics(fifo, {"fid": 1.0})
+    assert fifo.is_fifo()
+    (tmp_path / "old.json").write_text('{"fid": 1.0}\n')
+    link.symlink_to(tmp_path / "old.json")
+    assert cli_main([*args, str(link)]) == 0
+    assert link.is_symlink() and json.loads((tmp_path / "old.json").read_text())["num_pairs"] == 2
+    real_open = os.open
+    monkeypatch.setattr(
+        os, "open", lambda p, *a: real_open("/nonexistent/x", *a) if ".tmp" in str(p) else real_open(p, *a)
+    )
+    code, err = _cli_error([*args, str(tmp_path / "new.json")], capsys)
+    assert code == 1 and f"--metrics_json {tmp_path / 'new.json'}: cannot write:" in err and ".tmp" not in err
+
+
+def test_options_are_checked_before_any_work(tmp_path, weights_file, monkeypatch, capsys):
+    """--factor, --references that do not pair, an .npz --target, a folder --inception_weights, a
+    --cache_dir that cannot be written, a wrong-hash default Inception file: one line naming each."""
+    outs = save_folder(tmp_path / "out", smooth_images(2, seed=52, size=16), ["a_s0", "b_s0"])
+    others = save_folder(tmp_path / "others", smooth_images(2, seed=53, size=16), ["x", "y"])
+    (tmp_path / "stats.npz").write_bytes(b"PK")
+    (tmp_path / "file").write_text("x")
+    base = ["--outputs", str(outs), "--device", "cpu", "--inception_weights", str(weights_file)]
+    cases = [
+        (["--references", str(outs), "--factor", "5"], "--factor 5: expected a divisor of the image size 16"),
+        (
+            ["--references", str(others)],
+            f"--references {others}: no reference found for 2 outputs: a_s0, b_s0;",
+        ),
+        (["--target", str(tmp_path / "stats.npz")], "stats.npz: a statistics file; give the target images"),
+        (
+            ["--target", str(outs), "--inception_weights", str(tmp_path)],
+            "is a folder, expected the .pth file",
+        ),
+        (["--target", str(outs), "--cache_dir", str(tmp_path / "file")], "--cache_dir"),
+        (["--target", str(outs), "--cache_dir", str(tmp_path / "file" / "sub")], "--cache_dir"),
+    ]
+    for extra, words in cases:
+        code, err = _cli_error([*base, *extra], capsys)
+        assert code == 2 and words in err, err
+    assert "<stem>_N<N>_s<k> pairs with the reference <stem>" in _cli_error([*base, *cases[1][0]], capsys)[1]
+    wrong = tmp_path / "torch" / "hub" / "checkpoints" / WEIGHTS_FILENAME
+    wrong.parent.mkdir(parents=True)
+    wrong.write_bytes(b"not the released file")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code, err = _cli_error(["--outputs", str(outs), "--target", str(outs), "--device", "cpu"], capsys)
+    assert code == 1 and "replace it with the released file from https://" in err
+    assert f"or pass --inception_weights {wrong} to use it anyway" in err
+
+
+def test_a_damaged_statistics_cache_is_recomputed(tmp_path, extractor):
+    """Wrong shapes, a count that is not the set's, NaN: recomputed, the reason recorded."""
+    target = save_folder(tmp_path / "target", smooth_images(2, seed=54))
+    kw = dict(image_size=SIZE, cache_dir=tmp_path / "cache", batch_size=2)
+    good, info = cached_reference_stats(target, extractor, **kw)
+    with np.load(info.path) as z:
+        saved = dict(z)
+    damaged = [
+        dict(mu=np.zeros(10), sigma=np.eye(10), features=np.zeros((2, 10), np.float32)),
+        dict(count=np.asarray(5)),
+        dict(mu=np.where(np.arange(len(saved["mu"])) == 0, np.nan, saved["mu"])),
+    ]
+    for change in damaged:
+        with open(info.path, "wb") as f:
+            np.savez(f, **{**saved, **change})
+        again, info2 = cached_reference_stats(target, extractor, **kw)
+        assert not info2.hit and info2.reason.startswith("damaged cache file"), info2.reason
+        assert torch.allclose(again.mean, good.mean) and torch.isfinite(again.cov).all()

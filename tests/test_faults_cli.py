@@ -213,6 +213,12 @@ CASES = [
         2,
         ["--output.dir", "notes.txt is a file, expected a folder"],
     ),
+    (
+        "prepare-report-not-json",  # notes.txt would be replaced by the report
+        [*PREPARE, "{images}", "--out", "{tmp}/o.lmdb", "--size", "16", "--output.report", "{txt}"],
+        2,
+        ["--output.report", "notes.txt: exists and is not a report file"],
+    ),
     ("prepare-bad-yaml", [*PREPARE, "--config", "{bad_yaml}"], 2, ["{bad_yaml}"]),
     # ---- evaluation
     ("eval-nothing", [*EVALUATE], 2, ["--outputs"]),
@@ -243,7 +249,7 @@ CASES = [
         ["--factor 0"],
     ),
     # ---- merge of a sharded run
-    ("merge-missing", [*MERGE, "{tmp}/none"], 2, ["none"]),
+    ("merge-missing", [*MERGE, "{tmp}/none"], 2, ["none: no such folder"]),
     ("merge-not-sharded", [*MERGE, "{empty_dir}"], 2, ["{empty_dir}"]),
     ("merge-bad-json", [*MERGE, "{bad_shards}"], None, [".shards.json"]),
 ]

@@ -505,7 +505,7 @@ def _main(argv: list[str]) -> int:
     if args.output.dir is None or args.size is None:
         raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
-    cli.check_output_file("output.report", args.output.report)
+    report_path = cli.check_output_file("output.report", args.output.report, "report file")
     cli.setup_logging()  # the progress lines of a log file
     stopped: list[int] = []
 
@@ -524,8 +524,8 @@ def _main(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(report.summary())
-    if args.output.report:
-        atomic_write_bytes(args.output.report, json.dumps(asdict(report), indent=2).encode())
+    if report_path:
+        atomic_write_bytes(report_path, json.dumps(asdict(report), indent=2).encode())
     return 0
 
 

@@ -1,9 +1,11 @@
 """``python -m ilvr_toolkit.evaluation --outputs OUT --target TARGET --references REFS --factor 32``:
 FID/KID against the target domain, SSIM/PSNR/L2 against the references (docs/evaluation.md)."""
 
+import tempfile
 from dataclasses import fields
+from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 
 from ..cli import (
     UsageError,
@@ -16,7 +18,8 @@ from ..cli import (
     setup_logging,
 )
 from ..data.references import open_image_source
-from .api import EvalSettings, evaluate_translation, format_table, write_metrics
+from .api import EvalSettings, evaluate_translation, format_table, pair_by_name, write_metrics
+from .stats import default_cache_dir
 
 PROG = "python -m ilvr_toolkit.evaluation"
 
@@ -37,21 +40,63 @@ def _main(argv: list[str]) -> int:
     config = parse_options(build_parser(), argv, aliases={"--json": "--metrics_json"})  # the 0.1 name
     if config.outputs is None or (config.target is None and config.references is None):
         raise UsageError("give --outputs, and --target (FID/KID) and/or --references (SSIM/PSNR/L2)")
+    metrics_json = _check_options(config)
+    settings = EvalSettings(**{f.name: config[f.name] for f in fields(EvalSettings)})
+    metrics = evaluate_translation(config.outputs, config.references, config.target, settings=settings)
+    print(format_table(metrics))
+    if metrics_json:
+        try:
+            write_metrics(metrics_json, metrics)
+        except OSError as error:  # named as given, never as the temp file
+            raise OSError(f"--metrics_json {config.metrics_json}: {error.strerror}") from None
+        print(f"wrote {metrics_json}")
+    return 0
+
+
+def _check_options(config: Namespace) -> Path | None:
+    """Before any work: every option is usable, else :class:`UsageError` naming it; the
+    ``--metrics_json`` file to write (a symlink's target), or None."""
     check_paths({name: config[name] for name in ("outputs", "target", "references", "inception_weights")})
-    check_output_file("metrics_json", config.metrics_json)
-    for name in ("outputs", "target", "references"):
-        config[name] is None or open_image_source(name, config[name])
+    if config.target and Path(config.target).is_file() and Path(config.target).suffix == ".npz":
+        raise UsageError(
+            f"--target {config.target}: a statistics file; give the target images (folder or LMDB): "
+            ".npz statistics are no longer accepted, they are computed and cached by content"
+        )
+    if config.target and config.inception_weights and Path(config.inception_weights).expanduser().is_dir():
+        raise UsageError(
+            f"--inception_weights {config.inception_weights}: is a folder, expected the .pth file"
+        )
+    metrics_json = check_output_file("metrics_json", config.metrics_json, "metrics file")
     for name, low in dict(
         batch_size=1, kid_subsets=1, kid_subset_size=1, workers=0, factor=1, image_size=1
     ).items():
         if config[name] is not None:
             check_range(name, config[name], low)
-    settings = EvalSettings(**{f.name: config[f.name] for f in fields(EvalSettings)})
-    metrics = evaluate_translation(config.outputs, config.references, config.target, settings=settings)
-    print(format_table(metrics))
-    if config.metrics_json:
-        print(f"wrote {write_metrics(config.metrics_json, metrics)}")
-    return 0
+    sources = [name for name in ("outputs", "target", "references") if config[name] is not None]
+    sets = {name: open_image_source(name, config[name]) for name in sources}
+    size = config.image_size or sets["outputs"].image_size
+    if config.factor is not None and size % config.factor:
+        raise UsageError(f"--factor {config.factor}: expected a divisor of the image size {size}")
+    if config.references is not None:
+        try:
+            pair_by_name(sets["outputs"].names, sets["references"].names)
+        except ValueError as error:
+            rule = "an output <stem>_s<k> or <stem>_N<N>_s<k> pairs with the reference <stem>"
+            raise UsageError(f"--references {config.references}: {error}; {rule}") from None
+    if config.target is not None:
+        _check_cache_dir(Path(config.cache_dir or default_cache_dir()))
+    return metrics_json
+
+
+def _check_cache_dir(cache: Path) -> None:
+    """The statistics cache can be written (created if missing), else a :class:`UsageError`."""
+    if cache.exists() and not cache.is_dir():
+        raise UsageError(f"--cache_dir {cache}: is a file, expected a folder")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache).close()
+    except OSError as error:
+        raise UsageError(f"--cache_dir {cache}: cannot write there ({error.strerror or error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

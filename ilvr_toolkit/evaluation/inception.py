@@ -52,7 +52,9 @@ class InceptionFeatureExtractor(nn.Module):
         self.official = self.sha256 == WEIGHTS_SHA256
         if weights_path is None and not self.official:
             raise ValueError(
-                f"{self.weights_path}: sha256 {self.sha256}, not {WEIGHTS_SHA256} (the released file)"
+                f"{self.weights_path}: sha256 {self.sha256}, not {WEIGHTS_SHA256} (the released file): "
+                f"replace it with the released file from {WEIGHTS_URL}, or pass --inception_weights "
+                f"{self.weights_path} to use it anyway (FID/KID then not comparable with papers)"
             )
         try:  # torch-fidelity loads with weights_only=False: check these bytes with the safe loader first
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

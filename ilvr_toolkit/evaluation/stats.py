@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data.references import ReferenceSet
 from ..fileio import atomic_open
 from .fid import FeatureStats, gather_stats
-from .inception import InceptionFeatureExtractor
+from .inception import NUM_FEATURES, InceptionFeatureExtractor
 
 Source = str | os.PathLike | Sequence[str | os.PathLike]
 CACHE_VERSION = 2
@@ -144,13 +144,23 @@ class StatsCacheInfo:  # how the reference statistics were obtained (reported in
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _try_load(path: Path, kid: bool) -> tuple[FeatureStats | None, str]:
-    try:  # a missing, truncated or foreign file is recomputed
+def _try_load(path: Path, kid: bool, count: int) -> tuple[FeatureStats | None, str]:
+    try:  # a missing, truncated, damaged or foreign file is recomputed
         stats, meta = load_stats(path)
     except Exception as error:  # noqa: BLE001 (np.load raises many kinds)
         return None, "no cache file" if not path.is_file() else f"unreadable cache file ({error})"
     if meta.get("version") != CACHE_VERSION or (kid and stats.features is None):
         return None, "cache of another version, or without the features KID needs"
+    d, arrays = NUM_FEATURES, [stats.mean, stats.cov] + ([] if stats.features is None else [stats.features])
+    shapes = [(d,), (d, d)] + ([] if stats.features is None else [(count, d)])
+    if [tuple(a.shape) for a in arrays] != shapes or stats.count != count or meta.get("count") != count:
+        got = ", ".join(str(tuple(a.shape)) for a in arrays)
+        return (
+            None,
+            f"damaged cache file (count {stats.count}, shapes {got}; expected {count} of {d} features)",
+        )
+    if not all(bool(torch.isfinite(a).all()) for a in arrays):
+        return None, "damaged cache file (not finite numbers in it)"
     return stats, ""
 
 
@@ -172,7 +182,7 @@ def cached_reference_stats(
     path = Path(s.cache_dir or default_cache_dir()) / f"{name}-{key[:16]}.npz"
     meta = {"version": CACHE_VERSION, "identity": identity, "image_size": images.image_size}
     meta.update(inception_sha256=extractor.sha256, count=len(images))
-    stats, reason = _try_load(path, s.kid) if rank == 0 else (None, "")
+    stats, reason = _try_load(path, s.kid, len(images)) if rank == 0 else (None, "")
     hit = [stats is not None]
     if world > 1:
         dist.broadcast_object_list(hit, src=0)

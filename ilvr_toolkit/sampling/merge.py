@@ -28,6 +28,8 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     """Write ``OUT/manifest.json`` (+ grid) of the sharded run in ``out_dir`` (no metrics)."""
     out_dir = Path(out_dir)
     count_file = out_dir / COUNT_FILE
+    if not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: no such folder")
     if not count_file.is_file():
         raise UsageError(f"{out_dir}: no {COUNT_FILE}; not the output folder of a sharded run")
     count, stored = read_shard_record(count_file)
