@@ -7,6 +7,7 @@ import (the converter's worker processes import it).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -191,8 +192,6 @@ def check_output_file(option: str, path: str | None, what: str = "JSON file") ->
 
 
 def _is_json_object(path: Path) -> bool:
-    import json
-
     try:
         with open(path, "rb") as f:
             return f.read(64).lstrip()[:1] == b"{" and isinstance(json.loads(f.seek(0) or f.read()), dict)
