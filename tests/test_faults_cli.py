@@ -25,6 +25,11 @@ TRAIN = ["train.py", "fit", "--config", "configs/tiny.yaml", "--data.path", "{lm
 TRAIN += ["--trainer.default_root_dir", "{tmp}/run", "--model.unet", SMALL_UNET, "--data.workers", "0"]
 TRAIN += ["--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--data.batch_size", "2"]
 EXPORT = ["train.py", "export"]
+TINY32_PT = REPO / "tests" / "fixtures" / "reference" / "tiny32.pt"  # a plain state dict
+TINY32_FLAGS = (
+    "--learn_sigma True --num_res_blocks 1 --num_channels 32 --image_size 32 --channel_mult 1,2,2,2 "
+)
+TINY32_FLAGS += "--attention_resolutions 16 --num_heads 4 --timestep_respacing abc"
 SAMPLE = ["sample.py", "--config", "configs/sample_demo.yaml", "--output.dir", "{tmp}/out"]
 SAMPLE += ["--evaluate_against", "null", "--ilvr.factor", "4", "--progress", "false"]
 PREPARE = ["-m", "ilvr_toolkit.data.prepare"]
@@ -148,8 +153,50 @@ CASES = [
     ("sample-respacing-too-many", [*SAMPLE, "--sampler.respacing", "5000"], None, ["5000 steps"]),
     ("sample-shards-0", [*SAMPLE, "--num_shards", "0"], 2, ["--num_shards 0"]),
     (
+        "sample-flags-no-unet",
+        [
+            *SAMPLE,
+            "--model.flags",
+            "--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --num_heads_upsample 0",
+        ],
+        2,
+        ["--model.flags: num_heads_upsample must be -1 (unset) or >= 1, got 0"],
+    ),
+    (
+        "sample-flags-groups",
+        [*SAMPLE, "--model.flags", "--image_size 32 --num_channels 30 --num_res_blocks 1 --channel_mult 1,2"],
+        2,
+        ["--model.flags: num_channels (30) must be divisible by num_groups (32)"],
+    ),
+    (
+        "sample-flags-respacing",
+        [
+            *SAMPLE,
+            "--model.checkpoint",
+            str(TINY32_PT),
+            "--sampler.respacing",
+            "null",
+            "--model.flags",
+            TINY32_FLAGS,
+        ],
+        2,
+        ["--model.flags: --timestep_respacing abc: "],
+    ),
+    (
+        "sample-preset-mismatch",
+        [*SAMPLE, "--model.checkpoint", str(TINY32_PT), "--model.preset", "tiny16"],
+        2,
+        ["--model.preset: checkpoint ", "does not fit the UNet config"],
+    ),
+    (
+        "sample-superres-factor",
+        [*SAMPLE, "--task", "superres", "--ilvr.factor", "3"],
+        2,
+        ["--ilvr.factor 3: "],
+    ),
+    (
         "sample-plain-without-preset",
-        [*SAMPLE, "--model.checkpoint", str(REPO / "tests" / "fixtures" / "reference" / "tiny32.pt")],
+        [*SAMPLE, "--model.checkpoint", str(TINY32_PT)],
         2,
         ["--model.preset: ", "tiny32.pt is a plain state dict", "give --model.preset NAME or --model.flags"],
     ),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.conditioning import LowPass
 from ilvr_toolkit.data.references import ReferenceSet
 from ilvr_toolkit.images import to_float
@@ -63,11 +64,10 @@ def _references(refs: Path, size: int = SIZE) -> list[np.ndarray]:
 
 def test_inpaint_keeps_every_white_pixel_exactly(reference_dir, refs, mask_png, tmp_path):
     mask, keep = mask_png
-    _run(
-        reference_dir, refs, tmp_path / "o", "--task", "inpaint", "--mask", str(mask), "--output.grid", "true"
-    )
+    task = ("--task", "inpaint", "--mask", str(mask), "--ilvr.factor", "[2, 4]")  # N: not used by inpaint
+    _run(reference_dir, refs, tmp_path / "o", *task, "--output.grid", "true")
     outputs, references = _pngs(tmp_path / "o"), _references(refs)
-    assert len(outputs) == 3
+    assert sorted(outputs) == ["ref0_s0.png", "ref1_s0.png", "ref2_s0.png"]  # one set, not one per N
     grid = np.asarray(Image.open(tmp_path / "o" / "grid.png")).astype(int)
     for row, (out, ref) in enumerate(zip(outputs.values(), references, strict=True)):
         assert np.array_equal(out[keep], ref[keep])
@@ -75,10 +75,20 @@ def test_inpaint_keeps_every_white_pixel_exactly(reference_dir, refs, mask_png, 
         y, x = 2 + row * (SIZE + 2), 2 + (SIZE + 2)  # the grid's second column is P(y): the kept part
         p_of_y = grid[y : y + SIZE, x : x + SIZE]
         assert np.array_equal(p_of_y[keep], ref[keep]) and (np.abs(p_of_y[~keep] - 127.5) <= 0.5).all()
+    with pytest.raises(UsageError, match=r"^--task colorize: .* holds a run made with inpaint"):
+        _run(reference_dir, refs, tmp_path / "o", "--task", "colorize")
+    other = tmp_path / "other_mask.png"
+    Image.fromarray(255 - np.asarray(Image.open(mask))).save(other)
+    with pytest.raises(
+        UsageError, match=rf"^--mask {other}: .* holds a run made with another mask \(sha256 "
+    ):
+        _run(reference_dir, refs, tmp_path / "o", *task[:3], str(other))
+    assert _run(reference_dir, refs, tmp_path / "o", *task[:4]).skipped_existing == 3  # N changed: not used
 
 
 def test_colorize_keeps_the_grey_image(reference_dir, refs, tmp_path):
-    _run(reference_dir, refs, tmp_path / "o", "--task", "colorize", "--samples_per_reference", "2")
+    n = ("--ilvr.factor", "3")  # no divisor of 32, but colorize has no N
+    _run(reference_dir, refs, tmp_path / "o", "--task", "colorize", "--samples_per_reference", "2", *n)
     outputs, references = _pngs(tmp_path / "o"), _references(refs)
     for name, out in outputs.items():
         ref = references[int(name[3])]
@@ -158,7 +168,7 @@ def test_per_task_faithfulness_compares_p_of_output_and_reference(
         _args(reference_dir, refs, tmp_path / "o", "--task", "inpaint", "--mask", str(mask_png[0]))
     )
     result = run(config)
-    metrics = evaluate_run(dataclasses.replace(config, evaluate_against=str(refs)), result)["inpaint, N4"]
+    metrics = evaluate_run(dataclasses.replace(config, evaluate_against=str(refs)), result)["inpaint"]
     assert metrics["psnr_kept"] == 100.0 and metrics["ssim_kept"] == pytest.approx(1.0)  # kept exactly
     assert metrics["psnr"] < 40 and "psnr_lowpass" not in metrics
 

@@ -59,7 +59,7 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         options = dict(factor=factor if ilvr else None, extractor=extractor, cache_dir=config.stats_cache_dir)
         options.update(target=config.evaluate_against if extractor is not None else None, operator=operator)
         label = f"N{factor}" if factor is not None else "unconditional"
-        label = label if ilvr else f"{config.task}, {label}"
+        label = label if ilvr else config.task + (f", {label}" if factor is not None else "")
         files = [result.out_dir / name for name in names]
         metrics[label] = evaluate_translation(files, pairs=pairs, device=device, **options)
     metrics["path"] = str(write_metrics(result.out_dir / "metrics.json", metrics))

@@ -40,6 +40,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, or does not fit the architecture it is loaded into."""
 
 
+class ArchitectureMismatch(CheckpointError):
+    """An intact checkpoint whose architecture is not the one given (a preset, flags, a config)."""
+
+
 class ArchitectureNotGiven(CheckpointError):
     """A plain state dict loaded without a preset, flags or config; ``guess``: the preset its
     released file name suggests, or None."""
@@ -289,7 +293,7 @@ def check_state_dict(
         )
     elif preset is not None:
         lines.append(f"  hint: {Path(source).name} is a released checkpoint; load it with preset={preset!r}")
-    raise CheckpointError("\n".join(lines))
+    raise ArchitectureMismatch("\n".join(lines))
 
 
 def _contents(obj: Any, path: PathLike) -> tuple[str, Any, StateDict, dict[str, Any]]:
@@ -344,7 +348,9 @@ def _config(stored: Any, preset: str | UNetConfig | None, path: PathLike, source
     source = source or (f"preset {preset}" if isinstance(preset, str) else "the given config")
     differ = [f"{k}: file {v!r} vs {theirs[k]!r}" for k, v in stored.architecture().items() if theirs[k] != v]
     if differ:
-        raise CheckpointError(f"{path} describes a different architecture than {source}: {', '.join(differ)}")
+        raise ArchitectureMismatch(
+            f"{path} describes a different architecture than {source}: {', '.join(differ)}"
+        )
     return wanted if isinstance(preset, UNetConfig) else stored
 
 

@@ -77,6 +77,11 @@ class UNetConfig:
                 raise ValueError(f"attention resolution {res} does not divide image_size {self.image_size}")
         if self.num_head_channels == -1 and self.num_heads < 1:
             raise ValueError("num_heads must be >= 1 when num_head_channels is -1")
+        for name in ("num_head_channels", "num_heads_upsample"):
+            if getattr(self, name) != -1 and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be -1 (unset) or >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError("num_classes must be a positive int or None")
         if self.attention_backend not in ATTENTION_BACKENDS:

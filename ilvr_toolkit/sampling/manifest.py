@@ -61,25 +61,34 @@ class ManifestPart:
 
 
 #: the settings that make the images: a rerun into the same output folder must keep them
-SAME_RUN = ("model", "references", "unconditional", "num_samples", "ilvr", "sampler", "class_labels")
+SAME_RUN = ("task", "model", "references", "unconditional", "num_samples", "ilvr", "sampler", "class_labels")
 SAME_RUN += ("samples_per_reference", "seed", "precision", "channels_last", "native_groupnorm")
-SAME_RUN += ("task", "sdedit", "winograd")
+SAME_RUN += ("sdedit", "winograd")  # (in the order a difference is named: the task first)
 #: settings added after folders were written: a folder that lacks one was made with this value
 _ADDED = {"winograd": False}
 
 
-def check_same_run(out_dir: Path, config: dict[str, Any], digests: dict[str, str | None]) -> None:
+def check_same_run(
+    out_dir: Path, config: dict[str, Any], digests: dict[str, str | None], unused: tuple[str, ...] = ()
+) -> None:
     """Record the settings that make the images (and ``digests`` of the files they come from:
-    model, mask) in ``OUT/.manifest/settings.json``; a rerun must match them. Paths compare
-    resolved, the model by its digest only."""
-    path, now = out_dir / PARTS_DIR / "settings.json", dict(digests)
+    model, mask) in ``OUT/.manifest/settings.json``; a rerun must match them, but for the
+    ``unused`` ones (``ilvr.factor`` of a task without N). Paths compare resolved, the model by
+    its digest only."""
+    path, now = out_dir / PARTS_DIR / "settings.json", {}
     for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
         now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    now.pop("model.checkpoint", None)  # the model is compared by its digest
-    now = _resolved(now)
+    file = {"model.sha256": now.pop("model.checkpoint", None), "mask.sha256": config.get("mask")}
+    now = _resolved({**now, **digests})  # the settings first, then the files' digests (model: only that)
     create_json_once(path, now)  # not check-then-write: of two runs started together, one's settings win
     before = _resolved({**_ADDED, **read_json(path)})
-    for key in (key for key in now if key in before and now[key] != before[key]):
+    for key in (key for key in now if key in before and now[key] != before[key] and key not in unused):
+        if key in file:  # a file of other content than the run's
+            flag = key.removesuffix(".sha256")
+            raise UsageError(
+                f"--{flag} {file[key]}: {out_dir} holds a run made with another {flag.split('.')[0]} "
+                f"(sha256 {str(before[key])[:12]}..., this one {str(now[key])[:12]}...) ({path})"
+            )
         raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
 
 

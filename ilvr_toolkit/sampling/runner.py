@@ -23,11 +23,13 @@ from ..diffusion import DiffusionConfig, GaussianDiffusion, get_named_beta_sched
 from ..fileio import remove_dead_temps
 from ..models import (
     PRESETS,
+    ArchitectureMismatch,
     ArchitectureNotGiven,
     LoadedModel,
+    UNetConfig,
+    build_unet,
     get_preset,
     load_model,
-    parse_flags,
     sha256_file,
 )
 from ..runtime import resolve_device, tuned_cpu_malloc
@@ -40,7 +42,7 @@ from .labels import resolve_class_labels
 from .manifest import ManifestPart, check_references_in_place, check_same_run, merge_manifest, versions
 from .plan import WorkItem, batches, plan_items, shard_range
 from .shards import fixed_shard_count, run_summary
-from .tasks import reference_set, run_operators, task_setup
+from .tasks import reference_set, run_factors, run_operators, task_setup
 from .writer import save_png
 
 __all__ = ["RunResult", "run", "resolve_device", "make_net"]
@@ -102,20 +104,28 @@ def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusi
         if given is None:  # the file's own respacing, or the default: say which, and the way out
             used = f"its timestep_respacing {stored!r}" if stored else "the default respacing '100'"
             where = f"{config.model.checkpoint}: {used} (set --sampler.respacing)"
+            if stored and config.model.flags:  # the respacing came from the flags, not the file
+                where = f"--model.flags: --timestep_respacing {stored}"
         raise UsageError(f"{where}: {error}") from None
 
 
-def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
+def _check_model_options(config: SampleConfig) -> None:
+    """--model.*: a model given, a preset that exists, flags that parse and build a UNet."""
     if not config.model.checkpoint:
         raise UsageError("--model.checkpoint: no model given; set it (and --model.preset for a released .pt)")
     if config.model.flags and config.model.preset:
         raise UsageError("--model.flags: give either it or --model.preset, not both")
     try:  # a mistake in the flag string or the preset's name is the user's: name the option
-        parse_flags(config.model.flags or "")
+        if config.model.flags:
+            build_unet(UNetConfig.from_guided_diffusion_flags(config.model.flags), device="meta")
         if config.model.preset:
             get_preset(config.model.preset)
-    except (ValueError, KeyError) as err:  # KeyError: no such preset
+    except (ValueError, KeyError, ZeroDivisionError) as err:  # KeyError: no such preset
         raise UsageError(f"--model.{'preset' if type(err) is KeyError else 'flags'}: {err.args[0]}") from None
+
+
+def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
+    _check_model_options(config)
     try:
         loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     except ArchitectureNotGiven as err:
@@ -124,6 +134,11 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
             f"--model.preset: {config.model.checkpoint} is a plain state dict, which does not record its "
             f"architecture; give --model.preset NAME or --model.flags '<its README flags>' ({guess})"
         ) from None
+    except ArchitectureMismatch as err:  # an intact file, not the architecture the options give
+        given = "flags" if config.model.flags else "preset" if config.model.preset else None
+        if given is None:
+            raise
+        raise UsageError(f"--model.{given}: {err}") from None
     model = loaded.model.to(device).eval().requires_grad_(False)
     model.set_native_groupnorm(config.native_groupnorm)
     model.set_winograd(config.winograd and device.type == "cpu")  # a CPU kernel: no build for a GPU run
@@ -242,8 +257,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
         raise UsageError(f"--references {config.references}: none of its images is readable")
     labels = resolve_class_labels(config.class_labels, refs.names, loaded.unet_config.num_classes)
     config = dataclasses.replace(config, class_labels=labels)
-    factors: list[int | None] = [None] if refs.unconditional else list(config.ilvr.factors)
-    condition = task_setup(config, image_size, diffusion, device, [n for n in factors if n is not None])
+    factors = run_factors(config, refs.unconditional)
+    condition = task_setup(config, image_size, diffusion, device, [] if refs.unconditional else factors)
     # only now, all checked: a failed first attempt does not fix its settings for the array's reruns
     config = dataclasses.replace(config, num_shards=fixed_shard_count(config))
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
@@ -256,7 +271,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
-    check_same_run(out_dir, config.to_dict(), digests)  # all checked: a rerun must match
+    unused = ("ilvr.factor",) if factors == [None] and not refs.unconditional else ()  # inpaint, colorize
+    check_same_run(out_dir, config.to_dict(), digests, unused)  # all checked: a rerun must match
     check_references_in_place(out_dir, refs.names, config.references, refs.source and refs.source.digest)
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
@@ -341,6 +357,6 @@ def _summarize(config, loaded, diffusion, refs, result) -> None:
         rows = [(refs.names[i], refs.get(i)) for i in range(len(refs.names))[: config.output.grid_max_rows]]
         rows = [(name, image) for name, image in rows if image is not None]
         grid_path, size = out_dir / "grid.png", loaded.unet_config.image_size
-        operators = run_operators(config, size, torch.device("cpu"), config.ilvr.factors)
+        operators = run_operators(config, size, torch.device("cpu"), run_factors(config, False))
         if build_grid(grid_path, out_dir, rows, operators, config.samples_per_reference):
             result.grid = grid_path

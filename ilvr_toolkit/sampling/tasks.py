@@ -16,7 +16,21 @@ from ..images import to_float, to_uint8
 from .config import SampleConfig, SDEditSpec
 from .generate import Condition, ilvr_range_t
 
-__all__ = ["load_mask", "run_operators", "reference_set", "sdedit_start", "task_setup"]
+__all__ = ["load_mask", "run_factors", "run_operators", "reference_set", "sdedit_start", "task_setup"]
+
+#: tasks whose operator P has no factor N: one output set whatever --ilvr.factor says
+FACTOR_FREE = ("inpaint", "colorize")
+
+
+def run_factors(config: SampleConfig, unconditional: bool) -> list[int | None]:
+    """The factors N a run makes outputs for: ``[None]`` unconditional or for a task without N."""
+    return [None] if unconditional or config.task in FACTOR_FREE else list(config.ilvr.factors)
+
+
+def check_factors(factors: list[int | None], image_size: int) -> None:
+    """Every factor N divides the model's image size, else a usage error naming it."""
+    for n in (n for n in factors if n is not None and image_size % n):
+        raise UsageError(f"--ilvr.factor {n}: expected a divisor of the model's image size {image_size}")
 
 
 def load_mask(path: str, image_size: int) -> torch.Tensor:
@@ -65,6 +79,7 @@ class _Upsampled(ReferenceSet):
 def reference_set(config: SampleConfig, image_size: int) -> ReferenceSet:
     """The run's references y at ``image_size`` (superres: the upsampled low-resolution inputs)."""
     if config.task == "superres":
+        check_factors(config.ilvr.factors, image_size)
         lowpass = LowPass(image_size, config.ilvr.factors[0])
         return open_image_source("references", config.references, lowpass, _Upsampled)
     return open_image_source("references", config.references, image_size)
@@ -84,8 +99,7 @@ def task_setup(
     """``condition(references, N)``: the Condition of a batch of uint8 references (B, 3, H, W)
     for factor N (P, the resolved range, mode, SDEdit start: fixed once per run). The task
     settings are among the run's settings a rerun must match (``manifest.check_same_run``)."""
-    for n in (n for n in factors if image_size % n):
-        raise UsageError(f"--ilvr.factor {n}: expected a divisor of the model's image size {image_size}")
+    check_factors(factors, image_size)
     operators = run_operators(config, image_size, device, factors)
     try:
         range_t, mode = ilvr_range_t(config.ilvr, diffusion, config.task), config.ilvr.mode
