@@ -99,11 +99,16 @@ def _resolved(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_references_in_place(
-    out_dir: Path, names: list[str], references: str | None, digest: Callable[[int], str | None] | None = None
+    out_dir: Path,
+    names: list[str],
+    references: str | None,
+    digest: Callable[[int], str | None] | None = None,
+    indices: range | None = None,
 ) -> None:
     """Every image recorded in ``OUT/.manifest`` was made from the reference that now has its
-    index (its noise is seeded by the index) and, where recorded, from its content (``digest(i)``:
-    the stored bytes' SHA-256): references added after the last one are fine."""
+    index (its noise is seeded by the index) and, where recorded, for references ``indices``
+    (a shard's; default all) from its content (``digest(i)``: the stored bytes' SHA-256, read
+    once per reference): references added after the last one are fine."""
     now = functools.lru_cache(None)(digest) if digest is not None else None
     for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
         for filename, entry in read_json(part).get("images", {}).items():
@@ -118,7 +123,8 @@ def check_references_in_place(
                     "restore the folder or use a new --output.dir"
                 )
             made_from = entry.get("reference_sha256")
-            if now is not None and made_from is not None and now(index) not in (made_from, None):
+            mine = indices is None or index in indices
+            if now is not None and made_from is not None and mine and now(index) not in (made_from, None):
                 raise UsageError(
                     f"--references {references}: {name!r} has changed since {out_dir} made {filename} "
                     f"from it; restore it, delete its outputs ({name}_*.png) to make them anew, or use "

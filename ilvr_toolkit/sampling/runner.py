@@ -273,7 +273,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
     unused = ("ilvr.factor",) if factors == [None] and not refs.unconditional else ()  # inpaint, colorize
     check_same_run(out_dir, config.to_dict(), digests, unused)  # all checked: a rerun must match
-    check_references_in_place(out_dir, refs.names, config.references, refs.source and refs.source.digest)
+    digest = refs.source and refs.source.digest  # None: unconditional
+    check_references_in_place(out_dir, refs.names, config.references, digest, indices)
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
