@@ -883,3 +883,43 @@ def test_resume_at_an_epoch_end_draws_the_uninterrupted_runs_t_and_noise(tmp_pat
     straight = run(tmp_path / "straight", 4)
     assert run(tmp_path / "resumed", 2) == {k: straight[k] for k in (1, 2)}  # epoch 0: 2 steps
     assert run(tmp_path / "resumed", 4) == {k: straight[k] for k in (3, 4)}
+
+
+def test_data_path_and_export_output_dir_mistakes_name_the_flag(
+    tiny_run: Path, lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    big = json.dumps({"preset": "tiny16", "image_size": 64, "channel_mult": [1]})
+    for path, said in (
+        (
+            lmdb_path,
+            "has no images of size 64 (the model's image_size); sizes available: 16, 32; build one with",
+        ),
+        (lmdb_path.parent / "images", f"no LMDB at {lmdb_path.parent / 'images'} (missing "),
+    ):
+        args = common_args(path, tmp_path / "run", **{"model.unet": big, "trainer.max_steps": 1})
+        assert train_main(["fit", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"train.py: error: --data.path {path}: {said}"), err
+        assert "ilvr_toolkit.data.prepare" in err and "--size 64" in err
+    (tmp_path / "file").write_text("")
+    assert (
+        export_main([str(tiny_run / "checkpoints" / "last.ckpt"), "--output.dir", str(tmp_path / "file")])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"train.py export: error: --output.dir {tmp_path / 'file'}: is a file, expected a folder (made if missing)\n"
+    )
+
+
+def test_auto_resume_passes_over_a_foreign_pickle(lmdb_path: Path, tmp_path: Path) -> None:
+    """A planted hpc_ckpt_K.ckpt that weights_only refuses blocked the resume (exit 1)."""
+    run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2}))
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "hpc_ckpt_9.ckpt")
+    probe = Probe()
+    with pytest.warns(
+        UserWarning, match=r"hpc_ckpt_9.ckpt is not a readable .* skipped; resuming from .*last"
+    ):
+        run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3}), probe)
+    assert Path(probe.ckpt_path) == tmp_path / "checkpoints" / "last.ckpt" and probe.global_step == 2
+    assert not marker.exists()
