@@ -775,3 +775,151 @@ def test_log_every_n_steps_0_trains_without_logging(lmdb_path, tmp_path):
         common_args(lmdb_path, tmp_path / "run", **{"trainer.max_steps": 2, "trainer.log_every_n_steps": 0})
     )
     assert cli.trainer.global_step == 2
+
+
+# --------------------------------------------------------------------------- resume settings
+def test_training_precisions_without_float32_weights_are_refused_before_training(
+    lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """EMA.update crashed after step 1 under 64-true / bf16-true; transformer-engine is not installed."""
+    for precision in ("64-true", "bf16-true", "transformer-engine"):
+        args = common_args(
+            lmdb_path, tmp_path / "run", **{"trainer.precision": precision, "trainer.max_steps": 2}
+        )
+        assert train_main(["fit", *args]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"train.py: error: --trainer.precision {precision}: not supported for training (the EMA, the "
+            "loss and the checkpoints are float32); use 32-true (or 32), bf16-mixed or 16-mixed"
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_ckpt_path_refuses_weights_files_and_old_checkpoints_before_writing(
+    tiny_run: Path, lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    model_file = export_checkpoint(last, tmp_path / "export")["model_file"]
+    old = load_ckpt(last)
+    old["hyper_parameters"]["lr"] = old["hyper_parameters"].pop("optim")["lr"]  # a 0.1.0 key
+    torch.save(old, tmp_path / "old.ckpt")
+    for path in (REPO / "checkpoints" / "demo.pt", model_file):
+        assert train_main(["fit", *common_args(lmdb_path, tmp_path / "run", ckpt_path=path)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"train.py: error: --ckpt_path {path}: not a train.py checkpoint (.ckpt) but a file of weights "
+            f"only; to start from released or exported weights use --init_from {path}"
+        )
+    assert (
+        train_main(["fit", *common_args(lmdb_path, tmp_path / "run", ckpt_path=tmp_path / "old.ckpt")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        f"train.py: error: --ckpt_path {tmp_path / 'old.ckpt'}: its hyper_parameters do not "
+    )
+    assert "'model.lr'" in err and "--init_from" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ckpt_path_keeps_the_given_settings_and_refuses_another_model(
+    tiny_run: Path, lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """LightningCLI puts the checkpoint's hyper_parameters over the given model settings."""
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    other = json.dumps({"preset": "tiny16", "channel_mult": [1, 2]})
+    args = common_args(lmdb_path, tmp_path / "run", ckpt_path=last, **{"model.unet": other})
+    assert train_main(["fit", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"train.py: error: --model.unet: --ckpt_path {last} holds a run of another model (channel_mult [1] "
+        "vs [1, 2]); leave out --model.unet (the checkpoint's is used), or start a new run with --init_from"
+    )
+    assert not (tmp_path / "run").exists()
+    args = common_args(lmdb_path, tmp_path / "run", ckpt_path=last, **{"model.optim.lr": 0.1})
+    cli = run_inprocess(args + ["--trainer.max_steps", "1"])  # the checkpoint's step is past it: no step
+    assert cli.model.hparams.optim["lr"] == 0.1 and cli.config.fit.model.optim.lr == 0.1
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["optim"]["lr"] == 0.1
+
+
+def test_resume_applies_a_changed_lr(
+    lmdb_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpoint's optimizer param_groups and LambdaLR base_lrs held the old lr."""
+    run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2, "model.optim.warmup_steps": 4}))
+    with caplog.at_level("INFO"):
+        cli = run_inprocess(
+            common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3, "model.optim.warmup_steps": 4})
+            + ["--model.optim.lr", "0.1"]
+        )
+    assert "resuming with lr 0.1 (the checkpoint's: 0.0003)" in caplog.text
+    group = cli.trainer.optimizers[0].param_groups[0]
+    assert group["initial_lr"] == 0.1 and group["lr"] == pytest.approx(0.1)  # warmup 4: step 3 is its last
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.1]
+    used = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]
+    assert used["initial_lr"] == 0.1
+
+
+def test_resume_at_an_epoch_end_draws_the_uninterrupted_runs_t_and_noise(tmp_path: Path) -> None:
+    """8 identical images, batch 4: every batch is the same, so only t and noise make the losses."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    for i in range(8):
+        image.save(folder / f"{i}.png")
+    build_lmdb(folder, tmp_path / "same.lmdb", [16], workers=0, progress=False)
+
+    class Losses(pl.Callback):
+        def __init__(self) -> None:
+            self.at: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, index: int) -> None:
+            self.at[trainer.global_step] = float(outputs["loss"])
+
+    def run(run_dir: Path, steps: int) -> dict[int, float]:
+        losses = Losses()
+        args = common_args(
+            tmp_path / "same.lmdb", run_dir, **{"trainer.max_steps": steps, "data.flip": "false"}
+        )
+        TrainCLI(args=["fit", *args], trainer_defaults={"callbacks": [losses]})
+        return losses.at
+
+    straight = run(tmp_path / "straight", 4)
+    assert run(tmp_path / "resumed", 2) == {k: straight[k] for k in (1, 2)}  # epoch 0: 2 steps
+    assert run(tmp_path / "resumed", 4) == {k: straight[k] for k in (3, 4)}
+
+
+def test_data_path_and_export_output_dir_mistakes_name_the_flag(
+    tiny_run: Path, lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    big = json.dumps({"preset": "tiny16", "image_size": 64, "channel_mult": [1]})
+    for path, said in (
+        (
+            lmdb_path,
+            "has no images of size 64 (the model's image_size); sizes available: 16, 32; build one with",
+        ),
+        (lmdb_path.parent / "images", f"no LMDB at {lmdb_path.parent / 'images'} (missing "),
+    ):
+        args = common_args(path, tmp_path / "run", **{"model.unet": big, "trainer.max_steps": 1})
+        assert train_main(["fit", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"train.py: error: --data.path {path}: {said}"), err
+        assert "ilvr_toolkit.data.prepare" in err and "--size 64" in err
+    (tmp_path / "file").write_text("")
+    assert (
+        export_main([str(tiny_run / "checkpoints" / "last.ckpt"), "--output.dir", str(tmp_path / "file")])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        f"train.py export: error: --output.dir {tmp_path / 'file'}: is a file, expected a folder (made if missing)\n"
+    )
+
+
+def test_auto_resume_passes_over_a_foreign_pickle(lmdb_path: Path, tmp_path: Path) -> None:
+    """A planted hpc_ckpt_K.ckpt that weights_only refuses blocked the resume (exit 1)."""
+    run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2}))
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "hpc_ckpt_9.ckpt")
+    probe = Probe()
+    with pytest.warns(
+        UserWarning, match=r"hpc_ckpt_9.ckpt is not a readable .* skipped; resuming from .*last"
+    ):
+        run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3}), probe)
+    assert Path(probe.ckpt_path) == tmp_path / "checkpoints" / "last.ckpt" and probe.global_step == 2
+    assert not marker.exists()

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ilvr_toolkit.cli import UsageError, check_range
 from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
+from ilvr_toolkit.data.lmdb_format import read_info
 
 __all__ = ["ImageDataModule", "LoaderOptions"]
 
@@ -76,9 +77,27 @@ class ImageDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
+            self._check_path()
             hp, skip = self.hparams, self.loader.on_bad_record
             self.train_set = LMDBImageDataset(self.path, self.image_size, hp.flip, hp.return_index, skip)
             self.eval_set = LMDBImageDataset(self.path, self.image_size, False, hp.return_index, skip)
+
+    def _check_path(self) -> None:
+        """:class:`UsageError` naming ``--data.path`` for a path without an LMDB (an image folder) or an
+        LMDB without the model's image size (a damaged LMDB is the reader's error, exit status 1)."""
+        build = f"python -m ilvr_toolkit.data.prepare IMAGES --output.dir OUT.lmdb --size {self.image_size}"
+        try:
+            sizes = read_info(self.path).sizes
+        except FileNotFoundError as error:
+            raise UsageError(
+                f"--data.path {self.path}: {error}; build one from images with {build}"
+            ) from None
+        if self.image_size not in sizes:
+            raise UsageError(
+                f"--data.path {self.path}: has no images of size {self.image_size} (the model's image_size); "
+                f"sizes available: {', '.join(map(str, sizes)) or 'none'}; build one with {build} or "
+                "choose a model of that size"
+            )
 
     def check_batch_size(self, world_size: int = 1) -> None:
         """:class:`UsageError` unless each of ``world_size`` processes gets a full training batch

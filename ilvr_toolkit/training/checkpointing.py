@@ -78,6 +78,7 @@ def find_resume_checkpoint(
     for path in sorted(found, key=lambda p: (p in primary, p.stat().st_mtime_ns, p.name[:3] == "hpc"))[::-1]:
         try:
             check_checkpoint_file(path)
+            load_state_dict_file(path, mmap=True)  # weights only: a foreign pickle is refused, no code runs
         except CheckpointError as error:
             damaged.append(str(error))
             continue

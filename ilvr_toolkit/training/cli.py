@@ -55,6 +55,8 @@ from .preemption import Preemption, StepLines
 __all__ = ["RunConfigSaver", "TrainCLI", "main"]
 
 DEFAULT_RUN_DIR = "runs/default"
+# float32 weights (EMA.update, the checkpoints): "*-true" other than 32 and transformer-engine are not
+TRAIN_PRECISIONS = {"32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16"}
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -110,6 +112,8 @@ class TrainCLI(LightningCLI):
     ):
         self.preemption = preemption or Preemption()  # the caller's: it tells what stopped training
         self.fit_parser: LightningArgumentParser | None = None  # its keys: the valid ones for a typo
+        self.ckpt_hparams: dict[str, Any] | None = None  # --ckpt_path's, read before LightningCLI does
+        self.given_model: dict[str, Any] = {}  # the model settings given, put back over those
         strict = {"exit_on_error": False, "allow_abbrev": False}  # --model.optim.l is no --model.optim.lr
         defaults = {"default_root_dir": DEFAULT_RUN_DIR, "log_every_n_steps": 50, **(trainer_defaults or {})}
         monitors = [LearningRateMonitor("step"), ThroughputMonitor(batch_size_fn=_batch_size, window_size=20)]
@@ -185,8 +189,14 @@ class TrainCLI(LightningCLI):
         # missing Inception weights: FIDMonitor's setup names the file, its hash and where it goes
         named.update({"fid.reference.images": fit.fid.reference.images})
         check_paths({**named, "ilvr_preview.references": fit.ilvr_preview.references})
-        if ckpt:  # LightningCLI reads it next, with a traceback on refusal (mmap: checked, not loaded)
-            load_state_dict_file(ckpt, mmap=True)
+        if (precision := fit.trainer.precision) is not None and str(precision) not in TRAIN_PRECISIONS:
+            raise UsageError(
+                f"--trainer.precision {precision}: not supported for training (the EMA, the loss and "
+                "the checkpoints are float32); use 32-true (or 32), bf16-mixed or 16-mixed"
+            )
+        if ckpt:
+            self.ckpt_hparams = _resume_hparams(parser, self.config, ckpt)
+            self.given_model = self._given_model_settings(fit.model, ckpt)
         holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
         if holder is not None:
             raise UsageError(f"--trainer.default_root_dir {run_dir}: in use by {holder} ({run_dir}/.lock)")
@@ -197,6 +207,8 @@ class TrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
+        if self.subcommand == "fit" and self.ckpt_hparams is not None:
+            self._keep_given_model_settings(config)
         if (threads := config.get("threads")) is not None:
             check_range("threads", threads, 1)
         trainer = config.get("trainer") or {}
@@ -208,6 +220,37 @@ class TrainCLI(LightningCLI):
         }.items():
             if trainer.get(key) is not None:
                 check_range(f"trainer.{key}", trainer[key], low)
+
+    def _given_model_settings(self, model: Any, ckpt: str) -> dict[str, Any]:
+        """The ``model.*`` settings given (not at their defaults), before LightningCLI puts the
+        ``--ckpt_path`` checkpoint's over them; a UNet of another architecture is refused."""
+        defaults = self.fit_parser.get_defaults().model
+        given = {k: v for k, v in model.items() if v != defaults.get(k)}
+        if "unet" in given:
+            ours, theirs = resolve_unet_config(given["unet"]), self.ckpt_hparams.get("unet")
+            if differ := _model_differences(theirs, ours.architecture()):
+                raise UsageError(
+                    f"--model.unet: --ckpt_path {ckpt} holds a run of another model ({differ}); leave "
+                    "out --model.unet (the checkpoint's is used), or start a new run with --init_from"
+                )
+            if theirs is None or ours.to_dict() == resolve_unet_config(theirs).to_dict():
+                given.pop("unet")
+        return given
+
+    def _keep_given_model_settings(self, config: Any) -> None:
+        """Put the given model settings back over the checkpoint's (as auto-resume uses them), saying so."""
+        model = config.model
+        kept = [
+            f"model.{k} {v} (the checkpoint's: {model.get(k)})"
+            for k, v in self.given_model.items()
+            if model.get(k) != v
+        ]
+        for key, value in self.given_model.items():
+            model[key] = value
+        if kept:
+            rank_zero_info(
+                f"--ckpt_path {config.ckpt_path}: the given settings replace the checkpoint's: {'; '.join(kept)}"
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         config = self._setting("trainer", {})
@@ -254,7 +297,12 @@ class TrainCLI(LightningCLI):
         ours = self.trainer.checkpoint_callback  # the RunCheckpoint
         folder = (ours.dirpath if ours else None) or checkpoint_dir(run_dir)
         if (found := find_resume_checkpoint(run_dir, folder)) is not None:
-            _check_same_model(found, self.model.unet_config.architecture(), run_dir)
+            stored = (load_state_dict_file(found, mmap=True).get("hyper_parameters") or {}).get("unet")
+            if differ := _model_differences(stored, self.model.unet_config.architecture()):
+                raise UsageError(
+                    f"--model.unet: {run_dir} holds a run of another model ({differ}); "
+                    "use the run's settings or a new --trainer.default_root_dir"
+                )
             rank_zero_info(f"resuming from {found} (newest of last.ckpt and hpc_ckpt_*.ckpt in {run_dir})")
             fit["ckpt_path"] = str(found)
 
@@ -302,19 +350,31 @@ def _fit(args: list[str]) -> int:
     return 128 + stop.signum  # the run is not complete: a retry loop or scheduler must see it
 
 
-def _check_same_model(path: Path, ours: dict[str, Any], run_dir: str) -> None:
-    """Before anything is written to ``run_dir``: the checkpoint to resume from was made with the
-    UNet of architecture ``ours``, else a :class:`UsageError` naming the settings that differ."""
-    stored = (load_state_dict_file(path, mmap=True).get("hyper_parameters") or {}).get("unet")
+def _model_differences(stored: Any, ours: dict[str, Any]) -> str:
+    """The architecture settings in which a checkpoint's ``unet`` hyperparameter (None: unknown)
+    differs from ``ours`` (``UNetConfig.architecture()``), e.g. ``channel_mult [1] vs [1, 2]``; '' if none."""
     theirs = resolve_unet_config(stored).architecture() if stored is not None else ours
-    differ = [
-        f"{key} {theirs.get(key)} vs {value}" for key, value in ours.items() if theirs.get(key) != value
-    ]
-    if differ:
+    return ", ".join(f"{k} {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v)
+
+
+def _resume_hparams(parser: LightningArgumentParser, config: Any, path: str) -> dict[str, Any]:
+    """The hyper_parameters of the ``--ckpt_path`` checkpoint, checked before anything is written: a
+    weights file or a checkpoint whose settings this version lacks is a :class:`UsageError`."""
+    ckpt = load_state_dict_file(path, mmap=True)  # checked, not loaded; LightningCLI loads it next
+    if "pytorch-lightning_version" not in ckpt:
         raise UsageError(
-            f"--model.unet: {run_dir} holds a run of another model ({', '.join(differ)}); "
-            "use the run's settings or a new --trainer.default_root_dir"
+            f"--ckpt_path {path}: not a train.py checkpoint (.ckpt) but a file of weights only; to start "
+            f"from released or exported weights use --init_from {path}"
         )
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    try:  # what LightningCLI does next, which would blame an option the user never gave
+        parser.parse_object({"fit": {"model": hparams}}, config.clone())
+    except argparse.ArgumentError as error:
+        raise UsageError(
+            f"--ckpt_path {path}: its hyper_parameters do not fit this version ({error}; docs/training.md, "
+            f"keys renamed since 0.1.0); to start from its weights use --init_from {path}"
+        ) from None
+    return hparams
 
 
 def _trainer_option(message: str, trainer: Any) -> str:

@@ -124,6 +124,7 @@ class DiffusionModule(pl.LightningModule):
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self._memory_format)  # before the EMA callback copies it
         self._generator: torch.Generator | None = None
+        self._generator_step = -1  # the global step _generator was seeded for
         self._skipped_steps = 0
         # the micro-batches' loss since the last optimizer step: the last value, all finite?
         self._last_loss = self._loss_finite = None
@@ -156,11 +157,15 @@ class DiffusionModule(pl.LightningModule):
     def _draw(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform timesteps t (B,) and noise like x0, from this rank's generator."""
         gen = self._generator
-        if gen is None or gen.device != x0.device:
-            # Per rank and per (re)start: seed_everything gives every rank the same global RNG,
-            # which would draw the same t and noise on all ranks.
+        if gen is None or gen.device != x0.device or self._generator_step != self.global_step:
+            # Per rank and per optimizer step (its micro-batches draw in turn), so that a resumed run
+            # draws what the uninterrupted one did; seed_everything gives every rank the same global RNG.
             seed = torch.initial_seed() + 1_000_003 * self.global_rank + 7_919 * self.global_step
-            gen = self._generator = torch.Generator(device=x0.device).manual_seed(seed % (2**63 - 1))
+            gen = self._generator = (
+                gen if gen is not None and gen.device == x0.device else torch.Generator(x0.device)
+            )
+            gen.manual_seed(seed % (2**63 - 1))
+            self._generator_step = self.global_step
         t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device, generator=gen)
         return t, torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=gen)
 
@@ -244,6 +249,29 @@ class DiffusionModule(pl.LightningModule):
             "the newest checkpoint on disk is from before it. Try a lower lr, warmup_steps, "
             "gradient_clip_val, or precision 32-true / bf16-mixed; nan_policy=skip drops such steps instead."
         )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """On a resume, before Lightning restores the optimizer and LR schedule from ``checkpoint``:
+        this run's ``model.optim`` settings (``lr``, ``betas``, ``eps``, ``weight_decay``) replace the
+        checkpoint's (the warmup's progress is kept), with one log line naming what changed."""
+        optim = dict(self.hparams.optim)
+        ours = {key: optim[key] for key in ("lr", "eps", "weight_decay")} | {"betas": tuple(optim["betas"])}
+        changed: dict[str, str] = {}
+        for state in checkpoint.get("optimizer_states") or []:
+            for group in state.get("param_groups", []):
+                base = group.get("initial_lr", group["lr"])  # initial_lr: set by the warmup schedule
+                theirs = {**group, "lr": base, "betas": tuple(group.get("betas", ()))}
+                differ = {k: v for k, v in ours.items() if theirs.get(k) != v}
+                changed.update({k: f"{k} {v} (the checkpoint's: {theirs.get(k)})" for k, v in differ.items()})
+                group.update({k: v for k, v in ours.items() if k != "lr"})
+                if base != ours["lr"]:  # scaled: the warmup's factor stays
+                    group["lr"] = ours["lr"] * (group["lr"] / base if base else 1.0)
+                    group.update({"initial_lr": ours["lr"]} if "initial_lr" in group else {})
+        for schedule in checkpoint.get("lr_schedulers") or []:
+            if "base_lrs" in schedule:  # LambdaLR: lr = base_lr * warmup factor at its next step
+                schedule["base_lrs"] = [ours["lr"]] * len(schedule["base_lrs"])
+        if changed:
+            log.info("resuming with %s", ", ".join(changed.values()))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info: dict[str, Any] = {"version": __version__, "init_from": self.init_from}
