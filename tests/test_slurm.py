@@ -218,6 +218,7 @@ def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_pa
     assert "warning: CUDA_VISIBLE_DEVICES=0 but SLURM gave the job no GPUs: running on the CPU" in text
     assert re.search(r"^step 30/30 ", text, re.MULTILINE), text
     assert "\r" not in text and not TRACEBACK.search(text), text
+    assert "Tip:" not in text, text  # Lightning's cloud-service adverts are not in a job's log
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 30
 
 

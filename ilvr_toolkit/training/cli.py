@@ -15,6 +15,7 @@ dataset's ``data.image_size`` is the UNet's, so a dataset without that size is r
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -318,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_command("train.py", _fit, args, user_errors=(MisconfigurationException,), where=_rank)
 
 
+def _no_adverts(record: logging.LogRecord) -> bool:
+    """Drop Lightning's "💡 Tip: ... try installing ..." lines (cloud-service adverts) from the log."""
+    return not str(record.msg).startswith("💡 Tip:")
+
+
 def _fit(args: list[str]) -> int:
     setup_logging()
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_adverts)
     check_config_files(args)  # a missing file or invalid YAML: one line naming the file
     stop = Preemption()
     try:
