@@ -174,10 +174,11 @@ def check_paths(named: Mapping[str, Any]) -> None:
             raise UsageError(f"--{option} {path}: no such file or folder")
 
 
-def check_output_file(option: str, path: str | None, what: str = "JSON file") -> Path | None:
+def check_output_file(option: str, path: str | None, what: str, keys: Collection[str]) -> Path | None:
     """Before any work: ``path`` can be written as a JSON file, else :class:`UsageError` naming it.
-    What is there is never lost: it may only be such a file (a JSON object) that the write replaces;
-    a symlink is followed (the file it points to is written). Returns the path to write (None: none)."""
+    What is there is never lost: the write replaces only an empty file or a JSON object with one
+    of ``keys`` (one this command wrote: the ``what``); a symlink is followed (the file it points
+    to is written). Returns the path to write (None: none)."""
     if not path:
         return None
     real = Path(path).resolve() if Path(path).is_symlink() else Path(path)
@@ -186,17 +187,21 @@ def check_output_file(option: str, path: str | None, what: str = "JSON file") ->
     parent = next(p for p in real.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--{option} {path}: cannot be written here ({parent} is not a writable folder)")
-    if real.exists() and not (real.is_file() and _is_json_object(real)):
+    if real.exists() and not (real.is_file() and (real.stat().st_size == 0 or json_keys(real) & set(keys))):
         raise UsageError(f"--{option} {path}: exists and is not a {what}: choose another path or delete it")
     return real
 
 
-def _is_json_object(path: Path) -> bool:
+def json_keys(path: Path) -> set[str]:
+    """The top-level keys of the JSON object in ``path`` (empty: not one, or unreadable)."""
     try:
         with open(path, "rb") as f:
-            return f.read(64).lstrip()[:1] == b"{" and isinstance(json.loads(f.seek(0) or f.read()), dict)
+            if f.read(64).lstrip()[:1] != b"{":  # not a JSON object: an image is not read whole
+                return set()
+            data = json.loads(f.seek(0) or f.read())
     except (OSError, ValueError):
-        return False
+        return set()
+    return set(data) if isinstance(data, dict) else set()
 
 
 def setup_logging() -> None:

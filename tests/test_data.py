@@ -318,7 +318,7 @@ def test_output_that_is_or_holds_the_source_is_refused_even_with_overwrite(data_
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
 
 
-@pytest.mark.parametrize("target", ["datasets folder", "code folder", "file", "empty folder"])
+@pytest.mark.parametrize("target", ["datasets folder", "code folder", "file", "dataset and notes"])
 def test_overwrite_replaces_only_a_dataset_folder(data_folder, tmp_path, target):
     """``--output.dir datasets --overwrite`` (for datasets/x.lmdb) deleted every dataset in it."""
     out = tmp_path / "out"
@@ -331,7 +331,8 @@ def test_overwrite_replaces_only_a_dataset_folder(data_folder, tmp_path, target)
     elif target == "file":
         out.write_text("notes\n")
     else:
-        out.mkdir()
+        shutil.copytree(tmp_path / "d.lmdb", out)
+        (out / "README.md").write_text("where these images come from\n")
     listing = sorted((p.relative_to(tmp_path), p.is_file() and p.read_bytes()) for p in tmp_path.rglob("*"))
     with pytest.raises(UsageError, match=rf"^--output.dir {out}: is not an LMDB dataset \("):
         build_lmdb(data_folder[0], out, 8, workers=0, progress=False, overwrite=True)
@@ -342,6 +343,18 @@ def test_overwrite_replaces_only_a_dataset_folder(data_folder, tmp_path, target)
     under = out / "x.lmdb" if target == "file" else tmp_path / "d.lmdb" / "data.mdb" / "x.lmdb"
     with pytest.raises(UsageError, match=r"is a file, expected a folder$"):
         build_lmdb(data_folder[0], under, 8, workers=0, progress=False)
+
+
+def test_overwrite_replaces_an_empty_folder_and_a_dataset_with_its_own_report(data_folder, tmp_path, capsys):
+    out = tmp_path / "o.lmdb"
+    out.mkdir()  # nothing in it to lose
+    args = [str(data_folder[0]), "--out", str(out), "--size", "8", "--workers", "0", "--no-progress"]
+    args += ["--overwrite", "--report", str(out / "report.json")]
+    assert prepare_main(args) == 0 and prepare_main(args) == 0, capsys.readouterr().err  # its report inside
+    assert sorted(p.name for p in out.iterdir()) == ["data.mdb", "lock.mdb", "report.json"]
+    (tmp_path / "notes.json").write_text('{"mine": 1}\n')  # a JSON file that is no report: kept
+    assert prepare_main([*args[:-1], str(tmp_path / "notes.json")]) == 2
+    assert "notes.json: exists and is not a report file" in capsys.readouterr().err
 
 
 def test_empty_and_all_bad_sources(tmp_path):

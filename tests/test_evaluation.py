@@ -488,7 +488,12 @@ def test_metrics_json_never_replaces_what_is_not_a_metrics_file(tmp_path, monkey
     with pytest.raises(OSError, match="not a regular file"):  # the writer itself never replaces one
         write_metrics(fifo, {"fid": 1.0})
     assert fifo.is_fifo()
-    (tmp_path / "old.json").write_text('{"fid": 1.0}\n')
+    (tmp_path / "manifest.json").write_text('{"num_images": 2, "images": {}}\n')  # JSON, not metrics
+    code, err = _cli_error([*args, str(tmp_path / "manifest.json")], capsys)
+    assert code == 2 and "manifest.json: exists and is not a metrics file" in err
+    (tmp_path / "empty.json").touch()  # nothing to lose
+    assert cli_main([*args, str(tmp_path / "empty.json")]) == 0
+    (tmp_path / "old.json").write_text('{"fid": 1.0, "num_outputs": 2}\n')
     link.symlink_to(tmp_path / "old.json")
     assert cli_main([*args, str(link)]) == 0
     assert link.is_symlink() and json.loads((tmp_path / "old.json").read_text())["num_pairs"] == 2

@@ -165,6 +165,12 @@ def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(r
         assert done.returncode == 2 and line.startswith(
             f"sample.py: error: {word}: {out} holds a run made with"
         )
+    other = tmp_path / "demo_copy.pt"  # the same weights, saved again: another file (sha256)
+    torch.save(torch.load(REPO / "checkpoints" / "demo.pt", weights_only=True), other)
+    done = runner(*cmd, "--model.checkpoint", str(other))
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+        f"sample.py: error: --model.checkpoint {other}: {out} holds a run made with another model (sha256 "
+    )
     tiny_sample(tmp_path, ["0_first"])  # a reference added in front: every index would move
     done = runner(*cmd)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
@@ -193,11 +199,12 @@ def test_a_reference_whose_content_changed_is_named_until_its_outputs_are_remove
     )
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before  # nothing rewritten
     (out / "b_s0.png").unlink()
-    again = runner(*cmd)
-    assert again.returncode == 0 and "(1 already there)" in again.stdout, again.stderr
+    shard = [*cmd, "--num_shards", "2", "--shard_index", "1"]  # b, made anew by another part of OUT
+    again = runner(*shard)
+    assert again.returncode == 0 and "wrote 1 images" in again.stdout, again.stdout + again.stderr
     assert (out / "a_s0.png").read_bytes() == before["a_s0.png"]
     assert (out / "b_s0.png").read_bytes() != before["b_s0.png"]  # made from the new b
-    assert runner(*cmd).returncode == 0  # its new content is now the recorded one
+    assert runner(*shard).returncode == 0  # the new content is recorded (the old part's entry is stale)
 
 
 def _start_together(out, seeds, monkeypatch) -> dict[int, str]:

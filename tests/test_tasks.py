@@ -5,6 +5,7 @@ resume and the per-task faithfulness metrics."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -168,7 +169,17 @@ def test_per_task_faithfulness_compares_p_of_output_and_reference(
         _args(reference_dir, refs, tmp_path / "o", "--task", "inpaint", "--mask", str(mask_png[0]))
     )
     result = run(config)
-    metrics = evaluate_run(dataclasses.replace(config, evaluate_against=str(refs)), result)["inpaint"]
+    manifest = json.loads(result.manifest.read_text())  # as a folder begun by an earlier version left it:
+    first = next(iter(manifest["images"]))
+    manifest["images"][first]["factor"] = 4  # an entry of its single N
+    stale = first.replace("_s0", "_N8_s0")  # and an output of one of its several N
+    (result.out_dir / stale).write_bytes((result.out_dir / first).read_bytes())
+    manifest["images"][stale] = {**manifest["images"][first], "factor": 8}
+    result.manifest.write_text(json.dumps(manifest))
+    everything = evaluate_run(dataclasses.replace(config, evaluate_against=str(refs)), result)
+    assert [k for k, v in everything.items() if isinstance(v, dict)] == ["inpaint"]  # one set, as now
+    metrics = everything["inpaint"]
+    assert metrics["num_pairs"] == 3
     assert metrics["psnr_kept"] == 100.0 and metrics["ssim_kept"] == pytest.approx(1.0)  # kept exactly
     assert metrics["psnr"] < 40 and "psnr_lowpass" not in metrics
 

@@ -248,6 +248,7 @@ def verify_lmdb(
 
 
 LMDB_FILES = ("data.mdb", "lock.mdb")  # what a dataset folder holds
+REPORT_KEYS = ("skipped", "sizes")  # what tells a report (--output.report) of this command
 
 
 def _clean_stale(out: Path) -> None:
@@ -284,17 +285,18 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    """``--output.dir``: a new folder whose parent can be made, or (``overwrite``) an LMDB dataset
-    folder and nothing else: --overwrite never deletes a folder of other files, or a file."""
+    """``--output.dir``: a new folder whose parent can be made, or (``overwrite``) a folder of an
+    LMDB dataset (and its report) or nothing: --overwrite never deletes other files, or a file."""
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise UsageError(f"--output.dir {out}: exists; pass --overwrite to replace it")
-        other = sorted(p.name for p in out.iterdir() if p.name not in LMDB_FILES) if out.is_dir() else None
-        if other is None or other or not (out / "data.mdb").is_file():
-            what = "a file" if other is None else f"holds {', '.join(other[:3]) or 'no data.mdb'}"
+        ours = lambda p: p.name in LMDB_FILES or (p.is_file() and cli.json_keys(p) & set(REPORT_KEYS))  # noqa: E731
+        other = sorted(p.name for p in out.iterdir() if not ours(p)) if out.is_dir() else None
+        if other is None or other:
+            what = "a file" if other is None else f"holds {', '.join(other[:3])}"
             raise UsageError(
                 f"--output.dir {out}: is not an LMDB dataset ({what}); --overwrite replaces only "
-                "a dataset folder (data.mdb, lock.mdb): choose a new folder"
+                "a dataset folder (data.mdb, lock.mdb, its report): choose a new folder"
             )
     file = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
     if file is not None:
@@ -505,7 +507,7 @@ def _main(argv: list[str]) -> int:
     if args.output.dir is None or args.size is None:
         raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
-    report_path = cli.check_output_file("output.report", args.output.report, "report file")
+    report_path = cli.check_output_file("output.report", args.output.report, "report file", REPORT_KEYS)
     cli.setup_logging()  # the progress lines of a log file
     stopped: list[int] = []
 

@@ -101,6 +101,10 @@ def _run_grid(folder: Path) -> Path | None:
     return folder / "grid.png" if ran else None
 
 
+class NoImages(ValueError):
+    """An image source (a folder, an LMDB, a list of files) that holds no image."""
+
+
 class ReferenceSet(Dataset):
     """The reference images of a translation run, from a folder, an LMDB dataset or image files.
 
@@ -127,7 +131,7 @@ class ReferenceSet(Dataset):
             self.names = [f.stem for f in self.files]
         elif self.source.is_dir() and (self.source / "data.mdb").is_file():
             if not (sizes := read_info(self.source).sizes):
-                raise ValueError(f"LMDB {self.source} holds no images")
+                raise NoImages(f"LMDB {self.source} holds no images")
             image_size = image_size or max(sizes)
             stored = min((s for s in sizes if s >= image_size), default=max(sizes))  # closest above
             self._lmdb = LMDBImageDataset(self.source, stored)
@@ -141,7 +145,7 @@ class ReferenceSet(Dataset):
         else:
             raise FileNotFoundError(f"reference source not found: {self.source}")
         if not self.names:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.source}")
+            raise NoImages(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.source}")
         if image_size is None:
             with Image.open(self.files[0]) as first:
                 image_size = min(first.size)
@@ -170,6 +174,17 @@ class ReferenceSet(Dataset):
             raise BadImage(f"{self.origin(index)}: {e}") from None
         return {"index": index, "name": self.names[index], "image": image}
 
+    def stamp(self, index: int) -> str | None:
+        """``"size:mtime_ns"`` of image ``index``'s file (None: in an LMDB, or unreadable): a rerun
+        that finds it unchanged does not read the file again for its :meth:`digest`."""
+        if self._lmdb is not None:
+            return None
+        try:
+            stat = self.files[self._check(int(index))].stat()
+        except OSError:
+            return None
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
     def digest(self, index: int) -> str | None:
         """SHA-256 of image ``index`` as stored (the file's bytes, or the LMDB record); None when
         it cannot be read. A rerun compares it with the one its outputs were made from."""
@@ -195,11 +210,11 @@ class ReferenceSet(Dataset):
 def open_image_source(
     flag: str, source: str | os.PathLike, size: Any = None, kind: type = ReferenceSet
 ) -> Any:
-    """``kind(source, size)``; a source that is no image set (no images, an empty LMDB) is a usage
-    error naming ``--flag``."""
+    """``kind(source, size)``; a source without images (an empty folder or LMDB) is a usage error
+    naming ``--flag`` (a damaged LMDB stays the reader's error: exit status 1)."""
     try:
         return kind(source, size)
-    except ValueError as err:
+    except NoImages as err:
         raise UsageError(f"--{flag} {source}: {err}") from None
 
 

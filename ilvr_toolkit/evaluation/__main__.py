@@ -66,7 +66,8 @@ def _check_options(config: Namespace) -> Path | None:
         raise UsageError(
             f"--inception_weights {config.inception_weights}: is a folder, expected the .pth file"
         )
-    metrics_json = check_output_file("metrics_json", config.metrics_json, "metrics file")
+    keys = ("num_outputs", "evaluate_against")  # this command's, sample.py's metrics.json
+    metrics_json = check_output_file("metrics_json", config.metrics_json, "metrics file", keys)
     for name, low in dict(
         batch_size=1, kid_subsets=1, kid_subset_size=1, workers=0, factor=1, image_size=1
     ).items():

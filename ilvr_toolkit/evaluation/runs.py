@@ -12,7 +12,7 @@ import torch
 from ..cli import UsageError
 from ..runtime import resolve_device
 from ..sampling import RunResult, SampleConfig
-from ..sampling.tasks import run_operators
+from ..sampling.tasks import FACTOR_FREE, run_operators
 from .api import evaluate_translation, format_table, write_metrics
 from .inception import InceptionFeatureExtractor, InceptionWeightsMissing
 
@@ -32,12 +32,21 @@ def check_evaluation(config: SampleConfig) -> None:
         raise UsageError(f"--inception_weights {error}") from None
 
 
+def _by_factor(images: dict[str, dict[str, Any]], task: str) -> dict[str, dict[str, Any]]:
+    """The manifest's ``images`` with the factor each is evaluated under: a task without N has one
+    set (None), without outputs named per N (``*_N<N>_s<k>``: earlier versions made one set per N)."""
+    if task not in FACTOR_FREE:
+        return images
+    plain = {k: v for k, v in images.items() if v.get("factor") is None or f"_N{v['factor']}_s" not in k}
+    return {k: {**v, "factor": None} for k, v in plain.items()}
+
+
 def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
     """Metrics of every factor of the run in ``result.out_dir`` (its manifest names the images
     and their references): written to ``metrics.json``, printed as tables (``config.published``
     beside ours), stored in ``result.metrics`` and returned."""
     (result.out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier one is not left as if current
-    images = json.loads(result.manifest.read_text())["images"]
+    images = _by_factor(json.loads(result.manifest.read_text())["images"], config.task)
     device, refs = str(resolve_device(config.device)), result.references
     metrics: dict[str, Any] = {"evaluate_against": config.evaluate_against}
     try:  # built once for every factor

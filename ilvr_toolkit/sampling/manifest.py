@@ -9,7 +9,6 @@ import functools
 import json
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,15 +77,16 @@ def check_same_run(
     path, now = out_dir / PARTS_DIR / "settings.json", {}
     for key, value in json.loads(json.dumps({k: config[k] for k in SAME_RUN}, default=str)).items():
         now.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    file = {"model.sha256": now.pop("model.checkpoint", None), "mask.sha256": config.get("mask")}
+    file = {"model.sha256": ("model.checkpoint", now.pop("model.checkpoint", None))}
+    file["mask.sha256"] = ("mask", config.get("mask"))
     now = _resolved({**now, **digests})  # the settings first, then the files' digests (model: only that)
     create_json_once(path, now)  # not check-then-write: of two runs started together, one's settings win
     before = _resolved({**_ADDED, **read_json(path)})
     for key in (key for key in now if key in before and now[key] != before[key] and key not in unused):
         if key in file:  # a file of other content than the run's
-            flag = key.removesuffix(".sha256")
+            flag, given = file[key]
             raise UsageError(
-                f"--{flag} {file[key]}: {out_dir} holds a run made with another {flag.split('.')[0]} "
+                f"--{flag} {given}: {out_dir} holds a run made with another {flag.split('.')[0]} "
                 f"(sha256 {str(before[key])[:12]}..., this one {str(now[key])[:12]}...) ({path})"
             )
         raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
@@ -98,38 +98,46 @@ def _resolved(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "references": str(Path(refs).resolve()) if isinstance(refs, str) else refs}
 
 
-def check_references_in_place(
-    out_dir: Path,
-    names: list[str],
-    references: str | None,
-    digest: Callable[[int], str | None] | None = None,
-    indices: range | None = None,
-) -> None:
+def check_references_in_place(out_dir: Path, names: list[str], references: str | None) -> None:
     """Every image recorded in ``OUT/.manifest`` was made from the reference that now has its
-    index (its noise is seeded by the index) and, where recorded, for references ``indices``
-    (a shard's; default all) from its content (``digest(i)``: the stored bytes' SHA-256, read
-    once per reference): references added after the last one are fine."""
-    now = functools.lru_cache(None)(digest) if digest is not None else None
+    index (its noise is seeded by the index): references added after the last one are fine."""
     for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
         for filename, entry in read_json(part).get("images", {}).items():
             index, name = entry.get("reference_index"), entry.get("reference")
-            if name is None or not (out_dir / filename).exists():  # a part may list an unwritten PNG
-                continue
-            if index >= len(names) or names[index] != name:
-                now_name = names[index] if index < len(names) else "no image"
+            made = name is not None and (out_dir / filename).exists()  # a part may list an unwritten PNG
+            if made and (index >= len(names) or names[index] != name):
+                now = names[index] if index < len(names) else "no image"
                 raise UsageError(
-                    f"--references {references}: reference {index} is now {now_name!r}, but {out_dir} made "
+                    f"--references {references}: reference {index} is now {now!r}, but {out_dir} made "
                     f"{filename} from {name!r} there (a file added, removed or renamed before it); "
                     "restore the folder or use a new --output.dir"
                 )
-            made_from = entry.get("reference_sha256")
-            mine = indices is None or index in indices
-            if now is not None and made_from is not None and mine and now(index) not in (made_from, None):
-                raise UsageError(
-                    f"--references {references}: {name!r} has changed since {out_dir} made {filename} "
-                    f"from it; restore it, delete its outputs ({name}_*.png) to make them anew, or use "
-                    "a new --output.dir"
-                )
+
+
+def check_reference_content(out_dir: Path, source: Any, references: str | None, indices: range) -> None:
+    """Every recorded image of references ``indices`` (a shard's) was made from the content its
+    reference has now: ``source.stamp(i)`` (size, mtime) as recorded, else ``source.digest(i)``
+    (the bytes' SHA-256, read once) among the digests recorded for that file (several parts may
+    hold one after a change of shards or ranks)."""
+    made: dict[str, list[dict[str, Any]]] = {}
+    for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
+        for filename, entry in read_json(part).get("images", {}).items():
+            if entry.get("reference_sha256") and entry.get("reference_index") in indices:
+                made.setdefault(filename, []).append(entry)
+    stamp, digest = functools.cache(source.stamp), functools.cache(source.digest)
+    for filename, entries in made.items():
+        index, name = entries[0]["reference_index"], entries[0]["reference"]
+        same_file = stamp(index) is not None and any(
+            e.get("reference_stamp") == stamp(index) for e in entries
+        )
+        if same_file or not (out_dir / filename).exists():
+            continue
+        if digest(index) not in {None, *(e["reference_sha256"] for e in entries)}:
+            raise UsageError(
+                f"--references {references}: {name!r} has changed since {out_dir} made {filename} "
+                f"from it; restore it, delete its outputs ({name}_*.png) to make them anew, or use "
+                "a new --output.dir"
+            )
 
 
 def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:

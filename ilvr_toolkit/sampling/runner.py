@@ -39,7 +39,14 @@ from .distributed import barrier, finish, init_ranks
 from .generate import Condition, generate, sampling_diffusion
 from .grid import build_grid
 from .labels import resolve_class_labels
-from .manifest import ManifestPart, check_references_in_place, check_same_run, merge_manifest, versions
+from .manifest import (
+    ManifestPart,
+    check_reference_content,
+    check_references_in_place,
+    check_same_run,
+    merge_manifest,
+    versions,
+)
 from .plan import WorkItem, batches, plan_items, shard_range
 from .shards import fixed_shard_count, run_summary
 from .tasks import reference_set, run_factors, run_operators, task_setup
@@ -162,12 +169,13 @@ class _References:
             [f"{i:06d}" for i in range(config.num_samples)] if self.source is None else self.source.names
         )
         self.failed: dict[str, str] = {}  # reference name: why it could not be read
-        self.digests: dict[int, str | None] = {}  # index: SHA-256 of the bytes decoded
+        self.digests: dict[int, dict[str, str | None]] = {}  # index: stamp and SHA-256 of the bytes decoded
         self.get = functools.lru_cache(cache_size)(self._read)
 
     def _read(self, index: int) -> torch.Tensor | None:
         """uint8 (3, H, W), or None when unreadable (the error is kept in ``failed``)."""
-        self.digests[index] = self.source.digest(index)  # before decoding: a change after it is seen
+        stamp = self.source.stamp(index)  # before reading: a change after it is seen
+        self.digests[index] = {"reference_stamp": stamp, "reference_sha256": self.source.digest(index)}
         item, error = self.source.try_get(index)
         if item is None:
             self.failed[self.names[index]] = error or "unreadable"
@@ -273,8 +281,9 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
     unused = ("ilvr.factor",) if factors == [None] and not refs.unconditional else ()  # inpaint, colorize
     check_same_run(out_dir, config.to_dict(), digests, unused)  # all checked: a rerun must match
-    digest = refs.source and refs.source.digest  # None: unconditional
-    check_references_in_place(out_dir, refs.names, config.references, digest, indices)
+    check_references_in_place(out_dir, refs.names, config.references)
+    if not refs.unconditional:
+        check_reference_content(out_dir, refs.source, config.references, indices)
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
@@ -327,7 +336,7 @@ def _sample_all(
             io.drain()  # batch k-1's PNGs are on disk (bounded memory; write errors surface here)
             for item in done:
                 entry = {"reference": refs.names[item.reference], "reference_index": item.reference}
-                entry.update({"reference_sha256": refs.digests.get(item.reference)} if refs.source else {})
+                entry.update(refs.digests.get(item.reference, {}))
                 entry.update(sample=item.sample, factor=item.factor, seed=item.seed)
                 entry.update(seconds=round(seconds, 4), batch_size=len(batch), rank=ranks.rank)
                 part.images[item.filename] = entry
