@@ -854,6 +854,11 @@ def test_resume_applies_a_changed_lr(
     assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.1]
     used = load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]
     assert used["initial_lr"] == 0.1
+    run_inprocess(
+        common_args(lmdb_path, tmp_path / "b", **{"trainer.max_steps": 1, "model.optim.warmup_steps": 8})
+    )
+    cli = run_inprocess(common_args(lmdb_path, tmp_path / "b", **{"trainer.max_steps": 2}))  # no warmup now
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 3e-4  # not stuck at 1/8 of it
 
 
 def test_resume_at_an_epoch_end_draws_the_uninterrupted_runs_t_and_noise(tmp_path: Path) -> None:
@@ -895,6 +900,7 @@ def test_data_path_and_export_output_dir_mistakes_name_the_flag(
             "has no images of size 64 (the model's image_size); sizes available: 16, 32; build one with",
         ),
         (lmdb_path.parent / "images", f"no LMDB at {lmdb_path.parent / 'images'} (missing "),
+        (lmdb_path / "data.mdb", "is a file, expected an LMDB folder; build one with"),
     ):
         args = common_args(path, tmp_path / "run", **{"model.unet": big, "trainer.max_steps": 1})
         assert train_main(["fit", *args]) == 2
@@ -902,13 +908,12 @@ def test_data_path_and_export_output_dir_mistakes_name_the_flag(
         assert err.startswith(f"train.py: error: --data.path {path}: {said}"), err
         assert "ilvr_toolkit.data.prepare" in err and "--size 64" in err
     (tmp_path / "file").write_text("")
-    assert (
-        export_main([str(tiny_run / "checkpoints" / "last.ckpt"), "--output.dir", str(tmp_path / "file")])
-        == 2
-    )
-    assert capsys.readouterr().err == (
-        f"train.py export: error: --output.dir {tmp_path / 'file'}: is a file, expected a folder (made if missing)\n"
-    )
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert export_main([str(tiny_run / "checkpoints" / "last.ckpt"), "--output.dir", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"train.py export: error: --output.dir {out}: {tmp_path / 'file'} is a file, expected a folder "
+            "(made if missing)\n"
+        )
 
 
 def test_auto_resume_passes_over_a_foreign_pickle(lmdb_path: Path, tmp_path: Path) -> None:

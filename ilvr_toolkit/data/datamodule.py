@@ -86,6 +86,10 @@ class ImageDataModule(pl.LightningDataModule):
         """:class:`UsageError` naming ``--data.path`` for a path without an LMDB (an image folder) or an
         LMDB without the model's image size (a damaged LMDB is the reader's error, exit status 1)."""
         build = f"python -m ilvr_toolkit.data.prepare IMAGES --output.dir OUT.lmdb --size {self.image_size}"
+        if Path(self.path).is_file():
+            raise UsageError(
+                f"--data.path {self.path}: is a file, expected an LMDB folder; build one with {build}"
+            )
         try:
             sizes = read_info(self.path).sizes
         except FileNotFoundError as error:

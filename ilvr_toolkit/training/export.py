@@ -63,8 +63,8 @@ def export_checkpoint(
         run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
         out_dir = run_dir / "export"
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output.dir {out_dir}: is a file, expected a folder (made if missing)")
+    if file := next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None):
+        raise UsageError(f"--output.dir {out_dir}: {file} is a file, expected a folder (made if missing)")
     name = name or f"{weights}_step{step:08d}"
     info = dict(checkpoint.get("ilvr_toolkit") or {})
     extra = {"weights": weights, "global_step": step, "epoch": int(checkpoint.get("epoch", 0))}

@@ -264,7 +264,10 @@ class DiffusionModule(pl.LightningModule):
                 differ = {k: v for k, v in ours.items() if theirs.get(k) != v}
                 changed.update({k: f"{k} {v} (the checkpoint's: {theirs.get(k)})" for k, v in differ.items()})
                 group.update({k: v for k, v in ours.items() if k != "lr"})
-                if base != ours["lr"]:  # scaled: the warmup's factor stays
+                if int(optim["warmup_steps"]) <= 0 and group["lr"] != ours["lr"]:  # no warmup now: none left
+                    changed["lr"] = f"lr {ours['lr']} (the checkpoint's: {group['lr']}, within its warmup)"
+                    group["lr"] = ours["lr"]
+                elif base != ours["lr"]:  # scaled: the warmup's factor stays
                     group["lr"] = ours["lr"] * (group["lr"] / base if base else 1.0)
                     group.update({"initial_lr": ours["lr"]} if "initial_lr" in group else {})
         for schedule in checkpoint.get("lr_schedulers") or []:
