@@ -174,6 +174,13 @@ def check_paths(named: Mapping[str, Any]) -> None:
             raise UsageError(f"--{option} {path}: no such file or folder")
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The first of ``folder`` and its parents that exists as something other than a folder (a
+    file that keeps the folder from being made), or None."""
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def check_output_file(option: str, path: str | None, what: str, keys: Collection[str]) -> Path | None:
     """Before any work: ``path`` can be written as a JSON file, else :class:`UsageError` naming it.
     What is there is never lost: the write replaces only an empty file or a JSON object with one

@@ -298,8 +298,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
                 f"--output.dir {out}: is not an LMDB dataset ({what}); --overwrite replaces only "
                 "a dataset folder (data.mdb, lock.mdb, its report): choose a new folder"
             )
-    file = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
-    if file is not None:
+    if (file := cli.file_in_the_way(out.parent)) is not None:
         raise UsageError(f"--output.dir {out}: {file} is a file, expected a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import functools
 import json
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,20 +99,26 @@ def _resolved(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "references": str(Path(refs).resolve()) if isinstance(refs, str) else refs}
 
 
+def recorded_images(out_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(file name, entry) of every image in every part of ``OUT/.manifest`` (one file may be in
+    several parts after a change of shards or ranks)."""
+    for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
+        yield from read_json(part).get("images", {}).items()
+
+
 def check_references_in_place(out_dir: Path, names: list[str], references: str | None) -> None:
     """Every image recorded in ``OUT/.manifest`` was made from the reference that now has its
     index (its noise is seeded by the index): references added after the last one are fine."""
-    for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
-        for filename, entry in read_json(part).get("images", {}).items():
-            index, name = entry.get("reference_index"), entry.get("reference")
-            made = name is not None and (out_dir / filename).exists()  # a part may list an unwritten PNG
-            if made and (index >= len(names) or names[index] != name):
-                now = names[index] if index < len(names) else "no image"
-                raise UsageError(
-                    f"--references {references}: reference {index} is now {now!r}, but {out_dir} made "
-                    f"{filename} from {name!r} there (a file added, removed or renamed before it); "
-                    "restore the folder or use a new --output.dir"
-                )
+    for filename, entry in recorded_images(out_dir):
+        index, name = entry.get("reference_index"), entry.get("reference")
+        made = name is not None and (out_dir / filename).exists()  # a part may list an unwritten PNG
+        if made and (index >= len(names) or names[index] != name):
+            now = names[index] if index < len(names) else "no image"
+            raise UsageError(
+                f"--references {references}: reference {index} is now {now!r}, but {out_dir} made "
+                f"{filename} from {name!r} there (a file added, removed or renamed before it); "
+                "restore the folder or use a new --output.dir"
+            )
 
 
 def check_reference_content(out_dir: Path, source: Any, references: str | None, indices: range) -> None:
@@ -120,10 +127,9 @@ def check_reference_content(out_dir: Path, source: Any, references: str | None, 
     (the bytes' SHA-256, read once) among the digests recorded for that file (several parts may
     hold one after a change of shards or ranks)."""
     made: dict[str, list[dict[str, Any]]] = {}
-    for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
-        for filename, entry in read_json(part).get("images", {}).items():
-            if entry.get("reference_sha256") and entry.get("reference_index") in indices:
-                made.setdefault(filename, []).append(entry)
+    for filename, entry in recorded_images(out_dir):
+        if entry.get("reference_sha256") and entry.get("reference_index") in indices:
+            made.setdefault(filename, []).append(entry)
     stamp, digest = functools.cache(source.stamp), functools.cache(source.digest)
     for filename, entries in made.items():
         index, name = entries[0]["reference_index"], entries[0]["reference"]

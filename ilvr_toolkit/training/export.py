@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from jsonargparse import ArgumentParser
 
-from ilvr_toolkit.cli import UsageError, make_parser, normalize_options, run_command
+from ilvr_toolkit.cli import UsageError, file_in_the_way, make_parser, normalize_options, run_command
 from ilvr_toolkit.models import (
     UNetConfig,
     check_state_dict,
@@ -63,7 +63,7 @@ def export_checkpoint(
         run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
         out_dir = run_dir / "export"
     out_dir = Path(out_dir)
-    if file := next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None):
+    if file := file_in_the_way(out_dir):
         raise UsageError(f"--output.dir {out_dir}: {file} is a file, expected a folder (made if missing)")
     name = name or f"{weights}_step{step:08d}"
     info = dict(checkpoint.get("ilvr_toolkit") or {})
