@@ -836,6 +836,14 @@ def test_ckpt_path_keeps_the_given_settings_and_refuses_another_model(
     cli = run_inprocess(args + ["--trainer.max_steps", "1"])  # the checkpoint's step is past it: no step
     assert cli.model.hparams.optim["lr"] == 0.1 and cli.config.fit.model.optim.lr == 0.1
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["optim"]["lr"] == 0.1
+    # settings given at their defaults count as given: the default UNet (tiny), a config's lr 1e-4
+    args = common_args(lmdb_path, tmp_path / "run2", ckpt_path=last, **{"model.unet": "tiny"})
+    assert train_main(["fit", *args]) == 2
+    assert "--model.unet: --ckpt_path" in capsys.readouterr().err.strip().splitlines()[-1]
+    default_lr = tmp_path / "lr.yaml"
+    default_lr.write_text("model:\n  optim:\n    lr: 0.0001\n")
+    args = common_args(lmdb_path, tmp_path / "run3", ckpt_path=last) + ["--config", str(default_lr)]
+    assert run_inprocess(args + ["--trainer.max_steps", "1"]).model.hparams.optim["lr"] == 1e-4
 
 
 def test_resume_applies_a_changed_lr(

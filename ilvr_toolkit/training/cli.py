@@ -197,7 +197,7 @@ class TrainCLI(LightningCLI):
             )
         if ckpt:
             self.ckpt_hparams = _resume_hparams(parser, self.config, ckpt)
-            self.given_model = self._given_model_settings(fit.model, ckpt)
+            self.given_model = self._given_model_settings(fit.model, ckpt, _model_keys_named(args))
         holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
         if holder is not None:
             raise UsageError(f"--trainer.default_root_dir {run_dir}: in use by {holder} ({run_dir}/.lock)")
@@ -222,11 +222,11 @@ class TrainCLI(LightningCLI):
             if trainer.get(key) is not None:
                 check_range(f"trainer.{key}", trainer[key], low)
 
-    def _given_model_settings(self, model: Any, ckpt: str) -> dict[str, Any]:
-        """The ``model.*`` settings given (not at their defaults), before LightningCLI puts the
-        ``--ckpt_path`` checkpoint's over them; a UNet of another architecture is refused."""
+    def _given_model_settings(self, model: Any, ckpt: str, named: set[str]) -> dict[str, Any]:
+        """The ``model.*`` settings given (``named`` keys, or not at their defaults), before LightningCLI
+        puts the ``--ckpt_path`` checkpoint's over them; a UNet of another architecture is refused."""
         defaults = self.fit_parser.get_defaults().model
-        given = {k: v for k, v in model.items() if v != defaults.get(k)}
+        given = {k: v for k, v in model.items() if _named(k, named) or v != defaults.get(k)}
         if "unet" in given:
             ours, theirs = resolve_unet_config(given["unet"]), self.ckpt_hparams.get("unet")
             if differ := _model_differences(theirs, ours.architecture()):
@@ -362,6 +362,50 @@ def _model_differences(stored: Any, ours: dict[str, Any]) -> str:
     differs from ``ours`` (``UNetConfig.architecture()``), e.g. ``channel_mult [1] vs [1, 2]``; '' if none."""
     theirs = resolve_unet_config(stored).architecture() if stored is not None else ours
     return ", ".join(f"{k} {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v)
+
+
+def _named(key: str, named: set[str]) -> bool:
+    """Whether setting ``key`` (``optim.lr``; ``unet``, a dict) is, is in, or holds one of ``named``."""
+    return any(n == key or n.startswith(f"{key}.") or key.startswith(f"{n}.") for n in named)
+
+
+def _model_keys_named(args: Any) -> set[str]:
+    """The ``model.*`` keys that ``args`` (None: ``sys.argv[1:]``) or its ``--config`` files set,
+    even to their defaults: ``--model.unet tiny`` names ``unet``, ``model: {optim: {lr: 1}}`` ``optim.lr``."""
+    if isinstance(args, dict):
+        sections = [_model_section(args)]
+    else:
+        args = sys.argv[1:] if args is None else list(args)
+        sections = [_model_section(_yaml_text(Path(path).read_text())) for path in check_config_files(args)]
+        for token, after in zip(args, [*args[1:], ""], strict=True):
+            option, eq, value = token.partition("=")
+            if option == "--model":
+                sections.append(_yaml_text(value if eq else after))
+            elif option.startswith("--model."):
+                sections.append({option.removeprefix("--model."): None})
+    return {key for section in sections for key in _dotted(section)}
+
+
+def _dotted(section: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves: ``{optim: {lr: 1}}`` -> ``[optim.lr]``."""
+    if not isinstance(section, dict):
+        return [prefix.rstrip(".")] if prefix else []
+    return [key for k, v in section.items() for key in _dotted(v, f"{prefix}{k}.")]
+
+
+def _model_section(config: Any) -> Any:
+    """``config``'s ``model`` (or ``fit: model``) section, if it has one."""
+    config = config.get("fit", config) if isinstance(config, dict) else None
+    return config.get("model") if isinstance(config, dict) else None
+
+
+def _yaml_text(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None  # the parser names it
 
 
 def _resume_hparams(parser: LightningArgumentParser, config: Any, path: str) -> dict[str, Any]:
