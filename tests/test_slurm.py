@@ -222,6 +222,24 @@ def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_pa
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 30
 
 
+def test_a_job_whose_first_argument_is_no_config_file_says_so(cluster: None, tmp_path: Path) -> None:
+    """``sbatch SCRIPT --config F`` (the config file goes first): one line in the log, FAILED 2,
+    not ``--config --config: cannot read``; no argument at all: the usage line."""
+    cases = {
+        "train": ("scripts/slurm/train.sbatch", "--config", "configs/tiny.yaml"),
+        "sample": ("--array=0", "scripts/slurm/sample_array.sbatch", "--config", "configs/sample_demo.yaml"),
+        "bare": ("scripts/slurm/train.sbatch",),
+    }
+    jobs = {name: sbatch(f"--output={tmp_path}/{name}.out", *args) for name, args in cases.items()}
+    for name, job in jobs.items():
+        info, text = wait_job(job), (tmp_path / f"{name}.out").read_text()
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+        got = "" if name == "bare" else "the config file comes first, got --config; "
+        script = "sample_array.sbatch" if name == "sample" else "train.sbatch"
+        assert text.startswith(f"error: {got}usage: sbatch "), text
+        assert script in text and len(text.splitlines()) == 1, text
+
+
 def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp_path: Path) -> None:
     """One job pre-empted twice: ``scancel --signal=USR1 --batch`` (to the batch shell, as
     ``--signal=B:USR1@120`` near the time limit) while Python still starts (the shell keeps

@@ -31,6 +31,17 @@ WORKERS=$((CPUS > 1 ? CPUS - 1 : 0))
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" 2>/dev/null | head -n 1)
 export MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
 
+# config_first USAGE ARGS...: the job's first argument is its config file, not an option (the
+# command would read the option as the file's name).
+config_first() {
+    local usage=$1
+    shift
+    if [ $# -eq 0 ] || [[ "$1" == -* ]]; then
+        echo "error: ${1:+the config file comes first, got $1; }usage: ${usage}" >&2
+        return 1
+    fi
+}
+
 # From here on a stop signal to this shell is kept for run_step (the default would end the job).
 STOP_SIGNAL="" STOP_PENDING=""
 trap 'STOP_SIGNAL=${STOP_SIGNAL:-USR1}; STOP_PENDING=1' USR1
