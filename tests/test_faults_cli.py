@@ -230,7 +230,18 @@ CASES = [
     ("sample-bad-yaml", [*SAMPLE, "--config", "{bad_yaml}"], 2, ["{bad_yaml}"]),
     ("sample-unknown-key", [*SAMPLE, "--config", "{unknown_yaml}"], 2, ["modle"]),
     ("sample-preset", [*SAMPLE, "--model.preset", "ffhq99"], 2, ["ffhq99"]),
-    ("sample-out-under-file", [*SAMPLE, "--output.dir", "{txt}/out"], None, ["notes.txt"]),
+    (
+        "sample-out-under-file",  # named before the model loads, exit 2
+        [*SAMPLE, "--output.dir", "{txt}/out"],
+        2,
+        ["--output.dir {txt}/out: cannot be made: {txt} is a file, expected a folder"],
+    ),
+    (
+        "sample-out-unmakeable",
+        [*SAMPLE, "--output.dir", "/sys/ilvr_out/x"],
+        2,
+        ["--output.dir /sys/ilvr_out/x"],
+    ),
     ("sample-precision", [*SAMPLE, "--precision", "fp8"], 2, ["--precision", "fp8"]),
     ("sample-seed-type", [*SAMPLE, "--seed", "1.5"], 2, ["--seed", "1.5"]),
     # ---- the dataset converter

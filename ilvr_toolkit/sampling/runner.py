@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batchjob import LineProgress, StopSignals, leave_note
-from ..cli import UsageError
+from ..cli import UsageError, file_in_the_way
 from ..diffusion import DiffusionConfig, GaussianDiffusion, get_named_beta_schedule
 from ..fileio import remove_dead_temps
 from ..models import (
@@ -240,15 +240,32 @@ def _check_output_dir(config: SampleConfig) -> None:
         raise UsageError(
             f"--output.dir {given}: a dangling link (to {os.readlink(given)}); expected a folder"
         )
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output.dir {config.output.dir}: is a file, expected a folder")
+    if (file := file_in_the_way(out)) is not None:
+        where = "is a file" if file == out else f"cannot be made: {file} is a file"
+        raise UsageError(f"--output.dir {config.output.dir}: {where}, expected a folder")
     if out.exists() and not os.access(out, os.W_OK | os.X_OK):
         raise UsageError(f"--output.dir {config.output.dir}: not writable (permission denied)")
+    if not out.exists():
+        _try_making(out, f"--output.dir {config.output.dir}")
     refs = None if config.unconditional or not config.references else Path(config.references).resolve()
     if refs is not None and refs.is_dir() and out.is_relative_to(refs):
         raise UsageError(
             f"--output.dir {config.output.dir}: inside --references {config.references}; choose another"
         )
+
+
+def _try_making(folder: Path, option: str) -> None:
+    """Make ``folder`` (and its missing parents) and remove them again: a folder that cannot be
+    made is named before the model loads, and a refused run leaves nothing behind."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True)
+    except OSError as error:  # no permission, a read-only or special file system
+        raise UsageError(f"{option}: cannot be made: {error.strerror or error}") from None
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
