@@ -267,14 +267,14 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     config = dataclasses.replace(config, class_labels=labels)
     factors = run_factors(config, refs.unconditional)
     condition = task_setup(config, image_size, diffusion, device, [] if refs.unconditional else factors)
-    # only now, all checked: a failed first attempt does not fix its settings for the array's reruns
-    config = dataclasses.replace(config, num_shards=fixed_shard_count(config))
+    config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # stored: the run's
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
     per_reference = 1 if refs.unconditional else config.samples_per_reference
     options = dict(factors=factors, run_seed=config.seed, indices=indices)
     items = plan_items(refs.names, samples_per_reference=per_reference, **options)
     mine = items[ranks.rank :: ranks.world_size]
-    part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)  # held: a second copy is refused
+    alone = config.num_shards == 1 and ranks.world_size == 1  # held: a second copy is refused
+    part = ManifestPart.open(out_dir, config.shard_index, ranks.rank, alone)
     remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
@@ -284,6 +284,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     check_references_in_place(out_dir, refs.names, config.references)
     if not refs.unconditional:
         check_reference_content(out_dir, refs.source, config.references, indices)
+    fixed_shard_count(config, record=True)  # only now, all checked: a refused attempt fixes nothing
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
@@ -291,7 +292,8 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     if ranks.is_main and STOP.requested:
         leave_note(f"stopped after a batch, {len(result.written)} images written")
     elif ranks.is_main:
-        if (whole := run_summary(config)) is not None:  # None: other shards to finish, or merging
+        whole = run_summary(config, refs.names, refs.unconditional)  # None: shards to finish, or merging
+        if whole is not None:
             _summarize(whole, loaded, diffusion, refs, result)
     result.failed_references, result.references = dict(refs.failed), refs
     result.seconds = time.perf_counter() - start
