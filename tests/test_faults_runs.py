@@ -377,6 +377,14 @@ def test_a_refused_shard_fixes_nothing_and_the_merge_keeps_the_images_settings(r
     assert runner(*MERGE, str(out)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["seed"] == 0 and manifest["num_images"] == 2
+    record = json.loads((out / ".shards.json").read_text())
+    record["config"]["seed"] = 1  # as an older version stored it
+    (out / ".shards.json").write_text(json.dumps(record))
+    done = runner(*MERGE, str(out))
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
+        f"python -m ilvr_toolkit.sampling.merge: error: {out / '.shards.json'}: its config is not the one "
+        f"the images were made with (--seed 1: {out} holds a run made with 0"
+    ), done.stderr[-2000:]
 
 
 def test_a_stale_done_marker_is_no_finished_shard(runner, tmp_path):

@@ -16,9 +16,11 @@ from pathlib import Path
 from ..cli import UsageError, make_parser, parse_options, run_command, setup_logging
 from ..fileio import lock_folder
 from .config import SampleConfig
+from .manifest import PARTS_DIR
 from .runner import (
     RunResult,
     _check_model_options,
+    _check_settings,
     _diffusion_for,
     _load,
     _References,
@@ -54,6 +56,16 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out_dir)))
     loaded, _ = _load(config, resolve_device(config.device))
     refs = _References(config, loaded.unet_config.image_size)
+    if (out_dir / PARTS_DIR / "settings.json").is_file():  # an older version stored a refused attempt's
+        try:
+            _check_settings(config, loaded, refs.unconditional)
+        except UsageError as raised:
+            error = raised
+        if error is not None:  # raised here, not in the handler: the one-line error names the file
+            raise ValueError(
+                f"{count_file}: its config is not the one the images were made with ({error}): delete it "
+                "and rerun any shard of the run (it stores the run's config again), then merge"
+            )
     missing = missing_shards(out_dir, config, refs.names, refs.unconditional)
     if missing and not force:
         raise UsageError(

@@ -278,9 +278,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
-    digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
-    unused = ("ilvr.factor",) if factors == [None] and not refs.unconditional else ()  # inpaint, colorize
-    check_same_run(out_dir, config.to_dict(), digests, unused)  # all checked: a rerun must match
+    _check_settings(config, loaded, refs.unconditional)  # all checked: a rerun must match
     check_references_in_place(out_dir, refs.names, config.references)
     if not refs.unconditional:
         check_reference_content(out_dir, refs.source, config.references, indices)
@@ -298,6 +296,13 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     result.failed_references, result.references = dict(refs.failed), refs
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_settings(config: SampleConfig, loaded: LoadedModel, unconditional: bool) -> None:
+    """The images in ``config.output.dir`` were made with ``config``'s settings (``check_same_run``)."""
+    digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
+    no_factor = run_factors(config, unconditional) == [None] and not unconditional  # inpaint, colorize
+    check_same_run(Path(config.output.dir), config.to_dict(), digests, ("ilvr.factor",) if no_factor else ())
 
 
 def _sample_all(
