@@ -115,10 +115,11 @@ def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
-def lock_folder(folder: str | os.PathLike[str], name: str = ".lock") -> str | None:
+def lock_folder(folder: str | os.PathLike[str], name: str = ".lock", shared: bool = False) -> str | None:
     """Hold ``FOLDER/NAME`` (``pid host``) until this process ends, however; None, or its holder.
     A POSIX lock: forked children (DataLoader workers) do not inherit it, the same process may retake it;
-    a file left by a killed holder (or by ``touch``) is simply taken."""
+    a file left by a killed holder (or by ``touch``) is simply taken. ``shared``: a read lock, held
+    beside other shared ones but refused (and refusing) an exclusive one."""
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -126,7 +127,7 @@ def lock_folder(folder: str | os.PathLike[str], name: str = ".lock") -> str | No
     except PermissionError as error:  # another user's lock file in a shared folder
         return _unlocked(path, error)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):
         holder = os.read(fd, 512).decode(errors="replace").split() + ["?", "?"]
         os.close(fd)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from clirunner import REPO
 from faultkit import flip_tensor_bytes
-from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
+from test_faults_cli import MERGE, TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
 
 from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.fileio import lock_folder, remove_dead_temps
@@ -284,13 +284,17 @@ def test_settings_file_without_hard_links(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["settings.json"]
 
 
-def _hold(path, name: str) -> subprocess.Popen:
-    """A live process of this host holding ``path/name`` (as a running merge or sample.py would)."""
+def _hold(path, name: str, shared: bool = False) -> subprocess.Popen:
+    """A live process of this host holding ``path/name`` (as a running merge or sample.py would;
+    ``shared``: as a running shard holds ``OUT/.lock``)."""
     code = "import sys, time; from ilvr_toolkit.fileio import lock_folder; "
-    code += "print(lock_folder(sys.argv[1], sys.argv[2]), flush=True); time.sleep(600)"
+    code += "print(lock_folder(sys.argv[1], sys.argv[2], len(sys.argv) > 3), flush=True); time.sleep(600)"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(path), name], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", code, str(path), name, *(["shared"] if shared else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert holder.stdout.readline().strip() == "None"
     return holder
@@ -330,16 +334,27 @@ def test_a_stale_merge_lock_is_taken_over_a_live_one_defers_and_merge_runs_from_
 
 
 def test_a_second_sample_py_into_one_folder_is_refused_while_shards_run_side_by_side(runner, tmp_path):
+    """A running one-process sample.py locked out only shard 0: shard 1 ran beside it."""
     out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
-    holder = _hold(out, ".lock")  # a running sample.py (or shard 0 of a job array) holds OUT/.lock
+
+    def refused(extra: list[str], holder: subprocess.Popen) -> None:
+        done = runner(*cmd, *extra)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+            f"sample.py: error: --output.dir {out}: in use by pid {holder.pid} on {socket.gethostname()} "
+            f"({out / '.lock'})"
+        ), done.stderr[-2000:]
+
+    holder = _hold(out, ".lock")  # a running one-process sample.py holds OUT/.lock
     try:
-        for extra in ([], ["--num_shards", "2", "--shard_index", "0"]):
-            done = runner(*cmd, *extra)
-            assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
-                f"sample.py: error: --output.dir {out}: in use by pid {holder.pid} on {socket.gethostname()} "
-                f"({out / '.lock'})"
-            )
-        assert not list(out.glob("*.png"))
+        for k in ([], ["0"], ["1"]):
+            refused(["--num_shards", "2", "--shard_index", *k] if k else [], holder)
+        assert not list(out.glob("*.png")) and not (out / ".shards.json").exists()  # refused: nothing fixed
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _hold(out, ".lock", shared=True)  # a running shard holds OUT/.lock shared
+    try:
+        refused([], holder)  # a one-process run beside a shard
         done = runner(*cmd, "--num_shards", "2", "--shard_index", "1")  # its own part, its own lock
         assert done.returncode == 0 and [p.name for p in out.glob("*.png")] == ["b_s0.png"], done.stderr
     finally:
@@ -347,6 +362,51 @@ def test_a_second_sample_py_into_one_folder_is_refused_while_shards_run_side_by_
         holder.wait()
     assert runner(*cmd, "--num_shards", "2", "--shard_index", "0").returncode == 0  # the holder is gone
     assert (out / "manifest.json").exists()
+
+
+def test_a_refused_shard_fixes_nothing_and_the_merge_keeps_the_images_settings(runner, tmp_path):
+    """A shard refused for its --seed stored its config in OUT/.shards.json: the merge wrote it."""
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
+    assert runner(*cmd).returncode == 0
+    (out / "manifest.json").unlink()
+    (out / "b_s0.png").unlink()  # a run stopped midway
+    done = runner(*cmd, "--shard_index", "0", "--num_shards", "2", "--seed", "1")
+    assert done.returncode == 2 and not (out / ".shards.json").exists(), done.stderr[-2000:]
+    for k in ("0", "1"):
+        assert runner(*cmd, "--shard_index", k, "--num_shards", "2").returncode == 0
+    assert runner(*MERGE, str(out)).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == 0 and manifest["num_images"] == 2
+    record = json.loads((out / ".shards.json").read_text())
+    record["config"]["seed"] = 1  # as an older version stored it
+    (out / ".shards.json").write_text(json.dumps(record))
+    done = runner(*MERGE, str(out))
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
+        f"python -m ilvr_toolkit.sampling.merge: error: {out / '.shards.json'}: its config is not the one "
+        f"the images were made with (--seed 1: {out} holds a run made with 0"
+    ), done.stderr[-2000:]
+
+
+def test_a_stale_done_marker_is_no_finished_shard(runner, tmp_path):
+    """Markers were never checked: references added or an output deleted, a rerun merged a subset."""
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b", "c", "d"]) + ["--num_shards", "2"]
+    for k in ("0", "1"):
+        assert runner(*cmd, "--shard_index", k).returncode == 0
+    (out / "manifest.json").unlink()
+    tiny_sample(tmp_path, ["e", "f"])  # appended: shard 1 is now d, e, f
+    for why in ("finished with other references or settings", "d_s0.png missing"):
+        done = runner(*cmd, "--shard_index", "0")
+        assert done.returncode == 0 and not (out / "manifest.json").exists(), done.stderr[-2000:]
+        assert f"shard 0 done; waiting for shards [1] ({why}) before the merge" in done.stderr
+        merged = runner(*MERGE, str(out))
+        assert merged.returncode == 2 and merged.stderr.strip().splitlines()[-1] == (
+            f"python -m ilvr_toolkit.sampling.merge: error: {out}: shards [1] ({why}) of 2 are incomplete; "
+            "rerun them (sbatch --array=<those> with the same command) or pass --force to merge what is there"
+        )
+        assert runner(*cmd, "--shard_index", "1").returncode == 0
+        assert json.loads((out / "manifest.json").read_text())["num_images"] == 6
+        (out / "manifest.json").unlink()
+        (out / "d_s0.png").unlink()  # an output of shard 1 deleted
 
 
 def test_the_rerun_check_compares_resolved_paths_and_the_model_by_its_digest(runner, tmp_path):
@@ -437,6 +497,16 @@ def test_a_failed_first_shard_does_not_fix_the_run_and_a_damaged_record_is_one_l
             lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO ")]
             assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
             assert f"error: {out / '.shards.json'}: damaged" in lines[0] and "delete it" in lines[0], lines
+    for damaged, why in (
+        ('{"num_shards": 3, "conf', "not valid JSON"),  # truncated
+        ('{"num_shards": 3, "config": {}}', "its config is not sample.py's (--model.checkpoint: no model"),
+        ('{"num_shards": 3, "config": {"batch_size": "x"}}', "its config is not sample.py's (--batch_size x"),
+    ):
+        (out / ".shards.json").write_text(damaged)
+        result = runner("-m", "ilvr_toolkit.sampling.merge", str(out))
+        lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("INFO ")]
+        assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+        assert f"error: {out / '.shards.json'}: {why}" in lines[0] and "delete it" in lines[0], lines
 
 
 def test_a_folder_that_cannot_be_locked_is_worked_in_with_a_warning(tmp_path, monkeypatch, caplog):

@@ -194,7 +194,7 @@ def test_shard_count_is_fixed_and_the_merge_waits_for_every_shard(tmp_path: Path
     )
     merge = [sys.executable, "-m", "ilvr_toolkit.sampling.merge", str(out)]
     waiting = subprocess.run(merge, cwd=REPO, capture_output=True, text=True)
-    assert waiting.returncode == 2 and "shards [1] of 2 have not finished" in waiting.stderr
+    assert waiting.returncode == 2 and "shards [1] (not finished) of 2 are incomplete" in waiting.stderr
     assert sample("--shard_index", "1", "--num_shards", "2").returncode == 0
     assert json.loads((out / "manifest.json").read_text())["num_images"] == 4
 

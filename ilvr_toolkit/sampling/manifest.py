@@ -45,14 +45,15 @@ class ManifestPart:
     failed: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, out_dir: Path, shard: int, rank: int) -> ManifestPart:
-        """The part, held until the process ends: ``OUT/.lock`` for shard 0's rank 0 (a one-process
-        run's), ``.manifest/shard<s>-rank<r>.lock`` for the others (a POSIX lock recording its pid and
-        host; a killed holder's is free). UsageError naming the live holder of this part."""
+    def open(cls, out_dir: Path, shard: int, rank: int, alone: bool = True) -> ManifestPart:
+        """The part, held until the process ends: ``OUT/.lock`` for a one-process run (``alone``);
+        a shard's or rank's process holds it shared (beside the other parts, never beside a
+        one-process run) and ``.manifest/shard<s>-rank<r>.lock`` (POSIX locks recording pid and
+        host; a killed holder's is free). UsageError naming the live holder of either."""
         path = out_dir / PARTS_DIR / f"shard{shard}-rank{rank}.json"
-        lock = (out_dir, ".lock") if (shard, rank) == (0, 0) else (path.parent, f"{path.stem}.lock")
-        if holder := lock_folder(*lock):
-            raise UsageError(f"--output.dir {out_dir}: in use by {holder} ({Path(*lock)})")
+        for lock in [(out_dir, ".lock")] + ([] if alone else [(path.parent, f"{path.stem}.lock")]):
+            if holder := lock_folder(*lock, shared=not alone and lock[1] == ".lock"):
+                raise UsageError(f"--output.dir {out_dir}: in use by {holder} ({Path(*lock)})")
         data = read_json(path) if path.exists() else {}
         return cls(path, data.get("images", {}), data.get("failed", {}))
 

@@ -16,8 +16,18 @@ from pathlib import Path
 from ..cli import UsageError, make_parser, parse_options, run_command, setup_logging
 from ..fileio import lock_folder
 from .config import SampleConfig
-from .runner import RunResult, _diffusion_for, _load, _References, _summarize, resolve_device
-from .shards import COUNT_FILE, DONE_DIR, MERGE_LOCK, missing_shards, read_shard_record
+from .manifest import PARTS_DIR
+from .runner import (
+    RunResult,
+    _check_model_options,
+    _check_settings,
+    _diffusion_for,
+    _load,
+    _References,
+    _summarize,
+    resolve_device,
+)
+from .shards import COUNT_FILE, DONE_DIR, MERGE_LOCK, describe_missing, missing_shards, read_shard_record
 
 __all__ = ["merge", "main"]
 
@@ -33,15 +43,33 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     if not count_file.is_file():
         raise UsageError(f"{out_dir}: no {COUNT_FILE}; not the output folder of a sharded run")
     count, stored = read_shard_record(count_file)
-    try:
-        config = SampleConfig.from_dict({**stored, "num_shards": count})
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{count_file}: its config is not sample.py's ({error})") from None
+    try:  # a config that is not sample.py's: the file's fault, not a flag of this command
+        config, error = SampleConfig.from_dict({**stored, "num_shards": count}), None
+        _check_model_options(config)
+    except (TypeError, ValueError) as raised:
+        error = raised
+    if error is not None:  # raised here, not in the handler: the one-line error names the file
+        raise ValueError(
+            f"{count_file}: its config is not sample.py's ({error}): delete it and rerun any shard of "
+            "the run (it stores the run's config again), then merge"
+        )
     config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out_dir)))
-    missing = missing_shards(out_dir, config.num_shards)
+    loaded, _ = _load(config, resolve_device(config.device))
+    refs = _References(config, loaded.unet_config.image_size)
+    if (out_dir / PARTS_DIR / "settings.json").is_file():  # an older version stored a refused attempt's
+        try:
+            _check_settings(config, loaded, refs.unconditional)
+        except UsageError as raised:
+            error = raised
+        if error is not None:  # raised here, not in the handler: the one-line error names the file
+            raise ValueError(
+                f"{count_file}: its config is not the one the images were made with ({error}): delete it "
+                "and rerun any shard of the run (it stores the run's config again), then merge"
+            )
+    missing = missing_shards(out_dir, config, refs.names, refs.unconditional)
     if missing and not force:
         raise UsageError(
-            f"{out_dir}: shards {missing} of {config.num_shards} have not finished; rerun them "
+            f"{out_dir}: {describe_missing(missing)} of {config.num_shards} are incomplete; rerun them "
             "(sbatch --array=<those> with the same command) or pass --force to merge what is there"
         )
     lock = out_dir / DONE_DIR / MERGE_LOCK  # a live holder's; a killed merge's lock is free
@@ -49,8 +77,6 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
         raise UsageError(f"{out_dir}: {holder} is merging this run ({lock}); wait for it, or pass --force")
     if holder:
         log.warning("%s: %s holds it; merging anyway (--force)", lock, holder)
-    loaded, _ = _load(config, resolve_device(config.device))
-    refs = _References(config, loaded.unet_config.image_size)
     result = RunResult(out_dir)
     whole = dataclasses.replace(config, shard_index=0, num_shards=1)
     (out_dir / "metrics.json").unlink(missing_ok=True)  # it would describe the manifest written before

@@ -284,23 +284,22 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     config = dataclasses.replace(config, class_labels=labels)
     factors = run_factors(config, refs.unconditional)
     condition = task_setup(config, image_size, diffusion, device, [] if refs.unconditional else factors)
-    # only now, all checked: a failed first attempt does not fix its settings for the array's reruns
-    config = dataclasses.replace(config, num_shards=fixed_shard_count(config))
+    config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # stored: the run's
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
     per_reference = 1 if refs.unconditional else config.samples_per_reference
     options = dict(factors=factors, run_seed=config.seed, indices=indices)
     items = plan_items(refs.names, samples_per_reference=per_reference, **options)
     mine = items[ranks.rank :: ranks.world_size]
-    part = ManifestPart.open(out_dir, config.shard_index, ranks.rank)  # held: a second copy is refused
+    alone = config.num_shards == 1 and ranks.world_size == 1  # held: a second copy is refused
+    part = ManifestPart.open(out_dir, config.shard_index, ranks.rank, alone)
     remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
-    digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
-    unused = ("ilvr.factor",) if factors == [None] and not refs.unconditional else ()  # inpaint, colorize
-    check_same_run(out_dir, config.to_dict(), digests, unused)  # all checked: a rerun must match
+    _check_settings(config, loaded, refs.unconditional)  # all checked: a rerun must match
     check_references_in_place(out_dir, refs.names, config.references)
     if not refs.unconditional:
         check_reference_content(out_dir, refs.source, config.references, indices)
+    fixed_shard_count(config, record=True)  # only now, all checked: a refused attempt fixes nothing
     shared = _Sampling(net, diffusion, image_size, device, config.sampler, condition, labels)
     _sample_all(todo, refs, shared, config, ranks, part, result)
     barrier(ranks)
@@ -308,11 +307,19 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     if ranks.is_main and STOP.requested:
         leave_note(f"stopped after a batch, {len(result.written)} images written")
     elif ranks.is_main:
-        if (whole := run_summary(config)) is not None:  # None: other shards to finish, or merging
+        whole = run_summary(config, refs.names, refs.unconditional)  # None: shards to finish, or merging
+        if whole is not None:
             _summarize(whole, loaded, diffusion, refs, result)
     result.failed_references, result.references = dict(refs.failed), refs
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_settings(config: SampleConfig, loaded: LoadedModel, unconditional: bool) -> None:
+    """The images in ``config.output.dir`` were made with ``config``'s settings (``check_same_run``)."""
+    digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
+    no_factor = run_factors(config, unconditional) == [None] and not unconditional  # inpaint, colorize
+    check_same_run(Path(config.output.dir), config.to_dict(), digests, ("ilvr.factor",) if no_factor else ())
 
 
 def _sample_all(

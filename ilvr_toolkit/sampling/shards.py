@@ -1,8 +1,9 @@
 """Job-array shards of one translation run: a fixed shard count, completion, one merge.
 
 ``sbatch --array=0-K scripts/slurm/sample_array.sbatch CONFIG`` runs shard k of K+1 in array
-task k (docs/cluster.md). The count is stored at the first start (a rerun of some tasks, whose
-array is smaller, keeps it); the shard that finds every shard done writes the run's manifest and
+task k (docs/cluster.md). The count is stored at the first start that passes every check (a rerun of some
+tasks, whose array is smaller, keeps it); the shard that finds every shard done (its marker
+made by the run's current plan, its outputs there) writes the run's manifest and
 grid as one process would (``python -m ilvr_toolkit.sampling.merge OUT``: by hand). A shard's
 record is its per-process parts in ``OUT/.manifest/``.
 """
@@ -17,13 +18,17 @@ from pathlib import Path
 from ..cli import UsageError
 from ..fileio import lock_folder
 from .config import SampleConfig
-from .writer import create_json_once, read_json
+from .plan import plan_items, shard_range
+from .tasks import run_factors
+from .writer import create_json_once, read_json, write_json
 
 __all__ = [
     "COUNT_FILE",
     "MERGE_LOCK",
+    "describe_missing",
     "fixed_shard_count",
     "missing_shards",
+    "planned_files",
     "read_shard_record",
     "run_summary",
 ]
@@ -35,19 +40,20 @@ MERGE_LOCK = "merge.lock"  # in DONE_DIR
 log = logging.getLogger("ilvr_toolkit.sampling")
 
 
-def fixed_shard_count(config: SampleConfig) -> int:
+def fixed_shard_count(config: SampleConfig, record: bool = False) -> int:
     """The run's shard count: ``config.num_shards`` at the first submission, stored with the
-    outputs, then the stored count for every later task (array reruns included).
+    outputs (``record``: only once the task passed every check, so a refused attempt fixes
+    nothing), then the stored count for every later task (array reruns included).
 
     Raises UsageError when a shard outside the stored count is asked for, or when a run outside
     a job array names another count for a sharded output folder.
     """
     out_dir = Path(config.output.dir)
     path = out_dir / COUNT_FILE
-    if config.num_shards > 1:
+    if record and config.num_shards > 1:
         create_json_once(path, {"num_shards": config.num_shards, "config": _absolute(config).to_dict()})
-    elif "SLURM_ARRAY_TASK_ID" not in os.environ or not path.is_file():
-        return config.num_shards  # one process: the whole run
+    if not path.is_file() or (config.num_shards <= 1 and "SLURM_ARRAY_TASK_ID" not in os.environ):
+        return config.num_shards  # one process (the whole run), or the first submission
     stored = read_shard_record(path)[0]
     if stored != config.num_shards and "SLURM_ARRAY_TASK_ID" not in os.environ:
         raise UsageError(
@@ -66,7 +72,10 @@ def fixed_shard_count(config: SampleConfig) -> int:
 def read_shard_record(path: Path) -> tuple[int, dict]:
     """``(num_shards, config dict)`` stored in ``OUT/.shards.json``; a ValueError naming the file
     and what is wrong when it is damaged (exit status 1)."""
-    record = read_json(path)
+    try:
+        record = read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{error}: delete it to start the sharded run anew") from None
     count = record.get("num_shards") if isinstance(record, dict) else None
     config = record.get("config") if isinstance(record, dict) else None
     if not (isinstance(count, int) and count >= 1 and isinstance(config, dict)):
@@ -87,24 +96,66 @@ def _absolute(config: SampleConfig) -> SampleConfig:
     )
 
 
-def missing_shards(out_dir: Path, num_shards: int) -> list[int]:
-    """Shards that have not finished their range yet."""
-    return [k for k in range(num_shards) if not (out_dir / DONE_DIR / f"{k}.done").exists()]
+def planned_files(config: SampleConfig, names: list[str], unconditional: bool, shard: int) -> list[str]:
+    """The output files shard ``shard`` of ``config``'s run makes from the references ``names``."""
+    per_reference = 1 if unconditional else config.samples_per_reference
+    indices = shard_range(len(names), shard, config.num_shards)
+    factors = run_factors(config, unconditional)
+    items = plan_items(
+        names, samples_per_reference=per_reference, factors=factors, run_seed=config.seed, indices=indices
+    )
+    return [item.filename for item in items]
 
 
-def run_summary(config: SampleConfig) -> SampleConfig | None:
+def missing_shards(
+    out_dir: Path, config: SampleConfig, names: list[str], unconditional: bool
+) -> dict[int, str]:
+    """Shards not done with the run as it is now, each with why: no ``.shards/<k>.done``, a marker
+    of another plan (references added or settings changed since), or an output it made is gone."""
+    missing = {}
+    for k in range(config.num_shards):
+        marker = out_dir / DONE_DIR / f"{k}.done"
+        try:  # an older version's marker is empty: made by another plan
+            done = read_json(marker) if marker.is_file() else None
+        except ValueError:
+            done = {}
+        if done is None:
+            missing[k] = "not finished"
+        elif not isinstance(done, dict) or done.get("planned") != planned_files(
+            config, names, unconditional, k
+        ):
+            missing[k] = "finished with other references or settings"
+        elif gone := [name for name in done.get("made", []) if not (out_dir / name).exists()]:
+            missing[k] = f"{gone[0]} missing" + (f" and {len(gone) - 1} more" if len(gone) > 1 else "")
+    return missing
+
+
+def describe_missing(missing: dict[int, str]) -> str:
+    """``shards [1, 2] (why)``: the shards ``missing_shards`` found, grouped by why."""
+    reasons: dict[str, list[int]] = {}
+    for k, why in missing.items():
+        reasons.setdefault(why, []).append(k)
+    whys = [why if len(reasons) == 1 else f"{shards}: {why}" for why, shards in reasons.items()]
+    return f"shards {list(missing)} ({'; '.join(whys)})"
+
+
+def run_summary(config: SampleConfig, names: list[str], unconditional: bool) -> SampleConfig | None:
     """The config to write the run's manifest, grid and metrics under, or None (not this
-    process's turn). Unsharded: ``config``. Shard k of K (finished): marks k done; when every
-    shard is done and no live process holds ``OUT/.shards/merge.lock`` (a POSIX lock recording
-    its pid and host, kept until this process ends), the whole run's config (one shard)."""
+    process's turn). Unsharded: ``config``. Shard k of K (finished): marks k done (what it planned
+    and made, from the references ``names``); when every shard is done with the run as it is now
+    (``missing_shards``) and no live process holds ``OUT/.shards/merge.lock`` (a POSIX lock
+    recording its pid and host, kept until this process ends), the whole run's config (one shard)."""
     if config.num_shards <= 1:
         return config
     out_dir = Path(config.output.dir)
-    (out_dir / DONE_DIR).mkdir(exist_ok=True)
-    (out_dir / DONE_DIR / f"{config.shard_index}.done").touch()
-    missing = missing_shards(out_dir, config.num_shards)
-    if missing:
-        log.info("shard %d done; waiting for shards %s before the merge", config.shard_index, missing)
+    planned = planned_files(config, names, unconditional, config.shard_index)
+    made = [name for name in planned if (out_dir / name).exists()]  # not those of unreadable references
+    write_json(out_dir / DONE_DIR / f"{config.shard_index}.done", {"planned": planned, "made": made})
+    if missing := missing_shards(out_dir, config, names, unconditional):
+        stale = any(why != "not finished" for why in missing.values())
+        (log.warning if stale else log.info)(
+            "shard %d done; waiting for %s before the merge", config.shard_index, describe_missing(missing)
+        )
         return None
     if holder := lock_folder(out_dir / DONE_DIR, MERGE_LOCK):
         log.info("%s is merging the run (%s)", holder, out_dir / DONE_DIR / MERGE_LOCK)
