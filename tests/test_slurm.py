@@ -392,6 +392,17 @@ def test_array_rerun_and_merge_equal_one_process(cluster: None, tmp_path: Path) 
     out = tmp_path / "array"
     config = _sample_config(tmp_path, out)
     logs = f"--output={tmp_path}/%x-%A_%a.out"
+    wrong = sbatch(
+        "--array=1-2", logs, "scripts/slurm/sample_array.sbatch", str(config)
+    )  # shard 0 would never run
+    for k in (1, 2):
+        info, text = wait_job(f"{wrong}_{k}"), (tmp_path / f"ilvr-sample-{wrong}_{k}.out").read_text()
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+        assert "sample.py: error: --array: this first submission runs 2 task(s), ids 1..2 (step 1)" in text, (
+            text
+        )
+        assert "submit --array=0-2" in text, text
+    assert not out.exists() or not any(out.iterdir())  # nothing fixed, nothing written
     array = sbatch("--array=0-1", logs, "scripts/slurm/sample_array.sbatch", str(config))
     infos = [wait_job(f"{array}_{k}") for k in range(2)]
     assert [(i["JobState"], i["ExitCode"]) for i in infos] == [("COMPLETED", "0:0")] * 2

@@ -52,6 +52,8 @@ def fixed_shard_count(config: SampleConfig, record: bool = False) -> int:
     path = out_dir / COUNT_FILE
     if record and config.num_shards > 1:
         create_json_once(path, {"num_shards": config.num_shards, "config": _absolute(config).to_dict()})
+    if not path.is_file() and config.num_shards > 1:
+        _check_first_array(config.num_shards)
     if not path.is_file() or (config.num_shards <= 1 and "SLURM_ARRAY_TASK_ID" not in os.environ):
         return config.num_shards  # one process (the whole run), or the first submission
     stored = read_shard_record(path)[0]
@@ -67,6 +69,24 @@ def fixed_shard_count(config: SampleConfig, record: bool = False) -> int:
     if stored != config.num_shards:
         log.info("shard %d of the run's %d shards (fixed in %s)", config.shard_index, stored, path)
     return stored
+
+
+def _check_first_array(num_shards: int) -> None:
+    """A first submission as a SLURM job array of ``num_shards`` shards (its highest task id + 1,
+    as sample_array.sbatch counts) must run every task id 0..K: UsageError naming ``--array``.
+    (A later rerun of some tasks runs fewer: the stored count is kept.)"""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" not in env or env.get("SLURM_ARRAY_TASK_MAX") != str(num_shards - 1):
+        return  # not an array, or a count not taken from it
+    low, count = env.get("SLURM_ARRAY_TASK_MIN", "0"), env.get("SLURM_ARRAY_TASK_COUNT", str(num_shards))
+    if (low, count) != ("0", str(num_shards)):
+        step = env.get("SLURM_ARRAY_TASK_STEP", "1")
+        top = num_shards - 1
+        raise UsageError(
+            f"--array: this first submission runs {count} task(s), ids {low}..{top} (step {step}), but a run "
+            f"of {num_shards} shards needs every id 0..{top} (the others would never run); submit "
+            f"--array=0-{top} (afterwards a smaller array reruns some tasks)"
+        )
 
 
 def read_shard_record(path: Path) -> tuple[int, dict]:
