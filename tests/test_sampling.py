@@ -488,3 +488,20 @@ def test_ranks_come_from_torchrun_or_the_srun_step(monkeypatch, env, layout):
         monkeypatch.setenv(key, value)
     ranks = init_ranks(torch.device("cpu"))
     assert (ranks.rank, ranks.world_size, ranks.initialised_here) == (*layout, False)
+
+
+def test_the_merged_manifest_lists_only_outputs_that_exist(tmp_path: Path) -> None:
+    """A part saves an entry before its PNG is written (a kill between the two) or lists an
+    output deleted since: the merge keeps only entries whose PNG is there, and a reference that
+    failed once but has an output now leaves failed_references."""
+    from ilvr_toolkit.sampling.manifest import PARTS_DIR, merge_manifest
+
+    (tmp_path / PARTS_DIR).mkdir()
+    entries = {name: {"reference": name.split("_")[0], "seconds": 1.0} for name in ("a_s0.png", "b_s0.png")}
+    part = {"images": entries, "failed": {"a": "unreadable", "c": "unreadable"}}
+    (tmp_path / PARTS_DIR / "shard0-rank0.json").write_text(json.dumps(part))
+    (tmp_path / "a_s0.png").write_bytes(b"png")
+    manifest = merge_manifest(tmp_path, {"config": {}})
+    assert sorted(manifest["images"]) == ["a_s0.png"] and manifest["num_images"] == 1
+    assert manifest["failed_references"] == {"c": "unreadable"}
+    assert json.loads((tmp_path / "manifest.json").read_text())["images"] == {"a_s0.png": entries["a_s0.png"]}
