@@ -205,8 +205,8 @@ GN_SHAPES = [(128, 256), (256, 64), (512, 16)]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=common.positive_int, default=None)
+    parser.add_argument("--rounds", type=common.positive_int, default=5)
     parser.add_argument("--only", choices=["winograd", "winograd-native", "gn-silu", "dw-gemm"], default=None)
     args = parser.parse_args(argv)
     common.add_repo_to_path()

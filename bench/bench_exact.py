@@ -254,9 +254,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="ffhq")
     parser.add_argument("--cases", nargs="+", default=CASES, help="forwardN / trainN (N = batch size)")
     parser.add_argument("--variants", nargs="+", default=sorted({v for vs in VARIANTS.values() for v in vs}))
-    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds, each variant a fresh process")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per process after one warm-up")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--rounds", type=common.positive_int, default=2, help="A/B rounds, each variant a fresh process"
+    )
+    parser.add_argument(
+        "--repeats", type=common.positive_int, default=3, help="timed calls per process after one warm-up"
+    )
+    parser.add_argument("--threads", type=common.positive_int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-convs", action="store_true")
     parser.add_argument("--channels-last", action="store_true", help="time the convolutions channels_last")

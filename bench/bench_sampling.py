@@ -107,8 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="tuned",
         help="CPU: glibc allocator as is or tuned (common.set_cpu_malloc)",
     )
-    parser.add_argument("--factor", type=int, default=4, help="ILVR down-sampling factor N")
-    parser.add_argument("--hook-calls", type=int, default=50, help="isolated hook timings per case")
+    parser.add_argument("--factor", type=common.positive_int, default=4, help="ILVR down-sampling factor N")
+    parser.add_argument(
+        "--hook-calls", type=common.positive_int, default=50, help="isolated hook timings per case"
+    )
     parser.add_argument("--no-sync-check", action="store_true", help="skip the CUDA sync-debug loop")
     return parser.parse_args(argv)
 

@@ -179,7 +179,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=["tiny", "ffhq"], choices=sorted(CONFIG_FILES))
     parser.add_argument("--batch-sizes", nargs="*", help="per config: ffhq=1,2 tiny=32")
     parser.add_argument("--precision", nargs="+", default=None, help="32-true, bf16-mixed, 16-mixed")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
+    parser.add_argument(
+        "--steps", type=common.positive_int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)"
+    )
     parser.add_argument("--compile", action="store_true", help="also time with torch.compile")
     parser.add_argument(
         "--channels-last",

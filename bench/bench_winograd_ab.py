@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", type=Path, required=True, help="the other winograd.cpp")
     parser.add_argument("--new", type=Path, default=wg.SOURCE, help="default: the package's winograd.cpp")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved timed calls per variant")
+    parser.add_argument("--threads", type=common.positive_int, default=None)
+    parser.add_argument(
+        "--rounds", type=common.positive_int, default=8, help="interleaved timed calls per variant"
+    )
     parser.add_argument("--net", action="store_true", help="also the whole ffhq network")
     args = parser.parse_args(argv)
     for path in (args.old, args.new):

@@ -391,11 +391,36 @@ def write_json(name: str, payload: Mapping[str, Any], out_dir: Path | str | None
 
 
 # --------------------------------------------------------------------------- arguments
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count (threads, rounds, repeats, steps): an int >= 1, else argparse's
+    one line ``argument --threads: expected an integer >= 1, got '-1'`` (exit 2), not a traceback later."""
+    return _count(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse ``type`` of a count that may be 0 (warm-up runs): an int >= 0."""
+    return _count(text, 0)
+
+
+def _count(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: per script)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: per script)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--warmup", type=nonnegative_int, default=None, help="untimed runs first (default: per script)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed runs (default: per script)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=None, help=f"JSON folder (default {RESULTS_DIR})")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name (results/<name><tag>.json)")

@@ -24,6 +24,9 @@ __all__ = ["UsageError", "check_config_files", "check_paths", "check_range", "ma
 __all__ += ["normalize_options", "parse_options", "run_command", "setup_logging", "unknown_key"]
 
 
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")  # what jsonargparse reads as a bool (any case)
+
+
 class UsageError(ValueError):
     """A mistake in the command line or config (a flag's value, a missing file the user named):
     reported as one line, exit status 2."""
@@ -86,7 +89,7 @@ def normalize_options(
             name = "--" + name[2:].replace("-", "_")
             name = aliases.get(name, name)
             following = argv[i + 1] if i + 1 < len(argv) else None
-            if name in flags and not sep and (following or "").lower() not in ("true", "false"):
+            if name in flags and not sep and (following or "").lower() not in _BOOL_WORDS:
                 sep, value = "=", "true"
             elif name.startswith("--no_") and "--" + name[5:] in flags and not sep:
                 name, sep, value = "--" + name[5:], "=", "false"
@@ -111,9 +114,19 @@ def parse_options(
     try:
         return parser.parse_args(args)
     except argparse.ArgumentError as error:
-        if (line := unknown_key(error, parser.get_defaults(), configs)) is None:
+        if (line := unknown_key(error, parser.get_defaults(), configs) or _stray_value(error, args)) is None:
             raise
         raise UsageError(line) from None
+
+
+def _stray_value(error: Exception, args: Sequence[str]) -> str | None:
+    """``--flag VALUE: expected true or false`` when the unrecognized argument of ``error`` is the
+    word after a bool flag that :func:`normalize_options` read as given bare (``--flag=true``)."""
+    if (found := re.match(r"unrecognized arguments: (\S+)", str(error))) is None:
+        return None
+    pairs = zip(args, args[1:], strict=False)
+    flag = next((a for a, b in pairs if b == found.group(1) and a.endswith("=true")), None)
+    return None if flag is None else f"{flag.removesuffix('=true')} {found.group(1)}: expected true or false"
 
 
 def unknown_key(error: Exception, defaults: Namespace, configs: Sequence[str]) -> str | None:
@@ -272,5 +285,7 @@ def _expectation(complaint: str) -> str:
     if (literal := re.match(r"Expected a typing\.Literal\[(.*)\]", complaint)) is not None:
         return "expected one of " + literal.group(1).replace("'", "")
     complaint = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", complaint)
-    complaint = complaint.replace("expected NoneType", "expected null")
+    complaint = complaint.replace("expected NoneType", "expected null").replace(
+        "expected bool", "expected true or false"
+    )
     return complaint.replace("does not conform to restriction v", "must be ").replace(" and v", " and ")

@@ -34,10 +34,15 @@ _TRUE, _FALSE = ("1", "true", "yes", "y", "t"), ("0", "false", "no", "n", "f", "
 
 
 def checked_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """``data`` as keyword arguments of the dataclass ``cls``; an unknown key is a ValueError naming it."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    if set(data) - known:
-        raise ValueError(f"unknown {what} keys {sorted(set(data) - known)}; known keys: {sorted(known)}")
+    """``data`` as keyword arguments of the dataclass ``cls``; an unknown key is a ValueError naming
+    it and the closest known key (else the known keys)."""
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    if unknown := sorted(set(data) - set(known), key=str):
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+        raise ValueError(
+            f"unknown {what} key{'s' * (len(unknown) > 1)} {', '.join(map(str, unknown))} ({hint})"
+        )
     return dict(data)
 
 

@@ -79,8 +79,8 @@ def configure_threads(threads: int | None = None) -> int:
         error = ValueError if isinstance(threads, int) else TypeError
         raise error(f"threads: expected an int >= 1 (None or 0: automatic), got {threads!r}")
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    if not threads and not (slurm.isdigit() or slurm == ""):
-        raise UsageError(f"SLURM_CPUS_PER_TASK={slurm!r}: expected a whole number of CPUs")
+    if not threads and not ((slurm.isdigit() and int(slurm) >= 1) or slurm == ""):
+        raise UsageError(f"SLURM_CPUS_PER_TASK={slurm!r}: expected a whole number of CPUs, >= 1")
     threads = threads or int(slurm or 0)
     if threads:
         torch.set_num_threads(threads)

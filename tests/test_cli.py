@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ilvr_toolkit.cli import normalize_options, parse_options
+from ilvr_toolkit.cli import UsageError, normalize_options, parse_options
 from ilvr_toolkit.data import read_info, read_names
 from ilvr_toolkit.data.prepare import BuildSettings
 from ilvr_toolkit.data.prepare import build_parser as prepare_parser
@@ -291,7 +291,7 @@ def test_sample_names_the_checkpoint_whose_stored_diffusion_settings_are_unknown
     assert len(lines) == 1 and lines[0].startswith(
         f"sample.py: error: {path}: its stored diffusion settings: "
     )
-    assert "unknown diffusion setting keys ['diffusion_steps']" in lines[0]
+    assert "unknown diffusion setting key diffusion_steps (known keys: " in lines[0]
 
 
 DEMO_FLAGS = (
@@ -379,6 +379,24 @@ def test_normalize_options_spellings():
     assert normalize_options(["--out-dir=/my runs/x"]) == ["--out_dir=/my runs/x"]  # a space in the value
 
 
+@pytest.mark.parametrize("flag, value", [("channels_last", "maybe"), ("winograd", "maybe"), ("compile", "2")])
+def test_a_word_after_a_bool_flag_is_named(flag, value, capsys, tmp_path):
+    """``--channels_last maybe`` was "unrecognized arguments: maybe" (the bare flag read as true);
+    the words jsonargparse reads as bools (``--winograd=yes``) count with a space too."""
+    assert (
+        sample_main(["--config", str(DEMO_CONFIG), "--output.dir", str(tmp_path / "o"), f"--{flag}", value])
+        == 2
+    )
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sample.py: error: --{flag} {value}: expected true or false"
+    ]
+    assert not (tmp_path / "o").exists()
+    parsed = parse_options(
+        sample_parser(), ["--native_groupnorm", "yes", "--winograd", "Off", "--channels_last"]
+    )
+    assert parsed.native_groupnorm is True and parsed.winograd is False and parsed.channels_last is True
+
+
 def test_yaml_number_respacing_is_read_as_the_string(tmp_path):
     """``respacing: 50`` in a config file (YAML reads a number) means what ``"50"`` does."""
     config = tmp_path / "run.yaml"
@@ -398,5 +416,8 @@ def test_threads_and_slurm_cpus_per_task_are_named(capsys, monkeypatch, tmp_path
     code = sample_main(["--config", str(DEMO_CONFIG), "--output.dir", str(tmp_path / "o")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines == [
-        "sample.py: error: SLURM_CPUS_PER_TASK='abc': expected a whole number of CPUs"
+        "sample.py: error: SLURM_CPUS_PER_TASK='abc': expected a whole number of CPUs, >= 1"
     ]
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "0")  # not torch's default labelled as SLURM's
+    with pytest.raises(UsageError, match="SLURM_CPUS_PER_TASK='0': expected a whole number of CPUs, >= 1"):
+        tune_process()

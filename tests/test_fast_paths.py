@@ -566,3 +566,23 @@ def test_process_tuning_is_one_log_line_on_in_the_cli_opt_in_in_the_library():
     assert ("keeps freed memory" in line) == sys.platform.startswith("linux")
     assert SampleConfig().cpu_malloc == "default"
     assert build_parser().get_defaults().cpu_malloc == "tuned"
+
+
+@pytest.mark.parametrize(
+    "script", ["bench_exact", "bench_unet", "bench_train", "bench_sampling", "bench_candidates"]
+)
+def test_bench_counts_are_checked_by_argparse(script, capsys):
+    """``--threads -1`` / ``--rounds 0`` ended in tracebacks, ``--repeats -3`` ran: argparse's one line, exit 2."""
+    import importlib
+
+    module = importlib.import_module(script)
+    parse = getattr(module, "parse_args", None) or getattr(module, "_parse", None) or module.main
+    for argv in (
+        ["--threads", "-1"],
+        *([["--rounds", "0"], ["--repeats", "-3"]] if script == "bench_exact" else []),
+    ):
+        with pytest.raises(SystemExit) as info:
+            parse(argv)
+        assert info.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.endswith(f"error: argument {argv[0]}: expected an integer >= 1, got {argv[1]!r}"), line

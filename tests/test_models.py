@@ -131,8 +131,12 @@ def test_config_parsing_and_defaults():
     assert get_preset("adm256").replace(learn_sigma=False).out_channels == 3
     with pytest.raises(ValueError, match="channel_mult"):
         UNetConfig(image_size=48, num_channels=32, num_res_blocks=1)
-    with pytest.raises(ValueError, match="unknown UNetConfig keys"):
+    with pytest.raises(ValueError, match=r"unknown UNetConfig key bogus \(known keys: attention_backend, "):
         UNetConfig.from_dict({**get_preset("tiny").to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match=r"^unknown UNetConfig key winogard \(did you mean winograd\?\)$"):
+        UNetConfig.from_dict({**get_preset("tiny").to_dict(), "winogard": True})
+    with pytest.raises(ValueError, match="^learn_sigma 1: expected true or false$"):  # not truthy
+        get_preset("tiny").replace(learn_sigma=1)
     flags = {"image_size": "64", "num_channels": 64, "class_cond": "True", "learn_sigma": "false"}
     cfg = UNetConfig.from_guided_diffusion_flags(flags)
     assert cfg.num_classes == 1000 and not cfg.learn_sigma and cfg.attention_resolutions == (16, 8)

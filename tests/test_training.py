@@ -794,6 +794,58 @@ def test_training_precisions_without_float32_weights_are_refused_before_training
     assert not (tmp_path / "run").exists()
 
 
+class GradNorm(pl.Callback):
+    """The total gradient norm of the last step, after clipping (before the next zero_grad)."""
+
+    norm: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.norm = float(torch.nn.utils.get_total_norm(grads))
+
+
+def test_fused_adamw_is_clipped_under_bf16_mixed_and_refused_with_clipping_under_16_mixed(
+    lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """bf16-mixed has no GradScaler: the fused AdamW's gradients are clipped like any (Lightning refused
+    it, "does not allow for gradient clipping", a traceback); 16-mixed: one line before anything is written."""
+    fast = {"trainer.precision": "bf16-mixed", "model.optim.fused": "true", "trainer.max_steps": 1}
+    probe = GradNorm()
+    clip = {"trainer.gradient_clip_val": 1e-3}
+    cli = run_inprocess(common_args(lmdb_path, tmp_path / "bf16", **fast, **clip), probe)  # type: ignore[arg-type]
+    assert cli.trainer.global_step == 1 and probe.norm is not None and 0 < probe.norm <= 1e-3 * 1.001
+    args = common_args(lmdb_path, tmp_path / "fp16", **{**fast, "trainer.precision": "16-mixed"})
+    assert train_main(["fit", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train.py: error: --model.optim.fused true with --trainer.gradient_clip_val 1.0 under 16-mixed: the "
+        "fused AdamW unscales inside its step, so nothing can clip the gradients; set "
+        "--trainer.gradient_clip_val 0 or --model.optim.fused false, or use bf16-mixed"
+    )
+    assert not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.parametrize(
+    "unet, line",
+    [
+        ("{preset: tiny16, winograd: maybe}", "--model.unet: winograd maybe: expected true or false"),
+        ("{preset: tiny16, native_groupnorm: 3}", "--model.unet: native_groupnorm 3: expected true or false"),
+        (
+            "{preset: tiny16, winogard: true}",
+            "--model.unet: unknown UNetConfig key winogard (did you mean winograd?)",
+        ),
+    ],
+)
+def test_model_unet_mistakes_are_one_line_naming_the_key(
+    unet: str, line: str, lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bool setting must be a bool (a truthy "maybe" turned Winograd on); a misspelled key names the
+    closest one (not the link that computes data.image_size)."""
+    args = common_args(lmdb_path, tmp_path / "run", **{"model.unet": unet, "trainer.max_steps": 1})
+    assert train_main(["fit", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"train.py: error: {line}"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_ckpt_path_refuses_weights_files_and_old_checkpoints_before_writing(
     tiny_run: Path, lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -53,6 +53,9 @@ class UNetConfig:
     winograd: bool = field(default=False, metadata=_RUNTIME)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a truthy string ("maybe") would turn a setting on
+            if f.type is bool and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} {getattr(self, f.name)}: expected true or false")
         for name in ("image_size", "num_channels", "num_res_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

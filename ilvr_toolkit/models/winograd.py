@@ -15,13 +15,18 @@ filters), the filters' in the Winograd domain (``dU = sum_t (A gy A^T)(B^T d B)^
 import functools
 import hashlib
 import logging
+import os
 import platform
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from ..fileio import atomic_write_bytes
 
 SOURCE = Path(__file__).with_name("winograd.cpp")
 BAND_TILES = 256  # tiles per band: V and M of one band stay in L2/L3 (measured best 128-512)
@@ -38,6 +43,43 @@ def _cpu_tag() -> str:
     except (OSError, StopIteration):
         flags = platform.processor() or platform.machine()
     return hashlib.sha256(f"{flags} {torch.__version__}".encode()).hexdigest()[:10]
+
+
+class BuildStopped(InterruptedError):
+    """The build ended because a stop signal (``signum``; None: not known here) reached the
+    process group (``timeout``, Ctrl-C, a scheduler): not a failure of the compiler."""
+
+    def __init__(self, message: str, signum: int | None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def build_folder(name: str) -> Path:
+    """Where torch builds extension ``name`` by default (``TORCH_EXTENSIONS_DIR/name``, else its
+    per-user cache), given to ``cpp_extension.load`` explicitly so that the module is checked first."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if root := os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(root) / name
+    accelerators = (("rocm", torch.version.hip), ("cu", torch.version.cuda))
+    accelerator = next((f"{k}{v.replace('.', '')}" for k, v in accelerators if v), "cpu")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}" / name
+
+
+def _drop_unverified(library: Path) -> bool:
+    """Delete ``library`` (the built module) unless it matches the sha256 recorded beside it when
+    it was built and loaded: a damaged file (truncated: SIGBUS on load) is linked again. True if dropped."""
+    record = Path(f"{library}.sha256")
+    if not library.exists():
+        return False
+    try:
+        if record.read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest():
+            return False
+    except OSError:
+        pass  # no record (an older build): linked again, once
+    library.unlink()
+    return True
 
 
 @functools.cache
@@ -59,13 +101,29 @@ def build(name: str, flags: list[str], source: Path = SOURCE):  # noqa: ANN201 (
     finally:
         log.setLevel(level)
     logging.getLogger(__name__).info("Winograd kernel %s: compiled on first use (~20 s), then cached", name)
+    folder = build_folder(name)
+    library, damaged = folder / f"{name}.so", False
     try:
-        return cpp_extension.load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        folder.mkdir(parents=True, exist_ok=True)
+        damaged = _drop_unverified(library)
+        module = cpp_extension.load(
+            name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(folder)
+        )
+        if library.exists():  # (not under another name: torch's name_v1 for changed sources in one process)
+            atomic_write_bytes(f"{library}.sha256", hashlib.sha256(library.read_bytes()).hexdigest().encode())
+        return module
     except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        stops = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
+        signum = min(signal.sigpending() & stops, default=None)  # blocked by a StopSignals: pending
+        if signum is not None or "interrupted by user" in str(error):  # ninja's words for a signal
+            raise BuildStopped(
+                f"winograd: the kernel build was stopped by a signal: {first}", signum
+            ) from error
+        hint = f"; {library} was damaged and could not be linked again: delete {folder}" if damaged else ""
         raise OSError(
             f"winograd: could not build the C++ kernel {source} (needs a C++ compiler and ninja; "
-            f"or run without winograd): {first}"
+            f"or run without winograd): {first}{hint}"
         ) from error
 
 

@@ -12,6 +12,7 @@ from jsonargparse import ArgumentParser, Namespace
 from ..batchjob import leave_note
 from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
 from ..data.references import open_image_source
+from ..models.winograd import BuildStopped
 from ..runtime import tune_process
 from .config import SampleConfig
 from .runner import STOP, RunResult, run
@@ -90,7 +91,17 @@ def _main(
         check(config)
     if config.evaluate_against and evaluate is None:
         raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
-    result = run(config)
+    try:
+        result = run(config)
+    except BuildStopped as stopped:  # the Winograd kernel's compiler was stopped with the process
+        if (signum := stopped.signum or STOP.signum) is None:
+            raise
+        print(
+            f"sample.py: stopped by signal {signum} while the Winograd kernel was built; rerun",
+            file=sys.stderr,
+        )
+        leave_note("stopped while the Winograd kernel was built")
+        return 0 if os.environ.get("ILVR_REQUEUE_NOTE") else 128 + signum
     _report(result)
     if STOP.signum is not None and not os.environ.get("ILVR_REQUEUE_NOTE"):
         print(f"sample.py: stopped by signal {STOP.signum} after a batch; rerun to resume", file=sys.stderr)

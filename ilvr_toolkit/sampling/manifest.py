@@ -91,7 +91,10 @@ def check_same_run(
                 f"--{flag} {given}: {out_dir} holds a run made with another {flag.split('.')[0]} "
                 f"(sha256 {str(before[key])[:12]}..., this one {str(now[key])[:12]}...) ({path})"
             )
-        raise UsageError(f"--{key} {now[key]}: {out_dir} holds a run made with {before.get(key)} ({path})")
+        given, made = (json.dumps(v) if isinstance(v, bool) else v for v in (now[key], before.get(key)))
+        raise UsageError(
+            f"--{key} {given}: {out_dir} holds a run made with {made} ({path})"
+        )  # true, as typed
 
 
 def _resolved(settings: dict[str, Any]) -> dict[str, Any]:

@@ -144,9 +144,7 @@ class TrainCLI(LightningCLI):
         for key, callback in {**groups, "ilvr_preview": ILVRPreview, "fid": FIDMonitor}.items():
             parser.add_lightning_class_args(callback, key)
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
-        parser.link_arguments(
-            "model.unet", "data.image_size", compute_fn=lambda unet: resolve_unet_config(unet).image_size
-        )
+        parser.link_arguments("model.unet", "data.image_size", compute_fn=_unet_image_size)
         parser.add_argument(
             "--init_from", "--init-from", type=str | None, default=None,
             help="fine-tune: initial UNet weights (released plain .pt checked against model.unet, "
@@ -194,6 +192,12 @@ class TrainCLI(LightningCLI):
             raise UsageError(
                 f"--trainer.precision {precision}: not supported for training (the EMA, the loss and "
                 "the checkpoints are float32); use 32-true (or 32), bf16-mixed or 16-mixed"
+            )
+        if fit.model.optim.fused and fit.trainer.gradient_clip_val and str(precision) in ("16-mixed", "16"):
+            raise UsageError(  # GradScaler: fused AdamW unscales inside its step, Lightning cannot clip
+                f"--model.optim.fused true with --trainer.gradient_clip_val {fit.trainer.gradient_clip_val} "
+                "under 16-mixed: the fused AdamW unscales inside its step, so nothing can clip the gradients; "
+                "set --trainer.gradient_clip_val 0 or --model.optim.fused false, or use bf16-mixed"
             )
         if ckpt:
             self.ckpt_hparams = _resume_hparams(parser, self.config, ckpt)
@@ -362,6 +366,15 @@ def _model_differences(stored: Any, ours: dict[str, Any]) -> str:
     differs from ``ours`` (``UNetConfig.architecture()``), e.g. ``channel_mult [1] vs [1, 2]``; '' if none."""
     theirs = resolve_unet_config(stored).architecture() if stored is not None else ours
     return ", ".join(f"{k} {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v)
+
+
+def _unet_image_size(unet: Any) -> int:
+    """``data.image_size`` from ``model.unet``; a mistake in it is a :class:`UsageError` naming
+    ``--model.unet`` (not the link that computes the size)."""
+    try:
+        return resolve_unet_config(unet).image_size
+    except (TypeError, ValueError, KeyError) as error:  # KeyError: an unknown preset
+        raise UsageError(f"--model.unet: {error.args[0] if error.args else error}") from None
 
 
 def _named(key: str, named: set[str]) -> bool:

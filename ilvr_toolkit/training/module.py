@@ -211,6 +211,24 @@ class DiffusionModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except under a mixed precision without a GradScaler (bf16-mixed):
+        there the gradients are never scaled, so a fused AdamW (which Lightning refuses to clip,
+        as it unscales internally under 16-mixed) is clipped like any optimizer, with the same calls."""
+        plugin = self.trainer.precision_plugin
+        if not (isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Grad norm logging (the lr is LearningRateMonitor's ``lr-AdamW``) and the NaN/inf guard (after
         backward and unscaling, before clipping and the step: a bad update never reaches the weights)."""
