@@ -37,7 +37,7 @@ from ilvr_toolkit.data import (
     unique_names,
 )
 from ilvr_toolkit.data.imageops import to_rgb
-from ilvr_toolkit.data.lmdb_format import _mappings
+from ilvr_toolkit.data.lmdb_format import _mappings, check_not_truncated
 from ilvr_toolkit.data.prepare import main as prepare_main
 from ilvr_toolkit.data.prepare import process_image
 
@@ -454,6 +454,22 @@ def test_truncated_lmdb_is_refused_before_it_is_mapped(data_lmdb, tmp_path):
     )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{damaged / 'data.mdb'}: truncated" in done.stderr and not (tmp_path / "o.lmdb").exists()
+
+
+def test_a_data_file_one_page_or_one_byte_short_is_refused(data_lmdb):
+    """The newest meta page's last page must be inside the file: (last page + 1) * page size bytes."""
+    data_file = str(data_lmdb / "data.mdb")
+    with pytest.raises(ValueError, match=r"its metadata needs \d+\)") as refused:
+        check_not_truncated(data_file, 0)
+    needs = int(str(refused.value).split("its metadata needs ")[1].split(")")[0])
+    psize = open_lmdb(data_lmdb).stat()["psize"]
+    assert needs % psize == 0 and needs <= os.path.getsize(data_file)
+    check_not_truncated(data_file, needs)  # complete
+    for size in (needs - psize, needs - 1):
+        with pytest.raises(
+            ValueError, match=rf"data.mdb: truncated or damaged \({size} bytes, its metadata needs {needs}\)"
+        ):
+            check_not_truncated(data_file, size)
 
 
 def test_data_file_is_found_in_the_maps_by_device_and_inode(data_lmdb, tmp_path):
