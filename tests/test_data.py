@@ -37,7 +37,7 @@ from ilvr_toolkit.data import (
     unique_names,
 )
 from ilvr_toolkit.data.imageops import to_rgb
-from ilvr_toolkit.data.lmdb_format import _mappings
+from ilvr_toolkit.data.lmdb_format import _mappings, check_not_truncated
 from ilvr_toolkit.data.prepare import main as prepare_main
 from ilvr_toolkit.data.prepare import process_image
 
@@ -395,11 +395,11 @@ def test_zip_source_jpeg_format_and_map_growth(data_folder, data_lmdb, tmp_path)
     assert diff < 3
 
 
-def _build_midway(data_folder, out: Path) -> subprocess.Popen:
+def _build_midway(data_folder, out: Path, workers: str = "1") -> subprocess.Popen:
     """A build of ``data_folder`` into ``out`` (its own session), a few images in."""
     env = {**os.environ, "ILVR_TOOLKIT_PREPARE_DELAY_S": "0.5", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(data_folder[0]), "--out", str(out)]
-    cmd += ["--size", "32", "--workers", "1", "--no-progress"]
+    cmd += ["--size", "32", "--workers", workers, "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
     partial = out.with_name(f"{out.name}.partial-{proc.pid}")
     deadline = time.monotonic() + 60
@@ -421,16 +421,36 @@ def test_interrupted_build_leaves_no_out(data_folder, tmp_path):
     assert report.length == len(data_folder[1]) and _leftovers(out) == [out.name]
 
 
-@pytest.mark.parametrize("group", [False, True])
-def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group):
+@pytest.mark.parametrize("group, workers", [(False, "1"), (True, "1"), (False, "0")])
+def test_sigterm_stops_a_build_like_ctrl_c(data_folder, tmp_path, group, workers):
     """SIGTERM (to the process, or to its group as a scheduler does) cleans up like Ctrl-C: no
     ``OUT.partial-PID`` left, one line, exit 143 (it was 143, silent, the partial folder kept)."""
     out = tmp_path / "term.lmdb"
-    proc = _build_midway(data_folder, out)
+    proc = _build_midway(data_folder, out, workers)  # workers 0: it was killed, partial kept
     os.killpg(proc.pid, signal.SIGTERM) if group else proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143 and os.listdir(tmp_path) == [], stderr
     assert stderr.strip().splitlines() == [
+        f"python -m ilvr_toolkit.data.prepare: stopped by signal 15; {out} not written"
+    ]
+
+
+def test_sigterm_while_the_pool_forks_a_worker_still_stops_the_build(data_folder, tmp_path):
+    """A SIGTERM that arrives during the fork of a worker (sent here by an at-fork hook) ran the
+    handler inside CPython's at-fork hooks, which drop its exception ("Exception ignored in
+    _releaseLock"): the build went on and exited 0 (or the exit hung joining a worker never
+    stopped). SIGTERM now waits until the pool is up."""
+    out = tmp_path / "fork.lmdb"
+    code = "import os, signal, sys; from ilvr_toolkit.data.prepare import main; "
+    code += "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM)); "
+    code += "sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, str(data_folder[0]), "--out", str(out), "--size", "32"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [*cmd, "--workers", "1", "--no-progress"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 143 and os.listdir(tmp_path) == [], done.stderr
+    assert done.stderr.strip().splitlines() == [
         f"python -m ilvr_toolkit.data.prepare: stopped by signal 15; {out} not written"
     ]
 
@@ -454,6 +474,22 @@ def test_truncated_lmdb_is_refused_before_it_is_mapped(data_lmdb, tmp_path):
     )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{damaged / 'data.mdb'}: truncated" in done.stderr and not (tmp_path / "o.lmdb").exists()
+
+
+def test_a_data_file_one_page_or_one_byte_short_is_refused(data_lmdb):
+    """The newest meta page's last page must be inside the file: (last page + 1) * page size bytes."""
+    data_file = str(data_lmdb / "data.mdb")
+    with pytest.raises(ValueError, match=r"its metadata needs \d+\)") as refused:
+        check_not_truncated(data_file, 0)
+    needs = int(str(refused.value).split("its metadata needs ")[1].split(")")[0])
+    psize = open_lmdb(data_lmdb).stat()["psize"]
+    assert needs % psize == 0 and needs <= os.path.getsize(data_file)
+    check_not_truncated(data_file, needs)  # complete
+    for size in (needs - psize, needs - 1):
+        with pytest.raises(
+            ValueError, match=rf"data.mdb: truncated or damaged \({size} bytes, its metadata needs {needs}\)"
+        ):
+            check_not_truncated(data_file, size)
 
 
 def test_data_file_is_found_in_the_maps_by_device_and_inode(data_lmdb, tmp_path):

@@ -243,6 +243,28 @@ def test_cached_statistics_give_the_direct_fid_and_are_invalidated(
     assert not info5.hit and "unreadable" in info5.reason
 
 
+def test_an_image_rewritten_in_place_invalidates_the_cached_statistics(tmp_path, extractor):
+    """The same names and count: only the rewritten file's size and mtime tell the content changed."""
+    images = smooth_images(2, seed=55)
+    target = save_folder(tmp_path / "target", images)
+    kw = dict(image_size=SIZE, cache_dir=tmp_path / "cache", batch_size=2)
+    built, info = cached_reference_stats(target, extractor, **kw)
+    save_folder(target, add_noise(images[:1], 30.0, seed=6), names=["img000"])
+    os.utime(target / "img000.png", ns=(1, 1))  # a different mtime even on a coarse clock
+    rebuilt, info2 = cached_reference_stats(target, extractor, **kw)
+    assert not info2.hit and info2.path != info.path and not torch.equal(rebuilt.mean, built.mean)
+
+
+def test_statistics_cached_with_other_inception_weights_are_not_reused(tmp_path, extractor):
+    target = save_folder(tmp_path / "target", smooth_images(2, seed=56))
+    kw = dict(image_size=SIZE, cache_dir=tmp_path / "cache", batch_size=2)
+    built, info = cached_reference_stats(target, extractor, **kw)
+    other = InceptionFeatureExtractor(write_random_inception_weights(tmp_path / "other.pth", seed=1))
+    again, info2 = cached_reference_stats(target, other, **kw)
+    assert not info2.hit and info2.path != info.path and not torch.equal(again.mean, built.mean)
+    assert info2.meta["inception_sha256"] == other.sha256 != extractor.sha256
+
+
 # --- distributed: 2 processes give the 1-process result ------------------------------------------
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +184,53 @@ def test_sample_rerun_continues_the_same_run_or_names_the_setting_that_differs(r
         json.loads((out / "manifest.json").read_text())["config"]["seed"]
         == json.loads(manifest)["config"]["seed"]
     )
+
+
+@pytest.fixture(scope="module")
+def first_runs(runner, tmp_path_factory):
+    """One finished tiny ILVR run (--ilvr.factor 4) and one unconditional run (--num_samples 2)."""
+    tmp = tmp_path_factory.mktemp("same_run")
+    cmd = tiny_sample(tmp, ["a"])
+    runs = {"ilvr": cmd, "unconditional": [*cmd[:4], str(tmp / "uncond"), *cmd[5:]]}
+    runs["unconditional"] += ["--unconditional", "true", "--num_samples", "2"]
+    for args in runs.values():
+        done = runner(*args)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return runs
+
+
+@pytest.mark.parametrize(
+    "run, flag, value, shown, before",
+    [
+        ("ilvr", "--ilvr.factor", "8", "8", "4"),
+        ("ilvr", "--ilvr.range_t", "1", "1", "0"),
+        ("ilvr", "--ilvr.mode", "official", "official", "paper"),
+        ("ilvr", "--sampler.method", "ddim", "ddim", "ddpm"),
+        ("ilvr", "--sampler.eta", "0.5", "0.5", "0.0"),
+        ("ilvr", "--precision", "bf16", "bf16", "fp32"),
+        ("ilvr", "--channels_last", "true", "True", "False"),
+        ("ilvr", "--native_groupnorm", "true", "True", "False"),
+        ("ilvr", "--winograd", "true", "True", "False"),
+        ("ilvr", "--samples_per_reference", "2", "2", "1"),
+        ("ilvr", "--unconditional", "true", "True", "False"),
+        ("unconditional", "--num_samples", "3", "3", "2"),
+    ],
+)
+def test_a_rerun_with_another_setting_that_makes_the_images_is_refused(
+    runner, first_runs, run, flag, value, shown, before
+):
+    """Every SAME_RUN setting without a refusal test elsewhere (seed, respacing, model, references:
+    above; task, mask, sdedit: test_tasks.py; class_labels: test_guided_diffusion.py)."""
+    cmd = first_runs[run]
+    out = Path(cmd[cmd.index("--output.dir") + 1])
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    done = runner(*cmd, flag, value)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: {flag} {shown}: {out} holds a run made with {before} "
+        f"({out / '.manifest' / 'settings.json'})"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
 
 
 def test_a_reference_whose_content_changed_is_named_until_its_outputs_are_removed(runner, tmp_path):

@@ -282,6 +282,13 @@ def test_class_conditional_translation(tmp_path, capsys):
     assert _sample(tmp_path, tmp_path / "tiny.pt", "one", *flags, "--class_labels", "5") == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "one" / "cat_s0.png")), file_run["cat_s0.png"])
     capsys.readouterr()
+    made = {p: p.read_bytes() for p in (tmp_path / "one").glob("*.png")}
+    assert _sample(tmp_path, tmp_path / "tiny.pt", "one", *flags, "--class_labels", "6") == 2  # a rerun
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sample.py: error: --class_labels [6, 6, 6]: {tmp_path / 'one'} holds a run made with [5, 5, 5] "
+        f"({tmp_path / 'one' / '.manifest' / 'settings.json'})"
+    )
+    assert {p: p.read_bytes() for p in (tmp_path / "one").glob("*.png")} == made
     for extra, message in [
         ((), "--class_labels: the model is class-conditional"),
         (("--class_labels", "1000"), "--class_labels: label 1000 is out of range"),

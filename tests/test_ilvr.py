@@ -145,6 +145,8 @@ def test_range_resolution():
     assert resolve_range_t(timestep_map, range_t=3) == 3
     assert resolve_range_t(timestep_map, fraction=1.0) == -1
     assert resolve_range_t(timestep_map, fraction=0.5) == 4  # indices 9..5 conditioned
+    assert resolve_range_t(timestep_map, fraction=0.29) == 6  # round(2.9) = 3 steps: indices 9..7
+    assert resolve_range_t(timestep_map, fraction=0.25) == 7  # round(2.5) = 2: a tie goes to the even count
     assert resolve_range_t(timestep_map, stop_timestep=450) == 4  # t = 900..500 conditioned
     with pytest.raises(ValueError):
         resolve_range_t(timestep_map, range_t=2, fraction=0.5)

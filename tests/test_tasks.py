@@ -141,6 +141,18 @@ def test_sdedit_strength_one_is_the_full_run_and_lower_strengths_stay_closer(ref
     assert distance["0.25"] < distance["0.5"] < distance["1"]
 
 
+def test_local_edit_operator_is_the_mask_times_the_low_pass(reference_dir, refs, mask_png, tmp_path):
+    """docs/conditioning.md: local_edit's P is Compose(LowPass(N), Mask(m)) = m * phi_N(x), not phi_N(m * x)."""
+    from ilvr_toolkit.sampling.tasks import run_operators
+
+    task = ("--task", "local_edit", "--mask", str(mask_png[0]), "--ilvr.factor", "4")
+    config = parse_config(_args(reference_dir, refs, tmp_path / "o", *task))
+    operator = run_operators(config, SIZE, torch.device("cpu"), [4])[4]
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    keep = torch.from_numpy(mask_png[1]).float()
+    torch.testing.assert_close(operator(x), keep * LowPass(SIZE, 4, torch.device("cpu"))(x))
+
+
 def test_seeds_shards_and_resume_with_a_task(reference_dir, refs, mask_png, tmp_path):
     task = ("--task", "local_edit", "--mask", str(mask_png[0]), "--sdedit.strength", "0.5")
     _run(reference_dir, refs, tmp_path / "b3", *task, "--batch_size", "3")

@@ -902,13 +902,25 @@ def test_resume_applies_a_changed_lr(
     lmdb_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The checkpoint's optimizer param_groups and LambdaLR base_lrs held the old lr."""
+
+    class StepLrs(pl.Callback):
+        """The lr each optimizer step uses (LambdaLR sets the next one only after the step)."""
+
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
+
+        def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
     run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2, "model.optim.warmup_steps": 4}))
+    step_lrs = StepLrs()
+    resume = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3, "model.optim.warmup_steps": 4})
     with caplog.at_level("INFO"):
-        cli = run_inprocess(
-            common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3, "model.optim.warmup_steps": 4})
-            + ["--model.optim.lr", "0.1"]
+        cli = TrainCLI(
+            args=["fit", *resume, "--model.optim.lr", "0.1"], trainer_defaults={"callbacks": [step_lrs]}
         )
     assert "resuming with lr 0.1 (the checkpoint's: 0.0003)" in caplog.text
+    assert step_lrs.lrs == [pytest.approx(0.1 * 3 / 4)]  # the first step after it: warmup step 3 of 4
     group = cli.trainer.optimizers[0].param_groups[0]
     assert group["initial_lr"] == 0.1 and group["lr"] == pytest.approx(0.1)  # warmup 4: step 3 is its last
     assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.1]
@@ -948,6 +960,28 @@ def test_resume_at_an_epoch_end_draws_the_uninterrupted_runs_t_and_noise(tmp_pat
     straight = run(tmp_path / "straight", 4)
     assert run(tmp_path / "resumed", 2) == {k: straight[k] for k in (1, 2)}  # epoch 0: 2 steps
     assert run(tmp_path / "resumed", 4) == {k: straight[k] for k in (3, 4)}
+
+
+def test_each_step_and_each_rank_draws_its_own_t_and_noise() -> None:
+    """_draw seeds per (rank, global step): without either term every step (or every DDP rank)
+    would train on the same t and noise."""
+    from ilvr_toolkit.training.module import DiffusionModule
+
+    class Placed(DiffusionModule):
+        global_step = 0  # plain attributes in place of the Trainer's
+        global_rank = 0
+
+    module, x0 = Placed(unet="tiny16"), torch.zeros(8, 3, 16, 16)
+
+    def draw(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        module.global_step, module.global_rank = step, rank
+        module.on_train_start()  # a (re)start: the next draw seeds again
+        return module._draw(x0)
+
+    first = draw(0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, draw(0, 0), strict=True))  # the seed is reproducible
+    for other in (draw(1, 0), draw(0, 1)):  # the next step; the same step on rank 1
+        assert not torch.equal(other[0], first[0]) and not torch.equal(other[1], first[1])
 
 
 def test_data_path_and_export_output_dir_mistakes_name_the_flag(

@@ -49,7 +49,8 @@ def resolve_range_t(
     - ``range_t``: given directly in respaced steps (official semantics; 0 = every step but
       the last, -1 = every step);
     - ``fraction``: the share of the sampling steps conditioned, counted from x_T
-      (1.0 = every step, range_t -1; 0.5 = the first half of the steps; 0 = none);
+      (1.0 = every step, range_t -1; 0.5 = the first half of the steps; 0 = none); the number of
+      steps is ``round(fraction * num_steps)``, the nearest whole number (a tie to the even one);
     - ``stop_timestep``: an original timestep; steps whose input timestep is above it are
       conditioned.
     """

@@ -174,7 +174,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(source: _Source, sizes: list[int], settings: BuildSettings) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker has the main process's handler
+    if multiprocessing.parent_process() is not None:  # a worker (workers 0: keep the handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker has the main process's handler
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while the pool started
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     _WORKER.update(source=source, sizes=sizes, settings=settings, delay=delay)
 
@@ -420,8 +422,15 @@ def _encoded(src: _Source, sizes: list[int], settings: BuildSettings) -> Iterato
         return
     context, started = _recording_context(settings.start_method)
     pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(src, sizes, settings))
+    # SIGTERM waits while the pool starts: its handler, run inside a fork's at-fork hooks (which drop
+    # the exception: the build went on) or in a worker before _init_worker, must not stop either there.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:  # (Pool.imap would wait forever for the images of a worker that died: OOM killer, kill -9)
-        yield pool.map(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+        try:
+            results = pool.map(_work, range(count), chunksize=max(1, min(16, count // (workers * 8))))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        yield results
     except BrokenProcessPool:
         pool.shutdown(cancel_futures=True)  # its thread reaps the workers: read exit codes after it
         for process in started:

@@ -48,7 +48,8 @@ class ILVRSpec:
         range_t: steps with respaced index > range_t are conditioned (the official
             ``range_t``; 0 = all but the last step, -1 = all). None: 0 for ``ilvr``, -1 (the
             last step too, so P(x_0) = P(y)) for the other tasks.
-        fraction: instead of range_t, the share of steps conditioned counted from x_T.
+        fraction: instead of range_t, the share of steps conditioned counted from x_T
+            (round(fraction * steps) of them, a tie to the even count: 0.29 of 10 is 3).
         stop_timestep: instead of range_t, an original timestep: condition while t > it.
         mode: ``paper`` (reference at the level of the step's output, y_{t-1}) or
             ``official`` (level of the step's input, as the released code; ilvr_adm #13).
