@@ -4,7 +4,7 @@ transparent images, broken symlinks. Each is one clean line or a documented resu
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import zipfile
 from pathlib import Path
@@ -13,6 +13,8 @@ import numpy as np
 from faultkit import TINY32, error_line, run
 from PIL import Image
 from test_faults_loads import sample_args
+
+from ilvr_toolkit.data import read_names
 
 S = 32
 
@@ -48,3 +50,39 @@ def test_latin1_reference_name(tmp_path):
     done = _sample(refs, out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "grid.png").is_file() and (out / os.fsdecode(b"caf\xe9_s0.png")).is_file()
+
+
+def _png(size: int = 16, value: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _prepare(src: Path, out: Path, workers: str = "0"):
+    args = ["-m", "ilvr_toolkit.data.prepare", str(src), "--out", str(out), "--size", "16"]
+    return run([*args, "--workers", workers])
+
+
+def test_prepare_skips_a_zip_member_with_a_bad_crc(tmp_path):
+    src = tmp_path / "crc.zip"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_STORED) as zf:
+        for k in range(3):
+            zf.writestr(f"m{k}.png", _png(value=40 * k))
+    data = bytearray(src.read_bytes())
+    start = data.find(b"m1.png") + len("m1.png")  # the local header's name, then the member's data
+    data[start + 40] ^= 255
+    src.write_bytes(data)
+    for workers in ("0", "2"):
+        done = _prepare(src, tmp_path / f"crc{workers}.lmdb", workers)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert "skipped 1" in done.stdout and "m1.png" in done.stdout, done.stdout
+
+
+def test_prepare_keeps_dot_slash_zip_members(tmp_path):
+    src = tmp_path / "dot.zip"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("./imgs/a.png", _png())
+        zf.writestr("imgs/.hidden.png", _png())
+    done = _prepare(src, tmp_path / "dot.lmdb")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_names(tmp_path / "dot.lmdb") == ["./imgs/a.png"]
