@@ -5,18 +5,20 @@ transparent images, broken symlinks. Each is one clean line or a documented resu
 from __future__ import annotations
 
 import io
+import json
 import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from faultkit import TINY32, error_line, run
+from faultkit import TINY32, error_line, make_images, run
 from PIL import Image
 from test_faults_loads import sample_args
 
 from ilvr_toolkit.data import read_names
 
 S = 32
+PROG = "python -m ilvr_toolkit.evaluation"
 
 
 def _refs(folder: Path) -> Path:
@@ -86,3 +88,25 @@ def test_prepare_keeps_dot_slash_zip_members(tmp_path):
     done = _prepare(src, tmp_path / "dot.lmdb")
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_names(tmp_path / "dot.lmdb") == ["./imgs/a.png"]
+
+
+def test_fid_of_one_image(tmp_path):
+    """The evaluation refuses FID of one image up front; sample.py writes the other metrics."""
+    from random_inception import write_random_inception_weights
+
+    weights = str(write_random_inception_weights(tmp_path / "fake_inception.pth"))
+    one, target = tmp_path / "one", make_images(tmp_path / "target", count=3)
+    make_images(one, count=1)
+    args = ["--outputs", str(one), "--target", str(target), "--inception_weights", weights, "--device", "cpu"]
+    done = run(["-m", "ilvr_toolkit.evaluation", *args])
+    assert done.returncode == 2 and error_line(done, PROG).endswith(
+        f"--outputs {one}: FID needs at least 2 images, got 1"
+    )
+    args = ["--outputs", str(target), "--target", str(one), "--inception_weights", weights, "--device", "cpu"]
+    assert f"--target {one}: FID needs" in error_line(run(["-m", "ilvr_toolkit.evaluation", *args]), PROG)
+    out = tmp_path / "out"
+    done = _sample(one / "00.png", out, "--evaluate_against", str(target), "--inception_weights", weights)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len([line for line in done.stderr.splitlines() if "FID/KID skipped" in line]) == 1, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "FID needs at least 2" in metrics["fid_skipped"] and metrics["N4"]["num_pairs"] == 1, metrics

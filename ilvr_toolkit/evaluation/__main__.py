@@ -85,6 +85,11 @@ def _check_options(config: Namespace) -> Path | None:
             rule = "an output <stem>_s<k> or <stem>_N<N>_s<k> pairs with the reference <stem>"
             raise UsageError(f"--references {config.references}: {error}; {rule}") from None
     if config.target is not None:
+        for name in ("outputs", "target"):  # a covariance needs two images
+            if len(sets[name]) < 2:
+                raise UsageError(
+                    f"--{name} {config[name]}: FID needs at least 2 images, got {len(sets[name])}"
+                )
         _check_cache_dir(Path(config.cache_dir or default_cache_dir()))
     return metrics_json
 
