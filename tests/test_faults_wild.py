@@ -11,11 +11,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from faultkit import TINY32, error_line, make_images, run
 from PIL import Image
 from test_faults_loads import sample_args
 
 from ilvr_toolkit.data import read_names
+from ilvr_toolkit.evaluation.api import pair_by_name
 
 S = 32
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -110,3 +112,30 @@ def test_fid_of_one_image(tmp_path):
     assert len([line for line in done.stderr.splitlines() if "FID/KID skipped" in line]) == 1, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert "FID needs at least 2" in metrics["fid_skipped"] and metrics["N4"]["num_pairs"] == 1, metrics
+
+
+def test_evaluation_pairs_as_the_manifest_records(tmp_path):
+    """References x (black) and x_s0 (white): the CLI pairs output x_s0 with x as sample.py did (the
+    same numbers as the same files renamed p, q), and refuses those names without a manifest."""
+    refs, out = _refs(tmp_path / "refs"), tmp_path / "out"
+    assert _sample(refs, out, "--evaluate_against", "null").returncode == 0
+    plain_refs, plain_out = tmp_path / "plain_refs", tmp_path / "plain_out"
+    plain_refs.mkdir(), plain_out.mkdir()
+    for new, ref in (("p", "x"), ("q", "x_s0")):
+        (plain_refs / f"{new}.png").write_bytes((refs / f"{ref}.png").read_bytes())
+        (plain_out / f"{new}_s0.png").write_bytes((out / f"{ref}_s0.png").read_bytes())
+    metrics = []
+    for outputs, references in ((out, refs), (plain_out, plain_refs)):
+        args = ["--outputs", str(outputs), "--references", str(references), "--device", "cpu"]
+        done = run(["-m", "ilvr_toolkit.evaluation", *args, "--metrics_json", str(outputs / "m.json")])
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics.append(json.loads((outputs / "m.json").read_text()))
+    assert [m["psnr"] for m in metrics] == [metrics[1]["psnr"]] * 2 and metrics[0]["l2"] == metrics[1]["l2"]
+    (out / "manifest.json").unlink()
+    line = error_line(
+        run(["-m", "ilvr_toolkit.evaluation", "--outputs", str(out), "--references", str(refs)]), PROG
+    )
+    assert "match several references: x_s0" in line, line
+    with pytest.raises(ValueError, match="several references: b_N4_s0"):
+        pair_by_name(["b_N4_s0"], ["b", "b_N4"])
+    assert pair_by_name(["b_N4_s0", "b_s0"], ["b", "b_N4"], {"b_N4_s0": "b", "b_s0": "b"}) == [(0, 0), (1, 0)]

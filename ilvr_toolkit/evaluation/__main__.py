@@ -18,7 +18,14 @@ from ..cli import (
     setup_logging,
 )
 from ..data.references import open_image_source
-from .api import EvalSettings, evaluate_translation, format_table, pair_by_name, write_metrics
+from .api import (
+    EvalSettings,
+    evaluate_translation,
+    format_table,
+    pair_by_name,
+    recorded_references,
+    write_metrics,
+)
 from .stats import default_cache_dir
 
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -80,9 +87,9 @@ def _check_options(config: Namespace) -> Path | None:
         raise UsageError(f"--factor {config.factor}: expected a divisor of the image size {size}")
     if config.references is not None:
         try:
-            pair_by_name(sets["outputs"].names, sets["references"].names)
+            pair_by_name(sets["outputs"].names, sets["references"].names, recorded_references(config.outputs))
         except ValueError as error:
-            rule = "an output <stem>_s<k> or <stem>_N<N>_s<k> pairs with the reference <stem>"
+            rule = "an output <stem>_s<k> or <stem>_N<N>_s<k> pairs with the reference <stem>, or as its manifest.json records"
             raise UsageError(f"--references {config.references}: {error}; {rule}") from None
     if config.target is not None:
         for name in ("outputs", "target"):  # a covariance needs two images
