@@ -139,3 +139,15 @@ def test_evaluation_pairs_as_the_manifest_records(tmp_path):
     with pytest.raises(ValueError, match="several references: b_N4_s0"):
         pair_by_name(["b_N4_s0"], ["b", "b_N4"])
     assert pair_by_name(["b_N4_s0", "b_s0"], ["b", "b_N4"], {"b_N4_s0": "b", "b_s0": "b"}) == [(0, 0), (1, 0)]
+
+
+def test_evaluation_skips_an_unused_damaged_first_reference(tmp_path):
+    refs, out = tmp_path / "refs", tmp_path / "out"
+    refs.mkdir(), out.mkdir()
+    (refs / "0bad.png").write_bytes(b"")
+    Image.new("RGB", (S, S), (9, 9, 9)).save(refs / "a.png")
+    Image.new("RGB", (S, S), (9, 9, 9)).save(out / "a_s0.png")
+    for size in ([], ["--image_size", str(S)]):
+        args = ["--outputs", str(out), "--references", str(refs), "--device", "cpu", *size]
+        done = run(["-m", "ilvr_toolkit.evaluation", *args])
+        assert done.returncode == 0 and "| L2 | 0.00 |" in done.stdout, done.stderr[-3000:]
