@@ -16,7 +16,7 @@ from faultkit import TINY32, error_line, make_images, run
 from PIL import Image
 from test_faults_loads import sample_args
 
-from ilvr_toolkit.data import read_names
+from ilvr_toolkit.data import ReferenceSet, read_names
 from ilvr_toolkit.evaluation.api import pair_by_name
 
 S = 32
@@ -151,3 +151,14 @@ def test_evaluation_skips_an_unused_damaged_first_reference(tmp_path):
         args = ["--outputs", str(out), "--references", str(refs), "--device", "cpu", *size]
         done = run(["-m", "ilvr_toolkit.evaluation", *args])
         assert done.returncode == 0 and "| L2 | 0.00 |" in done.stdout, done.stderr[-3000:]
+
+
+def test_16bit_gray_with_a_transparent_colour(tmp_path):
+    """The pixels equal to the 16-bit transparent value become white, as with 8-bit grayscale."""
+    wide = np.full((S, S), 50 * 257, np.uint16)
+    wide[:, : S // 2] = 100 * 257
+    wide[0, 0] = 100 * 257 + 1  # not the key: kept (100 after scaling)
+    Image.fromarray(wide).save(tmp_path / "g16.png", transparency=100 * 257)
+    want = np.where(wide == 100 * 257, 255, np.rint(wide / 257)).astype(np.uint8)
+    got = ReferenceSet(tmp_path / "g16.png", S)[0]["image"]
+    assert (got.numpy() == want[None]).all()
