@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from test_faults_loads import sample_args
 
 from ilvr_toolkit.data import ReferenceSet, read_names
+from ilvr_toolkit.data.imageops import load_rgb
 from ilvr_toolkit.evaluation.api import pair_by_name
 
 S = 32
@@ -162,3 +164,21 @@ def test_16bit_gray_with_a_transparent_colour(tmp_path):
     want = np.where(wide == 100 * 257, 255, np.rint(wide / 257)).astype(np.uint8)
     got = ReferenceSet(tmp_path / "g16.png", S)[0]["image"]
     assert (got.numpy() == want[None]).all()
+
+
+def test_broken_link_in_the_target_is_named(tmp_path):
+    target = make_images(tmp_path / "target", count=2)
+    (target / "link.png").symlink_to(tmp_path / "nonexist.png")
+    args = ["--outputs", str(target), "--target", str(target), "--device", "cpu"]
+    line = error_line(run(["-m", "ilvr_toolkit.evaluation", *args]), PROG)
+    assert f"--target {target}: {target / 'link.png'}: a broken link" in line, line
+
+
+def test_no_decompression_bomb_warning(tmp_path, monkeypatch):
+    """An image over Pillow's pixel limit decodes (or is skipped with its own line) without the warning."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12)).save(buf, format="PNG")  # 144 pixels: Pillow warns (over 200: it refuses)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_rgb(buf.getvalue()).size == (12, 12)

@@ -4,6 +4,7 @@ and cropping. Kept free of torch so the converter's worker processes stay light.
 
 import contextlib
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,8 +24,10 @@ class BadImage(ValueError):
 def open_image(data: bytes) -> Image.Image:
     """Decode ``data`` fully (a truncated file fails here, not later); ``BadImage`` if unusable."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: decoded, or skipped with its own line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
     except Image.DecompressionBombError as e:
         raise BadImage(f"too many pixels: {e}") from None
     except Image.UnidentifiedImageError:

@@ -216,14 +216,20 @@ class ReferenceSet(Dataset):
 
 
 def open_image_source(
-    flag: str, source: str | os.PathLike, size: Any = None, kind: type = ReferenceSet
+    flag: str, source: str | os.PathLike, size: Any = None, kind: type = ReferenceSet, whole: bool = False
 ) -> Any:
-    """``kind(source, size)``; a source without images (an empty folder or LMDB) is a usage error
-    naming ``--flag`` (a damaged LMDB stays the reader's error: exit status 1)."""
+    """``kind(source, size)``; a source without images (an empty folder or LMDB), or with ``whole``
+    (FID reads every image) a broken link in it, is a usage error naming ``--flag`` and the file (a
+    damaged LMDB stays the reader's error: exit status 1)."""
     try:
-        return kind(source, size)
+        images = kind(source, size)
     except NoImages as err:
         raise UsageError(f"--{flag} {source}: {err}") from None
+    if whole and (broken := next((f for f in images.files if not f.exists()), None)) is not None:
+        raise UsageError(
+            f"--{flag} {source}: {broken}: a broken link (no file at {os.path.realpath(broken)})"
+        )
+    return images
 
 
 def collate_references(items: list[dict[str, Any] | None]) -> dict[str, Any]:

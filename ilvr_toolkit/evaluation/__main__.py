@@ -81,7 +81,10 @@ def _check_options(config: Namespace) -> Path | None:
         if config[name] is not None:
             check_range(name, config[name], low)
     sources = [name for name in ("outputs", "target", "references") if config[name] is not None]
-    sets = {name: open_image_source(name, config[name], config.image_size) for name in sources}
+    sets = {
+        name: open_image_source(name, config[name], config.image_size, whole=name == "target")
+        for name in sources
+    }
     size = config.image_size or sets["outputs"].image_size
     if config.factor is not None and size % config.factor:
         raise UsageError(f"--factor {config.factor}: expected a divisor of the image size {size}")
