@@ -4,6 +4,7 @@ and cropping. Kept free of torch so the converter's worker processes stay light.
 
 import contextlib
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,8 +24,10 @@ class BadImage(ValueError):
 def open_image(data: bytes) -> Image.Image:
     """Decode ``data`` fully (a truncated file fails here, not later); ``BadImage`` if unusable."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: decoded, or skipped with its own line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
     except Image.DecompressionBombError as e:
         raise BadImage(f"too many pixels: {e}") from None
     except Image.UnidentifiedImageError:
@@ -41,14 +44,18 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
       composited over ``background`` (white): the colour under a fully transparent pixel is
       arbitrary and often black or garbage, so dropping alpha would leak it into the image;
     - 16-bit grayscale (``I;16*``, and ``I`` as Pillow may open it) becomes 8 bits by rounding
-      v / 257 (65535 -> 255, 257 -> 1; ``convert("L")`` would clip all above 255 to white);
+      v / 257 (65535 -> 255, 257 -> 1; ``convert("L")`` would clip all above 255 to white), its
+      transparent value (exact 16-bit match) composited like any other;
       float ``F`` is clipped to 0..255;
     - CMYK (no colour profile applied), YCbCr, LAB, HSV, 1, L, P use Pillow's own conversion.
     """
     if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in WIDE_MODES:
-        img = Image.fromarray(np.clip(np.rint(np.asarray(img) / 257.0), 0, 255).astype(np.uint8), mode="L")
+        wide, key = np.asarray(img), img.info.get("transparency")
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+        if isinstance(key, int):  # the exact 16-bit transparent value (not its 8-bit rounding): alpha 0
+            img = Image.merge("LA", (img, Image.fromarray(np.where(wide == key, 0, 255).astype(np.uint8))))
     if img.mode in _ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")

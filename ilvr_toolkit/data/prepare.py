@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -140,7 +141,7 @@ def _open_source(src: str | Path) -> _Source:
     if src.is_file() and zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as zf:  # image members; folders, hidden entries and __MACOSX skipped
             names = [m.filename for m in zf.infolist() if not m.is_dir() and has_image_extension(m.filename)]
-        hidden = {n for n in names if any(p.startswith(".") or p == "__MACOSX" for p in n.split("/"))}
+        hidden = {n for n in names if any(p[:1] == "." != p or p == "__MACOSX" for p in n.split("/"))}
         return _Source("zip", location, sorted(n for n in names if n not in hidden))
     if not src.exists():
         raise UsageError(f"source {src}: no such file or folder")
@@ -171,6 +172,7 @@ def process_image(
 
 
 _WORKER: dict = {}
+_READ_ERRORS = (OSError, zipfile.BadZipFile, zlib.error, EOFError)  # a zip member: bad CRC, damaged data
 
 
 def _init_worker(source: _Source, sizes: list[int], settings: BuildSettings) -> None:
@@ -188,8 +190,8 @@ def _work(index: int) -> tuple[int, dict[int, bytes] | None, str | None]:
     try:
         data = _WORKER["source"].read(index)
         return index, process_image(data, _WORKER["sizes"], s.format, s.quality, s.compress_level), None
-    except (OSError, BadImage, BadRecord) as e:
-        return index, None, f"cannot read: {e}" if isinstance(e, OSError) else str(e)
+    except (*_READ_ERRORS, BadImage, BadRecord) as e:
+        return index, None, str(e) if isinstance(e, BadImage | BadRecord) else f"cannot read: {e}"
 
 
 @dataclass

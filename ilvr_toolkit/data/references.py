@@ -105,6 +105,17 @@ class NoImages(ValueError):
     """An image source (a folder, an LMDB, a list of files) that holds no image."""
 
 
+def _first_size(files: Sequence[Path], source: Path) -> int:
+    """The short side of the first image that opens (a damaged one is skipped, as a run skips it)."""
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                return min(image.size)
+        except Exception:  # noqa: BLE001 (Pillow raises many kinds for a damaged file)
+            continue
+    raise NoImages(f"no readable image in {source}")
+
+
 class ReferenceSet(Dataset):
     """The reference images of a translation run, from a folder, an LMDB dataset or image files.
 
@@ -116,7 +127,7 @@ class ReferenceSet(Dataset):
       stored size closest above ``image_size`` is read and passed through the same
       preprocessing (a no-op when it already matches).
 
-    ``image_size`` None: the short side of the first image (an LMDB's largest stored size).
+    ``image_size`` None: the short side of the first readable image (an LMDB's largest stored size).
 
     ``ds[i]`` is ``{"index": i, "name": str, "image": uint8 (3, H, W)}`` and raises on an
     unreadable image; ``try_get(i)`` returns ``(item, None)`` or ``(None, message)`` instead.
@@ -146,10 +157,7 @@ class ReferenceSet(Dataset):
             raise FileNotFoundError(f"reference source not found: {self.source}")
         if not self.names:
             raise NoImages(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.source}")
-        if image_size is None:
-            with Image.open(self.files[0]) as first:
-                image_size = min(first.size)
-        self.image_size = int(image_size)
+        self.image_size = int(image_size or _first_size(self.files, self.source))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -208,14 +216,20 @@ class ReferenceSet(Dataset):
 
 
 def open_image_source(
-    flag: str, source: str | os.PathLike, size: Any = None, kind: type = ReferenceSet
+    flag: str, source: str | os.PathLike, size: Any = None, kind: type = ReferenceSet, whole: bool = False
 ) -> Any:
-    """``kind(source, size)``; a source without images (an empty folder or LMDB) is a usage error
-    naming ``--flag`` (a damaged LMDB stays the reader's error: exit status 1)."""
+    """``kind(source, size)``; a source without images (an empty folder or LMDB), or with ``whole``
+    (FID reads every image) a broken link in it, is a usage error naming ``--flag`` and the file (a
+    damaged LMDB stays the reader's error: exit status 1)."""
     try:
-        return kind(source, size)
+        images = kind(source, size)
     except NoImages as err:
         raise UsageError(f"--{flag} {source}: {err}") from None
+    if whole and (broken := next((f for f in images.files if not f.exists()), None)) is not None:
+        raise UsageError(
+            f"--{flag} {source}: {broken}: a broken link (no file at {os.path.realpath(broken)})"
+        )
+    return images
 
 
 def collate_references(items: list[dict[str, Any] | None]) -> dict[str, Any]:

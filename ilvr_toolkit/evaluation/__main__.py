@@ -18,7 +18,14 @@ from ..cli import (
     setup_logging,
 )
 from ..data.references import open_image_source
-from .api import EvalSettings, evaluate_translation, format_table, pair_by_name, write_metrics
+from .api import (
+    EvalSettings,
+    evaluate_translation,
+    format_table,
+    pair_by_name,
+    recorded_references,
+    write_metrics,
+)
 from .stats import default_cache_dir
 
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -74,17 +81,25 @@ def _check_options(config: Namespace) -> Path | None:
         if config[name] is not None:
             check_range(name, config[name], low)
     sources = [name for name in ("outputs", "target", "references") if config[name] is not None]
-    sets = {name: open_image_source(name, config[name]) for name in sources}
+    sets = {
+        name: open_image_source(name, config[name], config.image_size, whole=name == "target")
+        for name in sources
+    }
     size = config.image_size or sets["outputs"].image_size
     if config.factor is not None and size % config.factor:
         raise UsageError(f"--factor {config.factor}: expected a divisor of the image size {size}")
     if config.references is not None:
         try:
-            pair_by_name(sets["outputs"].names, sets["references"].names)
+            pair_by_name(sets["outputs"].names, sets["references"].names, recorded_references(config.outputs))
         except ValueError as error:
-            rule = "an output <stem>_s<k> or <stem>_N<N>_s<k> pairs with the reference <stem>"
+            rule = "an output <stem>_s<k> or <stem>_N<N>_s<k> pairs with the reference <stem>, or as its manifest.json records"
             raise UsageError(f"--references {config.references}: {error}; {rule}") from None
     if config.target is not None:
+        for name in ("outputs", "target"):  # a covariance needs two images
+            if len(sets[name]) < 2:
+                raise UsageError(
+                    f"--{name} {config[name]}: FID needs at least 2 images, got {len(sets[name])}"
+                )
         _check_cache_dir(Path(config.cache_dir or default_cache_dir()))
     return metrics_json
 

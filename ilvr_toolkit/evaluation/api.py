@@ -3,7 +3,7 @@
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,37 @@ from .stats import EvalSettings, ImageSet, Source, cached_reference_stats, image
 PairSource = tuple[str | os.PathLike | torch.Tensor, torch.Tensor]  # (output, reference (3, H, W))
 
 
-def pair_by_name(output_names: Sequence[str], reference_names: Sequence[str]) -> list[tuple[int, int]]:
-    """(output index, reference index): output ``<stem>``, ``<stem>_s<k>`` or ``<stem>_N<N>_s<k>`` (sample.py's
-    names) pairs with reference ``<stem>``; ValueError names the outputs that have no reference."""
-    index = {name: j for j, name in enumerate(reference_names)}
-    found = [index.get(name, index.get(re.sub(r"(_N\d+)?_s\d+$", "", name))) for name in output_names]
+def pair_by_name(
+    output_names: Sequence[str], reference_names: Sequence[str], recorded: Mapping[str, str] | None = None
+) -> list[tuple[int, int]]:
+    """(output index, reference index): the reference ``recorded`` for an output (sample.py's manifest,
+    :func:`recorded_references`), else output ``<stem>``, ``<stem>_s<k>`` or ``<stem>_N<N>_s<k>``
+    (sample.py's names) pairs with reference ``<stem>``; ValueError names the outputs that have no
+    reference, or that could pair with several (references ``x`` and ``x_s0``, output ``x_s0``)."""
+    index, recorded = {name: j for j, name in enumerate(reference_names)}, recorded or {}
+    found, ambiguous = [], []
+    for name in output_names:
+        stems = dict.fromkeys([name, re.sub(r"_s\d+$", "", name), re.sub(r"(_N\d+)?_s\d+$", "", name)])
+        candidates = [index[stem] for stem in stems if stem in index]
+        if recorded.get(name) in index:
+            candidates = [index[recorded[name]]]
+        ambiguous += [name] if len(candidates) > 1 else []
+        found.append(candidates[0] if candidates else None)
     if missing := [name for name, j in zip(output_names, found, strict=True) if j is None]:
         raise ValueError(f"no reference found for {len(missing)} outputs: {', '.join(missing[:5])}")
+    if ambiguous:
+        raise ValueError(f"{len(ambiguous)} outputs match several references: {', '.join(ambiguous[:5])}")
     return list(enumerate(found))
+
+
+def recorded_references(folder: str | os.PathLike) -> dict[str, str]:
+    """Output stem -> the name of the reference it was made from, as ``folder/manifest.json`` (a
+    sample.py run's) records it; empty when there is no readable manifest."""
+    try:
+        images = json.loads((Path(folder) / "manifest.json").read_text())["images"]
+        return {Path(name).stem: entry["reference"] for name, entry in images.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def evaluate_translation(
@@ -78,7 +101,7 @@ def _faithfulness(
 ) -> dict:
     if pairs is None:
         reference_set = ImageSet(references, s.image_size)
-        pairs = pair_by_name(outputs.names, reference_set.names)
+        pairs = pair_by_name(outputs.names, reference_set.names, recorded_references(outputs.source))
         load = lambda pair: (outputs[pair[0]], reference_set[pair[1]])  # noqa: E731
         result = {"num_pairs": len(pairs), "references": os.fspath(references)}
     else:

@@ -70,13 +70,21 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         label = f"N{factor}" if factor is not None else "unconditional"
         label = label if ilvr else config.task + (f", {label}" if factor is not None else "")
         files = [result.out_dir / name for name in names]
+        if len(files) < 2 and options["target"] is not None:  # no covariance of one image
+            log.warning("FID/KID skipped for %s: FID needs at least 2 outputs, got %d", label, len(files))
+            options["target"], metrics["fid_skipped"] = (
+                None,
+                f"FID needs at least 2 outputs, got {len(files)}",
+            )
+            if pairs is None:  # unconditional: nothing else to compute
+                continue
         metrics[label] = evaluate_translation(files, pairs=pairs, device=device, **options)
     metrics["path"] = str(write_metrics(result.out_dir / "metrics.json", metrics))
     for label, block in metrics.items():
         if isinstance(block, dict):
             print(f"\nmetrics, {label}:\n{format_table(block, config.published)}")
     if "fid_skipped" in metrics:
-        print("\nFID/KID skipped: the Inception weights are missing (see the warning above).")
+        print(f"\nFID/KID skipped: {metrics['fid_skipped']}")
     print(f"metrics: {metrics['path']}")
     result.metrics = metrics
     return metrics

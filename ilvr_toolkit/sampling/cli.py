@@ -86,7 +86,10 @@ def _main(
     named.update(references=None if config.unconditional else config.references, mask=config.mask)
     check_paths({**named, "inception_weights": config.inception_weights})  # before any work
     if config.evaluate_against:  # a folder of images or an LMDB: found out now, not after sampling
-        open_image_source("evaluate_against", config.evaluate_against, 1)
+        if (count := len(open_image_source("evaluate_against", config.evaluate_against, 1, whole=True))) < 2:
+            raise UsageError(
+                f"--evaluate_against {config.evaluate_against}: FID needs at least 2 images, got {count}"
+            )
     if check is not None:  # the evaluation's own checks (weights), before hours of sampling
         check(config)
     if config.evaluate_against and evaluate is None:

@@ -4,10 +4,11 @@ P the task's operator (phi_N for ILVR, the mask for inpainting, ...; ``sampling.
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.io import ImageReadMode, read_image
 from torchvision.utils import make_grid
 
+from ..data.imageops import BadImage, load_rgb
 from ..images import to_float, to_uint8
 from .plan import output_name
 from .writer import save_png
@@ -36,7 +37,16 @@ def build_grid(
             tiles.append(to_uint8(project(to_float(ref)[None]))[0])
             for k in range(samples_per_reference):
                 png = out_dir / output_name(name, n if several else None, k)
-                tiles.append(read_image(str(png), ImageReadMode.RGB) if png.exists() else blank)
+                tiles.append(_read_output(png) if png.exists() else blank)
     columns = 1 + len(operators) * (1 + samples_per_reference)
     save_png(path, make_grid(torch.stack(tiles), nrow=columns, padding=2, pad_value=255))
     return True
+
+
+def _read_output(png: Path) -> torch.Tensor:
+    """A finished output as uint8 (3, H, W), read with Pillow (``imageops.load_rgb``; torchvision's
+    decoder ends the process on a corrupt chunk and needs UTF-8 names); ``BadImage`` if damaged."""
+    try:
+        return torch.from_numpy(np.array(load_rgb(png.read_bytes()))).permute(2, 0, 1)
+    except BadImage as e:
+        raise BadImage(f"{png}: damaged ({e}); delete it and rerun to make it again") from None
