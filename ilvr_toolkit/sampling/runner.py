@@ -258,8 +258,8 @@ def _try_making(folder: Path, option: str) -> None:
     """Make ``folder`` (and its missing parents) and remove them again: a folder that cannot be
     made is named before the model loads, and a refused run leaves nothing behind."""
     made = [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        folder.mkdir(parents=True)
+    try:  # exist_ok: the ranks of one run probe at once (each may remove what another made: it is empty)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # no permission, a read-only or special file system
         raise UsageError(f"{option}: cannot be made: {error.strerror or error}") from None
     finally:
