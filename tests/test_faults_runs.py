@@ -208,11 +208,11 @@ def first_runs(runner, tmp_path_factory):
         ("ilvr", "--sampler.method", "ddim", "ddim", "ddpm"),
         ("ilvr", "--sampler.eta", "0.5", "0.5", "0.0"),
         ("ilvr", "--precision", "bf16", "bf16", "fp32"),
-        ("ilvr", "--channels_last", "true", "True", "False"),
-        ("ilvr", "--native_groupnorm", "true", "True", "False"),
-        ("ilvr", "--winograd", "true", "True", "False"),
+        ("ilvr", "--channels_last", "true", "true", "false"),
+        ("ilvr", "--native_groupnorm", "true", "true", "false"),
+        ("ilvr", "--winograd", "true", "true", "false"),
         ("ilvr", "--samples_per_reference", "2", "2", "1"),
-        ("ilvr", "--unconditional", "true", "True", "False"),
+        ("ilvr", "--unconditional", "true", "true", "false"),
         ("unconditional", "--num_samples", "3", "3", "2"),
     ],
 )
@@ -487,7 +487,7 @@ def test_a_fixed_reference_leaves_failed_references(runner, tmp_path):
 
 
 def test_a_stop_signal_during_the_evaluation_is_one_line_and_leaves_no_old_metrics(runner, tmp_path):
-    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a"])
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])  # FID: 2 images at least
     script = tmp_path / "preempted.py"  # sample.py whose metrics step is pre-empted midway
     script.write_text(
         "import os, signal, sys\nimport ilvr_toolkit.evaluation.runs as runs\n"
