@@ -112,6 +112,7 @@ def test_fid_of_one_image(tmp_path):
     done = _sample(one / "00.png", out, "--evaluate_against", str(target), "--inception_weights", weights)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert len([line for line in done.stderr.splitlines() if "FID/KID skipped" in line]) == 1, done.stderr
+    assert "FID/KID skipped: FID needs at least 2 outputs, got 1 (see the warning above)." in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert "FID needs at least 2" in metrics["fid_skipped"] and metrics["N4"]["num_pairs"] == 1, metrics
 

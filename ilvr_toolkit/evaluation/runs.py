@@ -84,7 +84,8 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         if isinstance(block, dict):
             print(f"\nmetrics, {label}:\n{format_table(block, config.published)}")
     if "fid_skipped" in metrics:
-        print(f"\nFID/KID skipped: {metrics['fid_skipped']}")
+        why = metrics["fid_skipped"].split(". ")[0].rstrip(".")  # its first sentence: the warning has it all
+        print(f"\nFID/KID skipped: {why} (see the warning above).")
     print(f"metrics: {metrics['path']}")
     result.metrics = metrics
     return metrics
