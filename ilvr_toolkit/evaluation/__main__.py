@@ -26,6 +26,7 @@ from .api import (
     recorded_references,
     write_metrics,
 )
+from .fid import too_few
 from .stats import default_cache_dir
 
 PROG = "python -m ilvr_toolkit.evaluation"
@@ -95,11 +96,9 @@ def _check_options(config: Namespace) -> Path | None:
             rule = "an output <stem>_s<k> or <stem>_N<N>_s<k> pairs with the reference <stem>, or as its manifest.json records"
             raise UsageError(f"--references {config.references}: {error}; {rule}") from None
     if config.target is not None:
-        for name in ("outputs", "target"):  # a covariance needs two images
-            if len(sets[name]) < 2:
-                raise UsageError(
-                    f"--{name} {config[name]}: FID needs at least 2 images, got {len(sets[name])}"
-                )
+        for name in ("outputs", "target"):
+            if why := too_few(len(sets[name])):
+                raise UsageError(f"--{name} {config[name]}: {why}")
         _check_cache_dir(Path(config.cache_dir or default_cache_dir()))
     return metrics_json
 

@@ -50,6 +50,11 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2.0 * tr_sqrt)
 
 
+def too_few(count: int, what: str = "images") -> str | None:
+    """Why ``count`` images are too few for FID (a covariance needs two), else None."""
+    return f"FID needs at least 2 {what}, got {count}" if count < 2 else None
+
+
 @dataclass
 class FeatureStats:  # one image set's mean (D,), covariance (D, D), count; float64; features (n, D) for KID
     mean: torch.Tensor
@@ -87,8 +92,8 @@ def gather_stats(
             metric.update(features.to(device, torch.float64), real=True)
     with fid.sync_context(should_sync=sync, distributed_available=lambda: sync):  # states: sums
         n = int(fid.real_features_num_samples)
-        if n < 2:
-            raise RuntimeError(f"FID needs at least 2 images, got {n}")
+        if why := too_few(n):
+            raise RuntimeError(why)
         mean = fid.real_features_sum / n
         stats = FeatureStats(mean, (fid.real_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1), n)
     for metric in kids:  # one state per process: torchmetrics gathers list states item by item

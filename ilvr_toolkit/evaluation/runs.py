@@ -10,19 +10,25 @@ from typing import Any
 import torch
 
 from ..cli import UsageError
+from ..data.references import open_image_source
 from ..runtime import resolve_device
 from ..sampling import RunResult, SampleConfig
 from ..sampling.tasks import FACTOR_FREE, run_operators
 from .api import evaluate_translation, format_table, write_metrics
+from .fid import too_few
 from .inception import InceptionFeatureExtractor, InceptionWeightsMissing
 
 log = logging.getLogger("ilvr_toolkit.evaluation")
 
 
 def check_evaluation(config: SampleConfig) -> None:
-    """Before sampling: Inception weights that are there load (a missing file only skips FID)."""
+    """Before sampling: the target holds FID's images (a broken link named) and Inception weights
+    that are there load (a missing file only skips FID)."""
     if not config.evaluate_against:
         return
+    target = open_image_source("evaluate_against", config.evaluate_against, 1, whole=True)
+    if why := too_few(len(target)):
+        raise UsageError(f"--evaluate_against {config.evaluate_against}: {why}")
     try:
         InceptionFeatureExtractor(config.inception_weights)
     except InceptionWeightsMissing as missing:
@@ -70,12 +76,9 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         label = f"N{factor}" if factor is not None else "unconditional"
         label = label if ilvr else config.task + (f", {label}" if factor is not None else "")
         files = [result.out_dir / name for name in names]
-        if len(files) < 2 and options["target"] is not None:  # no covariance of one image
-            log.warning("FID/KID skipped for %s: FID needs at least 2 outputs, got %d", label, len(files))
-            options["target"], metrics["fid_skipped"] = (
-                None,
-                f"FID needs at least 2 outputs, got {len(files)}",
-            )
+        if options["target"] is not None and (why := too_few(len(files), "outputs")):
+            log.warning("FID/KID skipped for %s: %s", label, why)
+            options["target"], metrics["fid_skipped"] = None, why
             if pairs is None:  # unconditional: nothing else to compute
                 continue
         metrics[label] = evaluate_translation(files, pairs=pairs, device=device, **options)

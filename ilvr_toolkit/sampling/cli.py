@@ -11,7 +11,6 @@ from jsonargparse import ArgumentParser, Namespace
 
 from ..batchjob import leave_note
 from ..cli import UsageError, check_paths, check_range, make_parser, parse_options, run_command, setup_logging
-from ..data.references import open_image_source
 from ..models.winograd import BuildStopped
 from ..runtime import tune_process
 from .config import SampleConfig
@@ -85,12 +84,7 @@ def _main(
     named = {"model.checkpoint": checkpoint, "evaluate_against": config.evaluate_against}
     named.update(references=None if config.unconditional else config.references, mask=config.mask)
     check_paths({**named, "inception_weights": config.inception_weights})  # before any work
-    if config.evaluate_against:  # a folder of images or an LMDB: found out now, not after sampling
-        if (count := len(open_image_source("evaluate_against", config.evaluate_against, 1, whole=True))) < 2:
-            raise UsageError(
-                f"--evaluate_against {config.evaluate_against}: FID needs at least 2 images, got {count}"
-            )
-    if check is not None:  # the evaluation's own checks (weights), before hours of sampling
+    if check is not None:  # the evaluation's own checks (its target, weights), before hours of sampling
         check(config)
     if config.evaluate_against and evaluate is None:
         raise UsageError("--evaluate_against: this entry point samples only; run sample.py to evaluate")
