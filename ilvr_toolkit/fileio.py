@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .cli import UsageError
+
 __all__ = ["atomic_open", "atomic_write_bytes", "lock_folder", "pid_alive", "remove_dead_temps"]
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}(?:\.(\d+)@(.+))?\.tmp$")
@@ -115,17 +117,27 @@ def remove_dead_temps(folder: str | os.PathLike[str]) -> list[Path]:
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
-def lock_folder(folder: str | os.PathLike[str], name: str = ".lock", shared: bool = False) -> str | None:
+def lock_folder(
+    folder: str | os.PathLike[str], name: str = ".lock", shared: bool = False, named: str = ""
+) -> str | None:
     """Hold ``FOLDER/NAME`` (``pid host``) until this process ends, however; None, or its holder.
     A POSIX lock: forked children (DataLoader workers) do not inherit it, the same process may retake it;
     a file left by a killed holder (or by ``touch``) is simply taken. ``shared``: a read lock, held
-    beside other shared ones but refused (and refusing) an exclusive one."""
+    beside other shared ones but refused (and refusing) an exclusive one. A UsageError, beginning
+    with ``named`` (the flag and folder the user gave), when the folder is not writable; one naming
+    the lock when it is a symbolic link (never followed: it would overwrite the file it points to)."""
     path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except PermissionError as error:  # another user's lock file in a shared folder
-        return _unlocked(path, error)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UsageError(f"{path}: a symbolic link, not a lock file; remove it") from None
+        if error.errno == errno.EACCES and path.is_file():  # another user's lock file in a shared folder
+            return _unlocked(path, error)
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise UsageError(f"{named or folder}: not writable ({error.strerror}: {path})") from None
+        raise
     try:
         fcntl.lockf(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):

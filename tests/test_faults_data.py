@@ -265,3 +265,31 @@ def test_converter_says_so_when_an_encoding_worker_dies(tmp_path, workers, wait,
     expected = f"{PREPARE_PROG}: error: {said}; nothing was written at {out}"
     assert (proc.returncode, stderr.splitlines()[-1]) == (1, expected), stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build
+
+
+def test_a_length_of_more_records_than_there_are_is_damaged(clean, tmp_path):
+    """``length`` b"1000000000000" made train.py grow memory for ever, b"-5" was Python's
+    ``__len__() should return >= 0``; a length other than the metadata's, or past the last
+    record (a foreign LMDB, no metadata), is the same damaged entry."""
+    import lmdb
+
+    from ilvr_toolkit.data import read_info
+    from ilvr_toolkit.data.lmdb_format import META_KEY
+
+    said = "damaged b'length' or b'__ilvr_toolkit_meta__' entry; rebuild the dataset"
+    for name, length in (("huge", b"1000000000000"), ("negative", b"-5"), ("short", b"7")):
+        bad = shutil.copytree(clean, tmp_path / f"{name}.lmdb")
+        put(bad, b"length", length)
+        with pytest.raises(ValueError, match=f"^{bad}: {said}$"):
+            read_info(bad)
+    foreign = shutil.copytree(clean, tmp_path / "foreign.lmdb")
+    env = lmdb.open(str(foreign))
+    with env.begin(write=True) as txn:
+        txn.delete(META_KEY)
+        txn.put(b"length", b"9")  # 8 records
+    env.close()
+    with pytest.raises(ValueError, match=f"^{foreign}: {said}$"):
+        read_info(foreign)
+    assert read_info(clean).length == 8
+    done = run(train_args(tmp_path / "negative.lmdb", tmp_path / "run"))
+    assert done.returncode == 1 and f"{tmp_path / 'negative.lmdb'}: {said}" in error_line(done, "train.py")

@@ -579,9 +579,121 @@ def test_a_folder_that_cannot_be_locked_is_worked_in_with_a_warning(tmp_path, mo
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_open(path, *args)
 
+    (tmp_path / "b" / ".lock").write_text("")
     monkeypatch.setattr(fileio.os, "open", refused)
     with caplog.at_level("WARNING", logger="ilvr_toolkit"):
         assert lock_folder(tmp_path / "b") is None
     said = [r.getMessage() for r in caplog.records]
     assert any("a/.lock: cannot lock it (No locks available)" in m for m in said), said
     assert any("b/.lock: cannot lock it (Permission denied)" in m for m in said), said
+
+
+def test_a_lock_that_is_a_symbolic_link_is_refused_never_followed(runner, tmp_path):
+    """OUT/.lock (and every other lock) linked to a file of the user's: it was truncated and
+    overwritten with "pid host"; now it is refused, naming the link, and the file is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_text("DATA")
+    for folder, name in ((tmp_path / "a", ".lock"), (tmp_path / "b" / ".shards", "merge.lock")):
+        folder.mkdir(parents=True)
+        (folder / name).symlink_to(victim)
+        with pytest.raises(
+            UsageError, match=f"^{folder / name}: a symbolic link, not a lock file; remove it$"
+        ):
+            lock_folder(folder, name)
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a"])
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    done = runner(*cmd)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: {out / '.lock'}: a symbolic link, not a lock file; remove it"
+    ), done.stderr[-2000:]
+    assert victim.read_text() == "DATA"
+
+
+def test_a_read_only_run_folder_is_named_by_train_py(world, tmp_path, monkeypatch):  # noqa: F811
+    """train.py in a run folder on a read-only file system (a bind mount in a private mount
+    namespace for root, the folder's mode for a plain user): a traceback-less one line naming
+    --trainer.default_root_dir, exit 2, as sample.py's --output.dir; EROFS as lock_folder meets it."""
+    import errno
+
+    import ilvr_toolkit.fileio as fileio
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args):  # a file system mounted read-only, as lock_folder meets it anywhere
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, *args)
+
+    monkeypatch.setattr(fileio.os, "open", read_only)
+    with pytest.raises(
+        UsageError, match=r"^--x .*run: not writable \(Read-only file system: .*run/\.lock\)$"
+    ):
+        lock_folder(run, named=f"--x {run}")
+    monkeypatch.undo()
+    args = [fill(a, {**world, "tmp": str(tmp_path)}) for a in TRAIN]
+    shell = f'mount --bind "{run}" "{run}" && mount -o remount,bind,ro "{run}" && exec "$@"'
+    prefix = ["unshare", "-m", "sh", "-c", shell, "sh"]
+    if os.geteuid() != 0:
+        run.chmod(0o555)
+        prefix = []
+    elif subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("root without mount namespaces here: no way to make a folder read-only for root")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*prefix, sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    run.chmod(0o755)
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and line.startswith(
+        f"train.py: error: --trainer.default_root_dir {run}: not writable ("
+    ), done.stderr[-2000:]
+    assert line.endswith(f"{run / '.lock'})") and not list(run.iterdir())
+
+
+def test_valid_json_of_another_layout_in_a_run_folder_is_one_line(runner, tmp_path):
+    """A manifest part, settings.json or a shard's done marker of valid JSON but the wrong layout
+    was an AttributeError/TypeError traceback: now one line naming the file (exit 1), or, for a
+    done marker (which its shard rewrites), that shard counts as incomplete; a shard count that
+    no run can have (10**12: merge looped for ever) is named damaged."""
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b"])
+    assert runner(*cmd).returncode == 0
+    part, settings = out / ".manifest" / "shard0-rank0.json", out / ".manifest" / "settings.json"
+    good = {p: p.read_text() for p in (part, settings)}
+    entry = json.loads(good[part])
+    entry["images"]["a_s0.png"]["reference_index"] = "x"
+    for path, text in (
+        (part, "[]"),
+        (settings, "[]"),
+        (part, '{"images": [1, 2]}'),
+        (part, json.dumps(entry)),
+    ):
+        path.write_text(text)
+        done = runner(*cmd)
+        assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+            f"sample.py: error: {path}: damaged (valid JSON, but not the layout ilvr_toolkit writes)"
+        ), done.stderr[-2000:]
+        path.write_text(good[path])
+    sharded = tmp_path / "sharded"
+    for k in (0, 1):
+        assert (
+            runner(
+                *cmd, "--output.dir", str(sharded), "--num_shards", "2", "--shard_index", str(k)
+            ).returncode
+            == 0
+        )
+    marker, record = sharded / ".shards" / "0.done", sharded / ".shards.json"
+    for made in ("5", "[1]"):
+        marker.write_text(f'{{"planned": ["a_s0.png"], "made": {made}}}')
+        done = runner(*MERGE, str(sharded))
+        assert (
+            done.returncode == 2
+            and "shards [0] (finished with other references or settings)"
+            in (done.stderr.strip().splitlines()[-1])
+        ), done.stderr[-2000:]
+    count = json.loads(record.read_text())
+    record.write_text(json.dumps({**count, "num_shards": 10**12}))
+    done = runner(*MERGE, str(sharded))
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
+        f"python -m ilvr_toolkit.sampling.merge: error: {record}: damaged (num_shards 1000000000000: "
+    ), done.stderr[-2000:]

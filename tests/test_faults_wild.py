@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -183,3 +184,47 @@ def test_no_decompression_bomb_warning(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_rgb(buf.getvalue()).size == (12, 12)
+
+
+def test_prepare_skips_a_zip_bomb_by_its_declared_size_unread(tmp_path):
+    """A member of 2 GiB (deflated zeros: a 9 MB zip) was read whole (4 GB of memory) before being
+    skipped as no image: its declared size is checked first (here a real PNG that declares 2 GiB,
+    which zipfile would read as the PNG it is)."""
+    src = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("a.png", _png())
+        zf.writestr("bomb.png", _png(value=99))
+    data = bytearray(src.read_bytes())
+    for header, at in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # local header, central directory
+        start = data.rfind(header)
+        data[start + at : start + at + 4] = struct.pack("<I", 1 << 31)
+    src.write_bytes(data)
+    done = _prepare(src, tmp_path / "bomb.lmdb")
+    assert done.returncode == 0 and read_names(tmp_path / "bomb.lmdb") == ["a.png"], done.stderr[-3000:]
+    assert "skipped bomb.png: too large: 2147483648 bytes, more than any image Pillow decodes" in done.stdout
+
+
+def test_a_link_to_a_device_or_fifo_is_skipped_not_read_for_ever(tmp_path):
+    """zero.png -> /dev/zero was read until MemoryError by prepare, and sample.py's references hung
+    (a FIFO blocks on open): only regular files are read, the others skipped, saying why."""
+    import signal
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (S, S), 0).save(src / "a.png")
+    os.mkfifo(tmp_path / "fifo")
+    (src / "fifo.png").symlink_to(tmp_path / "fifo")
+    (src / "zero.png").symlink_to("/dev/zero")
+    done = _prepare(src, tmp_path / "out.lmdb")
+    assert done.returncode == 0 and read_names(tmp_path / "out.lmdb") == ["a.png"], done.stderr[-3000:]
+    assert f"skipped fifo.png: not a regular file ({tmp_path / 'fifo'})" in done.stdout
+    assert "skipped zero.png: not a regular file (/dev/zero)" in done.stdout
+    refs = ReferenceSet(src, S)
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("hung")))
+    signal.alarm(20)  # without the check: blocked on opening the FIFO, or reading /dev/zero
+    try:
+        said = [refs.try_get(i)[1] for i in range(len(refs))]
+    finally:
+        signal.alarm(0)
+    assert said == [None, f"{src / 'fifo.png'}: not a regular file ({tmp_path / 'fifo'})", said[2]]
+    assert said[2] == f"{src / 'zero.png'}: not a regular file (/dev/zero)" and refs.digest(2) is None

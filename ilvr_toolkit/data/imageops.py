@@ -4,12 +4,16 @@ and cropping. Kept free of torch so the converter's worker processes stay light.
 
 import contextlib
 import io
+import os
+import stat
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["WIDE_MODES", "BadImage", "center_crop_square", "load_rgb", "open_image", "to_rgb"]
+__all__ = ["WIDE_MODES", "BadImage", "center_crop_square", "check_file_size", "load_rgb", "open_image"]
+__all__ += ["read_image_file", "to_rgb"]
 
 # Integer modes whose samples span 16 bits. Pillow opens 16-bit grayscale PNG/TIFF as
 # "I;16*" (recent versions) or "I" (older ones), so "I" is read as 16-bit too.
@@ -19,6 +23,27 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 class BadImage(ValueError):
     """An input that is not a usable image (corrupt, truncated, not an image, too small)."""
+
+
+def check_file_size(size: int) -> None:
+    """``BadImage`` for a file (or a zip member, by its declared size) larger than any image Pillow
+    decodes, read before its bytes are: 2 x ``Image.MAX_IMAGE_PIXELS`` pixels (more raise
+    DecompressionBombError) of 16-bit RGBA (8 bytes), stored uncompressed, with room for headers:
+    20 bytes per ``MAX_IMAGE_PIXELS`` (1.8 GB by default; none if that limit is turned off)."""
+    limit = 20 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if limit is not None and size > limit:
+        raise BadImage(f"too large: {size} bytes, more than any image Pillow decodes ({limit})")
+
+
+def read_image_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the file at ``path`` (a link followed); ``BadImage`` for what is not a regular
+    file (a device or FIFO would be read for ever) or is too large (:func:`check_file_size`)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImage(f"not a regular file ({Path(path).resolve()})")
+        check_file_size(info.st_size)
+        return file.read()
 
 
 def open_image(data: bytes) -> Image.Image:

@@ -236,6 +236,12 @@ def read_info(path: str | Path) -> LMDBInfo:
     try:  # text and JSON, never pickle
         length, meta = int(raw_length), None if raw_meta is None else json.loads(raw_meta)
         sizes = tuple(sorted(int(s) for s in meta["sizes"])) if meta else _scan_sizes(path)
+        if length < 0 or (meta and meta.get("length", length) != length):
+            raise ValueError
+        if length and sizes:  # more records than there are: an epoch that never ends (its last one
+            with contextlib.suppress(BadRecord), reading(path) as get:  # damaged: there, skipped later)
+                if get(image_key(sizes[0], length - 1)) is None:
+                    raise ValueError
     except (ValueError, TypeError, KeyError):
         raise ValueError(
             f"{path}: damaged {LENGTH_KEY!r} or {META_KEY!r} entry; rebuild the dataset"

@@ -42,7 +42,7 @@ from ..batchjob import LineProgress
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command
 from ..fileio import atomic_write_bytes, pid_alive
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
-from .imageops import BadImage, center_crop_square, load_rgb
+from .imageops import BadImage, center_crop_square, check_file_size, load_rgb, read_image_file
 from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, BadRecord, image_key, read_info, read_names, reading
 
 if TYPE_CHECKING:
@@ -112,9 +112,11 @@ class _Source:
 
     def read(self, index: int) -> bytes:
         if self.kind == "folder":
-            return Path(self.location, self.names[index]).read_bytes()
-        if self.kind == "zip":
-            return _open_zip(self.location, os.getpid()).read(self.names[index])
+            return read_image_file(Path(self.location, self.names[index]))
+        if self.kind == "zip":  # its declared size first: a zip bomb is not inflated
+            archive = _open_zip(self.location, os.getpid())
+            check_file_size(archive.getinfo(self.names[index]).file_size)
+            return archive.read(self.names[index])
         with reading(self.location) as get:
             if (data := get(image_key(self.size, index))) is None:
                 raise OSError(f"key {image_key(self.size, index)!r} missing")

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.data.files import IMAGE_EXTENSIONS, list_image_files, unique_names
-from ilvr_toolkit.data.imageops import BadImage, load_rgb
+from ilvr_toolkit.data.imageops import BadImage, load_rgb, read_image_file
 from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
 from ilvr_toolkit.data.lmdb_format import read_info
 
@@ -90,7 +90,7 @@ def load_reference(source: str | Path | bytes | bytearray | Image.Image, image_s
     Raises ``BadImage`` (a ValueError) if the file cannot be decoded.
     """
     if not isinstance(source, (bytes, bytearray, Image.Image)):
-        source = Path(source).read_bytes()
+        source = read_image_file(source)
     arr = center_crop_arr(load_rgb(source), image_size)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # copy: PIL arrays are read-only
 
@@ -107,7 +107,7 @@ class NoImages(ValueError):
 
 def _first_size(files: Sequence[Path], source: Path) -> int:
     """The short side of the first image that opens (a damaged one is skipped, as a run skips it)."""
-    for file in files:
+    for file in (f for f in files if f.is_file()):  # a regular file (a device would be read for ever)
         try:
             with Image.open(file) as image:
                 return min(image.size)
@@ -200,8 +200,7 @@ class ReferenceSet(Dataset):
         try:
             if self._lmdb is not None:
                 return hashlib.sha256(self._lmdb.read_bytes(index)).hexdigest()
-            with open(self.files[index], "rb") as f:
-                return hashlib.file_digest(f, "sha256").hexdigest()
+            return hashlib.sha256(read_image_file(self.files[index])).hexdigest()
         except (OSError, KeyError, ValueError):
             return None
 

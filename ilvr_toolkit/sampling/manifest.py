@@ -23,6 +23,8 @@ from .writer import create_json_once, read_json, write_json
 __all__ = ["ManifestPart", "check_same_run", "versions", "merge_manifest"]
 
 PARTS_DIR = ".manifest"
+_ENTRY = {"reference": (str, type(None)), "reference_index": int, "seconds": (int, float)}
+PART = {"images": {str: _ENTRY}, "failed": {str: str}}  # a part's layout (writer.fits): damaged if not
 
 
 def versions() -> dict[str, str]:
@@ -52,9 +54,10 @@ class ManifestPart:
         host; a killed holder's is free). UsageError naming the live holder of either."""
         path = out_dir / PARTS_DIR / f"shard{shard}-rank{rank}.json"
         for lock in [(out_dir, ".lock")] + ([] if alone else [(path.parent, f"{path.stem}.lock")]):
-            if holder := lock_folder(*lock, shared=not alone and lock[1] == ".lock"):
+            shared, named = not alone and lock[1] == ".lock", f"--output.dir {out_dir}"
+            if holder := lock_folder(*lock, shared=shared, named=named):
                 raise UsageError(f"--output.dir {out_dir}: in use by {holder} ({Path(*lock)})")
-        data = read_json(path) if path.exists() else {}
+        data = read_json(path, PART) if path.exists() else {}
         return cls(path, data.get("images", {}), data.get("failed", {}))
 
     def save(self) -> None:
@@ -83,7 +86,7 @@ def check_same_run(
     file["mask.sha256"] = ("mask", config.get("mask"))
     now = _resolved({**now, **digests})  # the settings first, then the files' digests (model: only that)
     create_json_once(path, now)  # not check-then-write: of two runs started together, one's settings win
-    before = _resolved({**_ADDED, **read_json(path)})
+    before = _resolved({**_ADDED, **read_json(path, dict)})
     for key in (key for key in now if key in before and now[key] != before[key] and key not in unused):
         if key in file:  # a file of other content than the run's
             flag, given = file[key]
@@ -107,7 +110,7 @@ def recorded_images(out_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(file name, entry) of every image in every part of ``OUT/.manifest`` (one file may be in
     several parts after a change of shards or ranks)."""
     for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
-        yield from read_json(part).get("images", {}).items()
+        yield from read_json(part, PART).get("images", {}).items()
 
 
 def check_references_in_place(out_dir: Path, names: list[str], references: str | None) -> None:
@@ -154,7 +157,7 @@ def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.
     """Merge every rank's part with ``header`` (run description) into ``<out>/<name>``."""
     images, failed = {}, {}
     for part_path in sorted((out_dir / PARTS_DIR).glob("*.json")):
-        data = read_json(part_path)
+        data = read_json(part_path, PART)
         images.update(data.get("images", {}))
         failed.update(data.get("failed", {}))
     # Keep only entries whose PNG is really there (a part may predate a deleted output).

@@ -73,7 +73,7 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
             "(sbatch --array=<those> with the same command) or pass --force to merge what is there"
         )
     lock = out_dir / DONE_DIR / MERGE_LOCK  # a live holder's; a killed merge's lock is free
-    if (holder := lock_folder(lock.parent, MERGE_LOCK)) and not force:
+    if (holder := lock_folder(lock.parent, MERGE_LOCK, named=str(out_dir))) and not force:
         raise UsageError(f"{out_dir}: {holder} is merging this run ({lock}); wait for it, or pass --force")
     if holder:
         log.warning("%s: %s holds it; merging anyway (--force)", lock, holder)

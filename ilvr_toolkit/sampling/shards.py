@@ -36,6 +36,9 @@ __all__ = [
 COUNT_FILE = ".shards.json"
 DONE_DIR = ".shards"
 MERGE_LOCK = "merge.lock"  # in DONE_DIR
+#: a run may have more shards than references (the others do nothing), up to SLURM's default MaxArraySize
+MAX_EMPTY_SHARDS = 1001
+_DONE = {"planned": [str], "made": [str]}  # a done marker's layout: another one is no marker of this run
 
 log = logging.getLogger("ilvr_toolkit.sampling")
 
@@ -131,19 +134,23 @@ def missing_shards(
     out_dir: Path, config: SampleConfig, names: list[str], unconditional: bool
 ) -> dict[int, str]:
     """Shards not done with the run as it is now, each with why: no ``.shards/<k>.done``, a marker
-    of another plan (references added or settings changed since), or an output it made is gone."""
+    of another plan (references added or settings changed since), or an output it made is gone.
+    A ValueError names ``OUT/.shards.json`` damaged when its count cannot be the run's."""
+    if config.num_shards > max(len(names), MAX_EMPTY_SHARDS):  # e.g. 10**12: a loop for ever
+        raise ValueError(
+            f"{out_dir / COUNT_FILE}: damaged (num_shards {config.num_shards}: more shards than the run's "
+            f"{len(names)} references and than {MAX_EMPTY_SHARDS}); delete it and rerun any shard of the run"
+        )
     missing = {}
     for k in range(config.num_shards):
         marker = out_dir / DONE_DIR / f"{k}.done"
-        try:  # an older version's marker is empty: made by another plan
-            done = read_json(marker) if marker.is_file() else None
+        try:  # an older version's marker is empty, a damaged one is no record: made by another plan
+            done = read_json(marker, _DONE) if marker.is_file() else None
         except ValueError:
             done = {}
         if done is None:
             missing[k] = "not finished"
-        elif not isinstance(done, dict) or done.get("planned") != planned_files(
-            config, names, unconditional, k
-        ):
+        elif done.get("planned") != planned_files(config, names, unconditional, k):
             missing[k] = "finished with other references or settings"
         elif gone := [name for name in done.get("made", []) if not (out_dir / name).exists()]:
             missing[k] = f"{gone[0]} missing" + (f" and {len(gone) - 1} more" if len(gone) > 1 else "")
@@ -177,7 +184,7 @@ def run_summary(config: SampleConfig, names: list[str], unconditional: bool) -> 
             "shard %d done; waiting for %s before the merge", config.shard_index, describe_missing(missing)
         )
         return None
-    if holder := lock_folder(out_dir / DONE_DIR, MERGE_LOCK):
+    if holder := lock_folder(out_dir / DONE_DIR, MERGE_LOCK, named=f"--output.dir {out_dir}"):
         log.info("%s is merging the run (%s)", holder, out_dir / DONE_DIR / MERGE_LOCK)
         return None
     return dataclasses.replace(config, shard_index=0, num_shards=1)

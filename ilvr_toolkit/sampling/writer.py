@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..fileio import atomic_open, atomic_write_bytes
 
-__all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json", "create_json_once"]
+__all__ = ["atomic_write_bytes", "save_png", "write_json", "read_json", "create_json_once", "fits"]
 
 
 def save_png(path: str | Path, image: torch.Tensor) -> None:
@@ -39,9 +39,29 @@ def create_json_once(path: Path, data: Any) -> None:
         handle.write(_json_bytes(data))
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, shape: Any = None) -> Any:
+    """The JSON in ``path``; a ValueError naming the file when it is not JSON, or (``shape``) valid
+    JSON of another layout than ``shape`` (see :func:`fits`): a damaged file, not a traceback later."""
     with open(path, encoding="utf-8") as handle:
         try:
-            return json.load(handle)
+            data = json.load(handle)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if shape is not None and not fits(data, shape):
+        raise ValueError(f"{path}: damaged (valid JSON, but not the layout ilvr_toolkit writes)")
+    return data
+
+
+def fits(value: Any, shape: Any) -> bool:
+    """Whether ``value`` has the layout ``shape``: a type or tuple of types (a bool is no int),
+    ``[item]`` a list of such items, ``{str: item}`` an object of such values, ``{"key": shape,
+    ...}`` an object whose keys listed there match where present (others are free)."""
+    if isinstance(shape, list):
+        return isinstance(value, list) and all(fits(item, shape[0]) for item in value)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return False
+        if str in shape:
+            return all(fits(item, shape[str]) for item in value.values())
+        return all(fits(value[key], item) for key, item in shape.items() if key in value)
+    return isinstance(value, shape) and (not isinstance(value, bool) or shape is bool)

@@ -202,7 +202,8 @@ class TrainCLI(LightningCLI):
         if ckpt:
             self.ckpt_hparams = _resume_hparams(parser, self.config, ckpt)
             self.given_model = self._given_model_settings(fit.model, ckpt, _model_keys_named(args))
-        holder = lock_folder(run_dir) if rank_zero_only.rank == 0 else None
+        named = f"--trainer.default_root_dir {run_dir}"
+        holder = lock_folder(run_dir, named=named) if rank_zero_only.rank == 0 else None
         if holder is not None:
             raise UsageError(f"--trainer.default_root_dir {run_dir}: in use by {holder} ({run_dir}/.lock)")
 
