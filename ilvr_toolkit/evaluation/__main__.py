@@ -114,7 +114,11 @@ def _check_finished(outputs: Path) -> None:
     may run side by side, not beside sample.py); a plain folder of images as it is."""
     if not (outputs / PARTS_DIR).is_dir():
         return
-    if holder := lock_folder(outputs, shared=True):
+    try:
+        holder = lock_folder(outputs, shared=True)
+    except OSError:  # a read-only folder (EROFS): no run writes there
+        holder = None
+    if holder:
         raise UsageError(
             f"--outputs {outputs}: in use by {holder} ({outputs / '.lock'}); evaluate it once it is done"
         )
