@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["UsageError", "check_config_files", "check_paths", "check_range", "make_parser"]
 __all__ += ["normalize_options", "parse_options", "run_command", "setup_logging", "unknown_key"]
+__all__ += ["out_of_memory"]
 
 
 _BOOL_WORDS = ("true", "false", "yes", "no", "on", "off")  # what jsonargparse reads as a bool (any case)
@@ -129,6 +130,13 @@ def _stray_value(error: Exception, args: Sequence[str]) -> str | None:
     return None if flag is None else f"{flag.removesuffix('=true')} {found.group(1)}: expected true or false"
 
 
+#: sbatch/srun options that a user may put after the batch script, where its command reads them
+SBATCH_OPTIONS = set(
+    "nodes ntasks ntasks-per-node cpus-per-task gpus gpus-per-node gpus-per-task gres mem mem-per-cpu "
+    "mem-per-gpu time partition output error array signal job-name account qos constraint requeue".split()
+)
+
+
 def unknown_key(error: Exception, defaults: Namespace, configs: Sequence[str]) -> str | None:
     """The one line for a parse ``error`` about an unknown key (None for another error): the
     ``configs`` file that holds it, else the flag, and the closest valid key at its level, else
@@ -137,7 +145,7 @@ def unknown_key(error: Exception, defaults: Namespace, configs: Sequence[str]) -
 
     import yaml
 
-    flag = re.match(r"unrecognized arguments: --([\w.]+)", str(error))
+    flag = re.match(r"unrecognized arguments: --([\w.-]+)", str(error))
     nested = r"(?:Group '(.+?)'|Subcommand '.+?') does not accept (?:option|nested key) '(.+?)'"
     if (found := flag or re.match(rf"{nested}|Option '(.+?)' is not accepted", str(error))) is None:
         return None
@@ -149,6 +157,8 @@ def unknown_key(error: Exception, defaults: Namespace, configs: Sequence[str]) -
     hint = f"valid keys{' under ' + '.'.join(parts[:depth]) if depth else ''}: {', '.join(names)}"
     if close := difflib.get_close_matches(parts[depth], names, 1):
         hint = f"did you mean {'--' if flag else ''}{'.'.join([*parts[:depth], close[0]])}?"
+    if flag and key in SBATCH_OPTIONS:
+        hint = "sbatch options go before the script name (docs/cluster.md)"
     for path in [] if flag else configs:  # the file that holds the key (KeyError: it does not)
         node = yaml.safe_load(Path(path).read_text())
         for part in parts:
@@ -235,12 +245,15 @@ def run_command(
     argv: Sequence[str] | None = None,
     user_errors: tuple[type[Exception], ...] = (),
     where: Callable[[], str] = str,
+    memory: Callable[[], str] = str,
 ) -> int:
     """Run ``main(argv)`` (``--debug`` removed) and return its exit status: a user's mistake is one
     line ``prog: error: {where()}...`` on stderr instead of a traceback (``where``: which process of
     several met it, e.g. ``"rank 1: "``), exit 2 for a :class:`UsageError`,
     a parse error (``argparse.ArgumentError``) or one of ``user_errors``, 1 for a missing or unreadable file, a bad value or
-    another ``OSError``; Ctrl-C returns 130. ``--debug`` / ``ILVR_DEBUG=1`` prints the traceback too.
+    another ``OSError``; Ctrl-C returns 130. Running out of memory (:func:`out_of_memory`) is one line
+    ``out of memory at {memory()} (...); lower ...``, exit 1 (``memory``: the setting that decides it,
+    e.g. ``"--batch_size 64"``). ``--debug`` / ``ILVR_DEBUG=1`` prints the traceback too.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("ILVR_DEBUG", "") not in ("", "0")
@@ -251,6 +264,15 @@ def run_command(
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # lmdb's errors (a full disk, a damaged file) are about a file too
+        if (said := out_of_memory(error)) is not None:
+            if debug:
+                traceback.print_exc()
+            setting = memory()
+            said = (
+                f" at {setting} ({said}); lower {setting.split()[0]} and rerun" if setting else f" ({said})"
+            )
+            print(f"{prog}: error: {where()}out of memory{said}", file=sys.stderr)
+            return 1
         file_errors = (OSError, getattr(sys.modules.get("lmdb"), "Error", OSError))
         if not isinstance(error, (argparse.ArgumentError, ValueError, *file_errors, *user_errors)):
             raise
@@ -262,6 +284,23 @@ def run_command(
         error = next((e for e in chain if isinstance(e, UsageError)), error)
         print(f"{prog}: error: {where()}{_one_line(error)}", file=sys.stderr)
         return 2 if isinstance(error, (UsageError, argparse.ArgumentError, *user_errors)) else 1
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """What the allocator said, in short, when ``error`` (or one it was raised from) is running out
+    of memory: a ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA), the CPU allocator's
+    ``RuntimeError`` (which has no class of its own); else None."""
+    while error is not None:
+        text = " ".join(str(error).split())
+        if (
+            isinstance(error, MemoryError)
+            or type(error).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text
+        ):
+            text = re.sub(r"^\[enforce fail at .*?\] (err == 0\. )?", "", text)
+            return re.split(r"\. (?:Error code|GPU \d)", text)[0][:200] or type(error).__name__
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _one_line(error: BaseException) -> str:

@@ -399,6 +399,12 @@ POOR = [
     ("fit-devices-0", [*TRAIN, "--trainer.devices", "0"], 2, ["--trainer.devices 0", "not a valid input"]),
     ("fit-max-time", [*TRAIN, "--trainer.max_time", "10min"], 2, ["--trainer.max_time 10min", "DD:HH:MM:SS"]),
     (
+        "fit-sbatch-option",
+        [*TRAIN, "--ntasks-per-node=2"],
+        2,
+        ["--ntasks-per-node: unknown", "before the script"],
+    ),
+    (
         "fit-batch-over-data",
         [*TRAIN, "--data.batch_size", "8"],
         2,
@@ -444,3 +450,45 @@ def test_fresh_interpreters_and_debug(runner, world, tmp_path):
     for done, debug in ((fresh, False), (runner(*cmd, "--debug"), True)):
         assert done.returncode == 2 and ("Traceback" in done.stderr) == debug, done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith("train.py: error: --model.diffusion.steps 0")
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, capsys):
+    """The CPU allocator's RuntimeError (4 GiB of address space), and CUDA's OutOfMemoryError."""
+    import resource
+
+    import torch
+
+    from ilvr_toolkit.cli import run_command
+
+    cmd = [
+        "sample.py",
+        "--model.checkpoint",
+        "checkpoints/demo.pt",
+        "--unconditional",
+        "true",
+        "--threads",
+        "1",
+    ]
+    cmd += ["--num_samples", "4096", "--batch_size", "4096", "--sampler.respacing", "2", "--device", "cpu"]
+    limit = (4 * 2**30, 4 * 2**30)
+    done = subprocess.run(
+        [sys.executable, *cmd, "--output.dir", str(tmp_path / "out")], capture_output=True, text=True,
+        cwd=REPO, timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, limit),
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "sample.py: error: out of memory at --batch_size 4096 (DefaultCPUAllocator: can't allocate memory"
+        )
+    )
+
+    def cuda(_: list[str]) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total ...")
+
+    assert run_command("train.py", cuda, [], memory=lambda: "--data.batch_size 64") == 1
+    assert capsys.readouterr().err == (
+        "train.py: error: out of memory at --data.batch_size 64 (CUDA out of memory. Tried to allocate "
+        "2.00 GiB); lower --data.batch_size and rerun\n"
+    )

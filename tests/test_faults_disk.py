@@ -7,8 +7,11 @@ left, and what was there before (the previous checkpoint, earlier images) kept b
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+from faultkit import make_images
+from random_inception import write_random_inception_weights
 from test_faults_cli import TRAIN, fill, tiny_sample, world  # noqa: F401  (world: the fixture)
 
 
@@ -118,3 +121,26 @@ def test_torch_save_on_a_full_disk_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(OSError, match="No space left") as raised, atomic_open(tmp_path / "m.pt") as handle:
         torch.save({"w": torch.zeros(10_000)}, FillingDisk(handle))
     assert raised.value.filename == str(tmp_path / "m.pt") and list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_on_a_full_cache_disk_warns_and_writes_the_metrics(runner, tmp_path):
+    """The statistics cache is optional: computed metrics were thrown away (exit 1) when it could not be written."""
+    weights = write_random_inception_weights(tmp_path / "inception.pth")
+    outs, target = make_images(tmp_path / "outs", 3), make_images(tmp_path / "target", 3, seed=1)
+    cache, metrics = tmp_path / "cache", tmp_path / "metrics.json"
+    args = [
+        "-m",
+        "ilvr_toolkit.evaluation",
+        "--outputs",
+        str(outs),
+        "--target",
+        str(target),
+        "--device",
+        "cpu",
+    ]
+    args += ["--cache_dir", str(cache), "--inception_weights", str(weights), "--metrics_json", str(metrics)]
+    done = runner(*args, fsize=100_000)  # the cache file is ~34 MB
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = [line for line in done.stderr.splitlines() if "not cached" in line]
+    assert len(warned) == 1 and str(cache) in warned[0] and "File too large" in warned[0], done.stderr
+    assert "fid" in json.loads(metrics.read_text()) and not list(cache.glob("*"))

@@ -27,9 +27,11 @@ from faultkit import (
     tiny_lmdb,
 )
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.data.lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, image_key
 from ilvr_toolkit.models import CheckpointError, get_preset, load_model, load_state_dict_file
 from ilvr_toolkit.models.checkpoint import MODEL_FORMAT
+from ilvr_toolkit.training.checkpointing import atomic_torch_save, find_resume_checkpoint
 
 ENVS = pytest.mark.parametrize("env", [{}, NO_WEIGHTS_ONLY], ids=["default", "force_no_weights_only"])
 EVAL = ["-m", "ilvr_toolkit.evaluation"]
@@ -271,3 +273,17 @@ def test_checkpoint_faults_are_told_apart(tmp_path: Path) -> None:
     assert not (tmp_path / "code-ran").exists()
     torch.save({"w": torch.ones(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     assert torch.equal(load_state_dict_file(tmp_path / "legacy.pt")["w"], torch.ones(3))  # no CRC32s: loads
+
+
+def test_both_torch_load_switches_set_name_the_environment_not_the_file(tmp_path, monkeypatch):
+    """torch.load refuses every file then; auto-resume called each checkpoint damaged."""
+    both = {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "true"}
+    said = "environment: TORCH_FORCE_WEIGHTS_ONLY_LOAD and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD are both set"
+    done = run(["sample.py", "--model.checkpoint", "checkpoints/demo.pt", "--unconditional", "true",
+                "--device", "cpu", "--output.dir", str(tmp_path / "out")], env=both)  # fmt: skip
+    assert done.returncode == 2 and error_line(done, "sample.py").startswith(f"sample.py: error: {said}")
+    atomic_torch_save({"global_step": 1}, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    for name, value in both.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=f"^{said}; torch.load accepts one: unset one$"):
+        find_resume_checkpoint(tmp_path / "run")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,7 @@ def test_cleanup_removes_only_temps_whose_writer_is_gone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[k] for k in ("live", "elsewhere"))
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, caplog):
     checkpoints = tmp_path / "checkpoints"
     atomic_torch_save({"global_step": 2}, checkpoints / "step=00000002.ckpt")
     atomic_torch_save({"global_step": 4, "weights": torch.randn(1000)}, checkpoints / "last.ckpt")
@@ -129,8 +130,15 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(tmp_path)
     hpc.write_bytes(b"")  # newest, empty
     assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
     member = flip_tensor_bytes(checkpoints / "last.ckpt")  # 64 changed bytes of its weights
-    with pytest.warns(UserWarning, match=f"member {member} fails its CRC32 check: skipped; resuming from"):
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as warned:  # a warning echoed its source line too
         assert find_resume_checkpoint(tmp_path) == checkpoints / "step=00000002.ckpt"
+    said = [r.getMessage() for r in caplog.records]  # one log line naming each (the empty one too)
+    assert not warned and len(said) == 2 and any(s.startswith(f"{hpc} (0 bytes) is truncated") for s in said)
+    assert (
+        f"{checkpoints / 'last.ckpt'} is corrupted: its member {member} fails its CRC32 check: skipped; "
+        f"resuming from {checkpoints / 'step=00000002.ckpt'}"
+    ) in said
     data = (checkpoints / "last.ckpt").read_bytes()
     (checkpoints / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated
     assert find_resume_checkpoint(tmp_path) == checkpoints / "step=00000002.ckpt"
@@ -697,3 +705,38 @@ def test_valid_json_of_another_layout_in_a_run_folder_is_one_line(runner, tmp_pa
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
         f"python -m ilvr_toolkit.sampling.merge: error: {record}: damaged (num_shards 1000000000000: "
     ), done.stderr[-2000:]
+
+
+def test_evaluation_refuses_an_unfinished_or_running_sample_run(runner, tmp_path):
+    """A killed run (parts in .manifest/, no manifest.json) and a running one (OUT/.lock held) were
+    scored over the images there, exit 0; two evaluations may run side by side."""
+    out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b", "c"])
+    assert runner(*cmd).returncode == 0
+    evaluate = [
+        "-m",
+        "ilvr_toolkit.evaluation",
+        "--outputs",
+        str(out),
+        "--references",
+        str(tmp_path / "refs"),
+    ]
+    evaluate += ["--factor", "4", "--device", "cpu"]
+    assert lock_folder(out, shared=True) is None  # this process, as another evaluation of the folder
+    assert runner(*evaluate).returncode == 0
+    (out / "manifest.json").unlink()  # as a run killed after two of its three images left it
+    part = out / ".manifest" / "shard0-rank0.json"
+    record = json.loads(part.read_text())
+    del record["images"]["c_s0.png"]
+    part.write_text(json.dumps(record))
+    done = runner(*evaluate)
+    prog = "python -m ilvr_toolkit.evaluation: error: "
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"{prog}--outputs {out}: the sample.py run is not finished (no manifest.json; 2 of 3 images); "
+        "rerun sample.py to finish it"
+    ), done.stderr
+    assert lock_folder(out) is None  # this process, as a sample.py run that works there
+    done = runner(*evaluate)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"{prog}--outputs {out}: in use by pid {os.getpid()} on {socket.gethostname()} ({out / '.lock'}); "
+        "evaluate it once it is done"
+    ), done.stderr

@@ -1010,15 +1010,46 @@ def test_data_path_and_export_output_dir_mistakes_name_the_flag(
         )
 
 
-def test_auto_resume_passes_over_a_foreign_pickle(lmdb_path: Path, tmp_path: Path) -> None:
+def test_auto_resume_passes_over_a_foreign_pickle(
+    lmdb_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A planted hpc_ckpt_K.ckpt that weights_only refuses blocked the resume (exit 1)."""
     run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2}))
     marker = tmp_path / "code-ran"
     torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "hpc_ckpt_9.ckpt")
     probe = Probe()
-    with pytest.warns(
-        UserWarning, match=r"hpc_ckpt_9.ckpt is not a readable .* skipped; resuming from .*last"
-    ):
-        run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3}), probe)
+    run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3}), probe)
+    assert re.search(r"hpc_ckpt_9.ckpt is not a readable .* skipped; resuming from .*last", caplog.text)
     assert Path(probe.ckpt_path) == tmp_path / "checkpoints" / "last.ckpt" and probe.global_step == 2
     assert not marker.exists()
+
+
+def test_a_legacy_format_checkpoint_resumes_by_ckpt_path_and_auto_resume(
+    tiny_run: Path, lmdb_path: Path, tmp_path: Path
+) -> None:
+    """A good non-zip checkpoint (``_use_new_zipfile_serialization=False``), which cannot be
+    memory-mapped, was called damaged by --ckpt_path and passed over by auto-resume."""
+    ckpt = load_ckpt(tiny_run / "checkpoints" / "last.ckpt")
+    for run_dir, given in ((tmp_path / "a", tmp_path / "legacy.ckpt"), (tmp_path / "b", None)):
+        legacy = given or run_dir / "hpc_ckpt_1.ckpt"
+        legacy.parent.mkdir(exist_ok=True)
+        torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+        probe, steps = Probe(), {"trainer.max_steps": ckpt["global_step"] + 1}
+        run_inprocess(
+            common_args(lmdb_path, run_dir, **steps, **({"ckpt_path": given} if given else {})), probe
+        )
+        assert_restored(probe, ckpt, legacy)
+
+
+def test_out_of_memory_in_a_training_step_is_one_line_naming_the_batch_size(
+    lmdb_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The allocator's RuntimeError (here a real one: 40 TB asked) was a long traceback."""
+    from ilvr_toolkit.diffusion import GaussianDiffusion
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", lambda *a, **k: torch.empty(10**13))
+    assert train_main(["fit", *common_args(lmdb_path, tmp_path / "run", **{"trainer.max_steps": 1})]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train.py: error: out of memory at --data.batch_size 4 (DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 40000000000000 bytes); lower --data.batch_size and rerun"
+    )

@@ -1,6 +1,7 @@
 """``python -m ilvr_toolkit.evaluation --outputs OUT --target TARGET --references REFS --factor 32``:
 FID/KID against the target domain, SSIM/PSNR/L2 against the references (docs/evaluation.md)."""
 
+import json
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +19,9 @@ from ..cli import (
     setup_logging,
 )
 from ..data.references import open_image_source
+from ..fileio import lock_folder
+from ..sampling.manifest import PARTS_DIR, recorded_images
+from ..sampling.tasks import FACTOR_FREE
 from .api import (
     EvalSettings,
     evaluate_translation,
@@ -65,6 +69,7 @@ def _check_options(config: Namespace) -> Path | None:
     """Before any work: every option is usable, else :class:`UsageError` naming it; the
     ``--metrics_json`` file to write (a symlink's target), or None."""
     check_paths({name: config[name] for name in ("outputs", "target", "references", "inception_weights")})
+    _check_finished(Path(config.outputs))
     if config.target and Path(config.target).is_file() and Path(config.target).suffix == ".npz":
         raise UsageError(
             f"--target {config.target}: a statistics file; give the target images (folder or LMDB): "
@@ -101,6 +106,43 @@ def _check_options(config: Namespace) -> Path | None:
                 raise UsageError(f"--{name} {config[name]}: {why}")
         _check_cache_dir(Path(config.cache_dir or default_cache_dir()))
     return metrics_json
+
+
+def _check_finished(outputs: Path) -> None:
+    """A sample.py output folder (it has ``.manifest/``) is evaluated once its run has finished
+    (``manifest.json``) and no process of it works there (``.lock``, held shared here: evaluations
+    may run side by side, not beside sample.py); a plain folder of images as it is."""
+    if not (outputs / PARTS_DIR).is_dir():
+        return
+    try:
+        holder = lock_folder(outputs, shared=True)
+    except OSError:  # a read-only folder (EROFS): no run writes there
+        holder = None
+    if holder:
+        raise UsageError(
+            f"--outputs {outputs}: in use by {holder} ({outputs / '.lock'}); evaluate it once it is done"
+        )
+    if not (outputs / "manifest.json").is_file():
+        done = len(dict(recorded_images(outputs)))
+        raise UsageError(
+            f"--outputs {outputs}: the sample.py run is not finished (no manifest.json; {done}{_planned(outputs)} "
+            "images); rerun sample.py to finish it"
+        )
+
+
+def _planned(outputs: Path) -> str:
+    """`` of M``: the number of images the run in ``outputs`` makes, from its recorded settings
+    (references x samples per reference x factors); '' when that cannot be told."""
+    try:
+        settings = json.loads((outputs / PARTS_DIR / "settings.json").read_text())
+        if settings["unconditional"]:
+            return f" of {settings['num_samples']}"
+        factor = settings.get("ilvr.factor")
+        factors = 1 if settings["task"] in FACTOR_FREE or not isinstance(factor, list) else len(factor)
+        references = len(open_image_source("references", settings["references"]).names)
+        return f" of {references * settings['samples_per_reference'] * factors}"
+    except Exception:  # noqa: BLE001 (older settings, references moved or changed): N alone
+        return ""
 
 
 def _check_cache_dir(cache: Path) -> None:

@@ -4,6 +4,7 @@ float64, ``count``, ``features`` (n, D) float32 for KID, ``meta``; named by a co
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +21,8 @@ from ..data.references import ReferenceSet
 from ..fileio import atomic_open
 from .fid import FeatureStats, gather_stats
 from .inception import NUM_FEATURES, InceptionFeatureExtractor
+
+log = logging.getLogger(__name__)
 
 Source = str | os.PathLike | Sequence[str | os.PathLike]
 CACHE_VERSION = 2
@@ -189,7 +192,11 @@ def cached_reference_stats(
     if not hit[0]:
         stats = image_set_stats(images, extractor, s)
         if rank == 0:
-            save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            try:  # the cache is optional: a full or read-only disk costs the next run a recompute
+                save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            except OSError as error:
+                log.warning("reference statistics not cached: %s: %s", path, error.strerror or error)
+                reason += f"; not cached ({error.strerror or error})"
         if world > 1:
             dist.barrier()
     info = StatsCacheInfo(str(path), hit[0], reason, meta)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cli import UsageError
 from ..fileio import atomic_open
 from ..flags import diffusion_settings
 from .config import PRESET_FLAGS, PRESETS, UNetConfig, get_preset, preset_for_filename
@@ -103,6 +104,10 @@ def _check_once(path: str, inode: int, size: int, mtime_ns: int) -> None:
         raise CheckpointError(f"{path} is corrupted: its member {bad} fails its CRC32 check")
 
 
+#: torch.load's environment switches; both set, it refuses every file (not the file's fault)
+_FORCE_LOAD = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
 def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` -> the stored object (an official file: the plain
     state dict), after :func:`check_checkpoint_file`; ``mmap``: tensors stay on disk until used (a
@@ -112,8 +117,14 @@ def load_state_dict_file(path: PathLike, map_location: str | torch.device = "cpu
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     check_checkpoint_file(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    if all(os.environ.get(name, "0").lower() in ("1", "y", "yes", "true") for name in _FORCE_LOAD):
+        raise UsageError(
+            f"environment: {' and '.join(_FORCE_LOAD)} are both set; torch.load accepts one: unset one"
+        )
+    try:  # the legacy (pre-1.6, non-zip) format cannot be memory-mapped: it is read whole
+        return torch.load(
+            path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
     except Exception as err:  # UnpicklingError, zip errors (RuntimeError), EOFError, KeyError on garbage ...
         if isinstance(err, OSError):
             raise

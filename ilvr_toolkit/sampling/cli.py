@@ -63,15 +63,22 @@ def main(
     ``--evaluate_against`` step, run by the process that wrote the manifest; ``sample.py`` passes
     ``evaluation.runs.evaluate_run`` (sampling does not import evaluation, which builds on it);
     ``check(config)``, its checks before any sampling (``evaluation.runs.check_evaluation``)."""
-    return run_command("sample.py", lambda args: _main(args, evaluate, check), argv)
+    memory = {"setting": ""}  # what an out-of-memory error names: the run's --batch_size
+    run_main = lambda args: _main(args, evaluate, check, memory)  # noqa: E731
+    return run_command("sample.py", run_main, argv, memory=lambda: memory["setting"])
 
 
 def _main(
-    argv: list[str], evaluate: Evaluate | None, check: Callable[[SampleConfig], None] | None = None
+    argv: list[str],
+    evaluate: Evaluate | None,
+    check: Callable[[SampleConfig], None] | None = None,
+    memory: dict[str, str] | None = None,
 ) -> int:
     setup_logging()
     namespace = _parse(argv)
     config = SampleConfig.from_dict(namespace.as_dict())
+    if memory is not None:
+        memory["setting"] = f"--batch_size {config.batch_size}"
     if namespace.threads is not None:
         check_range("threads", namespace.threads, 1)
     tune_process(namespace.threads, cpu_malloc=config.cpu_malloc == "tuned")  # one log line

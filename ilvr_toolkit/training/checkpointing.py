@@ -5,6 +5,7 @@ writes, ``last.ckpt`` cadence, EMA, resume and the ``hpc_ckpt_K.ckpt`` files of 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -15,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, WeightAveraging
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..cli import UsageError, check_range
@@ -24,6 +25,7 @@ from ..models import CheckpointError, check_checkpoint_file, load_state_dict_fil
 
 __all__ = ["EMA", "AtomicCheckpointIO", "RunCheckpoint", "atomic_torch_save", "find_resume_checkpoint"]
 
+log = logging.getLogger(__name__)
 _HPC_PATTERN = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 
 
@@ -82,8 +84,8 @@ def find_resume_checkpoint(
         except CheckpointError as error:
             damaged.append(str(error))
             continue
-        for bad in damaged:
-            rank_zero_warn(f"{bad}: skipped; resuming from {path}")
+        for bad in damaged:  # one line each (a warning would echo its source line), on rank 0
+            rank_zero_only(log.warning)("%s: skipped; resuming from %s", bad, path)
         return path
     if damaged:
         raise UsageError(

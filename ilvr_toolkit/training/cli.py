@@ -293,6 +293,7 @@ class TrainCLI(LightningCLI):
                     f"{_trainer_option(str(error), self._setting('trainer', {}))}{error}"
                 ) from None
         self.datamodule.check_batch_size(self.trainer.world_size)
+        _MEMORY["setting"] = f"--data.batch_size {self.datamodule.batch_size}"  # what running out names
         fit = self.config_init[self.subcommand]
         tune_process(fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned")
         # resume never unpickles code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
@@ -321,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         from .export import main as export_main
 
         return export_main(args[1:])
-    return run_command("train.py", _fit, args, user_errors=(MisconfigurationException,), where=_rank)
+    _MEMORY["setting"] = ""  # until this run's settings are known
+    memory = lambda: _MEMORY["setting"]  # noqa: E731
+    return run_command("train.py", _fit, args, (MisconfigurationException,), _rank, memory)
+
+
+#: the setting an out-of-memory error names (set once the run's settings are known)
+_MEMORY = {"setting": ""}
 
 
 def _no_adverts(record: logging.LogRecord) -> bool:
