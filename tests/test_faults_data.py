@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import lmdb
 import pytest
 from faultkit import REPO, TINY32, damage_record, damage_size, error_line, make_images, put, run, tiny_lmdb
 from PIL import Image, PngImagePlugin
@@ -265,3 +266,20 @@ def test_converter_says_so_when_an_encoding_worker_dies(tmp_path, workers, wait,
     expected = f"{PREPARE_PROG}: error: {said}; nothing was written at {out}"
     assert (proc.returncode, stderr.splitlines()[-1]) == (1, expected), stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no LMDB, no partial build
+
+
+def test_worker_error_without_persistent_workers_exits_at_once(clean, tmp_path):
+    """The workers inherit the pre-emption's blocked SIGTERM; after a worker's error the non-persistent
+    ones are ended at exit by multiprocessing's terminate() (SIGTERM): it must reach them, or train.py
+    waits for them forever (a real process: the shared runner's children skip the exit handlers)."""
+    holed = shutil.copytree(clean, tmp_path / "holed.lmdb")
+    with lmdb.open(str(holed)) as env, env.begin(write=True) as txn:
+        txn.delete(image_key(16, 6))
+    args = train_args(holed, tmp_path / "run", "--data.workers", "1", "--trainer.max_steps", "4")
+    proc = train_subprocess([*args[2:], "--data.loader.persistent_workers", "false"], start_new_session=True)
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 1 and "record b'16-00006' (index 6) is missing" in out, out[-3000:]
