@@ -23,9 +23,10 @@ from faultkit import REPO, TINY32, damage_record, damage_size, error_line, make_
 from PIL import Image, PngImagePlugin
 from test_faults_loads import sample_args, train_args
 from test_training import train_subprocess
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ilvr_toolkit.data import LMDBImageDataset, image_key
+from ilvr_toolkit.data.lmdb_dataset import DatasetReplaced
 
 PREPARE = ["-m", "ilvr_toolkit.data.prepare"]
 PREPARE_PROG = "python -m ilvr_toolkit.data.prepare"
@@ -283,3 +284,20 @@ def test_worker_error_without_persistent_workers_exits_at_once(clean, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert proc.returncode == 1 and "record b'16-00006' (index 6) is missing" in out, out[-3000:]
+
+
+def test_a_dataset_replaced_while_in_use_is_one_line_not_a_missing_record(clean, tmp_path):
+    """prepare --overwrite swaps the folder of a dataset in use: a worker of the next epoch opens the
+    new (smaller) LMDB while the length is the old one; it must say so, not blame a record (skip)."""
+    live = shutil.copytree(clean, tmp_path / "live.lmdb")
+    ds = LMDBImageDataset(live, 16)
+    assert len(list(DataLoader(ds, batch_size=4, num_workers=1))) == 2  # an epoch, in a worker
+    smaller = tiny_lmdb(tmp_path / "new", count=4)
+    os.replace(live, tmp_path / "old.lmdb")  # as prepare's _publish
+    os.replace(smaller, live)
+    with pytest.raises(DatasetReplaced) as info:
+        list(DataLoader(ds, batch_size=4, num_workers=1))  # the next epoch's worker
+    assert str(info.value) == (
+        f"{live}: the dataset was replaced while in use (python -m ilvr_toolkit.data.prepare "
+        "--overwrite?); restart the run"
+    )
