@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["StopSignals", "LineProgress", "leave_note", "signals_ready"]
+__all__ = ["StopSignals", "LineProgress", "leave_note", "signals_ready", "worker_ends_on_parents_sigterm"]
 
 STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
 
@@ -41,6 +42,24 @@ def signals_ready(ready: bool = True) -> None:
             path.touch()
         elif name:
             path.rename(f"{path}.done")
+
+
+def worker_ends_on_parents_sigterm(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a worker forked while :class:`StopSignals` blocks SIGTERM keeps
+    it blocked (a pre-emption signals every process of the step; the worker must live until the
+    training process saved), so its parent could not end it either: the DataLoader's shutdown and
+    multiprocessing's exit handler ``terminate()`` a worker with SIGTERM, then wait for it (after a
+    worker's error: forever). A thread takes SIGTERM here: the parent's ends the worker, others are dropped."""
+    parent = multiprocessing.parent_process()
+    if parent is None or signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        return
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent.pid:
+            pass
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 class StopSignals:

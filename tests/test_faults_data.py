@@ -17,14 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+import lmdb
 import pytest
 from faultkit import REPO, TINY32, damage_record, damage_size, error_line, make_images, put, run, tiny_lmdb
 from PIL import Image, PngImagePlugin
 from test_faults_loads import sample_args, train_args
 from test_training import train_subprocess
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ilvr_toolkit.data import LMDBImageDataset, image_key
+from ilvr_toolkit.data.lmdb_dataset import DatasetReplaced
 
 PREPARE = ["-m", "ilvr_toolkit.data.prepare"]
 PREPARE_PROG = "python -m ilvr_toolkit.data.prepare"
@@ -293,3 +295,37 @@ def test_a_length_of_more_records_than_there_are_is_damaged(clean, tmp_path):
     assert read_info(clean).length == 8
     done = run(train_args(tmp_path / "negative.lmdb", tmp_path / "run"))
     assert done.returncode == 1 and f"{tmp_path / 'negative.lmdb'}: {said}" in error_line(done, "train.py")
+
+
+def test_worker_error_without_persistent_workers_exits_at_once(clean, tmp_path):
+    """The workers inherit the pre-emption's blocked SIGTERM; after a worker's error the non-persistent
+    ones are ended at exit by multiprocessing's terminate() (SIGTERM): it must reach them, or train.py
+    waits for them forever (a real process: the shared runner's children skip the exit handlers)."""
+    holed = shutil.copytree(clean, tmp_path / "holed.lmdb")
+    with lmdb.open(str(holed)) as env, env.begin(write=True) as txn:
+        txn.delete(image_key(16, 6))
+    args = train_args(holed, tmp_path / "run", "--data.workers", "1", "--trainer.max_steps", "4")
+    proc = train_subprocess([*args[2:], "--data.loader.persistent_workers", "false"], start_new_session=True)
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 1 and "record b'16-00006' (index 6) is missing" in out, out[-3000:]
+
+
+def test_a_dataset_replaced_while_in_use_is_one_line_not_a_missing_record(clean, tmp_path):
+    """prepare --overwrite swaps the folder of a dataset in use: a worker of the next epoch opens the
+    new (smaller) LMDB while the length is the old one; it must say so, not blame a record (skip)."""
+    live = shutil.copytree(clean, tmp_path / "live.lmdb")
+    ds = LMDBImageDataset(live, 16)
+    assert len(list(DataLoader(ds, batch_size=4, num_workers=1))) == 2  # an epoch, in a worker
+    smaller = tiny_lmdb(tmp_path / "new", count=4)
+    os.replace(live, tmp_path / "old.lmdb")  # as prepare's _publish
+    os.replace(smaller, live)
+    with pytest.raises(DatasetReplaced) as info:
+        list(DataLoader(ds, batch_size=4, num_workers=1))  # the next epoch's worker
+    assert str(info.value) == (
+        f"{live}: the dataset was replaced while in use (python -m ilvr_toolkit.data.prepare "
+        "--overwrite?); restart the run"
+    )

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1053,3 +1054,25 @@ def test_out_of_memory_in_a_training_step_is_one_line_naming_the_batch_size(
         "train.py: error: out of memory at --data.batch_size 4 (DefaultCPUAllocator: can't allocate memory: "
         "you tried to allocate 40000000000000 bytes); lower --data.batch_size and rerun"
     )
+
+
+def test_rerun_with_ckpt_path_resumes_from_the_runs_newer_checkpoint(
+    tiny_run: Path, lmdb_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A requeued job (or a rerun) of a command with --ckpt_path F goes on from RUN's own later
+    checkpoint, not back to F (which lost the steps since and let pre-emption delete them)."""
+    start = shutil.copy(tiny_run / "checkpoints" / "last.ckpt", tmp_path / "start.ckpt")
+    step, run = load_ckpt(start)["global_step"], tmp_path / "run"
+    args = common_args(lmdb_path, run, ckpt_path=start)
+    run_inprocess([*args, "--trainer.max_steps", str(step + 2)])
+    last = run / "checkpoints" / "last.ckpt"
+    assert load_ckpt(last)["global_step"] == step + 2
+    probe = Probe()
+    with caplog.at_level("INFO"):
+        run_inprocess([*args, "--trainer.max_steps", str(step + 3)], probe)
+    assert Path(probe.ckpt_path) == last and probe.global_step == step + 2
+    said = f"--ckpt_path {start}: {run} holds a newer checkpoint (step {step + 2}): resuming from {last}"
+    assert said in caplog.text
+    probe = Probe()  # --auto_resume false: exactly the given file
+    run_inprocess([*args, "--trainer.max_steps", str(step + 3), "--auto_resume", "false"], probe)
+    assert Path(probe.ckpt_path) == start and probe.global_step == step

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ilvr_toolkit.batchjob import worker_ends_on_parents_sigterm
 from ilvr_toolkit.cli import UsageError, check_range
 from ilvr_toolkit.data.lmdb_dataset import LMDBImageDataset
 from ilvr_toolkit.data.lmdb_format import read_info
@@ -128,6 +129,7 @@ class ImageDataModule(pl.LightningDataModule):
             pin_memory=options.pin_memory and torch.cuda.is_available(),
             persistent_workers=options.persistent_workers and workers > 0,
             multiprocessing_context=options.multiprocessing_context if workers > 0 else None,
+            worker_init_fn=worker_ends_on_parents_sigterm,  # they inherit Preemption's blocked SIGTERM
         )
 
     def train_dataloader(self) -> DataLoader:

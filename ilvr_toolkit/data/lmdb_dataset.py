@@ -12,9 +12,22 @@ from torch.utils.data import Dataset
 from ilvr_toolkit.data.imageops import BadImage, load_rgb
 from ilvr_toolkit.data.lmdb_format import BadRecord, LMDBInfo, image_key, opened, read_info, reading
 
-__all__ = ["BadRecord", "LMDBImageDataset", "decode_bytes"]
+__all__ = ["BadRecord", "DatasetReplaced", "LMDBImageDataset", "decode_bytes"]
 _LOG = logging.getLogger(__name__)
 _SKIP_HINT = "--data.loader.on_bad_record skip skips such records; python -m ilvr_toolkit.data.prepare --verify lists them"
+
+
+class DatasetReplaced(ValueError):
+    """The path holds another LMDB than when the dataset was made (``prepare --overwrite``): its
+    length and records no longer match. One line even when re-raised by a DataLoader (as ``BadRecord``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rstrip().splitlines()[-1].split("DatasetReplaced: ", 1)[-1])
+
+
+def _identity(data_file: str) -> tuple[int, int]:
+    st = os.stat(data_file)
+    return st.st_dev, st.st_ino
 
 
 def decode_bytes(data: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -50,6 +63,7 @@ class LMDBImageDataset(Dataset):
         self.skipped: set[int] = set()  # bad indices this process has met
         self._opened: tuple[int, tuple] | None = None  # (pid, lmdb_format.opened(path))
         self.info: LMDBInfo = read_info(self.path)
+        self.identity = _identity(opened(self.path)[1])  # data.mdb's; each process checks it on opening
         if self.size not in self.info.sizes:
             available = ", ".join(map(str, self.info.sizes)) or "none"
             raise ValueError(f"{self.path} has no images of size {self.size}; sizes available: {available}")
@@ -62,7 +76,13 @@ class LMDBImageDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         if self._opened is None or self._opened[0] != os.getpid():  # first read in this process
-            self._opened = (os.getpid(), opened(self.path))
+            env = opened(self.path)
+            if _identity(env[1]) != self.identity:
+                raise DatasetReplaced(
+                    f"{self.path}: the dataset was replaced while in use (python -m "
+                    "ilvr_toolkit.data.prepare --overwrite?); restart the run"
+                )
+            self._opened = (os.getpid(), env)
         with reading(self._opened[1]) as get:
             if (data := get(image_key(self.size, index))) is None:
                 raise KeyError(f"{self.path}: key {image_key(self.size, index)!r} missing")

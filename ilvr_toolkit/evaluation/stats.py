@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..batchjob import worker_ends_on_parents_sigterm
 from ..data.references import ReferenceSet
 from ..fileio import atomic_open
 from .fid import FeatureStats, gather_stats
@@ -95,7 +96,8 @@ def batches_of(images: Dataset, batch_size: int, workers: int = 0) -> Iterator[t
     """uint8 batches (B, 3, S, S) of this process's shard (images rank, rank + W, ...), in order."""
     rank, world = rank_world()
     shard = Subset(images, range(rank, len(images), world))
-    yield from DataLoader(shard, batch_size, num_workers=workers) if len(shard) else []
+    loader = DataLoader(shard, batch_size, num_workers=workers, worker_init_fn=worker_ends_on_parents_sigterm)
+    yield from loader if len(shard) else []
 
 
 def default_cache_dir() -> Path:

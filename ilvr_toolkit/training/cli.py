@@ -153,8 +153,8 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("init_from", "model.init_from")
         parser.add_argument(
             "--auto_resume", type=bool, default=True,
-            help="resume from the newest of RUN/checkpoints/last.ckpt and RUN/hpc_ckpt_*.ckpt when "
-            "no --ckpt_path is given",
+            help="resume from the newest of RUN/checkpoints/last.ckpt and RUN/hpc_ckpt_*.ckpt, also over "
+            "a --ckpt_path of an earlier step (false: from --ckpt_path, else from scratch)",
         )  # fmt: skip
         parser.add_argument(
             "--threads", type=int | None, default=None,
@@ -298,20 +298,45 @@ class TrainCLI(LightningCLI):
         tune_process(fit.get("threads"), cpu_malloc=fit.get("cpu_malloc", "tuned") == "tuned")
         # resume never unpickles code, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
         fit["weights_only"] = True
-        if fit.get("ckpt_path") is not None or not fit.get("auto_resume", True):
+        given = fit.get("ckpt_path")
+        if given in ("last", "hpc", "best") or not fit.get("auto_resume", True):
             return
         run_dir = self.trainer.default_root_dir
         ours = self.trainer.checkpoint_callback  # the RunCheckpoint
         folder = (ours.dirpath if ours else None) or checkpoint_dir(run_dir)
-        if (found := find_resume_checkpoint(run_dir, folder)) is not None:
+        if (found := _newer_in_run(run_dir, folder, given)) is not None:
             stored = (load_state_dict_file(found, mmap=True).get("hyper_parameters") or {}).get("unet")
             if differ := _model_differences(stored, self.model.unet_config.architecture()):
                 raise UsageError(
                     f"--model.unet: {run_dir} holds a run of another model ({differ}); "
                     "use the run's settings or a new --trainer.default_root_dir"
                 )
-            rank_zero_info(f"resuming from {found} (newest of last.ckpt and hpc_ckpt_*.ckpt in {run_dir})")
+            if given is None:
+                rank_zero_info(
+                    f"resuming from {found} (newest of last.ckpt and hpc_ckpt_*.ckpt in {run_dir})"
+                )
             fit["ckpt_path"] = str(found)
+
+
+def _newer_in_run(run_dir: str, folder: str, given: str | None) -> Path | None:
+    """The checkpoint to resume from in ``run_dir`` (``find_resume_checkpoint``): with a ``--ckpt_path``
+    (``given``), only one of a later step (this run's, written since it started from ``given``: a
+    requeued job or a rerun must not go back to ``given`` and lose them), saying so."""
+    try:
+        found = find_resume_checkpoint(run_dir, folder)
+    except UsageError:  # every one damaged: --ckpt_path is what the error advises
+        if given is None:
+            raise
+        return None
+    if given is None or found is None:
+        return found
+    step = load_state_dict_file(found, mmap=True).get("global_step", 0)
+    if step <= load_state_dict_file(given, mmap=True).get("global_step", 0):
+        return None
+    rank_zero_info(
+        f"--ckpt_path {given}: {run_dir} holds a newer checkpoint (step {step}): resuming from {found}"
+    )
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
