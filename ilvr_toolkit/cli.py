@@ -282,8 +282,25 @@ def run_command(
         while chain[-1].__cause__ or chain[-1].__context__:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
         error = next((e for e in chain if isinstance(e, UsageError)), error)
-        print(f"{prog}: error: {where()}{_one_line(error)}", file=sys.stderr)
-        return 2 if isinstance(error, (UsageError, argparse.ArgumentError, *user_errors)) else 1
+        line = f"{prog}: error: {where()}{_one_line(error)}"
+        status = 2 if isinstance(error, (UsageError, argparse.ArgumentError, *user_errors)) else 1
+        if not _noted_for_the_job(line, status):
+            print(line, file=sys.stderr)
+        return status
+
+
+def _noted_for_the_job(line: str, status: int) -> bool:
+    """In a task of a SLURM step of ``scripts/slurm/common.sh`` on the job's first node, note
+    ``STATUS LINE`` in ``$ILVR_STEP_ERRORS.<rank>``: the job exits with the lowest status noted and
+    prints the lines of ranks > 0 that rank 0 did not. True where the line is left to the job."""
+    prefix, rank = os.environ.get("ILVR_STEP_ERRORS"), os.environ.get("SLURM_PROCID", "0")
+    if not prefix or os.environ.get("SLURM_NODEID", "0") != "0":
+        return False
+    try:
+        Path(f"{prefix}.{rank}").write_text(f"{status} {line}\n")
+    except OSError:
+        return False
+    return rank != "0"
 
 
 def out_of_memory(error: BaseException) -> str | None:

@@ -224,13 +224,20 @@ def test_first_submission_trains_to_completion(cluster: None, lmdb: Path, tmp_pa
 
 def test_a_job_whose_first_argument_is_no_config_file_says_so(cluster: None, tmp_path: Path) -> None:
     """``sbatch SCRIPT --config F`` (the config file goes first): one line in the log, FAILED 2,
-    not ``--config --config: cannot read``; no argument at all: the usage line."""
+    not ``--config --config: cannot read``; no argument at all: the usage line. ``--chdir``
+    elsewhere: one line, not ``python: can't open file DIR/train.py``."""
     cases = {
         "train": ("scripts/slurm/train.sbatch", "--config", "configs/tiny.yaml"),
         "sample": ("--array=0", "scripts/slurm/sample_array.sbatch", "--config", "configs/sample_demo.yaml"),
         "bare": ("scripts/slurm/train.sbatch",),
+        "chdir": (f"--chdir={tmp_path}", "scripts/slurm/train.sbatch", "configs/tiny.yaml"),
     }
     jobs = {name: sbatch(f"--output={tmp_path}/{name}.out", *args) for name, args in cases.items()}
+    chdir = jobs.pop("chdir")
+    info, text = wait_job(chdir), (tmp_path / "chdir.out").read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+    where = f"sbatch --chdir {tmp_path}: run the job from the repository root (train.py is not in {tmp_path})"
+    assert text == f"error: {where}\n", text
     for name, job in jobs.items():
         info, text = wait_job(job), (tmp_path / f"{name}.out").read_text()
         assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
@@ -238,6 +245,30 @@ def test_a_job_whose_first_argument_is_no_config_file_says_so(cluster: None, tmp
         script = "sample_array.sbatch" if name == "sample" else "train.sbatch"
         assert text.startswith(f"error: {got}usage: sbatch "), text
         assert script in text and len(text.splitlines()) == 1, text
+
+
+def test_two_task_jobs_named_bash_train_as_two_ranks_and_fail_once_on_a_mistake(
+    cluster: None, lmdb: Path, tmp_path: Path
+) -> None:
+    """``--job-name=bash`` (Lightning reads bash/interactive as "srun not used"): the two tasks
+    are ranks 0 and 1 of one DDP group (they used to be two rank-0 groups, EADDRINUSE, FAILED
+    143). A mistake both tasks meet: its line once, FAILED 2 (srun's 143 for the task that
+    --kill-on-bad-exit stopped used to win)."""
+    run_dir, log, bad = tmp_path / "run", tmp_path / "train.out", tmp_path / "bad.out"
+    args = ["--job-name=bash", "--ntasks-per-node=2", "scripts/slurm/train.sbatch", "configs/tiny.yaml"]
+    args += FAST
+    args += ["--data.path", str(lmdb), "--trainer.max_steps", "2"]
+    job = sbatch(f"--output={log}", *args, "--trainer.default_root_dir", str(run_dir))
+    failing = sbatch(
+        f"--output={bad}", *args, "--trainer.devices", "1", "--trainer.default_root_dir", str(tmp_path)
+    )
+    info, text = wait_job(job), log.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
+    assert "GLOBAL_RANK: 1" in text and not TRACEBACK.search(text), text
+    assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 2
+    info, text = wait_job(failing), bad.read_text()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+    assert len(re.findall(r"^train\.py: error: --trainer\.devices 1: ", text, re.MULTILINE)) == 1, text
 
 
 def test_preempted_job_saves_requeues_and_resumes(cluster: None, lmdb: Path, tmp_path: Path) -> None:

@@ -31,6 +31,13 @@ WORKERS=$((CPUS > 1 ? CPUS - 1 : 0))
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" 2>/dev/null | head -n 1)
 export MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))
 
+# The job runs `python train.py` / `python sample.py` in its working directory: the repository
+# root, from which it was submitted (`sbatch --chdir` elsewhere would find neither).
+if [ ! -f train.py ] || [ ! -f sample.py ]; then
+    echo "error: sbatch --chdir ${PWD}: run the job from the repository root (train.py is not in ${PWD})" >&2
+    exit 2
+fi
+
 # config_first USAGE ARGS...: the job's first argument is its config file, not an option (the
 # command would read the option as the file's name).
 config_first() {
@@ -58,12 +65,18 @@ JOB_REF=${JOB_REF:-${SLURM_JOB_ID:-0}}
 # finishing), and a signal that comes earlier (a task still imports) waits for every task of
 # this node instead of killing one; tasks on other nodes are not seen (their own /tmp). A task
 # that stopped on the signal leaves a note in $ILVR_REQUEUE_NOTE (rank 0, on this node); the
-# job is then requeued here, after every task has ended.
+# job is then requeued here, after every task has ended. A task of this node that fails on a
+# user's mistake notes "STATUS LINE" in $ILVR_STEP_ERRORS.<rank> (rank > 0 only there): see
+# step_errors. The step's SLURM_JOB_NAME is never bash/interactive, names with which Lightning
+# would not see the srun tasks as ranks (each would start a DDP group of its own).
 run_step() {
     export ILVR_REQUEUE_NOTE="${TMPDIR:-/tmp}/ilvr-requeue-${SLURM_JOB_ID}"
     export ILVR_STOP_READY="${TMPDIR:-/tmp}/ilvr-ready-${SLURM_JOB_ID}"
-    rm -f "${ILVR_REQUEUE_NOTE}" "${ILVR_STOP_READY}".*  # an earlier run's (requeue: the same job id)
-    srun --kill-on-bad-exit=1 "$@" &
+    export ILVR_STEP_ERRORS="${TMPDIR:-/tmp}/ilvr-errors-${SLURM_JOB_ID}"
+    rm -f "${ILVR_REQUEUE_NOTE}" "${ILVR_STOP_READY}".* "${ILVR_STEP_ERRORS}".*  # an earlier run's (requeue: the same job id)
+    local name=${SLURM_JOB_NAME:-step}
+    [[ "${name}" =~ ^(bash|interactive)$ ]] && name=ilvr-${name}
+    srun --kill-on-bad-exit=1 --job-name="${name}" "$@" &
     local step=$! status=0
     while :; do
         if [ -n "${STOP_PENDING}" ] && all_ready; then
@@ -91,7 +104,21 @@ run_step() {
     fi
     trap - USR1 TERM
     rm -f "${ILVR_STOP_READY}".*
-    requeue_after "${status}" "${STOP_SIGNAL}"
+    requeue_after "$(step_errors "${status}")" "${STOP_SIGNAL}"
+}
+
+# step_errors STATUS: the lowest status the tasks noted in $ILVR_STEP_ERRORS.* (a task that
+# --kill-on-bad-exit stopped is not the cause: its 143 would hide the mistake's 2), else
+# STATUS; prints the lines of ranks > 0 that rank 0 did not print (the same mistake, once).
+step_errors() {
+    if [ "$1" -eq 0 ] || ! compgen -G "${ILVR_STEP_ERRORS}.*" >/dev/null; then
+        echo "$1"
+        return
+    fi
+    cut -d' ' -f2- "${ILVR_STEP_ERRORS}".* | sort -u \
+        | grep -vxF -f <(cut -d' ' -f2- "${ILVR_STEP_ERRORS}.0" 2>/dev/null) >&2
+    cut -d' ' -f1 "${ILVR_STEP_ERRORS}".* | sort -n | head -n 1
+    rm -f "${ILVR_STEP_ERRORS}".*
 }
 
 # all_ready: every task of the step on this node (SLURM_LOCALID 0 .. TASKS_PER_NODE-1) has
