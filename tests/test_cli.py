@@ -5,8 +5,6 @@ the flag, value or file with exit status 2, and ``--debug`` adds the traceback."
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirunner import Done, shared
 from PIL import Image
 
 from ilvr_toolkit.cli import UsageError, normalize_options, parse_options
@@ -32,10 +31,10 @@ SAMPLE = [sys.executable, str(REPO / "sample.py")]
 DEMO_CONFIG = REPO / "configs" / "sample_demo.yaml"
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k != "ILVR_DEBUG"}
-    environ.update(PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=environ, timeout=120)
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> Done:
+    """``cmd`` (``python ...``) in its own process forked from the session's runner (a fresh
+    interpreter per command would spend ~6 s importing torch; test_faults_cli starts real ones)."""
+    return shared()(*cmd[1:], env=env)
 
 
 def _flat(text: str) -> str:
@@ -128,7 +127,7 @@ def test_sample_print_config_round_trips_through_config(tmp_path):
 
 
 # --------------------------------------------------------------------------- user errors
-def _one_error_line(done: subprocess.CompletedProcess, prog: str) -> str:
+def _one_error_line(done: Done, prog: str) -> str:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), done.stderr

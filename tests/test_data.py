@@ -19,6 +19,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from clirunner import shared
 from conftest import DATA_BAD_FILES, DATA_SIZES, smooth_rgb, torchrun
 from PIL import Image, JpegImagePlugin
 from torch.utils.data import DataLoader
@@ -468,9 +469,8 @@ def test_truncated_lmdb_is_refused_before_it_is_mapped(data_lmdb, tmp_path):
     with pytest.raises(ValueError, match="not an LMDB data file"):
         read_info(damaged)
     (damaged / "data.mdb").write_bytes(data[: len(data) // 2])
-    cmd = [sys.executable, "-m", "ilvr_toolkit.data.prepare", str(damaged), "--out", str(tmp_path / "o.lmdb")]
-    done = subprocess.run(
-        [*cmd, "--size", "16"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    done = shared()(
+        "-m", "ilvr_toolkit.data.prepare", str(damaged), "--out", str(tmp_path / "o.lmdb"), "--size", "16"
     )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{damaged / 'data.mdb'}: truncated" in done.stderr and not (tmp_path / "o.lmdb").exists()

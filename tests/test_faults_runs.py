@@ -513,24 +513,43 @@ def test_a_stop_signal_during_the_evaluation_is_one_line_and_leaves_no_old_metri
     assert (out / "manifest.json").exists() and not (out / "metrics.json").exists()
 
 
-def test_a_read_only_output_folder_is_named(tmp_path):
+def test_a_read_only_output_folder_is_named(runner, tmp_path):
     """A finished run in a folder this user may not write: its mode for a plain user, a read-only
     bind mount in a private mount namespace for root (whom modes do not stop)."""
     out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a"])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    assert subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True).returncode == 0
-    shell = f'mount --bind "{out}" "{out}" && mount -o remount,bind,ro "{out}" && exec "$@"'
-    prefix = ["unshare", "-m", "sh", "-c", shell, "sh"]
-    if os.geteuid() != 0:
-        out.chmod(0o555)
-        prefix = []
-    elif subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("root without mount namespaces here: no way to make a folder read-only for root")
+    assert runner(*cmd).returncode == 0
+    prefix = read_only_prefix(out)
     done = subprocess.run([*prefix, sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True)
-    out.chmod(0o755)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
         f"sample.py: error: --output.dir {out}: not writable (permission denied)"
     ), done.stderr[-2000:]
+    evaluate = [
+        "-m",
+        "ilvr_toolkit.evaluation",
+        "--outputs",
+        str(out),
+        "--references",
+        str(tmp_path / "refs"),
+    ]
+    evaluate += ["--factor", "4", "--device", "cpu"]  # a finished run it cannot lock: evaluated
+    done = subprocess.run(
+        [*prefix, sys.executable, *evaluate], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    out.chmod(0o755)
+    assert done.returncode == 0 and "SSIM" in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def read_only_prefix(folder: Path) -> list[str]:
+    """The command prefix that runs a command with ``folder`` read-only: a bind mount in a private
+    mount namespace for root (whom modes do not stop), else the folder's mode (restore it after)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("root without mount namespaces here: no way to make a folder read-only for root")
+    shell = f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", shell, "sh"]
 
 
 def test_a_failed_first_shard_does_not_fix_the_run_and_a_damaged_record_is_one_line(runner, tmp_path):
@@ -642,13 +661,7 @@ def test_a_read_only_run_folder_is_named_by_train_py(world, tmp_path, monkeypatc
         lock_folder(run, named=f"--x {run}")
     monkeypatch.undo()
     args = [fill(a, {**world, "tmp": str(tmp_path)}) for a in TRAIN]
-    shell = f'mount --bind "{run}" "{run}" && mount -o remount,bind,ro "{run}" && exec "$@"'
-    prefix = ["unshare", "-m", "sh", "-c", shell, "sh"]
-    if os.geteuid() != 0:
-        run.chmod(0o555)
-        prefix = []
-    elif subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("root without mount namespaces here: no way to make a folder read-only for root")
+    prefix = read_only_prefix(run)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*prefix, sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
     run.chmod(0o755)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import warnings
 import zipfile
@@ -135,7 +136,8 @@ def test_evaluation_pairs_as_the_manifest_records(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         metrics.append(json.loads((outputs / "m.json").read_text()))
     assert [m["psnr"] for m in metrics] == [metrics[1]["psnr"]] * 2 and metrics[0]["l2"] == metrics[1]["l2"]
-    (out / "manifest.json").unlink()
+    (out / "manifest.json").unlink()  # the images alone (a run's folder without them is unfinished)
+    shutil.rmtree(out / ".manifest"), (out / "grid.png").unlink()
     line = error_line(
         run(["-m", "ilvr_toolkit.evaluation", "--outputs", str(out), "--references", str(refs)]), PROG
     )

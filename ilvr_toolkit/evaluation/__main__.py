@@ -116,7 +116,7 @@ def _check_finished(outputs: Path) -> None:
         return
     try:
         holder = lock_folder(outputs, shared=True)
-    except OSError:  # a read-only folder (EROFS): no run writes there
+    except (OSError, UsageError):  # a read-only folder (lock_folder: not writable): no run writes there
         holder = None
     if holder:
         raise UsageError(
