@@ -452,15 +452,8 @@ def test_array_rerun_and_merge_equal_one_process(cluster: None, tmp_path: Path) 
     assert "wrote 0 images (2 already there)" in (tmp_path / f"ilvr-sample-{again}_1.out").read_text()
 
     single = tmp_path / "single"
-    run = [
-        sys.executable,
-        "sample.py",
-        "--config",
-        str(_sample_config(tmp_path, single)),
-        "--progress",
-        "false",
-    ]
-    subprocess.run(run, cwd=REPO, check=True, capture_output=True)
+    done = shared()("sample.py", "--config", str(_sample_config(tmp_path, single)), "--progress", "false")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert _files(out) == _files(single)
     assert _entries(out) == _entries(single)
 
@@ -486,8 +479,9 @@ def test_two_tasks_per_array_task_split_its_shard(cluster: None, tmp_path: Path)
         assert text.count("wrote 2 images (0 already there)") == 2 and "ILVR rank 1 2/2" in text, text
         assert not TRACEBACK.search(text), text
     single = tmp_path / "single"
-    run = [sys.executable, "sample.py", "--config", str(_sample_config(tmp_path, single, count=8, batch=1))]
-    subprocess.run([*run, "--progress", "false"], cwd=REPO, check=True, capture_output=True)
+    config = _sample_config(tmp_path, single, count=8, batch=1)
+    done = shared()("sample.py", "--config", str(config), "--progress", "false")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert _files(out) == _files(single)
     entries, alone = _entries(out), _entries(single)
     ranks = [entry.pop("rank") for entry in entries.values()] + [e.pop("rank") for e in alone.values()]
