@@ -524,20 +524,28 @@ def test_a_read_only_output_folder_is_named(runner, tmp_path):
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
         f"sample.py: error: --output.dir {out}: not writable (permission denied)"
     ), done.stderr[-2000:]
-    evaluate = [
-        "-m",
-        "ilvr_toolkit.evaluation",
-        "--outputs",
-        str(out),
-        "--references",
-        str(tmp_path / "refs"),
-    ]
-    evaluate += ["--factor", "4", "--device", "cpu"]  # a finished run it cannot lock: evaluated
+    evaluate = evaluation_args(out, tmp_path / "refs")  # a finished run it cannot lock: evaluated
     done = subprocess.run(
         [*prefix, sys.executable, *evaluate], cwd=REPO, env=env, capture_output=True, text=True
     )
     out.chmod(0o755)
     assert done.returncode == 0 and "SSIM" in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def evaluation_args(out: Path, refs: Path) -> list[str]:
+    """The evaluation command (SSIM/PSNR/L2 at N=4, CPU) of ``tiny_sample``'s outputs in ``out``."""
+    return [
+        "-m",
+        "ilvr_toolkit.evaluation",
+        "--outputs",
+        str(out),
+        "--references",
+        str(refs),
+        "--factor",
+        "4",
+        "--device",
+        "cpu",
+    ]
 
 
 def read_only_prefix(folder: Path) -> list[str]:
@@ -725,15 +733,7 @@ def test_evaluation_refuses_an_unfinished_or_running_sample_run(runner, tmp_path
     scored over the images there, exit 0; two evaluations may run side by side."""
     out, cmd = tmp_path / "out", tiny_sample(tmp_path, ["a", "b", "c"])
     assert runner(*cmd).returncode == 0
-    evaluate = [
-        "-m",
-        "ilvr_toolkit.evaluation",
-        "--outputs",
-        str(out),
-        "--references",
-        str(tmp_path / "refs"),
-    ]
-    evaluate += ["--factor", "4", "--device", "cpu"]
+    evaluate = evaluation_args(out, tmp_path / "refs")
     assert lock_folder(out, shared=True) is None  # this process, as another evaluation of the folder
     assert runner(*evaluate).returncode == 0
     (out / "manifest.json").unlink()  # as a run killed after two of its three images left it
