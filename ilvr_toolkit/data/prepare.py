@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -388,7 +388,7 @@ def _write_dataset(
         meta.update(crop="centre square", filter="PIL LANCZOS (antialiased), each size from the crop")
         meta.update(color="RGB; EXIF orientation applied; alpha over white; 16-bit scaled by 1/257")
         meta.update(source=src.location, source_kind=src.kind, skipped=skipped)
-        meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        meta["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         pending += [(LENGTH_KEY, str(len(kept)).encode()), (META_KEY, json.dumps(meta).encode())]
         pending.append((NAMES_KEY, json.dumps(kept).encode()))
         _put_all(env, pending)

@@ -81,7 +81,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        text = self.parser.dump(self.config, skip_none=False)
+        text = self.parser.dump(self.config, skip_unset=False)
         path = Path(trainer.default_root_dir) / self.config_filename
         old = path.read_text() if path.is_file() else None
         if old == text:
