@@ -64,8 +64,12 @@ class ILVRSpec:
     def __post_init__(self) -> None:
         if not self.factors:
             raise UsageError("--ilvr.factor []: expected at least one factor N")
-        for factor in self.factors:
+        for i, factor in enumerate(self.factors):
             check_range("ilvr.factor", factor, 1)
+            if factor in self.factors[:i]:
+                raise UsageError(
+                    f"--ilvr.factor {self.factor}: {factor} given twice; expected distinct factors N"
+                )
         given = [k for k in ("range_t", "fraction", "stop_timestep") if getattr(self, k) is not None]
         if len(given) > 1:
             raise UsageError(f"--ilvr.{given[0]} and --ilvr.{given[1]}: give at most one of them")
