@@ -47,8 +47,8 @@ from .manifest import (
     merge_manifest,
     versions,
 )
-from .plan import WorkItem, batches, plan_items, shard_range
-from .shards import fixed_shard_count, run_summary
+from .plan import WorkItem, batches, shard_range
+from .shards import fixed_shard_count, planned_items, run_summary
 from .tasks import reference_set, run_factors, run_operators, task_setup
 from .writer import save_png
 
@@ -286,9 +286,7 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     condition = task_setup(config, image_size, diffusion, device, [] if refs.unconditional else factors)
     config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # stored: the run's
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
-    per_reference = 1 if refs.unconditional else config.samples_per_reference
-    options = dict(factors=factors, run_seed=config.seed, indices=indices)
-    items = plan_items(refs.names, samples_per_reference=per_reference, **options)
+    items = planned_items(config, refs.names, refs.unconditional, indices)
     mine = items[ranks.rank :: ranks.world_size]
     alone = config.num_shards == 1 and ranks.world_size == 1  # held: a second copy is refused
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank, alone)
