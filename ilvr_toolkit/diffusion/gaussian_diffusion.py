@@ -110,7 +110,10 @@ class GaussianDiffusion:
         return steps.float() * (1000.0 / self.original_num_steps) if self.rescale_timesteps else steps
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4)."""
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4).
+
+        x_start = x_0 and noise = eps (B, C, H, W), t (B,) respaced indices -> x_t (B, C, H, W).
+        """
         return (
             self.coef("sqrt_alphas_cumprod", t, x_start) * x_start
             + self.coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
@@ -119,7 +122,11 @@ class GaussianDiffusion:
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eq. 6-7)."""
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eq. 6-7).
+
+        x_start = x_0 and x_t (B, C, H, W), t (B,) respaced indices -> mean (B, C, H, W),
+        variance and log-variance (B, 1, 1, 1) (they depend on t alone).
+        """
         mean = (
             self.coef("posterior_mean_coef1", t, x_t) * x_start
             + self.coef("posterior_mean_coef2", t, x_t) * x_t
@@ -128,7 +135,10 @@ class GaussianDiffusion:
         return mean, variance, self.coef("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t).
+
+        x_t and eps (B, C, H, W), t (B,) respaced indices -> x_0 (B, C, H, W).
+        """
         return (
             self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
             - self.coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
@@ -137,7 +147,10 @@ class GaussianDiffusion:
     def predict_eps_from_xstart(
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
-        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
+        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1).
+
+        x_t and pred_xstart = x_0 (B, C, H, W), t (B,) respaced indices -> eps (B, C, H, W).
+        """
         numerator = self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
         return numerator / self.coef("sqrt_recipm1_alphas_cumprod", t, x_t)
 
@@ -177,7 +190,11 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Call ``net(x, timestep_map[t])`` and return p(x_{t-1} | x_t) as above."""
+        """Call ``net(x, timestep_map[t])`` and return p(x_{t-1} | x_t) as above.
+
+        x = x_t (B, C, H, W), t (B,) respaced indices -> mean, variance, log_variance,
+        pred_xstart and eps, each (B, C, H, W) (``p_mean_variance_from_output``).
+        """
         out = net(x, self._timesteps(t), **(model_kwargs or {}))
         return self.p_mean_variance_from_output(out, x, t, clip_denoised)
 
