@@ -51,7 +51,7 @@ def make_references(folder: Path, count: int, size: int, seed: int) -> None:
 
 
 def stand_in_load(seconds_per_step: float):
-    """A replacement for ``runner._load``: an ffhq-shaped model (meta, never run) and a net
+    """A replacement for ``runner.load``: an ffhq-shaped model (meta, never run) and a net
     that waits ``seconds_per_step`` and predicts zeros (eps and the variance channels)."""
     config = get_preset("ffhq")
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     common.setup(args)
     repeats = args.repeats or 2
-    runner._load = stand_in_load(args.batch_seconds / args.steps)
+    runner.load = stand_in_load(args.batch_seconds / args.steps)
     work = Path(tempfile.mkdtemp(prefix="ilvr_pipeline_"))
     try:
         make_references(work / "refs", args.n_refs, args.ref_size, args.seed)

@@ -5,7 +5,6 @@ error check, tiny LMDB datasets and ways to damage them."""
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -65,11 +64,6 @@ def tiny_lmdb(root: Path, sizes: tuple[int, ...] = (16,), count: int = 8) -> Pat
     out = root / "tiny.lmdb"
     build_lmdb(make_images(root / "images", count), out, list(sizes), workers=0, progress=False)
     return out
-
-
-def copy_lmdb(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def put(path: Path, key: bytes, value: bytes) -> None:

@@ -107,3 +107,19 @@ def test_diffusion_imports_torch_only() -> None:
                     "re",
                     "warnings",
                 }, f"{path.name} imports {module}"
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    """A leading underscore means "this module's (class's) own": another module importing such a
+    name (``from .runner import _load``) or reading it off an object (``diffusion._coef``) uses a
+    public name in all but name; make it public instead."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.Attribute):  # self._x, cls._x: the class's own; os._exit: the API
+                own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "os")
+                names = [] if own else [node.attr]
+            private = [name for name in names if name[:1] == "_" and name[:2] != "__"]
+            bad += [f"{path.relative_to(PACKAGE)}:{node.lineno} {name}" for name in private]
+    assert not bad, f"private names used outside their module or class: {bad}"

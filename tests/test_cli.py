@@ -204,6 +204,7 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
         (["--device", "cuda:99"], "--device cuda:99: this machine has "),
         (["--seed", "-1"], "--seed -1: expected an integer >= 0"),
         (["--ilvr.factor", "[]"], "--ilvr.factor []: expected at least one factor N"),
+        (["--ilvr.factor", "[4,4]"], "--ilvr.factor [4, 4]: 4 given twice; expected distinct factors N"),
         (["--ilvr.factor", "3"], "--ilvr.factor 3: expected a divisor of the model's image size 32"),
         (["--sampler.respacing", "2000"], "--sampler.respacing 2000: cannot keep 2000 steps"),
         (["--ilvr.range_t", "200"], "--ilvr.range_t 200: range_t=200 outside [-1, 99]"),

@@ -546,9 +546,6 @@ def test_datamodule_batches(data_lmdb):
     assert len(batches) == n // 4 and all(
         b.dtype == torch.uint8 and b.shape == (4, 3, 16, 16) for b in batches
     )
-    ordered = torch.cat(list(dm.eval_dataloader(batch_size=6)))
-    plain = LMDBImageDataset(data_lmdb, 16)
-    assert ordered.shape[0] == n and all(torch.equal(ordered[i], plain[i]) for i in range(n))
 
 
 _DDP_SCRIPT = textwrap.dedent(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
 import pytest
 import torch
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.diffusion import (
     DiffusionConfig,
     GaussianDiffusion,
@@ -21,6 +23,7 @@ from ilvr_toolkit.diffusion import (
     get_named_beta_schedule,
     space_timesteps,
 )
+from ilvr_toolkit.sampling import SamplerSpec
 
 
 def test_respacing_10_matches_fixture(ref_record):
@@ -51,6 +54,35 @@ def test_space_timesteps_rejects_impossible():
         space_timesteps(10, "20")
     with pytest.raises(ValueError):
         space_timesteps(1000, "ddim999")
+
+
+@pytest.mark.parametrize(
+    "spec", ["ddim 50", " 10 , 20 ", "10,0", "0", "ddim", "ddim10,20", "-5", "1e3", "abc"]
+)
+def test_sample_and_train_options_read_a_respacing_alike(spec):
+    """``--sampler.respacing`` and ``--model.diffusion.timestep_respacing`` used to be checked by two
+    rules (a regex, ``space_timesteps``): "ddim 50" refused by one, "10,0" by the other only."""
+    try:
+        SamplerSpec("ddim", spec)
+    except UsageError as error:
+        refused = str(error).startswith(f"--sampler.respacing {spec!r}: expected step counts")
+    else:
+        refused = False
+    with contextlib.suppress(UsageError):
+        DiffusionConfig(timestep_respacing=spec).check_training_settings()
+        assert not refused, spec
+        return
+    assert refused, spec
+
+
+def test_ddim_with_a_space_is_ddim():
+    """``ddim 50`` (sampler ddim) keeps what ``ddim50`` keeps: 50 steps of stride 20."""
+    spec = SamplerSpec("ddim", "ddim 50")
+    config = DiffusionConfig(steps=1000)
+    kept = create_diffusion(config, respacing=spec.respacing).timestep_map.tolist()
+    assert (
+        kept == create_diffusion(config, respacing="ddim50").timestep_map.tolist() == list(range(0, 1000, 20))
+    )
 
 
 def test_schedules_float64_and_guided_diffusion_values():

@@ -744,7 +744,7 @@ def test_evaluation_refuses_an_unfinished_or_running_sample_run(runner, tmp_path
     done = runner(*evaluate)
     prog = "python -m ilvr_toolkit.evaluation: error: "
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
-        f"{prog}--outputs {out}: the sample.py run is not finished (no manifest.json; 2 of 3 images); "
+        f"{prog}--outputs {out}: the sample.py run is not finished (no manifest.json; 2 images so far); "
         "rerun sample.py to finish it"
     ), done.stderr
     assert lock_folder(out) is None  # this process, as a sample.py run that works there

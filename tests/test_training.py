@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from conftest import free_port
+from faultkit import Payload
 from PIL import Image
 
 from ilvr_toolkit.cli import UsageError
@@ -732,20 +733,10 @@ def test_ilvr_preview_equals_sample_py_on_the_checkpoint_of_that_step(
     assert not torch.equal(grid[:, 38:54, 2:18], grid[:, 38:54, 20:36])  # distinct translations
 
 
-class _Payload:
-    """Unpickling this runs ``Path(marker).touch()``: what a planted checkpoint would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (Path.touch, (self.marker,))
-
-
 def test_auto_resume_never_runs_code_from_a_planted_checkpoint(lmdb_path: Path, tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     (tmp_path / "checkpoints").mkdir()
-    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "payload": Payload(marker)}, tmp_path / "checkpoints" / "last.ckpt")
     args = common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2})
     proc = train_subprocess(args, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     out, _ = proc.communicate(timeout=300)
@@ -1017,7 +1008,7 @@ def test_auto_resume_passes_over_a_foreign_pickle(
     """A planted hpc_ckpt_K.ckpt that weights_only refuses blocked the resume (exit 1)."""
     run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 2}))
     marker = tmp_path / "code-ran"
-    torch.save({"state_dict": {}, "payload": _Payload(marker)}, tmp_path / "hpc_ckpt_9.ckpt")
+    torch.save({"state_dict": {}, "payload": Payload(marker)}, tmp_path / "hpc_ckpt_9.ckpt")
     probe = Probe()
     run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": 3}), probe)
     assert re.search(r"hpc_ckpt_9.ckpt is not a readable .* skipped; resuming from .*last", caplog.text)

@@ -25,6 +25,7 @@ class Mask(torch.nn.Module):
         self.register_buffer("mask", mask.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """m * x for x (B, C, H, W) -> (B, C, H, W) (the mask broadcast over channels)."""
         return x * self.mask.to(x.dtype)
 
 
@@ -32,6 +33,7 @@ class Grayscale(torch.nn.Module):
     """P(x) = the per-pixel mean over channels, broadcast back to every channel (a view)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel mean of x (B, C, H, W), expanded back to (B, C, H, W)."""
         return x.mean(dim=1, keepdim=True).expand_as(x)
 
 

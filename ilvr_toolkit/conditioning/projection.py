@@ -124,6 +124,8 @@ class Projection:
         return index > self.range_t
 
     def __call__(self, step: Step) -> torch.Tensor | None:
+        """The new sample x_prev + P(y_level - x_prev) (B, C, H, W) for a conditioned step, None
+        (x_prev unchanged) for the others; a ValueError when y and the samples differ in shape."""
         timestep_map = step.diffusion.timestep_map
         if self._resolved_for is not timestep_map:  # another diffusion: its own range_t
             self.range_t = resolve_range_t(timestep_map.tolist(), **self.range)  # checked per diffusion

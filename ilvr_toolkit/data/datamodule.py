@@ -41,7 +41,6 @@ class ImageDataModule(pl.LightningDataModule):
     The training step converts them with ``ilvr_toolkit.images.to_float``. Under DDP the
     Trainer swaps the loader's sampler for a ``DistributedSampler`` (``use_distributed_sampler``,
     on by default), so every rank sees its own shard and the shuffle changes per epoch.
-    ``eval_dataloader`` gives the same images unshuffled and unflipped (FID reals, previews).
 
     Args:
         path: LMDB dataset folder (``python -m ilvr_toolkit.data.prepare`` writes one).
@@ -74,14 +73,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.hparams["loader"] = asdict(loader)
         self.image_size, self.batch_size, self.loader = image_size, batch_size, loader
         self.train_set: LMDBImageDataset | None = None
-        self.eval_set: LMDBImageDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self._check_path()
             hp, skip = self.hparams, self.loader.on_bad_record
             self.train_set = LMDBImageDataset(self.path, self.image_size, hp.flip, hp.return_index, skip)
-            self.eval_set = LMDBImageDataset(self.path, self.image_size, False, hp.return_index, skip)
 
     def _check_path(self) -> None:
         """:class:`UsageError` naming ``--data.path`` for a path without an LMDB (an image folder) or an
@@ -118,25 +115,17 @@ class ImageDataModule(pl.LightningDataModule):
                 f"(the last partial batch is dropped); use at most {each}"
             )
 
-    def _loader(self, dataset: LMDBImageDataset, batch_size: int, train: bool) -> DataLoader:
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
         workers, options = self.hparams.workers, self.loader
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and self.hparams.drop_last,
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=self.hparams.drop_last,
             num_workers=workers,
             pin_memory=options.pin_memory and torch.cuda.is_available(),
             persistent_workers=options.persistent_workers and workers > 0,
             multiprocessing_context=options.multiprocessing_context if workers > 0 else None,
             worker_init_fn=worker_ends_on_parents_sigterm,  # they inherit Preemption's blocked SIGTERM
         )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def eval_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Every image once, in index order, no flip (for FID statistics, sampling inputs)."""
-        self.setup("predict")
-        return self._loader(self.eval_set, batch_size or self.batch_size, train=False)

@@ -98,8 +98,9 @@ class GaussianDiffusion:
             self._cache[key] = getattr(self, name).to(device=device).to(dtype)
         return self._cache[key]
 
-    def _coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """table[name][t] as (B, 1, 1, 1) in ``like``'s dtype and device."""
+    def coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The (T,) table ``name`` (e.g. ``"alphas_cumprod"``) at respaced timesteps ``t`` (B,),
+        shaped (B, 1, 1, 1) to broadcast against ``like`` (B, C, H, W), in its dtype and device."""
         return self._table_as(name, like.device, like.dtype)[t].view(-1, *([1] * (like.ndim - 1)))
 
     def _timesteps(self, t: torch.Tensor) -> torch.Tensor:
@@ -109,36 +110,49 @@ class GaussianDiffusion:
         return steps.float() * (1000.0 / self.original_num_steps) if self.rescale_timesteps else steps
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4)."""
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4).
+
+        x_start = x_0 and noise = eps (B, C, H, W), t (B,) respaced indices -> x_t (B, C, H, W).
+        """
         return (
-            self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
-            + self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
+            self.coef("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self.coef("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
         )
 
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eq. 6-7)."""
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (eq. 6-7).
+
+        x_start = x_0 and x_t (B, C, H, W), t (B,) respaced indices -> mean (B, C, H, W),
+        variance and log-variance (B, 1, 1, 1) (they depend on t alone).
+        """
         mean = (
-            self._coef("posterior_mean_coef1", t, x_t) * x_start
-            + self._coef("posterior_mean_coef2", t, x_t) * x_t
+            self.coef("posterior_mean_coef1", t, x_t) * x_start
+            + self.coef("posterior_mean_coef2", t, x_t) * x_t
         )
-        variance = self._coef("posterior_variance", t, x_t)
-        return mean, variance, self._coef("posterior_log_variance_clipped", t, x_t)
+        variance = self.coef("posterior_variance", t, x_t)
+        return mean, variance, self.coef("posterior_log_variance_clipped", t, x_t)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t).
+
+        x_t and eps (B, C, H, W), t (B,) respaced indices -> x_0 (B, C, H, W).
+        """
         return (
-            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+            self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self.coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
         )
 
     def predict_eps_from_xstart(
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
     ) -> torch.Tensor:
-        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
-        numerator = self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
-        return numerator / self._coef("sqrt_recipm1_alphas_cumprod", t, x_t)
+        """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1).
+
+        x_t and pred_xstart = x_0 (B, C, H, W), t (B,) respaced indices -> eps (B, C, H, W).
+        """
+        numerator = self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart
+        return numerator / self.coef("sqrt_recipm1_alphas_cumprod", t, x_t)
 
     def p_mean_variance_from_output(
         self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True
@@ -156,10 +170,10 @@ class GaussianDiffusion:
             )
         head = out[:, :channels]  # eps, or x_0 (predict_xstart)
         if self.variance == "learned_range":  # v in [-1, 1] interpolates log beta~_t .. log beta_t
-            frac, min_log = (out[:, channels:] + 1) / 2, self._coef("posterior_log_variance_clipped", t, x)
-            log_variance = frac * self._coef("log_betas", t, x) + (1 - frac) * min_log
+            frac, min_log = (out[:, channels:] + 1) / 2, self.coef("posterior_log_variance_clipped", t, x)
+            log_variance = frac * self.coef("log_betas", t, x) + (1 - frac) * min_log
         else:
-            log_variance = self._coef(_FIXED_LOG_VAR[self.variance], t, x).expand_as(x)
+            log_variance = self.coef(_FIXED_LOG_VAR[self.variance], t, x).expand_as(x)
         pred_xstart = head if self.predict_xstart else self.predict_xstart_from_eps(x, t, head)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -176,7 +190,11 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Call ``net(x, timestep_map[t])`` and return p(x_{t-1} | x_t) as above."""
+        """Call ``net(x, timestep_map[t])`` and return p(x_{t-1} | x_t) as above.
+
+        x = x_t (B, C, H, W), t (B,) respaced indices -> mean, variance, log_variance,
+        pred_xstart and eps, each (B, C, H, W) (``p_mean_variance_from_output``).
+        """
         out = net(x, self._timesteps(t), **(model_kwargs or {}))
         return self.p_mean_variance_from_output(out, x, t, clip_denoised)
 
@@ -218,7 +236,7 @@ class GaussianDiffusion:
                 terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
         squared = ((x_start if self.predict_xstart else noise) - head) ** 2
         if self.p2_gamma != 0.0:  # P2 weighting (Choi et al. 2022)
-            squared = (self.p2_k + self._coef("snr", t, x_start)) ** (-self.p2_gamma) * squared
+            squared = (self.p2_k + self.coef("snr", t, x_start)) ** (-self.p2_gamma) * squared
         terms["mse"] = mean_flat(squared)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms

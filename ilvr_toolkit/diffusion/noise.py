@@ -10,6 +10,9 @@ import torch
 
 @runtime_checkable
 class NoiseSource(Protocol):
+    """Where a sampler's Gaussian draws come from: called with the shape, device and dtype of each
+    draw, in the order the sampler needs them (x_T, then each step's, and its hooks')."""
+
     def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Standard normal noise of ``shape`` (B, ...) on ``device``."""
 
@@ -21,6 +24,7 @@ class GeneratorNoise:
         self.generator = generator
 
     def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One draw of ``shape`` from the generator (on its device), moved to ``device``/``dtype``."""
         noise = torch.randn(tuple(shape), generator=self.generator, device=self.generator.device)
         return noise.to(device=device, dtype=dtype)
 
@@ -33,6 +37,8 @@ class PerImageNoise:
         self.generators = list(generators)
 
     def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Noise of ``shape`` (B, ...): row b one draw of ``shape[1:]`` from ``generators[b]``;
+        a ValueError when B is not the number of generators."""
         if shape[0] != len(self.generators):
             raise ValueError(f"asked for {shape[0]} images of noise, have {len(self.generators)} generators")
         rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in self.generators]
@@ -46,6 +52,8 @@ class ReplayNoise:
         self.draws, self.position = list(draws), 0
 
     def __call__(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The next recorded draw, which must have ``shape`` (a ValueError otherwise; a
+        RuntimeError once every draw is used)."""
         if self.position >= len(self.draws):
             raise RuntimeError(f"replay exhausted after {len(self.draws)} draws")
         draw = self.draws[self.position]

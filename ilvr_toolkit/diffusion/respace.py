@@ -7,7 +7,11 @@ beta_i = 1 - alpha_bar_i / alpha_bar_{i-1}; the network always receives the orig
 timesteps (``timestep_map``).
 """
 
+import re
+
 import torch
+
+_COUNTS = re.compile(r"\d+(\s*,\s*\d+)*")
 
 
 def _ddim_stride_steps(num_steps: int, desired: int) -> list[int]:
@@ -30,17 +34,31 @@ def _section_steps(start: int, size: int, count: int) -> list[int]:
     return steps
 
 
+def parse_respacing(spec: str) -> tuple[list[int], bool]:
+    """A respacing string as ``(counts, ddim)``: ``"100"`` -> ([100], False), ``"10,20,30"`` ->
+    ([10, 20, 30], False), ``"ddim50"`` (or ``"ddim 50"``) -> ([50], True), ``""`` -> ([], False)
+    (every step). Anything else (another word, a sign, a count 0, ``ddim`` with several counts) is
+    a ValueError ``not step counts``; whether the process has that many steps is
+    :func:`space_timesteps`'s to say."""
+    spec = spec.strip()
+    ddim = spec.startswith("ddim")
+    body = spec[len("ddim") :].strip() if ddim else spec
+    counts = [int(n) for n in body.split(",")] if _COUNTS.fullmatch(body) else []
+    if spec and (not counts or 0 in counts or (ddim and len(counts) > 1)):
+        raise ValueError("not step counts")
+    return counts, ddim
+
+
 def space_timesteps(num_steps: int, section_counts: str | list[int] | int) -> list[int]:
     """Sorted original timesteps kept by ``section_counts`` (see module docstring; "" keeps all)."""
     if isinstance(section_counts, int):
         section_counts = [section_counts]
     if isinstance(section_counts, str):
-        spec = section_counts.strip()
-        if spec == "":
+        section_counts, ddim = parse_respacing(section_counts)
+        if not section_counts:
             return list(range(num_steps))
-        if spec.startswith("ddim"):
-            return _ddim_stride_steps(num_steps, int(spec[len("ddim") :]))
-        section_counts = [int(part) for part in spec.split(",")]
+        if ddim:
+            return _ddim_stride_steps(num_steps, section_counts[0])
     size_per, extra = divmod(num_steps, len(section_counts))
     kept, start = set(), 0
     for i, count in enumerate(section_counts):

@@ -172,8 +172,8 @@ def ddim_sample(
         out = diffusion.p_mean_variance(net, x, t, clip_denoised)
         x0 = out["pred_xstart"]
         eps = diffusion.predict_eps_from_xstart(x, t, x0)
-        alpha_bar = diffusion._coef("alphas_cumprod", t, x)
-        alpha_bar_prev = diffusion._coef("alphas_cumprod_prev", t, x)
+        alpha_bar = diffusion.coef("alphas_cumprod", t, x)
+        alpha_bar_prev = diffusion.coef("alphas_cumprod_prev", t, x)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
         sigma = sigma * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean = x0 * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps

@@ -1,7 +1,6 @@
 """``python -m ilvr_toolkit.evaluation --outputs OUT --target TARGET --references REFS --factor 32``:
 FID/KID against the target domain, SSIM/PSNR/L2 against the references (docs/evaluation.md)."""
 
-import json
 import tempfile
 from dataclasses import fields
 from pathlib import Path
@@ -21,7 +20,6 @@ from ..cli import (
 from ..data.references import open_image_source
 from ..fileio import lock_folder
 from ..sampling.manifest import PARTS_DIR, recorded_images
-from ..sampling.tasks import FACTOR_FREE
 from .api import (
     EvalSettings,
     evaluate_translation,
@@ -125,24 +123,9 @@ def _check_finished(outputs: Path) -> None:
     if not (outputs / "manifest.json").is_file():
         done = len(dict(recorded_images(outputs)))
         raise UsageError(
-            f"--outputs {outputs}: the sample.py run is not finished (no manifest.json; {done}{_planned(outputs)} "
-            "images); rerun sample.py to finish it"
+            f"--outputs {outputs}: the sample.py run is not finished (no manifest.json; {done} images so far); "
+            "rerun sample.py to finish it"
         )
-
-
-def _planned(outputs: Path) -> str:
-    """`` of M``: the number of images the run in ``outputs`` makes, from its recorded settings
-    (references x samples per reference x factors); '' when that cannot be told."""
-    try:
-        settings = json.loads((outputs / PARTS_DIR / "settings.json").read_text())
-        if settings["unconditional"]:
-            return f" of {settings['num_samples']}"
-        factor = settings.get("ilvr.factor")
-        factors = 1 if settings["task"] in FACTOR_FREE or not isinstance(factor, list) else len(factor)
-        references = len(open_image_source("references", settings["references"]).names)
-        return f" of {references * settings['samples_per_reference'] * factors}"
-    except Exception:  # noqa: BLE001 (older settings, references moved or changed): N alone
-        return ""
 
 
 def _check_cache_dir(cache: Path) -> None:

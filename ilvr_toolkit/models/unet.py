@@ -142,7 +142,6 @@ class ResBlock(_Checkpointed):
         super().__init__()
         self.use_scale_shift_norm, self.use_checkpoint = config.use_scale_shift_norm, config.use_checkpoint
         self.in_layers = nn.Sequential(_norm(channels), nn.SiLU(), Conv3x3(channels, out_channels))
-        self.updown = up or down
         # parameter-free resamplers (nearest 2x up, 2x2 average pool down), shared by h and x
         resample = nn.Upsample(scale_factor=2) if up else nn.AvgPool2d(2) if down else nn.Identity()
         self.h_upd = self.x_upd = resample

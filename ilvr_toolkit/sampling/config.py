@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ..cli import UsageError, check_range
+from ..diffusion.respace import parse_respacing
 
 __all__ = ["ModelSpec", "ILVRSpec", "SDEditSpec", "SamplerSpec", "OutputSpec", "SampleConfig"]
 
@@ -64,8 +65,12 @@ class ILVRSpec:
     def __post_init__(self) -> None:
         if not self.factors:
             raise UsageError("--ilvr.factor []: expected at least one factor N")
-        for factor in self.factors:
+        for i, factor in enumerate(self.factors):
             check_range("ilvr.factor", factor, 1)
+            if factor in self.factors[:i]:
+                raise UsageError(
+                    f"--ilvr.factor {self.factor}: {factor} given twice; expected distinct factors N"
+                )
         given = [k for k in ("range_t", "fraction", "stop_timestep") if getattr(self, k) is not None]
         if len(given) > 1:
             raise UsageError(f"--ilvr.{given[0]} and --ilvr.{given[1]}: give at most one of them")
@@ -119,12 +124,12 @@ class SamplerSpec:
     def __post_init__(self) -> None:
         if isinstance(self.respacing, int):  # ``respacing: 100`` in a YAML file
             self.respacing = str(self.respacing)
-        spec = "" if self.respacing is None else str(self.respacing).strip()
-        counts = [int(n) for n in re.findall(r"\d+", spec)]
-        if spec and (not re.fullmatch(r"ddim\d+|\d+(\s*,\s*\d+)*", spec) or not any(counts)):
+        try:  # the steps it keeps of the model's: checked once the model is loaded
+            parse_respacing(self.respacing or "")
+        except ValueError:
             raise UsageError(
                 f"--sampler.respacing {self.respacing!r}: expected step counts such as 100, 10,20,30 or ddim50"
-            )
+            ) from None
         check_range("sampler.eta", self.eta, 0.0, 1.0)  # > 1: sigma_t^2 > 1 - alpha_bar_{t-1}, NaN
 
 

@@ -18,14 +18,14 @@ from ..fileio import lock_folder
 from .config import SampleConfig
 from .manifest import PARTS_DIR
 from .runner import (
+    References,
     RunResult,
-    _check_model_options,
-    _check_settings,
-    _diffusion_for,
-    _load,
-    _References,
-    _summarize,
+    check_model_options,
+    check_settings,
+    diffusion_for,
+    load,
     resolve_device,
+    summarize,
 )
 from .shards import COUNT_FILE, DONE_DIR, MERGE_LOCK, describe_missing, missing_shards, read_shard_record
 
@@ -45,7 +45,7 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     count, stored = read_shard_record(count_file)
     try:  # a config that is not sample.py's: the file's fault, not a flag of this command
         config, error = SampleConfig.from_dict({**stored, "num_shards": count}), None
-        _check_model_options(config)
+        check_model_options(config)
     except (TypeError, ValueError) as raised:
         error = raised
     if error is not None:  # raised here, not in the handler: the one-line error names the file
@@ -54,11 +54,11 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
             "the run (it stores the run's config again), then merge"
         )
     config = dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(out_dir)))
-    loaded, _ = _load(config, resolve_device(config.device))
-    refs = _References(config, loaded.unet_config.image_size)
+    loaded, _ = load(config, resolve_device(config.device))
+    refs = References(config, loaded.unet_config.image_size)
     if (out_dir / PARTS_DIR / "settings.json").is_file():  # an older version stored a refused attempt's
         try:
-            _check_settings(config, loaded, refs.unconditional)
+            check_settings(config, loaded, refs.unconditional)
         except UsageError as raised:
             error = raised
         if error is not None:  # raised here, not in the handler: the one-line error names the file
@@ -80,7 +80,7 @@ def merge(out_dir: str | Path, force: bool = False) -> RunResult:
     result = RunResult(out_dir)
     whole = dataclasses.replace(config, shard_index=0, num_shards=1)
     (out_dir / "metrics.json").unlink(missing_ok=True)  # it would describe the manifest written before
-    _summarize(whole, loaded, _diffusion_for(loaded, whole), refs, result)
+    summarize(whole, loaded, diffusion_for(loaded, whole), refs, result)
     if config.evaluate_against:
         log.warning("no metrics.json: for it, rerun any task of the run (docs/cluster.md)")
     return result

@@ -47,12 +47,14 @@ from .manifest import (
     merge_manifest,
     versions,
 )
-from .plan import WorkItem, batches, plan_items, shard_range
-from .shards import fixed_shard_count, run_summary
+from .plan import WorkItem, batches, shard_range
+from .shards import fixed_shard_count, planned_items, run_summary
 from .tasks import reference_set, run_factors, run_operators, task_setup
 from .writer import save_png
 
 __all__ = ["RunResult", "run", "resolve_device", "make_net"]
+#: the parts ``sampling.merge`` shares (a sharded run's manifest and grid written as one process would)
+__all__ += ["References", "check_model_options", "check_settings", "diffusion_for", "load", "summarize"]
 
 log = logging.getLogger("ilvr_toolkit.sampling")
 
@@ -73,7 +75,7 @@ class RunResult:
     grid: Path | None = None
     metrics: dict[str, Any] | None = None  # set by the evaluation (sample.py --evaluate_against)
     seconds: float = 0.0
-    references: _References | None = None  # the run's reference images (``get(index)``)
+    references: References | None = None  # the run's reference images (``get(index)``)
 
 
 def make_net(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool) -> Callable:
@@ -89,7 +91,9 @@ def make_net(model: torch.nn.Module, device: torch.device, precision: str, chann
     return net
 
 
-def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
+def diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusion:
+    """The diffusion ``loaded``'s model samples with, respaced by ``config.sampler``; a bad setting
+    is a UsageError naming the option (or the file's own respacing), a damaged file's a ValueError."""
     try:  # settings that make no diffusion: --model.flags' (exit status 2) or the damaged file's (1)
         base = DiffusionConfig.from_dict(loaded.diffusion) if loaded.diffusion else DiffusionConfig()
         get_named_beta_schedule(base.noise_schedule, base.steps)
@@ -116,7 +120,7 @@ def _diffusion_for(loaded: LoadedModel, config: SampleConfig) -> GaussianDiffusi
         raise UsageError(f"{where}: {error}") from None
 
 
-def _check_model_options(config: SampleConfig) -> None:
+def check_model_options(config: SampleConfig) -> None:
     """--model.*: a model given, a preset that exists, flags that parse and build a UNet."""
     if not config.model.checkpoint:
         raise UsageError("--model.checkpoint: no model given; set it (and --model.preset for a released .pt)")
@@ -131,8 +135,9 @@ def _check_model_options(config: SampleConfig) -> None:
         raise UsageError(f"--model.{'preset' if type(err) is KeyError else 'flags'}: {err.args[0]}") from None
 
 
-def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
-    _check_model_options(config)
+def load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Callable]:
+    """``config.model`` loaded on ``device`` with the run's runtime settings, and its ``net(x, t, y)``."""
+    check_model_options(config)
     try:
         loaded = load_model(config.model.checkpoint, preset=config.model.preset, flags=config.model.flags)
     except ArchitectureNotGiven as err:
@@ -156,7 +161,7 @@ def _load(config: SampleConfig, device: torch.device) -> tuple[LoadedModel, Call
     return loaded, make_net(model, device, config.precision, config.channels_last)
 
 
-class _References:
+class References:
     """Reference images by index, loaded on demand (a small LRU cache, so a 70k-image set is
     never held in memory), with unreadable ones recorded in ``failed``, not raised. The
     background workers decode the next batch's references while a batch samples (the cache
@@ -274,10 +279,10 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
         device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
     out_dir = Path(config.output.dir)
     _check_output_dir(config)
-    loaded, net = _load(config, device)
+    loaded, net = load(config, device)
     image_size = loaded.unet_config.image_size
-    diffusion = _diffusion_for(loaded, config)
-    refs = _References(config, image_size)
+    diffusion = diffusion_for(loaded, config)
+    refs = References(config, image_size)
     if not refs.unconditional and all(refs.source.try_get(i)[1] for i in range(len(refs.names))):
         raise UsageError(f"--references {config.references}: none of its images is readable")
     labels = resolve_class_labels(config.class_labels, refs.names, loaded.unet_config.num_classes)
@@ -286,16 +291,14 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     condition = task_setup(config, image_size, diffusion, device, [] if refs.unconditional else factors)
     config = dataclasses.replace(config, num_shards=fixed_shard_count(config))  # stored: the run's
     indices = shard_range(len(refs.names), config.shard_index, config.num_shards)
-    per_reference = 1 if refs.unconditional else config.samples_per_reference
-    options = dict(factors=factors, run_seed=config.seed, indices=indices)
-    items = plan_items(refs.names, samples_per_reference=per_reference, **options)
+    items = planned_items(config, refs.names, refs.unconditional, indices)
     mine = items[ranks.rank :: ranks.world_size]
     alone = config.num_shards == 1 and ranks.world_size == 1  # held: a second copy is refused
     part = ManifestPart.open(out_dir, config.shard_index, ranks.rank, alone)
     remove_dead_temps(out_dir)
     todo = [item for item in mine if not (out_dir / item.filename).exists()]  # PNGs are atomic
     result = RunResult(out_dir, skipped_existing=len(mine) - len(todo))
-    _check_settings(config, loaded, refs.unconditional)  # all checked: a rerun must match
+    check_settings(config, loaded, refs.unconditional)  # all checked: a rerun must match
     check_references_in_place(out_dir, refs.names, config.references)
     if not refs.unconditional:
         check_reference_content(out_dir, refs.source, config.references, indices)
@@ -309,13 +312,13 @@ def _run(config: SampleConfig, device: torch.device, start: float) -> RunResult:
     elif ranks.is_main:
         whole = run_summary(config, refs.names, refs.unconditional)  # None: shards to finish, or merging
         if whole is not None:
-            _summarize(whole, loaded, diffusion, refs, result)
+            summarize(whole, loaded, diffusion, refs, result)
     result.failed_references, result.references = dict(refs.failed), refs
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _check_settings(config: SampleConfig, loaded: LoadedModel, unconditional: bool) -> None:
+def check_settings(config: SampleConfig, loaded: LoadedModel, unconditional: bool) -> None:
     """The images in ``config.output.dir`` were made with ``config``'s settings (``check_same_run``)."""
     digests = {"model.sha256": loaded.sha256, "mask.sha256": config.mask and sha256_file(config.mask)}
     no_factor = run_factors(config, unconditional) == [None] and not unconditional  # inpaint, colorize
@@ -324,7 +327,7 @@ def _check_settings(config: SampleConfig, loaded: LoadedModel, unconditional: bo
 
 def _sample_all(
     todo: list[WorkItem],
-    refs: _References,
+    refs: References,
     run: _Sampling,
     config: SampleConfig,
     ranks: Any,
@@ -376,7 +379,13 @@ def _sample_all(
     part.save()
 
 
-def _summarize(config, loaded, diffusion, refs, result) -> None:
+def summarize(
+    config: SampleConfig,
+    loaded: LoadedModel,
+    diffusion: GaussianDiffusion,
+    refs: References,
+    result: RunResult,
+) -> None:
     """Main rank of a whole run (or of its last shard): merge the manifest parts, draw the grid
     from the PNGs on disk (the metrics are the evaluation's: ``sample.py`` runs it after)."""
     out_dir = result.out_dir

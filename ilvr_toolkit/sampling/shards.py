@@ -18,7 +18,7 @@ from pathlib import Path
 from ..cli import UsageError
 from ..fileio import lock_folder
 from .config import SampleConfig
-from .plan import plan_items, shard_range
+from .plan import WorkItem, plan_items, shard_range
 from .tasks import run_factors
 from .writer import create_json_once, read_json, write_json
 
@@ -29,6 +29,7 @@ __all__ = [
     "fixed_shard_count",
     "missing_shards",
     "planned_files",
+    "planned_items",
     "read_shard_record",
     "run_summary",
 ]
@@ -119,15 +120,22 @@ def _absolute(config: SampleConfig) -> SampleConfig:
     )
 
 
-def planned_files(config: SampleConfig, names: list[str], unconditional: bool, shard: int) -> list[str]:
-    """The output files shard ``shard`` of ``config``'s run makes from the references ``names``."""
+def planned_items(
+    config: SampleConfig, names: list[str], unconditional: bool, indices: range
+) -> list[WorkItem]:
+    """The work items ``config``'s run makes from the references ``names`` at ``indices``: every
+    factor of the task (``run_factors``) x every reference x its samples (one when unconditional)."""
     per_reference = 1 if unconditional else config.samples_per_reference
-    indices = shard_range(len(names), shard, config.num_shards)
     factors = run_factors(config, unconditional)
-    items = plan_items(
+    return plan_items(
         names, samples_per_reference=per_reference, factors=factors, run_seed=config.seed, indices=indices
     )
-    return [item.filename for item in items]
+
+
+def planned_files(config: SampleConfig, names: list[str], unconditional: bool, shard: int) -> list[str]:
+    """The output files shard ``shard`` of ``config``'s run makes from the references ``names``."""
+    indices = shard_range(len(names), shard, config.num_shards)
+    return [item.filename for item in planned_items(config, names, unconditional, indices)]
 
 
 def missing_shards(

@@ -106,7 +106,7 @@ def _publish(trainer: pl.Trainer, tag: str, grid: torch.Tensor, filename: str | 
         save_png(Path(trainer.default_root_dir) / "samples" / filename, grid)
 
 
-class _EveryNSteps(Callback):
+class EveryNSteps(Callback):
     """Runs the subclass's ``_run(trainer, pl_module)`` on global rank 0 after every ``every_n_steps``-th
     optimizer step (once per step under gradient accumulation), with the settings all of them have."""
 
@@ -142,7 +142,7 @@ class _EveryNSteps(Callback):
                 log.info("step %d: %s stopped by a stop signal", trainer.global_step, self.option)
 
 
-class SampleGrid(_EveryNSteps):
+class SampleGrid(EveryNSteps):
     """A grid of unconditional samples from fixed seeds every ``every_n_steps`` steps.
 
     Args:
@@ -181,7 +181,7 @@ class SampleGrid(_EveryNSteps):
         log.info("sample grid (%s weights) in %.1fs", which, time.perf_counter() - started)
 
 
-class ILVRPreview(_EveryNSteps):
+class ILVRPreview(EveryNSteps):
     """ILVR translations of a few fixed references every ``every_n_steps`` steps: per reference a
     column (the reference, then for each N phi_N and the translation); the translations are
     ``sample.py --references REFS --seed SEED``'s (same ``ilvr`` and ``sampler``) on this step's weights.

@@ -22,7 +22,7 @@ from ilvr_toolkit.fileio import atomic_write_bytes
 from ilvr_toolkit.sampling.config import SamplerSpec
 from ilvr_toolkit.sampling.generate import NonFiniteSamples
 
-from .callbacks import _EveryNSteps, sample_images, sampling_weights
+from .callbacks import EveryNSteps, sample_images, sampling_weights
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class FIDReference:
     stats_cache_dir: str | None = None
 
 
-class FIDMonitor(_EveryNSteps):
+class FIDMonitor(EveryNSteps):
     """FID of ``num_images`` samples (EMA weights) against the training set every ``every_n_steps``.
 
     Logged as ``fid/fid`` (and ``fid/seconds``), appended to ``RUN/fid.jsonl`` and kept in checkpoints
