@@ -278,6 +278,18 @@ def test_cli_report_path_is_checked_before_the_build(data_folder, tmp_path, caps
     assert "--output.report" in capsys.readouterr().err and sorted(os.listdir(tmp_path)) == ["repdir"]
 
 
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [(["--out", "x.lmdb"], "--size"), (["--size", "16"], "--output.dir"), ([], "--output.dir and --size")],
+)
+def test_cli_names_only_the_missing_flags(tmp_path, capsys, given, missing):
+    """``--out x.lmdb`` (an alias of --output.dir) without --size was told ``give --output.dir and --size``."""
+    assert prepare_main([str(tmp_path / "nonexistent"), *given]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m ilvr_toolkit.data.prepare: error: give {missing} (or --verify to check the LMDB at SOURCE)"
+    )
+
+
 def test_an_lmdb_write_error_names_the_output(data_folder, tmp_path, monkeypatch, capsys):
     """A full disk fails in mdb_txn_commit: the line names the dataset being written."""
     from ilvr_toolkit.data import prepare

@@ -25,8 +25,11 @@ from test_faults_loads import sample_args, train_args
 from test_training import train_subprocess
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ilvr_toolkit.cli import UsageError
 from ilvr_toolkit.data import LMDBImageDataset, image_key
 from ilvr_toolkit.data.lmdb_dataset import DatasetReplaced
+from ilvr_toolkit.data.prepare import _publish
+from ilvr_toolkit.data.prepare import main as prepare_main
 
 PREPARE = ["-m", "ilvr_toolkit.data.prepare"]
 PREPARE_PROG = "python -m ilvr_toolkit.data.prepare"
@@ -329,3 +332,53 @@ def test_a_dataset_replaced_while_in_use_is_one_line_not_a_missing_record(clean,
         f"{live}: the dataset was replaced while in use (python -m ilvr_toolkit.data.prepare "
         "--overwrite?); restart the run"
     )
+
+
+READER = """import sys
+from torch.utils.data import DataLoader
+from ilvr_toolkit.data import LMDBImageDataset
+from ilvr_toolkit.data.lmdb_format import close_lmdb
+ds, fork = LMDBImageDataset(sys.argv[1], 16), dict(batch_size=4, num_workers=2, multiprocessing_context="fork")
+print(ds[0].shape, flush=True)
+sys.stdin.readline()
+list(DataLoader(ds, **fork))  # forked workers close their inherited copies and exit
+print("after workers", flush=True)
+sys.stdin.readline()
+loader = iter(DataLoader(ds, persistent_workers=True, **fork))
+next(loader)
+close_lmdb(sys.argv[1])  # now only the two workers read it
+print("workers", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_prepare_refuses_to_replace_a_dataset_that_a_running_process_reads(clean, tmp_path):
+    """prepare --overwrite replaced a dataset under a running train.py, which stopped with
+    DatasetReplaced: it is refused while any process (or a DataLoader worker) reads it."""
+    live, data = shutil.copytree(clean, tmp_path / "live.lmdb"), tmp_path / "live.lmdb" / "data.mdb"
+    args = [*PREPARE, str(make_images(tmp_path / "new", 4)), "--out", str(live), "--size", "16"]
+    args += ["--overwrite", "--workers", "0", "--no-progress"]
+    before = (data.stat().st_ino, data.read_bytes(), sorted(os.listdir(tmp_path)))
+    said = f"{PREPARE_PROG}: error: --output.dir {live}: in use by a running process (train.py?); stop it, "
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(live)], env=env, **pipes)
+    try:
+        for stage in ("torch.Size([3, 16, 16])", "after workers", "workers"):
+            assert reader.stdout.readline().strip() == stage
+            done = run(args)
+            assert error_line(done, PREPARE_PROG) == said + "or write the new dataset elsewhere"
+            assert done.returncode == 2
+            assert (data.stat().st_ino, data.read_bytes(), sorted(os.listdir(tmp_path))) == before
+            if stage == "workers":  # a reader that starts during the build: refused at the swap
+                with pytest.raises(UsageError, match="in use by a running process"):
+                    _publish(tmp_path / "new", live, True)
+            reader.stdin.write("\n")
+            reader.stdin.flush()
+        assert reader.wait(60) == 0
+    finally:
+        reader.kill()
+    assert LMDBImageDataset(live, 16)[0].shape == (3, 16, 16)  # this process's reads do not count
+    assert prepare_main(args[2:]) == 0
+    assert run(args).returncode == 0  # nor does the lock of the build it verified
+    assert len(LMDBImageDataset(live, 16)) == 4

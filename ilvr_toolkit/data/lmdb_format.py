@@ -16,6 +16,7 @@ sizes found by scanning the keys.
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import mmap
 import os
@@ -31,7 +32,7 @@ import lmdb
 import numpy as np
 
 __all__ = ["LENGTH_KEY", "META_KEY", "NAMES_KEY", "BadRecord", "LMDBInfo", "image_key", "open_lmdb"]
-__all__ += ["opened", "read_info", "read_names", "reading"]
+__all__ += ["close_lmdb", "not_read_elsewhere", "opened", "read_info", "read_names", "reading"]
 
 LENGTH_KEY = b"length"
 META_KEY = b"__ilvr_toolkit_meta__"
@@ -57,7 +58,11 @@ def image_key(size: int, index: int) -> bytes:
 # in one process, and an environment must not be used across fork, so the cache records the
 # pid that opened each entry; a forked child closes its inherited copy (which only unmaps the
 # child's view: read-only, lock=False, nothing shared with the parent) and opens its own.
-_ENVS: dict[tuple[int, int], tuple[int, lmdb.Environment, int | None]] = {}  # + where data.mdb is mapped
+# Each entry also holds an fd of data.mdb with a shared flock (``_reader_lock``): how prepare
+# --overwrite sees that a running process reads the dataset (lock=False leaves LMDB's reader
+# table empty). A forked child closes its inherited copy, which keeps the parent's lock (flock
+# belongs to the open file description, shared with the parent), and takes its own.
+_ENVS: dict[tuple[int, int], tuple[int, lmdb.Environment, int | None, int | None]] = {}  # + map address, fd
 _ENVS_LOCK = threading.Lock()
 
 
@@ -140,10 +145,26 @@ def opened(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
     return _open(path)
 
 
+def _data_file(path: str) -> str:
+    return os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+
+
+def _reader_lock(data_file: str) -> int | None:
+    """An fd of ``data_file`` holding a shared flock while this process reads it; never fails the
+    reader (no flock on this file system, ENOLCK, a replacement under way: an fd without the lock)."""
+    try:
+        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return fd
+
+
 def _open(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
     """``open_lmdb``, with the data file's name, its present size and its address in the map."""
     path = os.fspath(path)
-    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    data_file = _data_file(path)
     try:
         st = os.stat(data_file)
     except FileNotFoundError:
@@ -153,18 +174,62 @@ def _open(path: str | Path) -> tuple[lmdb.Environment, str, int, int | None]:
         check_not_truncated(data_file, st.st_size)
     pid = os.getpid()
     with _ENVS_LOCK:
-        owner, env, start = _ENVS.get(key, (None, None, None))
+        owner, env, start, fd = _ENVS.get(key, (None, None, None, None))
         if owner != pid:
             if env is not None:
                 env.close()  # inherited through fork: drop the child's mapping only
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)  # the child's copy: never LOCK_UN, which would unlock the parent too
             before = _mappings(data_file, st)
             env = lmdb.open(path, subdir=os.path.isdir(path), map_size=st.st_size + _MARGIN, **_READ_OPTIONS)
             new = _mappings(data_file, st) - before
             start = new.pop() if len(new) == 1 else None  # None: unknown, values are not checked
             if start is not None and not _zeros_past_end(start, st.st_size, env.info()["map_size"]):
                 start = None
-            _ENVS[key] = (pid, env, start)
+            _ENVS[key] = (pid, env, start, _reader_lock(data_file))
     return env, data_file, st.st_size, start
+
+
+def close_lmdb(path: str | Path) -> None:
+    """Close this process's environment of the LMDB at ``path`` and drop its reader lock (e.g. of
+    a dataset opened only to verify it); what :func:`opened` returned for it must not be used after."""
+    with contextlib.suppress(OSError):
+        st = os.stat(_data_file(os.fspath(path)))
+        with _ENVS_LOCK:
+            _, env, _, fd = _ENVS.pop((st.st_dev, st.st_ino), (None, None, None, None))
+        if env is not None:
+            env.close()
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def not_read_elsewhere(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on the LMDB at ``path`` (nothing if it has no data file), or raise
+    BlockingIOError if another running process reads it (:func:`_open`'s shared lock). This
+    process's own reads do not count (its lock is converted, then made shared again); where the
+    file system has no flock nothing is held (other hosts on NFS may not be seen either)."""
+    data_file, pid, fd, own = _data_file(os.fspath(path)), os.getpid(), None, None
+    with contextlib.suppress(OSError):  # no data.mdb (an empty folder), not readable: nothing held
+        st = os.stat(data_file)
+        owner, _, _, own = _ENVS.get((st.st_dev, st.st_ino), (None, None, None, None))
+        own = own if owner == pid else None
+        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC) if own is None else own
+    try:
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:  # ENOLCK, a file system without flock: not seen
+            if isinstance(error, BlockingIOError):
+                raise
+        yield
+    finally:
+        if fd is not None and own is None:
+            os.close(fd)
+        elif own is not None:  # a failed conversion dropped it too
+            with contextlib.suppress(OSError):
+                fcntl.flock(own, fcntl.LOCK_SH | fcntl.LOCK_NB)
 
 
 @contextlib.contextmanager

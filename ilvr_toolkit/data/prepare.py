@@ -41,6 +41,7 @@ from .. import __version__, cli
 from ..batchjob import LineProgress
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command
 from ..fileio import atomic_write_bytes, pid_alive
+from . import lmdb_format
 from .files import IMAGE_EXTENSIONS, has_image_extension, list_image_files
 from .imageops import BadImage, center_crop_square, check_file_size, load_rgb, read_image_file
 from .lmdb_format import LENGTH_KEY, META_KEY, NAMES_KEY, BadRecord, image_key, read_info, read_names, reading
@@ -270,18 +271,34 @@ def _clean_stale(out: Path) -> None:
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
+@contextlib.contextmanager
+def _unread(out: Path) -> Iterator[None]:
+    """Hold the dataset at ``out`` (:func:`not_read_elsewhere`); refused while a running process
+    reads it, which would stop at the swap (``DatasetReplaced``, the fallback where flock is not seen)."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(lmdb_format.not_read_elsewhere(out))
+        except BlockingIOError:
+            raise UsageError(
+                f"--output.dir {out}: in use by a running process (train.py?); stop it, or write the "
+                "new dataset elsewhere"
+            ) from None
+        yield
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the verified build to ``out`` (an existing ``out`` is swapped out, then removed)."""
     old = None
-    if overwrite and (out.exists() or out.is_symlink()):
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old, out)  # put the previous dataset back
-        raise
+    with _unread(out) if overwrite else contextlib.nullcontext():
+        if overwrite and (out.exists() or out.is_symlink()):
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)  # put the previous dataset back
+            raise
     with contextlib.suppress(OSError):  # make the rename durable (POSIX)
         fd = os.open(out.parent, os.O_RDONLY)
         os.fsync(fd)
@@ -304,6 +321,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
                 f"--output.dir {out}: is not an LMDB dataset ({what}); --overwrite replaces only "
                 "a dataset folder (data.mdb, lock.mdb, its report): choose a new folder"
             )
+        with _unread(out):
+            pass
     if (file := cli.file_in_the_way(out.parent)) is not None:
         raise UsageError(f"--output.dir {out}: {file} is a file, expected a folder")
     try:
@@ -354,7 +373,10 @@ def build_lmdb(
         raise UsageError(f"--output.dir {out}: cannot write in {out.parent}: {err.strerror}") from None
     try:
         kept, skipped = _write_dataset(tmp, src, sizes, settings, f"prepare {out.name}")
-        verify_lmdb(tmp, sizes, len(kept))
+        try:
+            verify_lmdb(tmp, sizes, len(kept))
+        finally:  # its reader lock would refuse another process's --overwrite of it later
+            lmdb_format.close_lmdb(tmp)
         _publish(tmp, out, settings.overwrite)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -516,8 +538,9 @@ def _main(argv: list[str]) -> int:
         info = verify_lmdb(args.source, every=True)
         print(f"{args.source}: {info.length} images at sizes {list(info.sizes)}, every record decodes")
         return 0
-    if args.output.dir is None or args.size is None:
-        raise UsageError("give --output.dir and --size (or --verify to check the LMDB at SOURCE)")
+    given = {"--output.dir": args.output.dir, "--size": args.size}
+    if missing := [flag for flag, value in given.items() if value is None]:
+        raise UsageError(f"give {' and '.join(missing)} (or --verify to check the LMDB at SOURCE)")
     settings = BuildSettings(**{f.name: args[f.name] for f in fields(BuildSettings) if f.name in args})
     report_path = cli.check_output_file("output.report", args.output.report, "report file", REPORT_KEYS)
     cli.setup_logging()  # the progress lines of a log file
