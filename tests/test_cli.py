@@ -207,6 +207,14 @@ def test_prepare_missing_source_and_bad_config_files(tmp_path):
         (["--ilvr.factor", "[4,4]"], "--ilvr.factor [4, 4]: 4 given twice; expected distinct factors N"),
         (["--ilvr.factor", "3"], "--ilvr.factor 3: expected a divisor of the model's image size 32"),
         (["--sampler.respacing", "2000"], "--sampler.respacing 2000: cannot keep 2000 steps"),
+        (
+            ["--sampler.respacing", "1"],
+            "--sampler.respacing 1: a diffusion needs at least 2 timesteps, got 1",
+        ),
+        (
+            ["--sampler.method", "ddim", "--sampler.respacing", "1"],
+            "--sampler.respacing 1: a diffusion needs at least 2 timesteps, got 1",
+        ),
         (["--ilvr.range_t", "200"], "--ilvr.range_t 200: range_t=200 outside [-1, 99]"),
         (["--task", "inpaint", "--mask", "configs"], "--mask configs: not a readable image"),
         (

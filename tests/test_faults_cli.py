@@ -41,6 +41,12 @@ CASES = [
     # ---- train.py fit
     ("fit-steps-0", [*TRAIN, "--model.diffusion.steps", "0"], 2, ["--model.diffusion.steps", "0"]),
     (
+        "fit-steps-1",
+        [*TRAIN, "--model.diffusion.steps", "1", "--model.diffusion.noise_schedule", "cosine"],
+        2,
+        ["--model.diffusion.steps 1: expected an integer >= 2"],
+    ),
+    (
         "fit-linear-10-steps",
         [*TRAIN, "--model.diffusion.steps", "10"],
         2,
@@ -140,6 +146,12 @@ CASES = [
     ("fit-betas", [*TRAIN, "--model.optim.betas", "[0.9,1.5]"], 2, ["--model.optim.betas (0.9, 1.5)"]),
     ("fit-warmup", [*TRAIN, "--model.optim.warmup_steps", "-5"], 2, ["--model.optim.warmup_steps -5"]),
     ("fit-last-every", [*TRAIN, "--checkpoint.last_every_n_steps", "-1"], 2, ["last_every_n_steps"]),
+    (
+        "fit-save-top-k",
+        [*TRAIN, "--checkpoint.save_top_k", "-2"],
+        2,
+        ["--checkpoint.save_top_k -2: expected -1 (all), 0 (none) or K >= 1 (the newest K)"],
+    ),
     ("fit-preview-respacing", [*TRAIN, "--samples.sampler.respacing", "0"], 2, ["respacing", "0"]),
     ("fit-root-under-file", [*TRAIN, "--trainer.default_root_dir", "{txt}/run"], None, ["notes.txt/run"]),
     # ---- train.py export
@@ -151,6 +163,12 @@ CASES = [
     ("sample-respacing-0", [*SAMPLE, "--sampler.respacing", "0"], 2, ["--sampler.respacing", "0"]),
     ("sample-respacing-syntax", [*SAMPLE, "--sampler.respacing", "10,x"], 2, ["--sampler.respacing", "10,x"]),
     ("sample-respacing-too-many", [*SAMPLE, "--sampler.respacing", "5000"], None, ["5000 steps"]),
+    (
+        "sample-respacing-1",
+        [*SAMPLE, "--sampler.respacing", "1"],
+        2,
+        ["--sampler.respacing 1: a diffusion needs"],
+    ),
     ("sample-shards-0", [*SAMPLE, "--num_shards", "0"], 2, ["--num_shards 0"]),
     (
         "sample-flags-no-unet",
@@ -403,6 +421,25 @@ POOR = [
         [*TRAIN, "--ntasks-per-node=2"],
         2,
         ["--ntasks-per-node: unknown", "before the script"],
+    ),
+    # a preview's or the FID monitor's sampler: refused before the first step, not at its first run
+    (
+        "fit-samples-respacing-1",
+        [*TRAIN, "--samples.sampler.method", "ddpm", "--samples.sampler.respacing", "1"],
+        2,
+        ["--samples.sampler.respacing 1: a diffusion needs at least 2 timesteps, got 1"],
+    ),
+    (
+        "fit-preview-range-t",
+        [*TRAIN, "--ilvr_preview.sampler.respacing", "3", "--ilvr_preview.ilvr.range_t", "5"],
+        2,
+        ["--ilvr_preview.ilvr.range_t 5: range_t=5 outside [-1, 2]"],
+    ),
+    (
+        "fit-fid-respacing",
+        [*TRAIN, "--fid.every_n_steps", "1", "--fid.sampler.respacing", "ddim1"],
+        2,
+        ["--fid.sampler.respacing ddim1: cannot keep exactly 1 of 1000 steps"],
     ),
     (
         "fit-batch-over-data",

@@ -658,6 +658,24 @@ def test_time_based_last_checkpoint(lmdb_path: Path, tmp_path: Path) -> None:
     assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
+def test_save_top_k_keeps_the_newest_snapshots_and_a_resume_goes_on(lmdb_path: Path, tmp_path: Path) -> None:
+    """--checkpoint.save_top_k K > 1 keeps the newest K ``step=N.ckpt`` (it was refused: no monitor),
+    also after a resume; last.ckpt is none of them. K < -1 is one line naming the option."""
+
+    def run(steps: int, keep: int = 2) -> list[str]:
+        snapshots = {"checkpoint.every_n_train_steps": 1, "checkpoint.save_top_k": keep}
+        run_inprocess(common_args(lmdb_path, tmp_path, **{"trainer.max_steps": steps, **snapshots}))
+        return sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+
+    assert run(5) == ["last.ckpt", "step=00000004.ckpt", "step=00000005.ckpt"]
+    assert run(7) == ["last.ckpt", "step=00000006.ckpt", "step=00000007.ckpt"]  # resumed at step 5
+    assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 7
+    with pytest.raises(
+        UsageError, match=r"^--checkpoint.save_top_k -2: expected -1 \(all\), 0 \(none\) or K"
+    ):
+        run(8, keep=-2)
+
+
 # --------------------------------------------------------------------------- small units
 def test_ema_update_rule() -> None:
     plain, warm = EMA(decay=0.9), EMA(decay=0.9, warmup=True)

@@ -42,7 +42,7 @@ class DiffusionConfig:
     clip_denoised: bool = True
 
     def __post_init__(self) -> None:
-        check_range("model.diffusion.steps", self.steps, 1)
+        check_range("model.diffusion.steps", self.steps, 2)  # GaussianDiffusion's least
         self.timestep_respacing = str(self.timestep_respacing or "")  # ``100`` in a YAML file
         if self.noise_schedule == "linear" and self.steps <= 20:  # beta_T = 0.02 * 1000 / T
             raise UsageError(

@@ -62,6 +62,8 @@ class GaussianDiffusion:
         self.p2_gamma, self.p2_k = p2_gamma, p2_k
         self.betas = betas = betas.to(torch.float64)
         self.num_timesteps = int(betas.shape[0])
+        if self.num_timesteps < 2:  # t = 0's clipped posterior log-variance is t = 1's
+            raise ValueError(f"a diffusion needs at least 2 timesteps, got {self.num_timesteps}")
         self.original_num_steps = original_num_steps or self.num_timesteps
         kept = range(self.num_timesteps) if timestep_map is None else timestep_map
         self.timestep_map = torch.tensor(list(kept), dtype=torch.long)

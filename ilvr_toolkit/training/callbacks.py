@@ -19,8 +19,9 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torchvision.utils import make_grid
 
-from ilvr_toolkit.cli import check_range
+from ilvr_toolkit.cli import UsageError, check_range
 from ilvr_toolkit.conditioning import LowPass
+from ilvr_toolkit.diffusion import DiffusionConfig, GaussianDiffusion
 from ilvr_toolkit.images import to_float, to_uint8
 from ilvr_toolkit.sampling.config import ILVRSpec, SamplerSpec
 from ilvr_toolkit.sampling.generate import (
@@ -118,6 +119,17 @@ class EveryNSteps(Callback):
         self.every_n_steps, self.num_images, self.sampler = every_n_steps, num_images, sampler
         self.seed, self.at_start, self.last_step = seed, at_start, -1
 
+    def check_sampler(self, config: DiffusionConfig) -> GaussianDiffusion:
+        """The diffusion this callback samples with (``config`` respaced as ``sampler`` says), built
+        before training: one it cannot be is a :class:`UsageError` naming ``--OPTION.sampler.respacing``
+        then, not a crash at the first preview after hours of training."""
+        try:
+            return sampling_diffusion(config, self.sampler)
+        except ValueError as error:
+            given = self.sampler.respacing
+            said = given if given is not None else f"null (so {config.timestep_respacing or '100'!r})"
+            raise UsageError(f"--{self.option}.sampler.respacing {said}: {error}") from None
+
     def seeds(self, start: int, stop: int) -> list[int]:
         """``sample.py``'s seeds of images start .. stop-1 (sample 0 of reference i)."""
         return [image_seed(self.seed, i, 0) for i in range(start, stop)]
@@ -213,6 +225,15 @@ class ILVRPreview(EveryNSteps):
         super().__init__(every_n_steps, num_images, sampler, seed, at_start)
         self.references, self.ilvr, self.save_png = references, ilvr, save_png
         self.images: torch.Tensor | None = None
+
+    def check_sampler(self, config: DiffusionConfig) -> GaussianDiffusion:
+        """As for every preview, and ``ilvr.range_t`` must fit its steps."""
+        diffusion = super().check_sampler(config)
+        try:
+            ilvr_range_t(self.ilvr, diffusion)
+        except ValueError as error:
+            raise UsageError(f"--ilvr_preview.ilvr.range_t {self.ilvr.range_t}: {error}") from None
+        return diffusion
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.every_n_steps or not trainer.is_global_zero:

@@ -184,7 +184,8 @@ class RunCheckpoint(ModelCheckpoint):
             save (None: off); the decision is rank 0's, broadcast to all ranks.
         every_n_train_steps: keep a numbered snapshot ``step=N.ckpt`` every this many steps
             (0: none); ``last.ckpt`` is written along with it.
-        save_top_k: how many snapshots to keep: -1 all, 1 only the newest.
+        save_top_k: how many snapshots to keep: -1 all, 0 none, K >= 1 the newest K (K > 1: the
+            stock callback's top-k by the monitored ``step``, mode ``max``; kept across resumes).
         filename: snapshot name pattern.
 
     Why a subclass: the stock callback takes one trigger (steps *or* time, not both) and
@@ -211,9 +212,15 @@ class RunCheckpoint(ModelCheckpoint):
         minutes = last_every_minutes
         if minutes is not None and not (isinstance(minutes, int | float) and minutes > 0):
             raise UsageError(f"--checkpoint.last_every_minutes {minutes}: expected a number > 0 (null: off)")
+        if save_top_k < -1:
+            raise UsageError(
+                f"--checkpoint.save_top_k {save_top_k}: expected -1 (all), 0 (none) or K >= 1 (the newest K)"
+            )
         super().__init__(
             dirpath=dirpath,
             filename=filename,
+            monitor="step" if save_top_k > 1 else None,  # top K by step, the largest: the newest K
+            mode="max",
             save_top_k=save_top_k if every_n_train_steps > 0 else 0,
             every_n_train_steps=every_n_train_steps,
             enable_version_counter=False,
