@@ -47,7 +47,7 @@ from ..evaluation.stats import rank_world
 from ..fileio import atomic_write_bytes, lock_folder
 from ..models import load_state_dict_file
 from ..runtime import tune_process
-from .callbacks import ILVRPreview, SampleGrid, _EveryNSteps
+from .callbacks import EveryNSteps, ILVRPreview, SampleGrid
 from .checkpointing import EMA, AtomicCheckpointIO, RunCheckpoint, find_resume_checkpoint
 from .fid_monitor import FIDMonitor
 from .module import DiffusionModule, resolve_unet_config
@@ -294,7 +294,7 @@ class TrainCLI(LightningCLI):
                 ) from None
         self.datamodule.check_batch_size(self.trainer.world_size)
         for callback in self.trainer.callbacks:  # previews, FID: their samplers, before the first step
-            if isinstance(callback, _EveryNSteps) and callback.every_n_steps:
+            if isinstance(callback, EveryNSteps) and callback.every_n_steps:
                 callback.check_sampler(self.model.diffusion_config)
         _MEMORY["setting"] = f"--data.batch_size {self.datamodule.batch_size}"  # what running out names
         fit = self.config_init[self.subcommand]
