@@ -312,6 +312,50 @@ def test_a_failed_png_write_stops_the_run_and_loses_nothing(tmp_path, refs, tiny
     assert sorted(manifest["images"]) == [f"ref{i:02d}_s0.png" for i in range(5)]
 
 
+def test_manifest_part_files_stay_bounded_and_resume(tmp_path, refs, tiny32_path, monkeypatch):
+    """A part was one file rewritten whole after every batch (70k images: 1.7 s a save): now its
+    file takes PART_LIMIT entries, then the next begins, so a save writes at most a batch more.
+    A run killed between a save and its PNGs resumes; the merge and recorded_images read every
+    file, an image saved again by the rerun with its later entry."""
+    import ilvr_toolkit.sampling.manifest as manifest
+    import ilvr_toolkit.sampling.runner as runner
+
+    (refs / "zz_broken.jpg").write_bytes(b"not an image")
+    monkeypatch.setattr(manifest, "PART_LIMIT", 2, raising=False)
+    saved, write_json, save_png = [], manifest.write_json, runner.save_png
+
+    def counting(path, data):
+        if Path(path).parent.name == manifest.PARTS_DIR:
+            saved.append(len(data["images"]) + len(data["failed"]))
+        write_json(path, data)
+
+    def failing(path, image):  # a kill after ref01's entry was saved, before its PNG
+        if Path(path).name == "ref01_s0.png":
+            raise OSError(28, "No space left on device")
+        save_png(path, image)
+
+    monkeypatch.setattr(manifest, "write_json", counting)
+    monkeypatch.setattr(runner, "save_png", failing)
+    out = tmp_path / "out"
+    args = _args(tiny32_path, refs, out, "--io_workers", "0", "--output.grid", "false")
+    with pytest.raises(OSError, match="No space left"):
+        run(parse_config([*args, "--batch_size", "1"]))
+    monkeypatch.setattr(runner, "save_png", save_png)
+    result = run(parse_config([*args, "--batch_size", "2"]))
+    assert sorted(result.written) == [f"ref{i:02d}_s0.png" for i in range(1, 5)] and max(saved) <= 2
+    parts = sorted(p.name for p in (out / manifest.PARTS_DIR).glob("shard*.json"))
+    assert parts == [f"shard0-rank0{n}.json" for n in (".1", ".2", ".3", "")], parts
+    merged = json.loads((out / "manifest.json").read_text())
+    assert sorted(merged["images"]) == [f"ref{i:02d}_s0.png" for i in range(5)]
+    assert merged["images"]["ref01_s0.png"]["batch_size"] == 2 and list(merged["failed_references"]) == [
+        "zz_broken"
+    ]
+    assert dict(manifest.recorded_images(out)) == merged["images"]
+    again = run(parse_config([*args, "--batch_size", "2"]))  # a finished run's rerun reads every file
+    assert not again.written and again.skipped_existing == 5
+    assert sorted(p.name for p in (out / manifest.PARTS_DIR).glob("shard*.json")) == parts
+
+
 def test_background_io_unit():
     from ilvr_toolkit.sampling.background import BackgroundIO
 

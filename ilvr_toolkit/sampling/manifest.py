@@ -1,6 +1,7 @@
 """The run manifest: what was run (checkpoint hash, full config, versions) and, per image,
-its seed and timing. Each rank keeps its own part (rewritten atomically after every batch, so
-a killed run keeps the timings of what it finished); the main rank merges the parts."""
+its seed and timing. Each rank keeps its own part (its last file rewritten atomically after
+every batch, so a killed run keeps the timings of what it finished); the main rank merges the
+parts."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ __all__ = ["ManifestPart", "check_same_run", "versions", "merge_manifest"]
 PARTS_DIR = ".manifest"
 _ENTRY = {"reference": (str, type(None)), "reference_index": int, "seconds": (int, float)}
 PART = {"images": {str: _ENTRY}, "failed": {str: str}}  # a part's layout (writer.fits): damaged if not
+#: entries (images and failed references) a part file takes before the next file begins: a save
+#: rewrites one file, so its cost does not grow with the run (70k entries in one file: 1.7 s a save)
+PART_LIMIT = 1024
 
 
 def versions() -> dict[str, str]:
@@ -40,11 +44,14 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class ManifestPart:
-    """One rank's record, stored at ``<out>/.manifest/shard<s>-rank<r>.json``."""
+    """One rank's record, stored at ``<out>/.manifest/shard<s>-rank<r>.json`` and, once that holds
+    ``PART_LIMIT`` entries, continued in ``shard<s>-rank<r>.1.json``, ``.2.json``...: ``path``,
+    ``images`` and ``failed`` are the last file's, the one a save rewrites."""
 
     path: Path
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    recorded: dict[str, str] = field(default_factory=dict)  # failed references saved by this process
 
     @classmethod
     def open(cls, out_dir: Path, shard: int, rank: int, alone: bool = True) -> ManifestPart:
@@ -57,11 +64,28 @@ class ManifestPart:
             shared, named = not alone and lock[1] == ".lock", f"--output.dir {out_dir}"
             if holder := lock_folder(*lock, shared=shared, named=named):
                 raise UsageError(f"--output.dir {out_dir}: in use by {holder} ({Path(*lock)})")
+        later = [p.stem.partition(".")[2] for p in path.parent.glob(f"{path.stem}.*.json")]
+        if numbers := [int(n) for n in later if n.isdigit()]:  # continue the last file
+            path = path.with_name(f"{path.stem}.{max(numbers)}.json")
         data = read_json(path, PART) if path.exists() else {}
-        return cls(path, data.get("images", {}), data.get("failed", {}))
+        part = cls(path, data.get("images", {}), data.get("failed", {}))
+        part._next_if_full()
+        return part
 
-    def save(self) -> None:
+    def save(self, failed: dict[str, str]) -> None:
+        """Add the ``failed`` references not saved before to the last file and rewrite it; a full
+        one stays as it is, the next save begins the next file."""
+        new = {name: why for name, why in dict(failed).items() if self.recorded.get(name) != why}
+        self.failed.update(new)
+        self.recorded.update(new)
         write_json(self.path, {"images": self.images, "failed": self.failed})
+        self._next_if_full()
+
+    def _next_if_full(self) -> None:
+        if len(self.images) + len(self.failed) >= PART_LIMIT:
+            stem, _, number = self.path.stem.partition(".")
+            self.path = self.path.with_name(f"{stem}.{int(number or 0) + 1}.json")
+            self.images, self.failed = {}, {}
 
 
 #: the settings that make the images: a rerun into the same output folder must keep them
@@ -106,10 +130,21 @@ def _resolved(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "references": str(Path(refs).resolve()) if isinstance(refs, str) else refs}
 
 
+def part_files(out_dir: Path) -> list[Path]:
+    """The files of every part in ``OUT/.manifest``, those of one part in the order written (an
+    image saved again, its PNG not written before a kill, has its later entry last)."""
+
+    def order(path: Path) -> tuple[str, int]:
+        stem, _, number = path.stem.partition(".")
+        return stem, int(number) if number.isdigit() else 0
+
+    return sorted((p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"), key=order)
+
+
 def recorded_images(out_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(file name, entry) of every image in every part of ``OUT/.manifest`` (one file may be in
     several parts after a change of shards or ranks)."""
-    for part in (p for p in (out_dir / PARTS_DIR).glob("*.json") if p.name != "settings.json"):
+    for part in part_files(out_dir):
         yield from read_json(part, PART).get("images", {}).items()
 
 
@@ -156,7 +191,7 @@ def check_reference_content(out_dir: Path, source: Any, references: str | None, 
 def merge_manifest(out_dir: Path, header: dict[str, Any], name: str = "manifest.json") -> dict[str, Any]:
     """Merge every rank's part with ``header`` (run description) into ``<out>/<name>``."""
     images, failed = {}, {}
-    for part_path in sorted((out_dir / PARTS_DIR).glob("*.json")):
+    for part_path in part_files(out_dir):
         data = read_json(part_path, PART)
         images.update(data.get("images", {}))
         failed.update(data.get("failed", {}))

@@ -367,16 +367,14 @@ def _sample_all(
                 entry.update(sample=item.sample, factor=item.factor, seed=item.seed)
                 entry.update(seconds=round(seconds, 4), batch_size=len(batch), rank=ranks.rank)
                 part.images[item.filename] = entry
-            part.failed.update(refs.failed)
-            part.save()
+            part.save(refs.failed)
             for item, image in zip(done, out if out is not None else [], strict=True):
                 io.write(save_png, result.out_dir / item.filename, image)
                 result.written.append(item.filename)
             bar.update(len(batch))
             if STOP.requested:
                 break
-    part.failed.update(refs.failed)
-    part.save()
+    part.save(refs.failed)
 
 
 def summarize(
