@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["StopSignals", "LineProgress", "leave_note", "signals_ready", "worker_ends_on_parents_sigterm"]
+__all__ = ["StopSignals", "LineProgress", "leave_note", "progress_bar", "signals_ready"]
+__all__ += ["worker_ends_on_parents_sigterm"]
 
 STOP_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
 
@@ -131,3 +133,14 @@ class LineProgress:
 
     def close(self) -> None:
         """Nothing to release (the interface of a tqdm bar)."""
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """Progress over ``total`` images with ``update(n)`` and ``close()``: a tqdm bar on a terminal,
+    :class:`LineProgress` log lines when stderr is a file (a batch job's log), nothing when not
+    ``enabled``."""
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(total, desc)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)

@@ -29,6 +29,7 @@ from ilvr_toolkit.evaluation import (
     pair_by_name,
     write_metrics,
 )
+from ilvr_toolkit.evaluation.__main__ import build_parser
 from ilvr_toolkit.evaluation.__main__ import main as cli_main
 from ilvr_toolkit.evaluation.fid import gather_stats
 from ilvr_toolkit.evaluation.inception import WEIGHTS_FILENAME, WEIGHTS_SHA256
@@ -429,6 +430,31 @@ def test_no_pairs_and_a_batch_size_below_one_are_named(tmp_path):
     for batch_size in (0, -1, 2.0):
         with pytest.raises(ValueError, match=rf"batch_size: expected an int >= 1, got {batch_size}"):
             evaluate_translation(pairs=pairs, batch_size=batch_size, device="cpu")
+
+
+def test_progress_counts_every_image_once_and_is_off_by_default(tmp_path, weights_file, caplog):
+    """Log lines (stderr is no terminal here) per stage, ending at N/N; the library is quiet unless
+    asked, the command line shows it by default."""
+    outputs = save_folder(tmp_path / "outputs", smooth_images(5, seed=1))
+    target = save_folder(tmp_path / "target", smooth_images(7, seed=2))
+    pairs = [(to_float(image), to_float(image)) for image in smooth_images(3, seed=3)]
+    options = dict(inception_weights=weights_file, batch_size=2, device="cpu")
+
+    def lines(**more) -> list[str]:  # a cache of its own: the target's statistics computed each time
+        caplog.clear()
+        options["cache_dir"] = tmp_path / f"cache{len(more)}"
+        with caplog.at_level("INFO", logger="ilvr_toolkit"):
+            evaluate_translation(outputs, target=target, kid=False, **options, **more)
+            evaluate_translation(pairs=pairs, **options, **more)
+        return [r.getMessage() for r in caplog.records if r.name == "ilvr_toolkit"]
+
+    assert lines() == []
+    shown = lines(progress=True)
+    for stage, total in ((f"FID statistics of {target}", 7), ("FID features of the outputs", 5)):
+        mine = [line for line in shown if line.startswith(stage + " ")]
+        assert mine[0].startswith(f"{stage} 2/{total} ") and mine[-1].startswith(f"{stage} {total}/{total} ")
+    assert [line.split(" (")[0] for line in shown if line.startswith("SSIM")][-1] == "SSIM/PSNR pairs 3/3"
+    assert build_parser().get_defaults().progress is True
 
 
 def test_write_metrics_and_table(tmp_path):

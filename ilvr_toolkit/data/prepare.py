@@ -38,7 +38,7 @@ import lmdb
 from PIL import Image
 
 from .. import __version__, cli
-from ..batchjob import LineProgress
+from ..batchjob import progress_bar
 from ..cli import UsageError, check_range, make_parser, parse_options, run_command
 from ..fileio import atomic_write_bytes, pid_alive
 from . import lmdb_format
@@ -479,13 +479,8 @@ def _store_images(
     env: lmdb.Environment, results: Iterator[_Result], names: list[str], settings: BuildSettings, desc: str
 ) -> tuple[list[str], list[tuple[str, str]], list[tuple[bytes, bytes]]]:
     """Write the encoded images under consecutive indices: (kept, skipped, items not yet written)."""
-    from tqdm.auto import tqdm
-
     kept, skipped, pending, pending_bytes = [], [], [], 0
-    if settings.progress and not sys.stderr.isatty():  # a log file: plain lines, not \r bars
-        bar = LineProgress(len(names), desc)
-    else:
-        bar = tqdm(total=len(names), unit="img", desc=desc, disable=not settings.progress)
+    bar = progress_bar(len(names), desc, settings.progress)
     with contextlib.closing(bar):
         for index, encoded, error in results:
             bar.update(1)

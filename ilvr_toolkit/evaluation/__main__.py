@@ -42,6 +42,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--references", **path, help="SSIM/PSNR/L2 against: a folder (<stem>_s<k> to <stem>)")
     parser.add_argument("--metrics_json", **path, help="where to write the metrics (JSON)")
     parser.add_class_arguments(EvalSettings, nested_key=None, as_group=False)
+    parser.set_defaults(progress=True)  # the library's default is quiet
     return parser
 
 

@@ -1,5 +1,6 @@
 """``evaluate_translation`` (what sample.py and the CLI call), its metrics file and its table."""
 
+import contextlib
 import json
 import os
 import re
@@ -11,13 +12,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..batchjob import progress_bar
 from ..fileio import atomic_write_bytes
 from ..images import to_uint8
 from ..runtime import resolve_device
 from .faithfulness import FaithfulnessMetrics
 from .fid import inception_scores
 from .inception import InceptionFeatureExtractor
-from .stats import EvalSettings, ImageSet, Source, cached_reference_stats, image_set_stats, rank_world
+from .stats import (
+    EvalSettings,
+    ImageSet,
+    Source,
+    cached_reference_stats,
+    counted,
+    image_set_stats,
+    rank_world,
+)
 
 PairSource = tuple[str | os.PathLike | torch.Tensor, torch.Tensor]  # (output, reference (3, H, W))
 
@@ -108,9 +118,11 @@ def _faithfulness(
         load, result = (lambda pair: (_image(pair[0], s.image_size), pair[1])), {"num_pairs": len(pairs)}
     metrics, (rank, world) = FaithfulnessMetrics(s.image_size, s.factor, s.device, operator), rank_world()
     mine = pairs[rank::world]
-    for k in range(0, len(mine), s.batch_size):
-        chunk = [load(pair) for pair in mine[k : k + s.batch_size]]  # uint8 at the edges: floats rounded
-        metrics.update(*(torch.stack([to_uint8(pair[i]) for pair in chunk]) for i in (0, 1)))
+    chunks = (mine[k : k + s.batch_size] for k in range(0, len(mine), s.batch_size))
+    with contextlib.closing(progress_bar(len(mine), "SSIM/PSNR pairs", s.progress and rank == 0)) as bar:
+        for chunk in counted(chunks, bar):
+            images = [load(pair) for pair in chunk]  # uint8 at the edges: floats rounded
+            metrics.update(*(torch.stack([to_uint8(pair[i]) for pair in images]) for i in (0, 1)))
     return {**result, **metrics.compute()}
 
 
@@ -118,7 +130,7 @@ def _inception_metrics(
     outputs: ImageSet, target: str, extractor: InceptionFeatureExtractor, s: EvalSettings
 ) -> dict[str, Any]:
     real, info = cached_reference_stats(target, extractor, s)  # on rank 0 (else None)
-    fake = image_set_stats(outputs, extractor, s)  # on every rank
+    fake = image_set_stats(outputs, extractor, s, "FID features of the outputs")  # on every rank
     kid = {"subsets": s.kid_subsets, "subset_size": s.kid_subset_size, "seed": s.seed}
     scores = [inception_scores(real, fake, **kid) if real is not None else None]
     if rank_world()[1] > 1:

@@ -72,6 +72,7 @@ def evaluate_run(config: SampleConfig, result: RunResult) -> dict[str, Any]:
         if pairs and not ilvr:
             operator = run_operators(config, pairs[0][1].shape[-1], torch.device(device), [factor])[factor]
         options = dict(factor=factor if ilvr else None, extractor=extractor, cache_dir=config.stats_cache_dir)
+        options.update(progress=config.progress)
         options.update(target=config.evaluate_against if extractor is not None else None, operator=operator)
         label = f"N{factor}" if factor is not None else "unconditional"
         label = label if ilvr else config.task + (f", {label}" if factor is not None else "")

@@ -2,6 +2,7 @@
 cached (what torchmetrics lacks) in an ``.npz`` like NVlabs/edm's: ``mu`` (D,), ``sigma`` (D, D)
 float64, ``count``, ``features`` (n, D) float32 for KID, ``meta``; named by a content hash."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..batchjob import worker_ends_on_parents_sigterm
+from ..batchjob import progress_bar, worker_ends_on_parents_sigterm
 from ..data.references import ReferenceSet
 from ..fileio import atomic_open
 from .fid import FeatureStats, gather_stats
@@ -45,6 +46,7 @@ class EvalSettings:
         kid_subset_size: images per KID subset (torch-fidelity's 1000; shrunk to the smaller set).
         workers: DataLoader processes decoding the images.
         seed: seed of KID's subset draws.
+        progress: show progress (the command line's default; log lines when stderr is a file).
     """
 
     factor: int | None = None
@@ -58,6 +60,7 @@ class EvalSettings:
     kid_subset_size: int = 1000
     workers: int = 0
     seed: int = 0
+    progress: bool = False
 
 
 class ImageSet(Dataset):
@@ -136,9 +139,25 @@ def compute_image_set_stats(
     return gather_stats(map(extractor, batches), kid, sync, device)
 
 
-def image_set_stats(images: ImageSet, extractor: InceptionFeatureExtractor, s: EvalSettings) -> FeatureStats:
-    """:func:`compute_image_set_stats` of ``images`` with ``s.batch_size``, ``s.workers``, ``s.kid``."""
-    return compute_image_set_stats(batches_of(images, s.batch_size, s.workers), extractor, s.kid)
+def image_set_stats(
+    images: ImageSet, extractor: InceptionFeatureExtractor, s: EvalSettings, desc: str = "Inception features"
+) -> FeatureStats:
+    """:func:`compute_image_set_stats` of ``images`` with ``s.batch_size``, ``s.workers``, ``s.kid``;
+    with ``s.progress``, rank 0 shows its shard's progress as ``desc``."""
+    rank, world = rank_world()
+    bar = progress_bar(len(range(rank, len(images), world)), desc, s.progress and rank == 0)
+    with contextlib.closing(bar):
+        return compute_image_set_stats(
+            counted(batches_of(images, s.batch_size, s.workers), bar), extractor, s.kid
+        )
+
+
+def counted(batches: Iterable[Any], bar: Any) -> Iterator[Any]:
+    """``batches``, each counted on ``bar`` (``update(len(batch))``) once the next one is asked for,
+    i.e. once the consumer is done with it."""
+    for batch in batches:
+        yield batch
+        bar.update(len(batch))
 
 
 @dataclass
@@ -192,7 +211,7 @@ def cached_reference_stats(
     if world > 1:
         dist.broadcast_object_list(hit, src=0)
     if not hit[0]:
-        stats = image_set_stats(images, extractor, s)
+        stats = image_set_stats(images, extractor, s, f"FID statistics of {identity['path']}")
         if rank == 0:
             try:  # the cache is optional: a full or read-only disk costs the next run a recompute
                 save_stats(path, stats, {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})

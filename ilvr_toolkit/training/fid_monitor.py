@@ -93,7 +93,7 @@ class FIDMonitor(EveryNSteps):
         extractor = InceptionFeatureExtractor(self.reference.inception_weights)  # every rank: same error
         extractor = extractor.to(trainer.strategy.root_device)
         options = dict(image_size=pl_module.unet_config.image_size, cache_dir=self.reference.stats_cache_dir)
-        options.update(batch_size=self.batch_size, kid=False)
+        options.update(batch_size=self.batch_size, kid=False, progress=True)  # before the fit's bar
         # all ranks take part (sharded), rank 0 gets the result
         real, info = cached_reference_stats(source, extractor, **options)
         if trainer.is_global_zero:  # statistics on the CPU: a cache hit loads them there
