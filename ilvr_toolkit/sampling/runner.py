@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from ..batchjob import LineProgress, StopSignals, leave_note
+from ..batchjob import StopSignals, leave_note, progress_bar
 from ..cli import UsageError, file_in_the_way
 from ..diffusion import DiffusionConfig, GaussianDiffusion, get_named_beta_schedule
 from ..fileio import remove_dead_temps
@@ -339,10 +337,7 @@ def _sample_all(
     entries are saved before its PNGs are written: the merge keeps only entries whose PNG
     exists, and every PNG is written atomically, so a kill at any point loses nothing."""
     desc = f"ILVR rank {ranks.rank}" if ranks.world_size > 1 else "ILVR"
-    if config.progress and not sys.stderr.isatty():  # a log file: plain lines
-        bar = LineProgress(len(todo), desc)
-    else:
-        bar = tqdm(total=len(todo), unit="img", desc=desc, disable=not config.progress, dynamic_ncols=True)
+    bar = progress_bar(len(todo), desc, config.progress)
     plan = batches(todo, config.batch_size)
 
     def fetch(k: int) -> Callable[[], dict[int, torch.Tensor | None]]:
