@@ -68,9 +68,10 @@ class ManifestPart:
         if numbers := [int(n) for n in later if n.isdigit()]:  # continue the last file
             path = path.with_name(f"{path.stem}.{max(numbers)}.json")
         data = read_json(path, PART) if path.exists() else {}
-        part = cls(path, data.get("images", {}), data.get("failed", {}))
-        part._next_if_full()
-        return part
+        return cls(path, data.get("images", {}), data.get("failed", {}))
+
+    def __post_init__(self) -> None:
+        self._next_if_full()  # a full last file stays as it is: the next save begins the next one
 
     def save(self, failed: dict[str, str]) -> None:
         """Add the ``failed`` references not saved before to the last file and rewrite it; a full
