@@ -185,7 +185,8 @@ class RunCheckpoint(ModelCheckpoint):
         every_n_train_steps: keep a numbered snapshot ``step=N.ckpt`` every this many steps
             (0: none); ``last.ckpt`` is written along with it.
         save_top_k: how many snapshots to keep: -1 all, 0 none, K >= 1 the newest K (K > 1: the
-            stock callback's top-k by the monitored ``step``, mode ``max``; kept across resumes).
+            stock callback's top-k by the monitored ``step``, mode ``max``; kept across resumes, and
+            a resume with a smaller K removes the oldest at once).
         filename: snapshot name pattern.
 
     Why a subclass: the stock callback takes one trigger (steps *or* time, not both) and
@@ -245,6 +246,22 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self.saved_step = self.last_step = trainer.global_step  # restored or initial: on disk already
         self.saved_time = time.monotonic()
+        self._keep_newest(trainer)
+
+    def _keep_newest(self, trainer: pl.Trainer) -> None:
+        """A resume with a smaller K than the run had: the stock callback replaces a snapshot only
+        while it tracks exactly K, so it would keep every later one; the oldest go now (the
+        snapshot this run resumed from stays on disk)."""
+        k, kept = self.save_top_k, self.best_k_models
+        if k < 1 or len(kept) <= k:
+            return
+        newest = sorted(kept, key=lambda path: float(kept[path]), reverse=True)  # scores: steps
+        for path in newest[k:]:
+            del kept[path]
+            if trainer.ckpt_path is None or Path(path).resolve() != Path(trainer.ckpt_path).resolve():
+                trainer.strategy.remove_checkpoint(path)  # rank 0 removes
+        self.kth_best_model_path, self.kth_value = newest[k - 1], kept[newest[k - 1]]
+        self.best_model_path, self.best_model_score = newest[0], kept[newest[0]]
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
