@@ -47,6 +47,12 @@ CASES = [
         ["--model.diffusion.steps 1: expected an integer >= 2"],
     ),
     (
+        "fit-respacing-1",
+        [*TRAIN, "--model.diffusion.timestep_respacing", "1"],
+        2,
+        ["--model.diffusion.timestep_respacing '1': a diffusion needs at least 2 timesteps, got 1"],
+    ),
+    (
         "fit-linear-10-steps",
         [*TRAIN, "--model.diffusion.steps", "10"],
         2,

@@ -672,6 +672,7 @@ def test_save_top_k_keeps_the_newest_snapshots_and_a_resume_goes_on(lmdb_path: P
     assert load_ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 7
     assert run(10, keep=3) == ["last.ckpt", *(f"step={n:08d}.ckpt" for n in (8, 9, 10))]
     assert run(12, keep=1) == ["last.ckpt", "step=00000012.ckpt"]  # a smaller K: the oldest go at once
+    assert run(14, keep=2) == ["last.ckpt", "step=00000013.ckpt", "step=00000014.ckpt"]  # K=1's is tracked
     with pytest.raises(
         UsageError, match=r"^--checkpoint.save_top_k -2: expected -1 \(all\), 0 \(none\) or K"
     ):

@@ -57,13 +57,18 @@ class DiffusionConfig:
         check_range("model.diffusion.p2_gamma", self.p2_gamma, 0.0)
         check_range("model.diffusion.p2_k", self.p2_k, 0.0)
         try:
-            space_timesteps(self.steps, self.timestep_respacing)
+            kept = space_timesteps(self.steps, self.timestep_respacing)
         except ValueError as error:
             reason = str(error) if str(error).startswith("cannot") else "not step counts"
             raise UsageError(
                 f"--model.diffusion.timestep_respacing {self.timestep_respacing!r}: {reason}; expected "
                 f"counts such as 100, 10,20,30 or ddim50 of the {self.steps} steps, or '' (all)"
             ) from None
+        if len(kept) < 2:  # what GaussianDiffusion needs: refused here, not by sample.py after training
+            raise UsageError(
+                f"--model.diffusion.timestep_respacing {self.timestep_respacing!r}: a diffusion needs at "
+                f"least 2 timesteps, got {len(kept)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

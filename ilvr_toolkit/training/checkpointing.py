@@ -184,8 +184,8 @@ class RunCheckpoint(ModelCheckpoint):
             save (None: off); the decision is rank 0's, broadcast to all ranks.
         every_n_train_steps: keep a numbered snapshot ``step=N.ckpt`` every this many steps
             (0: none); ``last.ckpt`` is written along with it.
-        save_top_k: how many snapshots to keep: -1 all, 0 none, K >= 1 the newest K (K > 1: the
-            stock callback's top-k by the monitored ``step``, mode ``max``; kept across resumes, and
+        save_top_k: how many snapshots to keep: -1 all, 0 none, K >= 1 the newest K (the stock
+            callback's top-k by the monitored ``step``, mode ``max``; kept across resumes, and
             a resume with a smaller K removes the oldest at once).
         filename: snapshot name pattern.
 
@@ -220,7 +220,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(
             dirpath=dirpath,
             filename=filename,
-            monitor="step" if save_top_k > 1 else None,  # top K by step, the largest: the newest K
+            monitor="step" if save_top_k >= 1 else None,  # top K by step, the largest: the newest K
             mode="max",
             save_top_k=save_top_k if every_n_train_steps > 0 else 0,
             every_n_train_steps=every_n_train_steps,
